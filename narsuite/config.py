@@ -1,0 +1,216 @@
+"""The narsuite configuration: TOML in, immutable validated attrs objects out.
+
+The platform owns ``[daemon]``, ``[store]``, ``[control]``, ``[metrics]``,
+``[manhole]`` and ``[log]``; each implemented role adds one section named
+after itself with the schema it registers (see :mod:`narsuite.roles`).
+Loading happens in ``twistd``'s option parsing, so a bad file stops the
+process with a non-zero status before any port is bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import attrs
+
+from narsuite.schema import ConfigError, build, in_range, one_of, setting
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "StoreConfig",
+    "PoolConfig",
+    "ControlConfig",
+    "MetricsConfig",
+    "ManholeConfig",
+    "LogConfig",
+    "load",
+    "loads",
+    "DEFAULT_CONFIG",
+]
+
+#: The commented embedded default shipped with the package.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "narsuite.toml"
+
+
+def _loopback_only(key: str, value: str) -> None:
+    """Control planes stay on loopback unless the operator says so explicitly."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(key, f"got {value!r}; expected an IP address such as \"127.0.0.1\"") from None
+
+
+@attrs.frozen
+class DaemonConfig:
+    state_dir: Path = setting(Path("/var/lib/narsuite"), doc="Persistent state (store, host keys).")
+    runtime_dir: Path = setting(Path("/run/narsuite"), doc="Sockets and other runtime files.")
+
+
+@attrs.frozen
+class PoolConfig:
+    """An address pool the store leases addresses from (ESP Appendix B, mode-config)."""
+
+    network: ipaddress.IPv4Network = setting(doc="Addresses to lease, e.g. \"10.8.0.0/24\".")
+    exclude: tuple[ipaddress.IPv4Address, ...] = setting(
+        (), doc="Addresses never leased (gateway, DNS...). Network and broadcast are always excluded."
+    )
+
+    def __validate__(self, key: str) -> None:
+        for addr in self.exclude:
+            if addr not in self.network:
+                raise ConfigError(f"{key}.exclude", f"{addr} is not inside {self.network}")
+
+
+@attrs.frozen
+class StoreConfig:
+    backend: str = setting(
+        "sqlite", doc="memory (nothing survives a restart) or sqlite (persisted).",
+        check=one_of("memory", "sqlite"),
+    )
+    path: Path | None = setting(None, doc="SQLite file; default <state_dir>/store.sqlite.")
+    flush_interval: float = setting(
+        0.02, doc="Seconds between group commits of queued writes.", check=in_range(0.001, 10.0)
+    )
+    synchronous: str = setting(
+        "normal",
+        doc="normal: survives a process crash (kill -9); full: also a power loss, slower.",
+        check=one_of("normal", "full"),
+    )
+    pools: Mapping[str, PoolConfig] = setting(factory=lambda: MappingProxyType({}))
+
+
+@attrs.frozen
+class ControlConfig:
+    enabled: bool = setting(True)
+    socket: Path | None = setting(None, doc="UNIX socket; default <runtime_dir>/control.sock.")
+
+
+@attrs.frozen
+class MetricsConfig:
+    enabled: bool = setting(True)
+    listen: str = setting("127.0.0.1", check=_loopback_only)
+    port: int = setting(9470, check=in_range(0, 65535))
+
+
+@attrs.frozen
+class ManholeConfig:
+    enabled: bool = setting(False)
+    listen: str = setting("127.0.0.1", check=_loopback_only)
+    port: int = setting(2222, check=in_range(0, 65535))
+    host_key: Path | None = setting(
+        None, doc="SSH host key (PEM/OpenSSH); generated at <state_dir>/manhole_host_key if absent."
+    )
+    authorized_keys: Path | None = setting(None, doc="OpenSSH authorized_keys file.")
+    users: Mapping[str, str] = setting(
+        factory=lambda: MappingProxyType({}),
+        doc="user = bcrypt hash ($2b$...), e.g. from `narctl hash-password`.",
+    )
+
+    def __validate__(self, key: str) -> None:
+        for user, hashed in self.users.items():
+            if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+                raise ConfigError(
+                    f"{key}.users.{user}",
+                    "expected a bcrypt hash ($2b$...); make one with `narctl hash-password`",
+                )
+        if self.enabled and not self.users and self.authorized_keys is None:
+            raise ConfigError(
+                f"{key}.enabled",
+                "the manhole is enabled but nobody can log in; set manhole.users "
+                "and/or manhole.authorized_keys",
+            )
+
+
+@attrs.frozen
+class LogConfig:
+    level: str = setting("info", check=one_of("debug", "info", "warn", "error", "critical"))
+    json_file: Path | None = setting(None, doc="Also write JSON lines (one event per line) here.")
+
+
+@attrs.frozen
+class Config:
+    """The whole validated configuration of one narsuite process."""
+
+    daemon: DaemonConfig = setting(factory=DaemonConfig)
+    store: StoreConfig = setting(factory=StoreConfig)
+    control: ControlConfig = setting(factory=ControlConfig)
+    metrics: MetricsConfig = setting(factory=MetricsConfig)
+    manhole: ManholeConfig = setting(factory=ManholeConfig)
+    log: LogConfig = setting(factory=LogConfig)
+    #: Role sections, already built by the schema each role registered.
+    roles: Mapping[str, Any] = setting(factory=lambda: MappingProxyType({}))
+    source: Path | None = setting(None)
+
+    @property
+    def store_path(self) -> Path:
+        return self.store.path or self.daemon.state_dir / "store.sqlite"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.control.socket or self.daemon.runtime_dir / "control.sock"
+
+    @property
+    def manhole_host_key(self) -> Path:
+        return self.manhole.host_key or self.daemon.state_dir / "manhole_host_key"
+
+    def role(self, name: str) -> Any:
+        return self.roles[name]
+
+
+_PLATFORM = {
+    "daemon": DaemonConfig,
+    "store": StoreConfig,
+    "control": ControlConfig,
+    "metrics": MetricsConfig,
+    "manhole": ManholeConfig,
+    "log": LogConfig,
+}
+
+
+def loads(text: str, *, base: Path | None = None, source: Path | None = None,
+          registry: Any = None) -> Config:
+    """Parse and validate config text; see :func:`load`."""
+    from narsuite import roles as _roles
+
+    registry = registry or _roles.default_registry()
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        where = source or "<config>"
+        raise ConfigError(str(where), f"not valid TOML: {e}") from None
+    sections: dict[str, Any] = {}
+    role_sections: dict[str, Any] = {}
+    for name, table in doc.items():
+        if name in _PLATFORM:
+            sections[name] = build(_PLATFORM[name], table, name, base)
+        elif name in registry.known():
+            spec = registry.get(name)
+            if spec is None:
+                # A section for a role this build does not implement yet is kept
+                # out of the way rather than rejected, so a file prepared for a
+                # newer narsuite still loads; asking to *run* the role fails.
+                continue
+            role_sections[name] = build(spec.config_class, table, name, base)
+        else:
+            known = ", ".join(sorted(set(_PLATFORM) | set(registry.known())))
+            raise ConfigError(name, f"unknown section [{name}]; the sections are: {known}")
+    for name in registry.implemented():
+        if name not in role_sections:
+            role_sections[name] = build(registry.get(name).config_class, {}, name, base)
+    return Config(roles=MappingProxyType(role_sections), source=source, **sections)
+
+
+def load(path: str | Path | None = None, *, registry: Any = None) -> Config:
+    """Load the config file at ``path`` (the embedded default when None)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read the config file: {e.strerror}") from None
+    return loads(text, base=path.resolve().parent, source=path, registry=registry)

@@ -1,0 +1,266 @@
+"""Where the store's records live beyond this process.
+
+The store itself is always an in-memory, fully indexed view: the packet path
+reads dicts and never waits on I/O.  A backend only makes that view durable
+(or, later, shared): the store hands it every accepted change, and the
+Deferred it returns fires once the change is as durable as the backend
+promises.  Writes therefore stay off the packet path, and a caller that waits
+for its write's Deferred knows the record will survive a crash.
+
+The interface is shaped for a networked backend too: ``submit`` may fail
+(a conflict decided elsewhere), in which case the store rolls its view back
+and the writer's Deferred fails; ``load`` gives the starting view and a
+networked backend can push remote changes into the store with
+:meth:`narsuite.store.core.Store.apply_remote`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
+
+__all__ = ["Row", "IStoreBackend", "MemoryBackend", "SqliteBackend", "StoreBackendError"]
+
+
+class StoreBackendError(RuntimeError):
+    """The backend cannot open or write its storage."""
+
+
+@attrs.frozen
+class Row:
+    """One record as a backend sees it: already serialised, kind-agnostic."""
+
+    kind: str
+    key: str
+    data: str | None  # None: deleted
+    expires: float | None
+    owner: str | None
+
+
+class IStoreBackend(Interface):
+    persistent: bool  # type: ignore[misc]
+
+    def load() -> Iterable[Row]:
+        """Every stored row, once at start-up (allowed to block: nothing runs yet)."""
+
+    def submit(rows: Sequence[Row]) -> defer.Deferred:
+        """Make ``rows`` durable; fires when they are (or fails: the store rolls back)."""
+
+    def start(reactor) -> None:  # type: ignore[no-untyped-def]
+        """Begin background work (flush timers, threads)."""
+
+    def stop() -> defer.Deferred:
+        """Flush what is queued and release resources."""
+
+    def stats() -> dict:
+        """Numbers for metrics: queued rows, commits, last commit latency..."""
+
+
+@implementer(IStoreBackend)
+class MemoryBackend:
+    """Nothing persists: for tests, benchmarks and throw-away instances."""
+
+    persistent = False
+
+    def load(self) -> Iterable[Row]:
+        return ()
+
+    def submit(self, rows: Sequence[Row]) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def start(self, reactor) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def stats(self) -> dict:
+        return {}
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    data TEXT NOT NULL,
+    expires REAL,
+    owner TEXT,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+"""
+_SCHEMA_VERSION = "1"
+
+
+@implementer(IStoreBackend)
+class SqliteBackend:
+    """The embedded default: one SQLite file in WAL mode, written by group commit.
+
+    Changes queue in memory; every ``flush_interval`` one worker thread writes
+    the whole queue in one transaction, then fires the Deferreds of every write
+    in it.  With ``synchronous=normal`` in WAL mode a committed transaction
+    survives the process being killed (kill -9); ``full`` also survives a power
+    loss at the price of an fsync per commit.
+    """
+
+    persistent = True
+    log = Logger()
+
+    def __init__(self, path: Path, flush_interval: float = 0.02, synchronous: str = "normal") -> None:
+        self.path = Path(path)
+        self.flush_interval = flush_interval
+        self.synchronous = synchronous
+        self._queue: list[Row] = []
+        self._waiters: list[defer.Deferred] = []
+        self._pool: ThreadPool | None = None
+        self._reactor = None
+        self._call = None
+        self._flushing = False
+        self._stopping = False
+        self._stats = {"commits": 0, "rows_written": 0, "last_commit_seconds": 0.0, "queued": 0}
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+            elif row[0] != _SCHEMA_VERSION:
+                raise StoreBackendError(
+                    f"{self.path}: store schema version {row[0]}, this narsuite reads "
+                    f"{_SCHEMA_VERSION}; move the file away to start empty"
+                )
+            os.chmod(self.path, 0o600)
+        except sqlite3.Error as e:
+            raise StoreBackendError(f"store.path: cannot open {self.path} as SQLite: {e}") from None
+        return db
+
+    def load(self) -> Iterable[Row]:
+        now = time.time()
+        # Expired rows are dropped here rather than loaded and expired again.
+        self._db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires <= ?", (now,))
+        for kind, key, data, expires, owner in self._db.execute(
+            "SELECT kind, key, data, expires, owner FROM records"
+        ):
+            yield Row(kind, key, data, expires, owner)
+
+    def start(self, reactor) -> None:  # type: ignore[no-untyped-def]
+        from twisted.internet.task import LoopingCall
+
+        self._reactor = reactor
+        self._pool = ThreadPool(1, 1, name="narsuite-store")
+        self._pool.start()
+        self._call = LoopingCall(self._flush)
+        self._call.clock = reactor
+        self._call.start(self.flush_interval, now=False)
+
+    def submit(self, rows: Sequence[Row]) -> defer.Deferred:
+        self._queue.extend(rows)
+        self._stats["queued"] = len(self._queue)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        if self._pool is None:
+            # Not started (tests, tools): write through synchronously.
+            self._write(self._take())
+        return d
+
+    def _take(self) -> tuple[list[Row], list[defer.Deferred]]:
+        rows, waiters = self._queue, self._waiters
+        self._queue, self._waiters = [], []
+        self._stats["queued"] = 0
+        return rows, waiters
+
+    def _write(self, batch: tuple[list[Row], list[defer.Deferred]]) -> None:
+        rows, waiters = batch
+        try:
+            self._commit(rows)
+        except sqlite3.Error as e:
+            err = StoreBackendError(f"writing {self.path}: {e}")
+            for w in waiters:
+                w.errback(err)
+            return
+        for w in waiters:
+            w.callback(None)
+
+    def _commit(self, rows: list[Row]) -> float:
+        started = time.perf_counter()
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for row in rows:
+                if row.data is None:
+                    db.execute("DELETE FROM records WHERE kind=? AND key=?", (row.kind, row.key))
+                else:
+                    db.execute(
+                        "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)",
+                        (row.kind, row.key, row.data, row.expires, row.owner),
+                    )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        elapsed = time.perf_counter() - started
+        self._stats["commits"] += 1
+        self._stats["rows_written"] += len(rows)
+        self._stats["last_commit_seconds"] = elapsed
+        return elapsed
+
+    def _flush(self) -> defer.Deferred | None:
+        if self._flushing or not self._queue:
+            return None
+        self._flushing = True
+        rows, waiters = self._take()
+        from twisted.internet.threads import deferToThreadPool
+
+        d = deferToThreadPool(self._reactor, self._pool, self._commit, rows)
+
+        def done(result: object) -> None:
+            self._flushing = False
+            for w in waiters:
+                w.callback(None)
+
+        def failed(f) -> None:  # type: ignore[no-untyped-def]
+            self._flushing = False
+            self.log.failure("store: writing {path} failed", f, path=str(self.path))
+            err = StoreBackendError(f"writing {self.path}: {f.getErrorMessage()}")
+            for w in waiters:
+                w.errback(err)
+
+        d.addCallbacks(done, failed)
+        return d
+
+    @defer.inlineCallbacks
+    def stop(self):  # type: ignore[no-untyped-def]
+        if self._call is not None and self._call.running:
+            self._call.stop()
+        while self._flushing:
+            yield _sleep(self._reactor, 0.005)
+        if self._queue:
+            yield self._flush()
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+        self._db.close()
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+
+def _sleep(reactor, seconds: float) -> defer.Deferred:  # type: ignore[no-untyped-def]
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)

@@ -1,0 +1,199 @@
+"""Record kinds: what the store holds and how it finds it.
+
+A *kind* is an attrs record class plus the functions that index it.  Roles
+declare their kinds (``nar.mapping``, ``esp.sa``, ``mip.binding``...) with
+:class:`KindSpec`; the store keeps one dict per index so every demultiplexing
+lookup on the packet path is a single ``dict.get``.
+
+Persistence encodes records as tagged JSON so that ``bytes``, addresses and
+tuples come back as the types they were; a field whose metadata says
+``persist=False`` (key material) is never written and comes back as its
+default after a restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import ipaddress
+import json
+import typing
+from typing import Any, Callable, Hashable
+
+import attrs
+
+__all__ = [
+    "Index",
+    "KindSpec",
+    "Lease",
+    "LEASE",
+    "secret",
+    "encode_value",
+    "decode_value",
+    "format_key",
+]
+
+
+def secret(**kw: Any) -> Any:
+    """An attrs field that is never persisted nor shown by narctl (key material)."""
+    meta = dict(kw.pop("metadata", {}) or {})
+    meta["persist"] = False
+    meta["secret"] = True
+    kw.setdefault("repr", False)
+    return attrs.field(metadata=meta, **kw)
+
+
+@attrs.frozen
+class Index:
+    """A lookup path into a kind: ``key(record)`` -> value (None: not indexed)."""
+
+    name: str
+    key: Callable[[Any], Hashable | None]
+    unique: bool = True
+
+
+@attrs.frozen
+class KindSpec:
+    name: str
+    record: type
+    key: Callable[[Any], Hashable]
+    indexes: tuple[Index, ...] = ()
+    #: False for kinds that must never reach disk (whole SAs with their keys).
+    persist: bool = True
+    #: Columns narctl shows by default (all fields when empty).
+    columns: tuple[str, ...] = ()
+    description: str = ""
+
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in attrs.fields(self.record))
+
+    def public_fields(self) -> tuple[str, ...]:
+        return tuple(f.name for f in attrs.fields(self.record) if not f.metadata.get("secret"))
+
+    # -- persistence -------------------------------------------------------
+    def dump(self, record: Any) -> str:
+        out = {}
+        for f in attrs.fields(self.record):
+            if f.metadata.get("persist", True):
+                out[f.name] = encode_value(getattr(record, f.name))
+        return json.dumps(out, separators=(",", ":"), sort_keys=True)
+
+    def load(self, text: str) -> Any:
+        data = json.loads(text)
+        hints = typing.get_type_hints(self.record)
+        kwargs = {}
+        for f in attrs.fields(self.record):
+            if f.name in data and f.metadata.get("persist", True):
+                kwargs[f.name] = _retype(decode_value(data[f.name]), hints.get(f.name))
+        return self.record(**kwargs)
+
+    def as_row(self, record: Any) -> dict[str, Any]:
+        """Plain JSON-friendly dict of the public fields, for narctl."""
+        return {name: display_value(getattr(record, name)) for name in self.public_fields()}
+
+
+@attrs.frozen
+class Lease:
+    """A value held by an owner in a store-wide namespace.
+
+    Uniqueness across the whole store (SPIs, ports, ICMP identifiers, pool
+    addresses) is the uniqueness of lease keys: every role allocates through
+    the store's allocators, which create leases.  A lease goes when it
+    expires, when it is released, or when its owner is dropped.
+    """
+
+    namespace: str
+    value: Any
+    holder: str = ""
+
+
+LEASE = KindSpec(
+    name="store.lease",
+    record=Lease,
+    key=lambda r: (r.namespace, r.value),
+    indexes=(Index("holder", lambda r: r.holder or None, unique=False),),
+    columns=("namespace", "value", "holder"),
+    description="values allocated from store-wide namespaces (SPIs, ports, pool addresses)",
+)
+
+
+def encode_value(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, enum.Enum):
+            return value.value
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$b": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return {"$ip": str(value)}
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return {"$net": str(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return {"$t": [encode_value(v) for v in value]}
+    if isinstance(value, list):
+        return [encode_value(v) for v in value]
+    if isinstance(value, frozenset):
+        return {"$fs": [encode_value(v) for v in value]}
+    if isinstance(value, dict):
+        return {"$d": [[encode_value(k), encode_value(v)] for k, v in value.items()]}
+    raise TypeError(f"cannot persist a {type(value).__name__}: {value!r}")
+
+
+def decode_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [decode_value(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    ((tag, inner),) = value.items()
+    if tag == "$b":
+        return base64.b64decode(inner)
+    if tag == "$ip":
+        return ipaddress.ip_address(inner)
+    if tag == "$net":
+        return ipaddress.ip_network(inner)
+    if tag == "$t":
+        return tuple(decode_value(v) for v in inner)
+    if tag == "$fs":
+        return frozenset(decode_value(v) for v in inner)
+    if tag == "$d":
+        return {decode_value(k): decode_value(v) for k, v in inner}
+    raise ValueError(f"unknown tag {tag!r} in a stored record")
+
+
+def _retype(value: Any, hint: Any) -> Any:
+    """Give enums back their class (JSON keeps only their value)."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum) and not isinstance(value, hint):
+        return hint(value)
+    return value
+
+
+def key_text(key: Any) -> str:
+    """Stable text form of a primary key, used as the SQLite row key."""
+    return json.dumps(encode_value(key), separators=(",", ":"), sort_keys=True)
+
+
+def key_from_text(text: str) -> Any:
+    return decode_value(json.loads(text))
+
+
+def display_value(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, enum.Enum):
+        return value.name.lower()
+    if isinstance(value, (tuple, list, frozenset)):
+        return [display_value(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def format_key(key: Any) -> str:
+    """The human form of a key, as ``narctl show KIND KEY`` takes it."""
+    if isinstance(key, tuple):
+        return "/".join(format_key(k) for k in key)
+    if isinstance(key, (bytes, bytearray)):
+        return key.hex()
+    return str(display_value(key))
