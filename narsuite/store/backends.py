@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
+from narsuite.logs import logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
@@ -113,7 +113,7 @@ class SqliteBackend:
     """
 
     persistent = True
-    log = Logger()
+    log = logger()
 
     def __init__(self, path: Path, flush_interval: float = 0.02, synchronous: str = "normal") -> None:
         self.path = Path(path)

@@ -18,14 +18,14 @@ from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from narsuite.logs import logger
 
 from narsuite.store.backends import IStoreBackend, MemoryBackend, Row
 from narsuite.store.kinds import LEASE, KindSpec, Lease, key_from_text, key_text
 
 __all__ = ["Store", "Change", "Conflict", "UnknownKind", "Exhausted", "AddressPool"]
 
-log = Logger()
+log = logger()
 
 
 class Conflict(ValueError):

@@ -1,0 +1,1 @@
+"""Control plane: the UNIX-socket server in the daemon and the narctl client."""

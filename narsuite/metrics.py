@@ -1,0 +1,127 @@
+"""Prometheus metrics: per-role counters and the store's gauges, on loopback.
+
+Each daemon has its own :class:`prometheus_client.CollectorRegistry` (never
+the library's global one), so several daemons in one test process do not
+share numbers.  Roles ask :class:`Metrics` for counters by role and name;
+the names come out as ``narsuite_<role>_<name>_total``.  Store gauges are
+read at scrape time from the store itself, so the packet path pays nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.twisted import MetricsResource
+from twisted.application import internet, service
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from narsuite import __version__
+
+if TYPE_CHECKING:
+    from narsuite.store import Store
+
+__all__ = ["Metrics", "StoreCollector", "make_metrics_service"]
+
+# The *_created series double every counter for no use to an operator.
+disable_created_metrics()
+
+
+class Metrics:
+    """The daemon's metric registry and a factory for role metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._made: dict[str, object] = {}
+        info = Gauge("narsuite_build_info", "narsuite version", ["version"], registry=self.registry)
+        info.labels(__version__).set(1)
+
+    def _name(self, role: str, name: str) -> str:
+        return f"narsuite_{role}_{name}"
+
+    def counter(self, role: str, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        """``narsuite_<role>_<name>_total``; the same object when asked twice."""
+        full = self._name(role, name)
+        if full not in self._made:
+            self._made[full] = Counter(full, doc, list(labels), registry=self.registry)
+        return self._made[full]  # type: ignore[return-value]
+
+    def gauge(self, role: str, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        full = self._name(role, name)
+        if full not in self._made:
+            self._made[full] = Gauge(full, doc, list(labels), registry=self.registry)
+        return self._made[full]  # type: ignore[return-value]
+
+    def histogram(self, role: str, name: str, doc: str, labels: Sequence[str] = (),
+                  buckets: Iterable[float] | None = None) -> Histogram:
+        full = self._name(role, name)
+        if full not in self._made:
+            kw = {"buckets": tuple(buckets)} if buckets is not None else {}
+            self._made[full] = Histogram(full, doc, list(labels), registry=self.registry, **kw)
+        return self._made[full]  # type: ignore[return-value]
+
+    def watch_store(self, store: "Store") -> None:
+        self.registry.register(StoreCollector(store))
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class StoreCollector:
+    """Reads the store's sizes and the backend's write statistics at scrape time."""
+
+    def __init__(self, store: "Store") -> None:
+        self.store = store
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        records = GaugeMetricFamily("narsuite_store_records", "Records in the store", labels=["kind"])
+        for spec in self.store.kinds():
+            records.add_metric([spec.name], self.store.count(spec.name))
+        yield records
+        leased = GaugeMetricFamily("narsuite_store_pool_leased", "Addresses leased", labels=["pool"])
+        size = GaugeMetricFamily("narsuite_store_pool_size", "Addresses in the pool", labels=["pool"])
+        for name in self.store.pools():
+            used, total = self.store.pool_usage(name)
+            leased.add_metric([name], used)
+            size.add_metric([name], total)
+        yield leased
+        yield size
+        for stat, value in self.store.stats.items():
+            c = CounterMetricFamily(f"narsuite_store_{stat}", f"Store {stat}")
+            c.add_metric([], value)
+            yield c
+        b = self.store.backend.stats()
+        if b:
+            yield _gauge("narsuite_store_writes_queued", "Changes waiting for the next commit", b["queued"])
+            c = CounterMetricFamily("narsuite_store_commits", "Backend commits")
+            c.add_metric([], b["commits"])
+            yield c
+            c = CounterMetricFamily("narsuite_store_rows_written", "Rows written by the backend")
+            c.add_metric([], b["rows_written"])
+            yield c
+            yield _gauge("narsuite_store_last_commit_seconds", "Duration of the last commit",
+                         b["last_commit_seconds"])
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], value)
+    return g
+
+
+def make_metrics_service(metrics: Metrics, listen: str, port: int) -> service.Service:
+    """HTTP on ``listen:port`` serving ``/metrics`` (and nothing else)."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    site = Site(root)
+    site.displayTracebacks = False
+    svc = internet.TCPServer(port, site, interface=listen)
+    svc.setName("metrics")
+    return svc

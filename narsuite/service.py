@@ -1,0 +1,175 @@
+"""The daemon: one MultiService holding the store, the operator interfaces and the roles.
+
+Construction is split into small ``create_*`` steps over the validated
+config so each is testable alone.  The store is opened (its records loaded)
+while the service is built, before the reactor runs and before any port is
+bound, so a broken store file stops ``twistd`` early with a clear message.
+Children start in this order and stop in reverse: store, control, metrics,
+manhole, then the roles (data planes first) — so roles find their records
+loaded at start and the store is flushed after the last role has stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+
+from narsuite import __version__
+from narsuite.config import Config
+from narsuite.control.commands import CommandRegistry, platform_commands
+from narsuite.logs import JsonFileLog, logger, set_level
+from narsuite.metrics import Metrics, make_metrics_service
+from narsuite.roles import RoleSpec
+from narsuite.store import Store, make_store
+
+__all__ = ["NarsuiteService", "RoleContext", "StoreService"]
+
+log = logger()
+
+
+@attrs.define
+class RoleContext:
+    """Everything a role's service factory may use; roles meet only in ``store``."""
+
+    name: str
+    config: Config
+    role_config: Any
+    store: Store
+    metrics: Metrics
+    reactor: Any
+    #: Objects the role wants visible in the manhole (``manhole.<role>``).
+    namespace: dict
+
+
+class StoreService(service.Service):
+    """Starts the store's timers and backend; flushes it on stop."""
+
+    name = "store"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.store.stop()
+
+
+class _LogService(service.Service):
+    name = "log"
+
+    def __init__(self, json_log: JsonFileLog | None) -> None:
+        self.json_log = json_log
+
+    def startService(self) -> None:
+        super().startService()
+        if self.json_log is not None:
+            self.json_log.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.json_log is not None:
+            self.json_log.stop()
+
+
+class NarsuiteService(service.MultiService):
+    """One narsuite process: platform services plus the requested roles."""
+
+    def __init__(self, config: Config, roles: Sequence[RoleSpec] = (), reactor: Any = None,
+                 store: Store | None = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config
+        self.reactor = reactor
+        self.roles = list(roles)
+        self.role_names = [r.name for r in self.roles]
+        self.started_at: float | None = None
+        set_level(config.log.level)
+        self.metrics = Metrics()
+        self.control_requests = self.metrics.counter(
+            "control", "requests", "Control commands answered", ["command"])
+        self.store = store or make_store(config, reactor)
+        for spec in self.roles:
+            for kind in spec.kinds:
+                self.store.register(kind)
+        self.loaded = self.store.open()
+        self.metrics.watch_store(self.store)
+        self.commands = CommandRegistry()
+        for command in platform_commands():
+            self.commands.add(command)
+        for spec in self.roles:
+            for command in spec.commands:
+                self.commands.add(command)
+        #: What the manhole shows; roles add themselves under their names.
+        self.namespace: dict[str, Any] = {
+            "config": config, "store": self.store, "daemon": self, "reactor": reactor,
+            "metrics": self.metrics,
+        }
+        self._create_children()
+
+    def _create_children(self) -> None:
+        cfg = self.config
+        json_log = JsonFileLog(cfg.log.json_file) if cfg.log.json_file else None
+        _LogService(json_log).setServiceParent(self)
+        StoreService(self.store).setServiceParent(self)
+        if cfg.control.enabled:
+            from narsuite.control.server import make_control_service
+
+            make_control_service(self, cfg.control_socket).setServiceParent(self)
+        if cfg.metrics.enabled:
+            make_metrics_service(self.metrics, cfg.metrics.listen, cfg.metrics.port).setServiceParent(self)
+        if cfg.manhole.enabled:
+            from narsuite.manhole import make_manhole_service
+
+            svc = make_manhole_service(cfg.manhole, cfg.manhole_host_key, self.namespace,
+                                       reactor=self.reactor)
+            svc.setName("manhole")
+            svc.setServiceParent(self)
+        roles = service.MultiService()
+        roles.setName("roles")
+        roles.setServiceParent(self)
+        self.namespace["services"] = self
+        for spec in self.roles:
+            ns: dict[str, Any] = {}
+            self.namespace[spec.name] = ns
+            ctx = RoleContext(spec.name, cfg, cfg.role(spec.name), self.store, self.metrics,
+                              self.reactor, ns)
+            svc = spec.make_service(ctx)
+            svc.setName(spec.name)
+            svc.setServiceParent(roles)
+
+    def startService(self) -> None:
+        self.started_at = time.time()
+        log.info("narsuite {version} starting: roles {roles}; store {backend} with {n} records",
+                 version=__version__, roles=", ".join(self.role_names) or "(none)",
+                 backend=self.config.store.backend, n=self.loaded)
+        super().startService()
+
+    def endpoints(self) -> dict[str, str]:
+        """Where the operator interfaces listen (real ports, also when 0 was asked)."""
+        out = {}
+        for name in ("control", "metrics", "manhole"):
+            try:
+                svc = self.getServiceNamed(name)
+            except KeyError:
+                continue
+            port = getattr(svc, "_port", None) or getattr(svc, "port", None)
+            addr = getattr(port, "getHost", lambda: None)()
+            if addr is None:
+                continue
+            if hasattr(addr, "port"):
+                out[name] = f"{addr.host}:{addr.port}"
+            else:
+                name_ = getattr(addr, "name", addr)
+                out[name] = name_.decode() if isinstance(name_, bytes) else str(name_)
+        return out

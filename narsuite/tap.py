@@ -1,0 +1,55 @@
+"""``twistd narsuite``: options and makeService (the plugin file points here).
+
+Everything that can be wrong with the config or the role list is found in
+``postOptions`` and reported as a usage error, so twistd exits non-zero
+before it daemonizes or binds anything.
+"""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from narsuite.config import ConfigError, load
+from narsuite.roles import RoleError, default_registry
+from narsuite.store import StoreBackendError
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--role ROLE[,ROLE...]]..."
+    longdesc = (
+        "Run narsuite roles (esp, ike, nar, mipproxy; `all` for every implemented one) "
+        "in one process sharing one reactor and one mapping store. Without --role only "
+        "the platform runs: store, control socket, metrics and manhole."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML config file (default: the embedded etc/narsuite.toml)"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["role"] = []
+
+    def opt_role(self, value: str) -> None:
+        """Role(s) to run: repeat, or give a comma list, or `all`."""
+        self["role"].append(value)
+
+    opt_r = opt_role
+
+    def postOptions(self) -> None:
+        registry = default_registry()
+        try:
+            self["specs"] = registry.resolve(self["role"])
+            self["loaded_config"] = load(self["config"], registry=registry)
+        except (ConfigError, RoleError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options):  # type: ignore[no-untyped-def]
+    from narsuite.service import NarsuiteService
+
+    try:
+        return NarsuiteService(options["loaded_config"], options["specs"])
+    except StoreBackendError as e:
+        raise SystemExit(f"narsuite: {e}") from None
