@@ -10,6 +10,7 @@ the same way and is raised before anything binds a port.
 
 from __future__ import annotations
 
+import collections.abc
 import ipaddress
 import types
 import typing
@@ -84,7 +85,7 @@ def describe_type(tp: Any) -> str:
     if origin in (list, tuple):
         args = typing.get_args(tp)
         return f"a list of {describe_type(args[0])}" if args else "a list"
-    if origin in (dict, Mapping):
+    if origin in (dict, Mapping, collections.abc.Mapping):
         return f"a table of {describe_type(typing.get_args(tp)[1])}"
     if attrs.has(tp):
         return "a table"
@@ -124,7 +125,7 @@ def _convert(key: str, tp: Any, value: Any, base: Path | None) -> Any:
         (inner, *_) = typing.get_args(tp) or (Any,)
         items = [_convert(f"{key}[{i}]", inner, v, base) for i, v in enumerate(value)]
         return tuple(items)
-    if origin in (dict, Mapping):
+    if origin in (dict, Mapping, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise ConfigError(key, f"got {value!r}; expected {describe_type(tp)}")
         _, inner = typing.get_args(tp)

@@ -98,7 +98,7 @@ class NarsuiteService(service.MultiService):
         self.metrics = Metrics()
         self.control_requests = self.metrics.counter(
             "control", "requests", "Control commands answered", ["command"])
-        self.store = store or make_store(config, reactor)
+        self.store = store if store is not None else make_store(config, reactor)
         for spec in self.roles:
             for kind in spec.kinds:
                 self.store.register(kind)

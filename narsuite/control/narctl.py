@@ -75,15 +75,28 @@ def render(result: dict) -> str:
 
 
 def _socket_path(args: argparse.Namespace) -> str:
+    """The socket named on the command line, or the one the config file names.
+
+    Only ``[daemon]`` and ``[control]`` are read: narctl must work with a file
+    whose role sections belong to roles installed only next to the daemon.
+    """
     if args.socket:
         return args.socket
-    from narsuite import config as cfgmod
+    import tomllib
+    from pathlib import Path
 
+    from narsuite import config as cfgmod
+    from narsuite.schema import build
+
+    path = Path(args.config) if args.config else cfgmod.DEFAULT_CONFIG
     try:
-        cfg = cfgmod.load(args.config)
-    except cfgmod.ConfigError as e:
-        raise SystemExit(f"narctl: {e}")
-    return str(cfg.control_socket)
+        doc = tomllib.loads(path.read_text())
+        base = path.resolve().parent
+        daemon = build(cfgmod.DaemonConfig, doc.get("daemon", {}), "daemon", base)
+        control = build(cfgmod.ControlConfig, doc.get("control", {}), "control", base)
+    except (OSError, tomllib.TOMLDecodeError, cfgmod.ConfigError) as e:
+        raise SystemExit(f"narctl: {path}: {e}")
+    return str(control.socket or daemon.runtime_dir / "control.sock")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -229,9 +229,6 @@ class Store:
         return [(kind, self._kinds[kind].entries[key].record)
                 for kind, key in sorted(self._owners.get(owner, ()), key=repr)]
 
-    def __len__(self) -> int:
-        return self.count()
-
     # ----------------------------------------------------------------- writes
     def insert(self, record: Any, *, kind: str | None = None, ttl: float | None = None,
                owner: str | None = None) -> defer.Deferred:
