@@ -150,10 +150,10 @@ class NarsuiteService(service.MultiService):
 
     def startService(self) -> None:
         self.started_at = time.time()
+        super().startService()
         log.info("narsuite {version} starting: roles {roles}; store {backend} with {n} records",
                  version=__version__, roles=", ".join(self.role_names) or "(none)",
                  backend=self.config.store.backend, n=self.loaded)
-        super().startService()
 
     def endpoints(self) -> dict[str, str]:
         """Where the operator interfaces listen (real ports, also when 0 was asked)."""
