@@ -1,0 +1,84 @@
+"""Pytest fixtures for the network lab.
+
+Load it from ``tests/conftest.py``::
+
+    pytest_plugins = ["narsuite.lab.pytest_plugin"]
+
+or ad hoc with ``-p narsuite.lab.pytest_plugin``.
+
+Fixtures (function scope, always torn down): ``lab`` (a fresh
+:class:`~narsuite.lab.Lab`), ``nar_topo``, ``ra_topo`` and ``mip_topo``
+(the topologies of :mod:`narsuite.lab.topologies`, built in that lab).
+
+When the lab cannot work here (not root, no ``ip netns``...) the fixtures
+skip the test, unless ``NARSUITE_REQUIRE_LAB=1`` is set: then they fail it,
+so that CI never skips lab tests silently.  Tests using these fixtures get
+the ``lab`` marker automatically (``-m "not lab"`` deselects them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .netns import Lab, LabError, lab_unavailable_reason
+from .topologies import mip_topology, nar_topology, remote_access_topology
+
+LAB_FIXTURES = frozenset({"lab", "nar_topo", "ra_topo", "mip_topo"})
+REQUIRE_ENV = "NARSUITE_REQUIRE_LAB"
+
+
+def lab_required() -> bool:
+    return os.environ.get(REQUIRE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str):
+    if lab_required():
+        pytest.fail(f"network lab unavailable ({REQUIRE_ENV}=1): {reason}", pytrace=False)
+    pytest.skip(f"network lab unavailable: {reason}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "lab: needs root, network namespaces and nftables (the network lab)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if LAB_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.lab)
+
+
+@pytest.fixture
+def lab():
+    """A fresh Lab, closed after the test whatever happens."""
+    reason = lab_unavailable_reason()
+    if reason:
+        _unavailable(reason)
+    try:
+        the_lab = Lab()
+    except (LabError, OSError) as exc:
+        _unavailable(f"cannot create a lab: {exc}")
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+@pytest.fixture
+def nar_topo(lab):
+    """X -- N -- Y (see narsuite.lab.topologies.nar_topology)."""
+    return nar_topology(lab)
+
+
+@pytest.fixture
+def ra_topo(lab):
+    """R1/R3 behind NAT1, R2 behind NAT2, gateway G, internal host H."""
+    return remote_access_topology(lab)
+
+
+@pytest.fixture
+def mip_topo(lab):
+    """MN -- NAT -- MIPP -- {HA, CN}."""
+    return mip_topology(lab)
