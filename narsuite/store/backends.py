@@ -49,8 +49,8 @@ class Row:
 class IStoreBackend(Interface):
     persistent: bool  # type: ignore[misc]
 
-    def load() -> Iterable[Row]:
-        """Every stored row, once at start-up (allowed to block: nothing runs yet)."""
+    def load(now: float) -> Iterable[Row]:
+        """Every row unexpired at ``now`` (store clock), once at start-up (may block)."""
 
     def submit(rows: Sequence[Row]) -> defer.Deferred:
         """Make ``rows`` durable; fires when they are (or fails: the store rolls back)."""
@@ -71,7 +71,7 @@ class MemoryBackend:
 
     persistent = False
 
-    def load(self) -> Iterable[Row]:
+    def load(self, now: float) -> Iterable[Row]:
         return ()
 
     def submit(self, rows: Sequence[Row]) -> defer.Deferred:
@@ -149,8 +149,7 @@ class SqliteBackend:
             raise StoreBackendError(f"store.path: cannot open {self.path} as SQLite: {e}") from None
         return db
 
-    def load(self) -> Iterable[Row]:
-        now = time.time()
+    def load(self, now: float) -> Iterable[Row]:
         # Expired rows are dropped here rather than loaded and expired again.
         self._db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires <= ?", (now,))
         for kind, key, data, expires, owner in self._db.execute(

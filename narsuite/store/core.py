@@ -155,7 +155,7 @@ class Store:
         """
         now = self.clock.seconds()
         n = 0
-        for row in self.backend.load():
+        for row in self.backend.load(now):
             k = self._kinds.get(row.kind)
             if k is None or row.data is None:
                 continue

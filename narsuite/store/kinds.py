@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import ipaddress
 import json
 import typing
@@ -80,11 +81,13 @@ class KindSpec:
 
     def load(self, text: str) -> Any:
         data = json.loads(text)
-        hints = typing.get_type_hints(self.record)
         kwargs = {}
-        for f in attrs.fields(self.record):
-            if f.name in data and f.metadata.get("persist", True):
-                kwargs[f.name] = _retype(decode_value(data[f.name]), hints.get(f.name))
+        for name, enum_type in _persisted_fields(self.record):
+            if name in data:
+                value = decode_value(data[name])
+                if enum_type is not None and not isinstance(value, enum_type):
+                    value = enum_type(value)
+                kwargs[name] = value
         return self.record(**kwargs)
 
     def as_row(self, record: Any) -> dict[str, Any]:
@@ -162,11 +165,19 @@ def decode_value(value: Any) -> Any:
     raise ValueError(f"unknown tag {tag!r} in a stored record")
 
 
-def _retype(value: Any, hint: Any) -> Any:
-    """Give enums back their class (JSON keeps only their value)."""
-    if isinstance(hint, type) and issubclass(hint, enum.Enum) and not isinstance(value, hint):
-        return hint(value)
-    return value
+@functools.cache
+def _persisted_fields(cls: type) -> tuple[tuple[str, type | None], ...]:
+    """(name, enum class or None) of every persisted field; enums get their class
+    back on load because JSON keeps only their value."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in attrs.fields(cls):
+        if not f.metadata.get("persist", True):
+            continue
+        hint = hints.get(f.name)
+        is_enum = isinstance(hint, type) and issubclass(hint, enum.Enum)
+        out.append((f.name, hint if is_enum else None))
+    return tuple(out)
 
 
 def key_text(key: Any) -> str:
