@@ -200,20 +200,6 @@ def test_narctl_renders_aligned_tables() -> None:
 
 
 # ------------------------------------------------------------------- twistd
-RUNNER = textwrap.dedent(
-    """
-    import sys
-    sys.path.insert(0, {tests!r})
-    import demo_role
-    from narsuite.roles import default_registry
-    default_registry().register(demo_role.ROLE)
-    from twisted.scripts.twistd import run
-    sys.argv = ["twistd", "-n", "--pidfile=", "narsuite"] + sys.argv[1:]
-    run()
-    """
-)
-
-
 def _write_config(tmp_path: Path, metrics_port: int = 0, extra: str = "") -> Path:
     f = tmp_path / "narsuite.toml"
     f.write_text(textwrap.dedent(f"""
@@ -260,8 +246,7 @@ def test_twistd_refuses_unimplemented_role(tmp_path: Path) -> None:
 
 def test_twistd_runs_roles_and_narctl_reads_them(tmp_path: Path) -> None:
     f = _write_config(tmp_path, extra='[demo]\ngreeting = "from twistd"\n[log]\njson_file = "log.jsonl"\n')
-    runner = tmp_path / "run_twistd.py"
-    runner.write_text(RUNNER.format(tests=str(HERE)))
+    runner = HERE / "run_twistd_demo.py"
     sock = tmp_path / "run" / "control.sock"
     proc = subprocess.Popen([sys.executable, str(runner), "--config", str(f), "--role", "demo"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
