@@ -34,8 +34,9 @@ __all__ = [
     "DEFAULT_CONFIG",
 ]
 
-#: The commented embedded default shipped with the package.
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "narsuite.toml"
+#: The commented embedded default. In a checkout narsuite/narsuite.toml is a
+#: symlink to etc/narsuite.toml; a built wheel carries the file itself.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "narsuite.toml"
 
 
 def _loopback_only(key: str, value: str) -> None:

@@ -1,0 +1,42 @@
+"""A plain ``pip install .`` gives a working ``twistd narsuite`` and the console scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_plain_pip_install_gives_plugin_and_scripts(tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    # System site-packages supply the dependencies (no network needed); narsuite
+    # itself is installed from a wheel built from this tree, not imported from it.
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    wheel_dir = tmp_path / "wheels"
+    subprocess.run([str(py), "-m", "pip", "wheel", "-q", "--no-deps",
+                    "-w", str(wheel_dir), str(ROOT)], check=True, timeout=300, cwd=tmp_path)
+    (wheel,) = wheel_dir.glob("narsuite-*.whl")
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
+                    str(wheel)], check=True, timeout=300, cwd=tmp_path)
+    where = subprocess.run([str(py), "-c", "import narsuite; print(narsuite.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert str(env_dir) in where, where  # the installed copy, not the checkout
+    # `python -m twisted` is twistd, run by the venv's interpreter
+    out = subprocess.run([str(py), "-m", "twisted", "narsuite", "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "--role" in out.stdout and "--config" in out.stdout
+    out = subprocess.run([str(env_dir / "bin" / "narctl"), "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and "narctl" in out.stdout
+    out = subprocess.run([str(env_dir / "bin" / "narsuite-lab"), "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0
+    # the embedded default config ships with the package
+    out = subprocess.run([str(py), "-c", "from narsuite.config import load; print(load().store.backend)"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.stdout.strip() == "sqlite", out.stderr
