@@ -117,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else \
             getpass.getpass("password: ")
-        print(hash_password(password))
+        try:
+            print(hash_password(password))
+        except ValueError as e:
+            print(f"narctl: {e}", file=sys.stderr)
+            return 2
         return 0
     path = _socket_path(args)
     try:
