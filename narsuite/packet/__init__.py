@@ -1,0 +1,1 @@
+"""Packet-level code: the wire codec and per-packet helpers."""
