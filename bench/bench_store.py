@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from narsuite.store import Index, KindSpec, MemoryBackend, SqliteBackend, Store  # noqa: E402
+from narsuite.store import Index, KindSpec, MemoryBackend, SqliteBackend, Store
 
 
 @attrs.frozen

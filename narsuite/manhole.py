@@ -28,8 +28,9 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import bcrypt
 from cryptography.hazmat.primitives import serialization

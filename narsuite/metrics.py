@@ -9,7 +9,8 @@ read at scrape time from the store itself, so the packet path pays nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -62,7 +63,7 @@ class Metrics:
             self._made[full] = Histogram(full, doc, list(labels), registry=self.registry, **kw)
         return self._made[full]  # type: ignore[return-value]
 
-    def watch_store(self, store: "Store") -> None:
+    def watch_store(self, store: Store) -> None:
         self.registry.register(StoreCollector(store))
 
     def render(self) -> bytes:
@@ -74,7 +75,7 @@ class Metrics:
 class StoreCollector:
     """Reads the store's sizes and the backend's write statistics at scrape time."""
 
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def describe(self) -> list:

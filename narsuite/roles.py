@@ -14,8 +14,9 @@ point group.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -46,11 +47,11 @@ class RoleSpec:
     #: attrs class for the role's ``[name]`` config section (see narsuite.schema).
     config_class: type
     #: Builds the role's service from the shared context (store, metrics, config...).
-    make_service: Callable[["RoleContext"], "IService"]
+    make_service: Callable[[RoleContext], IService]
     #: Store record kinds the role owns (registered before any service starts).
-    kinds: Sequence["KindSpec"] = ()
+    kinds: Sequence[KindSpec] = ()
     #: Control commands (``narctl <name> ...``) the role answers.
-    commands: Sequence["Command"] = ()
+    commands: Sequence[Command] = ()
 
 
 class RoleRegistry:

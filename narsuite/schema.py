@@ -14,8 +14,9 @@ import collections.abc
 import ipaddress
 import types
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import attrs
 

@@ -12,7 +12,8 @@ loaded at start and the store is flushed after the last role has stopped.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from twisted.application import service

@@ -10,9 +10,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import demo_role  # noqa: E402
+import demo_role
 
-from narsuite.roles import default_registry  # noqa: E402
+from narsuite.roles import default_registry
 
 default_registry().register(demo_role.ROLE)
 

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import attrs
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -25,7 +26,7 @@ from narsuite.service import NarsuiteService
 from narsuite.store import MemoryBackend, Store
 
 sys.path.insert(0, os.path.dirname(__file__))
-import demo_role  # noqa: E402
+import demo_role
 
 HERE = Path(__file__).resolve().parent
 
@@ -84,7 +85,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
 
 def test_config_is_immutable() -> None:
     cfg = cfgmod.loads("")
-    with pytest.raises(Exception):
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
         cfg.store.backend = "memory"  # type: ignore[misc]
     with pytest.raises(TypeError):
         cfg.store.pools["x"] = None  # type: ignore[index]

@@ -22,14 +22,15 @@ from narsuite.lab import (
     CommandError,
     Lab,
     LabError,
+    cli,
     lab_namespaces,
     mip_topology,
+    netns,
     parse_netns_name,
+    pytest_plugin,
     remote_access_topology,
     sweep_stale,
 )
-from narsuite.lab import cli, netns
-from narsuite.lab import pytest_plugin
 
 pytestmark = pytest.mark.lab
 

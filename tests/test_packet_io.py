@@ -521,9 +521,9 @@ def test_tun_ping_roundtrip(netns_pair, spawn, pinger):
     v6 = _run("ip", "netns", "exec", ns, "cat", f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
     assert v6.stdout.strip() == "1" and ready["ipv6_disabled"] is True
 
-    for n, target in enumerate(("10.99.0.2", "10.97.0.5"), 1):
+    for target in ("10.99.0.2", "10.97.0.5"):
         ping = pinger(ns, target)
-        ev = agent.wait_for(lambda e: e["event"] == "rx" and e["dst"] == target, what="echo")
+        ev = agent.wait_for(lambda e, target=target: e["event"] == "rx" and e["dst"] == target, what="echo")
         request = IP(bytes.fromhex(ev["hex"]))
         assert request.src == TUN_ADDR and request.dst == target
         assert request[ICMP].type == 8
@@ -828,7 +828,7 @@ def _capture_main(cfg):
         s.settimeout(max(deadline - time.monotonic(), 0.01))
         try:
             data, addr = s.recvfrom(65535)
-        except socket.timeout:
+        except TimeoutError:
             break
         n += 1
         _emit(event="rx", src=addr[0], hex=data.hex())
@@ -856,7 +856,7 @@ def _ping_main(cfg):
         s.settimeout(max(deadline - time.monotonic(), 0.01))
         try:
             pkt, addr = s.recvfrom(65535)
-        except socket.timeout:
+        except TimeoutError:
             break
         icmp = pkt[(pkt[0] & 0xF) * 4:]
         if addr[0] == cfg["dst"] and icmp[:1] == b"\0" and icmp[4:6] == struct.pack("!H", ident) \

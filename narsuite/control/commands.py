@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -95,7 +96,7 @@ class CommandRegistry:
 
 
 # --------------------------------------------------------------------- platform
-def _status(daemon: "NarsuiteService") -> Record:
+def _status(daemon: NarsuiteService) -> Record:
     store = daemon.store
     fields: list[tuple[str, Any]] = [
         ("version", __version__),
@@ -115,27 +116,27 @@ def _status(daemon: "NarsuiteService") -> Record:
     return Record(tuple(fields), title="narsuite")
 
 
-def _kinds(daemon: "NarsuiteService") -> Table:
+def _kinds(daemon: NarsuiteService) -> Table:
     store = daemon.store
     rows = tuple((s.name, store.count(s.name), "yes" if s.persist else "no", s.description)
                  for s in store.kinds())
     return Table(("kind", "records", "persisted", "description"), rows)
 
 
-def _kind_or_error(daemon: "NarsuiteService", kind: str):  # type: ignore[no-untyped-def]
+def _kind_or_error(daemon: NarsuiteService, kind: str):  # type: ignore[no-untyped-def]
     names = [s.name for s in daemon.store.kinds()]
     if kind not in names:
         raise CommandError(f"unknown record kind {kind!r}; the kinds are: {', '.join(names)}")
     return daemon.store.kind(kind)
 
 
-def _expires_in(daemon: "NarsuiteService", expires: float | None) -> Any:
+def _expires_in(daemon: NarsuiteService, expires: float | None) -> Any:
     if expires is None:
         return None
     return round(expires - daemon.store.clock.seconds(), 1)
 
 
-def _list(daemon: "NarsuiteService", kind: str) -> Table:
+def _list(daemon: NarsuiteService, kind: str) -> Table:
     spec = _kind_or_error(daemon, kind)
     columns = spec.columns or spec.public_fields()
     rows = []
@@ -146,7 +147,7 @@ def _list(daemon: "NarsuiteService", kind: str) -> Table:
     return Table(("key", *columns, "expires_in", "owner"), tuple(rows), title=kind)
 
 
-def _show(daemon: "NarsuiteService", kind: str, key: str) -> Record:
+def _show(daemon: NarsuiteService, kind: str, key: str) -> Record:
     spec = _kind_or_error(daemon, kind)
     for k, record, expires, owner in daemon.store.items(kind):
         if format_key(k) == key:
@@ -156,7 +157,7 @@ def _show(daemon: "NarsuiteService", kind: str, key: str) -> Record:
     raise CommandError(f"no {kind} record with key {key!r}; see `narctl list {kind}`")
 
 
-def _pools(daemon: "NarsuiteService") -> Table:
+def _pools(daemon: NarsuiteService) -> Table:
     rows = []
     for name, pool in sorted(daemon.store.pools().items()):
         used, size = daemon.store.pool_usage(name)
@@ -164,7 +165,7 @@ def _pools(daemon: "NarsuiteService") -> Table:
     return Table(("pool", "network", "leased", "size"), tuple(rows))
 
 
-def _help(daemon: "NarsuiteService") -> Table:
+def _help(daemon: NarsuiteService) -> Table:
     rows = tuple((c.usage(), c.help) for c in daemon.commands.commands())
     return Table(("command", "what it does"), rows)
 

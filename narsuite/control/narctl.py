@@ -19,7 +19,8 @@ import getpass
 import json
 import socket
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main", "request", "render"]
 
@@ -95,7 +96,7 @@ def _socket_path(args: argparse.Namespace) -> str:
         daemon = build(cfgmod.DaemonConfig, doc.get("daemon", {}), "daemon", base)
         control = build(cfgmod.ControlConfig, doc.get("control", {}), "control", base)
     except (OSError, tomllib.TOMLDecodeError, cfgmod.ConfigError) as e:
-        raise SystemExit(f"narctl: {path}: {e}")
+        raise SystemExit(f"narctl: {path}: {e}") from None
     return str(control.socket or daemon.runtime_dir / "control.sock")
 
 

@@ -85,7 +85,7 @@ class ControlProtocol(LineOnlyReceiver):
 class ControlFactory(Factory):
     protocol = ControlProtocol
 
-    def __init__(self, daemon: "NarsuiteService") -> None:
+    def __init__(self, daemon: NarsuiteService) -> None:
         self.daemon = daemon
 
     def dispatch(self, argv: list[str]) -> Any:
@@ -94,7 +94,7 @@ class ControlFactory(Factory):
         return command.handler(self.daemon, **args)
 
 
-def make_control_service(daemon: "NarsuiteService", path: Path) -> internet.UNIXServer:
+def make_control_service(daemon: NarsuiteService, path: Path) -> internet.UNIXServer:
     path.parent.mkdir(parents=True, exist_ok=True)
     svc = internet.UNIXServer(str(path), ControlFactory(daemon), mode=0o600, wantPID=True)
     svc.setName("control")

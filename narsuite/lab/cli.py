@@ -15,8 +15,16 @@ import sys
 
 import attrs
 
-from .netns import (DEFAULT_PREFIX, Host, Lab, LabError, _creator_alive, lab_namespaces,
-                    parse_netns_name, sweep_stale)
+from .netns import (
+    DEFAULT_PREFIX,
+    Host,
+    Lab,
+    LabError,
+    _creator_alive,
+    lab_namespaces,
+    parse_netns_name,
+    sweep_stale,
+)
 from .topologies import mip_topology, nar_topology, remote_access_topology
 
 TOPOLOGIES = {"nar": nar_topology, "ra": remote_access_topology, "mip": mip_topology}
@@ -49,7 +57,7 @@ def _cmd_up(args) -> int:
             value = getattr(topo, f.name)
             if isinstance(value, Host):
                 value = f"{value.netns}  (ip netns exec {value.netns} ...)"
-            elif hasattr(value, "host") and isinstance(getattr(value, "host"), Host):
+            elif hasattr(value, "host") and isinstance(value.host, Host):
                 value = f"switch in {value.host.netns}"
             print(f"{f.name:18} {value}")
         print("up; Ctrl-C (or SIGTERM) tears it down", flush=True)

@@ -36,8 +36,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Union
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -301,7 +302,7 @@ def lab_unavailable_reason() -> str | None:
 # ---------------------------------------------------------------------------
 # teardown on exit and on signals
 
-_LIVE_LABS: list["Lab"] = []
+_LIVE_LABS: list[Lab] = []
 _LIVE_LOCK = threading.RLock()
 _HOOKS_INSTALLED = False
 _PREVIOUS_HANDLERS: dict[int, object] = {}
@@ -393,7 +394,7 @@ while True:
 class Host:
     """One network namespace of a :class:`Lab`."""
 
-    lab: "Lab" = field(repr=False)
+    lab: Lab = field(repr=False)
     name: str
     netns: str
     forwarding: bool = False
@@ -714,7 +715,7 @@ class Lab:
         state = "closed" if self.closed else f"{len(self.hosts)} namespaces"
         return f"<Lab {self.stem}* {state}>"
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -45,7 +45,8 @@ import errno as _errno
 import os
 import socket
 import struct
-from typing import Callable, Optional, Protocol, Union, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, Union, runtime_checkable
 
 import attrs
 from twisted.application import service
@@ -96,7 +97,7 @@ RawCallback = Callable[[bytes, str], None]
 RawSinkLike = Union[IRawPacketSink, RawCallback]
 
 
-def _as_callback(sink: Optional[RawSinkLike]) -> Optional[RawCallback]:
+def _as_callback(sink: RawSinkLike | None) -> RawCallback | None:
     if sink is None:
         return None
     method = getattr(sink, "packetReceived", None)
@@ -154,7 +155,7 @@ class _ErrorLog:
             )
 
 
-def _dst_str(dst: Union[str, bytes]) -> str:
+def _dst_str(dst: str | bytes) -> str:
     if isinstance(dst, (bytes, bytearray)):
         return socket.inet_ntoa(bytes(dst))
     return dst
@@ -180,13 +181,13 @@ class RawSocketPort(service.Service):
     def __init__(
         self,
         proto: int,
-        sink: Optional[RawSinkLike] = None,
+        sink: RawSinkLike | None = None,
         *,
-        bind_address: Optional[str] = None,
-        interface: Optional[str] = None,
+        bind_address: str | None = None,
+        interface: str | None = None,
         max_batch: int = 64,
         max_packet_size: int = 65535,
-        rcvbuf: Optional[int] = None,
+        rcvbuf: int | None = None,
         reactor=None,
     ) -> None:
         if not 0 < proto < 255:
@@ -200,8 +201,8 @@ class RawSocketPort(service.Service):
         self.max_packet_size = max_packet_size
         self.rcvbuf = rcvbuf
         self._reactor = reactor
-        self._sock: Optional[socket.socket] = None
-        self._hdrincl: Optional[socket.socket] = None
+        self._sock: socket.socket | None = None
+        self._hdrincl: socket.socket | None = None
         self._buf = bytearray(max_packet_size)
         self._view = memoryview(self._buf)
         self.counters = RawCounters()
@@ -218,16 +219,16 @@ class RawSocketPort(service.Service):
         return self._reactor
 
     @property
-    def sink(self) -> Optional[RawSinkLike]:
+    def sink(self) -> RawSinkLike | None:
         return self._sink
 
     @sink.setter
-    def sink(self, sink: Optional[RawSinkLike]) -> None:
+    def sink(self, sink: RawSinkLike | None) -> None:
         self._callback = _as_callback(sink)
         self._sink = sink
 
     @property
-    def socket(self) -> Optional[socket.socket]:
+    def socket(self) -> socket.socket | None:
         """The receiving/``send`` socket, for extra socket options (TTL, TOS...)."""
         return self._sock
 
@@ -342,7 +343,7 @@ class RawSocketPort(service.Service):
         self._errlog(err, f"{detail}: {os.strerror(err)}")
         return False
 
-    def send(self, payload: bytes, dst: Union[str, bytes]) -> bool:
+    def send(self, payload: bytes, dst: str | bytes) -> bool:
         """Send *payload* to *dst* in an IPv4 packet the kernel builds.
 
         True if the kernel accepted it; on failure False (counted, logged).
@@ -372,7 +373,7 @@ class RawSocketPort(service.Service):
             self._hdrincl = sock
         return sock
 
-    def send_packet(self, packet: bytes, next_hop: Optional[str] = None) -> bool:
+    def send_packet(self, packet: bytes, next_hop: str | None = None) -> bool:
         """Send a complete IPv4 packet as is (``IP_HDRINCL``).
 
         The route is looked up for *next_hop* if given, else for the packet's

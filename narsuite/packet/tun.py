@@ -36,7 +36,8 @@ from __future__ import annotations
 import errno as _errno
 import ipaddress
 import os
-from typing import Callable, Iterable, Optional, Protocol, Union, runtime_checkable
+from collections.abc import Callable, Iterable
+from typing import Protocol, Union, runtime_checkable
 
 import attrs
 from twisted.application import service
@@ -74,7 +75,7 @@ PacketCallback = Callable[[bytes], None]
 SinkLike = Union[IPacketSink, PacketCallback]
 
 
-def as_packet_callback(sink: Optional[SinkLike]) -> Optional[PacketCallback]:
+def as_packet_callback(sink: SinkLike | None) -> PacketCallback | None:
     """Return the callable to invoke per packet for *sink* (object or callable)."""
     if sink is None:
         return None
@@ -204,7 +205,7 @@ class NetlinkConfigurator:
 class _TunProtocol(AbstractDatagramProtocol):
     """The protocol TuntapPort talks to; forwards every read to the device."""
 
-    def __init__(self, device: "TunDevice") -> None:
+    def __init__(self, device: TunDevice) -> None:
         self._received = device._packetFromKernel
 
     def addProto(self, num, proto):  # pragma: no cover - IRawPacketProtocol API
@@ -237,14 +238,14 @@ class TunDevice(service.Service):
     def __init__(
         self,
         name: bytes = b"nar%d",
-        sink: Optional[SinkLike] = None,
+        sink: SinkLike | None = None,
         *,
         addresses: Iterable[str] = (),
-        mtu: Optional[int] = None,
+        mtu: int | None = None,
         routes: Iterable[str] = (),
         disable_ipv6: bool = True,
         configure: bool = True,
-        netlink: Optional[NetlinkConfigurator] = None,
+        netlink: NetlinkConfigurator | None = None,
         max_packet_size: int = MAX_IP_PACKET,
         reactor=None,
         system=None,
@@ -263,8 +264,8 @@ class TunDevice(service.Service):
         self.max_packet_size = max_packet_size
         self._reactor = reactor
         self._system = system
-        self._port: Optional[TuntapPort] = None
-        self.ifname: Optional[str] = None
+        self._port: TuntapPort | None = None
+        self.ifname: str | None = None
         self.ipv6_disabled = False
         self.counters = TunCounters()
         self._errlog = _ErrorLog("TUN write failed")
@@ -272,18 +273,18 @@ class TunDevice(service.Service):
     # -- sink ------------------------------------------------------------------
 
     @property
-    def sink(self) -> Optional[SinkLike]:
+    def sink(self) -> SinkLike | None:
         return self._sink
 
     @sink.setter
-    def sink(self, sink: Optional[SinkLike]) -> None:
+    def sink(self, sink: SinkLike | None) -> None:
         self._callback = as_packet_callback(sink)
         self._sink = sink
 
     # -- life cycle ------------------------------------------------------------
 
     @property
-    def port(self) -> Optional[TuntapPort]:
+    def port(self) -> TuntapPort | None:
         return self._port
 
     def start(self) -> None:

@@ -19,14 +19,15 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import attrs
 from twisted.internet import defer
-from narsuite.logs import logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
+
+from narsuite.logs import logger
 
 __all__ = ["Row", "IStoreBackend", "MemoryBackend", "SqliteBackend", "StoreBackendError"]
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import secrets
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from narsuite.logs import logger
 
+from narsuite.logs import logger
 from narsuite.store.backends import IStoreBackend, MemoryBackend, Row
 from narsuite.store.kinds import LEASE, KindSpec, Lease, key_from_text, key_text
 

@@ -19,7 +19,8 @@ import functools
 import ipaddress
 import json
 import typing
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import attrs
 
