@@ -21,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 from twisted.internet import defer
@@ -29,7 +30,7 @@ from zope.interface import Interface, implementer
 
 from narsuite.logs import logger
 
-__all__ = ["Row", "IStoreBackend", "MemoryBackend", "SqliteBackend", "StoreBackendError"]
+__all__ = ["Row", "Write", "IStoreBackend", "MemoryBackend", "SqliteBackend", "StoreBackendError"]
 
 
 class StoreBackendError(RuntimeError):
@@ -38,7 +39,7 @@ class StoreBackendError(RuntimeError):
 
 @attrs.frozen
 class Row:
-    """One record as a backend sees it: already serialised, kind-agnostic."""
+    """One record as a backend stores it: serialised, kind-agnostic."""
 
     kind: str
     key: str
@@ -47,14 +48,39 @@ class Row:
     owner: str | None
 
 
+@attrs.frozen
+class Write:
+    """A change handed to a backend, not yet serialised.
+
+    Records are immutable, so turning them into JSON can wait for the
+    backend's writer thread: the reactor thread only queues this.
+    """
+
+    spec: Any  # narsuite.store.kinds.KindSpec
+    key: Any
+    record: Any  # None: deleted
+    expires: float | None
+    owner: str | None
+
+    @property
+    def ident(self) -> tuple[str, Any]:
+        return (self.spec.name, self.key)
+
+    def row(self) -> Row:
+        from narsuite.store.kinds import key_text
+
+        data = None if self.record is None else self.spec.dump(self.record)
+        return Row(self.spec.name, key_text(self.key), data, self.expires, self.owner)
+
+
 class IStoreBackend(Interface):
     persistent: bool  # type: ignore[misc]
 
     def load(now: float) -> Iterable[Row]:
         """Every row unexpired at ``now`` (store clock), once at start-up (may block)."""
 
-    def submit(rows: Sequence[Row]) -> defer.Deferred:
-        """Make ``rows`` durable; fires when they are (or fails: the store rolls back)."""
+    def submit(writes: Sequence[Write]) -> defer.Deferred:
+        """Make ``writes`` durable; fires when they are (or fails: the store rolls back)."""
 
     def start(reactor) -> None:  # type: ignore[no-untyped-def]
         """Begin background work (flush timers, threads)."""
@@ -75,7 +101,7 @@ class MemoryBackend:
     def load(self, now: float) -> Iterable[Row]:
         return ()
 
-    def submit(self, rows: Sequence[Row]) -> defer.Deferred:
+    def submit(self, writes: Sequence[Write]) -> defer.Deferred:
         return defer.succeed(None)
 
     def start(self, reactor) -> None:  # type: ignore[no-untyped-def]
@@ -120,7 +146,9 @@ class SqliteBackend:
         self.path = Path(path)
         self.flush_interval = flush_interval
         self.synchronous = synchronous
-        self._queue: list[Row] = []
+        # Latest write per (kind, key): a record changed twice between two
+        # commits is written once.
+        self._queue: dict[tuple[str, Any], Write] = {}
         self._waiters: list[defer.Deferred] = []
         self._pool: ThreadPool | None = None
         self._reactor = None
@@ -168,9 +196,12 @@ class SqliteBackend:
         self._call.clock = reactor
         self._call.start(self.flush_interval, now=False)
 
-    def submit(self, rows: Sequence[Row]) -> defer.Deferred:
-        self._queue.extend(rows)
-        self._stats["queued"] = len(self._queue)
+    def submit(self, writes: Sequence[Write]) -> defer.Deferred:
+        queue = self._queue
+        for w in writes:
+            queue.pop(w.ident, None)  # keep commit order = order of the last change
+            queue[w.ident] = w
+        self._stats["queued"] = len(queue)
         d: defer.Deferred = defer.Deferred()
         self._waiters.append(d)
         if self._pool is None:
@@ -178,13 +209,13 @@ class SqliteBackend:
             self._write(self._take())
         return d
 
-    def _take(self) -> tuple[list[Row], list[defer.Deferred]]:
-        rows, waiters = self._queue, self._waiters
-        self._queue, self._waiters = [], []
+    def _take(self) -> tuple[list[Write], list[defer.Deferred]]:
+        writes, waiters = list(self._queue.values()), self._waiters
+        self._queue, self._waiters = {}, []
         self._stats["queued"] = 0
-        return rows, waiters
+        return writes, waiters
 
-    def _write(self, batch: tuple[list[Row], list[defer.Deferred]]) -> None:
+    def _write(self, batch: tuple[list[Write], list[defer.Deferred]]) -> None:
         rows, waiters = batch
         try:
             self._commit(rows)
@@ -196,8 +227,10 @@ class SqliteBackend:
         for w in waiters:
             w.callback(None)
 
-    def _commit(self, rows: list[Row]) -> float:
+    def _commit(self, writes: list[Write]) -> float:
+        """One transaction for the whole batch (runs in the writer thread)."""
         started = time.perf_counter()
+        rows = [w.row() for w in writes]
         db = self._db
         db.execute("BEGIN")
         try:

@@ -21,8 +21,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from narsuite.logs import logger
-from narsuite.store.backends import IStoreBackend, MemoryBackend, Row
-from narsuite.store.kinds import LEASE, KindSpec, Lease, key_from_text, key_text
+from narsuite.store.backends import IStoreBackend, MemoryBackend, Row, Write
+from narsuite.store.kinds import LEASE, KindSpec, Lease, key_from_text
 
 __all__ = ["Store", "Change", "Conflict", "UnknownKind", "Exhausted", "AddressPool"]
 
@@ -101,6 +101,7 @@ class Store:
         self.clock = clock
         self.backend = backend or MemoryBackend()
         self._kinds: dict[str, _Kind] = {}
+        self._by_type: dict[type, str] = {}
         self._owners: dict[str, set[tuple[str, Hashable]]] = {}
         self._heap: list[tuple[float, int, str, Hashable]] = []
         self._seq = 0
@@ -111,7 +112,6 @@ class Store:
         self._touched: dict[tuple[str, Hashable], float] = {}
         self._touch_flush_interval = touch_flush_interval
         self._touch_loop = None
-        self._pending_rows: dict[tuple[str, str], Row] = {}
         self._running = False
         self.stats = {"inserts": 0, "deletes": 0, "expired": 0, "conflicts": 0, "rollbacks": 0}
         self.register(LEASE)
@@ -124,6 +124,8 @@ class Store:
                 raise ValueError(f"record kind {spec.name!r} is registered twice")
             return
         self._kinds[spec.name] = _Kind(spec)
+        # A record class shared by two kinds must be written with kind=...
+        self._by_type[spec.record] = spec.name if spec.record not in self._by_type else ""
 
     def kinds(self) -> list[KindSpec]:
         return [k.spec for k in self._kinds.values()]
@@ -460,10 +462,10 @@ class Store:
         return d
 
     def _kind_of(self, record: Any) -> str:
-        for k in self._kinds.values():
-            if type(record) is k.spec.record:
-                return k.spec.name
-        raise UnknownKind(type(record).__name__)
+        name = self._by_type.get(type(record))
+        if not name:
+            raise UnknownKind(f"{type(record).__name__} (pass kind=...)")
+        return name
 
     def _apply_put(self, k: _Kind, key: Hashable, record: Any, expires: float | None,
                    owner: str | None, notify: bool) -> None:
@@ -516,15 +518,15 @@ class Store:
         self.stats["deletes"] += 1
         self._notify(Change("delete", k.spec.name, key, e.record, e.record, reason))
 
-    def _row(self, k: _Kind, key: Hashable, record: Any) -> Row | None:
+    def _row(self, k: _Kind, key: Hashable, record: Any) -> Write | None:
         if not k.spec.persist or not self.backend.persistent:
             return None
         e = k.entries.get(key)
         if record is None or e is None:
-            return Row(k.spec.name, key_text(key), None, None, None)
-        return Row(k.spec.name, key_text(key), k.spec.dump(record), e.expires, e.owner)
+            return Write(k.spec, key, None, None, None)
+        return Write(k.spec, key, record, e.expires, e.owner)
 
-    def _submit(self, rows: list[Row | None]) -> defer.Deferred:
+    def _submit(self, rows: list[Write | None]) -> defer.Deferred:
         real = [r for r in rows if r is not None]
         if not real:
             return defer.succeed(None)
