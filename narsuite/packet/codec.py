@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Iterable, Union
+from collections.abc import Iterable
+from typing import Union
 
 import attrs
 

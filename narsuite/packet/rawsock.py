@@ -52,9 +52,11 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import implementer
+
+from narsuite.logs import logger
+from narsuite.packet.common import RateLimitedLog, as_callback, errno_names
 
 __all__ = [
     "IPPROTO_ICMP",
@@ -67,7 +69,7 @@ __all__ = [
     "RawSocketPort",
 ]
 
-log = Logger()
+log = logger()
 
 IPPROTO_ICMP = 1
 IPPROTO_IPIP = 4
@@ -97,17 +99,6 @@ RawCallback = Callable[[bytes, str], None]
 RawSinkLike = Union[IRawPacketSink, RawCallback]
 
 
-def _as_callback(sink: RawSinkLike | None) -> RawCallback | None:
-    if sink is None:
-        return None
-    method = getattr(sink, "packetReceived", None)
-    if method is not None:
-        return method
-    if callable(sink):
-        return sink
-    raise TypeError(f"{sink!r} has no packetReceived() and is not callable")
-
-
 @attrs.define
 class RawCounters:
     """Counters of one raw port.
@@ -133,26 +124,8 @@ class RawCounters:
 
     def as_dict(self) -> dict:
         d = attrs.asdict(self)
-        d["tx_errors_by_errno"] = {
-            _errno.errorcode.get(k, str(k)): v for k, v in self.tx_errors_by_errno.items()
-        }
+        d["tx_errors_by_errno"] = errno_names(self.tx_errors_by_errno)
         return d
-
-
-class _ErrorLog:
-    """Log the 1st, then every 1000th occurrence of each error key (no log floods)."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._seen: dict = {}
-
-    def __call__(self, key, detail: str) -> None:
-        n = self._seen.get(key, 0) + 1
-        self._seen[key] = n
-        if n == 1 or n % 1000 == 0:
-            log.warn(
-                "{what}: {detail} (occurrence {n})", what=self._what, detail=detail, n=n
-            )
 
 
 def _dst_str(dst: str | bytes) -> str:
@@ -194,7 +167,7 @@ class RawSocketPort(service.Service):
             raise ValueError(f"IP protocol must be 1..254, not {proto}")
         self.proto = proto
         self._sink = sink
-        self._callback = _as_callback(sink)
+        self._callback = as_callback(sink)
         self.bind_address = bind_address
         self.interface = interface
         self.max_batch = max_batch
@@ -206,7 +179,7 @@ class RawSocketPort(service.Service):
         self._buf = bytearray(max_packet_size)
         self._view = memoryview(self._buf)
         self.counters = RawCounters()
-        self._errlog = _ErrorLog(f"raw socket (protocol {proto}) send failed")
+        self._errlog = RateLimitedLog(f"raw socket (protocol {proto}) send failed")
 
     # -- properties --------------------------------------------------------------
 
@@ -224,7 +197,7 @@ class RawSocketPort(service.Service):
 
     @sink.setter
     def sink(self, sink: RawSinkLike | None) -> None:
-        self._callback = _as_callback(sink)
+        self._callback = as_callback(sink)
         self._sink = sink
 
     @property

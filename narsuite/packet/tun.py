@@ -33,7 +33,6 @@ Usable as a Twisted service (``startService``/``stopService``) or as a plain obj
 
 from __future__ import annotations
 
-import errno as _errno
 import ipaddress
 import os
 from collections.abc import Callable, Iterable
@@ -43,10 +42,12 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.protocol import AbstractDatagramProtocol
-from twisted.logger import Logger
 from twisted.pair.raw import IRawPacketProtocol
 from twisted.pair.tuntap import TuntapPort
 from zope.interface import implementer
+
+from narsuite.logs import logger
+from narsuite.packet.common import RateLimitedLog, as_callback, errno_names
 
 __all__ = [
     "IPacketSink",
@@ -57,7 +58,7 @@ __all__ = [
     "as_packet_callback",
 ]
 
-log = Logger()
+log = logger()
 
 #: Largest IPv4 packet; reads use a buffer this big so a raised MTU never truncates.
 MAX_IP_PACKET = 65535
@@ -77,14 +78,7 @@ SinkLike = Union[IPacketSink, PacketCallback]
 
 def as_packet_callback(sink: SinkLike | None) -> PacketCallback | None:
     """Return the callable to invoke per packet for *sink* (object or callable)."""
-    if sink is None:
-        return None
-    method = getattr(sink, "packetReceived", None)
-    if method is not None:
-        return method
-    if callable(sink):
-        return sink
-    raise TypeError(f"{sink!r} has no packetReceived() and is not callable")
+    return as_callback(sink)
 
 
 @attrs.define
@@ -111,26 +105,8 @@ class TunCounters:
 
     def as_dict(self) -> dict:
         d = attrs.asdict(self)
-        d["tx_errors_by_errno"] = {
-            _errno.errorcode.get(k, str(k)): v for k, v in self.tx_errors_by_errno.items()
-        }
+        d["tx_errors_by_errno"] = errno_names(self.tx_errors_by_errno)
         return d
-
-
-class _ErrorLog:
-    """Log the 1st, then every 1000th occurrence of each error key (no log floods)."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._seen: dict = {}
-
-    def __call__(self, key, detail: str) -> None:
-        n = self._seen.get(key, 0) + 1
-        self._seen[key] = n
-        if n == 1 or n % 1000 == 0:
-            log.warn(
-                "{what}: {detail} (occurrence {n})", what=self._what, detail=detail, n=n
-            )
 
 
 def _network(prefix: str) -> str:
@@ -268,7 +244,7 @@ class TunDevice(service.Service):
         self.ifname: str | None = None
         self.ipv6_disabled = False
         self.counters = TunCounters()
-        self._errlog = _ErrorLog("TUN write failed")
+        self._errlog = RateLimitedLog("TUN write failed")
 
     # -- sink ------------------------------------------------------------------
 
