@@ -24,6 +24,7 @@ from narsuite.config import Config
 from narsuite.control.commands import CommandRegistry, platform_commands
 from narsuite.logs import JsonFileLog, logger, set_level
 from narsuite.metrics import Metrics, make_metrics_service
+from narsuite.packet.udp import SharedUDPPort, UDPPorts
 from narsuite.roles import RoleSpec
 from narsuite.store import Store, make_store
 
@@ -44,6 +45,12 @@ class RoleContext:
     reactor: Any
     #: Objects the role wants visible in the manhole (``manhole.<role>``).
     namespace: dict
+    #: The process's shared UDP ports (one socket per port, handlers by predicate).
+    udp: UDPPorts
+
+    def udp_port(self, port: int, interface: str = "") -> SharedUDPPort:
+        """The shared socket for ``port``; roles add handlers for what they claim."""
+        return self.udp.get(port, interface)
 
 
 class StoreService(service.Service):
@@ -136,6 +143,8 @@ class NarsuiteService(service.MultiService):
                                        reactor=self.reactor)
             svc.setName("manhole")
             svc.setServiceParent(self)
+        self.udp = UDPPorts(self.reactor)
+        self.udp.setServiceParent(self)
         roles = service.MultiService()
         roles.setName("roles")
         roles.setServiceParent(self)
@@ -144,7 +153,7 @@ class NarsuiteService(service.MultiService):
             ns: dict[str, Any] = {}
             self.namespace[spec.name] = ns
             ctx = RoleContext(spec.name, cfg, cfg.role(spec.name), self.store, self.metrics,
-                              self.reactor, ns)
+                              self.reactor, ns, self.udp)
             svc = spec.make_service(ctx)
             svc.setName(spec.name)
             svc.setServiceParent(roles)

@@ -1,0 +1,138 @@
+"""UDP ports that several roles in one process share.
+
+Port 4500 carries ESP (the esp role) and IKE behind the non-ESP marker (the
+ike role); port 500 carries IKE and, in the 004 draft's scheme, ESP behind
+eight zero bytes.  There must be one socket per port, so the daemon owns the
+socket and roles register *handlers*, each with a predicate on the datagram's
+first bytes — the way Tahoe's protocol switch sniffs a connection.  The first
+handler whose predicate matches gets the datagram; nothing matching is
+counted and dropped.  Roles never see each other: each only knows the wire
+format it claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+from twisted.application import service
+from twisted.internet.protocol import DatagramProtocol
+
+from narsuite.logs import logger
+
+__all__ = ["SharedUDPPort", "UDPPorts", "Handler"]
+
+log = logger()
+
+Address = tuple[str, int]
+Handler = Callable[[bytes, Address], None]
+Predicate = Callable[[bytes], bool]
+
+
+@attrs.define
+class _Route:
+    name: str
+    predicate: Predicate
+    handler: Handler
+    packets: int = 0
+
+
+class _Protocol(DatagramProtocol):
+    def __init__(self, port: SharedUDPPort) -> None:
+        self.shared = port
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        self.shared.dispatch(data, addr)
+
+
+class SharedUDPPort(service.Service):
+    """One UDP socket, many claimants."""
+
+    def __init__(self, port: int, interface: str = "", reactor=None) -> None:  # type: ignore[no-untyped-def]
+        if reactor is None:
+            from twisted.internet import reactor as _r
+
+            reactor = _r
+        self.reactor = reactor
+        self.port_number = port
+        self.interface = interface
+        self.routes: list[_Route] = []
+        self.unclaimed = 0
+        self.handler_errors = 0
+        self.port = None
+        self._protocol = _Protocol(self)
+
+    def add_handler(self, name: str, predicate: Predicate, handler: Handler) -> None:
+        """Give ``handler`` every datagram for which ``predicate(data)`` is true."""
+        if any(r.name == name for r in self.routes):
+            raise ValueError(f"UDP port {self.port_number}: handler {name!r} registered twice")
+        self.routes.append(_Route(name, predicate, handler))
+
+    def dispatch(self, data: bytes, addr: Address) -> None:
+        for route in self.routes:
+            if route.predicate(data):
+                route.packets += 1
+                try:
+                    route.handler(data, addr)
+                except Exception:
+                    # A handler bug must not take the port (and the other roles) down.
+                    self.handler_errors += 1
+                    log.failure("UDP {port}: handler {name} failed", port=self.port_number,
+                                name=route.name)
+                return
+        self.unclaimed += 1
+
+    def write(self, data: bytes, addr: Address) -> bool:
+        """Send one datagram; errors are the caller's to count (False), never raised."""
+        if self.port is None:
+            return False
+        try:
+            self.port.write(data, addr)
+        except OSError:
+            return False
+        return True
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.port = self.reactor.listenUDP(self.port_number, self._protocol, interface=self.interface)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self.port = self.reactor.listenUDP(self.port_number, self._protocol, interface=self.interface)
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        super().stopService()
+        if self.port is not None:
+            d = self.port.stopListening()
+            self.port = None
+            return d
+        return None
+
+    def stats(self) -> dict:
+        out = {f"{r.name}_packets": r.packets for r in self.routes}
+        out.update(unclaimed=self.unclaimed, handler_errors=self.handler_errors)
+        return out
+
+
+class UDPPorts(service.MultiService):
+    """The daemon's shared UDP ports, started before the roles that use them."""
+
+    def __init__(self, reactor=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.reactor = reactor
+        self.setName("udp")
+        self._ports: dict[tuple[str, int], SharedUDPPort] = {}
+
+    def get(self, port: int, interface: str = "") -> SharedUDPPort:
+        key = (interface, port)
+        shared = self._ports.get(key)
+        if shared is None:
+            shared = SharedUDPPort(port, interface, self.reactor)
+            shared.setName(f"udp:{interface or '*'}:{port}")
+            shared.setServiceParent(self)
+            self._ports[key] = shared
+        return shared
+
+    def ports(self) -> list[SharedUDPPort]:
+        return list(self._ports.values())

@@ -1,0 +1,67 @@
+"""Shared UDP ports: one socket, handlers chosen by predicate, failures contained."""
+
+from __future__ import annotations
+
+from twisted.internet.testing import MemoryReactor
+
+from narsuite.packet.udp import SharedUDPPort, UDPPorts
+
+
+def test_first_matching_handler_gets_the_datagram() -> None:
+    port = SharedUDPPort(4500, reactor=MemoryReactor())
+    got: list[tuple[str, bytes]] = []
+    port.add_handler("keepalive-and-esp", lambda d: d[:4] != b"\0\0\0\0",
+                     lambda d, a: got.append(("esp", d)))
+    port.add_handler("ike", lambda d: d[:4] == b"\0\0\0\0", lambda d, a: got.append(("ike", d)))
+    port.dispatch(b"\xff", ("192.0.2.1", 4500))
+    port.dispatch(b"\0\0\0\0ike", ("192.0.2.1", 4500))
+    port.dispatch(b"\x01\x02\x03\x04esp", ("192.0.2.1", 4500))
+    assert got == [("esp", b"\xff"), ("ike", b"\0\0\0\0ike"), ("esp", b"\x01\x02\x03\x04esp")]
+    assert port.stats() == {"keepalive-and-esp_packets": 2, "ike_packets": 1,
+                            "unclaimed": 0, "handler_errors": 0}
+
+
+def test_unclaimed_and_failing_handlers_are_counted_not_raised() -> None:
+    port = SharedUDPPort(500, reactor=MemoryReactor())
+
+    def boom(data, addr):
+        raise RuntimeError("handler bug")
+
+    port.add_handler("x", lambda d: d.startswith(b"x"), boom)
+    port.dispatch(b"x1", ("127.0.0.1", 1))
+    port.dispatch(b"y1", ("127.0.0.1", 1))
+    assert port.handler_errors == 1 and port.unclaimed == 1
+
+
+class _UDPReactor:
+    """Records listenUDP calls (MemoryReactor has no UDP)."""
+
+    def __init__(self) -> None:
+        self.udpPorts: list[tuple[int, object, str]] = []
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def listenUDP(self, port, protocol, interface=""):
+        self.udpPorts.append((port, protocol, interface))
+        reactor = self
+
+        class _Port:
+            def write(self, data, addr):
+                reactor.sent.append((data, addr))
+
+            def stopListening(self):
+                return None
+
+        return _Port()
+
+
+def test_ports_are_shared_per_interface_and_number() -> None:
+    reactor = _UDPReactor()
+    ports = UDPPorts(reactor)
+    assert ports.get(4500) is ports.get(4500)
+    assert ports.get(4500) is not ports.get(500)
+    ports.startService()
+    assert sorted(p[0] for p in reactor.udpPorts) == [500, 4500]
+    assert ports.get(4500).write(b"\xff", ("192.0.2.1", 4500)) is True
+    assert reactor.sent == [(b"\xff", ("192.0.2.1", 4500))]
+    ports.stopService()
+    assert ports.get(4500).write(b"\xff", ("192.0.2.1", 4500)) is False
