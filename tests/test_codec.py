@@ -767,3 +767,54 @@ def test_corrupted_packets_only_raise_codec_error(payload, opts, which, data):
         i = data.draw(st.integers(0, len(pkt) - 1))
         pkt[i] = data.draw(st.integers(0, 255))
     _every_entry_point(bytes(pkt))
+
+
+# ---------------------------------------------------------------- NAPT rewrite
+_addr = st.binary(min_size=4, max_size=4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(proto=st.sampled_from(["tcp", "udp", "icmp"]), src=_addr, dst=_addr, new=_addr,
+       sport=st.integers(0, 65535), dport=st.integers(0, 65535), new_port=st.integers(0, 65535),
+       source=st.booleans(), payload=st.binary(max_size=64))
+def test_napt_rewrite_equals_scapy_recomputation(proto, src, dst, new, sport, dport, new_port,
+                                                 source, payload):
+    ip = IP(src=socket.inet_ntoa(src), dst=socket.inet_ntoa(dst), id=7)
+    if proto == "tcp":
+        pkt = ip / TCP(sport=sport, dport=dport) / Raw(payload)
+    elif proto == "udp":
+        pkt = ip / UDP(sport=sport, dport=dport) / Raw(payload)
+    else:
+        pkt = ip / ICMP(type=8 if source else 0, id=sport, seq=dport) / Raw(payload)
+    original = bytes(pkt)
+    got = C.napt_rewrite(original, new, new_port, source=source)
+    expect = IP(original)
+    if source:
+        expect.src = socket.inet_ntoa(new)
+    else:
+        expect.dst = socket.inet_ntoa(new)
+    layer = expect.payload
+    if proto == "icmp":
+        layer.id = new_port
+    elif source:
+        layer.sport = new_port
+    else:
+        layer.dport = new_port
+    del expect.chksum
+    del layer.chksum
+    want = bytes(expect)
+    if proto == "udp" and want[26:28] == b"\x00\x00":
+        want = want[:26] + b"\xff\xff" + want[28:]  # a computed 0 is sent as 0xFFFF
+    assert got == want
+
+
+def test_napt_rewrite_refuses_what_has_no_port():
+    frag = bytes(IP(src="10.0.0.1", dst="10.0.0.2", frag=10) / UDP())
+    with pytest.raises(C.CodecError, match="fragment"):
+        C.napt_rewrite(frag, b"\x01\x02\x03\x04", 5, source=True)
+    gre = bytes(IP(src="10.0.0.1", dst="10.0.0.2", proto=47) / (b"\x00" * 8))
+    with pytest.raises(C.CodecError, match="no ports"):
+        C.napt_rewrite(gre, b"\x01\x02\x03\x04", 5, source=True)
+    unreachable = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=3, code=1) / (b"x" * 28))
+    with pytest.raises(C.CodecError, match="echo"):
+        C.napt_rewrite(unreachable, b"\x01\x02\x03\x04", 5, source=True)

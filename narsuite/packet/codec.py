@@ -63,7 +63,7 @@ __all__ = [
     "parse_icmp", "build_icmp", "build_icmp_echo", "build_icmp_error", "parse_icmp_error",
     "parse_gre", "build_gre",
     # fast per-packet helpers
-    "peek_ipv4", "peek_ports", "rewrite_ipv4_src", "rewrite_ipv4_dst", "decrement_ttl",
+    "peek_ipv4", "peek_ports", "rewrite_ipv4_src", "rewrite_ipv4_dst", "napt_rewrite", "decrement_ttl",
     "ipip_encapsulate", "ipip_decapsulate", "gre_encapsulate", "gre_decapsulate",
     "decapsulate",
 ]
@@ -1093,3 +1093,41 @@ def decapsulate(packet: Buffer) -> tuple[int, int | None, bytes]:
         peek_ipv4(inner)
         return PROTO_GRE, key, inner
     raise CodecError(f"protocol {proto} is not a tunnel (expected 4 or 47)")
+
+
+def napt_rewrite(packet: Buffer, new_addr: Buffer, new_port: int, *, source: bool) -> bytes:
+    """NAPT in one step: a copy of ``packet`` with the source (or destination) address and
+    the port on the same side replaced, every checksum fixed incrementally (RFC 1624).
+
+    The "port" of an ICMP echo request or reply is its identifier (RFC 3022 §2.2), in the
+    same place whichever side is rewritten.  Non-first fragments and other protocols carry
+    no port: ``CodecError``, as for a truncated transport header."""
+    buf = bytearray(_rewrite_address(packet, new_addr, 12 if source else 16))
+    if (buf[6] & 0x1F) | buf[7]:
+        raise CodecError("non-first fragment: no port to translate (reassemble first)")
+    hl = (buf[0] & 0x0F) << 2
+    proto = buf[9]
+    if proto == PROTO_TCP or proto == PROTO_UDP:
+        at = hl if source else hl + 2
+        csum_at = hl + (16 if proto == PROTO_TCP else 6)
+    elif proto == PROTO_ICMP:
+        if hl + 8 > len(buf) or buf[hl] not in (0, 8):
+            raise CodecError("only ICMP echo request/reply can be port-translated")
+        at, csum_at = hl + 4, hl + 2
+    else:
+        raise CodecError(f"protocol {proto} has no ports to translate")
+    if csum_at + 2 > len(buf) or at + 2 > len(buf):
+        raise CodecError("truncated transport header: cannot translate its port")
+    old = (buf[at] << 8) | buf[at + 1]
+    if old == new_port:
+        return bytes(buf)
+    buf[at] = new_port >> 8
+    buf[at + 1] = new_port & 0xFF
+    c = (buf[csum_at] << 8) | buf[csum_at + 1]
+    if not (proto == PROTO_UDP and c == 0):
+        c = checksum_update16(c, old, new_port)
+        if c == 0 and proto == PROTO_UDP:
+            c = 0xFFFF
+        buf[csum_at] = c >> 8
+        buf[csum_at + 1] = c & 0xFF
+    return bytes(buf)
