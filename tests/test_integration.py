@@ -3,9 +3,6 @@ surviving a clean restart and a ``kill -9``."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,45 +12,11 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from narsuite.lab.daemon import NarsuiteDaemon
+
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "run_twistd_demo.py"
 PASSWORD = "integration secret"
-
-
-class Daemon:
-    """One narsuite process inside a lab host."""
-
-    def __init__(self, host, config: Path, sock: Path, log: Path) -> None:
-        self.host, self.config, self.sock, self.log = host, config, sock, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        out = open(self.log, "a")
-        self.proc = self.host.popen([sys.executable, str(RUNNER), "--config", str(self.config),
-                                     "--role", "demo"], stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            if self.narctl("status", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError("daemon did not answer on its control socket:\n" + self.log.read_text())
-
-    def narctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.host.run(["narctl", "--socket", str(self.sock), *args], check=check)
-
-    def json(self, *args: str):
-        return json.loads(self.narctl("--json", *args).stdout)
-
-    def terminate(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(20)
-        assert "Server Shut Down." in self.log.read_text()
-
-    def kill9(self) -> None:
-        # `ip netns exec` execs the command, so this PID is the daemon itself.
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
 
 
 def manhole(host, port: int, key: Path, lines: list[str]) -> str:
@@ -69,7 +32,7 @@ def manhole(host, port: int, key: Path, lines: list[str]) -> str:
     return out.stdout.decode(errors="replace")
 
 
-def leases(daemon: Daemon) -> dict[str, dict]:
+def leases(daemon: NarsuiteDaemon) -> dict[str, dict]:
     return {row["key"]: row for row in daemon.json("list", "store.lease")["rows"]}
 
 
@@ -104,8 +67,7 @@ def test_daemon_in_a_namespace(lab, tmp_path: Path) -> None:
         [demo]
         greeting = "lab"
         """))
-    daemon = Daemon(d, config, tmp_path / "run" / "control.sock", tmp_path / "daemon.log")
-    daemon.start()
+    daemon = NarsuiteDaemon(d, config, roles="demo", runner=RUNNER).start()
 
     # --- narctl
     status = daemon.json("status")["fields"]
