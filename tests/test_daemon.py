@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def registry_with_demo() -> RoleRegistry:
-    r = RoleRegistry()
+    """The four known roles undiscovered (whatever this build implements) plus the demo."""
+    r = RoleRegistry(discover=False)
     r.register(demo_role.ROLE)
     return r
 

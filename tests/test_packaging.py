@@ -24,8 +24,9 @@ def test_plain_pip_install_gives_plugin_and_scripts(tmp_path: Path) -> None:
     where = subprocess.run([str(py), "-c", "import narsuite; print(narsuite.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert str(env_dir) in where, where  # the installed copy, not the checkout
-    # `python -m twisted` is twistd, run by the venv's interpreter
-    out = subprocess.run([str(py), "-m", "twisted", "narsuite", "--help"],
+    # twistd, run by the venv's interpreter
+    twistd = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+    out = subprocess.run([str(py), "-c", twistd, "narsuite", "--help"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "--role" in out.stdout and "--config" in out.stdout

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NarsuiteDaemon"]
+__all__ = ["NarsuiteDaemon", "TWISTD"]
+
+#: twistd by this interpreter (``python -m twisted`` is ``twist``, another runner).
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
 class NarsuiteDaemon:
@@ -33,7 +36,7 @@ class NarsuiteDaemon:
 
     def command(self) -> list[str]:
         head = [sys.executable, str(self.runner)] if self.runner else \
-            [sys.executable, "-m", "twisted", "--pidfile=", "-n", "narsuite"]
+            [sys.executable, "-c", TWISTD, "--pidfile=", "-n", "narsuite"]
         args = ["--config", str(self.config)]
         if self.roles:
             args.append(f"--role={self.roles}")
