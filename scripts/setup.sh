@@ -14,6 +14,7 @@ APT_PACKAGES=(
   iputils-ping      # ping through TUN devices
   procps            # sysctl
   kmod
+  tshark            # dissector check: what we put on the wire parses without malformed packets
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,250 @@
+"""The esp role's service: ports, TUN device, timers, static SAs.
+
+It owns lifecycles only; every decision is the engine's.  Port 4500 is the
+process's shared UDP socket (the ike role claims the non-ESP-marked part of
+it); raw ESP (protocol 50) and the 004 draft's ESP on UDP 500 are optional.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+
+from narsuite.esp.config import EspConfig, PeerConfig, hexbytes
+from narsuite.esp.engine import DRAFT_MARKER, KEEPALIVE, EspEngine, is_draft_esp, is_esp_or_keepalive
+from narsuite.esp.records import PEER, SA, SA_KIND, Peer
+from narsuite.logs import logger
+
+__all__ = ["EspService"]
+
+log = logger()
+
+
+class EspService(service.Service):
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.cfg: EspConfig = ctx.role_config
+        self.store = ctx.store
+        self.clock = ctx.reactor
+        cfg = self.cfg
+        self.engine = EspEngine(
+            ctx.store, ctx.reactor, napt_address=cfg.napt_address,
+            napt_ports=(cfg.napt_ports[0], cfg.napt_ports[1]), napt_timeout=cfg.napt_timeout,
+            keepalive_interval=cfg.keepalive_interval, keepalive_linger=cfg.keepalive_linger,
+            metrics=ctx.metrics,
+        )
+        self.engine.on_rekey = self._rekey_needed
+        ctx.namespace.update(service=self, engine=self.engine)
+        self.udp = ctx.udp_port(cfg.port, cfg.listen)
+        self.udp.add_handler("esp", is_esp_or_keepalive, self._udp_received)
+        self.draft = None
+        if cfg.draft_port:
+            self.draft = ctx.udp_port(cfg.draft_port, cfg.listen)
+            self.draft.add_handler("esp-draft", is_draft_esp, self._draft_received)
+        self.raw = None
+        self.tun = None
+        self._keepalive = LoopingCall(self.engine.keepalive_tick)
+        self._keepalive.clock = ctx.reactor
+        self._routes: set[str] = set()
+        self._transport_routes: dict[str, list[list[str]]] = {}
+        self._unsubscribe = None
+        send_udp = lambda data, ip, port: self.udp.write(data, (ip, port))  # noqa: E731
+        self.engine.senders = {"udp": send_udp, "keepalive": send_udp}
+        if self.draft is not None:
+            self.engine.senders["udp500"] = lambda data, ip, port: self.draft.write(
+                DRAFT_MARKER + data, (ip, port))
+
+    # -------------------------------------------------------------- framing
+    def _udp_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if data == KEEPALIVE:
+            self.engine.keepalive_received(addr)
+        else:
+            self.engine.esp_received(data, addr, "udp")
+
+    def _draft_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.engine.esp_received(data[8:], addr, "udp500")
+
+    def _raw_received(self, packet: bytes, src: str) -> None:
+        hl = (packet[0] & 0x0F) << 2
+        self.engine.esp_received(packet[hl:], (src, 0), "esp")
+
+    # ------------------------------------------------------------ lifecycle
+    def startService(self) -> None:
+        super().startService()
+        from narsuite.packet.tun import TunDevice
+
+        cfg = self.cfg
+        self.tun = TunDevice(cfg.tun_name.encode(), self.engine.packet_from_tun,
+                             addresses=[cfg.tun_address] if cfg.tun_address else [],
+                             mtu=cfg.mtu, routes=[], reactor=self.clock)
+        self.tun.start()
+        self.engine.tun_write = self.tun.write
+        if cfg.raw_esp:
+            from narsuite.packet.rawsock import IPPROTO_ESP, RawSocketPort
+
+            self.raw = RawSocketPort(IPPROTO_ESP, self._raw_received,
+                                     bind_address=cfg.listen or None, reactor=self.clock)
+            self.raw.start()
+            self.engine.senders["esp"] = lambda data, ip, port: self.raw.send(data, ip)
+        if cfg.napt_address:
+            self._route(f"{cfg.napt_address}/32")
+        self._unsubscribe = self.store.subscribe(self._peer_changed, kinds=[PEER.name, SA_KIND.name])
+        for peer in self.store.records(PEER.name):
+            self._route_peer(peer)
+        d = defer.gatherResults([self._install_static(p) for p in cfg.peers], consumeErrors=True)
+        d.addErrback(lambda f: log.failure("esp: installing static peers failed", f))
+        self._keepalive.start(min(1.0, cfg.keepalive_interval / 4), now=False)
+        log.info("esp: UDP {port}, raw ESP {raw}, draft port {draft}, TUN {tun}, {n} static peers",
+                 port=cfg.port, raw=cfg.raw_esp, draft=cfg.draft_port or "off",
+                 tun=self.tun.ifname, n=len(cfg.peers))
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._keepalive.running:
+            self._keepalive.stop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self.engine.close()
+        self._unroute_transport()
+        waits = []
+        if self.raw is not None:
+            waits.append(defer.maybeDeferred(self.raw.stop))
+        if self.tun is not None:
+            waits.append(defer.maybeDeferred(self.tun.stop))
+        return defer.gatherResults(waits)
+
+    # --------------------------------------------------------- static peers
+    @defer.inlineCallbacks
+    def _install_static(self, pc: PeerConfig):  # type: ignore[no-untyped-def]
+        owner = f"esp:peer:{pc.name}"
+        existing = self.store.get(PEER.name, pc.name)
+        inner = pc.address
+        if pc.mode == "tunnel" and pc.policy == "address" and pc.pool:
+            prefer = ipaddress.IPv4Address(pc.address) if pc.address else None
+            ttl = self.cfg.lease_time or None
+            leased = yield self.store.lease_address(pc.pool, owner, ttl=ttl, prefer=prefer)
+            if pc.address and str(leased) != pc.address:
+                raise ValueError(f"esp.peers {pc.name}: {pc.address} is not free in pool {pc.pool}")
+            inner = str(leased)
+        remote_ip = pc.remote_ip or (existing.remote_ip if existing else "")
+        remote_port = pc.remote_port(self.cfg.port) if pc.remote else (
+            existing.remote_port if existing else self.cfg.port)
+        keepalive = pc.keepalive == "on" or (pc.keepalive == "auto" and pc.behind_nat)
+        peer = Peer(
+            name=pc.name, mode=pc.mode, encap=pc.encap, remote_ip=remote_ip, remote_port=remote_port,
+            policy=pc.policy, inner=inner if pc.mode == "tunnel" else "", pool=pc.pool,
+            allowed=tuple(str(n) for n in pc.allowed), keepalive=keepalive,
+            local_ip=pc.local_address, nat_oa_remote=pc.nat_oa_remote, nat_oa_local=pc.nat_oa_local,
+            checksum=pc.checksum, selector_proto=pc.selector_proto, selector_port=pc.selector_port,
+        )
+        if pc.mode == "transport":
+            self._check_transport_conflict(peer)
+        yield self.store.put(peer, owner=f"esp:static:{pc.name}")
+        integ = None if pc.integ == "none" else pc.integ
+        window = self.cfg.replay_window
+        for direction, spi in (("in", pc.spi_in), ("out", pc.spi_out)):
+            sa = SA(spi=spi, direction=direction, peer=pc.name, enc=pc.enc, integ=integ,
+                    enc_key=hexbytes(getattr(pc, f"enc_key_{direction}")),
+                    integ_key=hexbytes(getattr(pc, f"integ_key_{direction}")),
+                    esn=pc.esn, replay_window=window)
+            if direction == "in":
+                yield self.store.claim("spi", spi, owner)
+            yield self.store.put(sa, owner=owner)
+
+    def _check_transport_conflict(self, peer: Peer) -> None:
+        other = self.engine.transport_conflict(peer, peer.remote_ip)
+        if other is not None:
+            self.engine.counters.inc("transport_conflict")
+            raise ValueError(
+                f"esp: transport peer {peer.name!r} refused: its traffic selector overlaps "
+                f"{other.name!r}, behind the same NAT address {peer.remote_ip} (002 §5.2)")
+
+    # ------------------------------------------------------------- routing
+    def _route(self, network: str) -> None:
+        if network in self._routes or self.tun is None:
+            return
+        self._routes.add(network)
+        try:
+            self.tun.add_route(network)
+        except Exception:
+            log.failure("esp: route {net} via {tun}", net=network, tun=self.tun.ifname)
+
+    def _transport_rules(self, peer: Peer) -> list[list[str]]:
+        """Policy routing that sends our traffic for a transport peer into the TUN.
+
+        The peer's selector (protocol, our port) to its address goes to a table
+        whose default route is the TUN; our own UDP-encapsulated ESP and IKE to
+        the same address stay in the main table (checked first).
+        """
+        to = ["to", f"{peer.remote_ip}/32"]
+        keep = ["priority", "1000", *to, "ipproto", "udp", "sport", str(self.cfg.port), "lookup", "main"]
+        sel = ["priority", "1001", *to]
+        if peer.selector_proto:
+            sel += ["ipproto", str(peer.selector_proto)]
+            if peer.selector_port and peer.selector_proto in (6, 17):
+                sel += ["sport", str(peer.selector_port)]
+        sel += ["lookup", str(self.cfg.transport_table)]
+        return [keep, sel]
+
+    def _route_transport(self, peer: Peer) -> None:
+        import subprocess
+
+        if not peer.remote_ip or self.tun is None:
+            return
+        old = self._transport_routes.get(peer.name)
+        rules = self._transport_rules(peer)
+        if old == rules:
+            return
+        cmds = [["ip", "rule", "del", *r] for r in (old or [])]
+        if not self._transport_routes:
+            cmds.append(["ip", "route", "replace", "default", "dev", self.tun.ifname,
+                         "table", str(self.cfg.transport_table)])
+        cmds += [["ip", "rule", "add", *r] for r in rules]
+        for cmd in cmds:
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode and "add" in cmd:
+                log.error("esp: {cmd} failed: {err}", cmd=" ".join(cmd), err=out.stderr.strip())
+        self._transport_routes[peer.name] = rules
+
+    def _unroute_transport(self) -> None:
+        import subprocess
+
+        for rules in self._transport_routes.values():
+            for r in rules:
+                subprocess.run(["ip", "rule", "del", *r], capture_output=True)
+        self._transport_routes.clear()
+
+    def _route_peer(self, peer: Peer) -> None:
+        if peer.mode == "transport":
+            self._route_transport(peer)
+            return
+        if peer.mode != "tunnel":
+            return
+        if peer.pool:
+            pool = self.store.pools().get(peer.pool)
+            if pool is not None:
+                self._route(str(pool.network))
+                return
+        if peer.inner:
+            self._route(f"{peer.inner}/32")
+        if peer.policy == "space":
+            for net in peer.allowed:
+                self._route(str(ipaddress.IPv4Network(net, strict=False)))
+
+    def _peer_changed(self, change: Any) -> None:
+        if change.kind == PEER.name and change.op == "put":
+            self._route_peer(change.record)
+        elif change.kind == SA_KIND.name and change.op == "delete":
+            peer = change.record.peer
+            if not self.store.lookup_all(SA_KIND.name, "peer", peer):
+                # The peer's last SA went: its pool address, NAPT state and SPI
+                # leases go back (001 Appendix B).
+                self.store.drop_owner(f"esp:peer:{peer}").addErrback(
+                    lambda f: log.failure("esp: releasing {peer}", f, peer=peer))
+
+    def _rekey_needed(self, peer: str, spi: int) -> None:
+        log.warn("esp: SA {spi:#x} to {peer} needs a rekey (sequence number limit)", spi=spi, peer=peer)
