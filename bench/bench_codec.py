@@ -15,17 +15,17 @@ import os
 import platform
 import sys
 import timeit
-from typing import Callable
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import scapy  # noqa: E402
-from scapy.layers.inet import IP, UDP  # noqa: E402
-from scapy.layers.l2 import GRE  # noqa: E402
-from scapy.packet import Raw  # noqa: E402
-from scapy.utils import checksum as scapy_checksum  # noqa: E402
+import scapy
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import GRE
+from scapy.packet import Raw
+from scapy.utils import checksum as scapy_checksum
 
-from narsuite.packet import codec as C  # noqa: E402
+from narsuite.packet import codec as C
 
 SRC, DST, NEW = "10.0.0.1", "192.168.7.9", "172.16.0.33"
 OUT_SRC, OUT_DST = "198.51.100.1", "203.0.113.2"
