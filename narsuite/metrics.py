@@ -9,7 +9,7 @@ read at scrape time from the store itself, so the packet path pays nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -63,6 +63,15 @@ class Metrics:
             self._made[full] = Histogram(full, doc, list(labels), registry=self.registry, **kw)
         return self._made[full]  # type: ignore[return-value]
 
+    def watch_counters(self, role: str, name: str, doc: str, label: str,
+                       read: Callable[[], dict[str, float]]) -> None:
+        """Expose a role's plain-dict counters as ``narsuite_<role>_<name>_total{<label>=...}``.
+
+        The data plane increments ints in a dict (tens of ns); Prometheus reads
+        them at scrape time, so the packet path never touches the client library.
+        """
+        self.registry.register(_DictCollector(self._name(role, name), doc, label, read))
+
     def watch_store(self, store: Store) -> None:
         self.registry.register(StoreCollector(store))
 
@@ -109,6 +118,20 @@ class StoreCollector:
             yield c
             yield _gauge("narsuite_store_last_commit_seconds", "Duration of the last commit",
                          b["last_commit_seconds"])
+
+
+class _DictCollector:
+    def __init__(self, name: str, doc: str, label: str, read: Callable[[], dict[str, float]]) -> None:
+        self.name, self.doc, self.label, self.read = name, doc, label, read
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = CounterMetricFamily(self.name, self.doc, labels=[self.label])
+        for key, value in sorted(self.read().items()):
+            family.add_metric([key], value)
+        yield family
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

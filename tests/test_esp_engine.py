@@ -215,3 +215,13 @@ def test_garbage_never_raises_and_never_reaches_the_tun(data):
 def test_ip_helpers_roundtrip():
     assert socket.inet_aton("10.9.0.1") == bytes([10, 9, 0, 1])
     assert NaptEntry(17, 40000, "r1", "192.168.1.10", 5000).port == 40000
+
+
+def test_counters_reach_prometheus_at_scrape_time():
+    from narsuite.metrics import Metrics
+
+    m = Metrics()
+    w = World(metrics=m)
+    w.engine.esp_received(b"\x00\x00\x99\x99" + bytes(40), ("198.51.100.101", 4500), "udp")
+    body = m.render().decode()
+    assert 'narsuite_esp_events_total{event="unknown_spi"} 1.0' in body

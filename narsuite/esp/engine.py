@@ -77,14 +77,12 @@ class Counters:
 
     def __init__(self, metrics: Any = None) -> None:
         self.values = dict.fromkeys(self.NAMES, 0)
-        self._prom = None
         if metrics is not None:
-            self._prom = metrics.counter("esp", "events", "ESP data-plane events", ["event"])
+            metrics.watch_counters("esp", "events", "ESP data-plane events", "event",
+                                   lambda: self.values)
 
     def inc(self, name: str, n: int = 1) -> None:
         self.values[name] += n
-        if self._prom is not None:
-            self._prom.labels(name).inc(n)
 
 
 class EspEngine:
