@@ -104,12 +104,13 @@ class EspEngine:
         self._outbound: dict[str, transform.OutboundSA] = {}
         self._state: dict[str, _PeerState] = {}
         self._rekey_signalled: set[int] = set()
+        self._exhausted_signalled: set[int] = set()
         self._peers_by_inner = store.index(PEER.name, "inner")
         self._napt = store.index(NAPT.name, "inside")
         # Output paths, set by the service: TUN writer and the senders per encapsulation.
         self.tun_write: Callable[[bytes], bool] = lambda packet: False
         self.senders: dict[str, Callable[[bytes, str, int], bool]] = {}
-        self.on_rekey: Callable[[str, int], None] = lambda peer, spi: None
+        self.on_rekey: Callable[[str, int, bool], None] = lambda peer, spi, exhausted: None
         self._unsubscribe = store.subscribe(self._changed, kinds=[SA_KIND.name, PEER.name])
         for sa in store.records(SA_KIND.name):
             self._install(sa)
@@ -401,12 +402,14 @@ class EspEngine:
             esp = sa.encapsulate(payload, next_header)
         except transform.SequenceExhausted:
             c.inc("seq_exhausted")
-            self.on_rekey(peer.name, sa.spi)
+            if sa.spi not in self._exhausted_signalled:
+                self._exhausted_signalled.add(sa.spi)
+                self.on_rekey(peer.name, sa.spi, True)
             return False
         if sa.needs_rekey and sa.spi not in self._rekey_signalled:
             self._rekey_signalled.add(sa.spi)
             c.inc("rekey_needed")
-            self.on_rekey(peer.name, sa.spi)
+            self.on_rekey(peer.name, sa.spi, False)
         sender = self.senders.get(peer.encap)
         if sender is None or not sender(esp, peer.remote_ip, peer.remote_port):
             c.inc("send_failed")

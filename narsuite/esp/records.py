@@ -22,7 +22,7 @@ import attrs
 
 from narsuite.store import Index, KindSpec, secret
 
-__all__ = ["Peer", "SA", "NaptEntry", "PEER", "SA_KIND", "NAPT", "KINDS",
+__all__ = ["Peer", "SA", "NaptEntry", "RekeyRequest", "PEER", "SA_KIND", "NAPT", "REKEY", "KINDS",
            "ENCAPS", "MODES", "POLICIES", "CHECKSUM_POLICIES"]
 
 #: udp: RFC 3948 on port 4500; esp: plain IP protocol 50 (no NAT); udp500: the 004
@@ -125,4 +125,23 @@ NAPT = KindSpec(
     description="internal-presence NAPT: G_i ports and the remote hosts behind them",
 )
 
-KINDS = (PEER, SA_KIND, NAPT)
+@attrs.frozen
+class RekeyRequest:
+    """An outbound SA is near (or at) the end of its sequence numbers: whoever keys
+    the peer (the ike role, or an operator with static keys) must replace it."""
+
+    peer: str
+    spi: int
+    exhausted: bool
+
+
+REKEY = KindSpec(
+    name="esp.rekey",
+    record=RekeyRequest,
+    key=lambda r: (r.peer, r.spi),
+    persist=False,
+    columns=("peer", "spi", "exhausted"),
+    description="rekey events raised by the data plane (sequence numbers running out)",
+)
+
+KINDS = (PEER, SA_KIND, NAPT, REKEY)

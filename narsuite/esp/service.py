@@ -16,7 +16,7 @@ from twisted.internet.task import LoopingCall
 
 from narsuite.esp.config import EspConfig, PeerConfig, hexbytes
 from narsuite.esp.engine import DRAFT_MARKER, KEEPALIVE, EspEngine, is_draft_esp, is_esp_or_keepalive
-from narsuite.esp.records import PEER, SA, SA_KIND, Peer
+from narsuite.esp.records import PEER, SA, SA_KIND, Peer, RekeyRequest
 from narsuite.logs import logger
 
 __all__ = ["EspService"]
@@ -246,5 +246,11 @@ class EspService(service.Service):
                 self.store.drop_owner(f"esp:peer:{peer}").addErrback(
                     lambda f: log.failure("esp: releasing {peer}", f, peer=peer))
 
-    def _rekey_needed(self, peer: str, spi: int) -> None:
-        log.warn("esp: SA {spi:#x} to {peer} needs a rekey (sequence number limit)", spi=spi, peer=peer)
+    def _rekey_needed(self, peer: str, spi: int, exhausted: bool) -> None:
+        """Raise the rekey event where the keying side can see it: the store."""
+        log.warn("esp: SA {spi:#x} to {peer} {what}", spi=spi, peer=peer,
+                 what="ran out of sequence numbers: traffic to it stops until it is rekeyed"
+                 if exhausted else "needs a rekey (sequence number soft limit)")
+        self.store.put(RekeyRequest(peer, spi, exhausted), ttl=3600,
+                       owner=f"esp:peer:{peer}").addErrback(
+            lambda f: log.failure("esp: recording a rekey event", f))

@@ -1,0 +1,99 @@
+"""The esp service without root: static peers into the store, releases, rekey events."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.internet.task import Clock
+
+from narsuite import config as cfgmod
+from narsuite.esp import transform
+from narsuite.esp.service import EspService
+from narsuite.metrics import Metrics
+from narsuite.packet.udp import UDPPorts
+from narsuite.service import RoleContext
+from narsuite.store import MemoryBackend, Store
+
+GCM = ("11" * 16 + "aabbccdd", "22" * 16 + "eeff0011")
+
+
+def make(text: str) -> tuple[EspService, Store, Clock]:
+    cfg = cfgmod.loads("[esp]\n" + text)
+    clock = Clock()
+    clock.advance(1000)
+    store = Store(MemoryBackend(), clock)
+    store.add_pool("ra", ipaddress.IPv4Network("10.8.0.0/29"), [ipaddress.IPv4Address("10.8.0.1")])
+    from narsuite.esp.records import KINDS
+
+    for k in KINDS:
+        store.register(k)
+    store.start()
+    ctx = RoleContext("esp", cfg, cfg.role("esp"), store, Metrics(), clock, {}, UDPPorts(clock))
+    return EspService(ctx), store, clock
+
+
+def peer(name: str, spi: int, **extra: str) -> str:
+    lines = [f'[[esp.peers]]\nname = "{name}"\nspi_in = {spi}\nspi_out = {spi + 0x1000}',
+             f'enc = "aes-gcm-16"\nenc_key_in = "{GCM[0]}"\nenc_key_out = "{GCM[1]}"']
+    lines += [f'{k} = "{v}"' for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_static_peers_lease_and_release_their_pool_address():
+    svc, store, _ = make(peer("r1", 0x1001, pool="ra") + peer("r2", 0x1002, pool="ra"))
+    for pc in svc.cfg.peers:
+        svc._install_static(pc)
+    inner = {p.name: p.inner for p in store.records("esp.peer")}
+    assert sorted(inner.values()) == ["10.8.0.2", "10.8.0.3"]
+    assert store.holds("spi", 0x1001) == "esp:peer:r1"
+    svc._unsubscribe = store.subscribe(svc._peer_changed, kinds=["esp.peer", "esp.sa"])
+    for sa in list(store.lookup_all("esp.sa", "peer", "r1")):
+        store.delete("esp.sa", (sa.direction, sa.spi, sa.peer))
+    # r1's last SA went: its pool address and SPI lease are free again; r2 keeps its own
+    assert store.holds("pool:ra", ipaddress.IPv4Address(inner["r1"])) is None
+    assert store.holds("spi", 0x1001) is None
+    assert store.holds("pool:ra", ipaddress.IPv4Address(inner["r2"])) == "esp:peer:r2"
+
+
+def test_address_outside_the_free_pool_is_refused():
+    svc, store, _ = make(peer("r1", 0x1001, pool="ra", address="10.8.0.2")
+                         + peer("r2", 0x1002, pool="ra", address="10.8.0.2"))
+    svc._install_static(svc.cfg.peers[0])
+    failures = []
+    svc._install_static(svc.cfg.peers[1]).addErrback(failures.append)
+    assert failures and "not free in pool ra" in str(failures[0].value)
+    assert [p.name for p in store.records("esp.peer")] == ["r1"]
+
+
+def test_sequence_exhaustion_raises_a_rekey_event_in_the_store():
+    svc, store, _ = make(peer("r1", 0x1001, address="10.8.0.2", remote="198.51.100.101"))
+    svc._install_static(svc.cfg.peers[0])
+    engine = svc.engine
+    engine.senders["udp"] = lambda data, ip, port: True
+    # push the outbound SA to the end of its 32-bit sequence space
+    old = engine.outbound_sa("r1")
+    engine._outbound["r1"] = transform.OutboundSA(old.spi, "aes-gcm-16", bytes.fromhex(GCM[1]),
+                                                  initial_seq=2**32 - 2)
+    from scapy.layers.inet import ICMP, IP
+
+    pkt = bytes(IP(src="10.1.0.10", dst="10.8.0.2") / ICMP())
+    assert engine.send_esp(store.get("esp.peer", "r1"), pkt, 4)  # seq 2**32-1: the last one
+    assert not engine.send_esp(store.get("esp.peer", "r1"), pkt, 4)
+    (event,) = store.records("esp.rekey")
+    assert (event.peer, event.spi, event.exhausted) == ("r1", 0x2001, True)
+    assert engine.counters.values["seq_exhausted"] == 1
+    assert engine.counters.values["rekey_needed"] == 1
+
+
+def test_config_errors_name_the_peer_key():
+    import pytest
+
+    with pytest.raises(cfgmod.ConfigError) as e:
+        cfgmod.loads('[esp]\n[[esp.peers]]\nname = "x"\nspi_in = 4097\nspi_out = 8193\n'
+                     'enc = "aes-gcm-16"\nenc_key_in = "00"\nenc_key_out = "00"\naddress = "10.8.0.2"\n')
+    assert e.value.key == "esp.peers[0].enc_key_in"
+    assert "20 or 36 bytes" in str(e.value)
+    with pytest.raises(cfgmod.ConfigError) as e:
+        cfgmod.loads('[esp]\n[[esp.peers]]\nname = "x"\nspi_in = 7\nspi_out = 8193\n'
+                     'enc = "null"\nenc_key_in = ""\nenc_key_out = ""\n')
+    assert e.value.key == "esp.peers[0].spi_in"
