@@ -155,6 +155,9 @@ def test_two_clients_same_private_address_pool_mode(ra_topo, tmp_path, suite):
     sas = g.rows("esp", "sas")
     assert {(r["peer"], r["dir"]) for r in sas} == {("r1", "in"), ("r1", "out"), ("r2", "in"), ("r2", "out")}
     assert all(r["packets"] > 0 for r in sas)
+    detail = g.json("esp", "sa", "0x1001")["fields"]
+    assert detail["direction"] == "in" and detail["packets"] > 0 and detail["replay.top"] > 0
+    assert detail["replay.window"] == 128 and detail["auth_failed"] == 0
     leases = {r["key"] for r in g.rows("list", "store.lease")}
     assert {"pool:ra/10.8.0.2", "pool:ra/10.8.0.3"} <= leases
     s1 = peer_stats(p1, tmp_path / "r1.stats.json")
@@ -375,6 +378,10 @@ def test_tshark_reads_our_wire_without_malformed_packets(ra_topo, tmp_path):
     t.g.stop(cap)
     out = t.g.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.protocols",
                    "-e", "esp.spi", "-e", "_ws.malformed", "-e", "_ws.expert.message"]).stdout
+    # what G sends (ESP and keepalives) carries a zero UDP checksum (RFC 3948 §2.1)
+    sums = t.g.run(["tshark", "-r", str(pcap), "-Y", f"ip.src == {t.g_public}", "-T", "fields",
+                    "-e", "udp.checksum"]).stdout.split()
+    assert sums and set(sums) == {"0x0000"}, sums
     lines = [line for line in out.splitlines() if line.strip()]
     assert lines, "nothing captured"
     assert not any("malformed" in line.lower() for line in lines), out

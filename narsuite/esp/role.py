@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from narsuite.control.commands import Command, Table
+from narsuite.control.commands import Command, CommandError, Record, Table
 from narsuite.esp.config import EspConfig
 from narsuite.esp.records import KINDS, PEER, SA_KIND
 from narsuite.esp.service import EspService
@@ -43,6 +43,37 @@ def _sas(daemon: Any) -> Table:
                   "errors", "seq/top"), tuple(rows), title="esp SAs")
 
 
+def _sa(daemon: Any, spi: str) -> Record:
+    """One SA in full: transform, endpoints, every counter, the replay window."""
+    svc = _service(daemon)
+    try:
+        number = int(spi, 0)
+    except ValueError:
+        raise CommandError(f"SPI {spi!r} is not a number (e.g. 0x1001 or 4097)") from None
+    found = [sa for sa in daemon.store.records(SA_KIND.name) if sa.spi == number]
+    if not found:
+        raise CommandError(f"no SA with SPI {number:#x}; see `narctl esp sas`")
+    sa = found[0]
+    peer = daemon.store.get(PEER.name, sa.peer)
+    fields: list[tuple[str, Any]] = [
+        ("spi", f"{sa.spi:#010x}"), ("direction", sa.direction), ("peer", sa.peer),
+        ("transform", f"{sa.enc}/{sa.integ or '-'}"), ("esn", sa.esn),
+        ("mode", peer.mode if peer else "-"), ("encap", peer.encap if peer else "-"),
+        ("remote", f"{peer.remote_ip}:{peer.remote_port}" if peer and peer.remote_ip else "-"),
+    ]
+    if sa.direction == "in":
+        ctx = svc.engine.inbound_sa(sa.spi)
+        if ctx is not None:
+            fields += list(ctx.counters().items())
+            fields += [(f"replay.{k}", v) for k, v in ctx.replay_state().items()]
+    else:
+        ctx = svc.engine.outbound_sa(sa.peer)
+        if ctx is not None and ctx.spi == sa.spi:
+            fields += [("packets", ctx.packets), ("bytes", ctx.bytes), ("seq", ctx.seq),
+                       ("needs_rekey", ctx.needs_rekey)]
+    return Record(tuple(fields), title=f"esp SA {sa.spi:#x}")
+
+
 def _peers(daemon: Any) -> Table:
     svc = _service(daemon)
     now = daemon.reactor.seconds()
@@ -75,6 +106,7 @@ ROLE = RoleSpec(
     kinds=KINDS,
     commands=(
         Command("esp sas", "security associations with peers, endpoints, counters, replay state", _sas),
+        Command("esp sa", "one SA in full: counters and the replay window", _sa, args=("spi",)),
         Command("esp peers", "remote peers: NAT-mapped endpoint, policy, inner address, keepalives",
                 _peers),
         Command("esp stats", "data-plane counters (drops by reason, keepalives, TUN)", _stats),

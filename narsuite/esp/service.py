@@ -40,6 +40,7 @@ class EspService(service.Service):
         self.engine.on_rekey = self._rekey_needed
         ctx.namespace.update(service=self, engine=self.engine)
         self.udp = ctx.udp_port(cfg.port, cfg.listen)
+        self.udp.zero_checksum = True
         self.udp.add_handler("esp", is_esp_or_keepalive, self._udp_received)
         self.draft = None
         if cfg.draft_port:

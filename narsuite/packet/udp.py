@@ -12,6 +12,7 @@ format it claims.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 import attrs
@@ -23,6 +24,8 @@ from narsuite.logs import logger
 __all__ = ["SharedUDPPort", "UDPPorts", "Handler"]
 
 log = logger()
+
+SO_NO_CHECK = getattr(socket, "SO_NO_CHECK", 11)
 
 Address = tuple[str, int]
 Handler = Callable[[bytes, Address], None]
@@ -61,6 +64,9 @@ class SharedUDPPort(service.Service):
         self.handler_errors = 0
         self.port = None
         self._protocol = _Protocol(self)
+        #: Send with a zero UDP checksum (Linux SO_NO_CHECK): RFC 3948 §2.1 says ESP-in-UDP
+        #: and NAT-keepalives SHOULD carry 0; receivers must not depend on it either way.
+        self.zero_checksum = False
 
     def add_handler(self, name: str, predicate: Predicate, handler: Handler) -> None:
         """Give ``handler`` every datagram for which ``predicate(data)`` is true."""
@@ -92,14 +98,20 @@ class SharedUDPPort(service.Service):
             return False
         return True
 
+    def _listen(self) -> None:
+        self.port = self.reactor.listenUDP(self.port_number, self._protocol, interface=self.interface)
+        sock = getattr(self.port, "socket", None)
+        if self.zero_checksum and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self.port = self.reactor.listenUDP(self.port_number, self._protocol, interface=self.interface)
+        self._listen()
 
     def startService(self) -> None:
         super().startService()
         if self.port is None:
-            self.port = self.reactor.listenUDP(self.port_number, self._protocol, interface=self.interface)
+            self._listen()
 
     def stopService(self):  # type: ignore[no-untyped-def]
         super().stopService()
