@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from narsuite.nar import wire
 from narsuite.nar.wire import (
-    IcmpAssociate, IpsecAssociate, NarCommands, NarWireError, SocksRequest, TunnelAssociate,
+    IcmpAssociate,
+    IpsecAssociate,
+    NarCommands,
+    NarWireError,
+    SocksRequest,
+    TunnelAssociate,
 )
 
 CMDS = NarCommands(icmp=1, ipsec=2, tunnel=3)

@@ -1,0 +1,391 @@
+"""NAR negotiation controller: NAR-MODE and the NAR commands of one control connection.
+
+The SOCKS5 server (``narsuite.nar.server``) frames the SOCKS part and calls:
+
+* :meth:`NarHandler.nar_mode` with a NAR-MODE request; it returns (a Deferred
+  of) the SOCKS reply bytes;
+* :meth:`NarHandler.nar_data` with every later byte of the connection;
+* :meth:`NarHandler.nar_closed` when the connection is lost.
+
+This module decides (flag policy, identifiers, SPIs, conflicts) and writes
+``nar.session`` / ``nar.mapping`` records owned by the connection's session
+id, so that ``store.drop_owner`` removes them -- and their ICMP id and SPI
+leases -- the moment the connection closes.  The data plane
+(:mod:`narsuite.nar.dataplane`) only reads those records.
+
+Reply codes we had to choose (the draft only says "as in SOCKS section 6"),
+documented in docs/roles/nar-protocol.md:
+
+=========================================  ====
+NAR-MODE with DST.PORT != 0                0x01
+NAR-MODE with ATYP != 1                    0x08
+NAR-MODE while NAR is disabled             0x07
+NAR-MODE DST.ADDR unusable (0.0.0.0, ...)  0x01
+IN.PROTOCOL not 50/51, TUN.PROTOCOL not    0x07
+4/47
+LTUN.ADDR not IPv4                         0x08
+tunnel tuple held by another client        0x05
+no free ICMP id / SPI, mapping limit       0x01
+SOCKS5 request after NAR-MODE              0x07
+unparseable input (then close)             wire error code (0x01/0x07/0x08)
+=========================================  ====
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+
+from narsuite.logs import logger
+from narsuite.nar import wire
+from narsuite.nar.records import MAPPING, SESSION, NarMapping, NarSession
+from narsuite.store import Conflict, Exhausted
+
+__all__ = ["NarHandler", "grant_flags", "MAX_BUFFER"]
+
+log = logger()
+
+#: Bytes a client may have pending (pipelined commands) before we give up on it.
+MAX_BUFFER = 16 * 1024
+
+
+def grant_flags(requested: int, translated: str, gre: str) -> int:
+    """The FLAG byte of the NAR-MODE reply for ``requested`` under the policies.
+
+    ``translated``/``gre`` are "allow" (grant on request), "refuse" (never) or
+    "impose" (always).  TRANSLATED-NAR granted makes the other bits irrelevant
+    (section 3.1): the reply then has TRANSLATED only.  L2TP is never granted;
+    a refused bit is simply absent from the reply, which the client must obey
+    (section 3.1: "the client MUST conform"), so a refused TRANSLATED means
+    end-to-end and a refused GRE or L2TP means IP-in-IP.
+    """
+    want_t = bool(requested & wire.FLAG_TRANSLATED)
+    if translated == "impose" or (translated == "allow" and want_t):
+        return wire.FLAG_TRANSLATED
+    want_g = bool(requested & wire.FLAG_GRE)
+    if gre == "impose" or (gre == "allow" and want_g):
+        return wire.FLAG_GRE
+    return 0
+
+
+@attrs.define
+class _Conn:
+    """Per-connection state of a NAR-mode control connection."""
+
+    conn: Any
+    session: NarSession
+    buf: bytearray = attrs.field(factory=bytearray)
+    busy: bool = False  # a command is waiting for the store
+    pumping: bool = False
+    closed: bool = False
+    next_mapping: int = 0
+
+
+class NarHandler:
+    """The ``nar_handler`` the SOCKS5 server calls (see the module docstring).
+
+    :param options: ``NarOptions`` (``[nar.nar]``).
+    :param store: the shared store; the kinds ``nar.session`` and ``nar.mapping``
+        are registered here if the role did not already.
+    :param reactor: for time (nothing is scheduled today; kept for the interface).
+    """
+
+    def __init__(self, options, store, reactor=None) -> None:  # type: ignore[no-untyped-def]
+        self.options = options
+        self.store = store
+        self.reactor = reactor
+        self.commands = wire.NarCommands.from_options(options)
+        for kind in (SESSION, MAPPING):
+            store.register(kind)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._conns: dict[str, _Conn] = {}
+
+    # ----------------------------------------------------------------------- NAR-MODE
+    def nar_mode(self, conn, request) -> defer.Deferred:  # type: ignore[no-untyped-def]
+        """Answer NAR-MODE: validate, apply the flag policy, record the session."""
+        sid = conn.session_id
+        opts = self.options
+        c = self.counters
+        c["mode_requests"] += 1
+
+        def refuse(rep: int, why: str) -> defer.Deferred:
+            c["mode_refused"] += 1
+            c[f"mode_refused_{rep:#04x}"] += 1
+            log.warn("nar {sid}: NAR-MODE from {client} refused ({rep:#04x}): {why}",
+                     sid=sid, client=conn.client, rep=rep, why=why)
+            return defer.succeed(wire.encode_socks_reply(rep))
+
+        if not opts.enabled:
+            return refuse(wire.REP_COMMAND_NOT_SUPPORTED, "NAR is disabled")
+        if sid in self._conns:
+            return refuse(wire.REP_GENERAL_FAILURE, "already in NAR mode")
+        if request.atyp != wire.ATYP_IPV4:
+            return refuse(wire.REP_ADDRESS_TYPE_NOT_SUPPORTED, f"ATYP {request.atyp}")
+        if request.port != 0:
+            return refuse(wire.REP_GENERAL_FAILURE, f"DST.PORT {request.port} (must be 0)")
+        try:
+            yb = ipaddress.IPv4Address(request.addr)
+            xa = ipaddress.IPv4Address(conn.client)
+        except ValueError:
+            return refuse(wire.REP_GENERAL_FAILURE, f"DST.ADDR {request.addr!r} / client "
+                          f"{conn.client!r} not IPv4")
+        if yb.is_unspecified or yb.is_multicast or yb == ipaddress.IPv4Address("255.255.255.255"):
+            return refuse(wire.REP_GENERAL_FAILURE, f"DST.ADDR {yb} cannot be a peer")
+        flags = grant_flags(request.flags, opts.translated, opts.gre)
+        session = NarSession(
+            id=sid, client=str(xa), remote=str(yb), lent=opts.lent_address,
+            translated=bool(flags & wire.FLAG_TRANSLATED), gre=bool(flags & wire.FLAG_GRE),
+            l2tp=False, user=getattr(conn, "user", "") or "",
+        )
+        state = _Conn(conn, session)
+        self._conns[sid] = state
+        if request.flags & wire.FLAG_L2TP:
+            c["mode_l2tp_refused"] += 1
+        if request.flags != flags:
+            c["mode_flags_changed"] += 1
+
+        def written(_: object) -> bytes:
+            c["mode_granted"] += 1
+            log.info("nar {sid}: NAR mode for {client} -> {remote} lent {nb} "
+                     "flags requested {req:#04x} granted {flags:#04x}",
+                     sid=sid, client=session.client, remote=session.remote,
+                     nb=session.lent, req=request.flags, flags=flags)
+            if state.closed:  # the connection went while the store was writing
+                self.store.drop_owner(sid)
+            return wire.encode_socks_reply(wire.REP_SUCCEEDED, flags, session.lent, 0)
+
+        def failed(f) -> bytes:  # type: ignore[no-untyped-def]
+            self._conns.pop(sid, None)
+            c["mode_refused"] += 1
+            c["store_errors"] += 1
+            log.failure("nar {sid}: cannot record the NAR session", f, sid=sid)
+            return wire.encode_socks_reply(wire.REP_GENERAL_FAILURE)
+
+        return self.store.put(session, kind=SESSION.name, owner=sid).addCallbacks(written, failed)
+
+    # ---------------------------------------------------------------------- commands
+    def nar_data(self, conn, data: bytes) -> None:  # type: ignore[no-untyped-def]
+        """Bytes after NAR-MODE: buffered, parsed and answered in order."""
+        st = self._conns.get(conn.session_id)
+        if st is None or st.closed:
+            self.counters["data_without_session"] += 1
+            log.warn("nar {sid}: data without a NAR session; closing", sid=conn.session_id)
+            conn.close()
+            return
+        st.buf += data
+        if len(st.buf) > MAX_BUFFER:
+            self._fatal(st, wire.REP_GENERAL_FAILURE, f"{len(st.buf)} bytes pending")
+            return
+        self._pump(st)
+
+    def _pump(self, st: _Conn) -> None:
+        if st.pumping:
+            return
+        st.pumping = True
+        try:
+            while not st.busy and not st.closed and st.buf:
+                try:
+                    parsed = wire.parse_command(st.buf, self.commands)
+                except wire.NarWireError as e:
+                    self._fatal(st, e.code, str(e))
+                    return
+                if parsed is None:
+                    return
+                msg, used = parsed
+                del st.buf[:used]
+                st.busy = True
+                d = defer.maybeDeferred(self._command, st, msg)
+                d.addErrback(self._internal_error, st, msg)
+                d.addCallback(self._answer, st)
+        finally:
+            st.pumping = False
+
+    def _answer(self, reply: bytes, st: _Conn) -> None:
+        st.busy = False
+        if st.closed:
+            # Anything written for a command that finished after the close goes now.
+            self.store.drop_owner(st.session.id)
+            return
+        st.conn.write(reply)
+        self._pump(st)
+
+    def _internal_error(self, f, st: _Conn, msg) -> bytes:  # type: ignore[no-untyped-def]
+        self.counters["internal_errors"] += 1
+        log.failure("nar {sid}: command {msg!r} failed", f, sid=st.session.id, msg=msg)
+        return _failure_reply(msg, wire.REP_GENERAL_FAILURE)
+
+    def _fatal(self, st: _Conn, code: int, why: str) -> None:
+        self.counters["garbage"] += 1
+        log.warn("nar {sid}: unparseable input from {client} ({why}); answering {code:#04x} "
+                 "and closing", sid=st.session.id, client=st.session.client, why=why, code=code)
+        st.buf.clear()
+        st.conn.write(wire.encode_error(code))
+        st.conn.close()
+
+    def _refuse(self, st: _Conn, msg, rep: int, why: str) -> bytes:  # type: ignore[no-untyped-def]
+        name = type(msg).__name__
+        self.counters["commands_refused"] += 1
+        self.counters[f"refused_{rep:#04x}"] += 1
+        log.warn("nar {sid}: {name} refused ({rep:#04x}): {why}", sid=st.session.id, name=name,
+                 rep=rep, why=why)
+        return _failure_reply(msg, rep)
+
+    def _command(self, st: _Conn, msg):  # type: ignore[no-untyped-def]
+        c = self.counters
+        if isinstance(msg, wire.SocksRequest):
+            c["socks_after_nar_mode"] += 1
+            return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
+                                f"SOCKS5 command {msg.cmd:#04x} in NAR mode")
+        c["commands"] += 1
+        n = len(self.store.lookup_all(MAPPING.name, "session", st.session.id))
+        if n >= self.options.max_mappings_per_session:
+            c["limit_reached"] += 1
+            return self._refuse(st, msg, wire.REP_GENERAL_FAILURE,
+                                f"max_mappings_per_session ({n}) reached")
+        if isinstance(msg, wire.IcmpAssociate):
+            return self._icmp(st, msg)
+        if isinstance(msg, wire.IpsecAssociate):
+            return self._ipsec(st, msg)
+        return self._tunnel(st, msg)
+
+    def _mapping(self, st: _Conn, **fields: Any) -> NarMapping:
+        s = st.session
+        st.next_mapping += 1
+        return NarMapping(id=f"{s.id}/{st.next_mapping}", session=s.id, client=s.client,
+                          lent=s.lent, remote=s.remote, encap="gre" if s.gre else "ipip",
+                          **fields)
+
+    def _insert(self, st: _Conn, mapping: NarMapping, reply: bytes) -> defer.Deferred:
+        def done(_: object) -> bytes:
+            self.counters["mappings"] += 1
+            self.counters[f"mappings_{mapping.kind}"] += 1
+            log.info("nar {sid}: mapping {id} {kind} proto {proto} icmp_id {icmp_id} spi {spi:#x} "
+                     "inner {inner} {mode} for {client}", sid=st.session.id, id=mapping.id,
+                     kind=mapping.kind, proto=mapping.proto, icmp_id=mapping.icmp_id,
+                     spi=mapping.spi, inner=mapping.inner, client=mapping.client,
+                     mode="translated" if mapping.translated else f"end-to-end/{mapping.encap}")
+            return reply
+
+        return self.store.insert(mapping, kind=MAPPING.name, owner=st.session.id).addCallback(done)
+
+    # ICMP-ASSOCIATE --------------------------------------------------------------
+    def _icmp(self, st: _Conn, msg: wire.IcmpAssociate):  # type: ignore[no-untyped-def]
+        s = st.session
+        held = self.store.lookup(MAPPING.name, "icmp", (s.lent, s.remote, msg.icmp_id))
+        if held is not None and held.session == s.id:
+            self.counters["confirmed_again"] += 1
+            return wire.encode_icmp(wire.REP_SUCCEEDED, msg.icmp_id)
+        lo, hi = self.options.icmp_ids
+        ns = f"nar.icmp:{s.lent}:{s.remote}"
+
+        def allocated(ident: int):  # type: ignore[no-untyped-def]
+            if ident == msg.icmp_id:
+                self.counters["icmp_id_confirmed"] += 1
+            else:
+                self.counters["icmp_id_assigned"] += 1
+            m = self._mapping(st, kind="icmp", proto=1, translated=s.translated, icmp_id=ident)
+            return self._insert(st, m, wire.encode_icmp(wire.REP_SUCCEEDED, ident)).addErrback(
+                self._undo, st, msg, ns, ident)
+
+        d = self.store.allocate_number(ns, lo, hi, s.id, prefer=msg.icmp_id)
+        return d.addCallbacks(allocated, self._exhausted, errbackArgs=(st, msg))
+
+    # IPSEC-ASSOCIATE -------------------------------------------------------------
+    def _ipsec(self, st: _Conn, msg: wire.IpsecAssociate):  # type: ignore[no-untyped-def]
+        s = st.session
+        if msg.protocol not in (50, 51):
+            return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
+                                f"IN.PROTOCOL {msg.protocol} (50 ESP or 51 AH)")
+        if msg.spi:
+            self.counters["client_spi_overridden"] += 1
+
+        def allocated(spi: int):  # type: ignore[no-untyped-def]
+            # AH protects the outer addresses: always end-to-end (2.6.2).  ESP follows the
+            # session: the format cannot say transport mode, so a client with transport-mode
+            # ESP must not ask for TRANSLATED-NAR.
+            translated = s.translated and msg.protocol == 50
+            m = self._mapping(st, kind="ipsec", proto=msg.protocol, translated=translated, spi=spi)
+            return self._insert(st, m, wire.encode_ipsec(wire.REP_SUCCEEDED, msg.protocol, spi)
+                                ).addErrback(self._undo, st, msg, "spi", spi)
+
+        d = self.store.allocate_spi(s.id)
+        return d.addCallbacks(allocated, self._exhausted, errbackArgs=(st, msg))
+
+    # TUNNEL-ASSOCIATE ------------------------------------------------------------
+    def _tunnel(self, st: _Conn, msg: wire.TunnelAssociate):  # type: ignore[no-untyped-def]
+        s = st.session
+        if msg.atyp != wire.ATYP_IPV4:
+            return self._refuse(st, msg, wire.REP_ADDRESS_TYPE_NOT_SUPPORTED,
+                                f"LTUN.ADDR ATYP {msg.atyp}")
+        if msg.protocol not in (4, 47):
+            return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
+                                f"TUN.PROTOCOL {msg.protocol} (4 IP-in-IP or 47 GRE)")
+        inner = ipaddress.IPv4Address(msg.addr)
+        if inner.is_unspecified or inner.is_multicast:
+            return self._refuse(st, msg, wire.REP_GENERAL_FAILURE, f"LTUN.ADDR {inner}")
+        key = (s.remote, str(inner), s.lent)
+        held = self.store.lookup(MAPPING.name, "tunnel", key)
+        if held is not None:
+            if held.session == s.id and held.proto == msg.protocol:
+                self.counters["confirmed_again"] += 1
+                return wire.encode_tunnel(wire.REP_SUCCEEDED, 1, str(inner), msg.protocol)
+            self.counters["tunnel_conflicts"] += 1
+            return self._refuse(st, msg, wire.REP_CONNECTION_REFUSED,
+                                f"tunnel {key} is held by {held.session}")
+        m = self._mapping(st, kind="tunnel", proto=msg.protocol, translated=s.translated,
+                          inner=str(inner))
+
+        def conflict(f):  # type: ignore[no-untyped-def]
+            f.trap(Conflict)
+            self.counters["tunnel_conflicts"] += 1
+            return self._refuse(st, msg, wire.REP_CONNECTION_REFUSED, str(f.value))
+
+        return self._insert(st, m, wire.encode_tunnel(wire.REP_SUCCEEDED, 1, str(inner),
+                                                      msg.protocol)).addErrback(conflict)
+
+    # errors ---------------------------------------------------------------------------
+    def _exhausted(self, f, st: _Conn, msg) -> bytes:  # type: ignore[no-untyped-def]
+        f.trap(Exhausted, Conflict)
+        self.counters["exhausted"] += 1
+        return self._refuse(st, msg, wire.REP_GENERAL_FAILURE, str(f.value))
+
+    def _undo(self, f, st: _Conn, msg, ns: str, value: int) -> bytes:  # type: ignore[no-untyped-def]
+        self.store.release(ns, value)
+        f.trap(Conflict)
+        return self._refuse(st, msg, wire.REP_GENERAL_FAILURE, str(f.value))
+
+    # ------------------------------------------------------------------------- close
+    def nar_closed(self, conn) -> defer.Deferred:  # type: ignore[no-untyped-def]
+        """The control connection is gone: its session, mappings and leases go with it."""
+        sid = conn.session_id
+        st = self._conns.pop(sid, None)
+        if st is not None:
+            st.closed = True
+        d = self.store.drop_owner(sid)
+
+        def dropped(n: int) -> int:
+            self.counters["sessions_closed"] += 1
+            self.counters["records_dropped"] += n
+            log.info("nar {sid}: control connection closed; {n} records dropped", sid=sid, n=n)
+            return n
+
+        return d.addCallback(dropped)
+
+    def sessions(self) -> list[NarSession]:
+        """The sessions of the open NAR-mode connections (for narctl / the manhole)."""
+        return [st.session for st in self._conns.values()]
+
+
+def _failure_reply(msg, rep: int) -> bytes:  # type: ignore[no-untyped-def]
+    """The reply to a refused command: its own format, fields echoed (SPI 0)."""
+    if isinstance(msg, wire.IcmpAssociate):
+        return wire.encode_icmp(rep, msg.icmp_id)
+    if isinstance(msg, wire.IpsecAssociate):
+        return wire.encode_ipsec(rep, msg.protocol, 0)
+    if isinstance(msg, wire.TunnelAssociate):
+        return wire.encode_tunnel(rep, msg.atyp, msg.addr, msg.protocol)
+    return wire.encode_socks_reply(rep)

@@ -1,0 +1,325 @@
+"""NarHandler (narsuite.nar.session): NAR-MODE policy and the NAR commands, with a memory
+store, a task.Clock and a fake control connection."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from twisted.internet import task
+
+from narsuite.nar import wire
+from narsuite.nar.config import NarOptions
+from narsuite.nar.records import KINDS
+from narsuite.nar.session import NarHandler, grant_flags
+from narsuite.store import MemoryBackend, Store
+
+NB, XA, XA2, YB = "192.0.2.1", "10.0.0.10", "10.0.0.11", "192.0.2.10"
+
+
+@attrs.define
+class FakeConn:
+    session_id: str
+    client: str = XA
+    user: str = ""
+    written: list = attrs.field(factory=list)
+    closed: bool = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        out = b"".join(self.written)
+        self.written.clear()
+        return out
+
+
+@attrs.frozen
+class Req:
+    cmd: int = 0x80
+    flags: int = 0
+    atyp: int = 1
+    addr: str = YB
+    port: int = 0
+
+
+def make(**opts):
+    clock = task.Clock()
+    store = Store(MemoryBackend(), clock)
+    for k in KINDS:
+        store.register(k)
+    options = NarOptions(lent_address=NB, **opts)
+    return NarHandler(options, store, clock), store
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred did not fire"
+    return out[0]
+
+
+def enter(h, sid="s1", flags=0, client=XA):
+    conn = FakeConn(sid, client)
+    reply = result(h.nar_mode(conn, Req(flags=flags)))
+    assert reply[:2] == b"\x05\x00", reply
+    return conn, reply
+
+
+# ------------------------------------------------------------------------------ NAR-MODE
+
+@pytest.mark.parametrize("translated, gre, requested, granted", [
+    ("allow", "allow", 0, 0),
+    ("allow", "allow", 1, 1),
+    ("allow", "allow", 1 | 2 | 4, 1),  # translated: the other bits are irrelevant
+    ("allow", "allow", 2, 2),
+    ("allow", "allow", 4, 0),  # L2TP alone: refused, IP-in-IP
+    ("allow", "allow", 2 | 4, 2),
+    ("refuse", "allow", 1, 0),  # TRANSLATED refused: end-to-end imposed
+    ("refuse", "allow", 1 | 2, 2),
+    ("impose", "allow", 0, 1),
+    ("allow", "refuse", 2, 0),
+    ("allow", "impose", 0, 2),
+    ("refuse", "impose", 1, 2),
+])
+def test_flag_policy(translated, gre, requested, granted):
+    assert grant_flags(requested, translated, gre) == granted
+    h, store = make(translated=translated, gre=gre)
+    conn, reply = enter(h, flags=requested)
+    assert reply == wire.encode_socks_reply(0, granted, NB, 0)
+    s = store.get("nar.session", "s1")
+    assert (s.client, s.remote, s.lent) == (XA, YB, NB)
+    assert (s.translated, s.gre, s.l2tp) == (bool(granted & 1), bool(granted & 2), False)
+    assert store.owner_of("nar.session", "s1") == "s1"
+
+
+@pytest.mark.parametrize("req, rep", [
+    (Req(port=500), 0x01),
+    (Req(atyp=3, addr="y.example"), 0x08),
+    (Req(atyp=4, addr="::1"), 0x08),
+    (Req(addr="0.0.0.0"), 0x01),
+])
+def test_nar_mode_refusals(req, rep):
+    h, store = make()
+    reply = result(h.nar_mode(FakeConn("s1"), req))
+    assert reply == wire.encode_socks_reply(rep)
+    assert store.count("nar.session") == 0
+    assert h.counters["mode_refused"] == 1
+
+
+def test_nar_mode_disabled():
+    clock = task.Clock()
+    store = Store(MemoryBackend(), clock)
+    h = NarHandler(NarOptions(enabled=False), store, clock)
+    assert result(h.nar_mode(FakeConn("s1"), Req())) == wire.encode_socks_reply(0x07)
+
+
+# -------------------------------------------------------------------------- ICMP-ASSOCIATE
+
+def test_icmp_id_confirmed_then_overridden():
+    h, store = make()
+    a, _ = enter(h, "a")
+    h.nar_data(a, wire.encode_icmp(1, 0x1234))
+    assert a.take() == wire.encode_icmp(0, 0x1234)
+    m = store.lookup("nar.mapping", "icmp", (NB, YB, 0x1234))
+    assert (m.session, m.client, m.proto, m.translated) == ("a", XA, 1, False)
+    # another client asks for the same id toward the same Yb: a different one is assigned
+    b, _ = enter(h, "b", client=XA2)
+    h.nar_data(b, wire.encode_icmp(1, 0x1234))
+    reply, used = wire.parse_reply(b.take(), "icmp")
+    assert reply.code == 0 and reply.icmp_id != 0x1234 and 1 <= reply.icmp_id <= 65535
+    assert store.lookup("nar.mapping", "icmp", (NB, YB, reply.icmp_id)).client == XA2
+    # no proposal (0, outside the default range 1-65535): assigned
+    h.nar_data(b, wire.encode_icmp(1, 0))
+    r2, _ = wire.parse_reply(b.take(), "icmp")
+    assert r2.code == 0 and r2.icmp_id not in (0, 0x1234, reply.icmp_id)
+
+
+def test_icmp_range_exhausted():
+    h, store = make(icmp_ids=(100, 101))
+    a, _ = enter(h, "a")
+    h.nar_data(a, wire.encode_icmp(1, 0) * 3)
+    out = a.take()
+    replies = [out[i:i + 4] for i in range(0, 12, 4)]
+    assert {wire.parse_reply(r, "icmp")[0].icmp_id for r in replies[:2]} == {100, 101}
+    assert replies[2] == wire.encode_icmp(0x01, 0)
+    assert store.count("nar.mapping") == 2
+
+
+# ------------------------------------------------------------------------- IPSEC-ASSOCIATE
+
+def test_spi_assignment_overrides_client_and_is_unique():
+    h, store = make()
+    conns = [enter(h, f"s{i}")[0] for i in range(20)]
+    spis = []
+    for c in conns:
+        h.nar_data(c, wire.encode_ipsec(2, 50, 0x1234) + wire.encode_ipsec(2, 51, 0))
+        out = c.take()
+        r1, n = wire.parse_reply(out, "ipsec")
+        r2, _ = wire.parse_reply(out[n:], "ipsec")
+        assert (r1.code, r1.protocol, r2.code, r2.protocol) == (0, 50, 0, 51)
+        assert r1.spi != 0x1234
+        spis += [r1.spi, r2.spi]
+    assert all(255 < s < 2**32 for s in spis)
+    assert len(set(spis)) == len(spis)
+    assert h.counters["client_spi_overridden"] == 20
+    for s in spis:
+        assert store.holds("spi", s) is not None  # leased store-wide (shared with the ESP role)
+
+
+def test_ipsec_translated_esp_but_never_ah():
+    h, store = make()
+    c, _ = enter(h, flags=wire.FLAG_TRANSLATED)
+    h.nar_data(c, wire.encode_ipsec(2, 50, 0) + wire.encode_ipsec(2, 51, 0))
+    ms = {m.proto: m for m in store.records("nar.mapping")}
+    assert ms[50].translated is True and ms[51].translated is False
+    assert store.lookup("nar.mapping", "ipsec", (50, ms[50].spi, NB)) is ms[50]
+
+
+def test_ipsec_bad_protocol():
+    h, store = make()
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_ipsec(2, 17, 77))
+    assert c.take() == wire.encode_ipsec(0x07, 17, 0)
+    assert not c.closed and store.count("nar.mapping") == 0
+
+
+def test_gre_session_gives_gre_encap():
+    h, store = make()
+    c, _ = enter(h, flags=wire.FLAG_GRE)
+    h.nar_data(c, wire.encode_ipsec(2, 50, 0))
+    (m,) = store.records("nar.mapping")
+    assert m.encap == "gre" and not m.translated
+
+
+# ------------------------------------------------------------------------ TUNNEL-ASSOCIATE
+
+def test_tunnel_and_conflicts():
+    h, store = make()
+    a, _ = enter(h, "a")
+    b, _ = enter(h, "b", client=XA2)
+    h.nar_data(a, wire.encode_tunnel(3, 1, "172.16.0.5", 4))
+    assert a.take() == wire.encode_tunnel(0, 1, "172.16.0.5", 4)
+    m = store.lookup("nar.mapping", "tunnel", (YB, "172.16.0.5", NB))
+    assert (m.client, m.proto, m.inner) == (XA, 4, "172.16.0.5")
+    # the same tuple for another client: refused with 0x05, the first mapping intact
+    h.nar_data(b, wire.encode_tunnel(3, 1, "172.16.0.5", 47))
+    assert b.take() == wire.encode_tunnel(0x05, 1, "172.16.0.5", 47)
+    assert store.lookup("nar.mapping", "tunnel", (YB, "172.16.0.5", NB)).client == XA
+    # the same client again: confirmed, no second record
+    h.nar_data(a, wire.encode_tunnel(3, 1, "172.16.0.5", 4))
+    assert a.take() == wire.encode_tunnel(0, 1, "172.16.0.5", 4)
+    assert store.count("nar.mapping") == 1
+    # other address types and protocols
+    h.nar_data(b, wire.encode_tunnel(3, 3, "home.example", 4) + wire.encode_tunnel(3, 4, "::1", 4)
+               + wire.encode_tunnel(3, 1, "172.16.0.6", 17))
+    assert b.take() == (wire.encode_tunnel(0x08, 3, "home.example", 4)
+                        + wire.encode_tunnel(0x08, 4, "::1", 4)
+                        + wire.encode_tunnel(0x07, 1, "172.16.0.6", 17))
+    assert not b.closed
+
+
+# ------------------------------------------------------------------- close, limits, garbage
+
+def test_mappings_dropped_on_close():
+    h, store = make()
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_icmp(1, 7) + wire.encode_ipsec(2, 50, 0)
+               + wire.encode_tunnel(3, 1, "172.16.0.5", 47))
+    assert store.count("nar.mapping") == 3
+    spi = next(m.spi for m in store.records("nar.mapping") if m.kind == "ipsec")
+    n = result(h.nar_closed(c))
+    assert n >= 4  # session + 3 mappings (+ leases)
+    assert store.count("nar.mapping") == 0 and store.count("nar.session") == 0
+    assert store.lookup("nar.mapping", "ipsec", (50, spi, NB)) is None
+    assert store.holds("spi", spi) is None
+    assert store.holds(f"nar.icmp:{NB}:{YB}", 7) is None
+    # the id is free again for the next client
+    d, _ = enter(h, "d", client=XA2)
+    h.nar_data(d, wire.encode_icmp(1, 7))
+    assert d.take() == wire.encode_icmp(0, 7)
+
+
+def test_limit():
+    h, store = make(max_mappings_per_session=2)
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_icmp(1, 1) + wire.encode_icmp(1, 2) + wire.encode_icmp(1, 3))
+    assert c.take()[8:] == wire.encode_icmp(0x01, 3)
+    assert h.counters["limit_reached"] == 1 and store.count("nar.mapping") == 2
+
+
+def test_socks_request_after_nar_mode():
+    h, store = make()
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_socks_request(1, 0, 1, "192.0.2.10", 80) + wire.encode_icmp(1, 9))
+    assert c.take() == wire.encode_socks_reply(0x07) + wire.encode_icmp(0, 9)
+    assert not c.closed
+
+
+@pytest.mark.parametrize("garbage, code", [
+    (b"GET / HTTP/1.1\r\n", 0x01), (b"\x01\x77\x00\x00", 0x07), (b"\x01\x03\x09", 0x08)])
+def test_garbage_answered_and_closed(garbage, code):
+    h, store = make()
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_icmp(1, 5) + garbage + wire.encode_icmp(1, 6))
+    assert c.take() == wire.encode_icmp(0, 5) + wire.encode_error(code)
+    assert c.closed and h.counters["garbage"] == 1
+    assert store.count("nar.mapping") == 1  # until nar_closed
+    result(h.nar_closed(c))
+    assert store.count("nar.mapping") == 0
+
+
+def test_byte_by_byte():
+    h, store = make()
+    c, _ = enter(h)
+    for b in wire.encode_tunnel(3, 1, "172.16.0.9", 4):
+        h.nar_data(c, bytes((b,)))
+    assert c.take() == wire.encode_tunnel(0, 1, "172.16.0.9", 4)
+
+
+def test_slow_store_keeps_order_and_close_during_write():
+    """With a backend whose writes complete later (the ICMP id lease), replies keep their order, and a
+    connection closed while a write is pending leaves nothing behind."""
+    from twisted.internet import defer
+
+    class Slow(MemoryBackend):
+        persistent = True  # leases are written; nar kinds are never persisted
+
+        def __init__(self):
+            self.pending = []
+
+        def submit(self, writes):
+            d = defer.Deferred()
+            self.pending.append(d)
+            return d
+
+        def flush(self):
+            while self.pending:
+                self.pending.pop(0).callback(None)
+
+    clock = task.Clock()
+    backend = Slow()
+    store = Store(backend, clock)
+    for k in KINDS:
+        store.register(k)
+    h = NarHandler(NarOptions(lent_address=NB), store, clock)
+    c = FakeConn("s1")
+    d = h.nar_mode(c, Req())
+    backend.flush()
+    assert result(d)[:2] == b"\x05\x00"
+    h.nar_data(c, wire.encode_icmp(1, 11) + wire.encode_icmp(1, 12))
+    assert c.written == []
+    backend.flush()
+    backend.flush()
+    backend.flush()
+    assert c.take() == wire.encode_icmp(0, 11) + wire.encode_icmp(0, 12)
+    h.nar_data(c, wire.encode_icmp(1, 13))
+    h.nar_closed(c)
+    c.closed = True
+    for _ in range(4):
+        backend.flush()
+    assert store.count("nar.mapping") == 0 and store.count("nar.session") == 0
+    assert store.holds(f"nar.icmp:{NB}:{YB}", 13) is None
