@@ -1,0 +1,877 @@
+"""The SOCKS5 server (RFC 1928, RFC 1929) of the nar role, and its NAR hook.
+
+:class:`SocksProtocol` frames bytes and walks the stages (method selection,
+sub-negotiation, one request); :class:`SocksFactory` holds what decides
+(methods, the password checker, the rules, the resolver, the counters).
+The codec is :mod:`narsuite.nar.socks`, auth :mod:`narsuite.nar.auth`,
+rules :mod:`narsuite.nar.rules`.
+
+Commands: CONNECT (IPv4, IPv6, domain names resolved off the reactor thread,
+each resolved address checked against the rules, tried in order), BIND
+(two replies; only the address named in DST.ADDR may connect, unless it is
+all zeros), UDP ASSOCIATE (a relay bound to the address the client reached
+us on; only the client's address, and port if given, may use it; FRAG != 0
+is dropped; ends with the TCP connection or after ``udp_idle_timeout``).
+Relays use producer/consumer flow control in both directions.
+
+The NAR handler interface
+=========================
+
+A request whose CMD equals ``config.nar.mode_command`` (NAR-MODE) is handed
+to ``nar_handler`` (written by the NAR code, passed to :class:`SocksFactory`)
+after the method negotiation/auth and a rules check with command ``"nar"``
+(destination: DST.ADDR, resolved if it is a name).  When NAR is disabled or
+there is no handler the reply is 0x07 "command not supported".
+
+The handler has three methods:
+
+``nar_mode(conn, request) -> bytes | Deferred[bytes]``
+    ``request`` is the parsed :class:`narsuite.nar.socks.Request` (``flags``
+    holds the RSV/FLAG byte).  Returns the complete SOCKS reply to send
+    (e.g. ``socks.encode_reply(0, Nb, 0, flags)``).  If its REP is not 0 the
+    server closes the connection after sending it.  If it raises or the
+    Deferred fails, the client gets 0x01 and the connection closes.
+``nar_data(conn, data: bytes) -> None``
+    Every byte the client sends after the NAR-MODE request (including bytes
+    that arrived before ``nar_mode`` returned) is passed here, in order.
+``nar_closed(conn) -> None``
+    The connection is gone (called once, if ``nar_mode`` was called).
+
+``conn`` is a :class:`NarConnection`: ``session_id`` (unique str),
+``client`` (client IP, str), ``client_port``, ``user`` ("" without auth),
+``write(bytes)``, ``close()``.  No idle timeout applies in NAR mode: the
+handler owns the session's lifetime.  Exceptions raised by the handler are
+logged and never reach the reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, ServerFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from narsuite.logs import logger
+from narsuite.nar import socks
+from narsuite.nar.auth import PasswordChecker, check_hash_format
+from narsuite.nar.config import NarConfig
+from narsuite.nar.rules import RuleSet
+from narsuite.schema import ConfigError
+
+__all__ = ["SocksFactory", "SocksProtocol", "NarConnection", "connect_error_code", "METHOD_CODES"]
+
+log = logger()
+
+METHOD_CODES = {"none": socks.METHOD_NONE, "password": socks.METHOD_PASSWORD}
+#: Bytes a client may send ahead of our reply (pipelining) before we stop reading.
+MAX_EARLY = 64 * 1024
+
+Resolver = Callable[[str, int], "defer.Deferred[list[str]]"]
+
+
+class _Refuse(Exception):
+    """Internal: end the request with this reply code."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def connect_error_code(failure: Failure | BaseException) -> int:
+    """RFC 1928 reply code for a failed outbound connection or resolution."""
+    e = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(e, _Refuse):
+        return e.code
+    if isinstance(e, error.ConnectionRefusedError):
+        return socks.CONNECTION_REFUSED
+    if isinstance(e, (error.TimeoutError, error.TCPTimedOutError, defer.CancelledError,
+                      defer.TimeoutError, error.ConnectingCancelledError)):
+        return socks.TTL_EXPIRED
+    if isinstance(e, error.DNSLookupError):
+        return socks.HOST_UNREACHABLE
+    if isinstance(e, error.ConnectError):
+        code = {errno.ENETUNREACH: socks.NETWORK_UNREACHABLE, errno.ENETDOWN: socks.NETWORK_UNREACHABLE,
+                errno.EAFNOSUPPORT: socks.NETWORK_UNREACHABLE,
+                errno.EADDRNOTAVAIL: socks.NETWORK_UNREACHABLE,
+                errno.EHOSTUNREACH: socks.HOST_UNREACHABLE, errno.EHOSTDOWN: socks.HOST_UNREACHABLE,
+                errno.ECONNREFUSED: socks.CONNECTION_REFUSED, errno.ETIMEDOUT: socks.TTL_EXPIRED,
+                errno.EACCES: socks.NOT_ALLOWED, errno.EPERM: socks.NOT_ALLOWED}
+        return code.get(e.osError, socks.GENERAL_FAILURE)  # type: ignore[arg-type]
+    return socks.GENERAL_FAILURE
+
+
+def resolve_with(reactor: Any) -> Resolver:
+    """Resolve names with ``reactor.nameResolver`` (getaddrinfo in a thread): IPv4 and IPv6."""
+
+    def resolve(name: str, port: int) -> defer.Deferred[list[str]]:
+        d: defer.Deferred[list[str]] = defer.Deferred()
+        found: list[str] = []
+
+        @implementer(IResolutionReceiver)
+        class Receiver:
+            def resolutionBegan(self, resolution: Any) -> None:
+                pass
+
+            def addressResolved(self, address: Any) -> None:
+                if address.host not in found:
+                    found.append(address.host)
+
+            def resolutionComplete(self) -> None:
+                if found:
+                    d.callback(found)
+                else:
+                    d.errback(error.DNSLookupError(name))
+
+        reactor.nameResolver.resolveHostName(Receiver(), name, port)
+        return d
+
+    return resolve
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _same_ip(a: str, b: str) -> bool:
+    x, y = _ip(a), _ip(b)
+    if x is None or y is None:
+        return a == b
+    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped:
+        x = x.ipv4_mapped
+    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped:
+        y = y.ipv4_mapped
+    return x == y
+
+
+def _local_address_towards(dest: str, fallback: str) -> str:
+    """The source address the kernel would use towards ``dest`` (a UDP connect: no packet sent)."""
+    ip = _ip(dest)
+    if ip is None or ip.is_unspecified:
+        return fallback
+    try:
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((dest, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return fallback
+
+
+class NarConnection:
+    """The handle a NAR handler gets for one NAR-MODE connection."""
+
+    def __init__(self, proto: SocksProtocol) -> None:
+        self.session_id = secrets.token_hex(8)
+        self.client = proto.client
+        self.client_port = proto.client_port
+        self.user = proto.user
+        self._proto = proto
+
+    def write(self, data: bytes) -> None:
+        if self._proto.transport is not None and not self._proto.closed:
+            self._proto.transport.write(data)
+
+    def close(self) -> None:
+        if self._proto.transport is not None:
+            self._proto.transport.loseConnection()
+
+    def __repr__(self) -> str:
+        return f"<NarConnection {self.session_id} {self.client}:{self.client_port} user={self.user!r}>"
+
+
+# ------------------------------------------------------------------ the far side
+
+class _Outbound(Protocol):
+    """The connection to the destination (CONNECT) or from the peer (BIND)."""
+
+    def __init__(self, socks_proto: SocksProtocol, bind: bool = False) -> None:
+        self.socks = socks_proto
+        self.bind = bind
+
+    def connectionMade(self) -> None:
+        if self.bind:
+            self.socks._bind_peer_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.socks._from_outbound(data)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.socks._outbound_lost(self)
+
+
+class _OutboundFactory(Factory):
+    def __init__(self, socks_proto: SocksProtocol) -> None:
+        self.socks = socks_proto
+
+    def buildProtocol(self, addr: Any) -> _Outbound:
+        return _Outbound(self.socks)
+
+
+class _BindFactory(ServerFactory):
+    def __init__(self, socks_proto: SocksProtocol, expected: list[str] | None) -> None:
+        self.socks = socks_proto
+        self.expected = expected  # None: anyone (DST.ADDR all zeros)
+        self.used = False
+
+    def buildProtocol(self, addr: Any) -> _Outbound | None:
+        if self.used or self.socks.closed:
+            return None
+        if self.expected is not None and not any(_same_ip(addr.host, e) for e in self.expected):
+            self.socks.factory.count("bind_unexpected_peer")
+            log.info("socks bind: refused {peer} (expected {expected}) for {client}",
+                     peer=addr.host, expected=self.expected, client=self.socks.client)
+            return None
+        self.used = True
+        return _Outbound(self.socks, bind=True)
+
+
+class _UdpRelay(DatagramProtocol):
+    """One UDP ASSOCIATE: client datagrams (with the SOCKS header) out, replies wrapped back."""
+
+    MAX_CACHE = 4096
+
+    def __init__(self, socks_proto: SocksProtocol, client_ip: str, client_port: int) -> None:
+        self.socks = socks_proto
+        self.f = socks_proto.factory
+        self.client_ip = client_ip
+        self.client_port = client_port  # 0: learnt from the first datagram
+        self.peers: set[tuple[str, int]] = set()  # destinations the client sent to
+        self.decisions: dict[tuple[str, int], bool] = {}
+        self.names: dict[str, str] = {}
+        self.resolving: dict[str, list[tuple[int, bytes]]] = {}
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        try:
+            self._received(data, addr[0], addr[1])
+        except Exception:
+            self.f.count("errors")
+            log.failure("socks udp relay: unexpected error")
+
+    def _received(self, data: bytes, ip: str, port: int) -> None:
+        self.socks._touch()
+        if _same_ip(ip, self.client_ip) and (self.client_port in (0, port)):
+            self.client_port = port
+            self._from_client(data)
+        elif (ip, port) in self.peers:
+            if not self.client_port:
+                return
+            self.f.count("udp_datagrams_in")
+            self.f.count("bytes_down", len(data))
+            self._send(socks.encode_udp(ip, port, data), (self.client_ip, self.client_port))
+        else:
+            self.f.count("udp_dropped")
+
+    def _from_client(self, data: bytes) -> None:
+        try:
+            dg = socks.parse_udp(data)
+        except socks.SocksError as e:
+            self.f.count("udp_malformed")
+            log.debug("socks udp: malformed datagram from {client}: {reason}", client=self.client_ip,
+                      reason=e.reason)
+            return
+        if dg.frag != 0:
+            self.f.count("udp_fragments_dropped")
+            return
+        if dg.atyp == socks.ATYP_DOMAIN:
+            ip = self.names.get(dg.host)
+            if ip is None:
+                self._resolve(dg.host, dg.port, dg.data)
+                return
+            self._out(ip, dg.port, dg.data, dg.host)
+        else:
+            self._out(dg.host, dg.port, dg.data, None)
+
+    def _resolve(self, name: str, port: int, data: bytes) -> None:
+        waiting = self.resolving.get(name)
+        if waiting is not None:
+            if len(waiting) < 16:
+                waiting.append((port, data))
+            return
+        self.resolving[name] = [(port, data)]
+
+        def done(addrs: list[str]) -> None:
+            ip = next((a for a in addrs if _ip(a) is not None and _ip(a).version == self._family()),
+                      addrs[0])
+            if len(self.names) > self.MAX_CACHE:
+                self.names.clear()
+            self.names[name] = ip
+            for p, d in self.resolving.pop(name, []):
+                self._out(ip, p, d, name)
+
+        def failed(f: Failure) -> None:
+            self.resolving.pop(name, None)
+            self.f.count("udp_dropped")
+            log.debug("socks udp: cannot resolve {name}: {e}", name=name, e=f.value)
+
+        self.f.resolve(name, port).addCallbacks(done, failed)
+
+    def _family(self) -> int:
+        ip = _ip(self.socks.transport.getHost().host) if self.socks.transport else None
+        return ip.version if ip is not None else 4
+
+    def _out(self, ip: str, port: int, data: bytes, name: str | None) -> None:
+        if self.socks.closed or self.transport is None:
+            return
+        key = (ip, port)
+        allowed = self.decisions.get(key)
+        if allowed is None:
+            allowed = self.f.rules.check(self.socks.client, self.socks.user, "udp", ip, port, name).allowed
+            if len(self.decisions) > self.MAX_CACHE:
+                self.decisions.clear()
+            self.decisions[key] = allowed
+            if not allowed:
+                self.f.count("rule_blocks")
+        if not allowed:
+            self.f.count("udp_dropped")
+            return
+        if len(self.peers) < self.MAX_CACHE:
+            self.peers.add(key)
+        self.f.count("udp_datagrams_out")
+        self.f.count("bytes_up", len(data))
+        self._send(data, key)
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.transport.write(data, addr)
+        except Exception as e:  # wrong family, EMSGSIZE, ...: drop, count, go on
+            self.f.count("udp_dropped")
+            log.debug("socks udp: cannot send to {addr}: {e}", addr=addr, e=e)
+
+
+# ------------------------------------------------------------------ the client side
+
+class SocksProtocol(Protocol):
+    """One client connection: frames the SOCKS5 messages, then relays or hands over."""
+
+    factory: SocksFactory
+
+    def __init__(self) -> None:
+        self.state = "methods"
+        self.buf = bytearray()
+        self.closed = False
+        self.client = ""
+        self.client_port = 0
+        self.user = ""
+        self.request: socks.Request | None = None
+        self.outbound: _Outbound | None = None
+        self._timer: Any = None
+        self._pending: defer.Deferred[Any] | None = None
+        self._listening: Any = None  # BIND's listening port or UDP ASSOCIATE's port
+        self._udp: _UdpRelay | None = None
+        self._last = 0.0
+        self._idle_limit = 0.0
+        self.nar_conn: NarConnection | None = None
+        self._paused = False
+
+    # ---------------------------------------------------------------- plumbing
+
+    @property
+    def reactor(self) -> Any:
+        return self.factory.reactor
+
+    def _set_timer(self, seconds: float | None, what: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if seconds is not None:
+            self._timer = self.reactor.callLater(seconds, self._timed_out, what)
+
+    def _timed_out(self, what: str) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        if what == "idle":  # checked lazily: activity only stamps a time
+            left = self._last + self._idle_limit - self.reactor.seconds()
+            if left > 0:
+                self._timer = self.reactor.callLater(left, self._timed_out, "idle")
+                return
+        self.factory.count(f"timeouts_{what}")
+        log.info("socks {what} timeout: client={client} state={state}", what=what,
+                 client=self.client, state=self.state)
+        if what == "connect" and self.state in ("pending", "bindwait"):
+            if self._pending is not None:
+                d, self._pending = self._pending, None
+                d.cancel()
+            self._reply(socks.TTL_EXPIRED)
+            return
+        self._abort()
+
+    def _touch(self) -> None:
+        self._last = self.reactor.seconds()
+
+    def _start_idle(self, seconds: float) -> None:
+        self._idle_limit = seconds
+        self._touch()
+        self._set_timer(seconds, "idle")
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _reply(self, code: int, host: str = "0.0.0.0", port: int = 0, flags: int = 0) -> None:
+        """Send a request reply; any failure code closes the connection (section 6)."""
+        if self.closed:
+            return
+        self.factory.count("reply_" + socks.reply_name(code))
+        try:
+            data = socks.encode_reply(code, host, port, flags)
+        except ValueError:
+            data = socks.encode_reply(code)
+        self.transport.write(data)
+        if code != socks.SUCCEEDED:
+            self.state = "done"
+            self.transport.loseConnection()
+
+    # ---------------------------------------------------------------- events
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        f.active += 1
+        f.count("connections")
+        peer = self.transport.getPeer()
+        self.client = getattr(peer, "host", "") or ""
+        self.client_port = getattr(peer, "port", 0) or 0
+        self._set_timer(f.config.negotiation_timeout, "negotiation")
+
+    def dataReceived(self, data: bytes) -> None:
+        st = self.state
+        if st == "relay":
+            out = self.outbound
+            if out is not None and out.transport is not None:
+                self.factory.counters["bytes_up"] += len(data)
+                self._last = self.reactor.seconds()
+                out.transport.write(data)
+            return
+        if st == "nar":
+            self._to_nar(data)
+            return
+        if st in ("done", "udp"):
+            if st == "udp":
+                self.factory.count("udp_tcp_data_ignored")
+            return
+        self.buf += data
+        try:
+            self._process()
+        except socks.SocksError as e:
+            self._malformed(e)
+        except Exception:
+            self.factory.count("errors")
+            log.failure("socks: unexpected error from {client}", client=self.client)
+            self.state = "done"
+            self._abort()
+
+    def _malformed(self, e: socks.SocksError) -> None:
+        f = self.factory
+        f.count("malformed")
+        log.info("socks: malformed {state} from {client}: {reason}", state=self.state,
+                 client=self.client, reason=e.reason)
+        state, self.state = self.state, "done"
+        if state == "auth":
+            self.transport.write(socks.encode_password_reply(False))
+            self.transport.loseConnection()
+        elif state == "request":
+            self.state = "request"
+            self._reply(e.code)
+        else:  # method selection: no SOCKS5 answer possible
+            self.transport.loseConnection()
+
+    def _process(self) -> None:
+        while self.buf and not self.closed:
+            if self.state == "methods":
+                r = socks.parse_method_request(self.buf)
+                if r is None:
+                    return
+                msg, n = r
+                del self.buf[:n]
+                method = self.factory.select_method(msg.methods)
+                self.transport.write(socks.encode_method_reply(method))
+                if method == socks.METHOD_NO_ACCEPTABLE:
+                    self.factory.count("no_acceptable_method")
+                    log.info("socks: no acceptable method from {client} (offered {offered})",
+                             client=self.client, offered=list(msg.methods))
+                    self.state = "done"
+                    self.transport.loseConnection()
+                    return
+                self.state = "auth" if method == socks.METHOD_PASSWORD else "request"
+            elif self.state == "auth":
+                r2 = socks.parse_password_request(self.buf)
+                if r2 is None:
+                    return
+                cred, n = r2
+                del self.buf[:n]
+                self.state = "authwait"
+                self.factory.checker.check(cred.username, cred.password).addCallback(
+                    self._auth_done, cred.username)
+            elif self.state == "request":
+                r3 = socks.parse_request(self.buf)
+                if r3 is None:
+                    return
+                req, n = r3
+                del self.buf[:n]
+                self.state = "pending"
+                self._set_timer(None, "")
+                self._request(req)
+            else:  # pending, authwait, bindwait: keep early bytes, bounded
+                if len(self.buf) > MAX_EARLY and not self._paused:
+                    self._paused = True
+                    self.transport.pauseProducing()
+                return
+
+    def _auth_done(self, ok: bool, username: bytes) -> None:
+        if self.closed:
+            return
+        name = username.decode("utf-8", "replace")
+        if not ok:
+            self.factory.count("auth_failures")
+            log.info("socks: authentication failed for user {user!r} from {client}", user=name,
+                     client=self.client)
+            self.state = "done"
+            self.transport.write(socks.encode_password_reply(False))
+            self.transport.loseConnection()
+            return
+        self.user = name
+        self.transport.write(socks.encode_password_reply(True))
+        self.state = "request"
+        try:
+            self._process()
+        except socks.SocksError as e:
+            self._malformed(e)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        if self.closed:
+            return
+        self.closed = True
+        self.factory.active -= 1
+        self._set_timer(None, "")
+        if self._pending is not None:
+            d, self._pending = self._pending, None
+            d.cancel()
+        if self._listening is not None:
+            port, self._listening = self._listening, None
+            port.stopListening()
+        if self.outbound is not None and self.outbound.transport is not None:
+            self.outbound.transport.loseConnection()
+        if self.nar_conn is not None:
+            try:
+                self.factory.nar_handler.nar_closed(self.nar_conn)
+            except Exception:
+                self.factory.count("errors")
+                log.failure("nar handler: nar_closed raised")
+
+    # ---------------------------------------------------------------- requests
+
+    def _request(self, req: socks.Request) -> None:
+        self.request = req
+        cfg = self.factory.config
+        if req.cmd == cfg.nar.mode_command:
+            self._nar(req)
+        elif req.cmd == socks.CMD_CONNECT:
+            self._connect(req)
+        elif req.cmd == socks.CMD_BIND:
+            self._bind(req)
+        elif req.cmd == socks.CMD_UDP_ASSOCIATE:
+            self._udp_associate(req)
+        else:
+            log.info("socks: command {cmd:#04x} not supported (client {client})", cmd=req.cmd,
+                     client=self.client)
+            self._reply(socks.COMMAND_NOT_SUPPORTED)
+
+    def _allowed(self, command: str, req: socks.Request) -> defer.Deferred[list[str]]:
+        """Resolve DST.ADDR if needed; return the addresses the rules pass (or fail with _Refuse)."""
+        f = self.factory
+        if req.is_domain:
+            d = f.resolve(req.host, req.port)
+        else:
+            d = defer.succeed([req.host])
+
+        def check(addrs: list[str]) -> list[str]:
+            ok = [a for a in addrs if f.rules.check(self.client, self.user, command, a, req.port,
+                                                    req.host if req.is_domain else None).allowed]
+            if not ok:
+                f.count("rule_blocks")
+                raise _Refuse(socks.NOT_ALLOWED, "blocked by the rules")
+            return ok
+
+        return d.addCallback(check)
+
+    def _fail(self, failure: Failure, what: str) -> None:
+        if self.closed:
+            return
+        if self._pending is None and failure.check(defer.CancelledError, error.ConnectingCancelledError):
+            return  # we cancelled it (timeout): the reply is already sent
+        self._pending = None
+        code = connect_error_code(failure)
+        if code == socks.GENERAL_FAILURE and not failure.check(_Refuse, error.ConnectError):
+            log.failure("socks {what}: unexpected failure", failure, what=what)
+        else:
+            log.info("socks {what} {dest}:{port} for {client}: {code} ({e})", what=what,
+                     dest=self.request.host if self.request else "?",
+                     port=self.request.port if self.request else 0, client=self.client,
+                     code=socks.reply_name(code), e=failure.value)
+        self._reply(code)
+
+    # CONNECT
+
+    def _connect(self, req: socks.Request) -> None:
+        cfg = self.factory.config
+        self._set_timer(cfg.connect_timeout, "connect")
+        d = self._allowed("connect", req)
+        d.addCallback(self._try_connect, req.port)
+        d.addCallbacks(self._connected, self._fail, errbackArgs=("connect",))
+        self._pending = d
+
+    def _try_connect(self, addrs: list[str], port: int) -> defer.Deferred[_Outbound]:
+        reactor = self.reactor
+        timeout = self.factory.config.connect_timeout
+        last: list[Failure] = []
+        addrs = list(addrs)
+
+        def attempt(_: Any = None) -> defer.Deferred[_Outbound]:
+            if not addrs:
+                return defer.fail(last[-1])
+            host = addrs.pop(0)
+            ip = _ip(host)
+            ep_cls = TCP6ClientEndpoint if ip is not None and ip.version == 6 else TCP4ClientEndpoint
+            ep = ep_cls(reactor, host, port, timeout=timeout)
+            d2 = ep.connect(_OutboundFactory(self))
+
+            def failed(f: Failure) -> Any:
+                if f.check(defer.CancelledError) or not addrs:
+                    return f
+                last.append(f)
+                return attempt()
+
+            return d2.addErrback(failed)
+
+        return attempt()
+
+    def _connected(self, out: _Outbound) -> None:
+        self._pending = None
+        if self.closed:
+            out.transport.loseConnection()
+            return
+        self._start_relay(out)
+        local = out.transport.getHost()
+        self._reply(socks.SUCCEEDED, local.host, local.port)
+        self._flush_early()
+
+    def _start_relay(self, out: _Outbound) -> None:
+        self.outbound = out
+        self.state = "relay"
+        # Flow control: each side produces for the other; a full write buffer pauses the reader.
+        self.transport.registerProducer(out.transport, True)
+        out.transport.registerProducer(self.transport, True)
+        self._start_idle(self.factory.config.idle_timeout)
+
+    def _flush_early(self) -> None:
+        if self.buf:
+            data, self.buf = bytes(self.buf), bytearray()
+            self.dataReceived(data)
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _from_outbound(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.factory.counters["bytes_down"] += len(data)
+        self._last = self.reactor.seconds()
+        self.transport.write(data)
+
+    def _outbound_lost(self, out: _Outbound) -> None:
+        if out is self.outbound and not self.closed:
+            self.state = "done"
+            self.transport.loseConnection()
+
+    # BIND
+
+    def _bind(self, req: socks.Request) -> None:
+        ip = _ip(req.host)
+        if ip is not None and ip.is_unspecified:
+            d: defer.Deferred[list[str] | None] = defer.succeed(None)
+            if not self.factory.rules.check(self.client, self.user, "bind", None, None).allowed:
+                self.factory.count("rule_blocks")
+                self._reply(socks.NOT_ALLOWED)
+                return
+        else:
+            d = self._allowed("bind", req)
+        d.addCallback(self._bind_listen)
+        d.addErrback(self._fail, "bind")
+        self._pending = d
+
+    def _bind_listen(self, expected: list[str] | None) -> None:
+        self._pending = None
+        if self.closed:
+            return
+        here = self.transport.getHost().host
+        toward = expected[0] if expected else here
+        v6 = (_ip(toward) or _ip("0.0.0.0")).version == 6
+        port = self.reactor.listenTCP(0, _BindFactory(self, expected), interface="::" if v6 else "0.0.0.0")
+        self._listening = port
+        self.state = "bindwait"
+        self._set_timer(self.factory.config.connect_timeout, "connect")
+        addr = _local_address_towards(toward, here) if expected else here
+        self._reply(socks.SUCCEEDED, addr, port.getHost().port)
+
+    def _bind_peer_connected(self, out: _Outbound) -> None:
+        if self.closed:
+            out.transport.loseConnection()
+            return
+        if self._listening is not None:
+            port, self._listening = self._listening, None
+            port.stopListening()
+        self._set_timer(None, "")
+        peer = out.transport.getPeer()
+        self._start_relay(out)
+        self._reply(socks.SUCCEEDED, peer.host, peer.port)
+        self._flush_early()
+
+    # UDP ASSOCIATE
+
+    def _udp_associate(self, req: socks.Request) -> None:
+        f = self.factory
+        if not f.rules.may_pass(self.client, self.user, "udp"):
+            f.count("rule_blocks")
+            self._reply(socks.NOT_ALLOWED)
+            return
+        here = self.transport.getHost().host
+        # The client's UDP source: its TCP address; DST.PORT when given (DST.ADDR may be a
+        # private address behind a NAT, so only the TCP peer address is trusted).
+        relay = _UdpRelay(self, self.client, req.port)
+        try:
+            port = self.reactor.listenUDP(0, relay, interface=here)
+        except Exception as e:
+            log.info("socks udp: cannot listen on {here}: {e}", here=here, e=e)
+            self._reply(socks.GENERAL_FAILURE)
+            return
+        self._listening = port
+        self._udp = relay
+        self.state = "udp"
+        self._start_idle(f.config.udp_idle_timeout)
+        self._reply(socks.SUCCEEDED, here, port.getHost().port)
+        self.buf.clear()
+
+    # NAR-MODE
+
+    def _nar(self, req: socks.Request) -> None:
+        f = self.factory
+        if not f.config.nar.enabled or f.nar_handler is None:
+            log.info("socks: NAR-MODE from {client} but NAR is disabled", client=self.client)
+            self._reply(socks.COMMAND_NOT_SUPPORTED)
+            return
+        d = self._allowed("nar", req)
+
+        def start(_: Any) -> Any:
+            self._pending = None
+            if self.closed:
+                return None
+            self.nar_conn = NarConnection(self)
+            self.state = "narwait"
+            f.count("nar_sessions")
+            return defer.maybeDeferred(f.nar_handler.nar_mode, self.nar_conn, req).addCallbacks(
+                self._nar_started, self._nar_failed)
+
+        d.addCallback(start)
+        d.addErrback(self._fail, "nar")
+        self._pending = d
+
+    def _nar_started(self, reply: bytes) -> None:
+        if self.closed:
+            return
+        if not isinstance(reply, (bytes, bytearray)) or len(reply) < 2:
+            raise TypeError(f"nar_mode returned {reply!r}; expected the reply bytes")
+        code = reply[1]
+        self.factory.count("reply_" + socks.reply_name(code))
+        self.transport.write(bytes(reply))
+        if code != socks.SUCCEEDED:
+            self.state = "done"
+            self.transport.loseConnection()
+            return
+        self.state = "nar"
+        self._flush_early()
+
+    def _nar_failed(self, failure: Failure) -> None:
+        self.factory.count("errors")
+        log.failure("nar handler: nar_mode failed", failure)
+        if not self.closed:
+            self.state = "pending"
+            self._reply(socks.GENERAL_FAILURE)
+
+    def _to_nar(self, data: bytes) -> None:
+        try:
+            self.factory.nar_handler.nar_data(self.nar_conn, data)
+        except Exception:
+            self.factory.count("errors")
+            log.failure("nar handler: nar_data raised")
+
+
+class SocksFactory(ServerFactory):
+    """Decides for every :class:`SocksProtocol`: methods, auth, rules, resolution, counters.
+
+    ``resolver(name, port) -> Deferred[list[str]]`` and ``checker`` (a
+    :class:`PasswordChecker`) may be given for tests; by default names are
+    resolved with the reactor's name resolver (a thread) and passwords are
+    verified in the reactor's thread pool.
+    """
+
+    protocol = SocksProtocol
+
+    def __init__(self, config: NarConfig, store: Any = None, metrics: Any = None, reactor: Any = None,
+                 nar_handler: Any = None, *, resolver: Resolver | None = None,
+                 checker: PasswordChecker | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.config = config
+        self.store = store
+        self.reactor = reactor
+        self.nar_handler = nar_handler
+        for name, hashed in config.users.items():
+            try:
+                check_hash_format(hashed)
+            except ValueError as e:
+                raise ConfigError(f"nar.users.{name}", str(e)) from None
+        self.methods = tuple(METHOD_CODES[m] for m in config.methods)
+        self.checker = checker or PasswordChecker(config.users, reactor)
+        self.rules = RuleSet(config.rules, config.decision_log_level)
+        self.resolve: Resolver = resolver or resolve_with(reactor)
+        self.active = 0
+        self.counters: dict[str, int] = dict.fromkeys(
+            ["connections", "connections_refused_max", "bytes_up", "bytes_down", "udp_datagrams_out",
+             "udp_datagrams_in", "udp_fragments_dropped", "udp_dropped", "udp_malformed",
+             "auth_failures", "rule_blocks", "malformed", "no_acceptable_method",
+             "timeouts_negotiation", "timeouts_connect", "timeouts_idle", "bind_unexpected_peer",
+             "nar_sessions", "errors"], 0)
+        for code in socks.REPLY_NAMES:
+            self.counters["reply_" + socks.reply_name(code)] = 0
+        if metrics is not None:
+            metrics.watch_counters("nar", "events", "SOCKS5 server events", "event", lambda: self.counters)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def select_method(self, offered: tuple[int, ...]) -> int:
+        """Our first configured method the client offers, else 0xFF."""
+        for m in self.methods:
+            if m in offered:
+                return m
+        return socks.METHOD_NO_ACCEPTABLE
+
+    def buildProtocol(self, addr: Any) -> SocksProtocol | None:
+        if self.active >= self.config.max_connections:
+            self.count("connections_refused_max")
+            log.warn("socks: {n} connections open (max_connections); refusing {addr}",
+                     n=self.active, addr=getattr(addr, "host", addr))
+            return None
+        return super().buildProtocol(addr)  # type: ignore[return-value]
