@@ -1,0 +1,311 @@
+"""NAR data plane: deliver packets sent to Nb by the section 2.6 tuples, forward clients'
+end-to-end packets after an anti-spoofing check.
+
+Inbound (Y -> Nb), one raw socket per protocol (1, 50, 51 bound to Nb; 4 and 47
+unbound, because the same protocols also carry X's outbound tunnel to Na):
+
+========  =====================================================  ============================
+proto     tuple (``nar.mapping`` index)                           found in the packet
+========  =====================================================  ============================
+1 ICMP    ``icmp``   (Nb, Yb, identifier)                         echo request/reply id
+50 ESP    ``ipsec``  (50, SPI, Nb)                                first 4 bytes of the payload
+51 AH     ``ipsec``  (51, SPI, Nb)                                bytes 4-7 of the AH header
+4 IPIP    ``tunnel`` (Yb, inner dst Xb, Nb)                       inner header
+47 GRE    ``tunnel`` (Yb, inner dst Xb, Nb)                       inner header (type 0x0800,
+                                                                  no routing; key/seq ignored)
+========  =====================================================  ============================
+
+Delivery to Xa (section 2.5):
+
+* end-to-end: the whole packet in IP-in-IP (or GRE if the mapping's ``encap`` is
+  "gre"), outer header Na -> Xa (figure "Na->Xa | Yb->Nb | CN->Xb");
+* translated: ICMP/ESP get destination Xa (incremental checksums); tunnels get
+  their outer header replaced by Na -> Xa (figure "Na->Xa | CN->Xb").
+
+Outbound (X -> Na, IP-in-IP or GRE carrying a packet with source Nb): the inner
+packet is forwarded only if the outer source is a client with mappings and the
+inner packet matches one of them (same Yb and protocol; ICMP the mapped id;
+tunnels the mapped inner source Xb).  Anything else is dropped and counted: N
+never forwards a packet with the borrowed source Nb that the client could not
+have negotiated.
+
+The delivery decisions are pure functions (:func:`demux_inbound`,
+:func:`deliver_packet`, :func:`check_outbound`); :class:`NarDataPlane` only owns
+the sockets and the counters.  No scapy, no records parsed per packet: lookups
+are ``dict.get`` on the store's indexes.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application import service
+
+from narsuite.logs import logger
+from narsuite.nar.records import MAPPING, SESSION
+from narsuite.packet import codec
+from narsuite.packet.codec import CodecError
+from narsuite.packet.rawsock import RawSocketPort
+
+__all__ = ["NarDataPlane", "demux_inbound", "deliver_packet", "check_outbound", "PROTOCOLS"]
+
+log = logger()
+
+PROTOCOLS = (1, 4, 47, 50, 51)
+
+_I = struct.Struct("!I").unpack_from
+_H = struct.Struct("!H").unpack_from
+_ntoa = socket.inet_ntoa
+_ETH_P_IP = 0x0800
+
+Lookup = Callable[[str, Any], Any]  # (index name, key) -> mapping or None
+
+
+def demux_inbound(packet: bytes, nb: str, lookup: Lookup) -> tuple[Any, str]:
+    """(mapping, "") for a packet addressed to Nb, or (None, reason) to drop it.
+
+    Reasons: ``malformed``, ``not-lent`` (destination is not Nb), ``icmp-other``
+    (not an echo request/reply), ``gre-unsupported`` (routing, version, payload
+    type), ``no-mapping``, ``proto-mismatch`` (tunnel tuple negotiated for the
+    other tunnel protocol), ``protocol`` (not one of ours).
+    """
+    try:
+        hl, proto, src, dst = codec.peek_ipv4(packet)
+    except CodecError:
+        return None, "malformed"
+    if _ntoa(dst) != nb:
+        return None, "not-lent"
+    n = len(packet)
+    if proto == 50:
+        if n < hl + 8:
+            return None, "malformed"
+        m = lookup("ipsec", (50, _I(packet, hl)[0], nb))
+    elif proto == 51:
+        if n < hl + 12:
+            return None, "malformed"
+        m = lookup("ipsec", (51, _I(packet, hl + 4)[0], nb))
+    elif proto == 1:
+        if n < hl + 8:
+            return None, "malformed"
+        if packet[hl] not in (0, 8):
+            return None, "icmp-other"
+        m = lookup("icmp", (nb, _ntoa(src), _H(packet, hl + 4)[0]))
+    elif proto == 4:
+        if n < hl + 20 or packet[hl] >> 4 != 4:
+            return None, "malformed"
+        m = lookup("tunnel", (_ntoa(src), _ntoa(packet[hl + 16 : hl + 20]), nb))
+    elif proto == 47:
+        try:
+            ptype, _key, _seq, inner = codec.gre_decapsulate(packet)
+        except CodecError:
+            return None, "gre-unsupported"
+        if ptype != _ETH_P_IP or len(inner) < 20:
+            return None, "gre-unsupported"
+        m = lookup("tunnel", (_ntoa(src), _ntoa(inner[16:20]), nb))
+    else:
+        return None, "protocol"
+    if m is None:
+        return None, "no-mapping"
+    if m.kind == "tunnel" and m.proto != proto:
+        return None, "proto-mismatch"
+    return m, ""
+
+
+def deliver_packet(packet: bytes, mapping: Any, na: bytes, xa: bytes) -> bytes:
+    """The packet N sends to Xa for ``mapping`` (addresses as 4-byte values)."""
+    if not mapping.translated:
+        if mapping.encap == "gre":
+            return codec.gre_encapsulate(packet, na, xa)
+        return codec.ipip_encapsulate(packet, na, xa)
+    if mapping.kind == "tunnel":
+        # Translated tunnel: the outer header becomes Na -> Xa, the inner packet is untouched.
+        return codec.rewrite_ipv4_dst(codec.rewrite_ipv4_src(packet, na), xa)
+    return codec.rewrite_ipv4_dst(packet, xa)
+
+
+def _innermost_src(inner: bytes, hl: int, proto: int) -> bytes | None:
+    try:
+        if proto == 4:
+            return codec.ipip_decapsulate(inner)[12:16]
+        ptype, _k, _s, payload = codec.gre_decapsulate(inner)
+        if ptype != _ETH_P_IP or len(payload) < 20:
+            return None
+        return payload[12:16]
+    except CodecError:
+        return None
+
+
+def check_outbound(packet: bytes, nb: str, mappings: Sequence[Any]) -> tuple[bytes | None, str]:
+    """(inner packet, "") to forward for a tunnel packet from a client, or (None, reason).
+
+    ``mappings`` are the client's (index ``client`` on the outer source).
+    Reasons: ``malformed``, ``no-client`` (the outer source has no mapping),
+    ``spoofed-source`` (inner source is not Nb), ``spoofed`` (no mapping matches).
+    """
+    try:
+        _outer, _key, inner = codec.decapsulate(packet)
+        hl, proto, src, dst = codec.peek_ipv4(inner)
+    except CodecError:
+        return None, "malformed"
+    if not mappings:
+        return None, "no-client"
+    if _ntoa(src) != nb:
+        return None, "spoofed-source"
+    remote = _ntoa(dst)
+    icmp_id = -1
+    if proto == 1 and len(inner) >= hl + 8 and inner[hl] in (0, 8):
+        icmp_id = _H(inner, hl + 4)[0]
+    inner_src = None
+    for m in mappings:
+        if m.remote != remote or m.lent != nb:
+            continue
+        kind = m.kind
+        if kind == "ipsec":
+            if m.proto == proto:
+                return inner, ""
+        elif kind == "icmp":
+            if proto == 1 and m.icmp_id == icmp_id:
+                return inner, ""
+        elif kind == "tunnel" and m.proto == proto:
+            if inner_src is None:
+                inner_src = _innermost_src(inner, hl, proto) or b""
+            if inner_src and _ntoa(inner_src) == m.inner:
+                return inner, ""
+    return None, "spoofed"
+
+
+class NarDataPlane(service.Service):
+    """Raw sockets for 1/4/47/50/51 and the delivery decisions above.
+
+    :param options: ``NarOptions``; ``lent_address`` is Nb.
+    :param store: the shared store (``nar.mapping`` and ``nar.session`` are read only).
+    :param reactor: for the raw ports.
+    :param private_address: Na, N's address on X's side, the outer source of what is
+        delivered to X and the only destination accepted for X's tunnel.  None: the
+        source the routing table picks toward each Xa (looked up once per client),
+        and any local address but Nb is accepted as the tunnel destination.
+    :param port_factory: ``RawSocketPort`` or a test double with the same signature.
+    """
+
+    name = "nar-dataplane"
+
+    def __init__(self, options, store, reactor=None, *,  # type: ignore[no-untyped-def]
+                 private_address: str | None = None,
+                 port_factory: Callable[..., Any] = RawSocketPort) -> None:
+        self.options = options
+        self.store = store
+        self.reactor = reactor
+        self.nb = options.lent_address
+        self.nb_b = socket.inet_aton(self.nb)
+        self.na = private_address
+        self.na_b = socket.inet_aton(private_address) if private_address else None
+        self._port_factory = port_factory
+        self.ports: dict[int, Any] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._source_cache: dict[str, bytes] = {}
+        for kind in (SESSION, MAPPING):
+            store.register(kind)
+        self._index = {name: store.index(MAPPING.name, name) for name in ("icmp", "ipsec", "tunnel")}
+
+    # -------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        for proto in PROTOCOLS:
+            bind = None if proto in (4, 47) else self.nb
+            port = self._port_factory(proto, self.packetReceived, bind_address=bind,
+                                      reactor=self.reactor)
+            port.start()
+            self.ports[proto] = port
+        self.running = 1
+        log.info("nar data plane: Nb {nb}, Na {na}, raw sockets for {protos}", nb=self.nb,
+                 na=self.na or "(routed)", protos=sorted(self.ports))
+
+    def stop(self) -> None:
+        self.running = 0
+        for port in self.ports.values():
+            port.stop()
+        self.ports.clear()
+
+    def startService(self) -> None:
+        self.start()
+        service.Service.startService(self)
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        self.stop()
+
+    # ----------------------------------------------------------------------- packets
+    def _lookup(self, index: str, key: Any) -> Any:
+        return self._index[index].get(key)
+
+    def packetReceived(self, packet: bytes, src: str) -> None:
+        c = self.counters
+        c["rx"] += 1
+        try:
+            _hl, proto, _s, dst = codec.peek_ipv4(packet)
+        except CodecError:
+            c["drop_malformed"] += 1
+            return
+        if dst == self.nb_b:
+            self._inbound(packet)
+        elif proto in (4, 47) and (self.na_b is None or dst == self.na_b):
+            self._outbound(packet, src)
+        else:
+            c["drop_not_for_us"] += 1
+
+    def _inbound(self, packet: bytes) -> None:
+        c = self.counters
+        m, reason = demux_inbound(packet, self.nb, self._lookup)
+        if m is None:
+            c["drop_" + reason.replace("-", "_")] += 1
+            return
+        try:
+            xa = socket.inet_aton(m.client)
+            out = deliver_packet(packet, m, self._source_for(m.client), xa)
+        except (CodecError, OSError) as e:
+            c["drop_undeliverable"] += 1
+            log.debug("nar: cannot deliver for {id}: {e}", id=m.id, e=e)
+            return
+        if self._send(out):
+            c["in_translated" if m.translated else "in_end_to_end"] += 1
+            c[f"in_{m.kind}"] += 1
+
+    def _outbound(self, packet: bytes, src: str) -> None:
+        c = self.counters
+        inner, reason = check_outbound(packet, self.nb,
+                                       self.store.lookup_all(MAPPING.name, "client", src))
+        if inner is None:
+            c["drop_" + reason.replace("-", "_")] += 1
+            if reason.startswith("spoofed"):
+                log.debug("nar: dropped a {reason} packet from {src}", reason=reason, src=src)
+            return
+        if self._send(inner):
+            c["out_forwarded"] += 1
+
+    def _send(self, packet: bytes) -> bool:
+        port = self.ports.get(1) or next(iter(self.ports.values()), None)
+        if port is None or not port.send_packet(packet):
+            self.counters["tx_errors"] += 1
+            return False
+        self.counters["tx"] += 1
+        return True
+
+    def _source_for(self, xa: str) -> bytes:
+        if self.na_b is not None:
+            return self.na_b
+        na = self._source_cache.get(xa)
+        if na is None:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.connect((xa, 9))  # no packet is sent: this asks the routing table
+                na = socket.inet_aton(s.getsockname()[0])
+            finally:
+                s.close()
+            self._source_cache[xa] = na
+        return na
+
+    def counters_dict(self) -> dict[str, int]:
+        return dict(self.counters)
