@@ -110,6 +110,16 @@ def test_nar_mode_refusals(req, rep):
     assert h.counters["mode_refused"] == 1
 
 
+def test_nar_mode_with_the_socks_servers_request():
+    from narsuite.nar import socks
+
+    h, store = make()
+    req = socks.Request(cmd=0x80, atyp=1, host=YB, port=0, flags=wire.FLAG_GRE)
+    reply = result(h.nar_mode(FakeConn("s1"), req))
+    assert reply == wire.encode_socks_reply(0, wire.FLAG_GRE, NB, 0)
+    assert store.get("nar.session", "s1").remote == YB
+
+
 def test_nar_mode_disabled():
     clock = task.Clock()
     store = Store(MemoryBackend(), clock)
@@ -323,3 +333,38 @@ def test_slow_store_keeps_order_and_close_during_write():
         backend.flush()
     assert store.count("nar.mapping") == 0 and store.count("nar.session") == 0
     assert store.holds(f"nar.icmp:{NB}:{YB}", 13) is None
+
+
+def test_through_the_socks_server():
+    """The real SOCKS5 server (narsuite.nar.server) in front of NarHandler: greeting,
+    NAR-MODE, pipelined NAR commands, close -> the mappings are gone."""
+    from twisted.internet import error
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from twisted.python.failure import Failure
+
+    from narsuite.nar.config import NarConfig, Rule
+    from narsuite.nar.server import SocksFactory
+
+    reactor = MemoryReactorClock()
+    store = Store(MemoryBackend(), reactor)
+    options = NarOptions(lent_address=NB)
+    h = NarHandler(options, store, reactor)
+    cfg = NarConfig(methods=("none",), rules=(Rule("pass"),), nar=options)
+    f = SocksFactory(cfg, None, None, reactor, h)
+    p = f.buildProtocol(IPv4Address("TCP", XA, 40000))
+    tr = StringTransport(hostAddress=IPv4Address("TCP", "10.0.0.1", 1080),
+                         peerAddress=IPv4Address("TCP", XA, 40000))
+    p.makeConnection(tr)
+    p.dataReceived(b"\x05\x01\x00" + wire.encode_socks_request(0x80, wire.FLAG_TRANSLATED, 1, YB, 0)
+                   + wire.encode_icmp(1, 0x77) + wire.encode_ipsec(2, 50, 0))
+    out = tr.value()
+    assert out[:2] == b"\x05\x00"
+    assert out[2:12] == wire.encode_socks_reply(0, wire.FLAG_TRANSLATED, NB, 0)
+    assert out[12:16] == wire.encode_icmp(0, 0x77)
+    r, _ = wire.parse_reply(out[16:], "ipsec")
+    assert r.code == 0 and r.spi > 255
+    assert {m.kind for m in store.records("nar.mapping")} == {"icmp", "ipsec"}
+    assert all(m.translated and m.client == XA for m in store.records("nar.mapping"))
+    p.connectionLost(Failure(error.ConnectionDone()))
+    assert store.count("nar.mapping") == 0 and store.count("nar.session") == 0

@@ -127,11 +127,13 @@ class NarHandler:
             return refuse(wire.REP_ADDRESS_TYPE_NOT_SUPPORTED, f"ATYP {request.atyp}")
         if request.port != 0:
             return refuse(wire.REP_GENERAL_FAILURE, f"DST.PORT {request.port} (must be 0)")
+        # narsuite.nar.socks.Request names DST.ADDR ``host``; accept ``addr`` as well.
+        addr = getattr(request, "host", None) or getattr(request, "addr", "")
         try:
-            yb = ipaddress.IPv4Address(request.addr)
+            yb = ipaddress.IPv4Address(addr)
             xa = ipaddress.IPv4Address(conn.client)
         except ValueError:
-            return refuse(wire.REP_GENERAL_FAILURE, f"DST.ADDR {request.addr!r} / client "
+            return refuse(wire.REP_GENERAL_FAILURE, f"DST.ADDR {addr!r} / client "
                           f"{conn.client!r} not IPv4")
         if yb.is_unspecified or yb.is_multicast or yb == ipaddress.IPv4Address("255.255.255.255"):
             return refuse(wire.REP_GENERAL_FAILURE, f"DST.ADDR {yb} cannot be a peer")
