@@ -749,8 +749,12 @@ class SocksProtocol(Protocol):
         # The client's UDP source: its TCP address; DST.PORT when given (DST.ADDR may be a
         # private address behind a NAT, so only the TCP peer address is trusted).
         relay = _UdpRelay(self, self.client, req.port)
+        # Bound to the wildcard address: the kernel then picks the source per destination
+        # (towards Y the public address, not the client-facing one); BND.ADDR is where the
+        # client reached us.
+        wildcard = "::" if (_ip(here) or _ip("0.0.0.0")).version == 6 else "0.0.0.0"
         try:
-            port = self.reactor.listenUDP(0, relay, interface=here)
+            port = self.reactor.listenUDP(0, relay, interface=wildcard)
         except Exception as e:
             log.info("socks udp: cannot listen on {here}: {e}", here=here, e=e)
             self._reply(socks.GENERAL_FAILURE)
