@@ -1,0 +1,359 @@
+"""SOCKS5 server: narsuite's nar role against Dante (the anchor), same run, same load.
+
+Run (root, Dante installed: ``apt-get install dante-server``):
+
+    python bench/bench_socks.py [--seconds 4] [--connect-workers 8] [--udp-workers 4] [--streams 1]
+                                [--only dante|narsuite]
+
+Both servers listen on 127.0.0.1 and relay to local targets (bench/socks_load.py):
+
+* CONNECT rate: N client processes each loop {TCP connect, no-auth greeting,
+  CONNECT to a TCP echo, send 16 bytes, read them back, close}; connections/s,
+  and the server's CPU per connection;
+* bulk relay: one CONNECT stream to a sink (upload) and, separately, from a
+  source (download); MB/s (10^6 B) and the server's CPU-seconds per GiB relayed;
+* UDP ASSOCIATE: N clients each ping-pong 32-byte datagrams through the relay
+  to a UDP echo; round trips/s and the server's CPU per round trip.
+
+Server CPU is utime+stime (+ reaped children) summed over the server's process
+tree from /proc, sampled at the start and end of each measurement window;
+Dante forks helper processes, narsuite is one reactor thread.  Everything,
+load generator included, shares the machine's cores: the load generator's
+CPU and the machine's idle share are printed too, to show who the bottleneck was.
+
+Dante runs from a config this script writes into a temporary directory
+(method none, pass from 127.0.0.0/8, no per-session logging), in the
+foreground, and is stopped by PID.  narsuite's server runs from a tiny
+script (the role is not wired into twistd yet): memory store, epoll reactor,
+decision log level debug and narsuite log level warn (Dante logs nothing
+per session either).  If narsuite's server cannot be imported or started its
+column reads "not available" and Dante is still measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import socks_load as load  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+DANTE_CONF = """\
+logoutput: {log}
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+}}
+socks pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+    command: connect udpassociate
+}}
+socks pass {{
+    from: 0.0.0.0/0 to: 127.0.0.0/8
+    command: udpreply
+}}
+"""
+
+NARSUITE_SERVER = textwrap.dedent("""
+    import sys
+    from twisted.internet import epollreactor
+    epollreactor.install()
+    from twisted.internet import reactor
+    from narsuite import logs, schema
+    from narsuite.metrics import Metrics
+    from narsuite.nar import records
+    from narsuite.nar.config import NarConfig
+    from narsuite.nar.server import SocksFactory
+    from narsuite.store import Store
+
+    port = int(sys.argv[1])
+    logs.set_level("warn")
+    config = schema.build(NarConfig, {"listen": "127.0.0.1", "port": port, "methods": ["none"],
+                                      "rules": [{"action": "pass"}], "decision_log_level": "debug"}, "nar")
+    store = Store()
+    for spec in getattr(records, "KINDS", ()):
+        try:
+            store.register(spec)
+        except Exception:
+            pass  # already registered
+    factory = SocksFactory(config, store, Metrics(), reactor=reactor)
+    reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=4096)
+    print("READY", flush=True)
+    reactor.run()
+""")
+
+
+# ---------------------------------------------------------------- CPU accounting
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime+stime+cutime+cstime in ticks) of one process, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[1]), sum(int(x) for x in fields[11:15])
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of root and all its descendants (reaped children counted via cutime/cstime)."""
+    stats = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st:
+                stats[int(name)] = st
+    total, todo, seen = 0, [root], set()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        todo.extend(children.get(pid, ()))
+    return total / CLK_TCK
+
+
+def tree_pids(root: int) -> list[int]:
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        todo.extend(int(k) for k in kids)
+    return out
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle+iowait ticks, total ticks) from /proc/stat."""
+    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    v = [int(x) for x in f]
+    return v[3] + v[4], sum(v[:8])
+
+
+# ---------------------------------------------------------------- servers
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"not listening on {port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server by PID, then SIGKILL any of its own descendants still there."""
+    pids = tree_pids(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for pid in pids[1:]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_dante(tmp: Path) -> tuple[subprocess.Popen, int]:
+    danted = shutil.which("danted") or "/usr/sbin/danted"
+    if not os.path.exists(danted):
+        raise RuntimeError("danted not found (apt-get install dante-server)")
+    port = load.free_port()
+    conf = tmp / "danted.conf"
+    conf.write_text(DANTE_CONF.format(port=port, log=tmp / "danted.log"))
+    proc = subprocess.Popen([danted, "-f", str(conf), "-p", str(tmp / "danted.pid"), "-N", "1"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "danted.err", "w"))
+    try:
+        wait_listening(port, proc)
+    except RuntimeError as e:
+        stop(proc)
+        raise RuntimeError(f"danted: {e}: {(tmp / 'danted.err').read_text()[-400:]}") from None
+    return proc, port
+
+
+def start_narsuite(tmp: Path) -> tuple[subprocess.Popen, int]:
+    port = load.free_port()
+    script = tmp / "nar_server.py"
+    script.write_text(NARSUITE_SERVER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    err = tmp / "nar.err"
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(err, "w"))
+    try:
+        wait_listening(port, proc, 20)
+    except RuntimeError as e:
+        stop(proc)
+        tail = err.read_text().strip().splitlines()
+        raise RuntimeError(f"{e}: {tail[-1] if tail else ''}") from None
+    return proc, port
+
+
+# ---------------------------------------------------------------- measurements
+
+def measure(server_pid: int, fn, n: int, proxy, target, seconds: float, tg: load.Targets) -> dict:
+    """Runs n workers of fn for `seconds`, sampling the server's CPU at the window's edges."""
+    warm = 0.5
+    t_start = time.monotonic() + 0.3 + warm
+    t_end = t_start + seconds
+    procs, q = load.run_workers(fn, n, proxy, target, t_start, t_end)
+    time.sleep(max(0.0, t_start - time.monotonic()))
+    cpu0, idle0 = tree_cpu(server_pid), machine_idle()
+    targets0 = sum(tree_cpu(pid) for pid in tg.pids())
+    time.sleep(max(0.0, t_end - time.monotonic()))
+    cpu1, idle1 = tree_cpu(server_pid), machine_idle()
+    targets1 = sum(tree_cpu(pid) for pid in tg.pids())
+    r = load.collect(procs, q, 30)
+    r["server_cpu"] = cpu1 - cpu0
+    r["targets_cpu"] = targets1 - targets0
+    r["seconds"] = seconds
+    r["idle"] = (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1])
+    return r
+
+
+def run_server(name: str, proc: subprocess.Popen, port: int, tg: load.Targets, args) -> dict:
+    proxy = ("127.0.0.1", port)
+    out = {}
+    print(f"[{name}] CONNECT rate, {args.connect_workers} workers, {args.seconds}s ...", file=sys.stderr)
+    out["connect"] = measure(proc.pid, load.connect_worker, args.connect_workers, proxy,
+                             ("127.0.0.1", tg.echo), args.seconds, tg)
+    print(f"[{name}] bulk upload ...", file=sys.stderr)
+    out["upload"] = measure(proc.pid, load.upload_worker, args.streams, proxy,
+                            ("127.0.0.1", tg.sink), args.bulk_seconds, tg)
+    print(f"[{name}] bulk download ...", file=sys.stderr)
+    out["download"] = measure(proc.pid, load.download_worker, args.streams, proxy,
+                              ("127.0.0.1", tg.source), args.bulk_seconds, tg)
+    print(f"[{name}] UDP ASSOCIATE round trips, {args.udp_workers} workers ...", file=sys.stderr)
+    out["udp"] = measure(proc.pid, load.udp_worker, args.udp_workers, proxy,
+                         ("127.0.0.1", tg.udp_echo), args.bulk_seconds, tg)
+    for k, r in out.items():
+        if r["errors"]:
+            print(f"[{name}] {k}: {r['errors']} errors, last: {r['last_error']}", file=sys.stderr)
+    return out
+
+
+def figures(res: dict) -> dict[str, float]:
+    c, up, down, u = res["connect"], res["upload"], res["download"], res["udp"]
+    gib = 1 << 30
+    return {
+        "conn_rate": c["ops"] / c["seconds"],
+        "conn_cpu_us": c["server_cpu"] / c["ops"] * 1e6 if c["ops"] else float("nan"),
+        "up_mbs": up["bytes"] / up["seconds"] / 1e6,
+        "up_cpu_gib": up["server_cpu"] / (up["bytes"] / gib) if up["bytes"] else float("nan"),
+        "down_mbs": down["bytes"] / down["seconds"] / 1e6,
+        "down_cpu_gib": down["server_cpu"] / (down["bytes"] / gib) if down["bytes"] else float("nan"),
+        "udp_rate": u["ops"] / u["seconds"],
+        "udp_cpu_us": u["server_cpu"] / u["ops"] * 1e6 if u["ops"] else float("nan"),
+    }
+
+
+ROWS = [
+    ("conn_rate", "CONNECT rate, conn/s ({cw} workers)", "{:,.0f}", "higher"),
+    ("conn_cpu_us", "server CPU per connection, µs", "{:,.0f}", "lower"),
+    ("up_mbs", "bulk relay upload (client→target), MB/s ({st} stream)", "{:,.0f}", "higher"),
+    ("up_cpu_gib", "server CPU per GiB, upload, CPU-s", "{:.2f}", "lower"),
+    ("down_mbs", "bulk relay download (target→client), MB/s ({st} stream)", "{:,.0f}", "higher"),
+    ("down_cpu_gib", "server CPU per GiB, download, CPU-s", "{:.2f}", "lower"),
+    ("udp_rate", "UDP ASSOCIATE round trips/s ({uw} workers, 32 B)", "{:,.0f}", "higher"),
+    ("udp_cpu_us", "server CPU per UDP round trip, µs", "{:,.1f}", "lower"),
+]
+
+
+def table(results: dict[str, dict | str], args) -> str:
+    figs = {k: figures(v) if isinstance(v, dict) else v for k, v in results.items()}
+    d, n = figs.get("dante"), figs.get("narsuite")
+    lines = ["| figure | Dante | narsuite | ratio (narsuite/Dante) |", "|---|---:|---:|---:|"]
+    for key, label, fmt, better in ROWS:
+        label = label.format(cw=args.connect_workers, st=args.streams, uw=args.udp_workers)
+        dv = fmt.format(d[key]) if isinstance(d, dict) else (d or "not run")
+        nv = fmt.format(n[key]) if isinstance(n, dict) else (n or "not run")
+        ratio = "–"
+        if isinstance(d, dict) and isinstance(n, dict) and d[key]:
+            ratio = f"{n[key] / d[key]:.2f}× ({better} is better)"
+        lines.append(f"| {label} | {dv} | {nv} | {ratio} |")
+    lines += ["", "Load generator and machine during each window (who was the bottleneck):", "",
+              "| server | figure | server CPU (cores) | clients CPU (cores) | targets CPU (cores) | machine idle | errors |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for name, v in results.items():
+        if not isinstance(v, dict):
+            continue
+        for k, r in v.items():
+            lines.append(f"| {name} | {k} | {r['server_cpu'] / r['seconds']:.2f} | "
+                         f"{r['cpu'] / r['seconds']:.2f} | {r['targets_cpu'] / r['seconds']:.2f} | {r['idle']:.0%} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=4.0, help="CONNECT-rate window")
+    ap.add_argument("--bulk-seconds", type=float, default=3.0, help="bulk and UDP windows")
+    ap.add_argument("--connect-workers", type=int, default=8)
+    ap.add_argument("--udp-workers", type=int, default=4)
+    ap.add_argument("--streams", type=int, default=1, help="parallel bulk streams")
+    ap.add_argument("--only", choices=("dante", "narsuite"))
+    args = ap.parse_args()
+
+    results: dict[str, dict | str] = {}
+    tg = load.Targets()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-socks-") as tmpdir:
+            tmp = Path(tmpdir)
+            for name, start in (("dante", start_dante), ("narsuite", start_narsuite)):
+                if args.only and args.only != name:
+                    continue
+                try:
+                    proc, port = start(tmp)
+                except Exception as e:  # missing server: report and go on
+                    print(f"[{name}] not available: {e}", file=sys.stderr)
+                    results[name] = "not available"
+                    continue
+                try:
+                    results[name] = run_server(name, proc, port, tg, args)
+                except Exception as e:
+                    print(f"[{name}] failed: {e!r}", file=sys.stderr)
+                    results[name] = "failed"
+                finally:
+                    stop(proc)
+                time.sleep(1.0)  # let TIME_WAIT and helper exits settle between servers
+    finally:
+        tg.close()
+    print(f"\n## SOCKS5 — `python bench/bench_socks.py` — {time.strftime('%Y-%m-%d')}\n")
+    print(table(results, args))
+
+
+if __name__ == "__main__":
+    main()
