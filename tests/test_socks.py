@@ -677,3 +677,15 @@ def test_fuzz_with_password_method():
         f, p, tr = _feed([s[:split], s[split:]], methods=("password",), users=users)
         assert tr.value()[:4] == b"\x05\x02\x01\x00"
         assert struct.unpack("!BB", tr.value()[4:6]) == (5, socks.TTL_EXPIRED)  # connect timed out
+
+
+def test_nar_mode_that_never_answers_is_bounded_by_connect_timeout():
+    h = Handler(reply=defer.Deferred())
+    f, reactor = make(nar_handler=h, nar=NarOptions(enabled=True, lent_address="192.0.2.1"),
+                      connect_timeout=4.0)
+    p, tr = open_conn(f)
+    p.dataReceived(b"\x05\x01\x00" + b"\x05\x80\x00\x01\xc0\x00\x02\x0a\x00\x00")
+    reactor.advance(4.0)
+    assert tr.disconnecting and f.counters["timeouts_connect"] == 1
+    p.connectionLost(Failure(error.ConnectionDone()))
+    assert len(h.closed) == 1

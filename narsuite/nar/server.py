@@ -697,6 +697,7 @@ class SocksProtocol(Protocol):
     # BIND
 
     def _bind(self, req: socks.Request) -> None:
+        self._set_timer(self.factory.config.connect_timeout, "connect")
         ip = _ip(req.host)
         if ip is not None and ip.is_unspecified:
             d: defer.Deferred[list[str] | None] = defer.succeed(None)
@@ -774,6 +775,7 @@ class SocksProtocol(Protocol):
             log.info("socks: NAR-MODE from {client} but NAR is disabled", client=self.client)
             self._reply(socks.COMMAND_NOT_SUPPORTED)
             return
+        self._set_timer(f.config.connect_timeout, "connect")  # bounds resolution and nar_mode
         d = self._allowed("nar", req)
 
         def start(_: Any) -> Any:
@@ -795,6 +797,7 @@ class SocksProtocol(Protocol):
             return
         if not isinstance(reply, (bytes, bytearray)) or len(reply) < 2:
             raise TypeError(f"nar_mode returned {reply!r}; expected the reply bytes")
+        self._set_timer(None, "")
         code = reply[1]
         self.factory.count("reply_" + socks.reply_name(code))
         self.transport.write(bytes(reply))
