@@ -2,7 +2,7 @@
 
 Run (root, Dante installed: ``apt-get install dante-server``):
 
-    python bench/bench_socks.py [--seconds 4] [--connect-workers 8] [--udp-workers 4] [--streams 1]
+    python bench/bench_socks.py [--seconds 4] [--connect-workers 16] [--udp-workers 8] [--streams 1]
                                 [--only dante|narsuite]
 
 Both servers listen on 127.0.0.1 and relay to local targets (bench/socks_load.py):
@@ -306,14 +306,16 @@ def table(results: dict[str, dict | str], args) -> str:
             ratio = f"{n[key] / d[key]:.2f}× ({better} is better)"
         lines.append(f"| {label} | {dv} | {nv} | {ratio} |")
     lines += ["", "Load generator and machine during each window (who was the bottleneck):", "",
-              "| server | figure | server CPU (cores) | clients CPU (cores) | targets CPU (cores) | machine idle | errors |",
+              "| server | figure | server CPU (cores) | clients CPU (cores) | targets CPU (cores) "
+              "| machine idle | errors |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for name, v in results.items():
         if not isinstance(v, dict):
             continue
         for k, r in v.items():
-            lines.append(f"| {name} | {k} | {r['server_cpu'] / r['seconds']:.2f} | "
-                         f"{r['cpu'] / r['seconds']:.2f} | {r['targets_cpu'] / r['seconds']:.2f} | {r['idle']:.0%} | {r['errors']} |")
+            s = r["seconds"]
+            lines.append(f"| {name} | {k} | {r['server_cpu'] / s:.2f} | {r['cpu'] / s:.2f} | "
+                         f"{r['targets_cpu'] / s:.2f} | {r['idle']:.0%} | {r['errors']} |")
     return "\n".join(lines)
 
 
@@ -321,8 +323,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="CONNECT-rate window")
     ap.add_argument("--bulk-seconds", type=float, default=3.0, help="bulk and UDP windows")
-    ap.add_argument("--connect-workers", type=int, default=8)
-    ap.add_argument("--udp-workers", type=int, default=4)
+    ap.add_argument("--connect-workers", type=int, default=16)
+    ap.add_argument("--udp-workers", type=int, default=8)
     ap.add_argument("--streams", type=int, default=1, help="parallel bulk streams")
     ap.add_argument("--only", choices=("dante", "narsuite"))
     args = ap.parse_args()

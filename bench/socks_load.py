@@ -37,7 +37,8 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["free_port", "Targets", "run_workers", "connect_worker", "upload_worker",
            "download_worker", "udp_worker", "socks_connect", "udp_associate"]
@@ -379,7 +380,7 @@ def udp_worker(proxy: tuple[str, int], target: tuple[str, int], t_start: float, 
                 data = u.recv(2048)
                 if data[-32:] == body:
                     break
-        except socket.timeout:
+        except TimeoutError:
             errors += 1
             last_error = "timeout (datagram lost)"
             continue
