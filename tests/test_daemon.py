@@ -108,8 +108,8 @@ def test_role_resolution_lists_repeats_all_and_order() -> None:
 
 def test_unimplemented_and_unknown_roles_are_refused() -> None:
     r = registry_with_demo()
-    with pytest.raises(RoleError, match="'nar' role is not implemented in this build.*implemented roles: demo"):
-        r.resolve(["demo,nar"])
+    with pytest.raises(RoleError, match="'mipproxy' role is not implemented in this build.*implemented roles: demo"):
+        r.resolve(["demo,mipproxy"])
     with pytest.raises(RoleError, match="unknown role 'socks'"):
         r.resolve(["socks"])
 
@@ -239,10 +239,10 @@ def test_twistd_refuses_bad_config_before_binding(tmp_path: Path) -> None:
 
 def test_twistd_refuses_unimplemented_role(tmp_path: Path) -> None:
     f = _write_config(tmp_path)
-    out = subprocess.run(["twistd", "-n", "--pidfile=", "narsuite", "--config", str(f), "--role=nar"],
+    out = subprocess.run(["twistd", "-n", "--pidfile=", "narsuite", "--config", str(f), "--role=mipproxy"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode != 0
-    assert "'nar' role is not implemented" in out.stdout + out.stderr
+    assert "'mipproxy' role is not implemented" in out.stdout + out.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -1,0 +1,99 @@
+"""The nar role: a SOCKS5 server on TCP 1080 that also lends Nb (NAR)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import internet, service
+
+from narsuite.control.commands import Command, Table
+from narsuite.nar.config import NarConfig
+from narsuite.nar.records import KINDS, MAPPING, SESSION
+from narsuite.nar.server import SocksFactory
+from narsuite.roles import RoleSpec
+
+__all__ = ["ROLE", "NarService"]
+
+
+class NarService(service.MultiService):
+    """Owns the SOCKS listening port and, with NAR enabled, the raw-socket data plane."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__()
+        cfg: NarConfig = ctx.role_config
+        self.handler = None
+        self.dataplane = None
+        if cfg.nar.enabled:
+            from narsuite.nar.dataplane import NarDataPlane
+            from narsuite.nar.session import NarHandler
+
+            self.handler = NarHandler(cfg.nar, ctx.store, ctx.reactor)
+            self.dataplane = NarDataPlane(cfg.nar, ctx.store, ctx.reactor)
+            self.dataplane.setName("dataplane")
+            self.dataplane.setServiceParent(self)
+            ctx.metrics.watch_counters("nar", "nar_events", "NAR negotiation events", "event",
+                                       lambda: dict(self.handler.counters))
+            ctx.metrics.watch_counters("nar", "dataplane_events", "NAR data-plane events", "event",
+                                       self.dataplane.counters_dict)
+        self.factory = SocksFactory(cfg, ctx.store, ctx.metrics, ctx.reactor, nar_handler=self.handler)
+        port = internet.TCPServer(cfg.port, self.factory, interface=cfg.listen)
+        port.setName("socks")
+        port.setServiceParent(self)
+        ctx.namespace.update(service=self, factory=self.factory, handler=self.handler,
+                             dataplane=self.dataplane)
+
+
+def _svc(daemon: Any) -> NarService:
+    return daemon.namespace["nar"]["service"]
+
+
+def _sessions(daemon: Any) -> Table:
+    rows = []
+    for s in daemon.store.records(SESSION.name):
+        n = len(daemon.store.lookup_all(MAPPING.name, "session", s.id))
+        flags = "+".join(f for f, on in (("translated", s.translated), ("gre", s.gre)) if on) or "ipip"
+        rows.append((s.id, s.client, s.remote, s.lent, flags, s.user or "-", n))
+    return Table(("session", "client", "remote", "lent", "delivery", "user", "mappings"),
+                 tuple(sorted(rows)), title="nar sessions")
+
+
+def _mappings(daemon: Any) -> Table:
+    rows = []
+    for m in daemon.store.records(MAPPING.name):
+        if m.kind == "icmp":
+            what = f"id {m.icmp_id}"
+        elif m.kind == "ipsec":
+            what = f"{'esp' if m.proto == 50 else 'ah'} spi {m.spi:#010x}"
+        elif m.kind == "tunnel":
+            what = f"{'ipip' if m.proto == 4 else 'gre'} inner {m.inner}"
+        else:
+            what = f"port {m.port}"
+        mode = "translated" if m.translated else f"end-to-end/{m.encap}"
+        rows.append((m.id, m.kind, what, m.client, m.remote, m.lent, mode))
+    return Table(("mapping", "kind", "tuple", "client", "remote", "lent", "delivery"),
+                 tuple(sorted(rows)), title="nar mappings")
+
+
+def _stats(daemon: Any) -> Table:
+    svc = _svc(daemon)
+    rows = [(f"socks.{k}", v) for k, v in sorted(svc.factory.counters.items()) if v]
+    if svc.handler is not None:
+        rows += [(f"nar.{k}", v) for k, v in sorted(svc.handler.counters.items())]
+    if svc.dataplane is not None:
+        rows += [(f"dataplane.{k}", v) for k, v in sorted(svc.dataplane.counters_dict().items())]
+    return Table(("counter", "value"), tuple(rows), title="nar counters")
+
+
+ROLE = RoleSpec(
+    name="nar",
+    description="SOCKS5 server and Negotiated Address Reuse (draft-montenegro-aatn-nar-01)",
+    config_class=NarConfig,
+    make_service=NarService,
+    kinds=KINDS,
+    commands=(
+        Command("nar sessions", "NAR-mode control connections: client, remote, address lent, delivery",
+                _sessions),
+        Command("nar mappings", "live NAR mappings (section 2.6 tuples) and their delivery", _mappings),
+        Command("nar stats", "SOCKS, NAR and data-plane counters", _stats),
+    ),
+)
