@@ -1,0 +1,265 @@
+"""The nar role end to end in the X—N—Y lab: twistd on N, narsuite-nar-client on X,
+real traffic from Y built with scapy, checked on X with raw sockets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from narsuite.lab.daemon import NarsuiteDaemon
+
+PASSWORD = "nar secret"
+ESP_KEY = "11" * 16 + "aabbccdd"  # AES-GCM-128 + salt, Y -> X
+
+
+def start_n(t, tmp: Path, extra: str = "") -> NarsuiteDaemon:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+    cfg = tmp / "narsuite.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [daemon]
+        state_dir = "state"
+        runtime_dir = "run"
+        [store]
+        backend = "memory"
+        [metrics]
+        enabled = false
+        [nar]
+        listen = "{t.n_private}"
+        methods = ["password"]
+        [nar.users]
+        alice = "{hashed}"
+        [[nar.rules]]
+        action = "pass"
+        clients = ["{t.private_net}"]
+        [nar.nar]
+        enabled = true
+        lent_address = "{t.n_public}"
+        """) + extra)
+    return NarsuiteDaemon(t.n, cfg, roles="nar").start()
+
+
+class Client:
+    """narsuite-nar-client on X, holding its mappings until stopped."""
+
+    def __init__(self, t, *args: str) -> None:
+        self.host = t.x
+        self.proc = t.x.popen(["narsuite-nar-client", "--server", t.n_private, "--remote", t.y_addr,
+                               "--user", "alice", "--password", PASSWORD, *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line, self.proc.stderr.read()
+        self.result = json.loads(line)
+        assert "error" not in self.result, self.result
+
+    def stop(self) -> None:
+        self.host.stop(self.proc)
+
+
+LISTENER = textwrap.dedent("""
+    import json, select, socket, sys, time
+    protos = [int(p) for p in sys.argv[1].split(",")]
+    deadline = time.time() + float(sys.argv[2])
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_RAW, p) for p in protos]
+    print("READY", flush=True)
+    while time.time() < deadline:
+        r, _, _ = select.select(socks, [], [], max(0, deadline - time.time()))
+        for s in r:
+            data, addr = s.recvfrom(65535)
+            print(json.dumps({"proto": data[9], "src": socket.inet_ntoa(data[12:16]),
+                              "dst": socket.inet_ntoa(data[16:20]), "hex": data.hex()}), flush=True)
+""")
+
+
+def listen(host, tmp: Path, protos: str, seconds: float):
+    script = tmp / "listener.py"
+    script.write_text(LISTENER)
+    proc = host.popen([sys.executable, str(script), protos, str(seconds)], stdout=subprocess.PIPE,
+                      text=True)
+    assert proc.stdout.readline().strip() == "READY"
+    return proc
+
+
+def collected(proc) -> list[dict]:
+    out, _ = proc.communicate(timeout=30)
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def y_send(t, tmp: Path, code: str) -> None:
+    """Run scapy on Y; ``code`` builds ``packets`` (a list of scapy IP packets) to send raw."""
+    script = tmp / "y_send.py"
+    script.write_text("import socket\nfrom scapy.all import *\n"
+                      "from scapy.layers.ipsec import SecurityAssociation, ESP\n" + code + textwrap.dedent("""
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        for p in packets:
+            s.sendto(bytes(p), (p[IP].dst, 0))
+        """))
+    t.y.run([sys.executable, str(script)], timeout=60)
+
+
+def esp_from_y(t, spi: int, marker: str) -> str:
+    return textwrap.dedent(f"""
+        sa = SecurityAssociation(ESP, spi={spi}, crypt_algo="AES-GCM", crypt_key=bytes.fromhex("{ESP_KEY}"),
+                                 tunnel_header=IP(src="{t.y_addr}", dst="{t.n_public}"))
+        packets = [sa.encrypt(IP(src="172.16.0.1", dst="172.16.0.2") / UDP(dport=9) / b"{marker}")]
+        """)
+
+
+def decrypt_at_x(hex_packet: str, spi: int) -> bytes:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+
+    pkt = IP(bytes.fromhex(hex_packet))
+    sa = SecurityAssociation(ESP, spi=spi, crypt_algo="AES-GCM", crypt_key=bytes.fromhex(ESP_KEY),
+                             tunnel_header=IP(src=pkt.src, dst=pkt.dst))
+    return bytes(sa.decrypt(pkt)[UDP].payload)
+
+
+def test_curl_through_the_role_and_narctl(nar_topo, tmp_path):
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    web = t.y.popen([sys.executable, "-m", "http.server", "8080", "--bind", t.y_addr,
+                     "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "hello.txt").write_text("hello from Y\n")
+    t.y.wait_port(8080)
+    out = t.x.run(["curl", "-sS", "-m", "10", "--socks5-hostname", f"{t.n_private}:1080",
+                   "--proxy-user", f"alice:{PASSWORD}", f"http://{t.y_addr}:8080/hello.txt"])
+    assert out.stdout == "hello from Y\n"
+    bad = t.x.run(["curl", "-sS", "-m", "10", "--socks5-hostname", f"{t.n_private}:1080",
+                   "--proxy-user", "alice:wrong", f"http://{t.y_addr}:8080/hello.txt"], check=False)
+    assert bad.returncode != 0
+    stats = {r["counter"]: r["value"] for r in n.rows("nar", "stats")}
+    assert stats["socks.reply_succeeded"] == 1 and stats["socks.auth_failures"] == 1
+    t.y.stop(web)
+    n.terminate()
+
+
+@pytest.mark.parametrize("translated", [False, True])
+def test_nar_ipsec_two_clients_distinct_spis(nar_topo, tmp_path, translated):
+    """Y sends ESP to Nb with each negotiated SPI; X receives and decrypts both."""
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    flags = ["--translated"] if translated else ["--tun"]
+    c1 = Client(t, "--ipsec", "esp", *flags)
+    c2 = Client(t, "--ipsec", "esp", *(["--translated"] if translated else []))
+    spi1, spi2 = c1.result["ipsec"][0]["spi"], c2.result["ipsec"][0]["spi"]
+    assert spi1 != spi2 and min(spi1, spi2) > 255
+    assert c1.result["translated"] is translated and c1.result["lent"] == t.n_public
+    mappings = n.rows("nar", "mappings")
+    assert len(mappings) == 2 and all(m["client"] == t.x_addr for m in mappings)
+    lst = listen(t.x, tmp_path, "50", 4)
+    y_send(t, tmp_path, esp_from_y(t, spi1, "one") + "p1 = packets\n" + esp_from_y(t, spi2, "two")
+           + "packets = p1 + packets\n")
+    got = [p for p in collected(lst) if p["proto"] == 50]
+    by_spi = {int(p["hex"][40:48], 16): p for p in got}
+    assert set(by_spi) >= {spi1} | ({spi2} if translated else set())
+    # end-to-end: the ESP packet comes out of X's TUN as Y sent it (Yb -> Nb);
+    # translated: N rewrote the destination to Xa
+    want_dst = t.x_addr if translated else t.n_public
+    assert by_spi[spi1]["src"] == t.y_addr and by_spi[spi1]["dst"] == want_dst
+    assert decrypt_at_x(by_spi[spi1]["hex"], spi1) == b"one"
+    if translated:
+        assert decrypt_at_x(by_spi[spi2]["hex"], spi2) == b"two"
+    c1.stop()
+    c2.stop()
+    n.terminate()
+
+
+PINGER = textwrap.dedent("""
+    import socket, struct, sys, time
+    from scapy.layers.inet import ICMP
+    src, dst, ident = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.bind((src, 0)); s.settimeout(3)
+    s.sendto(bytes(ICMP(type=8, id=ident, seq=1) / b"nar-ping"), (dst, 0))
+    end = time.time() + 3
+    while time.time() < end:
+        try:
+            data, addr = s.recvfrom(2048)
+        except socket.timeout:
+            break
+        icmp = data[(data[0] & 15) * 4:]
+        if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+            print("REPLY", addr[0], socket.inet_ntoa(data[16:20])); break
+""")
+
+
+def test_icmp_mapping_ping_from_the_borrowed_address(nar_topo, tmp_path):
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    c = Client(t, "--icmp", "4242", "--tun")
+    assert c.result["icmp"] == [4242]
+    (tmp_path / "pinger.py").write_text(PINGER)
+    out = t.x.run([sys.executable, str(tmp_path / "pinger.py"), t.n_public, t.y_addr, "4242"])
+    assert f"REPLY {t.y_addr} {t.n_public}" in out.stdout
+    stats = {r["counter"]: r["value"] for r in n.rows("nar", "stats")}
+    assert stats["dataplane.out_forwarded"] >= 1 and stats["dataplane.in_end_to_end"] >= 1
+    c.stop()
+    n.terminate()
+
+
+@pytest.mark.parametrize("translated", [False, True])
+def test_tunnels_from_a_home_agent(nar_topo, tmp_path, translated):
+    """Y sends IP-in-IP (Yb->Nb | CN->Xb) and GRE; X gets the inner packet in both modes."""
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    c = Client(t, "--tunnel", "10.2.0.100:4", "--tunnel", "10.2.0.101:47",
+               *(["--translated"] if translated else ["--tun"]))
+    assert c.result["tunnel"] == ["10.2.0.100", "10.2.0.101"]
+    lst = listen(t.x, tmp_path, "4,47", 4)
+    y_send(t, tmp_path, textwrap.dedent(f"""
+        inner1 = IP(src="198.18.0.1", dst="10.2.0.100") / UDP(sport=5, dport=6) / b"via-ipip"
+        inner2 = IP(src="198.18.0.1", dst="10.2.0.101") / UDP(sport=5, dport=6) / b"via-gre"
+        packets = [IP(src="{t.y_addr}", dst="{t.n_public}", proto=4) / inner1,
+                   IP(src="{t.y_addr}", dst="{t.n_public}") / GRE(proto=0x0800) / inner2]
+        """))
+    got = collected(lst)
+    from scapy.layers.inet import IP, UDP
+
+    def inner_of(p):
+        pkt = IP(bytes.fromhex(p["hex"]))
+        if p["proto"] == 47:
+            return IP(bytes(pkt.payload)[4:])
+        return IP(bytes(pkt.payload))
+
+    seen: dict[bytes, set] = {}
+    for p in got:
+        try:
+            inner = inner_of(p)
+        except Exception:
+            continue
+        if inner.haslayer(UDP) and inner[UDP].dport == 6:
+            seen.setdefault(bytes(inner[UDP].payload), set()).add((p["src"], p["dst"], inner.dst))
+    if translated:  # draft figure: Na->Xa | CN->Xb
+        assert (t.n_private, t.x_addr, "10.2.0.100") in seen[b"via-ipip"]
+        assert (t.n_private, t.x_addr, "10.2.0.101") in seen[b"via-gre"]
+    else:  # end-to-end: X's TUN hands over the tunnel packet as Y sent it
+        assert (t.y_addr, t.n_public, "10.2.0.100") in seen[b"via-ipip"], seen
+        assert (t.y_addr, t.n_public, "10.2.0.101") in seen[b"via-gre"], seen
+    c.stop()
+    n.terminate()
+
+
+def test_mappings_vanish_with_the_control_connection(nar_topo, tmp_path):
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    c = Client(t, "--ipsec", "esp", "--icmp", "0")
+    spi = c.result["ipsec"][0]["spi"]
+    assert len(n.rows("nar", "mappings")) == 2 and len(n.rows("nar", "sessions")) == 1
+    c.stop()
+    deadline = time.monotonic() + 1.0
+    while n.rows("nar", "mappings") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert n.rows("nar", "mappings") == [] and n.rows("nar", "sessions") == []
+    y_send(t, tmp_path, esp_from_y(t, spi, "late"))
+    time.sleep(0.3)
+    stats = {r["counter"]: r["value"] for r in n.rows("nar", "stats")}
+    assert stats["dataplane.drop_no_mapping"] >= 1
+    assert n.alive()
+    n.terminate()
