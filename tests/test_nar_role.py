@@ -263,3 +263,31 @@ def test_mappings_vanish_with_the_control_connection(nar_topo, tmp_path):
     assert stats["dataplane.drop_no_mapping"] >= 1
     assert n.alive()
     n.terminate()
+
+
+def test_tshark_reads_the_socks_exchange_and_deliveries(nar_topo, tmp_path):
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    lan = tmp_path / "lan.pcap"
+    cap = t.n.popen(["dumpcap", "-q", "-i", "lan0", "-f", "tcp port 1080 or ip proto 4 or ip proto 47",
+                     "-w", str(lan)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    c = Client(t, "--ipsec", "esp", "--tunnel", "10.2.0.100:4", "--tun")
+    spi = c.result["ipsec"][0]["spi"]
+    y_send(t, tmp_path, esp_from_y(t, spi, "wire") + textwrap.dedent(f"""
+        packets.append(IP(src="{t.y_addr}", dst="{t.n_public}", proto=4)
+                       / IP(src="198.18.0.1", dst="10.2.0.100") / UDP(sport=5, dport=6) / b"x")
+        """))
+    time.sleep(0.5)
+    c.stop()
+    time.sleep(0.5)
+    t.n.stop(cap)
+    fields = ["frame.protocols", "socks.command", "_ws.malformed", "_ws.expert.message"]
+    out = t.n.run(["tshark", "-r", str(lan), "-T", "fields", *sum((["-e", f] for f in fields), [])]).stdout
+    lines = [line for line in out.splitlines() if line.strip()]
+    protocols = [line.split("\t")[0] for line in lines]
+    assert any(p.endswith(":socks") for p in protocols), out  # the SOCKS5 negotiation
+    assert any(p.endswith("ip:ip:esp") for p in protocols), out  # ESP delivered in IP-in-IP
+    assert any(p.endswith("ip:ip:ip:udp:data") for p in protocols), out  # the home agent's tunnel
+    assert not [line for line in lines if "malformed" in line.lower()], out
+    n.terminate()
