@@ -31,6 +31,8 @@ import struct
 
 import attrs
 
+from narsuite.nar import socks
+
 __all__ = [
     "NAR_VERSION", "SOCKS_VERSION",
     "FLAG_TRANSLATED", "FLAG_GRE", "FLAG_L2TP",
@@ -136,7 +138,11 @@ class SocksRequest:
 
 
 def _parse_addr(buf: bytes, at: int) -> tuple[int, str, int] | None:
-    """(atyp, addr, end) of ATYP + address at ``at``; None if incomplete."""
+    """(atyp, addr, end) of ATYP + address at ``at``; None if incomplete.
+
+    Unlike the SOCKS codec's ``parse_address`` this accepts any domain-name bytes
+    (decoded as latin-1): a NAR command carrying an odd LTUN.ADDR is answered 0x08
+    with its framing kept, where the SOCKS server closes the connection."""
     if len(buf) <= at:
         return None
     atyp = buf[at]
@@ -304,8 +310,8 @@ def encode_socks_reply(rep: int, flags: int = 0, addr: str = "0.0.0.0", port: in
     """A SOCKS5 reply with ATYP 1: VER 5, REP, RSV (= NAR FLAG), BND.ADDR, BND.PORT.
 
     The NAR-MODE reply is ``encode_socks_reply(0, granted_flags, Nb, 0)``."""
-    return (bytes((SOCKS_VERSION, _byte(rep, "REP"), _byte(flags, "FLAG"), ATYP_IPV4))
-            + ipaddress.IPv4Address(addr).packed + _H.pack(port))
+    ipaddress.IPv4Address(addr)  # NAR-MODE replies carry IPv4 (Nb)
+    return socks.encode_reply(_byte(rep, "REP"), addr, port, _byte(flags, "FLAG"))
 
 
 def encode_error(code: int) -> bytes:
