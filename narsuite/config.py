@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from narsuite.schema import ConfigError, build, in_range, one_of, setting
+from narsuite.schema import ConfigError, build, in_range, ip_address, one_of, setting
 
 __all__ = [
     "Config",
@@ -40,12 +40,6 @@ __all__ = [
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "narsuite.toml"
 
 
-def _loopback_only(key: str, value: str) -> None:
-    """Control planes stay on loopback unless the operator says so explicitly."""
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ConfigError(key, f"got {value!r}; expected an IP address such as \"127.0.0.1\"") from None
 
 
 @attrs.frozen
@@ -96,14 +90,14 @@ class ControlConfig:
 @attrs.frozen
 class MetricsConfig:
     enabled: bool = setting(True)
-    listen: str = setting("127.0.0.1", check=_loopback_only)
+    listen: str = setting("127.0.0.1", check=ip_address())
     port: int = setting(9470, check=in_range(0, 65535))
 
 
 @attrs.frozen
 class ManholeConfig:
     enabled: bool = setting(False)
-    listen: str = setting("127.0.0.1", check=_loopback_only)
+    listen: str = setting("127.0.0.1", check=ip_address())
     port: int = setting(2222, check=in_range(0, 65535))
     host_key: Path | None = setting(
         None, doc="SSH host key (PEM/OpenSSH); generated at <state_dir>/manhole_host_key if absent."

@@ -26,6 +26,7 @@ __all__ = [
     "build",
     "one_of",
     "in_range",
+    "ip_address",
     "describe_type",
 ]
 
@@ -74,6 +75,24 @@ def in_range(low: float | None = None, high: float | None = None) -> Check:
             lo = "-inf" if low is None else low
             hi = "inf" if high is None else high
             raise ConfigError(key, f"got {value!r}; expected a number in [{lo}, {hi}]")
+
+    return check
+
+
+def ip_address(version: int | None = None) -> Check:
+    """Check an address string (empty allowed: "not set"); ``version`` 4 or 6 restricts it."""
+    want = {4: "an IPv4 address", 6: "an IPv6 address"}.get(version or 0, "an IP address")
+
+    def check(key: str, value: str) -> None:
+        if not value:
+            return
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            ip = None
+        if ip is None or (version is not None and ip.version != version):
+            example = '"2001:db8::1"' if version == 6 else '"192.0.2.1"'
+            raise ConfigError(key, f"got {value!r}; expected {want} such as {example}")
 
     return check
 

@@ -8,7 +8,7 @@ import re
 import attrs
 
 from narsuite.esp.records import CHECKSUM_POLICIES, ENCAPS, MODES, POLICIES
-from narsuite.schema import ConfigError, in_range, one_of, setting
+from narsuite.schema import ConfigError, in_range, ip_address, one_of, setting
 
 __all__ = ["EspConfig", "PeerConfig", "ENCRYPTIONS", "INTEGRITIES"]
 
@@ -25,14 +25,6 @@ def _hex(key: str, value: str) -> None:
 def hexbytes(value: str) -> bytes:
     v = value.replace(":", "")
     return bytes.fromhex(v[2:] if v.startswith("0x") else v)
-
-
-def _ip(key: str, value: str) -> None:
-    if value:
-        try:
-            ipaddress.IPv4Address(value)
-        except ValueError:
-            raise ConfigError(key, f"got {value!r}; expected an IPv4 address") from None
 
 
 @attrs.frozen
@@ -54,14 +46,14 @@ class PeerConfig:
     encap: str = setting("udp", check=one_of(*ENCAPS))
     remote: str = setting("", doc="\"ip\" or \"ip:port\"; learned from authenticated packets when empty.")
     policy: str = setting("address", check=one_of(*POLICIES))
-    address: str = setting("", check=_ip, doc="Inner address of the peer (policy address).")
+    address: str = setting("", check=ip_address(4), doc="Inner address of the peer (policy address).")
     pool: str = setting("", doc="Lease the inner address from this [store.pools] pool.")
     allowed: tuple[ipaddress.IPv4Network, ...] = setting((), doc="Inner source space (policy space).")
     keepalive: str = setting("auto", check=one_of("auto", "on", "off"))
     behind_nat: bool = setting(False, doc="This side is behind a NAT (as IKE would detect).")
-    local_address: str = setting("", check=_ip, doc="Transport mode: our address for the peer.")
-    nat_oa_remote: str = setting("", check=_ip)
-    nat_oa_local: str = setting("", check=_ip)
+    local_address: str = setting("", check=ip_address(4), doc="Transport mode: our address for the peer.")
+    nat_oa_remote: str = setting("", check=ip_address(4))
+    nat_oa_local: str = setting("", check=ip_address(4))
     checksum: str = setting("incremental", check=one_of(*CHECKSUM_POLICIES))
     selector_proto: int = setting(0, check=in_range(0, 255))
     selector_port: int = setting(0, check=in_range(0, 65535))
@@ -86,7 +78,7 @@ class PeerConfig:
             raise ConfigError(f"{key}.local_address", "transport mode needs our local address")
         if self.remote:
             ip, _, port = self.remote.partition(":")
-            _ip(f"{key}.remote", ip)
+            ip_address(4)(f"{key}.remote", ip)
             if port and not (port.isdigit() and 0 < int(port) < 65536):
                 raise ConfigError(f"{key}.remote", f"bad port in {self.remote!r}")
 
@@ -102,7 +94,7 @@ class PeerConfig:
 @attrs.frozen
 class EspConfig:
     port: int = setting(4500, check=in_range(1, 65535), doc="UDP-encapsulated ESP (RFC 3948).")
-    listen: str = setting("", check=_ip, doc="Address to bind; all when empty.")
+    listen: str = setting("", check=ip_address(4), doc="Address to bind; all when empty.")
     raw_esp: bool = setting(True, doc="Also IP protocol 50, for peers not behind a NAT.")
     draft_port: int = setting(0, check=in_range(0, 65535),
                               doc="500 enables the 004 draft's ESP on UDP 500 behind 8 zero bytes.")
@@ -114,7 +106,7 @@ class EspConfig:
                                         doc="M: seconds without traffic before a keepalive.")
     keepalive_linger: float = setting(300.0, check=in_range(0, 86400),
                                       doc="N: keep sending this long after the last SA went.")
-    napt_address: str = setting("", check=_ip, doc="G_i for policy napt (routed to the TUN).")
+    napt_address: str = setting("", check=ip_address(4), doc="G_i for policy napt (routed to the TUN).")
     napt_ports: tuple[int, ...] = setting((20000, 59999))
     napt_timeout: float = setting(300.0, check=in_range(1, 86400))
     lease_time: float = setting(0.0, check=in_range(0, 10**7),

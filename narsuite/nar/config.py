@@ -8,20 +8,12 @@ from types import MappingProxyType
 
 import attrs
 
-from narsuite.schema import ConfigError, in_range, one_of, setting
+from narsuite.schema import ConfigError, in_range, ip_address, one_of, setting
 
 __all__ = ["NarConfig", "Rule", "NarOptions", "COMMANDS"]
 
 #: Rule "commands": the three SOCKS commands and NAR-MODE.
 COMMANDS = ("connect", "bind", "udp", "nar")
-
-
-def _ip(key: str, value: str) -> None:
-    if value:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ConfigError(key, f"got {value!r}; expected an IP address") from None
 
 
 def _ports(key: str, value: tuple[str, ...]) -> None:
@@ -66,7 +58,7 @@ class NarOptions:
     codes "TBD": ours are below, configurable, documented in docs/roles/nar.md."""
 
     enabled: bool = setting(True, doc="Answer NAR-MODE; when false it is \"command not supported\".")
-    lent_address: str = setting("", check=_ip, doc="Nb, the address lent to clients (required).")
+    lent_address: str = setting("", check=ip_address(), doc="Nb, the address lent to clients (required).")
     public_interface: str = setting("", doc="Interface carrying Nb (for the raw sockets).")
     mode_command: int = setting(0x80, check=in_range(0x04, 0xFF), doc="SOCKS CMD of NAR-MODE.")
     icmp_command: int = setting(0x01, check=in_range(0, 0xFF), doc="NAR CMD of ICMP-ASSOCIATE.")
@@ -92,7 +84,7 @@ class NarOptions:
 
 @attrs.frozen
 class NarConfig:
-    listen: str = setting("0.0.0.0", check=_ip)
+    listen: str = setting("0.0.0.0", check=ip_address())
     port: int = setting(1080, check=in_range(1, 65535))
     methods: tuple[str, ...] = setting(("none",), doc="none and/or password, in order of preference.")
     users: Mapping[str, str] = setting(factory=lambda: MappingProxyType({}),
