@@ -58,7 +58,7 @@ class NarOptions:
     codes "TBD": ours are below, configurable, documented in docs/roles/nar.md."""
 
     enabled: bool = setting(True, doc="Answer NAR-MODE; when false it is \"command not supported\".")
-    lent_address: str = setting("", check=ip_address(), doc="Nb, the address lent to clients (required).")
+    lent_address: str = setting("", check=ip_address(4), doc="Nb (IPv4), the address lent to clients.")
     public_interface: str = setting("", doc="Interface carrying Nb (for the raw sockets).")
     mode_command: int = setting(0x80, check=in_range(0x04, 0xFF), doc="SOCKS CMD of NAR-MODE.")
     icmp_command: int = setting(0x01, check=in_range(0, 0xFF), doc="NAR CMD of ICMP-ASSOCIATE.")
