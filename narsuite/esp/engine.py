@@ -130,7 +130,7 @@ class EspEngine:
 
     def _install(self, sa: Any) -> None:
         integ = sa.integ or None
-        state = self._state.setdefault(sa.peer, _PeerState())
+        state = self.peer_state(sa.peer)
         if sa.direction == "in":
             self._inbound[sa.spi] = (
                 transform.InboundSA(sa.spi, sa.enc, sa.enc_key, integ, sa.integ_key, esn=sa.esn,
@@ -166,7 +166,10 @@ class EspEngine:
         return self._outbound.get(peer)
 
     def peer_state(self, peer: str) -> _PeerState:
-        return self._state.setdefault(peer, _PeerState())
+        state = self._state.get(peer)  # no new object per packet: only the first time
+        if state is None:
+            state = self._state[peer] = _PeerState()
+        return state
 
     # -------------------------------------------------------------- inbound
     def keepalive_received(self, addr: tuple[str, int]) -> None:
