@@ -54,16 +54,17 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IResolutionReceiver
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, ServerFactory
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol, ServerFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from narsuite.logs import logger
+from narsuite import logs
+from narsuite.logs import LEVELS, logger
 from narsuite.nar import socks
 from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
+from narsuite.nar.fastio import write_now
 from narsuite.nar.rules import RuleSet
 from narsuite.schema import ConfigError
 
@@ -202,6 +203,8 @@ class _Outbound(Protocol):
     def connectionMade(self) -> None:
         if self.bind:
             self.socks._bind_peer_connected(self)
+        else:
+            self.socks._connected(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.socks._from_outbound(data)
@@ -210,12 +213,57 @@ class _Outbound(Protocol):
         self.socks._outbound_lost(self)
 
 
-class _OutboundFactory(Factory):
+class _OutboundFactory(ClientFactory):
+    """One CONNECT attempt.  A plain ``connectTCP`` with this factory rather than an
+    endpoint: no Deferred chain and no factory start/stop log per connection (the
+    CONNECT path is the server's hot path, see docs/bench-socks.md)."""
+
+    noisy = False
+
     def __init__(self, socks_proto: SocksProtocol) -> None:
         self.socks = socks_proto
 
     def buildProtocol(self, addr: Any) -> _Outbound:
         return _Outbound(self.socks)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.socks._connect_failed(self, reason)
+
+
+class _Decisions:
+    """``RuleSet.check`` with a bounded cache of decisions that would not be logged.
+
+    Every decision is still logged exactly as :meth:`RuleSet.check` logs it:
+    the cache answers only while the decision's log level is filtered out (a
+    busy server at the usual ``[log] level``); otherwise the rule set is asked
+    again and logs.  Rules are fixed for the life of a factory, so a cached
+    answer cannot go stale.
+    """
+
+    MAX = 8192
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+        self.cache: dict[tuple[Any, ...], tuple[bool, Any]] = {}
+        self.namespace = getattr(rules.log, "namespace", "")
+        self.predicate = getattr(logs, "_predicate", None)
+
+    def _quiet(self, level: Any) -> bool:
+        p = self.predicate
+        return p is not None and level < p.logLevelForNamespace(self.namespace)
+
+    def check(self, client: str, user: str, command: str, dest: str | None, port: int | None,
+              name: str | None = None) -> bool:
+        key = (client, user, command, dest, port, name)
+        hit = self.cache.get(key)
+        if hit is not None and self._quiet(hit[1]):
+            return hit[0]
+        d = self.rules.check(client, user, command, dest, port, name)
+        level = LEVELS[d.rule.log if d.rule is not None and d.rule.log else self.rules.default_level]
+        if len(self.cache) >= self.MAX:
+            self.cache.clear()
+        self.cache[key] = (d.allowed, level)
+        return d.allowed
 
 
 class _BindFactory(ServerFactory):
@@ -246,7 +294,9 @@ class _UdpRelay(DatagramProtocol):
         self.f = socks_proto.factory
         self.client_ip = client_ip
         self.client_port = client_port  # 0: learnt from the first datagram
-        self.peers: set[tuple[str, int]] = set()  # destinations the client sent to
+        # destinations the client sent to -> the SOCKS UDP header for their replies
+        self.peers: dict[tuple[str, int], bytes] = {}
+        self.client_ips: dict[str, bool] = {}  # source address -> is the client's (cache)
         self.decisions: dict[tuple[str, int], bool] = {}
         self.names: dict[str, str] = {}
         self.resolving: dict[str, list[tuple[int, bytes]]] = {}
@@ -259,20 +309,32 @@ class _UdpRelay(DatagramProtocol):
             log.failure("socks udp relay: unexpected error")
 
     def _received(self, data: bytes, ip: str, port: int) -> None:
-        self.socks._touch()
-        if _same_ip(ip, self.client_ip) and (self.client_port in (0, port)):
+        self.socks._last = self.socks.reactor.seconds()
+        is_client = self.client_ips.get(ip)
+        if is_client is None:
+            is_client = _same_ip(ip, self.client_ip)
+            if len(self.client_ips) < 64:
+                self.client_ips[ip] = is_client
+        counters = self.f.counters
+        if is_client and (self.client_port in (0, port)):
             self.client_port = port
             self._from_client(data)
-        elif (ip, port) in self.peers:
+            return
+        header = self.peers.get((ip, port))
+        if header is not None:
             if not self.client_port:
                 return
-            self.f.count("udp_datagrams_in")
-            self.f.count("bytes_down", len(data))
-            self._send(socks.encode_udp(ip, port, data), (self.client_ip, self.client_port))
+            counters["udp_datagrams_in"] += 1
+            counters["bytes_down"] += len(data)
+            self._send(header + data, (self.client_ip, self.client_port))
         else:
-            self.f.count("udp_dropped")
+            counters["udp_dropped"] += 1
 
     def _from_client(self, data: bytes) -> None:
+        # Fast path: FRAG 0, IPv4 destination (what the codec would parse, without ipaddress).
+        if len(data) >= 10 and data[3] == socks.ATYP_IPV4 and data[2] == 0:
+            self._out(socket.inet_ntoa(data[4:8]), int.from_bytes(data[8:10], "big"), data[10:], None)
+            return
         try:
             dg = socks.parse_udp(data)
         except socks.SocksError as e:
@@ -326,7 +388,7 @@ class _UdpRelay(DatagramProtocol):
         key = (ip, port)
         allowed = self.decisions.get(key)
         if allowed is None:
-            allowed = self.f.rules.check(self.socks.client, self.socks.user, "udp", ip, port, name).allowed
+            allowed = self.f.decide.check(self.socks.client, self.socks.user, "udp", ip, port, name)
             if len(self.decisions) > self.MAX_CACHE:
                 self.decisions.clear()
             self.decisions[key] = allowed
@@ -335,10 +397,11 @@ class _UdpRelay(DatagramProtocol):
         if not allowed:
             self.f.count("udp_dropped")
             return
-        if len(self.peers) < self.MAX_CACHE:
-            self.peers.add(key)
-        self.f.count("udp_datagrams_out")
-        self.f.count("bytes_up", len(data))
+        if key not in self.peers and len(self.peers) < self.MAX_CACHE:
+            self.peers[key] = socks.encode_udp(ip, port, b"")
+        counters = self.f.counters
+        counters["udp_datagrams_out"] += 1
+        counters["bytes_up"] += len(data)
         self._send(data, key)
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -366,6 +429,8 @@ class SocksProtocol(Protocol):
         self.request: socks.Request | None = None
         self.outbound: _Outbound | None = None
         self._timer: Any = None
+        self._what: str | None = None  # the timed phase
+        self._deadline = 0.0
         self._pending: defer.Deferred[Any] | None = None
         self._listening: Any = None  # BIND's listening port or UDP ASSOCIATE's port
         self._udp: _UdpRelay | None = None
@@ -373,6 +438,9 @@ class SocksProtocol(Protocol):
         self._idle_limit = 0.0
         self.nar_conn: NarConnection | None = None
         self._paused = False
+        self._addrs: list[str] = []  # CONNECT: allowed addresses not tried yet
+        self._attempting: _OutboundFactory | None = None
+        self._connector: Any = None
 
     # ---------------------------------------------------------------- plumbing
 
@@ -381,21 +449,33 @@ class SocksProtocol(Protocol):
         return self.factory.reactor
 
     def _set_timer(self, seconds: float | None, what: str) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if seconds is not None:
-            self._timer = self.reactor.callLater(seconds, self._timed_out, what)
+        """Enter a timed phase (``what``: negotiation, connect, idle) or none.
 
-    def _timed_out(self, what: str) -> None:
-        self._timer = None
-        if self.closed:
+        One timer per connection: a later deadline only moves a time, an
+        earlier one resets the timer; when it fires early it re-arms for what
+        is left (activity in the idle phase only stamps ``_last``)."""
+        if seconds is None:
+            self._what = None
             return
-        if what == "idle":  # checked lazily: activity only stamps a time
-            left = self._last + self._idle_limit - self.reactor.seconds()
-            if left > 0:
-                self._timer = self.reactor.callLater(left, self._timed_out, "idle")
-                return
+        self._what = what
+        self._deadline = self.reactor.seconds() + seconds
+        t = self._timer
+        if t is not None and t.active():
+            if t.getTime() > self._deadline:
+                t.reset(seconds)
+        else:
+            self._timer = self.reactor.callLater(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        what = self._what
+        if self.closed or what is None:
+            return
+        deadline = self._last + self._idle_limit if what == "idle" else self._deadline
+        left = deadline - self.reactor.seconds()
+        if left > 0:
+            self._timer = self.reactor.callLater(left, self._timed_out)
+            return
         self.factory.count(f"timeouts_{what}")
         log.info("socks {what} timeout: client={client} state={state}", what=what,
                  client=self.client, state=self.state)
@@ -403,6 +483,7 @@ class SocksProtocol(Protocol):
             if self._pending is not None:
                 d, self._pending = self._pending, None
                 d.cancel()
+            self._stop_connecting()
             self._reply(socks.TTL_EXPIRED)
             return
         self._abort()
@@ -428,7 +509,7 @@ class SocksProtocol(Protocol):
             data = socks.encode_reply(code, host, port, flags)
         except ValueError:
             data = socks.encode_reply(code)
-        self.transport.write(data)
+        write_now(self.transport, data)
         if code != socks.SUCCEEDED:
             self.state = "done"
             self.transport.loseConnection()
@@ -451,7 +532,7 @@ class SocksProtocol(Protocol):
             if out is not None and out.transport is not None:
                 self.factory.counters["bytes_up"] += len(data)
                 self._last = self.reactor.seconds()
-                out.transport.write(data)
+                write_now(out.transport, data)
             return
         if st == "nar":
             self._to_nar(data)
@@ -495,7 +576,7 @@ class SocksProtocol(Protocol):
                 msg, n = r
                 del self.buf[:n]
                 method = self.factory.select_method(msg.methods)
-                self.transport.write(socks.encode_method_reply(method))
+                write_now(self.transport, socks.encode_method_reply(method))
                 if method == socks.METHOD_NO_ACCEPTABLE:
                     self.factory.count("no_acceptable_method")
                     log.info("socks: no acceptable method from {client} (offered {offered})",
@@ -553,10 +634,14 @@ class SocksProtocol(Protocol):
             return
         self.closed = True
         self.factory.active -= 1
-        self._set_timer(None, "")
+        self._what = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if self._pending is not None:
             d, self._pending = self._pending, None
             d.cancel()
+        self._stop_connecting()
         if self._listening is not None:
             port, self._listening = self._listening, None
             port.stopListening()
@@ -596,8 +681,8 @@ class SocksProtocol(Protocol):
             d = defer.succeed([req.host])
 
         def check(addrs: list[str]) -> list[str]:
-            ok = [a for a in addrs if f.rules.check(self.client, self.user, command, a, req.port,
-                                                    req.host if req.is_domain else None).allowed]
+            ok = [a for a in addrs if f.decide.check(self.client, self.user, command, a, req.port,
+                                                     req.host if req.is_domain else None)]
             if not ok:
                 f.count("rule_blocks")
                 raise _Refuse(socks.NOT_ALLOWED, "blocked by the rules")
@@ -624,40 +709,54 @@ class SocksProtocol(Protocol):
     # CONNECT
 
     def _connect(self, req: socks.Request) -> None:
-        cfg = self.factory.config
-        self._set_timer(cfg.connect_timeout, "connect")
-        d = self._allowed("connect", req)
-        d.addCallback(self._try_connect, req.port)
-        d.addCallbacks(self._connected, self._fail, errbackArgs=("connect",))
-        self._pending = d
+        self._set_timer(self.factory.config.connect_timeout, "connect")
+        if req.is_domain:
+            d = self.factory.resolve(req.host, req.port)
+            d.addCallbacks(self._connect_to, self._fail, callbackArgs=(req,), errbackArgs=("connect",))
+            self._pending = d
+        else:  # an IP literal: no Deferred, no resolver
+            self._connect_to([req.host], req)
 
-    def _try_connect(self, addrs: list[str], port: int) -> defer.Deferred[_Outbound]:
-        reactor = self.reactor
-        timeout = self.factory.config.connect_timeout
-        last: list[Failure] = []
-        addrs = list(addrs)
+    def _connect_to(self, addrs: list[str], req: socks.Request) -> None:
+        """Check every address with the rules, then try the allowed ones in order."""
+        self._pending = None
+        if self.closed:
+            return
+        f = self.factory
+        name = req.host if req.is_domain else None
+        ok = [a for a in addrs if f.decide.check(self.client, self.user, "connect", a, req.port, name)]
+        if not ok:
+            f.count("rule_blocks")
+            self._fail(Failure(_Refuse(socks.NOT_ALLOWED, "blocked by the rules")), "connect")
+            return
+        self._addrs = ok
+        self._attempt(req.port)
 
-        def attempt(_: Any = None) -> defer.Deferred[_Outbound]:
-            if not addrs:
-                return defer.fail(last[-1])
-            host = addrs.pop(0)
-            ip = _ip(host)
-            ep_cls = TCP6ClientEndpoint if ip is not None and ip.version == 6 else TCP4ClientEndpoint
-            ep = ep_cls(reactor, host, port, timeout=timeout)
-            d2 = ep.connect(_OutboundFactory(self))
+    def _attempt(self, port: int) -> None:
+        host = self._addrs.pop(0)
+        self._attempting = _OutboundFactory(self)
+        self._connector = self.reactor.connectTCP(host, port, self._attempting,
+                                                  timeout=self.factory.config.connect_timeout)
 
-            def failed(f: Failure) -> Any:
-                if f.check(defer.CancelledError) or not addrs:
-                    return f
-                last.append(f)
-                return attempt()
+    def _connect_failed(self, attempt: _OutboundFactory, reason: Failure) -> None:
+        if attempt is not self._attempting or self.closed:
+            return  # abandoned (timeout, client gone)
+        self._attempting = self._connector = None
+        if self._addrs and self.request is not None:
+            self._attempt(self.request.port)
+            return
+        self._fail(reason, "connect")
 
-            return d2.addErrback(failed)
-
-        return attempt()
+    def _stop_connecting(self) -> None:
+        connector, self._connector, self._attempting = self._connector, None, None
+        if connector is not None:
+            try:
+                connector.stopConnecting()
+            except Exception:  # already connected or failed
+                pass
 
     def _connected(self, out: _Outbound) -> None:
-        self._pending = None
+        self._attempting = self._connector = None
         if self.closed:
             out.transport.loseConnection()
             return
@@ -687,7 +786,7 @@ class SocksProtocol(Protocol):
             return
         self.factory.counters["bytes_down"] += len(data)
         self._last = self.reactor.seconds()
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def _outbound_lost(self, out: _Outbound) -> None:
         if out is self.outbound and not self.closed:
@@ -701,7 +800,7 @@ class SocksProtocol(Protocol):
         ip = _ip(req.host)
         if ip is not None and ip.is_unspecified:
             d: defer.Deferred[list[str] | None] = defer.succeed(None)
-            if not self.factory.rules.check(self.client, self.user, "bind", None, None).allowed:
+            if not self.factory.decide.check(self.client, self.user, "bind", None, None):
                 self.factory.count("rule_blocks")
                 self._reply(socks.NOT_ALLOWED)
                 return
@@ -852,6 +951,7 @@ class SocksFactory(ServerFactory):
         self.methods = tuple(METHOD_CODES[m] for m in config.methods)
         self.checker = checker or PasswordChecker(config.users, reactor)
         self.rules = RuleSet(config.rules, config.decision_log_level)
+        self.decide = _Decisions(self.rules)
         self.resolve: Resolver = resolver or resolve_with(reactor)
         self.active = 0
         self.counters: dict[str, int] = dict.fromkeys(
