@@ -38,7 +38,8 @@ import hmac
 import ipaddress
 import socket
 import struct
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 import attrs
 
