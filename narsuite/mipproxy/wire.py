@@ -218,8 +218,8 @@ class DraftNumbers:
 
     One place, so the role's config can override every one of them.  Defaults:
     the HA Parameter extension is non-skippable (the draft says so, 2.5.3) and
-    takes type 127, the top of the non-skippable range, away from every type
-    IANA has assigned; the reply codes keep the draft's own values 200-206 (2.4.1)
+    takes type 127, the top of the non-skippable range, far from the low numbers
+    IANA assigns from; the reply codes keep the draft's own values 200-206 (2.4.1)
     so an MN built from the draft understands them.  See docs/mip-wire.md.
     """
 
