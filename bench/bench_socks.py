@@ -24,7 +24,7 @@ CPU and the machine's idle share are printed too, to show who the bottleneck was
 Dante runs from a config this script writes into a temporary directory
 (method none, pass from 127.0.0.0/8, no per-session logging), in the
 foreground, and is stopped by PID.  narsuite's server runs from a tiny
-script (the role is not wired into twistd yet): memory store, epoll reactor,
+script running the SocksFactory the nar role runs (no twistd, no other services): memory store, epoll reactor,
 decision log level debug and narsuite log level warn (Dante logs nothing
 per session either).  If narsuite's server cannot be imported or started its
 column reads "not available" and Dante is still measured.
