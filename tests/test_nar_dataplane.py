@@ -219,6 +219,174 @@ def test_plane_with_fake_ports():
     assert not any(p.started for p in ports.values())
 
 
+# ------------------------------------------------------------------- TCP/UDP mappings
+
+from scapy.layers.inet import TCP  # noqa: E402
+
+from narsuite.nar import nft  # noqa: E402
+from narsuite.nar.dataplane import demux_tun, tcpudp_installer  # noqa: E402
+
+E2E = nft.E2E_ADDRESS
+TCPUDP = [
+    mapping(21, "tcp", 6, port=20001, remote_port=5555),
+    mapping(22, "tcp", 6, port=20002),
+    mapping(23, "udp", 17, port=20003),
+    mapping(24, "udp", 17, session="s2", port=20004, translated=True),
+]
+
+
+def tcpudp_store():
+    store = make_store()
+    for m in TCPUDP:
+        store.put(m, owner=m.session)
+    return store
+
+
+@pytest.mark.parametrize("pkt, want", [
+    (IP(src=YB, dst=E2E) / TCP(sport=5555, dport=20001, flags="S"), 0),
+    (IP(src=YB, dst=E2E) / TCP(sport=5556, dport=20001, flags="S"), None),  # other Y port
+    (IP(src=YB, dst=E2E) / TCP(sport=7, dport=20002, flags="S"), 1),  # any Y port
+    (IP(src="192.0.2.11", dst=E2E) / TCP(sport=7, dport=20002), None),  # other Y
+    (IP(src="198.51.100.9", dst=E2E) / UDP(sport=9, dport=20003), 2),  # UDP: source ignored
+    (IP(src=YB, dst=E2E) / UDP(sport=9, dport=20009), None),
+])
+def test_demux_tun(pkt, want):
+    m, reason = demux_tun(bytes(pkt), NB, A(E2E), lookup_in(tcpudp_store()))
+    assert (m, reason) == ((TCPUDP[want], "") if want is not None else (None, "no-mapping"))
+
+
+def test_demux_tun_drops_what_is_not_ours():
+    look = lookup_in(tcpudp_store())
+    assert demux_tun(bytes(IP(src=YB, dst=NB) / UDP(dport=20003)), NB, A(E2E), look) == (
+        None, "not-lent")
+    assert demux_tun(bytes(IP(src=YB, dst=E2E) / ICMP()), NB, A(E2E), look) == (None, "tun-other")
+    frag = bytes(IP(src=YB, dst=E2E, proto=17, frag=100) / Raw(b"x" * 8))
+    assert demux_tun(frag, NB, A(E2E), look) == (None, "tun-other")
+    assert demux_tun(b"\x45", NB, A(E2E), look) == (None, "malformed")
+
+
+def test_check_outbound_tcp_udp():
+    ms = tcpudp_store().lookup_all("nar.mapping", "client", XA)
+    for inner in [IP(src=NB, dst=YB) / TCP(sport=20001, dport=5555, flags="SA"),
+                  IP(src=NB, dst=YB) / TCP(sport=20002, dport=40000, flags="A"),
+                  IP(src=NB, dst=YB) / UDP(sport=20003, dport=53)]:
+        assert check_outbound(_tunnel(inner), NB, ms) == (bytes(inner), ""), inner.summary()
+    for inner in [IP(src=NB, dst=YB) / TCP(sport=20001, dport=5556),  # not the mapped Y port
+                  IP(src=NB, dst=YB) / TCP(sport=20003, dport=53),  # P is a UDP mapping
+                  IP(src=NB, dst=YB) / UDP(sport=20009, dport=53),
+                  IP(src=NB, dst="192.0.2.11") / UDP(sport=20003, dport=53)]:
+        assert check_outbound(_tunnel(inner), NB, ms) == (None, "spoofed"), inner.summary()
+
+
+@attrs.define
+class FakeNft:
+    scripts: list = attrs.field(factory=list)
+
+    def run_sync(self, script):
+        self.scripts.append(script)
+
+    def run(self, script):
+        from twisted.internet import defer
+
+        self.scripts.append(script)
+        return defer.succeed(None)
+
+
+@attrs.define
+class FakeTun:
+    sink: object
+    ifname: str = "narnat9"
+    written: list = attrs.field(factory=list)
+    started: bool = False
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        self.started = False
+
+    def write(self, packet):
+        self.written.append(packet)
+        return True
+
+
+def test_plane_installs_tcp_udp_mappings_and_follows_the_store():
+    store = make_store()
+    ports = {}
+
+    def factory(proto, sink, bind_address=None, reactor=None):
+        ports[proto] = FakePort(proto, sink, bind_address, reactor)
+        return ports[proto]
+
+    runner, tuns = FakeNft(), []
+    res = nft.PortReservations(NB, lambda proto, port: object())
+    dp = NarDataPlane(NarOptions(lent_address=NB), store, None, private_address=NA,
+                      port_factory=factory, tcpudp=True, nft_runner=runner,
+                      tun_factory=lambda sink: tuns.append(FakeTun(sink)) or tuns[-1],
+                      reservations=res)
+    dp.start()
+    tun = tuns[0]
+    assert dp.tcpudp_ready and tun.started and tcpudp_installer(store) is dp
+    assert runner.scripts == [nft.table_script("narnat9")]
+    for m in TCPUDP:
+        assert dp.reserve_port(m.proto, m.port)
+        store.put(m, owner=m.session)
+        result = []
+        dp.install_mapping(m).addBoth(result.append)
+        assert result == [None]
+    assert runner.scripts[1] == nft.elements_script("add", nft.mapping_elements(TCPUDP[0]))
+    assert not dp.reserve_port(6, 20001)  # held for TCPUDP[0]
+    # Y's SYN, DNATed into the TUN: Nb is back and it goes to Xa in IP-in-IP
+    syn = IP(src=YB, dst=E2E) / TCP(sport=5555, dport=20001, flags="S")
+    tun.sink(bytes(syn))
+    out = IP(ports[1].sent[-1])
+    assert (out.src, out.dst, out.proto) == (NA, XA, 4)
+    inner = IP(bytes(out.payload))
+    assert (inner.src, inner.dst, inner[TCP].dport) == (YB, NB, 20001)
+    del inner.chksum, inner[TCP].chksum
+    assert bytes(IP(bytes(inner))) == bytes(out.payload)  # both checksums right
+    # X's SYN-ACK from Nb:P, tunnelled to Na: into the TUN with source E2E
+    synack = IP(src=NB, dst=YB) / TCP(sport=20001, dport=5555, flags="SA")
+    dp.packetReceived(_tunnel(synack), XA)
+    w = IP(tun.written[-1])
+    assert (w.src, w.dst, w[TCP].sport) == (E2E, YB, 20001)
+    assert dp.counters["in_tcp"] == 1 and dp.counters["out_tcpudp"] == 1
+    # the session goes: its elements are deleted, its ports released
+    n = len(runner.scripts)
+    store.drop_owner("s1")
+    deleted = runner.scripts[n:]
+    assert sorted(deleted) == sorted(nft.elements_script("delete", nft.mapping_elements(m))
+                                     for m in TCPUDP[:3])
+    assert res.held() == {(17, 20004)}
+    tun.sink(bytes(syn))
+    assert dp.counters["drop_no_mapping"] == 1
+    dp.stop()
+    assert runner.scripts[-1] == nft.delete_table_script() and not tun.started
+    assert res.held() == set() and tcpudp_installer(store) is None
+
+
+def test_plane_without_nft_keeps_the_rest():
+    class NoNft(FakeNft):
+        def run_sync(self, script):
+            raise nft.NftError("nft not found")
+
+    store = make_store()
+    dp = NarDataPlane(NarOptions(lent_address=NB), store, None, private_address=NA,
+                      port_factory=lambda proto, sink, **kw: FakePort(proto, sink),
+                      tcpudp=True, nft_runner=NoNft(), tun_factory=FakeTun)
+    dp.start()
+    assert not dp.tcpudp_ready and dp.tun is None and tcpudp_installer(store) is None
+    assert dp.counters["tcpudp_start_failed"] == 1 and not dp.reserve_port(6, 20001)
+    dp.stop()
+
+
+def test_fake_ports_never_touch_the_hosts_nftables():
+    store = make_store()
+    dp = NarDataPlane(NarOptions(lent_address=NB), store, None,
+                      port_factory=lambda proto, sink, **kw: FakePort(proto, sink))
+    assert dp.tcpudp is False
+
+
 # ------------------------------------------------------------------------------------ lab
 
 N_SCRIPT = """

@@ -368,3 +368,153 @@ def test_through_the_socks_server():
     assert all(m.translated and m.client == XA for m in store.records("nar.mapping"))
     p.connectionLost(Failure(error.ConnectionDone()))
     assert store.count("nar.mapping") == 0 and store.count("nar.session") == 0
+
+
+# ------------------------------------------------------- TCP/UDP: BIND and UDP ASSOCIATE
+
+@attrs.define
+class FakeInstaller:
+    """The data plane's side: port reservations on N and the kernel's maps."""
+
+    busy: set = attrs.field(factory=set)  # (proto, port) used by programs on N
+    held: set = attrs.field(factory=set)
+    installed: list = attrs.field(factory=list)
+    fail: bool = False
+
+    def reserve_port(self, proto, port):
+        if (proto, port) in self.busy or (proto, port) in self.held:
+            return False
+        self.held.add((proto, port))
+        return True
+
+    def release_port(self, proto, port):
+        self.held.discard((proto, port))
+
+    def install_mapping(self, m):
+        from twisted.internet import defer
+
+        if self.fail:
+            return defer.fail(RuntimeError("nft: Operation not permitted"))
+        self.installed.append(m)
+        return defer.succeed(None)
+
+
+def make_tcpudp(**opts):
+    h, store = make(**opts)
+    h._installer = FakeInstaller()
+    return h, store, h._installer
+
+
+def socks_reply(data):
+    from narsuite.nar import socks
+
+    r, n = socks.parse_reply(data)
+    return r, data[n:]
+
+
+BIND = 2
+UDP = 3
+
+
+@pytest.mark.parametrize("flags", [0, wire.FLAG_TRANSLATED])
+def test_bind_makes_a_tcp_mapping(flags):
+    h, store, inst = make_tcpudp()
+    c, _ = enter(h, flags=flags)
+    h.nar_data(c, wire.encode_socks_request(BIND, 0, 1, YB, 5555)
+               + wire.encode_socks_request(BIND, 0, 1, "0.0.0.0", 0))
+    r1, rest = socks_reply(c.take())
+    r2, rest = socks_reply(rest)
+    assert rest == b"" and not c.closed  # one reply per BIND, no second one in NAR mode
+    assert (r1.rep, r1.host, r2.rep, r2.host) == (0, NB, 0, NB)
+    assert r1.port != r2.port and all(20000 <= r.port <= 32767 for r in (r1, r2))
+    m1 = store.lookup("nar.mapping", "tcp", (NB, r1.port, YB, 5555))
+    m2 = store.lookup("nar.mapping", "tcp", (NB, r2.port, YB, 0))  # any Y port
+    assert m1.kind == m2.kind == "tcp" and m1.proto == 6 and m1.client == XA
+    assert m1.translated is bool(flags) and store.owner_of("nar.mapping", m1.id) == "s1"
+    assert inst.installed == [m1, m2] and inst.held == {(6, r1.port), (6, r2.port)}
+    assert store.holds(f"nar.tcp:{NB}", r1.port) == "s1"
+
+
+def test_udp_associate_honours_a_free_port_and_assigns_otherwise():
+    h, store, inst = make_tcpudp()
+    inst.busy.add((17, 5000))  # a program on N has it
+    a, _ = enter(h, "a")
+    b, _ = enter(h, "b", client=XA2)
+    h.nar_data(a, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 5353))
+    ra, _ = socks_reply(a.take())
+    assert (ra.rep, ra.host, ra.port) == (0, NB, 5353)
+    h.nar_data(a, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 5353))  # again: confirmed
+    assert socks_reply(a.take())[0].port == 5353 and store.count("nar.mapping") == 1
+    h.nar_data(b, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 5353))  # held by a
+    rb, _ = socks_reply(b.take())
+    assert rb.rep == 0 and rb.port != 5353 and 20000 <= rb.port <= 32767
+    h.nar_data(b, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 5000))  # used on N
+    rc, _ = socks_reply(b.take())
+    assert rc.rep == 0 and rc.port not in (5000, 5353)
+    assert store.lookup("nar.mapping", "udp", (NB, 5353)).session == "a"
+    assert store.lookup("nar.mapping", "udp", (NB, rb.port)).client == XA2
+    assert store.holds(f"nar.udp:{NB}", 5000) is None  # the lease was given back
+    assert h.counters["udp_port_confirmed"] == 1 and h.counters["udp_port_assigned"] == 2
+    assert h.counters["port_in_use_on_n"] == 1
+
+
+@pytest.mark.parametrize("req, rep", [
+    (wire.encode_socks_request(BIND, 0, 1, "192.0.2.99", 0), 0x02),  # not this session's Yb
+    (wire.encode_socks_request(BIND, 0, 3, "y.example", 0), 0x08),
+    (wire.encode_socks_request(1, 0, 1, YB, 80), 0x07),  # CONNECT stays unsupported
+])
+def test_tcpudp_refusals(req, rep):
+    h, store, inst = make_tcpudp()
+    c, _ = enter(h)
+    h.nar_data(c, req + wire.encode_icmp(1, 9))
+    assert c.take() == wire.encode_socks_reply(rep) + wire.encode_icmp(0, 9)
+    assert {m.kind for m in store.records("nar.mapping")} == {"icmp"} and not inst.held
+
+
+def test_tcpudp_without_data_plane_or_when_nft_fails():
+    h, store = make()  # no installer, no running data plane for this store
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 0))
+    assert c.take() == wire.encode_socks_reply(0x07)
+    assert h.counters["tcpudp_unavailable"] == 1
+    h2, store2, inst = make_tcpudp()
+    inst.fail = True
+    c2, _ = enter(h2)
+    h2.nar_data(c2, wire.encode_socks_request(BIND, 0, 1, YB, 0))
+    assert c2.take() == wire.encode_socks_reply(0x01) and not c2.closed
+    assert store2.count("nar.mapping") == 0 and not inst.held
+    assert not [k for k in store2.owned_by("s1") if k[0] != "nar.session"]  # no lease left
+
+
+def test_port_exhaustion_and_limit():
+    h, store, inst = make_tcpudp(max_mappings_per_session=3)
+    h.port_range = (21000, 21001)
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_socks_request(BIND, 0, 1, YB, 0) * 3)
+    r1, rest = socks_reply(c.take())
+    r2, rest = socks_reply(rest)
+    r3, rest = socks_reply(rest)
+    assert (r1.rep, r2.rep, r3.rep) == (0, 0, 0x01) and {r1.port, r2.port} == {21000, 21001}
+    h.nar_data(c, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 0))
+    h.nar_data(c, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 0))
+    r4, rest = socks_reply(c.take())
+    r5, _ = socks_reply(rest)
+    assert r4.rep == 0 and r5.rep == 0x01 and h.counters["limit_reached"] == 1
+
+
+def test_tcpudp_mappings_dropped_on_close():
+    h, store, inst = make_tcpudp()
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_socks_request(BIND, 0, 1, YB, 0)
+               + wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 22222))
+    rt, rest = socks_reply(c.take())
+    ru, _ = socks_reply(rest)
+    assert store.count("nar.mapping") == 2
+    result(h.nar_closed(c))
+    assert store.count("nar.mapping") == 0
+    assert store.holds(f"nar.tcp:{NB}", rt.port) is None
+    assert store.holds(f"nar.udp:{NB}", 22222) is None
+    d, _ = enter(h, "d", client=XA2)  # the port is free again for the next client
+    inst.held.clear()  # (the data plane releases reservations on the store's delete)
+    h.nar_data(d, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 22222))
+    assert socks_reply(d.take())[0].port == 22222

@@ -7,6 +7,8 @@ Library::
     spi = yield proto.ipsec_associate(50)                            # the SPI Y must use towards Nb
     ident = yield proto.icmp_associate(4242)                         # confirmed or overridden
     yield proto.tunnel_associate("10.2.0.100", 4)                    # Xb, IP-in-IP
+    nb, p = yield proto.bind("192.0.2.10", 0)                        # TCP: Y may connect to Nb:p
+    nb, q = yield proto.udp_associate(5353)                          # UDP: Nb:q (5353 if free)
     ...
     proto.transport.loseConnection()                                 # the mappings go with it
 
@@ -18,9 +20,13 @@ decapsulated and written to the TUN, where the kernel hands it to the local
 program.  In translated mode N rewrites the destination to Xa and nothing is
 needed on X.
 
+TCP/UDP mappings: in translated mode N DNATs Y's packets to Xa with the port
+unchanged, so a server on X listens on P (any address); in end-to-end mode they come
+through the TUN to Nb:P, so the server listens on Nb:P or the wildcard.
+
 Console: ``narsuite-nar-client --server 10.0.0.1 --remote 192.0.2.10 --ipsec esp --icmp 4242
---tun`` prints one JSON line with what was negotiated, then holds the mappings
-until SIGTERM/SIGINT.
+--bind-tcp 0 --udp 0 --tun`` prints one JSON line with what was negotiated, then holds the
+mappings until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -190,6 +196,28 @@ class NarClient(Protocol):
         return d.addCallback(lambda m: m.addr)
 
 
+    def _socks_command(self, cmd: int, host: str, port: int, what: str) -> defer.Deferred:
+        self.transport.write(socks.encode_request(cmd, host, port))
+
+        def check(reply: Any) -> tuple[str, int]:
+            if reply.rep != 0:
+                raise NarRefused(what, reply.rep)
+            return reply.host, reply.port
+
+        return self._expect(socks.parse_reply, defer.Deferred()).addCallback(check)
+
+    def bind(self, remote: str = "0.0.0.0", port: int = 0) -> defer.Deferred:
+        """TCP mapping (SOCKS BIND in NAR mode): Y at ``remote`` (0.0.0.0: the NAR-MODE
+        peer) from ``port`` (0: any) may connect to Nb:P.  Fires with (Nb, P); there is
+        no second reply in NAR mode."""
+        return self._socks_command(2, remote, port, "BIND")
+
+    def udp_associate(self, port: int = 0) -> defer.Deferred:
+        """UDP mapping (SOCKS UDP ASSOCIATE in NAR mode) for Nb:``port`` (0: N chooses;
+        N may assign another if it is taken).  Fires with (Nb, P)."""
+        return self._socks_command(3, "0.0.0.0", port, "UDP ASSOCIATE")
+
+
 class BorrowedAddress:
     """X's end of end-to-end NAR: Nb on a TUN device, IP-in-IP to and from Na."""
 
@@ -266,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ipsec", choices=("esp", "ah"), action="append", default=[])
     ap.add_argument("--tunnel", action="append", default=[], metavar="XB[:4|47]",
                     help="TUNNEL-ASSOCIATE for inner address XB, IP-in-IP (4, default) or GRE (47)")
+    ap.add_argument("--bind-tcp", type=int, metavar="YPORT", action="append", default=[],
+                    help="TCP mapping (BIND): Y may connect from YPORT (0: any) to Nb:P")
+    ap.add_argument("--udp", type=int, metavar="PORT", action="append", default=[],
+                    help="UDP mapping (UDP ASSOCIATE) for Nb:PORT (0: N chooses)")
     ap.add_argument("--tun", action="store_true", help="carry Nb on a TUN device (end-to-end mode)")
     args = ap.parse_args(argv)
 
@@ -281,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         flags = (wire.FLAG_TRANSLATED if args.translated else 0) | (wire.FLAG_GRE if args.gre else 0)
         lent, granted = yield proto.nar_mode(args.remote, flags)
         result.update(lent=lent, translated=bool(granted & wire.FLAG_TRANSLATED),
-                      gre=bool(granted & wire.FLAG_GRE), icmp=[], ipsec=[], tunnel=[])
+                      gre=bool(granted & wire.FLAG_GRE), icmp=[], ipsec=[], tunnel=[], tcp=[],
+                      udp=[])
         for ident in args.icmp:
             result["icmp"].append((yield proto.icmp_associate(ident)))
         for kind in args.ipsec:
@@ -290,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.tunnel:
             inner, _, p = item.partition(":")
             result["tunnel"].append((yield proto.tunnel_associate(inner, int(p or 4))))
+        for yport in args.bind_tcp:
+            result["tcp"].append((yield proto.bind(args.remote, yport))[1])
+        for port in args.udp:
+            result["udp"].append((yield proto.udp_associate(port))[1])
         if args.tun and not result["translated"]:
             state["borrowed"] = b = BorrowedAddress(lent, args.remote, args.server, reactor)
             b.start()

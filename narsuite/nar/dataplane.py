@@ -22,12 +22,22 @@ Delivery to Xa (section 2.5):
 * translated: ICMP/ESP get destination Xa (incremental checksums); tunnels get
   their outer header replaced by Na -> Xa (figure "Na->Xa | CN->Xb").
 
+TCP and UDP (section 2.6.1; negotiated with BIND / UDP ASSOCIATE after NAR-MODE) never
+reach N's own stack: nftables NAT maps in the role's table take them in prerouting
+(:mod:`narsuite.nar.nft`).  Translated mappings are DNATed straight to Xa; end-to-end
+ones to :data:`~narsuite.nar.nft.E2E_ADDRESS`, routed into a TUN device this service
+owns, where :func:`demux_tun` finds the mapping (index ``tcp`` or ``udp``), the
+destination becomes Nb again, and delivery is the usual IP-in-IP/GRE to Xa.
+
 Outbound (X -> Na, IP-in-IP or GRE carrying a packet with source Nb): the inner
 packet is forwarded only if the outer source is a client with mappings and the
 inner packet matches one of them (same Yb and protocol; ICMP the mapped id;
-tunnels the mapped inner source Xb).  Anything else is dropped and counted: N
+tunnels the mapped inner source Xb; TCP/UDP the mapped source port P, and for TCP
+the mapped Y port if one was given).  Anything else is dropped and counted: N
 never forwards a packet with the borrowed source Nb that the client could not
-have negotiated.
+have negotiated.  Accepted TCP/UDP packets get source E2E_ADDRESS and are written
+into the TUN, so conntrack restores Nb:P (the reply direction of the DNAT, or the
+``snat_out`` map for flows X starts).
 
 The delivery decisions are pure functions (:func:`demux_inbound`,
 :func:`deliver_packet`, :func:`check_outbound`); :class:`NarDataPlane` only owns
@@ -40,18 +50,22 @@ from __future__ import annotations
 import collections
 import socket
 import struct
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
 
 from narsuite.logs import logger
+from narsuite.nar import nft
 from narsuite.nar.records import MAPPING, SESSION
 from narsuite.packet import codec
 from narsuite.packet.codec import CodecError
 from narsuite.packet.rawsock import RawSocketPort
 
-__all__ = ["NarDataPlane", "demux_inbound", "deliver_packet", "check_outbound", "PROTOCOLS"]
+__all__ = ["NarDataPlane", "demux_inbound", "demux_tun", "deliver_packet", "check_outbound",
+           "tcpudp_installer", "PROTOCOLS"]
 
 log = logger()
 
@@ -63,6 +77,48 @@ _ntoa = socket.inet_ntoa
 _ETH_P_IP = 0x0800
 
 Lookup = Callable[[str, Any], Any]  # (index name, key) -> mapping or None
+
+#: The running data plane of each store that can install TCP/UDP mappings (the
+#: NarHandler finds it here: both are built by the role around the same store).
+_INSTALLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tcpudp_installer(store: Any) -> Any:
+    """The data plane installing TCP/UDP mappings for ``store``, or None."""
+    try:
+        return _INSTALLERS.get(store)
+    except TypeError:
+        return None
+
+
+def demux_tun(packet: bytes, nb: str, e2e: bytes, lookup: Lookup) -> tuple[Any, str]:
+    """(mapping, "") for a TCP/UDP packet read from the end-to-end TUN, or (None, reason).
+
+    The prerouting DNAT changed only the destination (Nb -> ``e2e``); source and
+    ports are Y's, so the 2.6.1 tuple is intact: TCP (Nb, P, Yb, Y port), then
+    (Nb, P, Yb, 0) for "any Y port"; UDP (Nb, P).  Reasons: ``malformed``,
+    ``not-lent`` (not to ``e2e``), ``tun-other`` (not TCP/UDP, or a non-first
+    fragment), ``no-mapping``."""
+    try:
+        _hl, proto, src, dst = codec.peek_ipv4(packet)
+    except CodecError:
+        return None, "malformed"
+    if dst != e2e:
+        return None, "not-lent"
+    if proto != 6 and proto != 17:
+        return None, "tun-other"
+    try:
+        sport, dport = codec.peek_ports(packet)
+    except CodecError:
+        return None, "tun-other"
+    if proto == 6:
+        yb = _ntoa(src)
+        m = lookup("tcp", (nb, dport, yb, sport)) or lookup("tcp", (nb, dport, yb, 0))
+    else:
+        m = lookup("udp", (nb, dport))
+    if m is None:
+        return None, "no-mapping"
+    return m, ""
 
 
 def demux_inbound(packet: bytes, nb: str, lookup: Lookup) -> tuple[Any, str]:
@@ -159,6 +215,12 @@ def check_outbound(packet: bytes, nb: str, mappings: Sequence[Any]) -> tuple[byt
     icmp_id = -1
     if proto == 1 and len(inner) >= hl + 8 and inner[hl] in (0, 8):
         icmp_id = _H(inner, hl + 4)[0]
+    ports: tuple[int, int] | None = None
+    if proto == 6 or proto == 17:
+        try:
+            ports = codec.peek_ports(inner)
+        except CodecError:
+            ports = None
     inner_src = None
     for m in mappings:
         if m.remote != remote or m.lent != nb:
@@ -175,11 +237,17 @@ def check_outbound(packet: bytes, nb: str, mappings: Sequence[Any]) -> tuple[byt
                 inner_src = _innermost_src(inner, hl, proto) or b""
             if inner_src and _ntoa(inner_src) == m.inner:
                 return inner, ""
+        elif (kind == "tcp" or kind == "udp") and m.proto == proto and ports is not None:
+            # Source port P; TCP also the Y port, if the mapping names one.
+            if ports[0] == m.port and (kind == "udp" or not m.remote_port
+                                       or ports[1] == m.remote_port):
+                return inner, ""
     return None, "spoofed"
 
 
 class NarDataPlane(service.Service):
-    """Raw sockets for 1/4/47/50/51 and the delivery decisions above.
+    """Raw sockets for 1/4/47/50/51, the TCP/UDP mappings' nftables table and TUN, and
+    the delivery decisions above.
 
     :param options: ``NarOptions``; ``lent_address`` is Nb.
     :param store: the shared store (``nar.mapping`` and ``nar.session`` are read only).
@@ -189,13 +257,26 @@ class NarDataPlane(service.Service):
         source the routing table picks toward each Xa (looked up once per client),
         and any local address but Nb is accepted as the tunnel destination.
     :param port_factory: ``RawSocketPort`` or a test double with the same signature.
+    :param tcpudp: install TCP/UDP mappings (nftables table, TUN, port reservations).
+        None (default): only with the real ``RawSocketPort`` -- a data plane built on
+        fake ports (unit tests) never touches the host's nftables.  If it cannot start
+        (no ``nft``, no TUN) the error is logged and BIND/UDP ASSOCIATE in NAR mode are
+        answered "command not supported".
+    :param nft_runner, tun_factory, reservations: test doubles (defaults:
+        :class:`~narsuite.nar.nft.NftRunner`, a :class:`~narsuite.packet.tun.TunDevice`,
+        :class:`~narsuite.nar.nft.PortReservations` on Nb).
     """
 
     name = "nar-dataplane"
 
     def __init__(self, options, store, reactor=None, *,  # type: ignore[no-untyped-def]
                  private_address: str | None = None,
-                 port_factory: Callable[..., Any] = RawSocketPort) -> None:
+                 port_factory: Callable[..., Any] = RawSocketPort,
+                 tcpudp: bool | None = None,
+                 nft_runner: Any = None,
+                 tun_factory: Callable[[Callable[[bytes], None]], Any] | None = None,
+                 reservations: Any = None,
+                 e2e_address: str = nft.E2E_ADDRESS) -> None:
         self.options = options
         self.store = store
         self.reactor = reactor
@@ -209,7 +290,19 @@ class NarDataPlane(service.Service):
         self._source_cache: dict[str, bytes] = {}
         for kind in (SESSION, MAPPING):
             store.register(kind)
-        self._index = {name: store.index(MAPPING.name, name) for name in ("icmp", "ipsec", "tunnel")}
+        self._index = {name: store.index(MAPPING.name, name)
+                       for name in ("icmp", "ipsec", "tunnel", "tcp", "udp")}
+        # TCP/UDP mappings
+        self.tcpudp = (port_factory is RawSocketPort) if tcpudp is None else tcpudp
+        self.e2e_address = e2e_address
+        self.e2e_b = socket.inet_aton(e2e_address)
+        self.nft = nft_runner
+        self._tun_factory = tun_factory
+        self.reservations = reservations
+        self.tun: Any = None
+        self.tcpudp_ready = False
+        self._installed: dict[str, list[tuple[str, str, str]]] = {}
+        self._unsubscribe: Callable[[], None] | None = None
 
     # -------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -219,15 +312,61 @@ class NarDataPlane(service.Service):
                                       reactor=self.reactor)
             port.start()
             self.ports[proto] = port
+        if self.tcpudp:
+            self._start_tcpudp()
         self.running = 1
-        log.info("nar data plane: Nb {nb}, Na {na}, raw sockets for {protos}", nb=self.nb,
-                 na=self.na or "(routed)", protos=sorted(self.ports))
+        log.info("nar data plane: Nb {nb}, Na {na}, raw sockets for {protos}, TCP/UDP mappings "
+                 "{tcpudp}", nb=self.nb, na=self.na or "(routed)", protos=sorted(self.ports),
+                 tcpudp=f"via table ip {nft.TABLE}, TUN {self.tun.ifname}" if self.tcpudp_ready
+                 else "off")
+
+    def _start_tcpudp(self) -> None:
+        if self.nft is None:
+            self.nft = nft.NftRunner(self.reactor)
+        if self.reservations is None:
+            self.reservations = nft.PortReservations(self.nb)
+        try:
+            if self._tun_factory is not None:
+                self.tun = self._tun_factory(self._from_tun)
+            else:
+                from narsuite.packet.tun import TunDevice
+
+                self.tun = TunDevice(b"narnat%d", self._from_tun, mtu=nft.TUN_MTU,
+                                     routes=[f"{self.e2e_address}/32"], reactor=self.reactor)
+            self.tun.start()
+            self.nft.run_sync(nft.table_script(self.tun.ifname))
+        except Exception as e:  # no nft, no /dev/net/tun, no CAP_NET_ADMIN
+            log.error("nar data plane: TCP/UDP mappings disabled: {e}", e=e)
+            self.counters["tcpudp_start_failed"] += 1
+            if self.tun is not None:
+                self.tun.stop()
+                self.tun = None
+            return
+        self._unsubscribe = self.store.subscribe(self._mapping_changed, kinds=(MAPPING.name,))
+        _INSTALLERS[self.store] = self
+        self.tcpudp_ready = True
 
     def stop(self) -> None:
         self.running = 0
         for port in self.ports.values():
             port.stop()
         self.ports.clear()
+        if self.tcpudp_ready:
+            self.tcpudp_ready = False
+            if _INSTALLERS.get(self.store) is self:
+                del _INSTALLERS[self.store]
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+            try:
+                self.nft.run_sync(nft.delete_table_script())
+            except Exception as e:
+                log.error("nar data plane: cannot delete table ip {t}: {e}", t=nft.TABLE, e=e)
+            self._installed.clear()
+            self.reservations.release_all()
+            if self.tun is not None:
+                self.tun.stop()
+                self.tun = None
 
     def startService(self) -> None:
         self.start()
@@ -236,6 +375,53 @@ class NarDataPlane(service.Service):
     def stopService(self) -> None:
         service.Service.stopService(self)
         self.stop()
+
+    # ------------------------------------------------------- TCP/UDP mapping installer
+    def reserve_port(self, proto: int, port: int) -> bool:
+        """Hold Nb:P of ``proto`` (6/17) for a mapping; False if N or a mapping uses it."""
+        return self.tcpudp_ready and self.reservations.reserve(proto, port)
+
+    def release_port(self, proto: int, port: int) -> None:
+        if self.reservations is not None:
+            self.reservations.release(proto, port)
+
+    def install_mapping(self, m: Any) -> defer.Deferred:
+        """Add the nftables elements of a tcp/udp mapping; fires once they are in the kernel.
+
+        Removal follows the store: the mapping's delete (close, drop_owner) removes them."""
+        if not self.tcpudp_ready:
+            return defer.fail(nft.NftError("TCP/UDP mappings are not available"))
+        elements = nft.mapping_elements(m, self.e2e_address)
+
+        def added(_: object) -> None:
+            self.counters["tcpudp_installed"] += 1
+            if self.store.get(MAPPING.name, m.id) is None or not self.tcpudp_ready:
+                # gone while nft was running: take the elements out again
+                self._remove_elements(m.id, elements)
+            else:
+                self._installed[m.id] = elements
+
+        return self.nft.run(nft.elements_script("add", elements)).addCallback(added)
+
+    def _remove_elements(self, mid: str, elements: list[tuple[str, str, str]]) -> defer.Deferred:
+        def failed(f):  # type: ignore[no-untyped-def]
+            self.counters["tcpudp_remove_errors"] += 1
+            log.error("nar: cannot remove the nftables elements of {id}: {e}", id=mid,
+                      e=f.getErrorMessage())
+
+        def done(_: object) -> None:
+            self.counters["tcpudp_removed"] += 1
+
+        return self.nft.run(nft.elements_script("delete", elements)).addCallbacks(done, failed)
+
+    def _mapping_changed(self, change: Any) -> None:
+        m = change.record if change.op == "delete" else None
+        if m is None or m.kind not in ("tcp", "udp"):
+            return
+        self.release_port(m.proto, m.port)
+        elements = self._installed.pop(m.id, None)
+        if elements is not None and self.tcpudp_ready:
+            self._remove_elements(m.id, elements)
 
     # ----------------------------------------------------------------------- packets
     def _lookup(self, index: str, key: Any) -> Any:
@@ -262,6 +448,10 @@ class NarDataPlane(service.Service):
         if m is None:
             c["drop_" + reason.replace("-", "_")] += 1
             return
+        self._deliver(packet, m)
+
+    def _deliver(self, packet: bytes, m: Any) -> None:
+        c = self.counters
         try:
             xa = socket.inet_aton(m.client)
             out = deliver_packet(packet, m, self._source_for(m.client), xa)
@@ -273,6 +463,21 @@ class NarDataPlane(service.Service):
             c["in_translated" if m.translated else "in_end_to_end"] += 1
             c[f"in_{m.kind}"] += 1
 
+    def _from_tun(self, packet: bytes) -> None:
+        """Y's TCP/UDP packet DNATed to the TUN address: Nb back in, then to X."""
+        c = self.counters
+        c["rx_tun"] += 1
+        m, reason = demux_tun(packet, self.nb, self.e2e_b, self._lookup)
+        if m is None:
+            c["drop_" + reason.replace("-", "_")] += 1
+            return
+        try:
+            packet = codec.rewrite_ipv4_dst(packet, self.nb_b)
+        except CodecError:
+            c["drop_malformed"] += 1
+            return
+        self._deliver(packet, m)
+
     def _outbound(self, packet: bytes, src: str) -> None:
         c = self.counters
         inner, reason = check_outbound(packet, self.nb,
@@ -281,6 +486,14 @@ class NarDataPlane(service.Service):
             c["drop_" + reason.replace("-", "_")] += 1
             if reason.startswith("spoofed"):
                 log.debug("nar: dropped a {reason} packet from {src}", reason=reason, src=src)
+            return
+        if inner[9] == 6 or inner[9] == 17:
+            # Through the TUN, so that conntrack puts Nb:P back (see the module docstring).
+            if self.tun is None or not self.tun.write(codec.rewrite_ipv4_src(inner, self.e2e_b)):
+                c["tx_errors"] += 1
+                return
+            c["out_forwarded"] += 1
+            c["out_tcpudp"] += 1
             return
         if self._send(inner):
             c["out_forwarded"] += 1

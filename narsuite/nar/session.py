@@ -25,10 +25,34 @@ IN.PROTOCOL not 50/51, TUN.PROTOCOL not    0x07
 4/47
 LTUN.ADDR not IPv4                         0x08
 tunnel tuple held by another client        0x05
-no free ICMP id / SPI, mapping limit       0x01
-SOCKS5 request after NAR-MODE              0x07
+no free ICMP id / SPI / port, mapping      0x01
+limit
+BIND DST.ADDR neither 0.0.0.0 nor Yb       0x02
+BIND ATYP != 1                             0x08
+BIND / UDP ASSOCIATE without a TCP/UDP     0x07
+data plane (no nft, no TUN)
+nftables refused the mapping               0x01
+SOCKS5 CONNECT (or other) after NAR-MODE   0x07
 unparseable input (then close)             wire error code (0x01/0x07/0x08)
 =========================================  ====
+
+TCP and UDP (section 3: "Negotiations for UDP and TCP are defined in [SOCKS]"): after
+NAR-MODE, a SOCKS5 **BIND** establishes a TCP mapping and **UDP ASSOCIATE** a UDP
+mapping on a port P of Nb, answered with one SOCKS reply, BND.ADDR = Nb, BND.PORT = P
+(BIND has no second reply in NAR mode: there is no relay, Y's connection goes to X).
+
+* BIND: DST.ADDR is Y (0.0.0.0 means the session's Yb; another address is refused
+  0x02 -- a session's mappings are towards its Yb), DST.PORT Y's source port (0: any).
+  Tuple (Nb, P, Yb, Y port), P chosen by N.
+* UDP ASSOCIATE: DST.PORT is the port the client will use on Nb -- in SOCKS it is the
+  port the client sends from, which in NAR is on Nb -- honoured if free, else another
+  is assigned (as ICMP ids); 0: N chooses.  DST.ADDR is ignored.  Tuple (Nb, P); Y's
+  source address is ignored (2.6.1, RFC 1123).
+
+P is leased in ``nar.tcp:<Nb>`` / ``nar.udp:<Nb>`` (chosen from :data:`PORT_RANGE`,
+below the kernel's ephemeral range) and must also be free on N itself: the data plane
+holds a socket bound to Nb:P for the mapping's life.  The reply is sent only once the
+data plane has put the mapping into the kernel (:mod:`narsuite.nar.nft`).
 """
 
 from __future__ import annotations
@@ -45,12 +69,24 @@ from narsuite.nar import wire
 from narsuite.nar.records import MAPPING, SESSION, NarMapping, NarSession
 from narsuite.store import Conflict, Exhausted
 
-__all__ = ["NarHandler", "grant_flags", "MAX_BUFFER"]
+__all__ = ["NarHandler", "grant_flags", "MAX_BUFFER", "PORT_RANGE"]
 
 log = logger()
 
 #: Bytes a client may have pending (pipelined commands) before we give up on it.
 MAX_BUFFER = 16 * 1024
+
+#: Ports N chooses P from for TCP/UDP mappings: below Linux's default ephemeral range
+#: (32768-60999), above the usual services.  A requested UDP port >= 1024 outside it is
+#: honoured too if free.  (Not yet a config key.)
+PORT_RANGE = (20000, 32767)
+
+#: SOCKS5 commands that make mappings in NAR mode.
+CMD_BIND = 0x02
+CMD_UDP = 0x03
+
+#: Tries to find a port free both in the store and on N before giving up.
+PORT_TRIES = 8
 
 
 def grant_flags(requested: int, translated: str, gre: str) -> int:
@@ -92,12 +128,19 @@ class NarHandler:
     :param store: the shared store; the kinds ``nar.session`` and ``nar.mapping``
         are registered here if the role did not already.
     :param reactor: for time (nothing is scheduled today; kept for the interface).
+    :param installer: what puts TCP/UDP mappings into the kernel (``reserve_port``,
+        ``release_port``, ``install_mapping``); default: the running
+        :class:`~narsuite.nar.dataplane.NarDataPlane` of the same store.
+    :param port_range: where N chooses TCP/UDP ports from.
     """
 
-    def __init__(self, options, store, reactor=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, options, store, reactor=None, *,  # type: ignore[no-untyped-def]
+                 installer=None, port_range: tuple[int, int] = PORT_RANGE) -> None:
         self.options = options
         self.store = store
         self.reactor = reactor
+        self._installer = installer
+        self.port_range = port_range
         self.commands = wire.NarCommands.from_options(options)
         for kind in (SESSION, MAPPING):
             store.register(kind)
@@ -238,7 +281,7 @@ class NarHandler:
 
     def _command(self, st: _Conn, msg):  # type: ignore[no-untyped-def]
         c = self.counters
-        if isinstance(msg, wire.SocksRequest):
+        if isinstance(msg, wire.SocksRequest) and msg.cmd not in (CMD_BIND, CMD_UDP):
             c["socks_after_nar_mode"] += 1
             return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
                                 f"SOCKS5 command {msg.cmd:#04x} in NAR mode")
@@ -252,6 +295,8 @@ class NarHandler:
             return self._icmp(st, msg)
         if isinstance(msg, wire.IpsecAssociate):
             return self._ipsec(st, msg)
+        if isinstance(msg, wire.SocksRequest):
+            return self._tcpudp(st, msg)
         return self._tunnel(st, msg)
 
     def _mapping(self, st: _Conn, **fields: Any) -> NarMapping:
@@ -266,9 +311,11 @@ class NarHandler:
             self.counters["mappings"] += 1
             self.counters[f"mappings_{mapping.kind}"] += 1
             log.info("nar {sid}: mapping {id} {kind} proto {proto} icmp_id {icmp_id} spi {spi:#x} "
-                     "inner {inner} {mode} for {client}", sid=st.session.id, id=mapping.id,
+                     "inner {inner} port {port} remote_port {rport} {mode} for {client}",
+                     sid=st.session.id, id=mapping.id,
                      kind=mapping.kind, proto=mapping.proto, icmp_id=mapping.icmp_id,
-                     spi=mapping.spi, inner=mapping.inner, client=mapping.client,
+                     spi=mapping.spi, inner=mapping.inner, port=mapping.port,
+                     rport=mapping.remote_port, client=mapping.client,
                      mode="translated" if mapping.translated else f"end-to-end/{mapping.encap}")
             return reply
 
@@ -348,6 +395,94 @@ class NarHandler:
 
         return self._insert(st, m, wire.encode_tunnel(wire.REP_SUCCEEDED, 1, str(inner),
                                                       msg.protocol)).addErrback(conflict)
+
+    # BIND / UDP ASSOCIATE (TCP and UDP mappings, 2.6.1) -------------------------------
+    def installer(self):  # type: ignore[no-untyped-def]
+        if self._installer is not None:
+            return self._installer
+        from narsuite.nar.dataplane import tcpudp_installer
+
+        return tcpudp_installer(self.store)
+
+    def _tcpudp(self, st: _Conn, msg: wire.SocksRequest):  # type: ignore[no-untyped-def]
+        s = st.session
+        inst = self.installer()
+        tcp = msg.cmd == CMD_BIND
+        name = "BIND" if tcp else "UDP ASSOCIATE"
+        if inst is None:
+            self.counters["tcpudp_unavailable"] += 1
+            return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
+                                f"{name}: no TCP/UDP data plane (see the data plane's log)")
+        proto = 6 if tcp else 17
+        prefer = None
+        remote_port = 0
+        if tcp:
+            if msg.atyp != wire.ATYP_IPV4:
+                return self._refuse(st, msg, wire.REP_ADDRESS_TYPE_NOT_SUPPORTED,
+                                    f"BIND DST.ADDR ATYP {msg.atyp}")
+            if msg.addr not in ("0.0.0.0", s.remote):
+                return self._refuse(st, msg, wire.REP_NOT_ALLOWED,
+                                    f"BIND DST.ADDR {msg.addr}: this session's peer is {s.remote}")
+            remote_port = msg.port
+        else:
+            held = self.store.lookup(MAPPING.name, "udp", (s.lent, msg.port))
+            if msg.port and held is not None and held.session == s.id:
+                self.counters["confirmed_again"] += 1
+                return wire.encode_socks_reply(wire.REP_SUCCEEDED, 0, s.lent, msg.port)
+            prefer = msg.port or None
+        ns = f"nar.{'tcp' if tcp else 'udp'}:{s.lent}"
+
+        def allocated(port: int):  # type: ignore[no-untyped-def]
+            if prefer is not None:
+                self.counters["udp_port_confirmed" if port == prefer else "udp_port_assigned"] += 1
+            m = self._mapping(st, kind="tcp" if tcp else "udp", proto=proto,
+                              translated=s.translated, port=port, remote_port=remote_port)
+            reply = wire.encode_socks_reply(wire.REP_SUCCEEDED, 0, s.lent, port)
+
+            def inserted(r: bytes):  # type: ignore[no-untyped-def]
+                return inst.install_mapping(m).addCallbacks(lambda _: r, not_installed)
+
+            def not_inserted(f):  # type: ignore[no-untyped-def]
+                inst.release_port(proto, port)
+                return self._undo(f, st, msg, ns, port)
+
+            def not_installed(f):  # type: ignore[no-untyped-def]
+                self.counters["install_errors"] += 1
+                log.error("nar {sid}: cannot install {name} mapping {id}: {e}", sid=s.id,
+                          name=name, id=m.id, e=f.getErrorMessage())
+                self.store.delete(MAPPING.name, m.id)
+                self.store.release(ns, port)
+                inst.release_port(proto, port)
+                return self._refuse(st, msg, wire.REP_GENERAL_FAILURE,
+                                    f"{name}: the data plane refused it")
+
+            return self._insert(st, m, reply).addCallbacks(inserted, not_inserted)
+
+        d = self._allocate_port(st, inst, ns, proto, prefer)
+        return d.addCallbacks(allocated, self._exhausted, errbackArgs=(st, msg))
+
+    @defer.inlineCallbacks
+    def _allocate_port(self, st: _Conn, inst, ns: str, proto: int,  # type: ignore[no-untyped-def]
+                       prefer: int | None):
+        """A port free in the store (lease ``ns``) and on N (the installer's reservation)."""
+        sid = st.session.id
+        lo, hi = self.port_range
+        for attempt in range(PORT_TRIES):
+            port = None
+            if attempt == 0 and prefer is not None and prefer >= 1024:
+                try:
+                    port = (yield self.store.claim(ns, prefer, sid)).value
+                except Conflict:
+                    port = None
+            else:
+                port = yield self.store.allocate_number(ns, lo, hi, sid)
+            if port is None:
+                continue
+            if inst.reserve_port(proto, port):
+                return port
+            self.counters["port_in_use_on_n"] += 1
+            yield self.store.release(ns, port)
+        raise Exhausted(f"{ns}: no port free on N after {PORT_TRIES} tries")
 
     # errors ---------------------------------------------------------------------------
     def _exhausted(self, f, st: _Conn, msg) -> bytes:  # type: ignore[no-untyped-def]
