@@ -220,8 +220,9 @@ class ModpGroup:
         """The peer's g^y as an int, after RFC 2409-style validation: exact length, 1 < y < p-1.
 
         0, 1 and p-1 (and anything >= p) would force the shared secret into {0, 1, p-1}; the
-        prime is safe, so every other value lies in a large subgroup.  ``cryptography`` itself
-        accepts all of these, hence the explicit check.
+        prime is safe, so every other value lies in a large subgroup.  ``cryptography`` builds
+        public keys from all of these (OpenSSL refuses some only at exchange time), so the rule
+        is checked here, first, whatever the backend does.
         """
         if not isinstance(peer_public, (bytes, bytearray, memoryview)):
             raise CryptoError(f"group {self.number}: KE data must be bytes")
@@ -243,7 +244,7 @@ class ModpGroup:
             peer = _DHPublicNumbers(y, self._numbers).public_key()
             secret = private.exchange(peer)
         except ValueError as e:  # pragma: no cover - check_peer already excludes what OpenSSL rejects
-            raise CryptoError(f"group {self.number}: {e}") from None
+            raise CryptoError(f"group {self.number}: peer public value refused: {e}") from None
         return secret.rjust(self.shared_length, b"\0")
 
 
