@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import os
 import struct
 
 import pytest
@@ -638,3 +639,112 @@ def test_full_phase1_and_quick_mode_between_two_ends(group_no, h, keylen):
     ours = C.esp_keys(h, kr.skeyid_d, 0xABCD0001, ni, nr, 16, 20, gqm)
     km = ref_keymat(h, d, 3, bytes.fromhex("abcd0001"), ni, nr, 36, gqm)
     assert ours == (km[:16], km[16:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent oracle: Wireshark's IKEv1 decryption (tshark), given only the cipher key
+
+
+def _tv(attr: int, value: int) -> bytes:
+    return struct.pack("!HH", 0x8000 | attr, value)
+
+
+def _sa(next_payload: int, protocol: int, spi: bytes, transform_id: int, attrs: bytes) -> bytes:
+    t = _payload(0, bytes([1, transform_id, 0, 0]) + attrs)
+    p = _payload(0, bytes([1, protocol, len(spi), 1]) + spi + t)
+    return _payload(next_payload, struct.pack("!II", 1, 1) + p)
+
+
+def _exchange_pcap(path, h: str, cipher: str, keybits: int, group_no: int):
+    """Main Mode (PSK), Quick Mode and a DPD informational, every encrypted message built here.
+
+    Returns (initiator cookie, ISAKMP SA key, QM nonces).  tshark computes the IVs itself
+    (hash(g^xi | g^xr), CBC chaining, hash(last phase-1 block | M-ID)) from the KE payloads.
+    """
+    from scapy.all import IP, UDP, Raw, wrpcap
+
+    g = C.group(group_no)
+    xi, gxi = g.generate()
+    xr, gxr = g.generate()
+    ni, nr = C.random_nonce(), C.random_nonce()
+    cki, ckr = C.random_cookie(), C.random_cookie()
+    keys = C.derive_phase1(h, C.skeyid_psk(h, b"psk", ni, nr), g.shared(xr, gxi), cki, ckr)
+    key = keys.encryption_key(keybits // 8)
+    ini = C.ISAKMPCrypto(cipher, key, h, gxi, gxr)
+    res = C.ISAKMPCrypto(cipher, key, h, gxi, gxr)
+    i_addr, r_addr = "192.0.2.1", "198.51.100.7"
+    pkts = []
+
+    def send(from_initiator, np, exch, mid, body, encrypted, responder_cookie=True):
+        sender, receiver = (ini, res) if from_initiator else (res, ini)
+        if encrypted:
+            data = sender.encrypt(mid, body)
+            assert C.payload_chain(receiver.decrypt(mid, data), np)[0] == body
+            receiver.accept(mid, data)
+        else:
+            data = body
+        hdr = cki + (ckr if responder_cookie else bytes(8))
+        hdr += struct.pack("!BBBBII", np, 0x10, exch, int(encrypted), mid, 28 + len(data))
+        src, dst = (i_addr, r_addr) if from_initiator else (r_addr, i_addr)
+        pkts.append(IP(src=src, dst=dst) / UDP(sport=500, dport=500) / Raw(hdr + data))
+
+    hash_id = {"md5": 1, "sha1": 2, "sha256": 4}[h]
+    enc_attrs = _tv(1, 7) + _tv(14, keybits) if cipher == "aes-cbc" else _tv(1, 5)
+    sa = _sa(0, 1, b"", 1, enc_attrs + _tv(2, hash_id) + _tv(4, group_no) + _tv(3, 1) + _tv(11, 1) + _tv(12, 28800))
+    send(True, 1, 2, 0, sa, False, responder_cookie=False)
+    send(False, 1, 2, 0, sa, False)
+    send(True, 4, 2, 0, _payload(10, gxi) + _payload(0, ni), False)
+    send(False, 4, 2, 0, _payload(10, gxr) + _payload(0, nr), False)
+    idi, idr = bytes([1, 17, 1, 244, 10, 1, 2, 3]), bytes([1, 17, 1, 244, 10, 9, 8, 7])
+    hi = C.hash_i(h, keys.skeyid, gxi, gxr, cki, ckr, sa[4:], idi)
+    send(True, 5, 2, 0, _payload(8, idi) + _payload(0, hi), True)
+    hr = C.hash_r(h, keys.skeyid, gxi, gxr, cki, ckr, sa[4:], idr)
+    send(False, 5, 2, 0, _payload(8, idr) + _payload(0, hr), True)
+    mid, qni, qnr = 0x5EED0001, C.random_nonce(), C.random_nonce()
+    qsa = _sa(10, 3, bytes.fromhex("c0ffee01"), 12, _tv(1, 1) + _tv(4, 1) + _tv(5, 2) + _tv(6, 128))
+    rest1, rest2 = qsa + _payload(0, qni), qsa + _payload(0, qnr)
+    send(True, 8, 32, mid, _payload(1, C.qm_hash1(h, keys.skeyid_a, mid, rest1)) + rest1, True)
+    send(False, 8, 32, mid, _payload(1, C.qm_hash2(h, keys.skeyid_a, mid, qni, rest2)) + rest2, True)
+    send(True, 8, 32, mid, _payload(0, C.qm_hash3(h, keys.skeyid_a, mid, qni, qnr)), True)
+    imid = 0x0BADCAFE
+    dpd = _payload(0, struct.pack("!IBBH", 1, 1, 16, 36136) + cki + ckr + struct.pack("!I", 77))  # R-U-THERE
+    send(False, 8, 5, imid, _payload(11, C.informational_hash(h, keys.skeyid_a, imid, dpd)) + dpd, True)
+    wrpcap(str(path), pkts)
+    return cki, key, qni, qnr
+
+
+def _tshark_fields(pcap, cookie: bytes, key: bytes) -> list[list[str]]:
+    import subprocess
+
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-o", f"uat:ikev1_decryption_table:{cookie.hex()},{key.hex()}",
+         "-T", "fields", "-e", "isakmp.id.data.ipv4_addr", "-e", "isakmp.nonce",
+         "-e", "isakmp.notify.data.dpd.are_you_there"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    return [line.split("\t") for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("h,cipher,keybits,group_no", [
+    ("sha1", "aes-cbc", 128, 14), ("sha256", "aes-cbc", 256, 19), ("md5", "aes-cbc", 192, 5),
+    ("sha1", "3des-cbc", 192, 20),
+])
+def test_tshark_decrypts_our_main_mode_quick_mode_and_informational(tmp_path, h, cipher, keybits, group_no):
+    """Wireshark derives every IV on its own from the KE payloads and message IDs (Appendix B);
+    it reads our IDs, Quick Mode nonces and DPD sequence number only if each IV is right."""
+    import shutil
+
+    if shutil.which("tshark") is None:
+        if os.environ.get("NARSUITE_REQUIRE_LAB", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail("tshark missing (scripts/setup.sh installs it)")
+        pytest.skip("tshark missing")
+    pcap = tmp_path / "ike.pcap"
+    cookie, key, qni, qnr = _exchange_pcap(pcap, h, cipher, keybits, group_no)
+    rows = _tshark_fields(pcap, cookie, key)
+    assert [r[0] for r in rows[4:6]] == ["10.1.2.3", "10.9.8.7"]  # MM5, MM6: phase-1 IV and chain
+    assert [r[1] for r in rows[6:8]] == [qni.hex(), qnr.hex()]  # QM1, QM2: hash(last block | M-ID), chain
+    assert rows[9][2] == "77"  # informational: its own M-ID from the phase-1 block
+    # control: with a wrong key tshark reads none of it
+    wrong = bytes([key[0] ^ 2]) + key[1:]  # not bit 0: that is a DES parity bit, ignored
+    rows = _tshark_fields(pcap, cookie, wrong)
+    assert "10.1.2.3" not in rows[4] and qni.hex() not in rows[6][1] and rows[9][2] != "77"
