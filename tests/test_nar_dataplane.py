@@ -291,6 +291,12 @@ class FakeNft:
         self.scripts.append(script)
         return defer.succeed(None)
 
+    def conntrack(self, argv):
+        from twisted.internet import defer
+
+        self.scripts.append(argv)
+        return defer.succeed(None)
+
 
 @attrs.define
 class FakeTun:
@@ -354,9 +360,13 @@ def test_plane_installs_tcp_udp_mappings_and_follows_the_store():
     # the session goes: its elements are deleted, its ports released
     n = len(runner.scripts)
     store.drop_owner("s1")
-    deleted = runner.scripts[n:]
+    deleted = [x for x in runner.scripts[n:] if isinstance(x, str)]
     assert sorted(deleted) == sorted(nft.elements_script("delete", nft.mapping_elements(m))
                                      for m in TCPUDP[:3])
+    flushed = [x for x in runner.scripts[n:] if isinstance(x, list)]  # their flows too
+    assert ["-D", "-p", "tcp", "--orig-dst", NB, "--orig-port-dst", "20001"] in flushed
+    assert ["-D", "-p", "udp", "--reply-dst", NB, "--reply-port-dst", "20003"] in flushed
+    assert len(flushed) == 6
     assert res.held() == {(17, 20004)}
     tun.sink(bytes(syn))
     assert dp.counters["drop_no_mapping"] == 1

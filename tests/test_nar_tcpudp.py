@@ -248,9 +248,13 @@ def test_tcp_and_udp_mappings(nar_topo, tmp_path, translated):
     for p in (ptcp, pudp, 21234):
         assert f" {p} " not in rules, rules
     tsrv = _server(t.x, script, "tcp-echo", "0.0.0.0", str(ptcp), "5")
+    usrv = _server(t.x, script, "udp-echo", "0.0.0.0", str(pudp), "10")
     got = _call(t.y, script, "tcp-call", t.n_public, str(ptcp), "256")
     assert "error" in got, got  # N's own kernel answers now (RST): nothing reaches X
-    assert _reports(t.x, tsrv) == []
+    # the UDP flow Y used before (same ports): its conntrack entry went with the mapping
+    got = _call(t.y, script, "udp-call", t.y_addr, "40001", t.n_public, str(pudp))
+    assert got == {"error": "timeout"}, got
+    assert _reports(t.x, tsrv) == [] and _reports(t.x, usrv) == []
     n.terminate()
     assert "narsuite_nar" not in _ruleset(t)  # the table went with the daemon
 
@@ -270,3 +274,9 @@ def test_bind_refusals_in_the_lab(nar_topo, tmp_path):
     c.stop()
     t.n.stop(busy)
     n.terminate()
+
+
+def test_conntrack_commands():
+    assert nft.conntrack_commands(_m("udp", 20003, True)) == [
+        ["-D", "-p", "udp", "--orig-dst", NB, "--orig-port-dst", "20003"],
+        ["-D", "-p", "udp", "--reply-dst", NB, "--reply-port-dst", "20003"]]

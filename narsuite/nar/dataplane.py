@@ -397,13 +397,16 @@ class NarDataPlane(service.Service):
             self.counters["tcpudp_installed"] += 1
             if self.store.get(MAPPING.name, m.id) is None or not self.tcpudp_ready:
                 # gone while nft was running: take the elements out again
-                self._remove_elements(m.id, elements)
+                self._remove_elements(m, elements)
             else:
                 self._installed[m.id] = elements
 
         return self.nft.run(nft.elements_script("add", elements)).addCallback(added)
 
-    def _remove_elements(self, mid: str, elements: list[tuple[str, str, str]]) -> defer.Deferred:
+    def _remove_elements(self, m: Any, elements: list[tuple[str, str, str]]) -> defer.Deferred:
+        """Delete the mapping's map elements, then the conntrack entries of its flows."""
+        mid = m.id
+
         def failed(f):  # type: ignore[no-untyped-def]
             self.counters["tcpudp_remove_errors"] += 1
             log.error("nar: cannot remove the nftables elements of {id}: {e}", id=mid,
@@ -412,7 +415,15 @@ class NarDataPlane(service.Service):
         def done(_: object) -> None:
             self.counters["tcpudp_removed"] += 1
 
-        return self.nft.run(nft.elements_script("delete", elements)).addCallbacks(done, failed)
+        def flows_failed(f):  # type: ignore[no-untyped-def]
+            self.counters["conntrack_errors"] += 1
+            log.error("nar: cannot delete the conntrack entries of {id}: {e}", id=mid,
+                      e=f.getErrorMessage())
+
+        d = self.nft.run(nft.elements_script("delete", elements)).addCallbacks(done, failed)
+        for argv in nft.conntrack_commands(m):
+            self.nft.conntrack(argv).addErrback(flows_failed)
+        return d
 
     def _mapping_changed(self, change: Any) -> None:
         m = change.record if change.op == "delete" else None
@@ -421,7 +432,7 @@ class NarDataPlane(service.Service):
         self.release_port(m.proto, m.port)
         elements = self._installed.pop(m.id, None)
         if elements is not None and self.tcpudp_ready:
-            self._remove_elements(m.id, elements)
+            self._remove_elements(m, elements)
 
     # ----------------------------------------------------------------------- packets
     def _lookup(self, index: str, key: Any) -> Any:

@@ -33,8 +33,15 @@ to Nb:P of that protocol.  The bind fails if a program on N already uses the por
 the port is never lent twice, and while it is held N's kernel does not pick P as an
 ephemeral port of Nb (whose answers the maps would steal).
 
-Dependency: the ``nft`` binary (Debian package ``nftables``), run as ``nft -f -``; the
-script text is built by the pure functions below (unit-tested without root).
+Conntrack: NAT rules apply to the first packet of a flow only; a flow already under way
+keeps its translation in the conntrack table.  When a mapping goes, its flows' entries are
+deleted too (``conntrack -D``, the ``conntrack`` binary of conntrack-tools; without it
+the error is logged and such flows live until their conntrack timeout), so a closed
+session's established connections stop reaching X at once.
+
+Dependencies: the ``nft`` binary (Debian package ``nftables``), run as ``nft -f -``, and
+``conntrack`` (package ``conntrack``); the script text and command lines are built by
+the pure functions below (unit-tested without root).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from narsuite.logs import logger
 __all__ = [
     "TABLE", "E2E_ADDRESS", "TUN_MTU", "MSS", "NftError",
     "table_script", "delete_table_script", "mapping_elements", "elements_script",
+    "conntrack_commands",
     "NftRunner", "PortReservations",
 ]
 
@@ -144,6 +152,15 @@ def elements_script(op: str, elements: list[tuple[str, str, str]]) -> str:
     raise ValueError(op)
 
 
+def conntrack_commands(m: Any) -> list[list[str]]:
+    """``conntrack`` arguments deleting the flows of a tcp/udp mapping: those Y started
+    (original destination Nb:P, DNATed) and those X started (reply destination Nb:P,
+    SNATed)."""
+    proto = _L4[m.proto]
+    return [["-D", "-p", proto, "--orig-dst", m.lent, "--orig-port-dst", str(m.port)],
+            ["-D", "-p", proto, "--reply-dst", m.lent, "--reply-port-dst", str(m.port)]]
+
+
 class _NftProcess(protocol.ProcessProtocol):
     def __init__(self, script: str, done: defer.Deferred) -> None:
         self.script = script.encode()
@@ -169,9 +186,11 @@ class NftRunner:
     """Runs nft scripts: :meth:`run_sync` at start/stop, :meth:`run` (a Deferred, one
     ``nft -f -`` process, strictly one after the other) for mappings."""
 
-    def __init__(self, reactor: Any = None, binary: str = "nft") -> None:
+    def __init__(self, reactor: Any = None, binary: str = "nft",
+                 conntrack: str = "conntrack") -> None:
         self.reactor = reactor
         self.path = shutil.which(binary)
+        self.conntrack_path = shutil.which(conntrack)
         self._lock = defer.DeferredLock()
 
     @property
@@ -189,15 +208,28 @@ class NftRunner:
     def run(self, script: str) -> defer.Deferred:
         return self._lock.run(self._spawn, script)
 
-    def _spawn(self, script: str) -> defer.Deferred:
-        if self.path is None:
-            return defer.fail(NftError("nft not found (install the nftables package)"))
+    def _spawn(self, script: str, argv: list[str] | None = None) -> defer.Deferred:
+        path = self.path if argv is None else self.conntrack_path
+        if path is None:
+            return defer.fail(NftError("nft/conntrack not found (packages nftables, conntrack)"))
         reactor = self.reactor
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         d: defer.Deferred = defer.Deferred()
-        reactor.spawnProcess(_NftProcess(script, d), self.path, [self.path, "-f", "-"], env=None)
+        args = [path, "-f", "-"] if argv is None else [path, *argv]
+        reactor.spawnProcess(_NftProcess(script, d), path, args, env=None)
         return d
+
+    def conntrack(self, argv: list[str]) -> defer.Deferred:
+        """Run ``conntrack argv`` (after the nft scripts queued before it); exit status 1
+        ("0 flow entries have been deleted") counts as success."""
+        def ran(f):  # type: ignore[no-untyped-def]
+            f.trap(NftError)
+            if "0 flow entries" in str(f.value):
+                return None
+            return f
+
+        return self._lock.run(self._spawn, "", argv).addErrback(ran)
 
 
 class PortReservations:
