@@ -67,7 +67,7 @@ def _mappings(daemon: Any) -> Table:
         elif m.kind == "tunnel":
             what = f"{'ipip' if m.proto == 4 else 'gre'} inner {m.inner}"
         else:
-            what = f"port {m.port}"
+            what = f"port {m.port}" + (f" from port {m.remote_port}" if m.remote_port else "")
         mode = "translated" if m.translated else f"end-to-end/{m.encap}"
         rows.append((m.id, m.kind, what, m.client, m.remote, m.lent, mode))
     return Table(("mapping", "kind", "tuple", "client", "remote", "lent", "delivery"),
