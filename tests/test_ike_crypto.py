@@ -507,7 +507,10 @@ def test_iv_chain_is_bounded_and_forgets():
     chain = C.IVChain("sha1", 16, bytes(16), max_exchanges=4)
     for mid in range(1, 10):
         chain.iv(mid)
+        chain.iv(6)  # used again and again: never the least recently used
     assert len(chain._ivs) == 4 and set(chain._ivs) == {6, 7, 8, 9}
+    chain.iv(10)
+    assert set(chain._ivs) == {6, 8, 9, 10}
     chain.update(7, b"c" * 32)
     assert chain.iv(7) == b"c" * 16
     chain.forget(7)

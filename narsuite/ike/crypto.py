@@ -574,7 +574,8 @@ class IVChain:
     Outgoing: ``iv(mid)``, encrypt, ``update(mid, ciphertext)``.  Incoming: decrypt with
     ``iv(mid)``, verify the HASH, and only then ``update`` -- a forged or corrupt message must
     not move the chain (strongSwan confirms its IV the same way).  At most ``max_exchanges``
-    non-zero IDs are remembered (oldest dropped), so a peer cannot grow this without bound.
+    non-zero IDs are remembered (least recently used dropped), so a peer cannot grow this
+    without bound; strongSwan keeps 3 (``charon.max_ikev1_exchanges``).
     """
 
     def __init__(self, hash_name: str, block: int, first_iv: bytes, max_exchanges: int = 32) -> None:
@@ -597,7 +598,7 @@ class IVChain:
         iv = self._ivs.get(message_id)
         if iv is None:
             iv = phase2_iv(self.hash_name, self.phase1_iv, message_id, self.block_size)
-            self._remember(message_id, iv)
+        self._remember(message_id, iv)  # most recently used last, as strongSwan's list
         return iv
 
     def update(self, message_id: int, ciphertext: bytes) -> None:
