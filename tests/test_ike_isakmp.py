@@ -658,3 +658,81 @@ def test_mutated_sa_and_attribute_bodies_only_raise_isakmp_error(payloads, pos, 
         I.parse_payloads(payloads[0].payload_type, bytes(chain))
     except I.ISAKMPError:
         pass
+
+
+# -- tshark (Wireshark's ISAKMP dissector) as a second oracle, for what scapy cannot read ----
+
+_TSHARK_FIELDS = [
+    "isakmp.ispi", "isakmp.exchangetype", "isakmp.prop.number", "isakmp.spi", "isakmp.trans.id",
+    "isakmp.ipsec.attr.encap_mode", "isakmp.ike.attr.authentication_method", "isakmp.ike.attr.life_duration",
+    "isakmp.id.data.ipv4_subnet", "isakmp.ike.nat_hash", "isakmp.ike.nat_original_address_ipv4",
+    "isakmp.cfg.type", "isakmp.cfg.identifier", "isakmp.cfg.attr.internal_ip4_address", "isakmp.cfg.attr.type",
+    "isakmp.notify.data.dpd.are_you_there", "isakmp.delete.spi", "isakmp.vid_bytes",
+    "_ws.malformed", "_ws.expert.severity",
+]
+
+
+def _tshark(tmp_path, *messages: bytes) -> list[dict[str, str]]:
+    import os
+    import shutil
+    import subprocess
+
+    from scapy.layers.inet import IP, UDP
+    from scapy.packet import Raw
+    from scapy.utils import wrpcap
+
+    if shutil.which("tshark") is None:
+        if os.environ.get("NARSUITE_REQUIRE_LAB", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail("tshark missing (scripts/setup.sh installs it)")
+        pytest.skip("tshark missing")
+    pcap = tmp_path / "isakmp.pcap"
+    wrpcap(str(pcap), [IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=500, dport=500) / Raw(m) for m in messages])
+    cmd = ["tshark", "-r", str(pcap), "-T", "fields", "-E", "aggregator=|"]
+    for f in _TSHARK_FIELDS:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    return [dict(zip(_TSHARK_FIELDS, line.split("\t"))) for line in out.splitlines()]
+
+
+def test_tshark_reads_every_payload_we_build(tmp_path):
+    quick = I.build_message(I.Header(ICOOKIE, RCOOKIE, C.EXCH_QUICK, 0, 5), [
+        QUICK_RECORD, I.Nonce(b"N" * 16),
+        I.Identification(C.ID_IPV4_ADDR_SUBNET, bytes([10, 0, 0, 0, 255, 255, 255, 0])),
+        I.NatOA(C.ID_IPV4_ADDR, bytes([192, 168, 1, 2])),
+    ])
+    main = I.build_message(I.Header(ICOOKIE, RCOOKIE, C.EXCH_MAIN), [
+        PHASE1_RECORD, I.NatD(b"D" * 20), I.NatD(b"E" * 20), I.VendorID(C.VID_DPD), I.VendorID(C.VID_NATT_RFC3947)])
+    xauth = I.build_message(I.Header(ICOOKIE, RCOOKIE, C.EXCH_TRANSACTION, 0, 9), [
+        I.AttributePayload(C.CFG_REPLY, 1234, [
+            I.Attribute(C.INTERNAL_IP4_ADDRESS, bytes([10, 3, 0, 1])), I.Attribute(C.XAUTH_TYPE, 0),
+            I.Attribute(C.XAUTH_USER_NAME, b"alice")])])
+    info = I.build_message(I.Header(ICOOKIE, RCOOKIE, C.EXCH_INFORMATIONAL, 0, 11), [
+        I.Notification(C.R_U_THERE, C.PROTO_ISAKMP, ICOOKIE + RCOOKIE, struct.pack("!I", 4242)),
+        I.Delete(C.PROTO_IPSEC_ESP, 4, [bytes.fromhex("c0ffee01"), bytes.fromhex("c0ffee02")])])
+    # control: the same quick mode with a transform count that lies -- tshark must notice
+    broken = bytearray(quick)
+    broken[28 + 12 + 7] = 2
+    rows = _tshark(tmp_path, quick, main, xauth, info, bytes(broken))
+    q, m, x, n, b = rows
+    assert q["isakmp.ispi"] == ICOOKIE.hex() and q["isakmp.exchangetype"] == "32"
+    assert q["isakmp.prop.number"] == "1|2"
+    assert q["isakmp.spi"] == "c0ffee01|c0ffee02"
+    assert q["isakmp.trans.id"] == "12|3"
+    assert q["isakmp.ipsec.attr.encap_mode"] == "3|61443"
+    assert q["isakmp.id.data.ipv4_subnet"] == "255.255.255.0"
+    assert q["isakmp.ike.nat_original_address_ipv4"] == "192.168.1.2"
+    assert m["isakmp.ike.attr.authentication_method"] == str(C.AUTH_XAUTH_INIT_PSK)
+    assert m["isakmp.ike.attr.life_duration"] == "28800"
+    assert m["isakmp.ike.nat_hash"] == f"{(b'D' * 20).hex()}|{(b'E' * 20).hex()}"
+    assert m["isakmp.vid_bytes"] == f"{C.VID_DPD.hex()}|{C.VID_NATT_RFC3947.hex()}"
+    assert (x["isakmp.cfg.type"], x["isakmp.cfg.identifier"]) == ("2", "1234")
+    assert x["isakmp.cfg.attr.internal_ip4_address"] == "10.3.0.1"
+    assert x["isakmp.cfg.attr.type"] == "1|16520|16521"
+    assert n["isakmp.notify.data.dpd.are_you_there"] == "4242"
+    assert n["isakmp.delete.spi"] == "c0ffee01|c0ffee02"
+    for row in (q, m, x, n):
+        assert row["_ws.malformed"] == "" and row["_ws.expert.severity"] == "", row
+    assert b["_ws.malformed"] != "" or b["_ws.expert.severity"] != ""
+    with pytest.raises(I.ISAKMPError) as exc:
+        I.parse_message(bytes(broken))
+    assert exc.value.notify == C.BAD_PROPOSAL_SYNTAX

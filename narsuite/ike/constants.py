@@ -14,8 +14,6 @@ the IANA "ISAKMP" and "IPsec DOI" registries.
 
 from __future__ import annotations
 
-import hashlib
-
 # -- header (RFC 2408 3.1) ------------------------------------------------------------------
 
 HEADER_LEN = 28
@@ -394,11 +392,8 @@ XAUTH_STATUS_OK = 1
 
 # -- vendor IDs ------------------------------------------------------------------------------
 
-def _md5(text: bytes) -> bytes:
-    """Vendor IDs are MD5 digests of well-known strings (RFC 3947 5.1, RFC 3706 ...)."""
-    return hashlib.md5(text, usedforsecurity=False).digest()
-
-
+# Vendor IDs are MD5 digests of well-known strings, some truncated, some with a version
+# appended; written out as bytes so nothing is computed at import (tests recompute them).
 VID_NATT_RFC3947 = bytes.fromhex("4a131c81070358455c5728f20e95452f")  # "RFC 3947"
 VID_NATT_DRAFT_02 = bytes.fromhex("cd60464335df21f87cfdb2fc68b6a448")  # draft-ietf-ipsec-nat-t-ike-02
 #: The famous typo: MD5 over the draft name *with* a trailing newline, sent by many clients.
