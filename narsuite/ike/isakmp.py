@@ -27,11 +27,11 @@ records that cannot be encoded (a 70000-byte payload, a 3-byte cookie): that is 
 the caller, not a peer to answer.
 
 Deliberate leniencies (documented in docs/ike-wire.md): RESERVED fields are ignored on parse
-and written as zero (as strongSwan does); unknown exchange types and flag bits are kept for
-the exchange layer to judge; payload types the codec does not know are kept as
-:class:`UnknownPayload` -- the codec cannot know which private-use types (128-255) a peer
-and the role have agreed on, so :func:`require_known` is where the role turns them into
-INVALID-PAYLOAD-TYPE.
+and written as zero (they carry no meaning; refusing them would only cost interop);
+unknown exchange types and flag bits are kept for the exchange layer to judge; payload
+types the codec does not know are kept as :class:`UnknownPayload` -- the codec cannot know
+which private-use types (128-255) a peer and the role have agreed on, so
+:func:`require_known` is where the role turns them into INVALID-PAYLOAD-TYPE.
 """
 
 from __future__ import annotations
