@@ -257,7 +257,7 @@ def test_scapy_misparses_multi_proposal_nonzero_spi():
 
 
 @pytest.mark.parametrize(("sa_body", "notify"), [
-    ("00000000 00000001" + "0000000c 01010000 00000008 01010000"[:0], C.DOI_NOT_SUPPORTED),
+    ("00000000 00000001 00000010 01010001 00000008 01010000", C.DOI_NOT_SUPPORTED),  # DOI 0
     ("00000001 00000002", C.SITUATION_NOT_SUPPORTED),
     ("00000001 00000001", C.BAD_PROPOSAL_SYNTAX),  # no proposal at all
     ("00000001 00000001 0000000c 01010001 00000008", C.BAD_PROPOSAL_SYNTAX),  # truncated transform
