@@ -3,7 +3,7 @@
 Run (root, Dante installed: ``apt-get install dante-server``):
 
     python bench/bench_socks.py [--seconds 4] [--connect-workers 16] [--udp-workers 8] [--streams 1]
-                                [--only dante|narsuite]
+                                [--only dante|narsuite] [--workers 0]
 
 Both servers listen on 127.0.0.1 and relay to local targets (bench/socks_load.py):
 
@@ -26,8 +26,11 @@ Dante runs from a config this script writes into a temporary directory
 foreground, and is stopped by PID.  narsuite's server runs from a tiny
 script running the SocksFactory the nar role runs (no twistd, no other services): memory store, epoll reactor,
 decision log level debug and narsuite log level warn (Dante logs nothing
-per session either).  If narsuite's server cannot be imported or started its
-column reads "not available" and Dante is still measured.
+per session either).  ``--workers`` is ``[nar] workers`` (default 0: one
+reactor process per CPU; 1: the single-process server): the script then does
+what the role does, an SO_REUSEPORT port in its process plus a WorkerPool of
+``python -m narsuite.nar.worker`` processes, all counted as the server's CPU.  If narsuite's server cannot be
+imported or started its column reads "not available" and Dante is still measured.
 """
 
 from __future__ import annotations
@@ -85,10 +88,11 @@ NARSUITE_SERVER = textwrap.dedent("""
     from narsuite.nar.server import SocksFactory
     from narsuite.store import Store
 
-    port = int(sys.argv[1])
+    port, workers = int(sys.argv[1]), int(sys.argv[2])
     logs.set_level("warn")
     config = schema.build(NarConfig, {"listen": "127.0.0.1", "port": port, "methods": ["none"],
-                                      "rules": [{"action": "pass"}], "decision_log_level": "debug"}, "nar")
+                                      "rules": [{"action": "pass"}], "decision_log_level": "debug",
+                                      "workers": workers}, "nar")
     store = Store()
     for spec in getattr(records, "KINDS", ()):
         try:
@@ -96,7 +100,15 @@ NARSUITE_SERVER = textwrap.dedent("""
         except Exception:
             pass  # already registered
     factory = SocksFactory(config, store, Metrics(), reactor=reactor)
-    reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=4096)
+    from narsuite.nar.workers import ReusePortServer, WorkerPool, worker_count
+    processes = worker_count(config.workers)
+    if processes > 1:  # what NarService does with [nar] workers
+        ReusePortServer(reactor, "127.0.0.1", port, factory).startService()
+        pool = WorkerPool(config, factory, reactor, processes - 1, log_level="warn")
+        pool.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", pool.stopService)
+    else:
+        reactor.listenTCP(port, factory, interface="127.0.0.1", backlog=4096)
     print("READY", flush=True)
     reactor.run()
 """)
@@ -206,16 +218,18 @@ def start_dante(tmp: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def start_narsuite(tmp: Path) -> tuple[subprocess.Popen, int]:
+def start_narsuite(tmp: Path, workers: int = 1) -> tuple[subprocess.Popen, int]:
     port = load.free_port()
     script = tmp / "nar_server.py"
     script.write_text(NARSUITE_SERVER)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     err = tmp / "nar.err"
-    proc = subprocess.Popen([sys.executable, str(script), str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(workers)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(err, "w"))
     try:
         wait_listening(port, proc, 20)
+        if workers != 1:
+            time.sleep(2.0)  # the worker processes join the port after the main one
     except RuntimeError as e:
         stop(proc)
         tail = err.read_text().strip().splitlines()
@@ -327,6 +341,9 @@ def main() -> None:
     ap.add_argument("--udp-workers", type=int, default=8)
     ap.add_argument("--streams", type=int, default=1, help="parallel bulk streams")
     ap.add_argument("--only", choices=("dante", "narsuite"))
+    ap.add_argument("--workers", type=int, default=0,
+                    help="narsuite's [nar] workers: reactor processes on the port (0: one per CPU, "
+                         "1: the single-process server)")
     args = ap.parse_args()
 
     results: dict[str, dict | str] = {}
@@ -334,7 +351,8 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-socks-") as tmpdir:
             tmp = Path(tmpdir)
-            for name, start in (("dante", start_dante), ("narsuite", start_narsuite)):
+            for name, start in (("dante", start_dante),
+                                ("narsuite", lambda t: start_narsuite(t, args.workers))):
                 if args.only and args.only != name:
                     continue
                 try:
@@ -353,7 +371,8 @@ def main() -> None:
                 time.sleep(1.0)  # let TIME_WAIT and helper exits settle between servers
     finally:
         tg.close()
-    print(f"\n## SOCKS5 — `python bench/bench_socks.py` — {time.strftime('%Y-%m-%d')}\n")
+    print(f"\n## SOCKS5 — `python bench/bench_socks.py --workers {args.workers}` — "
+          f"{time.strftime('%Y-%m-%d')}\n")
     print(table(results, args))
 
 

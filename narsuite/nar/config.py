@@ -96,6 +96,9 @@ class NarConfig:
     idle_timeout: float = setting(300.0, check=in_range(1, 86400))
     udp_idle_timeout: float = setting(120.0, check=in_range(1, 86400))
     max_connections: int = setting(10000, check=in_range(1, 10**6))
+    workers: int = setting(1, check=in_range(0, 256),
+                           doc="SOCKS reactor processes on the port (SO_REUSEPORT), the main one "
+                               "included: 1 = the main process only, 0 = one per CPU.")
     nar: NarOptions = setting(factory=lambda: NarOptions(enabled=False))
 
     def __validate__(self, key: str) -> None:

@@ -10,6 +10,7 @@ from narsuite.control.commands import Command, Table
 from narsuite.nar.config import NarConfig
 from narsuite.nar.records import KINDS, MAPPING, SESSION
 from narsuite.nar.server import SocksFactory
+from narsuite.nar.workers import ReusePortServer, WorkerPool, worker_count
 from narsuite.roles import RoleSpec
 
 __all__ = ["ROLE", "NarService"]
@@ -36,11 +37,21 @@ class NarService(service.MultiService):
             ctx.metrics.watch_counters("nar", "dataplane_events", "NAR data-plane events", "event",
                                        self.dataplane.counters_dict)
         self.factory = SocksFactory(cfg, ctx.store, ctx.metrics, ctx.reactor, nar_handler=self.handler)
-        port = internet.TCPServer(cfg.port, self.factory, interface=cfg.listen)
+        self.workers: WorkerPool | None = None
+        processes = worker_count(cfg.workers)
+        if processes > 1:
+            # Several reactor processes on the port (narsuite/nar/workers.py): ours and N-1 workers.
+            port: service.Service = ReusePortServer(ctx.reactor, cfg.listen, cfg.port, self.factory)
+        else:
+            port = internet.TCPServer(cfg.port, self.factory, interface=cfg.listen)
         port.setName("socks")
         port.setServiceParent(self)
+        if processes > 1:
+            self.workers = WorkerPool(cfg, self.factory, ctx.reactor, processes - 1,
+                                      log_level=ctx.config.log.level)
+            self.workers.setServiceParent(self)  # after the port: the workers join a bound port
         ctx.namespace.update(service=self, factory=self.factory, handler=self.handler,
-                             dataplane=self.dataplane)
+                             dataplane=self.dataplane, workers=self.workers)
 
 
 def _svc(daemon: Any) -> NarService:
@@ -76,7 +87,13 @@ def _mappings(daemon: Any) -> Table:
 
 def _stats(daemon: Any) -> Table:
     svc = _svc(daemon)
-    rows = [(f"socks.{k}", v) for k, v in sorted(svc.factory.counters.items()) if v]
+    rows = [(f"socks.{k}", v) for k, v in sorted(svc.factory.totals().items()) if v]
+    if svc.workers is not None:
+        w = svc.workers
+        rows += [("workers.processes", 1 + len(w.procs)), ("workers.restarts", w.restarts),
+                 ("workers.nar_handoffs", w.handoffs)]
+        rows += [(f"workers.pid.{pid}.connections", c.get("connections", 0))
+                 for pid, c in sorted(w.per_process().items())]
     if svc.handler is not None:
         rows += [(f"nar.{k}", v) for k, v in sorted(svc.handler.counters.items())]
     if svc.dataplane is not None:

@@ -607,6 +607,11 @@ class SocksProtocol(Protocol):
                 if r3 is None:
                     return
                 req, n = r3
+                if req.cmd == self.factory.config.nar.mode_command and self.factory.handoff is not None:
+                    # A worker process: NAR-MODE belongs to the main process (narsuite.nar.workers).
+                    self.state = "handoff"
+                    self.factory.handoff(self)
+                    return
                 del self.buf[:n]
                 self.state = "pending"
                 self._set_timer(None, "")
@@ -967,6 +972,11 @@ class SocksFactory(ServerFactory):
         self.decide = _Decisions(self.rules)
         self.resolve: Resolver = resolver or resolve_with(reactor)
         self.active = 0
+        #: In a worker process: ``handoff(proto)`` passes a NAR-MODE connection (its
+        #: socket, the unparsed request in ``proto.buf``, ``proto.user``) to the main process.
+        self.handoff: Callable[[SocksProtocol], None] | None = None
+        #: In the main process with workers: the workers' counters, to add to ours.
+        self.remote_counters: Callable[[], list[dict[str, int]]] | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             ["connections", "connections_refused_max", "bytes_up", "bytes_down", "udp_datagrams_out",
              "udp_datagrams_in", "udp_fragments_dropped", "udp_dropped", "udp_malformed",
@@ -976,7 +986,18 @@ class SocksFactory(ServerFactory):
         for code in socks.REPLY_NAMES:
             self.counters["reply_" + socks.reply_name(code)] = 0
         if metrics is not None:
-            metrics.watch_counters("nar", "events", "SOCKS5 server events", "event", lambda: self.counters)
+            metrics.watch_counters("nar", "events", "SOCKS5 server events", "event", self.totals)
+
+    def totals(self) -> dict[str, int]:
+        """Our counters plus the worker processes' (the same dict when there are none)."""
+        remote = self.remote_counters() if self.remote_counters is not None else ()
+        if not remote:
+            return self.counters
+        out = dict(self.counters)
+        for c in remote:
+            for k, v in c.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
