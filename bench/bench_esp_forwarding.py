@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from narsuite.lab import Lab  # noqa: E402
-from narsuite.lab.daemon import NarsuiteDaemon  # noqa: E402
-from narsuite.lab.topologies import remote_access_topology  # noqa: E402
+from narsuite.lab import Lab
+from narsuite.lab.daemon import NarsuiteDaemon
+from narsuite.lab.topologies import remote_access_topology
 
 SUITES = {
     "aes-gcm-16-128": ("aes-gcm-16", "11" * 16 + "aabbccdd", "22" * 16 + "eeff0011", "none", "", ""),
