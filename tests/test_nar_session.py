@@ -518,3 +518,20 @@ def test_tcpudp_mappings_dropped_on_close():
     inst.held.clear()  # (the data plane releases reservations on the store's delete)
     h.nar_data(d, wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 22222))
     assert socks_reply(d.take())[0].port == 22222
+
+
+def test_tcpudp_mappings_answer_to_the_socks_rules():
+    """NAR-MODE passed the "nar" rules; BIND and UDP mappings are checked as bind/udp towards Yb."""
+    from narsuite.nar.config import Rule
+    from narsuite.nar.rules import RuleSet
+
+    h, store, inst = make_tcpudp()
+    h.rules = RuleSet((Rule("block", commands=("bind",)), Rule("pass")), "debug")
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_socks_request(BIND, 0, 1, YB, 0)
+               + wire.encode_socks_request(UDP, 0, 1, "0.0.0.0", 5000))
+    r1, rest = socks_reply(c.take())
+    r2, rest = socks_reply(rest)
+    assert r1.rep == wire.REP_NOT_ALLOWED and r2.rep == 0
+    assert [m.kind for m in store.records("nar.mapping")] == ["udp"]
+    assert h.counters["rule_blocks"] == 1 and not c.closed

@@ -37,6 +37,8 @@ class NarService(service.MultiService):
             ctx.metrics.watch_counters("nar", "dataplane_events", "NAR data-plane events", "event",
                                        self.dataplane.counters_dict)
         self.factory = SocksFactory(cfg, ctx.store, ctx.metrics, ctx.reactor, nar_handler=self.handler)
+        if self.handler is not None:
+            self.handler.rules = self.factory.rules
         self.workers: WorkerPool | None = None
         processes = worker_count(cfg.workers)
         if processes > 1:

@@ -142,6 +142,9 @@ class NarHandler:
         self._installer = installer
         self.port_range = port_range
         self.commands = wire.NarCommands.from_options(options)
+        #: The SOCKS server's RuleSet (set by the role): BIND/UDP mappings in NAR mode are checked
+        #: against it like the SOCKS commands they are.
+        self.rules: Any = None
         for kind in (SESSION, MAPPING):
             store.register(kind)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -296,6 +299,16 @@ class NarHandler:
         if isinstance(msg, wire.IpsecAssociate):
             return self._ipsec(st, msg)
         if isinstance(msg, wire.SocksRequest):
+            if self.rules is not None:
+                # NAR-MODE passed the "nar" rules; each TCP/UDP mapping is also a BIND or a
+                # UDP association towards Yb, and answers to the operator's rules as such.
+                command = "bind" if msg.cmd == CMD_BIND else "udp"
+                decision = self.rules.check(st.conn.client, st.conn.user or "", command,
+                                            st.session.remote, msg.port or None)
+                if not decision.allowed:
+                    c["rule_blocks"] += 1
+                    return self._refuse(st, msg, wire.REP_NOT_ALLOWED,
+                                        f"{command} towards {st.session.remote} blocked by the rules")
             return self._tcpudp(st, msg)
         return self._tunnel(st, msg)
 
