@@ -1,6 +1,6 @@
 """ESP forwarding rate through the gateway, in the R—NAT—G—H lab.
 
-Run (root): python bench/bench_esp_forwarding.py [--seconds 5]
+Run (root): python bench/bench_esp_forwarding.py [--seconds 5] [--reactor epoll|narsuite-epoll]
 
 G runs ``twistd narsuite --role=esp``; R1 (behind NAT1) runs a second narsuite
 esp instance as its client end, so both ends are our data plane (the scapy
@@ -13,6 +13,8 @@ test peer, at ~1.5 ms per packet, would measure scapy).  Measured:
 
 Each ESP figure is through two narsuite instances (encrypt on one, decrypt on the
 other) sharing the machine's 2 cores with the traffic generators.
+``--reactor narsuite-epoll`` starts both instances with ``twistd --reactor=narsuite-epoll``
+(narsuite/reactor.py) instead of Twisted's default reactor.
 """
 
 from __future__ import annotations
@@ -120,10 +122,23 @@ def esp_config(tmp: Path, name: str, body: str) -> Path:
     return cfg
 
 
-def run(seconds: float) -> list[tuple[str, str, str]]:
+#: Stands in for twistd so that the daemons run under a chosen reactor.
+TWISTD_WITH_REACTOR = textwrap.dedent("""
+    import sys
+    from twisted.scripts.twistd import run
+    sys.argv = ["twistd", "--reactor={reactor}", "--pidfile=", "-n", "narsuite"] + sys.argv[1:]
+    run()
+""")
+
+
+def run(seconds: float, reactor: str = "") -> list[tuple[str, str, str]]:
     rows = []
     with Lab() as lab, tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        runner = None
+        if reactor:
+            runner = tmp / "twistd_reactor.py"
+            runner.write_text(TWISTD_WITH_REACTOR.format(reactor=reactor))
         t = remote_access_topology(lab)
         for h in (t.g, t.r1):
             h.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])
@@ -167,8 +182,8 @@ def run(seconds: float) -> list[tuple[str, str, str]]:
                 policy = "space"
                 allowed = ["{t.internal_net}"]
                 """))
-            g = NarsuiteDaemon(t.g, g_cfg, roles="esp").start()
-            r = NarsuiteDaemon(t.r1, r_cfg, roles="esp").start()
+            g = NarsuiteDaemon(t.g, g_cfg, roles="esp", runner=runner).start()
+            r = NarsuiteDaemon(t.r1, r_cfg, roles="esp", runner=runner).start()
             try:
                 t.r1.run(["ping", "-c", "1", "-W", "2", t.h_addr])
                 mbps, _ = measure(t.r1, t.h, "10.8.0.2", "tcp", seconds, tmp)
@@ -185,9 +200,12 @@ def run(seconds: float) -> list[tuple[str, str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--reactor", choices=("epoll", "narsuite-epoll"), default="",
+                    help="twistd --reactor for both narsuite instances (default: twistd's default)")
     args = ap.parse_args()
-    rows = run(args.seconds)
-    print(f"ESP forwarding through G, {args.seconds:g} s per figure\n")
+    rows = run(args.seconds, args.reactor)
+    print(f"ESP forwarding through G, {args.seconds:g} s per figure, "
+          f"reactor {args.reactor or 'twistd default'}\n")
     print("| path | traffic | rate |")
     print("|---|---|---|")
     for r in rows:

@@ -3,7 +3,7 @@
 Run (root, Dante installed: ``apt-get install dante-server``):
 
     python bench/bench_socks.py [--seconds 4] [--connect-workers 16] [--udp-workers 8] [--streams 1]
-                                [--only dante|narsuite] [--workers 0]
+                                [--only dante|narsuite] [--workers 0] [--reactor epoll|narsuite-epoll]
 
 Both servers listen on 127.0.0.1 and relay to local targets (bench/socks_load.py):
 
@@ -31,6 +31,8 @@ reactor process per CPU; 1: the single-process server): the script then does
 what the role does, an SO_REUSEPORT port in its process plus a WorkerPool of
 ``python -m narsuite.nar.worker`` processes, all counted as the server's CPU.  If narsuite's server cannot be
 imported or started its column reads "not available" and Dante is still measured.
+``--reactor narsuite-epoll`` runs narsuite's server (and its worker processes)
+under narsuite's lean epoll reactor (narsuite/reactor.py) instead of Twisted's.
 """
 
 from __future__ import annotations
@@ -78,8 +80,12 @@ socks pass {{
 
 NARSUITE_SERVER = textwrap.dedent("""
     import sys
-    from twisted.internet import epollreactor
-    epollreactor.install()
+    if sys.argv[3] == "narsuite-epoll":
+        from narsuite import reactor as lean
+        lean.install()
+    else:
+        from twisted.internet import epollreactor
+        epollreactor.install()
     from twisted.internet import reactor
     from narsuite import logs, schema
     from narsuite.metrics import Metrics
@@ -218,13 +224,33 @@ def start_dante(tmp: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def start_narsuite(tmp: Path, workers: int = 1) -> tuple[subprocess.Popen, int]:
+# Worker processes (``python -m narsuite.nar.worker``) call epollreactor.install()
+# themselves; under --reactor narsuite-epoll this sitecustomize, on the server's
+# PYTHONPATH only, makes that install narsuite's reactor instead.
+LEAN_SITECUSTOMIZE = textwrap.dedent("""
+    import os
+    if os.environ.get("NARSUITE_BENCH_REACTOR") == "narsuite-epoll":
+        from twisted.internet import epollreactor
+        import narsuite.reactor
+        epollreactor.install = narsuite.reactor.install
+""")
+
+
+def start_narsuite(tmp: Path, workers: int = 1, reactor: str = "epoll") -> tuple[subprocess.Popen, int]:
     port = load.free_port()
     script = tmp / "nar_server.py"
     script.write_text(NARSUITE_SERVER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = [str(ROOT)]
+    env = dict(os.environ)
+    if reactor == "narsuite-epoll":
+        site = tmp / "lean-site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(LEAN_SITECUSTOMIZE)
+        path.append(str(site))
+        env["NARSUITE_BENCH_REACTOR"] = reactor
+    env["PYTHONPATH"] = os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")])
     err = tmp / "nar.err"
-    proc = subprocess.Popen([sys.executable, str(script), str(port), str(workers)], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(workers), reactor], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(err, "w"))
     try:
         wait_listening(port, proc, 20)
@@ -344,6 +370,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0,
                     help="narsuite's [nar] workers: reactor processes on the port (0: one per CPU, "
                          "1: the single-process server)")
+    ap.add_argument("--reactor", choices=("epoll", "narsuite-epoll"), default="epoll",
+                    help="narsuite's reactor (workers included): Twisted's epoll reactor or "
+                         "narsuite's lean one (narsuite/reactor.py)")
     args = ap.parse_args()
 
     results: dict[str, dict | str] = {}
@@ -352,7 +381,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-socks-") as tmpdir:
             tmp = Path(tmpdir)
             for name, start in (("dante", start_dante),
-                                ("narsuite", lambda t: start_narsuite(t, args.workers))):
+                                ("narsuite", lambda t: start_narsuite(t, args.workers, args.reactor))):
                 if args.only and args.only != name:
                     continue
                 try:
@@ -371,7 +400,8 @@ def main() -> None:
                 time.sleep(1.0)  # let TIME_WAIT and helper exits settle between servers
     finally:
         tg.close()
-    print(f"\n## SOCKS5 — `python bench/bench_socks.py --workers {args.workers}` — "
+    print(f"\n## SOCKS5 — `python bench/bench_socks.py --workers {args.workers} "
+          f"--reactor {args.reactor}` — "
           f"{time.strftime('%Y-%m-%d')}\n")
     print(table(results, args))
 

@@ -1,0 +1,101 @@
+"""An opt-in lean epoll reactor for narsuite's data planes: ``twistd --reactor=narsuite-epoll``.
+
+Twisted's epoll reactor wraps every ready descriptor's event in
+``log.callWithLogger(selectable, ...)``: a ``logPrefix()`` call, a copy of the
+log context dict and a ``context.call`` frame, only so that legacy
+``twisted.python.log.msg`` calls made while handling the event carry the
+protocol's prefix as their ``system``.  Profiles of the SOCKS server (docs/bench-socks.md)
+put that at about a fifth of the CPU per UDP datagram.  narsuite logs with
+``twisted.logger`` and does not use that context.
+
+:class:`NarsuiteEPollReactor` is Twisted's ``EPollReactor`` with one method
+replaced: ``doPoll`` hands each ready selectable to ``_doReadOrWrite``
+directly.  Everything else is Twisted's: registration, the waker, timers,
+threads, signals, process support, and the error handling of
+``_doReadOrWrite`` (an exception from ``doRead``/``doWrite`` is logged and the
+selectable is disconnected with that failure).  What can still escape
+``_doReadOrWrite`` (an exception from ``connectionLost`` itself, say) is
+logged here with twisted.logger, as ``callWithLogger`` would log it, and the
+loop goes on with the next event.
+
+The one visible difference: legacy ``log.msg``/``log.err`` events emitted
+while an event is handled have ``system`` ``"-"`` instead of the protocol's
+``logPrefix()`` (twisted.logger events were never affected).
+
+Install it before anything imports ``twisted.internet.reactor``::
+
+    from narsuite import reactor
+    reactor.install()
+
+or run ``twistd --reactor=narsuite-epoll -n narsuite ...`` (the plugin is
+``twisted/plugins/narsuite_reactor.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
+
+__all__ = ["NAME", "NarsuiteEPollReactor", "install"]
+
+#: The name twistd knows this reactor by (``--reactor=narsuite-epoll``).
+NAME = "narsuite-epoll"
+
+_log = Logger(namespace="narsuite.reactor")
+
+
+class NarsuiteEPollReactor(EPollReactor):
+    """Twisted's epoll reactor without the per-event log context."""
+
+    def doPoll(self, timeout: float | None) -> None:
+        """Waits for events, then dispatches each ready selectable without ``callWithLogger``."""
+        try:
+            # As Twisted: at most one event per registered descriptor, -1 blocks.
+            events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return
+            raise  # any other epoll_wait error is a bug; say so loudly, as Twisted does
+        if not events:
+            return
+        get = self._selectables.get
+        dispatch = self._doReadOrWrite
+        for fd, event in events:
+            selectable = get(fd)
+            if selectable is None:  # removed by an earlier event of this batch
+                continue
+            try:
+                dispatch(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                self._dispatchFailed(selectable)
+
+    doIteration = doPoll
+
+    @staticmethod
+    def _dispatchFailed(selectable: Any) -> None:
+        """Logs what escaped ``_doReadOrWrite``, with the selectable's prefix as ``log_system``.
+
+        ``_doReadOrWrite`` has already disconnected the selectable when its
+        ``doRead``/``doWrite`` failed; what arrives here failed during that
+        disconnection, which Twisted's reactor also only logs.
+        """
+        try:
+            system = selectable.logPrefix()
+        except BaseException:
+            system = "(buggy logPrefix method)"
+        _log.failure("Unhandled error while handling an event of {selectable!r}",
+                     selectable=selectable, log_system=system)
+
+
+def install() -> NarsuiteEPollReactor:
+    """Installs :class:`NarsuiteEPollReactor` as ``twisted.internet.reactor`` (like Twisted's install())."""
+    from twisted.internet.main import installReactor
+
+    reactor = NarsuiteEPollReactor()
+    installReactor(reactor)
+    return reactor
