@@ -105,9 +105,14 @@ class WorkerChannel(protocol.Protocol):
 
 def main() -> None:
     spec = json.loads(sys.stdin.buffer.read())
-    from twisted.internet import epollreactor
+    if spec.get("lean_reactor"):
+        from narsuite import reactor as lean
 
-    epollreactor.install()
+        lean.install()
+    else:
+        from twisted.internet import epollreactor
+
+        epollreactor.install()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 

@@ -359,7 +359,9 @@ class WorkerPool(service.Service):
     def _spawn(self, slot: int) -> None:
         self._timers.pop(slot, None)
         spec = json.dumps({"config": config_to_json(self.config), "control": self.path,
-                           "log_level": self.log_level, "slot": slot}).encode()
+                           "log_level": self.log_level, "slot": slot,
+                           # workers run the reactor this process runs (e.g. narsuite-epoll)
+                           "lean_reactor": type(self.reactor).__module__ == "narsuite.reactor"}).encode()
         proc = _WorkerProcess(self, slot, spec)
         env = dict(os.environ)
         # The worker imports narsuite the way this process did.
