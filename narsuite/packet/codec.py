@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Union
 
 import attrs
@@ -404,15 +404,18 @@ def gre_checksum_ok(gre: Buffer) -> bool:
 # -- options --------------------------------------------------------------------------------
 
 
-def _check_options(raw: Buffer, what: str) -> None:
-    """Walk an option area and raise if an option runs past it (no records built)."""
+def _walk_options(raw: Buffer, what: str) -> Iterator[tuple[int, int, int]]:
+    """(kind, start, end) of each option up to End of Option List; raise if one runs past
+    the area.  One walk shared by validation and parsing."""
     i = 0
     n = len(raw)
     while i < n:
         kind = raw[i]
         if kind == 0:
-            return
+            yield 0, i, i + 1
+            return  # end of option list: the rest is padding
         if kind == 1:
+            yield 1, i, i + 1
             i += 1
             continue
         if i + 1 >= n:
@@ -425,35 +428,19 @@ def _check_options(raw: Buffer, what: str) -> None:
                 f"{what} option {kind} at offset {i} (length {olen}) runs past the header "
                 f"({n} option bytes)"
             )
+        yield kind, i, i + olen
         i += olen
+
+
+def _check_options(raw: Buffer, what: str) -> None:
+    """Walk an option area and raise if an option runs past it (no records built)."""
+    for _ in _walk_options(raw, what):
+        pass
 
 
 def _parse_options(raw: Buffer, what: str) -> tuple[Option, ...]:
-    out = []
-    i = 0
-    n = len(raw)
-    while i < n:
-        kind = raw[i]
-        if kind == 0:
-            out.append(Option(0))
-            break  # end of option list: the rest is padding
-        if kind == 1:
-            out.append(Option(1))
-            i += 1
-            continue
-        if i + 1 >= n:
-            raise CodecError(f"{what} option {kind} at offset {i} has no length byte")
-        olen = raw[i + 1]
-        if olen < 2:
-            raise CodecError(f"{what} option {kind} at offset {i} has bad length {olen}")
-        if i + olen > n:
-            raise CodecError(
-                f"{what} option {kind} at offset {i} (length {olen}) runs past the header "
-                f"({n} option bytes)"
-            )
-        out.append(Option(kind, bytes(raw[i + 2 : i + olen])))
-        i += olen
-    return tuple(out)
+    return tuple(Option(kind) if kind in (0, 1) else Option(kind, bytes(raw[start + 2 : end]))
+                 for kind, start, end in _walk_options(raw, what))
 
 
 def parse_ipv4_options(raw: Buffer) -> tuple[Option, ...]:
