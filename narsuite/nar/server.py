@@ -524,10 +524,13 @@ class SocksProtocol(Protocol):
 
     # ---------------------------------------------------------------- events
 
+    #: Counter for a new connection (a connection handed over by a worker counts elsewhere).
+    connection_counter = "connections"
+
     def connectionMade(self) -> None:
         f = self.factory
         f.active += 1
-        f.count("connections")
+        f.count(self.connection_counter)
         peer = self.transport.getPeer()
         self.client = getattr(peer, "host", "") or ""
         self.client_port = getattr(peer, "port", 0) or 0

@@ -162,14 +162,10 @@ class _Adopted(SocksProtocol):
     handed_data = b""
     handed_out = b""
 
+    connection_counter = "nar_handoffs_in"
+
     def connectionMade(self) -> None:
-        f = self.factory
-        f.active += 1
-        f.count("nar_handoffs_in")
-        peer = self.transport.getPeer()
-        self.client = getattr(peer, "host", "") or ""
-        self.client_port = getattr(peer, "port", 0) or 0
-        self._set_timer(f.config.negotiation_timeout, "negotiation")
+        super().connectionMade()
         if self.handed_out:
             self.transport.write(self.handed_out)
         self.user = self.handed_user
