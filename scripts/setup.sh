@@ -15,6 +15,10 @@ APT_PACKAGES=(
   procps            # sysctl
   kmod
   tshark            # dissector check: what we put on the wire parses without malformed packets
+  strongswan-charon         # the real IKE/ESP peer of the ike role's lab tests and benchmarks
+  strongswan-swanctl        # its vici control tool
+  libcharon-extra-plugins   # kernel-libipsec (the kernel here has no in-kernel ESP)
+  libcharon-extauth-plugins # xauth-generic
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
