@@ -1,0 +1,151 @@
+"""The IPsec SA database: what the esp and ike roles share in the store.
+
+The records live here, not in either role's package, because they are the
+contract between the two: the ike role negotiates and writes them, the esp
+role reads them and moves packets.  Neither imports the other.
+
+* ``esp.peer`` — one remote host: where it is (its current, possibly NAT-mapped
+  address and port), how its packets travel (encapsulation, mode) and the
+  tunnel-mode decapsulation NAT policy (002 §3.1.1) with its inner address.
+  No key material: persisted.
+* ``esp.sa`` — one security association, inbound or outbound, with its keys.
+  Never persisted (the keys stay in memory; after a restart static SAs come
+  back from the config and negotiated ones are negotiated again).
+* ``esp.napt`` — internal-presence translations (001 Appendix A): which
+  remote host and inner address/port stands behind a port of G_i.
+
+The IKE role writes ``esp.peer`` and ``esp.sa`` records exactly as the static
+configuration does; the esp role reacts to them through a store subscription.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import attrs
+
+from narsuite.store import Index, KindSpec, secret
+
+__all__ = ["Peer", "SA", "NaptEntry", "RekeyRequest", "PEER", "SA_KIND", "NAPT", "REKEY", "KINDS",
+           "ENCAPS", "MODES", "POLICIES", "CHECKSUM_POLICIES"]
+
+#: udp: RFC 3948 on port 4500; esp: plain IP protocol 50 (no NAT); udp500: the 004
+#: draft's ESP on port 500 behind eight zero bytes.
+ENCAPS = ("udp", "esp", "udp500")
+MODES = ("tunnel", "transport")
+#: 002 §3.1.1: space = inner source must lie in ``allowed``; address = must equal the
+#: peer's assigned ``inner`` address (static or from a pool); napt = translated to G_i.
+POLICIES = ("space", "address", "napt")
+#: 002 §3.1.2 for transport mode: incremental (NAT-OA), recompute, zero (UDP only).
+CHECKSUM_POLICIES = ("incremental", "recompute", "zero")
+
+
+def _aton(addr: str | None) -> bytes | None:
+    return None if not addr else socket.inet_aton(addr)
+
+
+@attrs.frozen
+class Peer:
+    name: str
+    mode: str = "tunnel"
+    encap: str = "udp"
+    remote_ip: str = ""  # "" until learned from an authenticated packet
+    remote_port: int = 4500
+    policy: str = "address"
+    inner: str = ""  # assigned inner address (policy "address")
+    pool: str = ""  # the pool ``inner`` was leased from ("" = static)
+    allowed: tuple[str, ...] = ()  # networks (policy "space"; transport: ignored)
+    keepalive: bool = False  # send NAT-keepalives to this peer (002 §4)
+    # transport mode
+    local_ip: str = ""  # our address the peer talks to
+    nat_oa_remote: str = ""  # the peer's real (pre-NAT) address, from NAT-OA
+    nat_oa_local: str = ""  # our address as the peer saw it, from NAT-OA
+    checksum: str = "incremental"
+    selector_proto: int = 0  # 0 = any
+    selector_port: int = 0  # our port, 0 = any
+
+    @property
+    def inner_bytes(self) -> bytes | None:
+        return _aton(self.inner)
+
+
+@attrs.frozen
+class SA:
+    spi: int
+    direction: str  # "in" | "out"
+    peer: str
+    enc: str
+    integ: str | None
+    enc_key: bytes = secret(default=b"")
+    integ_key: bytes = secret(default=b"")
+    esn: bool = False
+    replay_window: int = 128
+
+
+@attrs.frozen
+class NaptEntry:
+    proto: int
+    port: int  # the port (or ICMP identifier) on G_i
+    peer: str
+    inner_ip: str
+    inner_port: int
+
+
+PEER = KindSpec(
+    name="esp.peer",
+    record=Peer,
+    key=lambda r: r.name,
+    indexes=(
+        Index("inner", lambda r: r.inner_bytes if r.mode == "tunnel" and r.inner else None),
+        Index("remote_ip", lambda r: r.remote_ip or None, unique=False),
+    ),
+    columns=("name", "mode", "encap", "remote_ip", "remote_port", "policy", "inner", "keepalive"),
+    description="ESP remote peers: where they are, how their traffic is carried and translated",
+)
+
+SA_KIND = KindSpec(
+    name="esp.sa",
+    record=SA,
+    key=lambda r: (r.direction, r.spi, r.peer),
+    indexes=(
+        Index("in_spi", lambda r: r.spi if r.direction == "in" else None),
+        Index("out_peer", lambda r: r.peer if r.direction == "out" else None),
+        Index("peer", lambda r: r.peer, unique=False),
+    ),
+    persist=False,
+    columns=("spi", "direction", "peer", "enc", "integ", "esn", "replay_window"),
+    description="ESP security associations (keys in memory only)",
+)
+
+NAPT = KindSpec(
+    name="esp.napt",
+    record=NaptEntry,
+    key=lambda r: (r.proto, r.port),
+    indexes=(
+        Index("inside", lambda r: (r.peer, r.proto, r.inner_ip, r.inner_port)),
+        Index("peer", lambda r: r.peer, unique=False),
+    ),
+    columns=("proto", "port", "peer", "inner_ip", "inner_port"),
+    description="internal-presence NAPT: G_i ports and the remote hosts behind them",
+)
+
+@attrs.frozen
+class RekeyRequest:
+    """An outbound SA is near (or at) the end of its sequence numbers: whoever keys
+    the peer (the ike role, or an operator with static keys) must replace it."""
+
+    peer: str
+    spi: int
+    exhausted: bool
+
+
+REKEY = KindSpec(
+    name="esp.rekey",
+    record=RekeyRequest,
+    key=lambda r: (r.peer, r.spi),
+    persist=False,
+    columns=("peer", "spi", "exhausted"),
+    description="rekey events raised by the data plane (sequence numbers running out)",
+)
+
+KINDS = (PEER, SA_KIND, NAPT, REKEY)
