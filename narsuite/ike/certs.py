@@ -625,10 +625,13 @@ _OPENSSL_ERRORS = {
     10: ("expired", C.INVALID_CERTIFICATE),
     13: ("malformed", C.INVALID_CERTIFICATE),     # bad notBefore
     14: ("malformed", C.INVALID_CERTIFICATE),     # bad notAfter
-    24: ("not-a-ca", C.INVALID_CERTIFICATE),      # invalid CA certificate
+    22: ("path-length", C.INVALID_CERTIFICATE),   # chain too long
     25: ("path-length", C.INVALID_CERTIFICATE),
     32: ("not-a-ca", C.INVALID_CERTIFICATE),      # key usage does not include certificate signing
+    79: ("not-a-ca", C.INVALID_CERTIFICATE),      # invalid CA certificate (24 before OpenSSL 3.0)
 }
+#: OpenSSL message texts for the codes whose numbers moved between OpenSSL releases.
+_OPENSSL_MESSAGES = {"invalid CA certificate": ("not-a-ca", C.INVALID_CERTIFICATE)}
 
 _HINTS = {
     "untrusted": "is not issued by a configured CA (missing intermediate, or add its CA to the trust)",
@@ -714,7 +717,8 @@ class Trust:
         except ossl.X509StoreContextError as e:
             code = e.errors[0] if e.errors else -1
             message = e.errors[2] if len(e.errors) > 2 else str(e)
-            kind, notify = _OPENSSL_ERRORS.get(code, ("invalid", C.INVALID_CERTIFICATE))
+            kind, notify = _OPENSSL_ERRORS.get(
+                code, _OPENSSL_MESSAGES.get(str(message), ("invalid", C.INVALID_CERTIFICATE)))
             bad = _describe(e.certificate.to_cryptography()) if e.certificate is not None else "certificate"
             hint = _HINTS.get(kind, "failed verification")
             raise CertificateError(kind, f"{bad} {hint} [OpenSSL: {message}]", notify) from None

@@ -132,20 +132,23 @@ def issue(
     days: int = 365,
     not_before: datetime.datetime | None = None,
     eku: Sequence[ObjectIdentifier] = (),
-    key_usage: bool = True,
+    key_usage: bool | x509.KeyUsage = True,
 ) -> x509.Certificate:
     """An end-entity certificate for ``key`` signed by ``issuer_key``.
 
     ``ids`` become subjectAltNames (see :func:`subject_alt_names`); ``eku`` is empty by
     default because IPsec client certificates often carry none (and our verifier must not
-    demand TLS ones).  keyUsage digitalSignature+keyEncipherment, as ``pki --issue`` sets.
+    demand TLS ones).  keyUsage digitalSignature+keyEncipherment, as ``pki --issue`` sets;
+    ``key_usage=False`` leaves the extension out, an ``x509.KeyUsage`` replaces it.
     """
     start = not_before or _utcnow() - datetime.timedelta(days=1)
     b = _builder(subject, issuer.subject, key.public_key(), start, start + datetime.timedelta(days=days))
     b = b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
     b = b.add_extension(
         x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
-    if key_usage:
+    if isinstance(key_usage, x509.KeyUsage):
+        b = b.add_extension(key_usage, critical=False)
+    elif key_usage:
         b = b.add_extension(x509.KeyUsage(
             digital_signature=True, content_commitment=False, key_encipherment=True,
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
@@ -236,11 +239,13 @@ def make_pki(
         return Identity(ident, c, k, write_cert(root / "x509" / f"{file}.pem", c),
                         write_key(key_dir / f"{file}.pem", k, key_format), tuple(chain))
 
+    # CAs from a year back, so the expired certificate lies inside their validity.
+    ca_start = _utcnow() - datetime.timedelta(days=365)
     ca_key = new_key(bits)
-    ca = make_ca(name("narsuite lab root CA"), ca_key)
+    ca = make_ca(name("narsuite lab root CA"), ca_key, not_before=ca_start)
     ca_path = write_cert(root / "x509ca" / "ca.pem", ca)
     im_key = new_key(bits)
-    im = make_ca(name("narsuite lab intermediate CA"), im_key, issuer=ca, issuer_key=ca_key)
+    im = make_ca(name("narsuite lab intermediate CA"), im_key, issuer=ca, issuer_key=ca_key, not_before=ca_start)
     im_path = write_cert(root / "intermediate" / "ca.pem", im)
 
     gw = entity(gateway_ids[0], "gateway", ca, ca_key, gateway_ids,
