@@ -613,3 +613,30 @@ def test_authenticate_peer(lab, trust):
     with pytest.raises(certs.CertificateError) as ei:
         certs.authenticate_peer(trust, payloads, got_ident, h, certs.sign(lab.gateway.key, h))
     assert ei.value.kind == "invalid-signature"
+
+
+@pytest.mark.parametrize("openssl_opinion", (True, False))
+def test_rsa_verify_wants_the_exact_block(gw, monkeypatch, openssl_opinion):
+    """Signatures over almost-right PKCS#1 blocks (made with the raw private operation) fail,
+    also when our own block comparison is the only check (cryptography < 47)."""
+    monkeypatch.setattr(certs, "HAVE_NO_DIGEST_INFO", openssl_opinion and certs.HAVE_NO_DIGEST_INFO)
+    priv = gw.key.private_numbers()
+    n, d = priv.public_numbers.n, priv.d
+    h = os.urandom(20)
+
+    def raw_sign(block: bytes) -> bytes:
+        assert len(block) == 256
+        return pow(int.from_bytes(block, "big"), d, n).to_bytes(256, "big")
+
+    assert certs.verify_signature(gw.certificate.public_key(), h, raw_sign(pkcs1_null_block(h, 256)))
+    sha1_di = bytes.fromhex("3021300906052b0e03021a05000414")
+    bad_blocks = [
+        pkcs1_null_block(sha1_di + h, 256),                            # with DigestInfo
+        b"\x00\x02" + pkcs1_null_block(h, 256)[2:],                    # block type 2
+        b"\x00\x01" + b"\xff" * 200 + b"\x00" + os.urandom(33) + h,   # junk between padding and hash
+        b"\x00\x01" + b"\xff" * 201 + b"\x01" + os.urandom(32) + h,   # no 00 separator
+        pkcs1_null_block(h, 256)[:-1] + b"\x00",
+    ]
+    for block in bad_blocks:
+        assert len(block) == 256
+        assert not certs.verify_signature(gw.certificate.public_key(), h, raw_sign(block))
