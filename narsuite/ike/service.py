@@ -1,0 +1,92 @@
+"""The ike role's service: ports, timers, credentials.  Every decision is the engine's.
+
+Port 500 is shared with the esp role's optional 004-draft ESP (eight zero bytes in
+front; an IKE cookie is never zero) and port 4500 with ESP-in-UDP (IKE carries the
+four-byte non-ESP marker there, RFC 3948 §2.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+
+from narsuite.ike.config import IkeConfig
+from narsuite.ike.engine import IkeEngine
+from narsuite.logs import logger
+
+__all__ = ["IkeService", "NON_ESP_MARKER"]
+
+log = logger()
+
+NON_ESP_MARKER = b"\x00\x00\x00\x00"
+_ZERO8 = bytes(8)
+
+
+def is_ike_on_500(data: bytes) -> bool:
+    """Port 500: IKE unless it is the 004 draft's ESP (eight zero bytes, then ESP)."""
+    return len(data) >= 28 and data[:8] != _ZERO8
+
+
+def is_ike_on_4500(data: bytes) -> bool:
+    """Port 4500: IKE is what follows the non-ESP marker."""
+    return len(data) >= 32 and data[:4] == NON_ESP_MARKER
+
+
+class IkeService(service.Service):
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.cfg: IkeConfig = ctx.role_config
+        cfg = self.cfg
+        credentials = trust = None
+        if cfg.certificate is not None and cfg.private_key is not None:
+            from narsuite.ike import certs
+
+            credentials = certs.Credentials.load(cfg.certificate, cfg.private_key)
+            trust = certs.Trust.load(cfg.cacerts)
+        checker = None
+        if cfg.users:
+            from narsuite.passwords import PasswordChecker
+
+            checker = PasswordChecker(cfg.users, reactor=ctx.reactor)
+        self.checker = checker
+        self.engine = IkeEngine(
+            cfg, ctx.store, ctx.reactor, send=self._send, credentials=credentials, trust=trust,
+            check_password=(lambda u, p: checker.check(u.encode(), p)) if checker else None,
+            metrics=ctx.metrics)
+        ctx.namespace.update(service=self, engine=self.engine)
+        self.udp500 = ctx.udp_port(cfg.port, cfg.listen)
+        self.udp500.add_handler("ike", is_ike_on_500, self._on_500)
+        self.udp4500 = ctx.udp_port(cfg.natt_port, cfg.listen)
+        self.udp4500.add_handler("ike", is_ike_on_4500, self._on_4500)
+        self._dpd = LoopingCall(self.engine.dpd_tick)
+        self._dpd.clock = ctx.reactor
+
+    def _on_500(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.engine.received(data, addr, self.cfg.port)
+
+    def _on_4500(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.engine.received(data[4:], addr, self.cfg.natt_port)
+
+    def _send(self, data: bytes, addr: tuple[str, int], local_port: int) -> None:
+        if local_port == self.cfg.natt_port:
+            self.udp4500.write(NON_ESP_MARKER + data, addr)
+        else:
+            self.udp500.write(data, addr)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.cfg.dpd_delay:
+            self._dpd.start(min(5.0, self.cfg.dpd_delay / 3), now=False)
+        log.info("ike: responder on UDP {port} and {natt}, {n} peer policies, NAT-T {variants}",
+                 port=self.cfg.port, natt=self.cfg.natt_port, n=len(self.cfg.peers),
+                 variants=", ".join(self.cfg.natt))
+
+    def stopService(self) -> defer.Deferred | None:
+        super().stopService()
+        if self._dpd.running:
+            self._dpd.stop()
+        self.engine.close()
+        return None
