@@ -180,6 +180,9 @@ def test_trust_load_errors_and_forms(lab, tmp_path):
     (tmp_path / ".hidden").write_bytes(b"junk")
     t = certs.Trust.load(tmp_path)
     assert len(t.cas) == 3 and len(t.authorities()) == 2
+    assert t.ca_subjects_der() == t.authorities()
+    # a config's tuple of paths, as the ike service passes it
+    assert certs.Trust.load((lab.ca_path, lab.intermediate_path)).cas == (lab.ca_cert, lab.intermediate_cert)
     (tmp_path / "junk.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     with pytest.raises(certs.CredentialsError, match="junk.pem"):
         certs.Trust.load(tmp_path)
@@ -397,6 +400,7 @@ def test_credentials_key_forms(lab, tmp_path):
     cred = certs.Credentials.load(bundle, lab.chained.key_path)
     assert cred.intermediates == (lab.intermediate_cert,)
     assert "key" not in repr(cred).replace("Key", "")
+    assert cred.private_key is cred.key
 
 
 # ---------------------------------------------------------------------------------------------

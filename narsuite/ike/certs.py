@@ -457,6 +457,11 @@ class Credentials:
             raise CredentialsError(f"{key_path}: {e}") from None
 
     @property
+    def private_key(self) -> PrivateKey:
+        """Alias of ``key`` (the name the ike engine uses)."""
+        return self.key
+
+    @property
     def auth_method(self) -> int:
         """AUTH_RSA_SIG or AUTH_ECDSA_*: what our SA proposal/choice must say."""
         return auth_method(self.key)
@@ -660,9 +665,14 @@ class Trust:
             raise CredentialsError("no CA certificates configured")
 
     @classmethod
-    def load(cls, *paths: os.PathLike | str) -> Trust:
+    def load(cls, *paths: os.PathLike | str | Sequence[os.PathLike | str]) -> Trust:
         """CA certificates from files (PEM, several per file, or DER) and/or directories (every
-        regular file in them, sorted; dot-files skipped).  Errors name the file."""
+        regular file in them, sorted; dot-files skipped).  A list/tuple of paths counts as its
+        elements (so a config's ``cacerts`` tuple can be passed as is).  Errors name the file."""
+        flat: list[os.PathLike | str] = []
+        for p in paths:
+            flat.extend(p if isinstance(p, (list, tuple)) else [p])
+        paths = tuple(flat)
         cas: list[x509.Certificate] = []
         for p in paths:
             p = Path(p)
@@ -682,6 +692,10 @@ class Trust:
             if der not in out:
                 out.append(der)
         return out
+
+    def ca_subjects_der(self) -> list[bytes]:
+        """Alias of :meth:`authorities` (the name the ike engine uses)."""
+        return self.authorities()
 
     def cert_requests(self) -> list[isakmp.CertificateRequest]:
         """One CR payload per trusted CA (cert type 4, X.509 signature)."""
