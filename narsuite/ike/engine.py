@@ -286,7 +286,8 @@ class IkeEngine:
         now = self._now()
         sa = IkeSA(icky=header.icookie, rcky=crypto.random_cookie(), exchange=header.exchange, remote=addr,
                    local_port=local_port, local_ip=self.local_address(addr[0]), created=now, candidates=candidates,
-                   choice=choice, sai_b=_body(offer), variant=variant, peer_dpd=C.VID_DPD in vids, last_rx=now)
+                   choice=choice, sai_b=_body(offer), variant=variant, peer_dpd=C.VID_DPD in vids, peer_unity=C.VID_CISCO_UNITY in vids,
+                   last_rx=now)
         self.sas[sa.key] = sa
         self.half_open[key] = sa
         self.half_open_by_ip[addr[0]] += 1
@@ -560,7 +561,7 @@ class IkeEngine:
         self._count("ike_established")
         log.info("ike: {name} established with {peer} ({id}) policy {policy}: {alg}, NAT {nat}, {variant}",
                  name=sa.name, peer=f"{sa.remote[0]}:{sa.remote[1]}", id=sa.peer_id_text, policy=sa.policy.name,
-                 alg=sa.choice.describe(), nat=("peer " if sa.nat_peer else "") + ("local" if sa.nat_local else "")
+                 alg=sa.choice.describe(), nat=" and ".join(w for w, on in (("peer", sa.nat_peer), ("local", sa.nat_local)) if on)
                  or "none", variant=sa.variant.name if sa.variant else "no NAT-T")
         self._reply(sa, digest, replies)
         if sa.initial_contact and not sa.choice.xauth:
@@ -991,9 +992,16 @@ class IkeEngine:
                 return defer.succeed(False)
             return self.check_password(user, password)
 
-        sa.transaction = modecfg.TransactionServer(policy, lease=lease, check_password=check, peer_name=sa.name)
-        for payload in sa.transaction.start():
-            self._send_request(sa, C.EXCH_TRANSACTION, [payload], kind="transaction")
+        pool = self.store.pools().get(p.pool) if p.pool else None
+        sa.transaction = modecfg.TransactionServer(
+            policy, lease=lease, check_password=check, peer_name=sa.name,
+            pool_network=pool.network if pool is not None else None, unity=sa.peer_unity, count=self._count)
+
+        def first(out: list[AttributePayload]) -> None:
+            for payload in out:
+                self._send_request(sa, C.EXCH_TRANSACTION, [payload], kind="transaction")
+
+        sa.transaction.start().addCallbacks(first, self._transaction_failed, errbackArgs=(sa,))
 
     def _send_request(self, sa: IkeSA, exchange: int, payloads: list[Any], kind: str) -> None:
         """A request we start (new message ID), resent on our schedule until answered."""
@@ -1043,7 +1051,12 @@ class IkeEngine:
             answered.timer.cancel()
         if answered is None:
             sa.used_mids.add(mid)
-        d = defer.maybeDeferred(sa.transaction.received, attr)
+        from narsuite.ike.modecfg import TransactionError
+
+        try:
+            d = sa.transaction.received(attr)
+        except TransactionError as e:
+            raise Drop("unexpected", f"transaction: {e}") from None
         d.addCallback(self._transaction_out, sa, mid, digest, answered is None)
         d.addErrback(self._transaction_failed, sa)
 

@@ -87,6 +87,7 @@ class IkeSA:
     nat_peer: bool = False  # the peer is behind a NAT
     nat_local: bool = False  # we are behind a NAT
     peer_dpd: bool = False
+    peer_unity: bool = False
     peer_id: Identification | None = None
     peer_id_text: str = ""
     peer_cert_subject: str = ""
