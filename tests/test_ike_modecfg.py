@@ -305,6 +305,18 @@ def test_push_without_xauth(store, checker):
         t.received(ack)
 
 
+def test_push_to_a_pull_client(store, checker):
+    """strongSwan with pull = yes answers an unexpected SET with a REPLY, then asks itself."""
+    t = server(store, checker, RemoteAccessPolicy(pool="ra", push=True))
+    [push] = ok(t.start())
+    assert ok(t.received(P(C.CFG_REPLY, push.identifier, [A(C.INTERNAL_IP4_ADDRESS, b"")]))) == []
+    assert t.state == DONE
+    [reply] = ok(t.received(strongswan_request(5)))
+    assert values(reply, C.INTERNAL_IP4_ADDRESS) == [t.address.packed] and store.pool_usage("ra")[0] == 1
+    with pytest.raises(TransactionError):
+        t.received(P(C.CFG_REPLY, push.identifier, []))
+
+
 def test_push_after_xauth_and_no_unity_without_the_vendor_id(store, checker):
     t = server(store, checker, RemoteAccessPolicy(xauth=True, pool="ra", split_include=("10.0.0.0/8",), push=True))
     ok(t.start())

@@ -43,6 +43,8 @@ Interop choices (see docs/ike-remote-access.md):
 * a bad password is answered with a new request (with an XAUTH-MESSAGE) ``xauth_retries``
   times, then with XAUTH-STATUS FAIL.  A wrong user and a wrong password look alike, on the
   wire and in the timing (the checker pays a dummy hash for unknown users);
+* a pushed CFG_SET is answered by CFG_ACK, or by CFG_REPLY from a strongSwan client configured
+  to pull (it replies to any SET unless ``pull = no``): both end our transaction;
 * mode-config answers every client request, also when we push and also after ``done`` (a
   client may ask again; the store gives back the same lease per owner).  A request that
   arrives while our XAUTH OK status waits for its ack is served (UDP may reorder the ack and
@@ -281,10 +283,12 @@ class TransactionServer:
                 self._xauth_ok_sent = False  # the late ack of XAUTH OK
                 self._awaiting = None
                 return defer.succeed([])
-            if t == C.CFG_ACK and self._awaits(C.CFG_ACK, payload):
+            if t in (C.CFG_ACK, C.CFG_REPLY) and self._awaits(C.CFG_ACK, payload):
+                # A strongSwan client set to pull answers a pushed SET with a REPLY (and then
+                # sends its own REQUEST, served above): it still answers our transaction.
                 self._awaiting = None
                 self.state = DONE
-                log.info("ike {peer}: pushed configuration acknowledged", peer=self.peer_name)
+                log.info("ike {peer}: pushed configuration acknowledged ({name})", peer=self.peer_name, name=name)
                 return defer.succeed([])
         elif self.state == FAILED:
             if t == C.CFG_ACK and self._awaits(C.CFG_ACK, payload):
