@@ -174,7 +174,7 @@ class EspService(service.Service):
         except Exception:
             log.failure("esp: route {net} via {tun}", net=network, tun=self.tun.ifname)
 
-    def _transport_rules(self, peer: Peer) -> list[list[str]]:
+    def _transport_rules(self, peer: Peer, nets: list[str] | None = None) -> list[list[str]]:
         """Policy routing that sends our traffic for a transport peer into the TUN.
 
         The peer's selector (protocol, our port) to its address goes to a table
@@ -182,22 +182,26 @@ class EspService(service.Service):
         the same address stay in the main table (checked first).
         """
         to = ["to", f"{peer.remote_ip}/32"]
-        keep = ["priority", "1000", *to, "ipproto", "udp", "sport", str(self.cfg.port), "lookup", "main"]
+        keep = [["priority", "1000", *to, "ipproto", "udp", "sport", str(port), "lookup", "main"]
+                for port in sorted({self.cfg.port, 500})]
+        keep.append(["priority", "1000", *to, "ipproto", "50", "lookup", "main"])
+        if nets is not None:
+            return [*keep, *(["priority", "1001", "to", n, "lookup", str(self.cfg.transport_table)] for n in nets)]
         sel = ["priority", "1001", *to]
         if peer.selector_proto:
             sel += ["ipproto", str(peer.selector_proto)]
             if peer.selector_port and peer.selector_proto in (6, 17):
                 sel += ["sport", str(peer.selector_port)]
         sel += ["lookup", str(self.cfg.transport_table)]
-        return [keep, sel]
+        return [*keep, sel]
 
-    def _route_transport(self, peer: Peer) -> None:
+    def _route_transport(self, peer: Peer, nets: list[str] | None = None) -> None:
         import subprocess
 
         if not peer.remote_ip or self.tun is None:
             return
         old = self._transport_routes.get(peer.name)
-        rules = self._transport_rules(peer)
+        rules = self._transport_rules(peer, nets)
         if old == rules:
             return
         cmds = [["ip", "rule", "del", *r] for r in (old or [])]
@@ -225,6 +229,14 @@ class EspService(service.Service):
             return
         if peer.mode != "tunnel":
             return
+        nets = self._tunnel_networks(peer)
+        if peer.remote_ip and any(ipaddress.IPv4Address(peer.remote_ip) in ipaddress.IPv4Network(n)
+                                  for n in nets):
+            # a tunnel that covers the peer's own address (a host without NAT protecting
+            # itself): policy routing keeps our ESP and IKE to it out of the TUN that
+            # carries everything else for it
+            self._route_transport(peer, nets)
+            return
         if peer.pool:
             pool = self.store.pools().get(peer.pool)
             if pool is not None:
@@ -235,6 +247,18 @@ class EspService(service.Service):
         if peer.policy == "space":
             for net in peer.allowed:
                 self._route(str(ipaddress.IPv4Network(net, strict=False)))
+
+    def _tunnel_networks(self, peer: Peer) -> list[str]:
+        nets = []
+        if peer.pool:
+            pool = self.store.pools().get(peer.pool)
+            if pool is not None:
+                nets.append(str(pool.network))
+        if peer.inner:
+            nets.append(f"{peer.inner}/32")
+        if peer.policy == "space":
+            nets += [str(ipaddress.IPv4Network(n, strict=False)) for n in peer.allowed]
+        return nets
 
     def _peer_changed(self, change: Any) -> None:
         if change.kind == PEER.name and change.op == "put":

@@ -30,6 +30,12 @@ ESP_INTEGRITIES = ("sha1", "sha256")
 AUTH_METHODS = ("psk", "rsa")
 
 
+#: strongSwan's IKEv1 defaults are as broad; the weak ones (3DES, modp1024/1536) are opt-in
+DEFAULT_PROPOSALS = tuple(f"{e}-{h}-{g}" for e in ("aes128", "aes256", "aes192")
+                          for h in ("sha256", "sha1", "sha384", "sha512")
+                          for g in ("modp2048", "ecp256", "modp3072", "ecp384", "modp4096", "ecp521"))
+
+
 def _networks(key: str, value: tuple[str, ...]) -> None:
     for i, n in enumerate(value):
         try:
@@ -62,7 +68,8 @@ class PeerPolicy:
     psk: str = setting("", doc="Pre-shared key (auth psk).  Prefer psk_file.")
     psk_file: Path | None = setting(None, doc="File holding the pre-shared key (first line).")
     xauth: bool = setting(False, doc="Require XAUTH (username/password from [ike.users]) after phase 1.")
-    aggressive: bool = setting(True, doc="Accept Aggressive Mode for this peer (PSK: exposes a hash to offline guessing).")
+    aggressive: bool = setting(True, doc="Accept Aggressive Mode for this peer "
+                                         "(PSK: exposes a hash to offline guessing).")
     mode: str = setting("tunnel", check=one_of("tunnel", "transport"))
     local_ts: tuple[str, ...] = setting(("0.0.0.0/0",), check=_networks,
                                         doc="Our protected networks; a proposed local selector must lie inside.")
@@ -75,10 +82,10 @@ class PeerPolicy:
                                              doc="Protected subnets announced with mode-config (split include).")
     modecfg_push: bool = setting(False, doc="Push the configuration (CFG_SET) instead of waiting for a pull.")
     proposals: tuple[str, ...] = setting(
-        ("aes128-sha1-modp2048", "aes256-sha256-modp2048", "aes128-sha256-ecp256",
-         "aes256-sha256-ecp384", "aes128-sha1-modp1024", "3des-sha1-modp1024", "aes128-sha1-modp1536"),
+        DEFAULT_PROPOSALS,
         doc="Phase 1: enc-hash-group, e.g. aes256-sha256-modp2048 (groups modpN or ecpN; also "
-            "\"aes128-sha1-14\").")
+            "\"aes128-sha1-14\").  Default: AES-128/192/256 with SHA-1/SHA-2 and the groups of "
+            "2048 bits or more (3DES, modp1024 and modp1536 only when listed).")
     esp: tuple[str, ...] = setting(
         ("aes128gcm16", "aes256gcm16", "aes128-sha1", "aes256-sha256", "aes128-sha256", "aes256-sha1"),
         doc="Phase 2 ESP transforms: aes128gcm16, aes256gcm16, aesN-sha1, aesN-sha256.")

@@ -38,8 +38,21 @@ from narsuite.ike import constants as C
 from narsuite.ike import crypto, ids, isakmp, natt, proposals
 from narsuite.ike.config import IkeConfig, PeerPolicy
 from narsuite.ike.isakmp import (
-    AttributePayload, Certificate, CertificateRequest, Delete, Hash, Identification, ISAKMPError, KeyExchange,
-    NatD, NatOA, Nonce, Notification, SecurityAssociation, Signature, VendorID,
+    AttributePayload,
+    Certificate,
+    CertificateRequest,
+    Delete,
+    Hash,
+    Identification,
+    ISAKMPError,
+    KeyExchange,
+    NatD,
+    NatOA,
+    Nonce,
+    Notification,
+    SecurityAssociation,
+    Signature,
+    VendorID,
 )
 from narsuite.ike.records import IKE_SA, IkeSaRecord
 from narsuite.ike.sa import Child, IkeSA, Pending, QuickMode
@@ -238,7 +251,8 @@ class IkeEngine:
     # ------------------------------------------------------------------ phase 1 start
     def _phase1_start(self, header: isakmp.Header, data: bytes, addr: tuple[str, int], local_port: int) -> None:
         if header.exchange not in (C.EXCH_MAIN, C.EXCH_AGGRESSIVE) or header.message_id or header.encrypted:
-            raise Drop("unexpected", f"{C.EXCHANGE_NAMES.get(header.exchange, header.exchange)} without a responder cookie")
+            name = C.EXCHANGE_NAMES.get(header.exchange, header.exchange)
+            raise Drop("unexpected", f"{name} without a responder cookie")
         key = (header.icookie, addr[0], addr[1])
         existing = self.half_open.get(key)
         if existing is not None:
@@ -286,7 +300,8 @@ class IkeEngine:
         now = self._now()
         sa = IkeSA(icky=header.icookie, rcky=crypto.random_cookie(), exchange=header.exchange, remote=addr,
                    local_port=local_port, local_ip=self.local_address(addr[0]), created=now, candidates=candidates,
-                   choice=choice, sai_b=_body(offer), variant=variant, peer_dpd=C.VID_DPD in vids, peer_unity=C.VID_CISCO_UNITY in vids,
+                   choice=choice, sai_b=_body(offer), variant=variant, peer_dpd=C.VID_DPD in vids,
+                   peer_unity=C.VID_CISCO_UNITY in vids,
                    last_rx=now)
         self.sas[sa.key] = sa
         self.half_open[key] = sa
@@ -561,8 +576,8 @@ class IkeEngine:
         self._count("ike_established")
         log.info("ike: {name} established with {peer} ({id}) policy {policy}: {alg}, NAT {nat}, {variant}",
                  name=sa.name, peer=f"{sa.remote[0]}:{sa.remote[1]}", id=sa.peer_id_text, policy=sa.policy.name,
-                 alg=sa.choice.describe(), nat=" and ".join(w for w, on in (("peer", sa.nat_peer), ("local", sa.nat_local)) if on)
-                 or "none", variant=sa.variant.name if sa.variant else "no NAT-T")
+                 alg=sa.choice.describe(),
+                 nat=" and ".join(w for w, on in (("peer", sa.nat_peer), ("local", sa.nat_local)) if on) or "none", variant=sa.variant.name if sa.variant else "no NAT-T")
         self._reply(sa, digest, replies)
         if sa.initial_contact and not sa.choice.xauth:
             self._initial_contact(sa)
@@ -847,7 +862,8 @@ class IkeEngine:
         if not any(lnet.subnet_of(ipaddress.IPv4Network(n, strict=False)) for n in policy.local_ts):
             self._count("ts_refused")
             raise ISAKMPError(C.INVALID_ID_INFORMATION,
-                              f"local selector {ids.selector_text(local_sel)} is outside local_ts {list(policy.local_ts)}")
+                              f"local selector {ids.selector_text(local_sel)} is outside local_ts "
+                              f"{list(policy.local_ts)}")
         if policy.mode == "transport":
             return
         if policy.pool:
