@@ -577,7 +577,8 @@ class IkeEngine:
         log.info("ike: {name} established with {peer} ({id}) policy {policy}: {alg}, NAT {nat}, {variant}",
                  name=sa.name, peer=f"{sa.remote[0]}:{sa.remote[1]}", id=sa.peer_id_text, policy=sa.policy.name,
                  alg=sa.choice.describe(),
-                 nat=" and ".join(w for w, on in (("peer", sa.nat_peer), ("local", sa.nat_local)) if on) or "none", variant=sa.variant.name if sa.variant else "no NAT-T")
+                 nat=" and ".join(w for w, on in (("peer", sa.nat_peer), ("local", sa.nat_local)) if on) or "none",
+                 variant=sa.variant.name if sa.variant else "no NAT-T")
         self._reply(sa, digest, replies)
         if sa.initial_contact and not sa.choice.xauth:
             self._initial_contact(sa)
