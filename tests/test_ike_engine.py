@@ -1,0 +1,1120 @@
+"""The IKEv1 responder (narsuite.ike.engine.IkeEngine) driven in-process, no network.
+
+The initiator is ``tests/ike_peer.py`` (independent exchange logic, shared codec and
+crypto), extended here by subclassing only: Aggressive Mode, XAUTH auth methods and vendor
+IDs, INITIAL-CONTACT, informational and transaction exchanges, and Quick Mode variants.
+Time is a ``twisted.internet.task.Clock``; the store is a real :class:`Store` with the
+memory backend and a mode-config pool.  Every test checks the engine's counters, what it
+sent (byte for byte where the RFC demands it) and what it left in the store.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import sys
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ike_peer
+from ike_peer import NATT_PORT, NON_ESP_MARKER, Initiator, Outgoing, PeerConfig, PeerError, Phase1, Phase2
+
+from narsuite import sadb
+from narsuite.ike import constants as C
+from narsuite.ike import crypto as X
+from narsuite.ike import engine as engine_mod
+from narsuite.ike import isakmp as M
+from narsuite.ike import natt, records
+from narsuite.ike.config import IkeConfig
+from narsuite.ike.engine import IkeEngine
+from narsuite.passwords import PasswordChecker, hash_password
+from narsuite.schema import build
+from narsuite.store import MemoryBackend, Store
+
+SERVER = "198.51.100.1"
+CLIENT = "192.0.2.10"
+PSK = b"correct horse battery staple"
+USERS = {"alice": hash_password("wonderland", cost=4)}
+_HASH_ATTR = {"md5": C.HASH_MD5, "sha1": C.HASH_SHA1, "sha256": C.HASH_SHA2_256,
+              "sha384": C.HASH_SHA2_384, "sha512": C.HASH_SHA2_512}
+
+# ---------------------------------------------------------------------------------------------
+# the responder under test
+
+
+class Harness:
+    """One engine with a Clock, a memory store (pool "ra" = 10.8.0.0/29, .1 excluded) and a
+    list of everything it sent: (data without non-ESP marker, remote address, local port)."""
+
+    def __init__(self, peers: list[dict] | None = None, **ike: Any) -> None:
+        table = {"address": SERVER, "peers": peers if peers is not None else [{"name": "rw", "psk": PSK.decode()}],
+                 **ike}
+        if any(p.get("xauth") for p in table["peers"]) and "users" not in table:
+            table["users"] = USERS
+        self.cfg = build(IkeConfig, table, "ike")
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.store = Store(MemoryBackend(), self.clock)
+        self.store.add_pool("ra", IPv4Network("10.8.0.0/29"), [IPv4Address("10.8.0.1")])
+        for k in (*sadb.KINDS, *records.KINDS):
+            self.store.register(k)
+        self.store.open()
+        self.store.start()
+        checker = PasswordChecker(self.cfg.users, run=lambda f, *a: defer.maybeDeferred(f, *a))
+        self.sent: list[tuple[bytes, tuple[str, int], int]] = []
+        self.engine = IkeEngine(self.cfg, self.store, self.clock, send=self._send,
+                                check_password=lambda u, p: checker.check(u.encode(), p))
+        HARNESSES.append(self)
+
+    def _send(self, data: bytes, addr: tuple[str, int], local_port: int) -> None:
+        assert isinstance(data, bytes) and local_port in (500, 4500)
+        self.sent.append((data, addr, local_port))
+
+    @property
+    def c(self) -> dict[str, int]:
+        return self.engine.counters
+
+    def feed(self, data: bytes, addr: tuple[str, int], local_port: int = 500) -> list[tuple[bytes, tuple, int]]:
+        """``received`` one datagram; what the engine sent in answer."""
+        n = len(self.sent)
+        self.engine.received(data, addr, local_port)
+        return self.sent[n:]
+
+    def esp_sas(self) -> list[sadb.SA]:
+        return list(self.store.records("esp.sa"))
+
+    def esp_peers(self) -> list[sadb.Peer]:
+        return list(self.store.records("esp.peer"))
+
+    def ike_records(self) -> list[records.IkeSaRecord]:
+        return list(self.store.records("ike.sa"))
+
+    def established(self) -> list:
+        return [sa for sa in self.engine.sas.values() if sa.state == "established"]
+
+
+HARNESSES: list[Harness] = []
+
+
+def spi_leases(h: Harness) -> list:
+    return [r for r in h.store.records("store.lease") if r.namespace == "spi"]
+
+
+def engine_timers(h: Harness) -> list:
+    """The engine's pending timers (not the store's own housekeeping)."""
+    return [dc for dc in h.clock.getDelayedCalls() if getattr(dc.func, "__self__", None) is h.engine]
+
+
+@pytest.fixture(autouse=True)
+def _no_internal_errors():
+    """Whatever a test does, the engine must never hit its catch-all."""
+    HARNESSES.clear()
+    yield
+    for h in HARNESSES:
+        assert h.c["internal_error"] == 0, h.c
+
+
+# ---------------------------------------------------------------------------------------------
+# the initiator, extended by subclassing
+
+
+class Peer(Initiator):
+    """ike_peer.Initiator plus: Aggressive Mode, XAUTH auth methods, extra vendor IDs,
+    INITIAL-CONTACT in MM5/AM3, holding Quick Mode back, informational and transaction
+    exchanges (received protected messages are HASH-checked and kept in ``inbox``)."""
+
+    def __init__(self, config: PeerConfig, local: tuple[str, int] = (CLIENT, 500), remote: str = SERVER, *,
+                 auth: int = C.AUTH_PSK, vids: tuple[bytes, ...] = (C.VID_DPD,), aggressive: bool = False,
+                 initial_contact: bool = False, hold_quick: bool = False, encap: int | None = None,
+                 espthrunat: bool = False, am3_encrypted: bool = True) -> None:
+        super().__init__(config, local, remote)
+        self.auth, self.vids, self.aggressive = auth, vids, aggressive
+        self.initial_contact, self.hold_quick, self.encap_override = initial_contact, hold_quick, encap
+        self.espthrunat, self.am3_encrypted = espthrunat, am3_encrypted
+        self.inbox: list[tuple[int, int, tuple]] = []  # (exchange, message ID, payloads after HASH)
+        self.plain_notifies: list[int] = []
+        self.phase1_done = False
+        self.bad_hash_i = False
+
+    # -- phase 1 -----------------------------------------------------------------------
+    def _offer(self) -> M.SecurityAssociation:
+        p1 = self.config.phase1
+        attrs_ = [
+            M.Attribute(C.P1_ENCRYPTION, C.ENC_AES_CBC), M.Attribute(C.P1_KEY_LENGTH, p1.key_bits),
+            M.Attribute(C.P1_HASH, _HASH_ATTR[p1.hash]), M.Attribute(C.P1_AUTH_METHOD, self.auth),
+            M.Attribute(C.P1_GROUP_DESC, p1.group), M.Attribute(C.P1_LIFE_TYPE, C.LIFE_SECONDS),
+            M.Attribute.of(C.P1_LIFE_DURATION, p1.lifetime),
+        ]
+        return M.SecurityAssociation([M.Proposal(1, C.PROTO_ISAKMP, b"", [M.Transform(1, C.KEY_IKE, attrs_)])])
+
+    def _vid_payloads(self) -> list[M.Payload]:
+        out: list[M.Payload] = []
+        if self.config.natt:
+            out += [M.VendorID(C.VID_NATT_RFC3947), M.VendorID(C.VID_NATT_DRAFT_02N)]
+        return out + [M.VendorID(v) for v in self.vids]
+
+    def start(self) -> Outgoing:
+        self._sa_i = self._offer()
+        if self.aggressive:
+            self._priv, self._gxi = self._group.generate()
+            self._ni = X.random_nonce(32)
+            self._id_i = ike_peer._id_payload(self.config.identity)
+            payloads = [self._sa_i, M.KeyExchange(self._gxi), M.Nonce(self._ni), self._id_i, *self._vid_payloads()]
+            self.state = "am2"
+            return self._send(M.build_message(self._header(C.EXCH_AGGRESSIVE), payloads))
+        self.state = "mm2"
+        return self._send(M.build_message(self._header(C.EXCH_MAIN), [self._sa_i, *self._vid_payloads()]))
+
+    def _on_mm2(self, msg: M.Message) -> Outgoing | None:
+        self.mm2_natd = [n for n in msg.payloads if isinstance(n, M.NatD)]
+        out = super()._on_mm2(msg)
+        if out is not None and self.espthrunat:
+            # the 004 draft: one NAT-D, MD5(initiator ip|port|responder ip|port), type 130
+            m = M.parse_message(out.data)
+            natd = M.NatD(natt.espthrunat_hash(self.local, (self.remote, 500)), C.PT_NAT_D_DRAFT)
+            out = self._send(M.build_message(self._header(C.EXCH_MAIN), [*m.payloads, natd]))
+        return out
+
+    def _on_mm4(self, msg: M.Message) -> Outgoing | None:
+        self.mm4_natd = [n for n in msg.payloads if isinstance(n, M.NatD)]
+        return super()._on_mm4(msg)
+
+    def _encrypted(self, exchange: int, mid: int, payloads: list[M.Payload]) -> bytes:
+        if exchange == C.EXCH_MAIN and mid == 0 and self.initial_contact:
+            payloads = [*payloads, M.Notification(C.INITIAL_CONTACT, C.PROTO_ISAKMP, self.icookie + self.rcookie)]
+        return super()._encrypted(exchange, mid, payloads)
+
+    def _on_am2(self, msg: M.Message) -> Outgoing | None:
+        h = msg.header
+        if h.exchange != C.EXCH_AGGRESSIVE or h.encrypted or h.rcookie == bytes(8):
+            return None
+        self.rcookie = h.rcookie
+        p = msg.payloads
+        ke, nr, idr, hr = M.find(p, M.KeyExchange), M.find(p, M.Nonce), M.find(p, M.Identification), M.find(p, M.Hash)
+        if None in (ke, nr, idr, hr):
+            raise PeerError("AM2 lacks KE, Nr, IDr or HASH_R")
+        hn = self._hash
+        self._gxr, self._nr = ke.data, nr.data
+        gxy = self._group.shared(self._priv, ke.data)
+        skeyid = X.skeyid_psk(hn, self.config.psk, self._ni, self._nr)
+        self._skeyid = skeyid
+        self._keys = X.derive_phase1(hn, skeyid, gxy, self.icookie, self.rcookie)
+        self._crypto = X.ISAKMPCrypto("aes-cbc", self._keys.encryption_key(self.config.phase1.key_bits // 8),
+                                      hn, self._gxi, self._gxr)
+        expect = X.hash_r(hn, skeyid, self._gxi, self._gxr, self.icookie, self.rcookie, ike_peer._body(self._sa_i),
+                          ike_peer._body(idr))
+        if not X.constant_time_equal(expect, hr.data):
+            raise PeerError("HASH_R does not verify (wrong PSK?)")
+        vids = {v.data for v in M.find_all(p, M.VendorID)}
+        natds = [n.hash for n in p if isinstance(n, M.NatD)]
+        self.nat_local = self.nat_remote = False
+        payloads: list[M.Payload] = []
+        if self.config.natt and C.VID_NATT_RFC3947 in vids:
+            mine = X.natd_hash(hn, self.icookie, self.rcookie, *self.local)
+            theirs = X.natd_hash(hn, self.icookie, self.rcookie, self.remote, 500)
+            self.nat_local = bool(natds) and natds[0] != mine
+            self.nat_remote = theirs not in natds[1:]
+            payloads += [M.NatD(theirs), M.NatD(mine)]
+        hash_i = X.hash_i(hn, skeyid, self._gxi, self._gxr, self.icookie, self.rcookie, ike_peer._body(self._sa_i),
+                          ike_peer._body(self._id_i))
+        if self.bad_hash_i:
+            hash_i = bytes(b ^ 0x55 for b in hash_i)
+        payloads.insert(0, M.Hash(hash_i))
+        if self.initial_contact:
+            payloads.append(M.Notification(C.INITIAL_CONTACT, C.PROTO_ISAKMP, self.icookie + self.rcookie))
+        if self.nat_local or self.nat_remote:
+            self.port = NATT_PORT
+        if self.am3_encrypted:
+            data = self._encrypted(C.EXCH_AGGRESSIVE, 0, payloads)
+        else:
+            data = M.build_message(self._header(C.EXCH_AGGRESSIVE), payloads)
+        self.phase1_done = True
+        self.state = "phase1"
+        return self._send(data)
+
+    def _on_mm6(self, msg: M.Message) -> Outgoing | None:
+        out = super()._on_mm6(msg)
+        if self.state != "mm6":
+            self.phase1_done = True
+        return out
+
+    # -- Quick Mode --------------------------------------------------------------------
+    def _quick_mode_1(self) -> Outgoing | None:
+        if self.hold_quick:
+            self.state = "phase1"
+            return None
+        return self.quick_mode()
+
+    def quick_mode(self, mid: int | None = None, extra: tuple[M.Payload, ...] = ()) -> Outgoing:
+        """Quick Mode 1 (ike_peer's, with a chosen encapsulation mode / message ID)."""
+        p2 = self.config.phase2
+        self._mid = mid or (secrets.randbits(32) | 1)
+        self._spi_i = secrets.randbits(32) | 0x100
+        self._encap = C.ENCAP_UDP_TUNNEL if self.port == NATT_PORT else C.ENCAP_TUNNEL
+        if self.encap_override is not None:
+            self._encap = self.encap_override
+        attrs_ = [M.Attribute(C.P2_SA_LIFE_TYPE, C.LIFE_SECONDS), M.Attribute.of(C.P2_SA_LIFE_DURATION, p2.lifetime),
+                  M.Attribute(C.P2_ENCAP_MODE, self._encap)]
+        if p2.integ:
+            attrs_.append(M.Attribute(C.P2_AUTH_ALG, ike_peer._INTEG[p2.integ][0]))
+        attrs_.append(M.Attribute(C.P2_KEY_LENGTH, p2.key_bits))
+        if p2.pfs_group:
+            attrs_.append(M.Attribute(C.P2_GROUP_DESC, p2.pfs_group))
+        sa = M.SecurityAssociation([M.Proposal(1, C.PROTO_IPSEC_ESP, self._spi_i.to_bytes(4, "big"),
+                                               [M.Transform(1, ike_peer._ESP[p2.enc], attrs_)])])
+        self._qni = X.random_nonce(32)
+        rest: list[M.Payload] = [sa, M.Nonce(self._qni)]
+        if p2.pfs_group:
+            self._qgroup = X.group(p2.pfs_group)
+            self._qpriv, qke = self._qgroup.generate()
+            rest.append(M.KeyExchange(qke))
+        self._local_ts = p2.local_ts or f"{self.local[0]}/32"
+        rest += [ike_peer._id_payload(self._local_ts), ike_peer._id_payload(p2.remote_ts), *extra]
+        h1 = X.qm_hash1(self._hash, self._keys.skeyid_a, self._mid, M.build_payloads(rest))
+        self.done = False
+        self.result = None
+        self.state = "qm2"
+        return self._send(self._encrypted(C.EXCH_QUICK, self._mid, [M.Hash(h1), *rest]))
+
+    def _on_qm2(self, msg: M.Message) -> Outgoing | None:
+        try:
+            self.qm2_payloads = self._decrypt(msg)[1]  # decrypting does not move the IV
+        except (X.CryptoError, M.ISAKMPError):
+            pass
+        return super()._on_qm2(msg)
+
+    # -- informational / transaction -----------------------------------------------------
+    def receive(self, data: bytes, port: int) -> Outgoing | None:
+        raw = data[4:] if port == NATT_PORT and data.startswith(NON_ESP_MARKER) else data
+        try:
+            msg = M.parse_message(raw)
+        except M.ISAKMPError:
+            return None
+        if msg.header.icookie == self.icookie and msg.header.exchange in (C.EXCH_INFORMATIONAL, C.EXCH_TRANSACTION):
+            self._protected_in(msg)
+            return None
+        return super().receive(data, port)
+
+    def _protected_in(self, msg: M.Message) -> None:
+        h = msg.header
+        if not h.encrypted:
+            self.plain_notifies += [n.notify_type for n in M.find_all(msg.payloads, M.Notification)]
+            return
+        chain, payloads = self._decrypt(msg)
+        assert isinstance(payloads[0], M.Hash), payloads
+        rest = chain[4 + len(payloads[0].data):]
+        fn = X.transaction_hash if h.exchange == C.EXCH_TRANSACTION else X.informational_hash
+        assert X.constant_time_equal(fn(self._hash, self._keys.skeyid_a, h.message_id, rest), payloads[0].data), \
+            "the responder's HASH(1) does not verify"
+        self._crypto.accept(h.message_id, msg.ciphertext)
+        self.inbox.append((h.exchange, h.message_id, payloads[1:]))
+
+    def take(self, exchange: int) -> list[tuple[int, tuple]]:
+        got = [(mid, p) for ex, mid, p in self.inbox if ex == exchange]
+        self.inbox = [x for x in self.inbox if x[0] != exchange]
+        return got
+
+    def protected(self, exchange: int, payloads: list[M.Payload], mid: int | None = None) -> Outgoing:
+        """An informational (new message ID) or transaction message (``mid`` to answer one)."""
+        mid = mid or (secrets.randbits(32) | 1)
+        rest = M.build_payloads(payloads)
+        fn = X.transaction_hash if exchange == C.EXCH_TRANSACTION else X.informational_hash
+        data = self._encrypted(exchange, mid, [M.Hash(fn(self._hash, self._keys.skeyid_a, mid, rest)), *payloads])
+        return self._send(data)
+
+    @property
+    def ike_spi(self) -> bytes:
+        return self.icookie + self.rcookie
+
+
+class Link:
+    """Carries one peer's datagrams to and from the engine; ``public`` is how the engine sees
+    the peer's port 500 and 4500 (a NAT if it differs from ``peer.local``)."""
+
+    def __init__(self, h: Harness, peer: Peer, public: tuple[str, int] | None = None,
+                 public4500: tuple[str, int] | None = None) -> None:
+        self.h, self.peer = h, peer
+        self.public = public or peer.local
+        self.public4500 = public4500 or (self.public[0], 4500 if public is None else self.public[1] + 1)
+        self.received: list[tuple[bytes, int]] = []  # what the engine sent us (data, local port)
+
+    def to_engine(self, out: Outgoing) -> list[tuple[bytes, tuple, int]]:
+        if out.port == NATT_PORT:
+            assert out.data.startswith(NON_ESP_MARKER)
+            return self.h.feed(out.data[4:], self.public4500, NATT_PORT)
+        return self.h.feed(out.data, self.public, 500)
+
+    def deliver(self, sent: list[tuple[bytes, tuple, int]]) -> list[Outgoing]:
+        outs = []
+        for data, addr, lp in sent:
+            if addr not in (self.public, self.public4500):
+                continue
+            self.received.append((data, lp))
+            r = self.peer.receive(NON_ESP_MARKER + data if lp == NATT_PORT else data, lp)
+            if r is not None:
+                outs.append(r)
+        return outs
+
+    def send(self, out: Outgoing | None) -> list[tuple[bytes, tuple, int]]:
+        """``out`` and every answer, back and forth, until nobody has more to say; what the
+        engine sent in all."""
+        queue = [out] if out is not None else []
+        everything = []
+        while queue:
+            sent = self.to_engine(queue.pop(0))
+            everything += sent
+            queue += self.deliver(sent)
+        return everything
+
+    def run(self) -> ike_peer.Result | None:
+        self.send(self.peer.start())
+        return self.peer.result
+
+
+def psk_peer(psk: bytes = PSK, identity: str = "peer.example", p1: Phase1 | None = None,
+             p2: Phase2 | None = None, **kw: Any) -> PeerConfig:
+    return PeerConfig(psk=psk, identity=identity, phase1=p1 or Phase1(), phase2=p2 or Phase2(), **kw)
+
+
+def connect(h: Harness, cfg: PeerConfig | None = None, *, local: tuple[str, int] = (CLIENT, 500),
+            public: tuple[str, int] | None = None, **kw: Any) -> tuple[Peer, Link]:
+    p = Peer(cfg or psk_peer(p2=Phase2(remote_ts="10.1.0.0/24")), local, **kw)
+    link = Link(h, p, public)
+    link.run()
+    return p, link
+
+
+def check_keys(h: Harness, result: ike_peer.Result) -> tuple[sadb.SA, sadb.SA]:
+    """The store's SA pair equals what the initiator derived, both directions."""
+    sa_in = h.store.lookup("esp.sa", "in_spi", result.outbound.spi)
+    assert sa_in is not None, [(s.direction, hex(s.spi)) for s in h.esp_sas()]
+    sa_out = h.store.get("esp.sa", ("out", result.inbound.spi, sa_in.peer))
+    assert sa_out is not None
+    assert sa_in.enc_key == result.outbound.enc_key and sa_in.integ_key == result.outbound.integ_key
+    assert sa_out.enc_key == result.inbound.enc_key and sa_out.integ_key == result.inbound.integ_key
+    assert sa_in.enc_key != sa_out.enc_key
+    assert sa_in.integ == result.outbound.integ == sa_out.integ
+    return sa_in, sa_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Main Mode + Quick Mode
+
+
+@pytest.mark.parametrize("p1,p2", [
+    (Phase1(), Phase2()),
+    (Phase1(key_bits=256, hash="sha256", group=14), Phase2(key_bits=256, integ="hmac-sha256-128")),
+    (Phase1(hash="sha256", group=19), Phase2(enc="aes-gcm-16", integ=None)),
+    (Phase1(key_bits=256, hash="sha256", group=20), Phase2(enc="aes-gcm-16", key_bits=256, integ=None)),
+])
+def test_main_mode_psk_and_quick_mode_install_the_initiators_keys(p1, p2):
+    h = Harness()
+    p, link = connect(h, psk_peer(p1=p1, p2=p2))
+    r = p.result
+    assert r is not None and not r.floated and r.encap_mode == C.ENCAP_TUNNEL
+    sa_in, sa_out = check_keys(h, r)
+    assert sa_in.enc == p2.enc and sa_out.enc == p2.enc
+    assert len(sa_in.enc_key) == p2.key_bits // 8 + (4 if p2.enc == "aes-gcm-16" else 0)
+    assert len(sa_in.integ_key) == p2.key_lengths[1]
+    assert sa_in.spi >= 256 and sa_out.spi == r.inbound.spi
+    assert h.store.holds("spi", sa_in.spi) is not None
+    (peer,) = h.esp_peers()
+    assert peer.name == sa_in.peer == sa_out.peer
+    assert (peer.encap, peer.mode, peer.remote_ip, peer.remote_port) == ("esp", "tunnel", CLIENT, 0)
+    assert (peer.policy, peer.inner, peer.allowed) == ("address", CLIENT, ())  # a single host: its address
+    (rec,) = h.ike_records()
+    assert (rec.state, rec.exchange, rec.policy, rec.peer_id, rec.children) == (
+        "established", "main", "rw", "peer.example", 1)
+    assert h.c["ike_established"] == 1 and h.c["child_installed"] == 1
+    for k in ("malformed", "auth_failed", "bad_hash", "decrypt_failed", "unexpected", "duplicate"):
+        assert h.c[k] == 0, k
+
+
+def test_spis_are_random_and_never_reserved():
+    h = Harness()
+    spis = set()
+    for i in range(6):
+        p, _ = connect(h, psk_peer(identity=f"peer{i}.example"), local=(f"192.0.2.{20 + i}", 500))
+        spis.add(p.result.outbound.spi)
+    assert len(spis) == 6 and min(spis) >= 256
+    assert max(spis) > 2**24  # 6 draws all below 2^24 from a uniform 32-bit source: p < 2^-48
+    assert len(h.esp_sas()) == 12 and len(h.esp_peers()) == 6
+
+
+@pytest.mark.parametrize("group", [14, 19])
+def test_quick_mode_with_pfs(group):
+    h = Harness()
+    p, _ = connect(h, psk_peer(p2=Phase2(pfs_group=group)))
+    sa_in, _ = check_keys(h, p.result)
+    ke = M.find(p.qm2_payloads, M.KeyExchange)
+    assert ke is not None and len(ke.data) == len(p._qgroup.generate()[1])
+    nr = M.find(p.qm2_payloads, M.Nonce).data
+    # the same nonces without g^xy(QM) give other keys: the responder really mixed in PFS
+    plain = X.esp_keys("sha1", p._keys.skeyid_d, p.result.outbound.spi, p._qni, nr, 16, 20)
+    assert plain[0] != sa_in.enc_key
+    assert X.esp_keys("sha1", p._keys.skeyid_d, p.result.outbound.spi, p._qni, nr, 16, 20,
+                      p._qgroup.shared(p._qpriv, ke.data)) == (sa_in.enc_key, sa_in.integ_key)
+
+
+def test_pfs_required_refuses_a_quick_mode_without_ke():
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "pfs": "required"}])
+    p, _ = connect(h)
+    assert p.result is None and not h.esp_sas()
+    assert h.c["quick_refused"] == 1
+    (_, payloads), = p.take(C.EXCH_INFORMATIONAL)
+    assert [n.notify_type for n in payloads] == [C.NO_PROPOSAL_CHOSEN]
+
+
+def test_aes_gcm_esp():
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "esp": ["aes256gcm16"]}])
+    p, _ = connect(h, psk_peer(p2=Phase2(enc="aes-gcm-16", key_bits=256, integ=None)))
+    sa_in, sa_out = check_keys(h, p.result)
+    assert (sa_in.enc, sa_in.integ, len(sa_in.enc_key), sa_in.integ_key) == ("aes-gcm-16", None, 36, b"")
+    # the keys really work: seal with the initiator's outbound SA, open with the store's inbound one
+    pkt = ike_peer._icmp_echo("192.0.2.10", "10.1.0.1", 7)
+    wire = ike_peer.esp_seal(p.result.outbound, 1, pkt)
+    back = ike_peer.EspSA(sa_in.spi, "aes-gcm-16-256", sa_in.enc_key, None, b"")
+    assert ike_peer.esp_open(back, wire) == pkt
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggressive Mode
+
+
+@pytest.mark.parametrize("encrypted", [True, False])
+def test_aggressive_mode_psk_then_quick_mode(encrypted):
+    h = Harness()
+    p = Peer(psk_peer(identity="road.example"), aggressive=True, am3_encrypted=encrypted)
+    link = Link(h, p)
+    sent = link.send(p.start())
+    assert len(sent) == 1 and p.phase1_done  # AM2 only; AM3 is not answered
+    (sa,) = h.established()
+    assert sa.peer_id_text == "road.example" and h.c["ike_established"] == 1
+    (rec,) = h.ike_records()
+    assert rec.exchange == "aggressive"
+    link.send(p.quick_mode())
+    assert p.done
+    check_keys(h, p.result)
+
+
+def test_aggressive_mode_refused_when_the_policy_forbids_it():
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "aggressive": False}])
+    p = Peer(psk_peer(), aggressive=True)
+    sent = Link(h, p).send(p.start())
+    assert not h.engine.sas and h.c["no_policy"] == 1
+    assert [M.find(M.parse_message(d).payloads, M.Notification).notify_type for d, _, _ in sent] == [
+        C.NO_PROPOSAL_CHOSEN]
+
+
+def test_aggressive_mode_wrong_psk():
+    h = Harness()
+    p = Peer(psk_peer(psk=b"wrong"), aggressive=True)
+    with pytest.raises(PeerError, match="HASH_R"):
+        Link(h, p).send(p.start())
+    # the initiator gives up on the bad HASH_R; the responder's half-open state times out
+    h.clock.advance(h.cfg.half_open_timeout + 1)
+    assert not h.engine.sas and not h.engine.half_open and not h.ike_records()
+
+
+def test_aggressive_mode_bad_hash_i_is_auth_failed():
+    h = Harness()
+    p = Peer(psk_peer(), aggressive=True)
+    p.bad_hash_i = True
+    Link(h, p).send(p.start())
+    assert p.phase1_done  # AM2 verified on our side; our AM3 carries a wrong HASH_I
+    assert h.c["auth_failed"] == 1 and h.c["ike_established"] == 0
+    assert not h.engine.sas and not h.engine.half_open and not h.esp_sas() and not h.ike_records()
+
+
+# ---------------------------------------------------------------------------------------------
+# policies and authentication
+
+
+def test_two_policies_from_one_address_chosen_by_hash_i():
+    h = Harness([{"name": "alpha", "psk": "alpha-secret", "remote_ts": ["10.1.0.0/24"]},
+                 {"name": "beta", "psk": "beta-secret", "remote_ts": ["10.2.0.0/24"]}])
+    pa, _ = connect(h, psk_peer(psk=b"alpha-secret", identity="a.example",
+                                p2=Phase2(local_ts="10.1.0.0/24", remote_ts="10.9.0.0/24")),
+                    local=("203.0.113.5", 500), public=("203.0.113.5", 500))
+    pb, _ = connect(h, psk_peer(psk=b"beta-secret", identity="b.example",
+                                p2=Phase2(local_ts="10.2.0.0/24", remote_ts="10.9.0.0/24")),
+                    local=("203.0.113.5", 501), public=("203.0.113.5", 501))
+    assert pa.result and pb.result
+    by_id = {sa.peer_id_text: sa.policy.name for sa in h.established()}
+    assert by_id == {"a.example": "alpha", "b.example": "beta"}
+    assert h.c["auth_failed"] == 0 and h.c["ts_refused"] == 0
+    check_keys(h, pa.result)
+    check_keys(h, pb.result)
+    # beta's selector is not allowed for alpha's key
+    pc, _ = connect(h, psk_peer(psk=b"alpha-secret", identity="c.example",
+                                p2=Phase2(local_ts="10.2.0.0/24", remote_ts="10.9.0.0/24")),
+                    local=("203.0.113.5", 502), public=("203.0.113.5", 502))
+    assert pc.result is None and h.c["ts_refused"] == 1
+
+
+def test_wrong_psk_counts_auth_failed_and_leaves_nothing():
+    h = Harness()
+    p = Peer(psk_peer(psk=b"not the key"))
+    link = Link(h, p)
+    sent = link.send(p.start())
+    assert p.state == "mm6" and p.result is None
+    assert h.c["auth_failed"] == 1 and h.c["ike_established"] == 0
+    assert not h.engine.sas and not h.engine.half_open and not h.engine.half_open_by_ip
+    assert not h.esp_sas() and not h.esp_peers() and not h.ike_records()
+    assert len(sent) == 2  # MM2, MM4: nothing answers MM5
+    # the retransmitted MM5 finds no SA
+    link.send(p.retransmit())
+    assert h.c["unknown_cookie"] == 1 and h.c["auth_failed"] == 1
+
+
+def test_identity_not_allowed_by_the_verified_psk():
+    h = Harness([{"name": "only-bob", "psk": PSK.decode(), "id": "bob.example"}])
+    p = Peer(psk_peer(identity="mallory.example"))
+    Link(h, p).send(p.start())
+    assert p.result is None and not h.established() and not h.esp_sas()
+    assert h.c["no_policy"] == 1
+    assert C.INVALID_ID_INFORMATION in p.plain_notifies
+
+
+def test_no_policy_for_the_source_address():
+    h = Harness([{"name": "lan", "psk": PSK.decode(), "remote": ["10.0.0.0/8"]}])
+    p = Peer(psk_peer())
+    sent = Link(h, p).send(p.start())
+    assert h.c["no_policy"] == 1 and not h.engine.sas
+    assert C.NO_PROPOSAL_CHOSEN in p.plain_notifies and len(sent) == 1
+
+
+def test_no_acceptable_phase1_proposal():
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "proposals": ["aes256-sha512-modp4096"]}])
+    p = Peer(psk_peer())
+    Link(h, p).send(p.start())
+    assert h.c["no_proposal"] == 1 and not h.engine.sas and not h.engine.half_open
+    assert C.NO_PROPOSAL_CHOSEN in p.plain_notifies
+
+
+# ---------------------------------------------------------------------------------------------
+# retransmissions
+
+
+class CountingCrypto:
+    """Stands in for narsuite.ike.crypto inside the engine module: counts DH key pairs."""
+
+    def __init__(self) -> None:
+        self.generated = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(X, name)
+
+    def group(self, number: int) -> Any:
+        g = X.group(number)
+        outer = self
+
+        class Counted:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(g, name)
+
+            def generate(self) -> Any:
+                outer.generated += 1
+                return g.generate()
+
+        return Counted()
+
+
+def test_retransmissions_get_the_stored_reply_and_are_not_processed(monkeypatch):
+    counting = CountingCrypto()
+    monkeypatch.setattr(engine_mod, "crypto", counting)
+    h = Harness()
+    p = Peer(psk_peer())
+    link = Link(h, p)
+    spi_allocations = []
+    real_allocate = h.store.allocate_spi
+    monkeypatch.setattr(h.store, "allocate_spi", lambda *a, **k: spi_allocations.append(1) or real_allocate(*a, **k))
+
+    def step(out: Outgoing) -> tuple[bytes, Outgoing | None]:
+        sent = link.to_engine(out)
+        assert len(sent) == 1, sent
+        again = link.to_engine(out)  # the same datagram once more
+        assert again == sent, "the retransmission must get the byte-identical stored reply"
+        nxt = link.deliver(sent)
+        return sent[0][0], (nxt[0] if nxt else None)
+
+    mm1 = p.start()
+    _, mm3 = step(mm1)
+    assert counting.generated == 0 and len(h.engine.sas) == 1 and h.c["retransmit_answered"] == 1
+    _, mm5 = step(mm3)
+    assert counting.generated == 1 and h.c["retransmit_answered"] == 2
+    _, qm1 = step(mm5)
+    assert h.c["ike_established"] == 1 and h.c["retransmit_answered"] == 3 and counting.generated == 1
+    _, qm3 = step(qm1)
+    assert len(spi_allocations) == 1 and h.c["retransmit_answered"] == 4
+    link.to_engine(qm3)
+    assert p.done and h.c["child_installed"] == 1
+    sent = link.to_engine(qm3)  # HASH(3) again: nothing to answer, not installed twice
+    assert sent == [] and h.c["duplicate"] == 1 and h.c["child_installed"] == 1
+    assert len(h.esp_sas()) == 2 and len(spi_allocations) == 1
+    check_keys(h, p.result)
+    # a third copy of MM3 after phase 1: still the stored MM4, no DH
+    link.to_engine(mm3)
+    assert counting.generated == 1
+
+
+def test_retransmitted_mm1_during_half_open_is_not_a_new_exchange():
+    h = Harness()
+    p = Peer(psk_peer())
+    mm1 = p.start()
+    first = h.feed(mm1.data, p.local)
+    for _ in range(3):
+        assert h.feed(mm1.data, p.local) == first
+    assert len(h.engine.sas) == 1 and len(h.engine.half_open) == 1
+    assert h.engine.half_open_by_ip[CLIENT] == 1
+    # another MM1 with the same cookie but different content: dropped, not a second SA
+    other = M.build_message(p._header(C.EXCH_MAIN), [p._offer(), M.VendorID(b"x" * 16)])
+    assert h.feed(other, p.local) == [] and h.c["duplicate"] == 1 and len(h.engine.sas) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# half-open limits and timeout
+
+
+def test_half_open_limit_per_source():
+    h = Harness(half_open_per_source=2, half_open_total=10)
+    before = 0
+    for port in (1000, 1001, 1002, 1003):
+        p = Peer(psk_peer(), local=(CLIENT, port))
+        h.feed(p.start().data, (CLIENT, port))
+        before = len(h.sent)
+    assert before == 2  # two MM2, the others dropped without an answer
+    assert len(h.engine.sas) == 2 and len(h.engine.half_open) == 2 and h.c["half_open_dropped"] == 2
+    assert h.engine.half_open_by_ip[CLIENT] == 2
+    # another source still gets through
+    p = Peer(psk_peer(), local=("192.0.2.99", 500))
+    assert len(h.feed(p.start().data, p.local)) == 1 and len(h.engine.sas) == 3
+
+
+def test_half_open_limit_total_and_no_dh_for_the_excess(monkeypatch):
+    counting = CountingCrypto()
+    monkeypatch.setattr(engine_mod, "crypto", counting)
+    h = Harness(half_open_per_source=5, half_open_total=3)
+    for i in range(6):
+        p = Peer(psk_peer(), local=(f"192.0.2.{100 + i}", 500))
+        h.feed(p.start().data, p.local)
+    assert len(h.engine.sas) == 3 and len(h.engine.half_open) == 3 and h.c["half_open_dropped"] == 3
+    assert len(h.sent) == 3 and counting.generated == 0
+    assert len(h.ike_records()) == 3
+    # Aggressive Mode is held to the same limit before its DH
+    p = Peer(psk_peer(), local=("192.0.2.200", 500), aggressive=True)
+    assert h.feed(p.start().data, p.local) == []
+    assert counting.generated == 0 and h.c["half_open_dropped"] == 4 and len(h.engine.sas) == 3
+
+
+def test_completed_exchanges_free_their_half_open_slot():
+    h = Harness(half_open_per_source=1, half_open_total=1)
+    for port in (500, 501, 502):
+        p, _ = connect(h, psk_peer(identity=f"p{port}.example"), local=(CLIENT, port))
+        assert p.result is not None
+    assert not h.engine.half_open and not h.engine.half_open_by_ip and h.c["half_open_dropped"] == 0
+
+
+def test_half_open_timeout_removes_the_state():
+    h = Harness(half_open_timeout=20)
+    p = Peer(psk_peer())
+    link = Link(h, p)
+    mm3 = link.deliver(link.to_engine(p.start()))[0]
+    link.to_engine(mm3)  # MM4 sent; the initiator never sends MM5
+    (sa,) = h.engine.sas.values()
+    assert sa.state == "mm4" and h.ike_records()
+    h.clock.advance(19)
+    assert h.engine.sas
+    h.clock.advance(2)
+    assert not h.engine.sas and not h.engine.half_open and not h.engine.half_open_by_ip
+    assert not h.ike_records() and h.c["expired"] == 1
+    assert not engine_timers(h)
+    # a late MM5 finds nothing
+    h.feed(M.build_message(M.Header(p.icookie, sa.rcky, C.EXCH_MAIN, C.FLAG_ENCRYPTION, 0, C.PT_ID),
+                           ciphertext=b"\x00" * 32), p.local)
+    assert h.c["unknown_cookie"] == 1
+
+
+def test_established_sa_is_not_removed_by_the_half_open_timer():
+    h = Harness(half_open_timeout=20)
+    p, _ = connect(h)
+    h.clock.advance(25)
+    assert len(h.established()) == 1 and len(h.esp_sas()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# NAT traversal
+
+
+def test_no_nat_uses_tunnel_mode_1_and_plain_esp():
+    h = Harness()
+    p, link = connect(h)
+    r = p.result
+    assert (r.nat_local, r.nat_remote, r.floated, r.encap_mode) == (False, False, False, C.ENCAP_TUNNEL)
+    (sa,) = h.established()
+    assert (sa.nat_peer, sa.nat_local, sa.variant.name) == (False, False, "rfc3947")
+    (peer,) = h.esp_peers()
+    assert (peer.encap, peer.remote_port, peer.keepalive) == ("esp", 0, False)
+    assert all(lp == 500 for _, lp in link.received)
+    # the responder's NAT-D: first the initiator as seen, then itself
+    assert [n.hash for n in p.mm4_natd] == [X.natd_hash("sha1", p.icookie, p.rcookie, CLIENT, 500),
+                                           X.natd_hash("sha1", p.icookie, p.rcookie, SERVER, 500)]
+
+
+def test_nat_detected_floats_to_4500_and_writes_udp_encap():
+    h = Harness()
+    p = Peer(psk_peer(), local=("10.0.0.5", 500))
+    link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
+    link.run()
+    r = p.result
+    assert r is not None and r.nat_local and not r.nat_remote and r.floated and r.encap_mode == C.ENCAP_UDP_TUNNEL
+    (sa,) = h.established()
+    assert sa.nat_peer and not sa.nat_local and sa.remote == ("203.0.113.77", 31001) and sa.local_port == 4500
+    (peer,) = h.esp_peers()
+    assert (peer.encap, peer.remote_ip, peer.remote_port) == ("udp", "203.0.113.77", 31001)
+    assert peer.inner == "10.0.0.5" and peer.policy == "address"
+    (rec,) = h.ike_records()
+    assert rec.nat == "peer" and rec.natt == "rfc3947" and rec.remote_port == 31001
+    check_keys(h, r)
+    # after MM5 everything from the responder went to the floated mapping on 4500
+    assert [lp for _, lp in link.received] == [500, 500, 4500, 4500]
+
+
+def test_nat_on_our_side_asks_for_keepalives():
+    """The initiator reaches us through a port forward: its NAT-D for us does not match."""
+    h = Harness()
+    p = Peer(psk_peer(), remote="198.51.100.200")
+    Link(h, p).run()
+    (sa,) = h.established()
+    assert sa.nat_local and not sa.nat_peer and p.result.nat_remote and p.result.floated
+    (peer,) = h.esp_peers()
+    assert (peer.encap, peer.keepalive) == ("udp", True)
+    (rec,) = h.ike_records()
+    assert rec.nat == "+local"
+
+
+def test_nat_without_natt_offers_a_udp_mode_refused():
+    """NAT detected but the initiator insists on plain tunnel mode: no proposal."""
+    h = Harness()
+    p = Peer(psk_peer(), local=("10.0.0.5", 500), encap=C.ENCAP_TUNNEL)
+    Link(h, p, public=("203.0.113.77", 31000)).run()
+    assert p.result is None and not h.esp_sas() and h.c["quick_refused"] == 1
+
+
+def test_espthrunat_004_draft():
+    h = Harness()
+    p = Peer(psk_peer(natt=False), local=("10.0.0.5", 500), vids=(C.VID_ESPTHRUNAT, C.VID_DPD), espthrunat=True,
+             encap=h.cfg.espthrunat_modes[0])
+    link = Link(h, p, public=("203.0.113.77", 31000))
+    link.run()
+    (sa,) = h.established()
+    assert sa.variant.name == "espthrunat" and sa.nat_peer
+    # MM2 carries the 004 NAT-D (cookie-less MD5), MM4 as well
+    want = natt.espthrunat_hash(("203.0.113.77", 31000), (SERVER, 500))
+    assert [n.hash for n in p.mm2_natd] == [want] and [n.payload_type for n in p.mm2_natd] == [C.PT_NAT_D_DRAFT]
+    assert [n.hash for n in p.mm4_natd] == [want]
+    assert p.result is not None and all(lp == 500 for _, lp in link.received)  # IKE does not float
+    (peer,) = h.esp_peers()
+    assert (peer.encap, peer.remote_ip, peer.remote_port) == ("udp500", "203.0.113.77", 31000)
+    check_keys(h, p.result)
+
+
+def test_espthrunat_without_nat_is_plain_esp():
+    h = Harness()
+    p = Peer(psk_peer(natt=False), vids=(C.VID_ESPTHRUNAT,), espthrunat=True)
+    Link(h, p).run()
+    (sa,) = h.established()
+    assert sa.variant.name == "espthrunat" and not sa.nat_peer
+    (peer,) = h.esp_peers()
+    assert peer.encap == "esp"
+
+
+# ---------------------------------------------------------------------------------------------
+# traffic selectors
+
+
+@pytest.mark.parametrize("policy,p2", [
+    ({"local_ts": ["10.1.0.0/24"]}, Phase2(remote_ts="10.2.0.0/24")),  # our side outside local_ts
+    ({}, Phase2(local_ts="192.0.2.0/24")),  # a network behind a host-only policy
+    ({"remote_ts": ["172.16.0.0/16"]}, Phase2(local_ts="172.17.0.0/24")),  # outside remote_ts
+])
+def test_traffic_selector_refusals(policy, p2):
+    h = Harness([{"name": "rw", "psk": PSK.decode(), **policy}])
+    p, _ = connect(h, psk_peer(p2=p2))
+    assert p.result is None and p.state == "qm2"
+    assert h.c["ts_refused"] == 1 and h.c["quick_refused"] == 1 and h.c["child_installed"] == 0
+    (_, payloads), = p.take(C.EXCH_INFORMATIONAL)
+    assert [(n.notify_type, n.protocol) for n in payloads] == [(C.INVALID_ID_INFORMATION, C.PROTO_IPSEC_ESP)]
+    assert not h.esp_sas() and not h.esp_peers() and not spi_leases(h)
+    (sa,) = h.established()
+    assert not sa.quick and not sa.children and not sa.busy  # nothing half-done left behind
+
+
+def test_selectors_inside_the_policy_are_accepted():
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "local_ts": ["10.1.0.0/16"], "remote_ts": ["172.16.0.0/16"]}])
+    p, _ = connect(h, psk_peer(p2=Phase2(local_ts="172.16.5.0/24", remote_ts="10.1.2.0/24")))
+    check_keys(h, p.result)
+    (peer,) = h.esp_peers()
+    assert (peer.policy, peer.allowed) == ("space", ("172.16.5.0/24",))
+
+
+# ---------------------------------------------------------------------------------------------
+# informational: Delete, DPD, INITIAL-CONTACT
+
+
+def test_peer_deletes_the_esp_sa():
+    h = Harness()
+    p, link = connect(h)
+    r = p.result
+    assert len(h.esp_sas()) == 2
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_IPSEC_ESP, 4, (r.inbound.spi.to_bytes(4, "big"),))]))
+    assert h.c["delete_rx"] == 1 and h.c["child_deleted"] == 1
+    assert not h.esp_sas() and not h.esp_peers()
+    assert h.store.holds("spi", r.outbound.spi) is None
+    (sa,) = h.established()
+    assert not sa.children and h.ike_records()[0].children == 0
+    # a new Quick Mode still works on the same ISAKMP SA
+    link.send(p.quick_mode())
+    check_keys(h, p.result)
+
+
+def test_peer_deletes_the_isakmp_sa():
+    h = Harness()
+    p, link = connect(h)
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p.ike_spi,))]))
+    assert h.c["ike_deleted"] == 1 and not h.engine.sas and not h.ike_records()
+    assert not h.esp_sas() and not h.esp_peers()
+    assert not engine_timers(h)
+
+
+def test_delete_with_a_bad_hash_is_ignored():
+    h = Harness()
+    p, link = connect(h)
+    out = p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p.ike_spi,))])
+    data = bytearray(out.data)
+    data[-20] ^= 1  # inside the encrypted HASH/Delete
+    h.feed(bytes(data), p.local)
+    assert len(h.established()) == 1 and len(h.esp_sas()) == 2
+    assert h.c["bad_hash"] + h.c["decrypt_failed"] + h.c["malformed"] == 1
+
+
+def test_dpd_r_u_there_is_acked_with_the_same_sequence():
+    h = Harness()
+    p, link = connect(h)
+    seq = 0x1234ABCD
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Notification(C.R_U_THERE, C.PROTO_ISAKMP, p.ike_spi,
+                                                                seq.to_bytes(4, "big"))]))
+    (mid, payloads), = p.take(C.EXCH_INFORMATIONAL)
+    (ack,) = payloads
+    assert (ack.notify_type, ack.spi, ack.data) == (C.R_U_THERE_ACK, p.ike_spi, seq.to_bytes(4, "big"))
+    assert h.c["dpd_answered"] == 1
+    # an R-U-THERE for another SA's cookies is not acked
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Notification(C.R_U_THERE, C.PROTO_ISAKMP, bytes(16),
+                                                                b"\0\0\0\1")]))
+    assert not p.take(C.EXCH_INFORMATIONAL) and h.c["dpd_answered"] == 1
+
+
+def _r_u_there(p: Peer) -> list[int]:
+    return [int.from_bytes(n.data, "big") for _, pl in p.take(C.EXCH_INFORMATIONAL) for n in pl
+            if isinstance(n, M.Notification) and n.notify_type == C.R_U_THERE]
+
+
+def test_dpd_probes_an_idle_peer_and_clears_a_dead_one():
+    h = Harness(dpd_delay=30, dpd_timeout=120)
+    p, link = connect(h)
+    assert len(h.esp_sas()) == 2
+    h.clock.advance(10)
+    h.engine.dpd_tick()
+    link.deliver(h.sent[-1:])
+    assert h.c["dpd_sent"] == 0 and not _r_u_there(p)
+    h.clock.advance(25)
+    n = len(h.sent)
+    h.engine.dpd_tick()
+    link.deliver(h.sent[n:])
+    (seq,) = _r_u_there(p)
+    assert h.c["dpd_sent"] == 1
+    # the peer answers: alive
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Notification(C.R_U_THERE_ACK, C.PROTO_ISAKMP, p.ike_spi,
+                                                                seq.to_bytes(4, "big"))]))
+    acked = h.clock.seconds()
+    h.clock.advance(5)
+    h.engine.dpd_tick()
+    assert h.c["dpd_sent"] == 1 and h.c["dpd_dead"] == 0
+    # now silence: probes every dpd_delay, dead dpd_timeout after the last message, its records gone
+    while h.clock.seconds() < acked + 115:
+        h.clock.advance(5)
+        n = len(h.sent)
+        h.engine.dpd_tick()
+        link.deliver(h.sent[n:])
+    assert h.c["dpd_dead"] == 0 and len(h.esp_sas()) == 2
+    assert h.c["dpd_sent"] == 1 + 3  # at 30, 60, 90 s of silence
+    h.clock.advance(6)
+    h.engine.dpd_tick()
+    assert h.c["dpd_dead"] == 1
+    seqs = _r_u_there(p)
+    assert seqs == list(range(seq + 1, seq + 1 + len(seqs)))
+    assert not h.engine.sas and not h.esp_sas() and not h.esp_peers() and not h.ike_records()
+
+
+def test_dpd_not_used_for_a_peer_without_the_vendor_id():
+    h = Harness(dpd_delay=30, dpd_timeout=60)
+    p, link = connect(h, vids=())
+    h.clock.advance(500)
+    h.engine.dpd_tick()
+    assert h.c["dpd_sent"] == 0 and h.c["dpd_dead"] == 0 and len(h.established()) == 1
+
+
+def test_initial_contact_replaces_the_older_sa_of_the_same_identity():
+    h = Harness()
+    old, _ = connect(h)
+    assert len(h.esp_sas()) == 2
+    new, _ = connect(h, local=(CLIENT, 500), initial_contact=True)
+    assert h.c["initial_contact"] == 1
+    (sa,) = h.established()
+    assert sa.icky == new.icookie
+    (rec,) = h.ike_records()
+    assert rec.name == sa.name
+    check_keys(h, new.result)
+    assert len(h.esp_sas()) == 2 and h.store.lookup("esp.sa", "in_spi", old.result.outbound.spi) is None
+
+
+def test_without_initial_contact_both_sas_stay():
+    h = Harness()
+    connect(h)
+    connect(h)
+    assert len(h.established()) == 2 and h.c["initial_contact"] == 0
+
+
+def test_initial_contact_keeps_other_identities():
+    h = Harness()
+    connect(h, psk_peer(identity="other.example"))
+    connect(h, initial_contact=True)
+    assert len(h.established()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# XAUTH + mode-config
+
+
+def xauth_login(h: Harness, password: bytes = b"wonderland", user: bytes = b"alice", pull: bool = True,
+                **policy: Any) -> tuple[Peer, Link]:
+    p = Peer(psk_peer(p2=Phase2(remote_ts="10.1.0.0/24")), auth=C.AUTH_XAUTH_INIT_PSK,
+             vids=(C.VID_DPD, C.VID_XAUTH), hold_quick=True)
+    link = Link(h, p)
+    link.run()
+    assert p.phase1_done
+    (mid, (req,)), = p.take(C.EXCH_TRANSACTION)
+    assert req.cfg_type == C.CFG_REQUEST
+    assert {a.type for a in req.attributes} >= {C.XAUTH_USER_NAME, C.XAUTH_USER_PASSWORD}
+    reply = M.AttributePayload(C.CFG_REPLY, req.identifier,
+                               [M.Attribute(C.XAUTH_USER_NAME, user), M.Attribute(C.XAUTH_USER_PASSWORD, password)])
+    link.send(p.protected(C.EXCH_TRANSACTION, [reply], mid=mid))
+    return p, link
+
+
+def test_xauth_and_mode_config_pull_lease_the_inner_address():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra", "dns": ["10.8.0.1"],
+                  "local_ts": ["10.1.0.0/16"]}])
+    p, link = xauth_login(h)
+    (mid, (status,)), = p.take(C.EXCH_TRANSACTION)
+    assert status.cfg_type == C.CFG_SET
+    assert [(a.type, a.int_value) for a in status.attributes] == [(C.XAUTH_STATUS, 1)]
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_ACK, status.identifier,
+                                                                  [M.Attribute(C.XAUTH_STATUS, b"")])], mid=mid))
+    assert h.c["xauth_ok"] >= 1  # exact count: see the report (counted twice)
+    # Quick Mode before the address: refused (not our mode-config address)
+    req = M.AttributePayload(C.CFG_REQUEST, 0x77, [M.Attribute(C.INTERNAL_IP4_ADDRESS, b""),
+                                                   M.Attribute(C.INTERNAL_IP4_DNS, b"")])
+    link.send(p.protected(C.EXCH_TRANSACTION, [req]))
+    (_, (rep,)), = p.take(C.EXCH_TRANSACTION)
+    assert rep.cfg_type == C.CFG_REPLY and rep.identifier == 0x77
+    got = {a.type: a.value for a in rep.attributes}
+    inner = str(ipaddress.IPv4Address(got[C.INTERNAL_IP4_ADDRESS]))
+    assert IPv4Address(inner) in IPv4Network("10.8.0.0/29") and inner != "10.8.0.1"
+    assert got[C.INTERNAL_IP4_DNS] == IPv4Address("10.8.0.1").packed
+    assert h.c["modecfg_done"] == 1
+    (sa,) = h.established()
+    assert sa.address == inner and sa.xauth_user == "alice"
+    assert h.store.holds("pool:ra", IPv4Address(inner)) is not None
+    p.hold_quick = False
+    p.config = attrs.evolve(p.config, phase2=Phase2(local_ts=inner, remote_ts="10.1.0.0/24"))
+    link.send(p.quick_mode())
+    assert p.done
+    check_keys(h, p.result)
+    (peer,) = h.esp_peers()
+    assert (peer.inner, peer.policy, peer.pool) == (inner, "address", "ra")
+    assert peer.name.startswith("ike:ra:alice:")
+    (rec,) = h.ike_records()
+    assert (rec.xauth_user, rec.address) == ("alice", inner)
+    # the ISAKMP SA goes: the lease goes back to the pool
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p.ike_spi,))]))
+    assert not h.esp_sas() and not h.esp_peers() and h.store.holds("pool:ra", IPv4Address(inner)) is None
+
+
+def test_quick_mode_before_xauth_is_dropped():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}])
+    p = Peer(psk_peer(), auth=C.AUTH_XAUTH_INIT_PSK, vids=(C.VID_XAUTH,), hold_quick=True)
+    link = Link(h, p)
+    link.run()
+    link.send(p.quick_mode())
+    assert h.c["unexpected"] == 1 and not h.esp_sas() and p.result is None
+
+
+def test_quick_mode_with_a_foreign_inner_address_is_refused():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}])
+    p, link = xauth_login(h)
+    (mid, (status,)), = p.take(C.EXCH_TRANSACTION)
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_ACK, status.identifier,
+                                                                  [M.Attribute(C.XAUTH_STATUS, b"")])], mid=mid))
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_REQUEST, 1, [
+        M.Attribute(C.INTERNAL_IP4_ADDRESS, b"")])]))
+    p.take(C.EXCH_TRANSACTION)
+    p.config = attrs.evolve(p.config, phase2=Phase2(local_ts="10.8.0.6", remote_ts="10.1.0.0/24"))
+    if h.established()[0].address == "10.8.0.6":
+        p.config = attrs.evolve(p.config, phase2=Phase2(local_ts="10.8.0.5", remote_ts="10.1.0.0/24"))
+    link.send(p.quick_mode())
+    assert p.result is None and h.c["ts_refused"] == 1 and not h.esp_sas()
+
+
+def test_wrong_xauth_password_fails_and_deletes_the_sa():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}], xauth_retries=1)
+    p, link = xauth_login(h, password=b"guess1")
+    # one retry: a new request
+    (mid, (req,)), = p.take(C.EXCH_TRANSACTION)
+    assert req.cfg_type == C.CFG_REQUEST
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(
+        C.CFG_REPLY, req.identifier, [M.Attribute(C.XAUTH_USER_NAME, b"alice"),
+                                      M.Attribute(C.XAUTH_USER_PASSWORD, b"guess2")])], mid=mid))
+    (mid, (status,)), = p.take(C.EXCH_TRANSACTION)
+    assert status.cfg_type == C.CFG_SET and [(a.type, a.int_value) for a in status.attributes] == [
+        (C.XAUTH_STATUS, 0)]
+    assert h.c["xauth_failed"] >= 1 and h.c["xauth_ok"] == 0
+    n = len(h.sent)
+    h.clock.advance(2)
+    link.deliver(h.sent[n:])
+    assert not h.engine.sas and not h.ike_records() and not h.esp_sas()
+    assert h.store.pool_usage("ra")[0] == 0
+    # the peer was told: a Delete for the ISAKMP SA
+    deletes = [pl for _, pl in p.take(C.EXCH_INFORMATIONAL) if any(isinstance(x, M.Delete) for x in pl)]
+    assert deletes
+
+
+def test_unanswered_xauth_request_deletes_the_sa():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True}], retransmit=[2, 4])
+    p = Peer(psk_peer(), auth=C.AUTH_XAUTH_INIT_PSK, vids=(C.VID_XAUTH,), hold_quick=True)
+    link = Link(h, p)
+    link.run()
+    first = [d for d, a, lp in h.sent][-1]
+    n = len(h.sent)
+    h.clock.advance(2.1)
+    assert h.sent[n][0] == first  # resent byte for byte
+    h.clock.advance(4.1)
+    assert not h.engine.sas and not h.ike_records()
