@@ -244,14 +244,44 @@ def test_asynchronous_check_and_what_may_not_interleave(store):
         assert t.state == XAUTH
     d = t.received(xauth_reply(b"alice", b"pw"))
     assert not d.called and len(pending) == 1
-    with pytest.raises(TransactionError, match="still being processed"):
-        t.received(xauth_reply(b"alice", b"pw"))
-    assert len(pending) == 1
+    # a second reply while the check runs is queued, then found not to fit: answered with []
+    dup = t.received(xauth_reply(b"alice", b"pw"))
+    assert not dup.called and len(pending) == 1
     pending[0].callback(True)
     [status] = ok(d)
     assert status.get(C.XAUTH_STATUS).value == C.XAUTH_STATUS_OK
+    assert ok(dup) == [] and len(pending) == 1 and t.state == XAUTH
     with pytest.raises(TransactionError, match="waiting for CFG_ACK"):
         t.received(xauth_reply(b"alice", b"pw"))
+
+
+def test_request_right_behind_the_xauth_ack_waits_for_the_pushed_lease(store, checker):
+    """Seen in the lab: strongSwan (pull) sends its CFG_REQUEST right after the XAUTH ack,
+    while a durable store has not yet confirmed the lease for our push.  It must be served
+    after the push, not dropped."""
+    leases: list[defer.Deferred] = []
+
+    def lease(prefer):
+        leases.append(defer.Deferred())
+        return leases[-1]
+
+    t = TransactionServer(RemoteAccessPolicy(xauth=True, pool="ra", push=True), lease=lease,
+                          check_password=lambda u, p: defer.succeed(True), peer_name="lab",
+                          pool_network=IPv4Network("10.8.0.0/29"))
+    ok(t.start())
+    ok(t.received(xauth_reply(b"alice", b"pw")))
+    sent: list[I.AttributePayload] = []
+    t.received(XAUTH_ACK).addCallback(sent.extend)  # push: the lease is in flight
+    t.received(strongswan_request(0x77)).addCallback(sent.extend)
+    assert sent == [] and len(leases) == 1
+    leases[0].callback(IPv4Address("10.8.0.3"))  # the store confirms
+    assert [p.cfg_type for p in sent] == [C.CFG_SET] and len(leases) == 2  # now the request asks
+    leases[1].callback(IPv4Address("10.8.0.3"))  # (a store answers the same owner at once)
+    assert [p.cfg_type for p in sent] == [C.CFG_SET, C.CFG_REPLY]  # in arrival order
+    assert sent[1].identifier == 0x77 and values(sent[1], C.INTERNAL_IP4_ADDRESS) == [bytes([10, 8, 0, 3])]
+    # the pull client then answers our SET with a REPLY: our transaction is over
+    assert ok(t.received(P(C.CFG_REPLY, sent[0].identifier, [A(C.INTERNAL_IP4_ADDRESS, b"")]))) == []
+    assert t.state == DONE and t.address == IPv4Address("10.8.0.3")
 
 
 def test_a_raising_checker_counts_as_a_bad_password(store):

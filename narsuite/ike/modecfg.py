@@ -22,9 +22,10 @@ The engine's side of the contract:
   message ID: a CFG_REPLY/CFG_ACK answers the message just received (same message ID); a
   CFG_REQUEST/CFG_SET opens a new transaction (fresh message ID, retransmitted by the engine
   until the peer answers).
-* a payload the server cannot take now (out of order, unknown type, while a password check
-  or a lease is in flight) raises :class:`TransactionError` synchronously, before any state
-  changes: the engine logs and drops it.
+* a payload the server cannot take (out of order, unknown type) raises
+  :class:`TransactionError` synchronously, before any state changes: the engine logs and
+  drops it.  One arriving while a password check or a lease is in flight is queued and
+  processed after it (its Deferred fires later; if it then does not fit, with ``[]``).
 * :attr:`TransactionServer.state`: ``"xauth"`` (XAUTH under way), ``"config"`` (XAUTH
   passed or not required: Quick Mode may start; a pull client may still ask for its
   config), ``"done"`` (config handed out), ``"failed"`` (delete the IKE SA once the payloads
@@ -211,6 +212,7 @@ class TransactionServer:
         self.xauth_failures = 0
         self._started = False
         self._busy = False
+        self._queue: list[tuple[AttributePayload, defer.Deferred[list[AttributePayload]]]] = []
         self._next_id = secrets.randbelow(0xFFFF) + 1
         #: (cfg_type we wait for, identifier of our payload it answers), or None
         self._awaiting: tuple[int, int] | None = None
@@ -256,6 +258,11 @@ class TransactionServer:
         """Process one Attribute payload from the peer; a Deferred list of payloads to send.
 
         Raises :class:`TransactionError` (state unchanged) for a payload that does not fit.
+        A payload arriving while an earlier one (or the pushed config) still waits for the
+        password checker or the store is queued and processed after it, in arrival order:
+        clients send their mode-config request right behind their XAUTH ack, before a
+        durable store has confirmed the pushed lease.  A queued payload that turns out not
+        to fit is logged and answered with an empty list (it can no longer raise).
         """
         if not isinstance(payload, AttributePayload):
             raise TransactionError(f"not an Attribute payload: {type(payload).__name__}")
@@ -265,7 +272,13 @@ class TransactionServer:
         if not self._started:
             raise TransactionError(f"{name} before the transaction server started", payload)
         if self._busy:
-            raise TransactionError(f"{name} while the previous message is still being processed", payload)
+            log.debug("ike {peer}: {name} queued behind the message in progress", peer=self.peer_name, name=name)
+            queued: defer.Deferred[list[AttributePayload]] = defer.Deferred()
+            self._queue.append((payload, queued))
+            return queued
+        return self._dispatch(payload, name)
+
+    def _dispatch(self, payload: AttributePayload, name: str) -> defer.Deferred[list[AttributePayload]]:
         t = payload.cfg_type
         if self.state == XAUTH:
             if t == C.CFG_REPLY and self._awaits(C.CFG_REPLY, payload):
@@ -315,19 +328,36 @@ class TransactionServer:
         return True
 
     def _busy_until(self, d: defer.Deferred[list[AttributePayload]]) -> defer.Deferred[list[AttributePayload]]:
+        """Hold incoming payloads in the queue until ``d`` fires; the caller's callbacks (the
+        engine sending our answer) run before the next queued payload is processed, so what
+        we send stays in the order the peer's messages came."""
         self._busy = True
+        outer: defer.Deferred[list[AttributePayload]] = defer.Deferred()
 
-        def done(result: list[AttributePayload]) -> list[AttributePayload]:
+        def finish(result: list[AttributePayload]) -> None:
             self._busy = False
-            return result
+            outer.callback(result)
+            self._drain()
 
-        def failed(f: Any) -> list[AttributePayload]:  # a bug here, not the peer's doing
-            self._busy = False
+        def failed(f: Any) -> None:  # a bug here, not the peer's doing
             log.failure("ike {peer}: transaction processing failed", f, peer=self.peer_name)
             self._fail("internal error")
-            return []
+            finish([])
 
-        return d.addCallbacks(done, failed)
+        d.addCallbacks(finish, failed)
+        return outer
+
+    def _drain(self) -> None:
+        while self._queue and not self._busy:
+            payload, queued = self._queue.pop(0)
+            name = CFG_NAMES[payload.cfg_type]
+            try:
+                d = self._dispatch(payload, name)
+            except TransactionError as e:
+                log.warn("ike {peer}: queued {name} dropped: {why}", peer=self.peer_name, name=name, why=e.detail)
+                queued.callback([])
+                continue
+            d.chainDeferred(queued)
 
     def _fail(self, reason: str) -> None:
         self.state = FAILED
