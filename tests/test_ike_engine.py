@@ -1118,3 +1118,137 @@ def test_unanswered_xauth_request_deletes_the_sa():
     assert h.sent[n][0] == first  # resent byte for byte
     h.clock.advance(4.1)
     assert not h.engine.sas and not h.ike_records()
+
+
+# ----------------------------------------------------------------------- regressions
+# Bugs found by review of the first engine version; each test failed before its fix.
+import attrs as _attrs  # noqa: E402
+from ike_peer import Phase2  # noqa: E402
+
+from narsuite.passwords import hash_password as _hash  # noqa: E402
+
+
+def test_nat_oa_with_a_non_address_id_type_is_refused_cleanly():
+    h = Harness()
+    p = Peer(psk_peer(), hold_quick=True)
+    link = Link(h, p)
+    link.run()
+    p.hold_quick = False
+    link.send(p.quick_mode(extra=(M.NatOA(C.ID_FQDN, b"abc"),)))
+    assert p.result is None and not h.esp_sas()
+    assert h.c["internal_error"] == 0, h.c  # the catch-all must not be what stops it
+
+
+def test_xauth_ok_counted_once():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}])
+    p, link = xauth_login(h)
+    (mid, (status,)), = p.take(C.EXCH_TRANSACTION)
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_ACK, status.identifier,
+                                                                  [M.Attribute(C.XAUTH_STATUS, b"")])], mid=mid))
+    assert h.c["xauth_ok"] == 1
+
+
+def test_xauth_failed_counted_once():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}], xauth_retries=0)
+    p, link = xauth_login(h, password=b"nope")
+    assert h.c["xauth_failed"] == 1
+
+USERS2 = {"alice": _hash("wonderland", cost=4), "bob": _hash("builder", cost=4)}
+
+
+def test_rejected_aggressive_mode_1_leaves_no_state():
+    h = Harness()
+    p = Peer(psk_peer(), aggressive=True)
+    out = p.start()
+    m = M.parse_message(out.data)
+    payloads = [M.KeyExchange(b"\x01\x02\x03") if isinstance(x, M.KeyExchange) else x for x in m.payloads]
+    bad = M.build_message(_attrs.evolve(m.header, length=None, next_payload=None), payloads)
+    sent = h.feed(bad, p.local)
+    assert sent and M.find(M.parse_message(sent[0][0]).payloads, M.Notification).notify_type == C.INVALID_KEY_INFORMATION  # noqa: E501
+    assert not h.engine.sas and not h.engine.half_open and not h.engine.half_open_by_ip
+
+
+def xauth_user(h, user, password, local):
+    p = Peer(psk_peer(identity="group.example", p2=Phase2(remote_ts="10.1.0.0/24")), local, auth=C.AUTH_XAUTH_INIT_PSK,
+             vids=(C.VID_XAUTH,), hold_quick=True)
+    link = Link(h, p)
+    link.run()
+    (mid, (req,)), = p.take(C.EXCH_TRANSACTION)
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_REPLY, req.identifier, [
+        M.Attribute(C.XAUTH_USER_NAME, user), M.Attribute(C.XAUTH_USER_PASSWORD, password)])], mid=mid))
+    (mid, (st,)), = p.take(C.EXCH_TRANSACTION)
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_ACK, st.identifier, [M.Attribute(C.XAUTH_STATUS, b"")])], mid=mid))  # noqa: E501
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_REQUEST, 5, [M.Attribute(C.INTERNAL_IP4_ADDRESS, b"")])]))  # noqa: E501
+    (_, (rep,)), = p.take(C.EXCH_TRANSACTION)
+    inner = str(__import__("ipaddress").IPv4Address({a.type: a.value for a in rep.attributes}[C.INTERNAL_IP4_ADDRESS]))
+    p.hold_quick = False
+    p.config = _attrs.evolve(p.config, phase2=Phase2(local_ts=inner, remote_ts="10.1.0.0/24"))
+    link.send(p.quick_mode())
+    assert p.done
+    return p, link
+
+
+def test_one_xauth_user_cannot_delete_another_users_esp_sa():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}], users=USERS2)
+    alice, la = xauth_user(h, b"alice", b"wonderland", ("192.0.2.10", 500))
+    bob, lb = xauth_user(h, b"bob", b"builder", ("192.0.2.20", 500))
+    assert len(h.esp_sas()) == 4
+    # alice names bob's SPI (an on-path observer sees it in every ESP packet)
+    la.send(alice.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_IPSEC_ESP, 4, (bob.result.inbound.spi.to_bytes(4, "big"),))]))  # noqa: E501
+    assert h.store.lookup("esp.sa", "in_spi", bob.result.outbound.spi) is not None, "alice deleted bob's ESP SA"
+
+
+def test_one_xauth_user_cannot_delete_another_users_isakmp_sa():
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}], users=USERS2)
+    alice, la = xauth_user(h, b"alice", b"wonderland", ("192.0.2.10", 500))
+    bob, lb = xauth_user(h, b"bob", b"builder", ("192.0.2.20", 500))
+    la.send(alice.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (bob.ike_spi,))]))
+    assert len(h.established()) == 2, "alice deleted bob's ISAKMP SA"
+
+
+def test_second_client_with_same_id_and_inner_address_does_not_hijack_the_first():
+    """Two road warriors behind two NATs, both 192.168.1.2 with their address as ID (strongSwan's default)."""
+    h = Harness()
+    a, _ = connect(h, psk_peer(identity="192.168.1.2"), local=("192.168.1.2", 500), public=("203.0.113.1", 40000))
+    peer_a = h.esp_peers()[0]
+    b, _ = connect(h, psk_peer(identity="192.168.1.2"), local=("192.168.1.2", 500), public=("203.0.113.2", 50000))
+    # either refused, or A's records untouched
+    assert h.store.lookup("esp.sa", "in_spi", a.result.outbound.spi) is not None
+    assert h.store.get("esp.sa", ("out", a.result.inbound.spi, peer_a.name)) is not None, \
+        "A's outbound SA was deleted by B's Quick Mode"
+    assert h.store.get("esp.peer", peer_a.name).remote_ip == "203.0.113.1", "A's esp.peer now points at B"
+
+
+def test_child_lifetime_expiry():
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "esp_lifetime": 600}])
+    p, link = connect(h)
+    h.clock.advance(601)
+    link.deliver(h.sent[-1:])
+    assert not h.esp_sas() and not h.esp_peers()
+    assert len(h.established()) == 1
+
+
+def test_rekey_then_delete_old():
+    h = Harness()
+    p, link = connect(h)
+    old = p.result
+    link.send(p.quick_mode())
+    new = p.result
+    check_keys(h, new)
+    assert h.store.lookup("esp.sa", "in_spi", old.outbound.spi) is not None  # old inbound kept
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_IPSEC_ESP, 4, (old.inbound.spi.to_bytes(4, "big"),))]))  # noqa: E501
+    check_keys(h, new)
+    assert h.store.lookup("esp.sa", "in_spi", old.outbound.spi) is None
+    assert len(h.esp_sas()) == 2 and len(h.esp_peers()) == 1
+
+
+def test_mm1_duplicate_after_established_makes_no_new_sa():
+    h = Harness()
+    p = Peer(psk_peer())
+    link = Link(h, p)
+    mm1 = p.start()
+    link.send(mm1)
+    assert p.done
+    sent = link.to_engine(mm1)
+    print(sent, h.c["retransmit_answered"])
+    assert len(h.engine.sas) == 1

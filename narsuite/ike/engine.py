@@ -112,6 +112,9 @@ class IkeEngine:
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._route_cache: dict[str, str] = {}
         self.children_by_out: dict[int, tuple[IkeSA, Child]] = {}
+        #: (CKY-I, address, port) of every live SA's first message: a late retransmission
+        #: of MM1/AM1 is answered from the SA, not taken for a new exchange
+        self.first_messages: dict[tuple[bytes, str, int], IkeSA] = {}
         self.on_established: Callable[[IkeSA], None] | None = None
         if metrics is not None:
             metrics.watch_counters("ike", "events", "IKE responder events by kind", "event",
@@ -254,7 +257,7 @@ class IkeEngine:
             name = C.EXCHANGE_NAMES.get(header.exchange, header.exchange)
             raise Drop("unexpected", f"{name} without a responder cookie")
         key = (header.icookie, addr[0], addr[1])
-        existing = self.half_open.get(key)
+        existing = self.half_open.get(key) or self.first_messages.get(key)
         if existing is not None:
             digest = hashlib.sha256(data).digest()[:16]
             cached = existing.replies.get(digest)
@@ -305,6 +308,8 @@ class IkeEngine:
                    last_rx=now)
         self.sas[sa.key] = sa
         self.half_open[key] = sa
+        self.first_messages[key] = sa
+        sa.first_key = key
         self.half_open_by_ip[addr[0]] += 1
         sa.timer = self.clock.callLater(self.cfg.half_open_timeout, self._half_open_expired, sa, key)
         digest = hashlib.sha256(data).digest()[:16]
@@ -317,7 +322,11 @@ class IkeEngine:
             sa.state = "mm2"
             self._reply(sa, digest, [self._plain(sa, C.EXCH_MAIN, payloads)])
         else:
-            self._am1(sa, msg, response_sa, our_vids, digest)
+            try:
+                self._am1(sa, msg, response_sa, our_vids, digest)
+            except Exception:
+                self._delete_ike(sa, notify_peer=False, reason="bad first aggressive mode message")
+                raise
         self._publish(sa)
 
     def _our_vids(self, sa: IkeSA) -> list[VendorID]:
@@ -737,11 +746,20 @@ class IkeEngine:
             log.info("ike: {name}: peer notifies {what}", name=sa.name,
                      what=C.NOTIFY_NAMES.get(n.notify_type, n.notify_type))
 
+    @staticmethod
+    def _same_principal(a: IkeSA, b: IkeSA) -> bool:
+        """May ``b`` speak for ``a``'s SAs (Delete, INITIAL-CONTACT)?  Same policy, identity
+        and XAUTH user -- and, without XAUTH, the same address: a group PSK and a shared
+        identity must not let one road warrior delete another's tunnel."""
+        if a.policy is not b.policy or a.peer_id_text != b.peer_id_text or a.xauth_user != b.xauth_user:
+            return False
+        return bool(a.xauth_user) or a.remote[0] == b.remote[0]
+
     def _delete_payload(self, sa: IkeSA, d: Delete) -> None:
         if d.protocol == C.PROTO_ISAKMP:
             for spi in d.spis:
                 other = self.sas.get(bytes(spi))
-                if other is not None and other.peer_id_text == sa.peer_id_text:
+                if other is not None and self._same_principal(other, sa):
                     log.info("ike: {name}: peer deleted the ISAKMP SA", name=other.name)
                     self._delete_ike(other, notify_peer=False, reason="deleted by the peer")
         elif d.protocol == C.PROTO_IPSEC_ESP:
@@ -753,7 +771,7 @@ class IkeEngine:
                 if owner_child is None:
                     continue
                 owner, child = owner_child
-                if owner is sa or owner.peer_id_text == sa.peer_id_text:
+                if owner is sa or self._same_principal(owner, sa):
                     log.info("ike: {name}: peer deleted ESP SA {spi:#010x}", name=sa.name, spi=value)
                     self._remove_child(owner, child, notify_peer=False)
 
@@ -776,6 +794,8 @@ class IkeEngine:
             raise Drop("duplicate", f"Quick Mode message ID {mid:#x} already used")
         if not sa.ready_for_quick_mode:
             raise Drop("unexpected", "Quick Mode before XAUTH completed")
+        if len(sa.quick) + len(sa.busy) >= 16:
+            raise Drop("unexpected", "16 Quick Modes of this peer wait for their third message")
         _ct, payloads = self._open_protected(sa, header, data, lambda rest: crypto.qm_hash1(h, a, mid, rest))
         sa.used_mids.add(mid)
         sa.last_rx = self._now()
@@ -819,8 +839,11 @@ class IkeEngine:
                 raise ISAKMPError(C.INVALID_KEY_INFORMATION, str(e)) from None
             ke_out = KeyExchange(public)
         nat_oa = [p for p in payloads if isinstance(p, NatOA)]
-        oa_remote = str(ipaddress.ip_address(nat_oa[0].address)) if nat_oa else ""
-        oa_local = str(ipaddress.ip_address(nat_oa[1].address)) if len(nat_oa) > 1 else ""
+        for oa in nat_oa:
+            if oa.id_type != C.ID_IPV4_ADDR or len(oa.address) != 4:
+                raise ISAKMPError(C.INVALID_ID_INFORMATION, f"NAT-OA of ID type {oa.id_type}: IPv4 addresses only")
+        oa_remote = str(ipaddress.IPv4Address(nat_oa[0].address)) if nat_oa else ""
+        oa_local = str(ipaddress.IPv4Address(nat_oa[1].address)) if len(nat_oa) > 1 else ""
         nr = crypto.random_nonce(32)
         spi_out = int.from_bytes(choice.proposal.spi, "big")
         sa.busy.add(mid)
@@ -834,6 +857,8 @@ class IkeEngine:
                            (str(remote_sel[0]), remote_sel[1], remote_sel[2]),
                            (str(local_sel[0]), local_sel[1], local_sel[2]), oa_remote, oa_local)
             sa.quick[mid] = qm
+            # a QM2 never answered by HASH(3) does not stay forever
+            self.clock.callLater(self.cfg.half_open_timeout, lambda: sa.quick.pop(mid, None))
             resp = [SecurityAssociation((isakmp.Proposal(choice.proposal.number, C.PROTO_IPSEC_ESP,
                                                          spi_in.to_bytes(4, "big"), choice.proposal.transforms),),
                                         doi=offer.doi, situation=offer.situation),
@@ -899,7 +924,9 @@ class IkeEngine:
 
     def _child_name(self, sa: IkeSA, qm: QuickMode) -> str:
         assert sa.policy is not None
-        who = sa.xauth_user or sa.peer_id_text
+        # the XAUTH user, else the identity at its (NAT) address: two clients sharing an
+        # identity and a private address behind different NATs must not share a child
+        who = sa.xauth_user or f"{sa.peer_id_text}@{sa.remote[0]}"
         return f"ike:{sa.policy.name}:{who}:{qm.remote_ts[0]}"
 
     def _install_child(self, sa: IkeSA, qm: QuickMode) -> None:
@@ -1096,7 +1123,6 @@ class IkeEngine:
         if t.user and not sa.xauth_user:
             sa.xauth_user = t.user
         if t.state == "failed":
-            self._count("xauth_failed")
             log.warn("ike: {name}: remote access refused: {why}", name=sa.name, why=t.failure_reason)
             # let the last message (XAUTH status FAIL) go out before the SA goes
             self.clock.callLater(1.0, self._delete_ike, sa, True, "XAUTH failed")
@@ -1107,7 +1133,6 @@ class IkeEngine:
                      who=sa.xauth_user or sa.peer_id_text)
         if t.state in ("config", "done") and sa.choice.xauth and not sa.xauth_done:
             sa.xauth_done = True
-            self._count("xauth_ok")
             log.info("ike: {name}: XAUTH user {user} authenticated", name=sa.name, user=sa.xauth_user)
             if sa.initial_contact:
                 self._initial_contact(sa)
@@ -1126,8 +1151,7 @@ class IkeEngine:
         for other in list(self.sas.values()):
             if other is sa or other.state != "established" or other.policy is not sa.policy:
                 continue
-            if other.peer_id_text == sa.peer_id_text and other.xauth_user == sa.xauth_user and \
-                    (sa.xauth_user or other.remote[0] == sa.remote[0]):
+            if self._same_principal(other, sa):
                 log.info("ike: {name}: INITIAL-CONTACT from {id} replaces {old}", name=sa.name, id=sa.peer_id_text,
                          old=other.name)
                 self._delete_ike(other, notify_peer=False, reason="replaced (INITIAL-CONTACT)")
@@ -1195,6 +1219,8 @@ class IkeEngine:
             if p.timer is not None and p.timer.active():
                 p.timer.cancel()
         self.sas.pop(sa.key, None)
+        if sa.first_key is not None and self.first_messages.get(sa.first_key) is sa:
+            del self.first_messages[sa.first_key]
         if not keep_children:
             self.store.drop_owner(self._owner(sa))
             if sa.address and sa.policy is not None and not any(

@@ -112,6 +112,7 @@ class IkeSA:
     dpd_peer_seq: int | None = None
     dpd_sent: float = 0.0
     timer: Any = None  # half-open timeout, then lifetime
+    first_key: tuple[bytes, str, int] | None = None
 
     @property
     def key(self) -> bytes:
