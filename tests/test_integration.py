@@ -130,7 +130,7 @@ def test_daemon_in_a_namespace(lab, tmp_path: Path) -> None:
     daemon.terminate()
 
 
-@pytest.mark.parametrize("flag", ["--role=mipproxy", "--role=demo,ike"])
+@pytest.mark.parametrize("flag", ["--role=mipproxy", "--role=demo,mipproxy"])
 def test_unimplemented_roles_refused_in_the_lab(lab, tmp_path: Path, flag: str) -> None:
     d = lab.host("d")
     config = tmp_path / "n.toml"

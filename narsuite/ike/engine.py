@@ -660,7 +660,7 @@ class IkeEngine:
         # come on 4500 after floating)
         self._detect_nat(sa, isakmp.find_all(payloads, NatD), sa.remote, sa.local_port)
         self._float(sa, addr, local_port)
-        sa.seen.add(digest)
+        self._remember(sa, digest)
         self._phase1_done(sa, digest, [])
 
     # ------------------------------------------------------------------ protected exchanges
@@ -713,9 +713,7 @@ class IkeEngine:
         h, a, mid = sa.choice.hash, sa.keys.skeyid_a, header.message_id
         _ct, payloads = self._open_protected(sa, header, data, lambda rest: crypto.informational_hash(h, a, mid, rest))
         sa.crypto.ivs.forget(mid)  # type: ignore[union-attr]
-        sa.seen.add(digest)
-        if len(sa.seen) > 256:
-            sa.seen.clear()
+        self._remember(sa, digest)
         sa.last_rx = self._now()
         self._float(sa, addr, local_port)
         for p in payloads:
@@ -784,7 +782,7 @@ class IkeEngine:
         if qm is not None:
             ni, nr = qm.ni, qm.nr
             self._open_protected(sa, header, data, lambda rest: crypto.qm_hash3(h, a, mid, ni, nr))
-            sa.seen.add(digest)
+            self._remember(sa, digest)
             del sa.quick[mid]
             sa.crypto.ivs.forget(mid)  # type: ignore[union-attr]
             self._float(sa, addr, local_port)
@@ -1044,6 +1042,10 @@ class IkeEngine:
         def first(out: list[AttributePayload]) -> None:
             for payload in out:
                 self._send_request(sa, C.EXCH_TRANSACTION, [payload], kind="transaction")
+            if sa.transaction.state == "failed":  # e.g. a pushed config and an empty pool
+                log.warn("ike: {name}: remote access refused: {why}", name=sa.name,
+                         why=sa.transaction.failure_reason)
+                self._schedule_delete(sa, "remote access refused")
 
         sa.transaction.start().addCallbacks(first, self._transaction_failed, errbackArgs=(sa,))
 
@@ -1084,7 +1086,6 @@ class IkeEngine:
         if sa.transaction is None:
             raise Drop("unexpected", "transaction exchange without XAUTH or mode-config configured")
         _ct, payloads = self._open_protected(sa, header, data, lambda rest: crypto.transaction_hash(h, a, mid, rest))
-        sa.seen.add(digest)
         sa.last_rx = self._now()
         self._float(sa, addr, local_port)
         attr = isakmp.find(payloads, AttributePayload)
@@ -1101,6 +1102,7 @@ class IkeEngine:
             d = sa.transaction.received(attr)
         except TransactionError as e:
             raise Drop("unexpected", f"transaction: {e}") from None
+        self._remember(sa, digest)  # processed: a retransmission of it is a duplicate
         d.addCallback(self._transaction_out, sa, mid, digest, answered is None)
         d.addErrback(self._transaction_failed, sa)
 
@@ -1124,8 +1126,7 @@ class IkeEngine:
             sa.xauth_user = t.user
         if t.state == "failed":
             log.warn("ike: {name}: remote access refused: {why}", name=sa.name, why=t.failure_reason)
-            # let the last message (XAUTH status FAIL) go out before the SA goes
-            self.clock.callLater(1.0, self._delete_ike, sa, True, "XAUTH failed")
+            self._schedule_delete(sa, "remote access refused")
         elif t.address is not None and not sa.address:
             sa.address = str(t.address)
             self._count("modecfg_done")
@@ -1137,6 +1138,18 @@ class IkeEngine:
             if sa.initial_contact:
                 self._initial_contact(sa)
         self._publish(sa)
+
+    def _schedule_delete(self, sa: IkeSA, reason: str) -> None:
+        """Delete soon, once: the last message (XAUTH status FAIL) goes out first."""
+        if not sa.delete_scheduled:
+            sa.delete_scheduled = True
+            self.clock.callLater(1.0, self._delete_ike, sa, True, reason)
+
+    def _remember(self, sa: IkeSA, digest: bytes) -> None:
+        """A processed message that needs no stored reply: its retransmissions are duplicates."""
+        sa.seen.add(digest)
+        if len(sa.seen) > 512:
+            sa.seen.clear()
 
     def _transaction_failed(self, f: Any, sa: IkeSA) -> None:
         self._count("internal_error")

@@ -107,6 +107,7 @@ class IkeSA:
     transaction: Any = None  # modecfg.TransactionServer
     xauth_user: str = ""
     xauth_done: bool = False
+    delete_scheduled: bool = False
     address: str = ""  # mode-config address
     dpd_seq: int = 0
     dpd_peer_seq: int | None = None
