@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ike_peer
 from ike_peer import NATT_PORT, NON_ESP_MARKER, Initiator, Outgoing, PeerConfig, PeerError, Phase1, Phase2
 
+import narsuite.ike.engine as ENGINE
 from narsuite import sadb
 from narsuite.ike import constants as C
 from narsuite.ike import crypto as X
@@ -891,8 +892,28 @@ def test_peer_deletes_the_isakmp_sa():
     p, link = connect(h)
     link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p.ike_spi,))]))
     assert h.c["ike_deleted"] == 1 and not h.engine.sas and not h.ike_records()
+    # RFC 2409: the ESP SAs do not depend on the ISAKMP SA; they wait for a successor ...
+    assert len(h.esp_sas()) == 2 and h.esp_peers()
+    h.clock.advance(ENGINE.ORPHAN_GRACE + 1)
+    # ... and go when none comes
     assert not h.esp_sas() and not h.esp_peers()
     assert not engine_timers(h)
+
+
+def test_a_new_isakmp_sa_adopts_the_esp_sas_of_the_deleted_one():
+    """strongSwan re-authenticates IKEv1 SAs by a new Main Mode and a Delete of the old
+    ISAKMP SA only: its CHILD_SAs move to the new SA, so must ours."""
+    h = Harness()
+    p, link = connect(h)
+    (old_in,) = [r.spi for r in h.esp_sas() if r.direction == "in"]
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p.ike_spi,))]))
+    connect(h)  # the same identity from the same address: its Quick Mode rekeys the child
+    (sa,) = h.established()
+    assert old_in in {c.spi_in for c in sa.children}
+    h.clock.advance(ENGINE.ORPHAN_GRACE + 1)
+    # adopted, not orphaned: the old inbound SA stays until its own lifetime
+    assert old_in in {r.spi for r in h.esp_sas() if r.direction == "in"}
+    assert len([r for r in h.esp_sas() if r.direction == "out"]) == 1
 
 
 def test_delete_with_a_bad_hash_is_ignored():
@@ -1054,8 +1075,11 @@ def test_xauth_and_mode_config_pull_lease_the_inner_address():
     assert peer.name.startswith("ike:ra:alice:")
     (rec,) = h.ike_records()
     assert (rec.xauth_user, rec.address) == ("alice", inner)
-    # the ISAKMP SA goes: the lease goes back to the pool
+    # the ISAKMP SA goes: its ESP SAs (and the address they use) wait for a successor ...
     link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p.ike_spi,))]))
+    assert h.esp_sas() and h.store.holds("pool:ra", IPv4Address(inner)) is not None
+    # ... none comes: the lease goes back to the pool
+    h.clock.advance(ENGINE.ORPHAN_GRACE + 1)
     assert not h.esp_sas() and not h.esp_peers() and h.store.holds("pool:ra", IPv4Address(inner)) is None
 
 
@@ -1222,7 +1246,9 @@ def test_second_client_with_same_id_and_inner_address_does_not_hijack_the_first(
 def test_child_lifetime_expiry():
     h = Harness([{"name": "rw", "psk": PSK.decode(), "esp_lifetime": 600}])
     p, link = connect(h)
-    h.clock.advance(601)
+    h.clock.advance(599 + ENGINE._grace(600))
+    assert h.esp_sas()  # the initiator rekeys at the lifetime it proposed: a grace period
+    h.clock.advance(2)
     link.deliver(h.sent[-1:])
     assert not h.esp_sas() and not h.esp_peers()
     assert len(h.established()) == 1

@@ -346,3 +346,64 @@ def test_f_aes_gcm_esp(need_strongswan, ra_topo, tmp_path):
     cap.check()
     c.stop()
     g.terminate()
+
+
+# ------------------------------------------------------------------------- more of the same
+def test_aggressive_mode_with_pfs(need_strongswan, ra_topo, tmp_path):
+    """Aggressive Mode PSK (identity in the clear, AM3 after floating) and a Quick Mode
+    with PFS (a second Diffie-Hellman, ecp256)."""
+    t = ra_topo
+    g = gateway(t, tmp_path, psk_policy(id='"r1.example"'))
+    c = client(t, t.r1, tmp_path, "r1", aggressive=True, proposals="aes128-sha256-ecp256",
+               esp_proposals="aes128-sha256-ecp256")
+    out = up(c)
+    assert "Aggressive Mode" in out
+    (isa,) = ike_sas(g)
+    assert isa["peer id"] == "r1.example"
+    (cchild,) = c.list_sas()[0].children
+    assert cchild.dh_group == "ECP_256", cchild
+    assert ping(t.r1, t.h_addr)
+    c.stop()
+    g.terminate()
+
+
+def test_mode_config_push_and_operator_delete(need_strongswan, ra_topo, tmp_path):
+    """Push style (we send CFG_SET after XAUTH), then `narctl ike delete`: Delete payloads
+    reach the client, which drops the SAs too."""
+    t = ra_topo
+    g = gateway(t, tmp_path, psk_policy(xauth="true", pool='"ra"', modecfg_push="true"), users=True)
+    c = Charon(t.r1, tmp_path / "r1").start()
+    conf = ikev1_client_conf(t.g_public, PSK, local_id="r1.example", xauth_user="alice", xauth_password="alice-pw")
+    c.load(conf.replace("    version = 1\n", "    version = 1\n    pull = no\n"))
+    up(c)
+    (vip,) = c.list_sas()[0].local_vips
+    assert vip.startswith("10.8.0.")
+    assert "parsed TRANSACTION request" in c.log_text() and "CPS(ADDR" in c.log_text()
+    assert ping(t.r1, t.h_addr)
+    (isa,) = ike_sas(g)
+    g.narctl("ike", "delete", isa["name"])
+    wait_for(lambda: not [s for s in c.list_sas() if s.established], 10, "the client to drop its SAs")
+    assert not ike_sas(g) and not esp_sas(g)
+    assert "received DELETE for" in c.log_text()
+    c.stop()
+    g.terminate()
+
+
+def test_reauthentication_keeps_the_address(need_strongswan, ra_topo, tmp_path):
+    """strongSwan re-authenticates IKEv1 SAs (a new Main Mode, XAUTH, mode-config): the
+    same user gets the same pool address back and traffic keeps flowing."""
+    t = ra_topo
+    g = gateway(t, tmp_path, psk_policy(xauth="true", pool='"ra"'), users=True)
+    c = Charon(t.r1, tmp_path / "r1").start()
+    conf = ikev1_client_conf(t.g_public, PSK, local_id="r1.example", xauth_user="alice", xauth_password="alice-pw")
+    c.load(conf.replace("    version = 1\n", "    version = 1\n    rekey_time = 6s\n    rand_time = 0s\n"))
+    up(c)
+    (vip,) = c.list_sas()[0].local_vips
+    first = {r["name"] for r in ike_sas(g)}
+    wait_for(lambda: {r["name"] for r in ike_sas(g)} - first, 30, "a second ISAKMP SA")
+    time.sleep(2)
+    assert ping(t.r1, t.h_addr)
+    rows = ike_sas(g)
+    assert {r["address"] for r in rows if r["address"] != "-"} == {vip}
+    c.stop()
+    g.terminate()

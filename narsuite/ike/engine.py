@@ -64,6 +64,8 @@ __all__ = ["IkeEngine", "COUNTERS"]
 log = logger()
 
 ZERO8 = bytes(8)
+#: how long ESP SAs outlive an ISAKMP SA the peer deleted, waiting for its successor
+ORPHAN_GRACE = 60.0
 
 COUNTERS = (
     "rx", "tx", "malformed", "unknown_cookie", "retransmit_answered", "duplicate", "no_policy",
@@ -84,6 +86,14 @@ class Drop(Exception):
         super().__init__(reason, detail)
         self.reason = reason
         self.detail = detail
+
+
+def _grace(lifetime: float) -> float:
+    """How long past the negotiated lifetime we keep an SA.  The initiator rekeys or
+    re-authenticates *at* the lifetime it proposed (strongSwan proposes its rekey time);
+    deleting at that very second would race its new SA.  The initiator is the one that
+    rekeys in IKEv1, so the responder waits a little longer."""
+    return min(max(30.0, lifetime * 0.1), 600.0)
 
 
 def _body(p: Any) -> bytes:
@@ -115,6 +125,8 @@ class IkeEngine:
         #: (CKY-I, address, port) of every live SA's first message: a late retransmission
         #: of MM1/AM1 is answered from the SA, not taken for a new exchange
         self.first_messages: dict[tuple[bytes, str, int], IkeSA] = {}
+        #: principal -> a deleted ISAKMP SA whose ESP SAs wait for its successor
+        self.orphans: dict[tuple[str, str, str], IkeSA] = {}
         self.on_established: Callable[[IkeSA], None] | None = None
         if metrics is not None:
             metrics.watch_counters("ike", "events", "IKE responder events by kind", "event",
@@ -580,7 +592,7 @@ class IkeEngine:
         self._leave_half_open(sa)
         if sa.timer is not None and sa.timer.active():
             sa.timer.cancel()
-        sa.timer = self.clock.callLater(sa.choice.lifetime, self._ike_expired, sa)
+        sa.timer = self.clock.callLater(sa.choice.lifetime + _grace(sa.choice.lifetime), self._ike_expired, sa)
         sa.dh_private = None
         self._count("ike_established")
         log.info("ike: {name} established with {peer} ({id}) policy {policy}: {alg}, NAT {nat}, {variant}",
@@ -591,6 +603,8 @@ class IkeEngine:
         self._reply(sa, digest, replies)
         if sa.initial_contact and not sa.choice.xauth:
             self._initial_contact(sa)
+        if not sa.choice.xauth:
+            self._adopt_orphans(sa)
         if sa.choice.xauth or sa.policy.pool:
             self._start_transaction(sa)
         self._publish(sa)
@@ -759,7 +773,7 @@ class IkeEngine:
                 other = self.sas.get(bytes(spi))
                 if other is not None and self._same_principal(other, sa):
                     log.info("ike: {name}: peer deleted the ISAKMP SA", name=other.name)
-                    self._delete_ike(other, notify_peer=False, reason="deleted by the peer")
+                    self._delete_ike(other, notify_peer=False, reason="deleted by the peer", keep_children=True)
         elif d.protocol == C.PROTO_IPSEC_ESP:
             # the child may belong to an older ISAKMP SA of the same peer (after a phase 1
             # rekey the old children are deleted through the new SA)
@@ -958,7 +972,8 @@ class IkeEngine:
                     nat_oa_remote=qm.nat_oa_remote, nat_oa_local=qm.nat_oa_local,
                     selector_proto=qm.local_ts[1], selector_port=qm.local_ts[2])
         owner = f"ike:child:{name}"
-        ttl_in = ch.lifetime + 30.0  # the peer may use the old SA until its Delete arrives
+        hard = ch.lifetime + _grace(ch.lifetime)
+        ttl_in = hard + 5.0  # the timer below deletes first (and tells the peer); this is a safety net
         sa_in = SA(spi=qm.spi_in, direction="in", peer=name, enc=ch.enc, integ=ch.integ, enc_key=ek_in,
                    integ_key=ik_in, esn=ch.esn)
         sa_out = SA(spi=qm.spi_out, direction="out", peer=name, enc=ch.enc, integ=ch.integ, enc_key=ek_out,
@@ -975,7 +990,7 @@ class IkeEngine:
             if old_out is not None:
                 self.store.delete(SA_KIND.name, (old_out.direction, old_out.spi, old_out.peer))
             self.store.put(sa_in, ttl=ttl_in, owner=owner)
-            self.store.put(sa_out, ttl=ch.lifetime, owner=owner)
+            self.store.put(sa_out, ttl=hard + 5.0, owner=owner)
         except ISAKMPError as e:
             self._count("quick_refused")
             log.warn("ike: {name}: child refused: {why}", name=sa.name, why=e.detail)
@@ -987,7 +1002,7 @@ class IkeEngine:
         now = self._now()
         child = Child(name, qm.spi_in, qm.spi_out, now + ch.lifetime, ch.describe())
         sa.children.append(child)
-        child.timer = self.clock.callLater(ch.lifetime, self._child_expired, sa, child)
+        child.timer = self.clock.callLater(hard, self._child_expired, sa, child)
         self.children_by_out[qm.spi_out] = (sa, child)
         self._count("child_installed")
         log.info("ike: {name}: ESP {desc} {rsel} <-> {lsel} in {spi_in:#010x} out {spi_out:#010x} ({encap} to "
@@ -1137,6 +1152,7 @@ class IkeEngine:
             log.info("ike: {name}: XAUTH user {user} authenticated", name=sa.name, user=sa.xauth_user)
             if sa.initial_contact:
                 self._initial_contact(sa)
+            self._adopt_orphans(sa)
         self._publish(sa)
 
     def _schedule_delete(self, sa: IkeSA, reason: str) -> None:
@@ -1210,19 +1226,20 @@ class IkeEngine:
 
     def _delete_ike(self, sa: IkeSA, notify_peer: bool = True, reason: str = "",
                     keep_children: bool = False) -> None:
+        """Delete an ISAKMP SA.  ``keep_children``: the peer deleted only the ISAKMP SA
+        (RFC 2409 phase 2 SAs do not depend on it; strongSwan re-authenticates this way and
+        moves its CHILD_SAs to the new SA): the children live on as orphans until a new SA
+        of the same principal adopts them, or ``ORPHAN_GRACE`` passes."""
         if sa.state == "deleted":
             return
+        keep_children = keep_children and bool(sa.children)
         if notify_peer and sa.state == "established":
-            for child in list(sa.children) if not keep_children else []:
+            for child in list(sa.children):
                 self._remove_child(sa, child, notify_peer=True)
             self._send_informational(sa, [Delete(C.PROTO_ISAKMP, 16, (sa.key,))])
         if not keep_children:
             for child in list(sa.children):
                 self._remove_child(sa, child, notify_peer=False)
-        else:
-            # children outlive the ISAKMP SA (RFC 2409): they expire on their own timers,
-            # which still hold this object; nothing more to send for them.
-            pass
         was = sa.state
         sa.state = "deleted"
         self._leave_half_open(sa)
@@ -1234,15 +1251,67 @@ class IkeEngine:
         self.sas.pop(sa.key, None)
         if sa.first_key is not None and self.first_messages.get(sa.first_key) is sa:
             del self.first_messages[sa.first_key]
-        if not keep_children:
-            self.store.drop_owner(self._owner(sa))
-            if sa.address and sa.policy is not None and not any(
-                    o.address == sa.address for o in self.sas.values() if o.state == "established"):
-                self.store.drop_owner(self._lease_owner(sa))
+        if keep_children:
+            key = self._principal_key(sa)
+            old = self.orphans.pop(key, None)
+            if old is not None:
+                self._orphans_expired(old)
+            self.orphans[key] = sa
+            sa.timer = self.clock.callLater(ORPHAN_GRACE, self._orphans_expired, sa)
+        else:
+            self._release(sa)
         if was == "established":
             self._count("ike_deleted")
-            log.info("ike: {name} deleted ({reason})", name=sa.name, reason=reason)
+            log.info("ike: {name} deleted ({reason}){kept}", name=sa.name, reason=reason,
+                     kept=f"; its {len(sa.children)} ESP SA pair(s) wait for a new ISAKMP SA" if keep_children else "")
         self.store.delete(IKE_SA.name, sa.name)
+
+    def _release(self, sa: IkeSA) -> None:
+        """Give back what the SA held in the store: SPI leases, its address (unless another
+        live SA of the same user holds it)."""
+        self.store.drop_owner(self._owner(sa))
+        if sa.address and sa.policy is not None and not any(
+                o.address == sa.address for o in self.sas.values() if o.state == "established"):
+            self.store.drop_owner(self._lease_owner(sa))
+
+    def _principal_key(self, sa: IkeSA) -> tuple[str, str, str]:
+        return (sa.policy.name if sa.policy else "", sa.peer_id_text, sa.xauth_user or sa.remote[0])
+
+    def _orphans_expired(self, sa: IkeSA) -> None:
+        """No new ISAKMP SA came for these children: they go."""
+        key = self._principal_key(sa)
+        if self.orphans.get(key) is sa:
+            del self.orphans[key]
+        if sa.timer is not None and sa.timer.active():
+            sa.timer.cancel()
+        for child in list(sa.children):
+            self._remove_child(sa, child, notify_peer=False)
+        self._release(sa)
+
+    def _adopt_orphans(self, sa: IkeSA) -> None:
+        """A new ISAKMP SA of a principal whose old one the peer deleted: it takes over
+        the old SA's ESP SAs (and their remaining lifetimes)."""
+        old = self.orphans.pop(self._principal_key(sa), None)
+        if old is None:
+            return
+        if old.timer is not None and old.timer.active():
+            old.timer.cancel()
+        now = self._now()
+        for child in old.children:
+            if child.timer is not None and child.timer.active():
+                child.timer.cancel()
+            child.timer = self.clock.callLater(max(0.0, child.expires - now + _grace(child.expires - now)),
+                                               self._child_expired, sa, child)
+            self.children_by_out[child.spi_out] = (sa, child)
+            sa.children.append(child)
+        log.info("ike: {name} adopts {n} ESP SA pair(s) of {old}", name=sa.name, n=len(old.children), old=old.name)
+        old.children = []
+        if not sa.address:
+            sa.address = old.address
+        self.store.drop_owner(self._owner(old))  # SPI leases: re-claimed below for the adopter
+        for child in sa.children:
+            self.store.claim("spi", child.spi_in, self._owner(sa)).addErrback(lambda f: None)
+        self._publish(sa)
 
     def close(self) -> None:
         for sa in list(self.sas.values()):
