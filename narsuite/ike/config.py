@@ -9,6 +9,7 @@ what they get (pool address, DNS, protected subnets).  One entry with
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,12 @@ AUTH_METHODS = ("psk", "rsa")
 DEFAULT_PROPOSALS = tuple(f"{e}-{h}-{g}" for e in ("aes128", "aes256", "aes192")
                           for h in ("sha256", "sha1", "sha384", "sha512")
                           for g in ("modp2048", "ecp256", "modp3072", "ecp384", "modp4096", "ecp521"))
+
+
+@functools.lru_cache(maxsize=1024)
+def network(text: str) -> ipaddress.IPv4Network:
+    """A config network string, parsed once (the engine asks on every first message)."""
+    return ipaddress.IPv4Network(text, strict=False)
 
 
 def _networks(key: str, value: tuple[str, ...]) -> None:
@@ -125,7 +132,7 @@ class PeerPolicy:
 
     def allows_remote(self, ip: str) -> bool:
         addr = ipaddress.IPv4Address(ip)
-        return any(addr in ipaddress.IPv4Network(n, strict=False) for n in self.remote)
+        return any(addr in network(n) for n in self.remote)
 
 
 _ENC = {"aes128": ("aes-cbc", 16), "aes192": ("aes-cbc", 24), "aes256": ("aes-cbc", 32), "3des": ("3des-cbc", 24)}

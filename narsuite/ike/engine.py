@@ -36,7 +36,7 @@ from twisted.internet import defer
 
 from narsuite.ike import constants as C
 from narsuite.ike import crypto, ids, isakmp, natt, proposals
-from narsuite.ike.config import IkeConfig, PeerPolicy
+from narsuite.ike.config import IkeConfig, PeerPolicy, network
 from narsuite.ike.isakmp import (
     AttributePayload,
     Certificate,
@@ -897,7 +897,7 @@ class IkeEngine:
         assert sa.policy is not None
         policy = sa.policy
         rnet, lnet = remote_sel[0], local_sel[0]
-        if not any(lnet.subnet_of(ipaddress.IPv4Network(n, strict=False)) for n in policy.local_ts):
+        if not any(lnet.subnet_of(network(n)) for n in policy.local_ts):
             self._count("ts_refused")
             raise ISAKMPError(C.INVALID_ID_INFORMATION,
                               f"local selector {ids.selector_text(local_sel)} is outside local_ts "
@@ -911,7 +911,7 @@ class IkeEngine:
                                   f"the client's mode-config address {sa.address or '(none yet)'}")
             return
         if policy.remote_ts:
-            if not any(rnet.subnet_of(ipaddress.IPv4Network(n, strict=False)) for n in policy.remote_ts):
+            if not any(rnet.subnet_of(network(n)) for n in policy.remote_ts):
                 self._count("ts_refused")
                 raise ISAKMPError(C.INVALID_ID_INFORMATION, f"remote selector {ids.selector_text(remote_sel)} is "
                                   f"outside remote_ts {list(policy.remote_ts)}")
