@@ -636,8 +636,8 @@ def test_retransmissions_get_the_stored_reply_and_are_not_processed(monkeypatch)
     p = Peer(psk_peer())
     link = Link(h, p)
     spi_allocations = []
-    real_allocate = h.store.allocate_spi
-    monkeypatch.setattr(h.store, "allocate_spi", lambda *a, **k: spi_allocations.append(1) or real_allocate(*a, **k))
+    real_allocate = h.store.reserve_spi
+    monkeypatch.setattr(h.store, "reserve_spi", lambda *a, **k: spi_allocations.append(1) or real_allocate(*a, **k))
 
     def step(out: Outgoing) -> tuple[bytes, Outgoing | None]:
         sent = link.to_engine(out)

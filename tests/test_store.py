@@ -186,6 +186,16 @@ def test_spis_are_random_unique_and_never_reserved(store: Store) -> None:
     assert max(spis) > 2**31  # drawn from the whole 32-bit space
 
 
+def test_reserved_spis_are_held_at_once_and_never_drawn_twice(store: Store) -> None:
+    spis = [store.reserve_spi(f"o{i}") for i in range(500)]
+    assert len(set(spis)) == 500 and min(spis) > 255
+    # held in the index before any write completes: neither allocator draws them again
+    assert all(store.holds("spi", v) == f"o{i}" for i, v in enumerate(spis))
+    assert not set(spis) & {ok(store.allocate_spi(f"x{i}")) for i in range(500)}
+    ok(store.drop_owner("o0"))
+    assert store.holds("spi", spis[0]) is None
+
+
 def test_claim_refuses_taken_values(store: Store) -> None:
     ok(store.claim("icmp-id", 77, "a"))
     e = err(store.claim("icmp-id", 77, "b"), Conflict)

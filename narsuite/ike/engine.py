@@ -886,12 +886,12 @@ class IkeEngine:
             reply = self._seal(sa, C.EXCH_QUICK, mid, resp, lambda rest: crypto.qm_hash2(h, a, mid, ni, rest))
             self._reply(sa, digest, [reply])
 
-        def failed(f: Any) -> None:
+        try:
+            spi_in = self.store.reserve_spi(self._owner(sa))
+        except Exception as e:  # the SPI space is (nearly) full
             sa.busy.discard(mid)
-            self._count("internal_error")
-            log.failure("ike: {name}: allocating an SPI", f, name=sa.name)
-
-        self.store.allocate_spi(self._owner(sa)).addCallbacks(allocated, failed)
+            raise ISAKMPError(C.NO_PROPOSAL_CHOSEN, f"no SPI: {e}") from None
+        allocated(spi_in)
 
     def _check_selectors(self, sa: IkeSA, remote_sel: tuple, local_sel: tuple, explicit: bool) -> None:
         assert sa.policy is not None

@@ -313,6 +313,23 @@ class Store:
                 return self.claim(namespace, spi, owner, ttl).addCallback(lambda lease: lease.value)
         return defer.fail(Exhausted(f"{namespace}: no free SPI after 64 random draws"))
 
+    def reserve_spi(self, owner: str, ttl: float | None = None, namespace: str = "spi") -> int:
+        """``allocate_spi`` without waiting for the write to be durable: the SPI now.
+
+        For SPIs of SAs that are never persisted (negotiated keys live in memory only): a
+        lease lost in a crash names an SA that is gone too, and a Quick Mode answer need
+        not wait for the next group commit.  The lease is in the in-memory index at once,
+        so no one else draws the same value.
+        """
+        leases = self._kinds[LEASE.name].entries
+        for _ in range(64):
+            spi = secrets.randbits(32)
+            if spi > 255 and (namespace, spi) not in leases:
+                self.claim(namespace, spi, owner, ttl).addErrback(
+                    lambda f, spi=spi: log.failure("store: recording SPI lease {spi:#x}", f, spi=spi))
+                return spi
+        raise Exhausted(f"{namespace}: no free SPI after 64 random draws")
+
     def allocate_number(self, namespace: str, low: int, high: int, owner: str,
                         ttl: float | None = None, prefer: int | None = None) -> defer.Deferred:
         """A number in [low, high] free in ``namespace`` (ports, ICMP identifiers).
