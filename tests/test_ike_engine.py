@@ -1278,3 +1278,22 @@ def test_mm1_duplicate_after_established_makes_no_new_sa():
     sent = link.to_engine(mm1)
     print(sent, h.c["retransmit_answered"])
     assert len(h.engine.sas) == 1
+
+
+@pytest.mark.parametrize("claimed, accepted", [("192.168.7.7/32", True), ("10.1.0.10/32", False),
+                                               ("203.0.113.9/32", False)])
+def test_a_single_host_selector_is_the_peers_own_address(claimed, accepted):
+    """Without a pool or remote_ts, a client behind a NAT may put its private address
+    behind the tunnel -- not the address of a server we protect (the esp role would route
+    that server's traffic into the client's tunnel)."""
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "local_ts": ["10.1.0.0/24"]}])
+    cfg = psk_peer(p2=Phase2(remote_ts="10.1.0.0/24", local_ts=claimed))
+    if claimed.startswith("203."):
+        # no NAT in the path: only the address we see is the peer's own
+        p, link = connect(h, cfg)
+    else:
+        p, link = connect(h, cfg, public=("198.51.100.77", 41000))
+    assert (p.result is not None) == accepted
+    assert bool(h.esp_sas()) == accepted
+    if not accepted:
+        assert h.c["ts_refused"] == 1

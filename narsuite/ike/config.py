@@ -98,7 +98,8 @@ class PeerPolicy:
         doc="Phase 2 ESP transforms: aes128gcm16, aes256gcm16, aesN-sha1, aesN-sha256.")
     pfs: str = setting("optional", check=one_of("optional", "required", "never"),
                        doc="Quick Mode PFS: accept both, insist on a KE, or refuse one.")
-    pfs_groups: tuple[int, ...] = setting(GROUPS, check=_subset(GROUPS, "group"))
+    pfs_groups: tuple[int, ...] = setting((14, 15, 16, 19, 20, 21), check=_subset(GROUPS, "group"),
+                                          doc="Quick Mode DH groups accepted (2 and 5 only when listed).")
     ike_lifetime: float = setting(28800.0, check=in_range(60, 86400 * 7), doc="Upper bound, seconds.")
     esp_lifetime: float = setting(3600.0, check=in_range(30, 86400 * 2), doc="Upper bound, seconds.")
 
@@ -186,7 +187,7 @@ class IkeConfig:
     dpd_delay: float = setting(30.0, check=in_range(0, 86400), doc="Probe a peer idle this long (0: never).")
     dpd_timeout: float = setting(120.0, check=in_range(1, 86400), doc="Declare it dead after this long.")
     retransmit: tuple[float, ...] = setting((4.0, 8.0, 16.0),
-                                            doc="Our own requests (XAUTH, push mode-config, DPD) resent after these.")
+                                            doc="Our own requests (XAUTH, pushed mode-config) resent after these.")
     half_open_per_source: int = setting(16, check=in_range(1, 100000),
                                         doc="Phase 1 exchanges in progress per source address.")
     half_open_total: int = setting(2048, check=in_range(1, 1000000),
@@ -197,7 +198,7 @@ class IkeConfig:
     cacerts: tuple[Path, ...] = setting((), doc="CA certificates (PEM files or directories) peers must chain to.")
     xauth_retries: int = setting(2, check=in_range(0, 10))
     users: Mapping[str, str] = setting(factory=lambda: MappingProxyType({}),
-                                       doc="XAUTH users: name = bcrypt or scrypt hash (narctl/nar hash-password).")
+                                       doc="XAUTH users: name = bcrypt or scrypt hash (narctl hash-password).")
     peers: tuple[PeerPolicy, ...] = setting(())
 
     def __validate__(self, key: str) -> None:

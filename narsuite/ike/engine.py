@@ -72,7 +72,7 @@ COUNTERS = (
     "no_proposal", "half_open_dropped", "auth_failed", "bad_hash", "decrypt_failed", "ike_established",
     "ike_deleted", "child_installed", "child_deleted", "quick_refused", "ts_refused", "dpd_sent",
     "dpd_answered", "dpd_dead", "xauth_ok", "xauth_failed", "modecfg_done", "notify_rx", "delete_rx",
-    "internal_error", "initial_contact", "expired", "unexpected", "peer_moved",
+    "internal_error", "initial_contact", "expired", "unexpected", "peer_moved", "refused",
 )
 
 _ESP_KEYS = {("aes-gcm-16", 128): 20, ("aes-gcm-16", 256): 36, ("aes-cbc", 128): 16, ("aes-cbc", 256): 32}
@@ -120,6 +120,9 @@ class IkeEngine:
         self.half_open: dict[tuple[bytes, str, int], IkeSA] = {}
         self.half_open_by_ip: Counter[str] = Counter()
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        #: NAT-T variants we answer (the service drops the 004 draft when no esp role
+        #: carries its ESP on UDP 500)
+        self.natt_variants: tuple[str, ...] = tuple(cfg.natt)
         self._route_cache: dict[str, str] = {}
         self.children_by_out: dict[int, tuple[IkeSA, Child]] = {}
         #: (CKY-I, address, port) of every live SA's first message: a late retransmission
@@ -204,7 +207,7 @@ class IkeEngine:
         except Drop as d:
             self._drop(d.reason, addr, d.detail, sa)
         except ISAKMPError as e:
-            self._drop("malformed" if e.notify in (C.PAYLOAD_MALFORMED, C.INVALID_PAYLOAD_TYPE) else "unexpected",
+            self._drop("malformed" if e.notify in (C.PAYLOAD_MALFORMED, C.INVALID_PAYLOAD_TYPE) else "refused",
                        addr, str(e), sa)
             self._notify_error(sa, header, addr, local_port, e.notify)
         except crypto.CryptoError as e:
@@ -311,7 +314,7 @@ class IkeEngine:
                 log.warn("ike: no acceptable phase 1 proposal from {ip}: {detail}", ip=addr[0], detail=e.detail)
             raise
         vids = [v.data for v in isakmp.find_all(msg.payloads, VendorID)]
-        variant = natt.choose_variant(vids, self.cfg.natt, tuple(self.cfg.espthrunat_modes))  # type: ignore[arg-type]
+        variant = natt.choose_variant(vids, self.natt_variants, tuple(self.cfg.espthrunat_modes))  # type: ignore[arg-type]
         now = self._now()
         sa = IkeSA(icky=header.icookie, rcky=crypto.random_cookie(), exchange=header.exchange, remote=addr,
                    local_port=local_port, local_ip=self.local_address(addr[0]), created=now, candidates=candidates,
@@ -486,11 +489,10 @@ class IkeEngine:
                 reply = self._encrypted_phase1(sa, C.EXCH_MAIN, [idr, Hash(hr)])
                 self._phase1_done(sa, digest, [reply])
                 return
-            self._count("auth_failed")
             log.warn("ike: Main Mode from {ip}: HASH_I did not verify with any of {n} pre-shared key(s) "
                      "allowed for this address (wrong PSK?)", ip=addr[0], n=tried)
             self._delete_ike(sa, notify_peer=False, reason="authentication failed")
-            raise Drop("bad_hash", "no PSK verified")
+            raise Drop("auth_failed", "no PSK verified")
         # RSA signatures: SKEYID needs no secret, the certificate names the policy.
         skeyid = crypto.skeyid_sig(ch.hash, sa.ni, sa.nr, sa.gxy)
         keys, cr = self._phase1_crypto(sa, skeyid)
@@ -653,11 +655,10 @@ class IkeEngine:
             got = isakmp.find(payloads, Hash)
             expect = crypto.hash_i(ch.hash, skeyid, sa.gxi, sa.gxr, sa.icky, sa.rcky, sa.sai_b, _body(sa.peer_id))
             if got is None or not crypto.constant_time_equal(expect, got.data):
-                self._count("auth_failed")
                 log.warn("ike: Aggressive Mode from {ip} ({id}): HASH_I did not verify (wrong PSK?)",
                          ip=addr[0], id=sa.peer_id_text)
                 self._delete_ike(sa, notify_peer=False, reason="authentication failed")
-                raise Drop("bad_hash", "AM3 HASH_I")
+                raise Drop("auth_failed", "AM3 HASH_I")
         else:
             sig = isakmp.find(payloads, Signature)
             if sig is None:
@@ -920,6 +921,18 @@ class IkeEngine:
             self._count("ts_refused")
             raise ISAKMPError(C.INVALID_ID_INFORMATION, f"remote selector {ids.selector_text(remote_sel)}: this "
                               "policy allows a single host (set remote_ts for networks)")
+        # The peer's own address: the one we see, or -- behind a NAT, where we cannot see it
+        # -- a private address outside what we protect (else a client could claim the
+        # address of an internal server and have its traffic routed into its tunnel).
+        if rnet.network_address != ipaddress.IPv4Address(sa.remote[0]):
+            # (a local_ts of 0.0.0.0/0 says nothing about what is internal: then only the
+            # esp role's one-peer-per-inner-address rule stands; pools are the safe choice)
+            if not sa.nat_peer or any(rnet.overlaps(network(n)) for n in policy.local_ts
+                                      if network(n).prefixlen):
+                self._count("ts_refused")
+                raise ISAKMPError(C.INVALID_ID_INFORMATION,
+                                  f"remote selector {ids.selector_text(remote_sel)} is neither the peer's address "
+                                  f"{sa.remote[0]} nor (behind its NAT) outside local_ts; set remote_ts or a pool")
 
     def _owner(self, sa: IkeSA) -> str:
         return f"ike:{sa.name}"

@@ -61,6 +61,11 @@ class IkeService(service.Service):
         self.udp500.add_handler("ike", is_ike_on_500, self._on_500)
         self.udp4500 = ctx.udp_port(cfg.natt_port, cfg.listen)
         self.udp4500.add_handler("ike", is_ike_on_4500, self._on_4500)
+        for i, p in enumerate(cfg.peers):
+            if p.pool and p.pool not in ctx.store.pools():
+                from narsuite.schema import ConfigError
+
+                raise ConfigError(f"ike.peers[{i}].pool", f"no [store.pools.{p.pool}] section; add one or fix the name")
         self._dpd = LoopingCall(self.engine.dpd_tick)
         self._dpd.clock = ctx.reactor
 
@@ -78,6 +83,13 @@ class IkeService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        if "espthrunat" in self.engine.natt_variants and not any(
+                r.name == "esp-draft" for r in self.udp500.routes):
+            # the 004 draft's ESP travels on UDP 500 behind eight zero bytes: without an esp
+            # role listening there ([esp] draft_port = 500), negotiating it strands the traffic
+            self.engine.natt_variants = tuple(v for v in self.engine.natt_variants if v != "espthrunat")
+            log.info("ike: not offering the 004 draft (ESPThruNAT): no esp role with draft_port = {port}",
+                     port=self.cfg.port)
         if self.cfg.dpd_delay:
             self._dpd.start(min(5.0, self.cfg.dpd_delay / 3), now=False)
         log.info("ike: responder on UDP {port} and {natt}, {n} peer policies, NAT-T {variants}",
