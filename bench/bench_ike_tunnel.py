@@ -327,7 +327,17 @@ def run(seconds: float, repeats: int, gateways: tuple[str, ...], suites: tuple[s
             for gateway in gateways:
                 for suite in suites:
                     tag = f"r{rnd}-{gateway}-{SUITES[suite][0]}"
-                    s = tunnel_round(t, tmp, gateway, suite, seconds, tag, nice)
+                    for attempt in (1, 2):  # one retry: a negotiation can time out on a busy box
+                        try:
+                            s = tunnel_round(t, tmp, gateway, suite, seconds, f"{tag}-{attempt}", nice)
+                            break
+                        except Exception as exc:
+                            if attempt == 2:
+                                raise
+                            print(f"  round {rnd} {gateway} {suite}: {exc!s:.2000}\n  retrying once",
+                                  file=sys.stderr, flush=True)
+                            time.sleep(1)
+                    s["attempts"] = attempt
                     s["round"] = rnd
                     samples.append(s)
                     _progress(s)
