@@ -380,7 +380,10 @@ class Initiator:
         p2 = self.config.phase2
         self._mid = secrets.randbits(32) or 1
         self._spi_i = secrets.randbits(32) | 0x100  # SPIs 0..255 are reserved
-        self._encap = C.ENCAP_UDP_TUNNEL if self.port == NATT_PORT else C.ENCAP_TUNNEL
+        if self.port != NATT_PORT:
+            self._encap = C.ENCAP_TUNNEL
+        else:  # RFC 3947 mode 3; the drafts (NAT-D payload 130) number it 61443
+            self._encap = C.ENCAP_UDP_TUNNEL if self._natd_type == C.PT_NAT_D else C.ENCAP_UDP_TUNNEL_DRAFT
         attrs_ = [M.Attribute(C.P2_SA_LIFE_TYPE, C.LIFE_SECONDS), M.Attribute.of(C.P2_SA_LIFE_DURATION, p2.lifetime),
                   M.Attribute(C.P2_ENCAP_MODE, self._encap)]
         if p2.integ:

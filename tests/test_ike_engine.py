@@ -259,7 +259,10 @@ class Peer(Initiator):
         p2 = self.config.phase2
         self._mid = mid or (secrets.randbits(32) | 1)
         self._spi_i = secrets.randbits(32) | 0x100
-        self._encap = C.ENCAP_UDP_TUNNEL if self.port == NATT_PORT else C.ENCAP_TUNNEL
+        if self.port != NATT_PORT:
+            self._encap = C.ENCAP_TUNNEL
+        else:  # RFC 3947 mode 3; the drafts (NAT-D payload 130) number it 61443
+            self._encap = C.ENCAP_UDP_TUNNEL if self._natd_type == C.PT_NAT_D else C.ENCAP_UDP_TUNNEL_DRAFT
         if self.encap_override is not None:
             self._encap = self.encap_override
         attrs_ = [M.Attribute(C.P2_SA_LIFE_TYPE, C.LIFE_SECONDS), M.Attribute.of(C.P2_SA_LIFE_DURATION, p2.lifetime),
@@ -787,6 +790,25 @@ def test_nat_detected_floats_to_4500_and_writes_udp_encap():
     check_keys(h, r)
     # after MM5 everything from the responder went to the floated mapping on 4500
     assert [lp for _, lp in link.received] == [500, 500, 4500, 4500]
+
+
+@pytest.mark.parametrize("variant", ["draft-02n", "draft-02", "draft-03"])
+def test_nat_t_drafts_use_payload_130_and_mode_61443(variant):
+    """A responder speaking only a draft answers its VID, sends NAT-D as payload 130 and
+    takes the draft's UDP-tunnel mode 61443 (not RFC 3947's 3) in Quick Mode."""
+    h = Harness(natt=[variant])
+    vids = {"draft-02": [C.VID_NATT_DRAFT_02], "draft-03": [C.VID_NATT_DRAFT_03]}.get(variant, [])
+    p = Peer(psk_peer(), local=("10.0.0.5", 500), vids=vids)
+    link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
+    link.run()
+    r = p.result
+    assert r is not None and r.floated and r.encap_mode == C.ENCAP_UDP_TUNNEL_DRAFT
+    assert {n.payload_type for n in p.mm4_natd} == {C.PT_NAT_D_DRAFT}
+    (rec,) = h.ike_records()
+    assert rec.natt == variant and rec.nat == "peer"
+    (peer,) = h.esp_peers()
+    assert (peer.encap, peer.remote_port) == ("udp", 31001)
+    check_keys(h, r)
 
 
 def test_nat_on_our_side_asks_for_keepalives():
