@@ -1319,3 +1319,26 @@ def test_a_single_host_selector_is_the_peers_own_address(claimed, accepted):
     assert bool(h.esp_sas()) == accepted
     if not accepted:
         assert h.c["ts_refused"] == 1
+
+
+def test_a_new_nat_mapping_is_followed_on_authenticated_messages_only():
+    """RFC 3947 §7: the NAT rebinds the client to a new port; its next authenticated IKE
+    message moves the ESP peer (and our answers) there.  An unauthenticated one does not."""
+    h = Harness()
+    p = Peer(psk_peer(), local=("10.0.0.5", 500))
+    link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
+    link.run()
+    moved = Link(h, p, public=("203.0.113.77", 32000), public4500=("203.0.113.77", 32001))
+    # garbage from the new mapping with the SA's cookies: ignored, nothing moves
+    junk = p.icookie + p.rcookie + bytes([8, 0x10, 5, 1]) + bytes(4) + (60).to_bytes(4, "big") + bytes(32)
+    h.feed(junk, ("203.0.113.77", 32001), NATT_PORT)
+    (peer,) = h.esp_peers()
+    assert peer.remote_port == 31001
+    # a DPD probe from the new mapping (HASH verified): the peer has moved
+    replies = moved.send(p.protected(C.EXCH_INFORMATIONAL, [M.Notification(
+        C.R_U_THERE, C.PROTO_ISAKMP, p.icookie + p.rcookie, (7).to_bytes(4, "big"))]))
+    (peer,) = h.esp_peers()
+    assert (peer.remote_ip, peer.remote_port) == ("203.0.113.77", 32001)
+    (sa,) = h.established()
+    assert sa.remote == ("203.0.113.77", 32001) and h.c["peer_moved"] == 1
+    assert replies and all(addr == ("203.0.113.77", 32001) for _, addr, _ in replies)

@@ -65,3 +65,25 @@ def test_ports_are_shared_per_interface_and_number() -> None:
     assert reactor.sent == [(b"\xff", ("192.0.2.1", 4500))]
     ports.stopService()
     assert ports.get(4500).write(b"\xff", ("192.0.2.1", 4500)) is False
+
+
+def test_a_real_port_gets_a_large_receive_buffer() -> None:
+    """ESP bursts overflowed the default 208 KiB buffer in the tunnel benchmark."""
+    import os
+    import socket
+
+    from twisted.internet import reactor
+
+    from narsuite.packet import udp
+
+    port = SharedUDPPort(0, "127.0.0.1", reactor=reactor)
+    port.startService()
+    try:
+        got = port.port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        with open("/proc/sys/net/core/rmem_max") as f:
+            rmem_max = int(f.read())
+        # Linux reports twice what was set; without root the plain option is capped
+        want = udp.RCVBUF if os.geteuid() == 0 else min(udp.RCVBUF, rmem_max)
+        assert got >= want
+    finally:
+        port.stopService()
