@@ -1342,3 +1342,24 @@ def test_a_new_nat_mapping_is_followed_on_authenticated_messages_only():
     (sa,) = h.established()
     assert sa.remote == ("203.0.113.77", 32001) and h.c["peer_moved"] == 1
     assert replies and all(addr == ("203.0.113.77", 32001) for _, addr, _ in replies)
+
+
+def test_transport_mode_through_a_nat_writes_nat_oa_into_the_esp_peer():
+    """Transport mode (UDP-transport, mode 4) with NAT-OA both ways (RFC 3947 §5.1): the
+    esp role needs the peer's original address to fix checksums (002 §3.1.2)."""
+    h = Harness([{"name": "host", "psk": PSK.decode(), "mode": "transport"}])
+    p = Peer(psk_peer(p2=Phase2(remote_ts=SERVER + "/32", local_ts="10.0.0.5/32")), local=("10.0.0.5", 500),
+             encap=C.ENCAP_UDP_TRANSPORT, hold_quick=True)
+    link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
+    link.run()
+    p.hold_quick = False
+    oa = [M.NatOA(C.ID_IPV4_ADDR, bytes([10, 0, 0, 5])), M.NatOA(C.ID_IPV4_ADDR, IPv4Address(SERVER).packed)]
+    replies = link.send(p.quick_mode(extra=tuple(oa)))
+    assert replies, h.c
+    link.deliver(replies)
+    link.run()
+    (peer,) = h.esp_peers()
+    assert (peer.mode, peer.encap, peer.nat_oa_remote, peer.local_ip) == ("transport", "udp", "10.0.0.5", SERVER)
+    # our QM2 carried NAT-OA too: the peer's address as we see it, and ours
+    got = M.parse_message(replies[0][0])
+    assert got.header.exchange == C.EXCH_QUICK
