@@ -11,13 +11,13 @@ captures are read by tshark, which must find nothing malformed.
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import bcrypt
 import pytest
+from labtraffic import ping, tcp_transfer
 
 from narsuite.lab.daemon import NarsuiteDaemon
 from narsuite.lab.pytest_plugin import lab_required
@@ -64,34 +64,7 @@ def psk_policy(**extra: str) -> str:
     return "[[ike.peers]]\n" + "".join(f"{k} = {v}\n" for k, v in lines.items())
 
 
-def ping(host, dst: str, count: int = 3) -> bool:
-    out = host.run(["ping", "-c", str(count), "-i", "0.2", "-W", "2", dst], check=False, timeout=30)
-    return out.returncode == 0
-
-
-def tcp_transfer(server_host, client_host, server_ip: str, size: int = 307_200) -> int:
-    """``size`` bytes from a server on ``server_host`` to a client; returns the bytes received."""
-    server = server_host.popen([sys.executable, "-c", textwrap.dedent(f"""
-        import socket
-        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", 5001)); s.listen(1)
-        c, _ = s.accept(); c.sendall(bytes(range(256)) * ({size} // 256)); c.close()
-        """)])
-    try:
-        server_host.wait_port(5001)
-        out = client_host.run([sys.executable, "-c", textwrap.dedent(f"""
-            import socket
-            s = socket.create_connection(("{server_ip}", 5001), timeout=20)
-            n = 0
-            while True:
-                b = s.recv(65536)
-                if not b: break
-                n += len(b)
-            print(n)
-            """)], timeout=60)
-        return int(out.stdout.strip())
-    finally:
-        server_host.stop(server)
+TRANSFER = 307_200  # bytes, a whole number of the sender's 256-byte blocks
 
 
 class Capture:
@@ -166,8 +139,8 @@ def test_a_main_mode_psk_tunnel_through_nat(need_strongswan, ra_topo, tmp_path):
     assert spis == {("in", cchild.spi_out), ("out", cchild.spi_in)}
 
     assert ping(t.r1, t.h_addr)
-    assert tcp_transfer(t.h, t.r1, t.h_addr) == 307_200
-    assert tcp_transfer(t.r1, t.h, t.r1_addr) == 307_200
+    assert tcp_transfer(t.h, t.r1, t.h_addr, size=TRANSFER) == 307_200
+    assert tcp_transfer(t.r1, t.h, t.r1_addr, size=TRANSFER) == 307_200
     (cchild,) = c.list_sas()[0].children
     assert cchild.packets_in > 100 and cchild.packets_out > 100
     protocols = cap.check()
@@ -249,7 +222,7 @@ def test_c_xauth_mode_config_two_clients_behind_one_nat(need_strongswan, ra_topo
     assert rows["alice"]["remote"].split(":")[0] == rows["bob"]["remote"].split(":")[0] == t.nat1_public
     assert rows["alice"]["remote"] != rows["bob"]["remote"]
     assert ping(t.r1, t.h_addr) and ping(t.r3, t.h_addr)
-    assert tcp_transfer(t.h, t.r3, t.h_addr) == 307_200
+    assert tcp_transfer(t.h, t.r3, t.h_addr, size=TRANSFER) == 307_200
     # H sees the pool addresses (the tunnel inner sources), not the NAT's
     assert ping(t.h, vip1) and ping(t.h, vip3)
     cap.check()
@@ -342,7 +315,7 @@ def test_f_aes_gcm_esp(need_strongswan, ra_topo, tmp_path):
     assert cchild.encr.startswith("AES_GCM_16")
     assert {r["transform"] for r in esp_sas(g)} == {"aes-gcm-16/-"}
     assert ping(t.r1, t.h_addr)
-    assert tcp_transfer(t.h, t.r1, t.h_addr) == 307_200
+    assert tcp_transfer(t.h, t.r1, t.h_addr, size=TRANSFER) == 307_200
     cap.check()
     c.stop()
     g.terminate()
