@@ -237,23 +237,17 @@ class EspService(service.Service):
             # carries everything else for it
             self._route_transport(peer, nets)
             return
-        if peer.pool:
-            pool = self.store.pools().get(peer.pool)
-            if pool is not None:
-                self._route(str(pool.network))
-                return
-        if peer.inner:
-            self._route(f"{peer.inner}/32")
-        if peer.policy == "space":
-            for net in peer.allowed:
-                self._route(str(ipaddress.IPv4Network(net, strict=False)))
+        for net in nets:
+            self._route(net)
 
     def _tunnel_networks(self, peer: Peer) -> list[str]:
-        nets = []
+        """What the TUN carries towards a tunnel peer: its pool (which covers its inner
+        address), else its inner address and, with policy space, its allowed networks."""
         if peer.pool:
             pool = self.store.pools().get(peer.pool)
             if pool is not None:
-                nets.append(str(pool.network))
+                return [str(pool.network)]
+        nets = []
         if peer.inner:
             nets.append(f"{peer.inner}/32")
         if peer.policy == "space":

@@ -28,6 +28,7 @@ import hashlib
 import ipaddress
 import secrets
 import socket
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -196,8 +197,6 @@ class IkeEngine:
             cached = sa.replies.get(digest)
             if cached is not None:
                 self._count("retransmit_answered")
-                if addr != sa.remote and sa.state != "established":
-                    pass  # unauthenticated: keep answering the known address
                 for d in cached:
                     self._send(sa, d, sa.remote, sa.local_port)
                 return
@@ -365,12 +364,12 @@ class IkeEngine:
             self._delete_ike(sa, notify_peer=False, reason="half-open timeout")
 
     def _leave_half_open(self, sa: IkeSA) -> None:
-        for key, other in list(self.half_open.items()):
-            if other is sa:
-                del self.half_open[key]
-                self.half_open_by_ip[key[1]] -= 1
-                if self.half_open_by_ip[key[1]] <= 0:
-                    del self.half_open_by_ip[key[1]]
+        key = sa.first_key
+        if key is not None and self.half_open.get(key) is sa:
+            del self.half_open[key]
+            self.half_open_by_ip[key[1]] -= 1
+            if self.half_open_by_ip[key[1]] <= 0:
+                del self.half_open_by_ip[key[1]]
 
     # ------------------------------------------------------------------ NAT detection
     def _detect_nat(self, sa: IkeSA, natds: list[NatD], addr: tuple[str, int], local_port: int) -> None:
@@ -411,13 +410,12 @@ class IkeEngine:
         if ke is None:
             raise ISAKMPError(C.PAYLOAD_MALFORMED, "no KE payload")
         group = crypto.group(sa.choice.group)
+        private, public = group.generate()
         try:
-            group.check_peer(ke.data)
+            sa.gxy = group.shared(private, ke.data)  # validates the peer's value first
         except crypto.CryptoError as e:
             raise ISAKMPError(C.INVALID_KEY_INFORMATION, str(e)) from None
-        private, public = group.generate()
         sa.gxi, sa.gxr = ke.data, public
-        sa.gxy = group.shared(private, ke.data)
 
     def _nonce(self, payloads: tuple[Any, ...]) -> bytes:
         n = isakmp.find(payloads, Nonce)
@@ -664,11 +662,8 @@ class IkeEngine:
             if sig is None:
                 raise ISAKMPError(C.PAYLOAD_MALFORMED, "AM3 without SIG")
             sa.policy = self._verify_signature(sa, sa.peer_id, payloads, sig, skeyid, initiator=True)
-        if ct:
+        if ct:  # (an unencrypted AM3 leaves the phase-1 IV at the initial one)
             sa.crypto.accept(0, ct)
-        else:
-            # Unencrypted AM3: the phase-1 IV for later exchanges is still the initial one.
-            pass
         sa.initial_contact = sa.initial_contact or any(
             n.notify_type == C.INITIAL_CONTACT for n in isakmp.find_all(payloads, Notification))
         # the NAT-D hashes describe the addresses of the exchange's start (AM3 may already
@@ -698,10 +693,10 @@ class IkeEngine:
         """HASH + payloads, encrypted under the exchange's IV."""
         assert sa.crypto is not None and sa.keys is not None
         rest = isakmp.build_payloads(payloads) if payloads else b""
-        h = Hash(hash_fn(rest))
-        # the HASH payload's next-payload must name the first following payload
-        body = isakmp.build_payloads([h, *payloads])
-        ct = sa.crypto.encrypt(mid, body)
+        digest = hash_fn(rest)
+        # the HASH payload's generic header names the first following payload
+        nxt = payloads[0].payload_type if payloads else C.PT_NONE
+        ct = sa.crypto.encrypt(mid, struct.pack("!BBH", nxt, 0, 4 + len(digest)) + digest + rest)
         hdr = isakmp.Header(sa.icky, sa.rcky, exchange, C.FLAG_ENCRYPTION, mid, C.PT_HASH)
         return isakmp.build_message(hdr, ciphertext=ct)
 
@@ -803,11 +798,11 @@ class IkeEngine:
             self._float(sa, addr, local_port)
             self._install_child(sa, qm)
             return
-        if mid in sa.used_mids or mid in sa.busy:
+        if mid in sa.used_mids:
             raise Drop("duplicate", f"Quick Mode message ID {mid:#x} already used")
         if not sa.ready_for_quick_mode:
             raise Drop("unexpected", "Quick Mode before XAUTH completed")
-        if len(sa.quick) + len(sa.busy) >= 16:
+        if len(sa.quick) >= 16:
             raise Drop("unexpected", "16 Quick Modes of this peer wait for their third message")
         _ct, payloads = self._open_protected(sa, header, data, lambda rest: crypto.qm_hash1(h, a, mid, rest))
         sa.used_mids.add(mid)
@@ -859,40 +854,29 @@ class IkeEngine:
         oa_local = str(ipaddress.IPv4Address(nat_oa[1].address)) if len(nat_oa) > 1 else ""
         nr = crypto.random_nonce(32)
         spi_out = int.from_bytes(choice.proposal.spi, "big")
-        sa.busy.add(mid)
-
-        def allocated(spi_in: int) -> None:
-            sa.busy.discard(mid)
-            if sa.state != "established":
-                self.store.release("spi", spi_in)
-                return
-            qm = QuickMode(mid, choice, spi_in, spi_out, ni, nr, gqm_xy,
-                           (str(remote_sel[0]), remote_sel[1], remote_sel[2]),
-                           (str(local_sel[0]), local_sel[1], local_sel[2]), oa_remote, oa_local)
-            sa.quick[mid] = qm
-            # a QM2 never answered by HASH(3) does not stay forever
-            self.clock.callLater(self.cfg.half_open_timeout, lambda: sa.quick.pop(mid, None))
-            resp = [SecurityAssociation((isakmp.Proposal(choice.proposal.number, C.PROTO_IPSEC_ESP,
-                                                         spi_in.to_bytes(4, "big"), choice.proposal.transforms),),
-                                        doi=offer.doi, situation=offer.situation),
-                    Nonce(nr)]
-            if ke_out is not None:
-                resp.append(ke_out)
-            resp += idents
-            if not choice.tunnel and choice.udp and sa.variant is not None:
-                resp += [NatOA(C.ID_IPV4_ADDR, ipaddress.IPv4Address(sa.remote[0]).packed, sa.variant.natoa_type),
-                         NatOA(C.ID_IPV4_ADDR, ipaddress.IPv4Address(sa.local_ip).packed, sa.variant.natoa_type)]
-            assert sa.keys is not None and sa.choice is not None
-            h, a = sa.choice.hash, sa.keys.skeyid_a
-            reply = self._seal(sa, C.EXCH_QUICK, mid, resp, lambda rest: crypto.qm_hash2(h, a, mid, ni, rest))
-            self._reply(sa, digest, [reply])
-
         try:
             spi_in = self.store.reserve_spi(self._owner(sa))
         except Exception as e:  # the SPI space is (nearly) full
-            sa.busy.discard(mid)
             raise ISAKMPError(C.NO_PROPOSAL_CHOSEN, f"no SPI: {e}") from None
-        allocated(spi_in)
+        sa.quick[mid] = QuickMode(mid, choice, spi_in, spi_out, ni, nr, gqm_xy,
+                                  (str(remote_sel[0]), remote_sel[1], remote_sel[2]),
+                                  (str(local_sel[0]), local_sel[1], local_sel[2]), oa_remote, oa_local)
+        # a QM2 never answered by HASH(3) does not stay forever
+        self.clock.callLater(self.cfg.half_open_timeout, lambda: sa.quick.pop(mid, None))
+        resp = [SecurityAssociation((isakmp.Proposal(choice.proposal.number, C.PROTO_IPSEC_ESP,
+                                                     spi_in.to_bytes(4, "big"), choice.proposal.transforms),),
+                                    doi=offer.doi, situation=offer.situation),
+                Nonce(nr)]
+        if ke_out is not None:
+            resp.append(ke_out)
+        resp += idents
+        if not choice.tunnel and choice.udp and sa.variant is not None:
+            resp += [NatOA(C.ID_IPV4_ADDR, ipaddress.IPv4Address(sa.remote[0]).packed, sa.variant.natoa_type),
+                     NatOA(C.ID_IPV4_ADDR, ipaddress.IPv4Address(sa.local_ip).packed, sa.variant.natoa_type)]
+        assert sa.keys is not None
+        h, a = sa.choice.hash, sa.keys.skeyid_a
+        reply = self._seal(sa, C.EXCH_QUICK, mid, resp, lambda rest: crypto.qm_hash2(h, a, mid, ni, rest))
+        self._reply(sa, digest, [reply])
 
     def _check_selectors(self, sa: IkeSA, remote_sel: tuple, local_sel: tuple, explicit: bool) -> None:
         assert sa.policy is not None

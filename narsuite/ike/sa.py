@@ -101,7 +101,6 @@ class IkeSA:
     seen: set[bytes] = attrs.field(factory=set, repr=False)
     used_mids: set[int] = attrs.field(factory=set, repr=False)
     quick: dict[int, QuickMode] = attrs.field(factory=dict, repr=False)
-    busy: set[int] = attrs.field(factory=set, repr=False)  # exchanges waiting on the store
     children: list[Child] = attrs.field(factory=list)
     pending: dict[int, Pending] = attrs.field(factory=dict, repr=False)
     transaction: Any = None  # modecfg.TransactionServer
