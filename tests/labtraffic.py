@@ -1,4 +1,5 @@
-"""Traffic for the lab tests: ping and a one-way TCP transfer between two lab hosts.
+"""Traffic for the lab tests: ping, a one-way TCP transfer between two lab hosts, and
+tshark over what was captured.
 
 Shared by the esp and ike lab tests, which push the same kinds of traffic through the
 gateway's tunnels.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
-__all__ = ["ping", "tcp_transfer"]
+__all__ = ["ping", "tcp_transfer", "tshark_ipsec"]
 
 
 def ping(host, dst: str, count: int = 3) -> bool:
@@ -40,3 +41,35 @@ def tcp_transfer(server_host, client_host, server_ip: str, size: int = 300_000) 
         return int(out.stdout.strip())
     finally:
         server_host.stop(server)
+
+
+# What Wireshark should read on the far side of a datagram to or from these ports.
+_IPSEC_PORTS = {500: "isakmp", 4500: "udpencap"}
+
+
+def tshark_ipsec(host, pcap, *fields: str) -> str:
+    """``tshark -T fields`` over an IKE/ESP capture, with the NAT's ports decoded as what they carry.
+
+    tshark picks a UDP dissector by the lower of the two ports.  A NAT maps a client's
+    port 500 to some other port below 512 (Linux keeps a port's class), and that port
+    may belong to another protocol: 434 is Mobile IP, and tshark then calls our IKE
+    "malformed Mobile IP".  Every port seen talking to 500 or 4500 is therefore decoded
+    as ISAKMP or UDP-encapsulation, the way a real dissector reads the conversation.
+    """
+    pairs = host.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "udp.srcport",
+                      "-e", "udp.dstport"]).stdout.split("\n")
+    decode: dict[int, str] = {}
+    for line in pairs:
+        ports = [int(p) for p in line.split() if p.isdigit()]
+        if len(ports) != 2:
+            continue
+        for mine, other in (ports, ports[::-1]):
+            if mine in _IPSEC_PORTS and other not in _IPSEC_PORTS:
+                decode.setdefault(other, _IPSEC_PORTS[mine])
+    argv = ["tshark", "-r", str(pcap)]
+    for port, proto in sorted(decode.items()):
+        argv += ["-d", f"udp.port=={port},{proto}"]
+    argv += ["-T", "fields"]
+    for field in fields:
+        argv += ["-e", field]
+    return host.run(argv).stdout

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from labtraffic import ping, tcp_transfer
+from labtraffic import ping, tcp_transfer, tshark_ipsec
 
 from narsuite.lab.daemon import NarsuiteDaemon
 
@@ -347,8 +347,7 @@ def test_tshark_reads_our_wire_without_malformed_packets(ra_topo, tmp_path):
               f"s.sendto(b'\\x00\\x00\\x00\\x00' + {ISAKMP_HEADER!r}, ('198.51.100.1', 4500))"])
     time.sleep(1.5)  # keepalives flow (interval 0.5 s, after the last packet to r1)
     t.g.stop(cap)
-    out = t.g.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.protocols",
-                   "-e", "esp.spi", "-e", "_ws.malformed", "-e", "_ws.expert.message"]).stdout
+    out = tshark_ipsec(t.g, pcap, "frame.protocols", "esp.spi", "_ws.malformed", "_ws.expert.message")
     # what G sends (ESP and keepalives) carries a zero UDP checksum (RFC 3948 §2.1)
     sums = t.g.run(["tshark", "-r", str(pcap), "-Y", f"ip.src == {t.g_public}", "-T", "fields",
                     "-e", "udp.checksum"]).stdout.split()

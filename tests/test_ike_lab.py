@@ -17,7 +17,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from labtraffic import ping, tcp_transfer
+from labtraffic import ping, tcp_transfer, tshark_ipsec
 
 from narsuite.lab.daemon import NarsuiteDaemon
 from narsuite.lab.pytest_plugin import lab_required
@@ -80,8 +80,8 @@ class Capture:
         """Stop, dissect, assert nothing malformed; the frames' protocol stacks."""
         time.sleep(0.3)
         self.host.stop(self.proc)
-        out = self.host.run(["tshark", "-r", str(self.path), "-T", "fields", "-e", "frame.protocols",
-                             "-e", "_ws.malformed", "-e", "_ws.expert.message"]).stdout
+        out = tshark_ipsec(self.host, self.path, "frame.protocols", "_ws.malformed",
+                           "_ws.expert.message")
         lines = [line for line in out.splitlines() if line.strip()]
         assert lines, "nothing captured"
         assert not any("malformed" in line.lower() for line in lines), out

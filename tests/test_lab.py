@@ -335,12 +335,18 @@ def test_close_kills_untracked_processes_in_namespaces():
 
 
 CHILD = """
-import json, sys, time
+import json, os, sys, time
 from narsuite.lab import Lab
 lab = Lab(prefix=sys.argv[2])
 a, b = lab.host('a'), lab.host('b')
 lab.link(a, b)
 sleeper = a.popen(['sleep', '300'])
+# `ip netns exec` enters the namespace a moment after popen returns: wait for it, or
+# a sweep racing that moment would miss the sleeper (which then enters a deleted one)
+want = os.stat('/run/netns/' + a.netns).st_ino
+deadline = time.monotonic() + 10
+while os.stat(f'/proc/{sleeper.pid}/ns/net').st_ino != want and time.monotonic() < deadline:
+    time.sleep(0.005)
 print(json.dumps({'names': lab.namespaces, 'sleeper': sleeper.pid}), flush=True)
 if sys.argv[1] == 'exit':
     sys.exit(0)  # no close(): atexit must tear down
@@ -395,16 +401,25 @@ def test_sigkilled_creator_is_swept(child_lab):
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL
     names = set(info["names"])
-    assert names <= existing_netns()  # nobody tore them down...
-    assert alive(info["sleeper"])  # ...and the child's server survived it
-    assert not set(sweep_stale()) & names  # the default prefix: not ours
+    assert names <= existing_netns(), "nobody tore them down"
+    assert alive(info["sleeper"]), "the child's server survived it"
+    assert not set(sweep_stale()) & names, "the default prefix: not ours"
     removed = sweep_stale(prefix)
-    assert names <= set(removed)
+    assert names <= set(removed), (names, removed)
     assert not names & existing_netns()
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 10
     while alive(info["sleeper"]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not alive(info["sleeper"])
+    assert not alive(info["sleeper"]), _proc_status(info["sleeper"])
+
+
+def _proc_status(pid: int) -> str:
+    """What /proc says of a process (for a failure message)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return f.read()[:400] + f"netns {os.readlink(f'/proc/{pid}/ns/net')}"
+    except OSError as exc:
+        return str(exc)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
