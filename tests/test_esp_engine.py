@@ -225,3 +225,31 @@ def test_counters_reach_prometheus_at_scrape_time():
     w.engine.esp_received(b"\x00\x00\x99\x99" + bytes(40), ("198.51.100.101", 4500), "udp")
     body = m.render().decode()
     assert 'narsuite_esp_events_total{event="unknown_spi"} 1.0' in body
+
+
+def test_a_changed_peer_record_takes_effect_on_the_next_packet():
+    """The receive path keeps a per-peer view; a store change must not leave it stale."""
+    w = World()
+    remote_out, _ = w.add_peer(policy="address", inner="10.8.0.2")
+    addr = ("198.51.100.101", 4500)
+    w.engine.esp_received(remote_out.encapsulate(icmp("10.8.0.2", "10.1.0.10"), 4), addr)
+    assert len(w.tun) == 1
+    w.store.update("esp.peer", "r1", inner="10.8.0.3")  # e.g. a new pool lease
+    w.engine.esp_received(remote_out.encapsulate(icmp("10.8.0.2", "10.1.0.10"), 4), addr)
+    w.engine.esp_received(remote_out.encapsulate(icmp("10.8.0.3", "10.1.0.10"), 4), addr)
+    assert [IP(p).src for p in w.tun] == ["10.8.0.2", "10.8.0.3"]
+    assert w.engine.counters.values["policy_drop"] == 1
+    w.store.delete("esp.peer", "r1")
+    w.engine.esp_received(remote_out.encapsulate(icmp("10.8.0.3", "10.1.0.10"), 4), addr)
+    assert len(w.tun) == 2 and w.engine.counters.values["no_route"] == 1
+
+
+def test_keepalive_on_udp_is_counted_and_other_short_datagrams_are_truncated():
+    w = World()
+    w.add_peer(policy="address", inner="10.8.0.2")
+    w.engine.esp_received(b"\xff", ("198.51.100.101", 4500))
+    w.engine.esp_received(b"\xff", ("198.51.100.101", 0), "esp")  # not a keepalive on raw ESP
+    w.engine.esp_received(b"\x01\x02", ("198.51.100.101", 4500))
+    v = w.engine.counters.values
+    assert (v["keepalives_rx"], v["truncated"]) == (1, 2)
+    assert w.engine.peer_state("r1").keepalives_rx == 1

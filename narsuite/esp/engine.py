@@ -2,9 +2,10 @@
 
 Protocols frame bytes and call in here; this module decides.  Its state is a
 cache of the store: crypto contexts per SA (built when an ``esp.sa`` record
-appears, dropped when it goes) and per-peer timing for keepalives.  The
-routing facts — which peer owns which inner address, which G_i port stands
-for which remote host — are read from the store's indexes on every packet.
+appears, dropped when it goes), a receive view per peer (dropped whenever its
+``esp.peer`` record changes) and per-peer timing for keepalives.  The routing
+facts — which peer owns which inner address, which G_i port stands for which
+remote host — are read from the store's indexes on every packet.
 
 Inbound (UDP 4500, raw ESP, UDP 500 behind the 004 marker):
   SPI -> InboundSA.decapsulate (replay, ICV, padding) -> peer address learnt
@@ -65,6 +66,27 @@ class _PeerState:
     keepalives_rx: int = 0
 
 
+class _RxView:
+    """What the receive path needs of one peer, derived once from its store record.
+
+    The per-packet path reads these slots instead of the attrs record (a store
+    lookup, properties, string compares per packet).  The engine drops a view
+    whenever the peer's record changes, so it is never staler than the store.
+    """
+
+    __slots__ = ("peer", "addr", "encap", "tunnel", "policy", "inner", "allowed", "state")
+
+    def __init__(self, peer: Peer, state: _PeerState) -> None:
+        self.peer = peer
+        self.addr = (peer.remote_ip, peer.remote_port)
+        self.encap = peer.encap
+        self.tunnel = peer.mode == "tunnel"
+        self.policy = peer.policy
+        self.inner = peer.inner_bytes
+        self.allowed = tuple(_net(n) for n in peer.allowed)
+        self.state = state
+
+
 class Counters:
     """Named counters mirrored into Prometheus (``narsuite_esp_<name>_total``)."""
 
@@ -103,6 +125,7 @@ class EspEngine:
         self._inbound: dict[int, tuple[transform.InboundSA, str]] = {}
         self._outbound: dict[str, transform.OutboundSA] = {}
         self._state: dict[str, _PeerState] = {}
+        self._rx: dict[str, _RxView] = {}  # peer name -> receive view (dropped on any change)
         self._rekey_signalled: set[int] = set()
         self._exhausted_signalled: set[int] = set()
         self._peers_by_inner = store.index(PEER.name, "inner")
@@ -120,6 +143,9 @@ class EspEngine:
 
     # ----------------------------------------------------------------- SAs
     def _changed(self, change: Change) -> None:
+        if change.kind == PEER.name:
+            self._rx.pop(change.record.name, None)
+            return
         if change.kind == SA_KIND.name:
             if change.op == "delete":
                 self._uninstall(change.record)
@@ -178,50 +204,66 @@ class EspEngine:
             if peer.remote_port == addr[1]:
                 self.peer_state(peer.name).keepalives_rx += 1
 
-    def esp_received(self, data: bytes, addr: tuple[str, int], encap: str) -> None:
-        """One ESP packet (starting at the SPI) from ``addr`` over ``encap``."""
-        c = self.counters
+    def esp_received(self, data: bytes, addr: tuple[str, int], encap: str = "udp") -> None:
+        """One ESP packet (starting at the SPI) from ``addr`` over ``encap``.
+
+        On UDP 4500 the one-byte NAT-keepalive arrives here too (it is shorter than any
+        ESP header).  This is the per-packet path: one dict lookup for the SA, the
+        transform, one for the peer's receive view, then the inner checks and the TUN.
+        """
+        values = self.counters.values
         if len(data) < 8:
-            c.inc("truncated")
+            if data == KEEPALIVE and encap == "udp":
+                self.keepalive_received(addr)
+            else:
+                values["truncated"] += 1
             return
-        spi = int.from_bytes(data[:4], "big")
-        entry = self._inbound.get(spi)
+        entry = self._inbound.get(int.from_bytes(data[:4], "big"))
         if entry is None:
-            c.inc("unknown_spi")
+            values["unknown_spi"] += 1
             return
         sa, peer_name = entry
         try:
             next_header, payload = sa.decapsulate(data)
         except transform.ESPError as e:
-            c.inc(_DROP_REASON.get(type(e), "truncated"))
+            values[_DROP_REASON.get(type(e), "truncated")] += 1
             return
-        c.inc("rx_packets")
-        c.inc("rx_bytes", len(data))
-        peer = self.store.get(PEER.name, peer_name)
-        if peer is None:
-            c.inc("no_route")
-            return
-        state = self.peer_state(peer_name)
-        state.last_rx = self.clock.seconds()
-        if (addr[0], addr[1]) != (peer.remote_ip, peer.remote_port) or encap != peer.encap:
+        values["rx_packets"] += 1
+        values["rx_bytes"] += len(data)
+        view = self._rx.get(peer_name)
+        if view is None:
+            view = self._rx_view(peer_name)
+            if view is None:
+                values["no_route"] += 1
+                return
+        view.state.last_rx = self.clock.seconds()
+        if addr != view.addr or encap != view.encap:
             # Only authenticated packets move a peer (RFC 3947 §7, 002 §4): the NAT
             # rebound its mapping, or the peer floated to another encapsulation.
+            peer = view.peer
             if peer.mode == "transport" and addr[0] != peer.remote_ip and \
                     self.transport_conflict(peer, addr[0]) is not None:
-                c.inc("transport_conflict")
+                values["transport_conflict"] += 1
                 return
-            peer = self._learn(peer, addr, encap)
+            view = self._rx[peer_name] = _RxView(self._learn(peer, addr, encap), view.state)
         if next_header == 4:
-            if peer.mode != "tunnel":
-                c.inc("bad_next_header")
+            if not view.tunnel:
+                values["bad_next_header"] += 1
                 return
-            self._tunnel_in(peer, payload)
+            self._tunnel_in(view, payload)
         elif next_header == 59:  # dummy packet (RFC 4303 §2.6): drop silently
             return
-        elif peer.mode == "transport" and next_header in (1, 6, 17):
-            self._transport_in(peer, next_header, payload)
+        elif not view.tunnel and next_header in (1, 6, 17):
+            self._transport_in(view.peer, next_header, payload)
         else:
-            c.inc("bad_next_header")
+            values["bad_next_header"] += 1
+
+    def _rx_view(self, peer_name: str) -> _RxView | None:
+        peer = self.store.get(PEER.name, peer_name)
+        if peer is None:
+            return None
+        view = self._rx[peer_name] = _RxView(peer, self.peer_state(peer_name))
+        return view
 
     def transport_conflict(self, peer: Peer, remote_ip: str) -> Peer | None:
         """002 §5.2: another transport peer behind the same address whose selector overlaps."""
@@ -240,6 +282,7 @@ class EspEngine:
 
     def _learn(self, peer: Peer, addr: tuple[str, int], encap: str) -> Peer:
         new = attrs.evolve(peer, remote_ip=addr[0], remote_port=addr[1], encap=encap)
+        self._rx.pop(peer.name, None)
         log.info("esp: peer {peer} now at {ip}:{port} ({encap})", peer=peer.name, ip=addr[0],
                  port=addr[1], encap=encap)
         self.store.update(PEER.name, peer.name, remote_ip=addr[0], remote_port=addr[1],
@@ -247,23 +290,27 @@ class EspEngine:
             lambda f: log.failure("esp: recording the address of {peer}", f, peer=peer.name))
         return new
 
-    def _tunnel_in(self, peer: Peer, inner: bytes) -> None:
-        c = self.counters
+    def _tunnel_in(self, view: _RxView, inner: bytes) -> None:
+        values = self.counters.values
+        # Structure and header checksum: what the kernel would drop anyway, counted here.
         if len(inner) < 20 or inner[0] >> 4 != 4 or not codec.ipv4_header_ok(inner):
-            c.inc("bad_inner")
+            values["bad_inner"] += 1
             return
-        src = inner[12:16]
-        policy = peer.policy
+        policy = view.policy
         if policy == "address":
-            if src != peer.inner_bytes:
-                c.inc("policy_drop")
+            if inner[12:16] != view.inner:
+                values["policy_drop"] += 1
                 return
         elif policy == "space":
-            if not _in_networks(src, peer.allowed):
-                c.inc("policy_drop")
+            src = int.from_bytes(inner[12:16], "big")
+            for network, mask in view.allowed:
+                if src & mask == network:
+                    break
+            else:
+                values["policy_drop"] += 1
                 return
         else:  # napt: 001 Appendix A, internal presence behind G_i
-            translated = self._napt_out(peer, inner)
+            translated = self._napt_out(view.peer, inner)
             if translated is None:
                 return
             inner = translated

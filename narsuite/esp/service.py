@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
 from narsuite.esp.config import EspConfig, PeerConfig, hexbytes
-from narsuite.esp.engine import DRAFT_MARKER, KEEPALIVE, EspEngine, is_draft_esp, is_esp_or_keepalive
+from narsuite.esp.engine import DRAFT_MARKER, EspEngine, is_draft_esp, is_esp_or_keepalive
 from narsuite.esp.records import PEER, SA, SA_KIND, Peer, RekeyRequest
 from narsuite.logs import logger
 
@@ -41,7 +41,7 @@ class EspService(service.Service):
         ctx.namespace.update(service=self, engine=self.engine)
         self.udp = ctx.udp_port(cfg.port, cfg.listen)
         self.udp.zero_checksum = True
-        self.udp.add_handler("esp", is_esp_or_keepalive, self._udp_received)
+        self.udp.add_handler("esp", is_esp_or_keepalive, self.engine.esp_received)
         self.draft = None
         if cfg.draft_port:
             self.draft = ctx.udp_port(cfg.draft_port, cfg.listen)
@@ -60,12 +60,6 @@ class EspService(service.Service):
                 DRAFT_MARKER + data, (ip, port))
 
     # -------------------------------------------------------------- framing
-    def _udp_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if data == KEEPALIVE:
-            self.engine.keepalive_received(addr)
-        else:
-            self.engine.esp_received(data, addr, "udp")
-
     def _draft_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.engine.esp_received(data[8:], addr, "udp500")
 

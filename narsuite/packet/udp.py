@@ -47,9 +47,8 @@ RCVBUF = 4 * 1024 * 1024
 class _Protocol(DatagramProtocol):
     def __init__(self, port: SharedUDPPort) -> None:
         self.shared = port
-
-    def datagramReceived(self, data: bytes, addr: Address) -> None:
-        self.shared.dispatch(data, addr)
+        # Bound straight to the port's dispatch: one Python frame fewer per datagram.
+        self.datagramReceived = port.dispatch  # type: ignore[method-assign]
 
 
 class SharedUDPPort(service.Service):
