@@ -210,7 +210,7 @@ def transfer(sink_host, src_host, dst: str, kind: str, seconds: float, tmp: Path
 # the gateways
 
 
-def narsuite_gateway(t, workdir: Path, esp: str) -> NarsuiteDaemon:
+def narsuite_gateway(t, workdir: Path, esp: str, reactor: str = "") -> NarsuiteDaemon:
     workdir.mkdir(parents=True)
     cfg = workdir / "narsuite.toml"
     cfg.write_text(textwrap.dedent(f"""
@@ -230,7 +230,7 @@ def narsuite_gateway(t, workdir: Path, esp: str) -> NarsuiteDaemon:
         local_ts = ["{t.internal_net}"]
         esp = ["{esp}"]
         """))
-    return NarsuiteDaemon(t.g, cfg, roles="ike,esp").start()
+    return NarsuiteDaemon(t.g, cfg, roles="ike,esp", reactor=reactor).start()
 
 
 def strongswan_gateway(t, workdir: Path, esp: str) -> Charon:
@@ -254,14 +254,14 @@ def _stop_gateway(gw) -> None:
 
 
 def tunnel_round(t, tmp: Path, gateway: str, suite: str, seconds: float, tag: str,
-                 nice: int = 0) -> dict:
+                 nice: int = 0, reactor: str = "") -> dict:
     """Bring up (gateway, suite), run one TCP and one UDP transfer, tear down."""
     esp, want_encr, want_integ = SUITES[suite]
     wd = tmp / tag
     gw = client = None
     try:
         if gateway == "narsuite":
-            gw = narsuite_gateway(t, wd / "g", esp)
+            gw = narsuite_gateway(t, wd / "g", esp, reactor)
             gw_pid = gw.proc.pid  # `ip netns exec` execs: this is twistd itself
         else:
             gw = strongswan_gateway(t, wd / "g", esp)
@@ -309,7 +309,7 @@ def anchor_round(t, tmp: Path, seconds: float, nice: int = 0) -> dict:
 
 
 def run(seconds: float, repeats: int, gateways: tuple[str, ...], suites: tuple[str, ...],
-        anchor: bool = True, nice: int = 0) -> list[dict]:
+        anchor: bool = True, nice: int = 0, reactor: str = "") -> list[dict]:
     samples: list[dict] = []
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="bench_ike_tunnel.") as tmpdir:
         tmp = Path(tmpdir)
@@ -329,7 +329,8 @@ def run(seconds: float, repeats: int, gateways: tuple[str, ...], suites: tuple[s
                     tag = f"r{rnd}-{gateway}-{SUITES[suite][0]}"
                     for attempt in (1, 2):  # one retry: a negotiation can time out on a busy box
                         try:
-                            s = tunnel_round(t, tmp, gateway, suite, seconds, f"{tag}-{attempt}", nice)
+                            s = tunnel_round(t, tmp, gateway, suite, seconds, f"{tag}-{attempt}", nice,
+                                             reactor)
                             break
                         except Exception as exc:
                             if attempt == 2:
@@ -426,6 +427,8 @@ def main() -> None:
     ap.add_argument("--udp-nice", type=int, default=19, metavar="N",
                     help="run the UDP flood sender under nice -n N (default 19: the flood "
                          "takes what the tunnel leaves; 0 as in bench_esp_forwarding.py)")
+    ap.add_argument("--reactor", default="", metavar="NAME",
+                    help="twistd --reactor for the narsuite gateway (e.g. narsuite-epoll; default Twisted's)")
     ap.add_argument("--json", metavar="PATH", help="write medians and every sample to PATH")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
@@ -437,13 +440,14 @@ def main() -> None:
     suites = tuple(args.suite or SUITES)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     load_start = os.getloadavg()
-    samples = run(seconds, repeats, gateways, suites, anchor=not args.no_anchor, nice=args.udp_nice)
+    samples = run(seconds, repeats, gateways, suites, anchor=not args.no_anchor, nice=args.udp_nice,
+                  reactor=args.reactor)
     rows = summarize(samples)
     print_table(rows, seconds, repeats, args.udp_nice)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "benchmark": "bench_ike_tunnel", "started": started, "seconds": seconds, "repeats": repeats,
-            "udp_nice": args.udp_nice,
+            "udp_nice": args.udp_nice, "reactor": args.reactor or "default",
             "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                      "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
             "results": rows, "samples": samples}, indent=2) + "\n")

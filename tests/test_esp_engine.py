@@ -253,3 +253,16 @@ def test_keepalive_on_udp_is_counted_and_other_short_datagrams_are_truncated():
     v = w.engine.counters.values
     assert (v["keepalives_rx"], v["truncated"]) == (1, 2)
     assert w.engine.peer_state("r1").keepalives_rx == 1
+
+
+@pytest.mark.parametrize("inner", [
+    b"\x45" + b"\x00" * 10,  # shorter than an IPv4 header
+    b"\x60" + b"\x00" * 39,  # IPv6 in an IPv4 tunnel
+    b"\x44" + b"\x00" * 39,  # header length below 5 words
+], ids=["short", "ipv6", "ihl4"])
+def test_malformed_inner_packets_are_counted_and_never_reach_the_tun(inner):
+    w = World()
+    remote_out, _ = w.add_peer(policy="space", allowed=("0.0.0.0/0",))
+    w.engine.esp_received(remote_out.encapsulate(inner, 4), ("198.51.100.101", 4500))
+    assert w.tun == [] and w.engine.counters.values["bad_inner"] == 1
+    assert w.engine.counters.values["rx_packets"] == 1  # authentic ESP, bad payload

@@ -538,7 +538,7 @@ class InboundSA(_SA):
         window = self.window
         esn = self.esn
         seq = window.infer_esn(seql) if esn else seql
-        if not window.check(seq):
+        if seq <= window.top and not window.check(seq):  # right of the window: new, no call
             self.replayed += 1
             raise Replayed(f"SPI 0x{spi:08x}: sequence number {seq} replayed or left of the window "
                            f"(top {window.top}, size {window.size})")
