@@ -28,6 +28,14 @@ R1 -> H:
 * CPU seconds used by the gateway process (utime+stime of all its threads, from
   /proc/<pid>/stat) during each transfer, and for context the client charon's on R1.
 
+The receiver on H runs under ``SCHED_BATCH`` (``--sink-sched``, default ``batch``): with the
+default policy, the receiver, asleep between packets, is woken by nearly every packet the
+gateway forwards and the scheduler lets it preempt the gateway on the shared core (tens of
+thousands of involuntary context switches per second of the gateway process, measured): the
+measuring device then steals the CPU of what it measures, which cannot happen with H on its
+own machine.  A single-threaded gateway (narsuite) suffers this more than a multi-threaded one
+(charon); ``--sink-sched other`` gives the old behaviour for comparison.
+
 Anchor in the same run: the same transfers R1 -> H without a tunnel (a route to 10.1.0.0/24
 added on NAT1 for that measurement only, so NAT1 masquerades and G's kernel forwards).
 
@@ -41,6 +49,7 @@ manager kills every process it started; charons and daemons are also stopped exp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -162,12 +171,25 @@ def udp_rcvbuf_errors(host) -> int:
     return int(dict(zip(lines[0][1:], lines[1][1:]))["RcvbufErrors"])
 
 
+#: ``--sink-sched``: the receiver's scheduling policy (see the module docstring)
+SINK_SCHED = {"batch": ["chrt", "--batch", "0"], "other": []}
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """How the traffic is run (the same for every gateway in a run)."""
+
+    nice: int = 0  # the UDP flood sender's nice value
+    sink_sched: str = "batch"  # the receiver's scheduling policy, a key of SINK_SCHED
+    reactor: str = ""  # twistd --reactor for the narsuite gateway ("" = Twisted's default)
+
+
 def transfer(sink_host, src_host, dst: str, kind: str, seconds: float, tmp: Path,
-             pids: dict[str, int | None], client: Charon | None = None, nice: int = 0,
-             gw_host=None) -> dict:
+             pids: dict[str, int | None], client: Charon | None = None,
+             knobs: Knobs = Knobs(), gw_host=None) -> dict:
     """One transfer ``src_host`` -> ``dst`` (on ``sink_host``); CPU of ``pids`` during it."""
-    sink = sink_host.popen([sys.executable, str(tmp / "sink.py"), kind, str(PORT)],
-                           stdout=subprocess.PIPE, text=True)
+    sink = sink_host.popen([*SINK_SCHED[knobs.sink_sched], sys.executable, str(tmp / "sink.py"), kind,
+                            str(PORT)], stdout=subprocess.PIPE, text=True)
     try:
         line = sink.stdout.readline().strip()
         if line != "LISTEN":
@@ -177,8 +199,8 @@ def transfer(sink_host, src_host, dst: str, kind: str, seconds: float, tmp: Path
         cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
         wall0 = time.perf_counter()
         src = [sys.executable, str(tmp / "source.py"), kind, dst, str(PORT), str(seconds)]
-        if nice and kind == "udp":
-            src = ["nice", "-n", str(nice), *src]
+        if knobs.nice and kind == "udp":
+            src = ["nice", "-n", str(knobs.nice), *src]
         out = src_host.run(src, timeout=seconds + 60)
         n, elapsed = sink.stdout.readline().split()
         wall = time.perf_counter() - wall0
@@ -254,14 +276,14 @@ def _stop_gateway(gw) -> None:
 
 
 def tunnel_round(t, tmp: Path, gateway: str, suite: str, seconds: float, tag: str,
-                 nice: int = 0, reactor: str = "") -> dict:
+                 knobs: Knobs) -> dict:
     """Bring up (gateway, suite), run one TCP and one UDP transfer, tear down."""
     esp, want_encr, want_integ = SUITES[suite]
     wd = tmp / tag
     gw = client = None
     try:
         if gateway == "narsuite":
-            gw = narsuite_gateway(t, wd / "g", esp, reactor)
+            gw = narsuite_gateway(t, wd / "g", esp, knobs.reactor)
             gw_pid = gw.proc.pid  # `ip netns exec` execs: this is twistd itself
         else:
             gw = strongswan_gateway(t, wd / "g", esp)
@@ -280,8 +302,8 @@ def tunnel_round(t, tmp: Path, gateway: str, suite: str, seconds: float, tag: st
             raise RuntimeError(f"{gateway}/{suite}: no ping R1 -> H through the tunnel")
         pids = {"gateway": gw_pid, "client": client.pid}
         comm = Path(f"/proc/{gw_pid}/comm").read_text().strip()
-        tcp = transfer(t.h, t.r1, t.h_addr, "tcp", seconds, tmp, pids, client)
-        udp = transfer(t.h, t.r1, t.h_addr, "udp", seconds, tmp, pids, client, nice, gw_host=t.g)
+        tcp = transfer(t.h, t.r1, t.h_addr, "tcp", seconds, tmp, pids, client, knobs)
+        udp = transfer(t.h, t.r1, t.h_addr, "udp", seconds, tmp, pids, client, knobs, gw_host=t.g)
         (sa,) = client.list_sas()
         (child,) = sa.children
         return {"gateway": gateway, "suite": suite, "esp_proposal": esp, "gateway_comm": comm,
@@ -294,12 +316,12 @@ def tunnel_round(t, tmp: Path, gateway: str, suite: str, seconds: float, tag: st
             _stop_gateway(gw)
 
 
-def anchor_round(t, tmp: Path, seconds: float, nice: int = 0) -> dict:
+def anchor_round(t, tmp: Path, seconds: float, knobs: Knobs) -> dict:
     """R1 -> H without a tunnel: NAT1 masquerades, G's kernel forwards."""
     t.nat1.route(t.internal_net, t.g_public)
     try:
-        tcp = transfer(t.h, t.r1, t.h_addr, "tcp", seconds, tmp, {})
-        udp = transfer(t.h, t.r1, t.h_addr, "udp", seconds, tmp, {}, nice=nice)
+        tcp = transfer(t.h, t.r1, t.h_addr, "tcp", seconds, tmp, {}, knobs=knobs)
+        udp = transfer(t.h, t.r1, t.h_addr, "udp", seconds, tmp, {}, knobs=knobs)
     finally:
         t.nat1.ip("route", "del", t.internal_net, check=False)
     return {"gateway": "kernel", "suite": "none", "tcp": tcp, "udp": udp}
@@ -309,7 +331,7 @@ def anchor_round(t, tmp: Path, seconds: float, nice: int = 0) -> dict:
 
 
 def run(seconds: float, repeats: int, gateways: tuple[str, ...], suites: tuple[str, ...],
-        anchor: bool = True, nice: int = 0, reactor: str = "") -> list[dict]:
+        anchor: bool = True, knobs: Knobs = Knobs()) -> list[dict]:
     samples: list[dict] = []
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="bench_ike_tunnel.") as tmpdir:
         tmp = Path(tmpdir)
@@ -320,7 +342,7 @@ def run(seconds: float, repeats: int, gateways: tuple[str, ...], suites: tuple[s
             h.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
         for rnd in range(repeats):
             if anchor:
-                s = anchor_round(t, tmp, seconds, nice)
+                s = anchor_round(t, tmp, seconds, knobs)
                 s["round"] = rnd
                 samples.append(s)
                 _progress(s)
@@ -329,8 +351,7 @@ def run(seconds: float, repeats: int, gateways: tuple[str, ...], suites: tuple[s
                     tag = f"r{rnd}-{gateway}-{SUITES[suite][0]}"
                     for attempt in (1, 2):  # one retry: a negotiation can time out on a busy box
                         try:
-                            s = tunnel_round(t, tmp, gateway, suite, seconds, f"{tag}-{attempt}", nice,
-                                             reactor)
+                            s = tunnel_round(t, tmp, gateway, suite, seconds, f"{tag}-{attempt}", knobs)
                             break
                         except Exception as exc:
                             if attempt == 2:
@@ -391,9 +412,10 @@ def summarize(samples: list[dict]) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], seconds: float, repeats: int, nice: int) -> None:
+def print_table(rows: list[dict], seconds: float, repeats: int, knobs: Knobs) -> None:
     print(f"\nIKEv1 remote-access tunnel R1 -> H, strongSwan (kernel-libipsec) client on R1; "
-          f"{seconds:g} s per transfer, median of {repeats} round(s); UDP sender nice {nice}\n")
+          f"{seconds:g} s per transfer, median of {repeats} round(s); UDP sender nice {knobs.nice}; "
+          f"receiver {knobs.sink_sched}; narsuite reactor {knobs.reactor or 'default'}\n")
     print("| gateway on G | ESP | TCP Mbit/s | gw CPU-s | gw load | gw CPU-s/GB "
           "| UDP 64 B pkt/s at H | gw delivered | gw CPU-s | gw load | gw µs/pkt | client load TCP / UDP |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -429,6 +451,8 @@ def main() -> None:
                          "takes what the tunnel leaves; 0 as in bench_esp_forwarding.py)")
     ap.add_argument("--reactor", default="", metavar="NAME",
                     help="twistd --reactor for the narsuite gateway (e.g. narsuite-epoll; default Twisted's)")
+    ap.add_argument("--sink-sched", choices=tuple(SINK_SCHED), default="batch",
+                    help="the receiver's scheduling policy on H (default batch: see the module docstring)")
     ap.add_argument("--json", metavar="PATH", help="write medians and every sample to PATH")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
@@ -440,14 +464,14 @@ def main() -> None:
     suites = tuple(args.suite or SUITES)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     load_start = os.getloadavg()
-    samples = run(seconds, repeats, gateways, suites, anchor=not args.no_anchor, nice=args.udp_nice,
-                  reactor=args.reactor)
+    knobs = Knobs(nice=args.udp_nice, sink_sched=args.sink_sched, reactor=args.reactor)
+    samples = run(seconds, repeats, gateways, suites, anchor=not args.no_anchor, knobs=knobs)
     rows = summarize(samples)
-    print_table(rows, seconds, repeats, args.udp_nice)
+    print_table(rows, seconds, repeats, knobs)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "benchmark": "bench_ike_tunnel", "started": started, "seconds": seconds, "repeats": repeats,
-            "udp_nice": args.udp_nice, "reactor": args.reactor or "default",
+            "knobs": dataclasses.asdict(knobs),
             "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                      "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
             "results": rows, "samples": samples}, indent=2) + "\n")
