@@ -287,7 +287,13 @@ class _BindFactory(ServerFactory):
 
 
 class _UdpRelay(DatagramProtocol):
-    """One UDP ASSOCIATE: client datagrams (with the SOCKS header) out, replies wrapped back."""
+    """One UDP ASSOCIATE: client datagrams (with the SOCKS header) out, replies wrapped back.
+
+    ``datagramReceived`` is the per-datagram path and is written flat: the reply
+    direction and the client's IPv4, FRAG-0 datagrams to an allowed destination are
+    handled in it with dict lookups only (each Python call costs on this path as much
+    as the relay's own work); anything else goes to the general methods below.
+    """
 
     MAX_CACHE = 4096
 
@@ -302,35 +308,49 @@ class _UdpRelay(DatagramProtocol):
         self.decisions: dict[tuple[str, int], bool] = {}
         self.names: dict[str, str] = {}
         self.resolving: dict[str, list[tuple[int, bytes]]] = {}
+        self._seconds = socks_proto.factory.reactor.seconds
+        self._sendto: Any = None  # the port's socket.sendto (a real port), else transport.write
+
+    def startProtocol(self) -> None:
+        sock = getattr(self.transport, "socket", None)
+        # A real port: sendto() directly (Twisted's write() re-validates the address
+        # with three isIPAddress() calls per datagram; the kernel checks it anyway).
+        self._sendto = sock.sendto if sock is not None else self.transport.write
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         try:
-            self._received(data, addr[0], addr[1])
+            self.socks._last = self._seconds()
+            ip = addr[0]
+            is_client = self.client_ips.get(ip)
+            if is_client is None:
+                is_client = _same_ip(ip, self.client_ip)
+                if len(self.client_ips) < 64:
+                    self.client_ips[ip] = is_client
+            counters = self.f.counters
+            if is_client and self.client_port in (0, addr[1]):
+                self.client_port = addr[1]
+                # Fast path: FRAG 0, IPv4 destination already decided to be allowed.
+                if len(data) >= 10 and data[3] == socks.ATYP_IPV4 and data[2] == 0:
+                    key = (socket.inet_ntoa(data[4:8]), int.from_bytes(data[8:10], "big"))
+                    if self.decisions.get(key) and key in self.peers and not self.socks.closed:
+                        counters["udp_datagrams_out"] += 1
+                        counters["bytes_up"] += len(data) - 10
+                        self._send(data[10:], key)
+                        return
+                self._from_client(data)
+                return
+            header = self.peers.get((ip, addr[1]))
+            if header is not None:
+                if not self.client_port:
+                    return
+                counters["udp_datagrams_in"] += 1
+                counters["bytes_down"] += len(data)
+                self._send(header + data, (self.client_ip, self.client_port))
+            else:
+                counters["udp_dropped"] += 1
         except Exception:
             self.f.count("errors")
             log.failure("socks udp relay: unexpected error")
-
-    def _received(self, data: bytes, ip: str, port: int) -> None:
-        self.socks._last = self.socks.reactor.seconds()
-        is_client = self.client_ips.get(ip)
-        if is_client is None:
-            is_client = _same_ip(ip, self.client_ip)
-            if len(self.client_ips) < 64:
-                self.client_ips[ip] = is_client
-        counters = self.f.counters
-        if is_client and (self.client_port in (0, port)):
-            self.client_port = port
-            self._from_client(data)
-            return
-        header = self.peers.get((ip, port))
-        if header is not None:
-            if not self.client_port:
-                return
-            counters["udp_datagrams_in"] += 1
-            counters["bytes_down"] += len(data)
-            self._send(header + data, (self.client_ip, self.client_port))
-        else:
-            counters["udp_dropped"] += 1
 
     def _from_client(self, data: bytes) -> None:
         # Fast path: FRAG 0, IPv4 destination (what the codec would parse, without ipaddress).
@@ -407,14 +427,10 @@ class _UdpRelay(DatagramProtocol):
         self._send(data, key)
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
-        # A real port: sendto() directly (Twisted's write() re-validates the address
-        # with three isIPAddress() calls per datagram; the kernel checks it anyway).
-        sock = getattr(self.transport, "socket", None)
+        if self._sendto is None:  # a transport attached without makeConnection (tests)
+            self.startProtocol()
         try:
-            if sock is not None:
-                sock.sendto(data, addr)
-            else:
-                self.transport.write(data, addr)
+            self._sendto(data, addr)
         except Exception as e:  # wrong family, EMSGSIZE, ...: drop, count, go on
             self.f.count("udp_dropped")
             log.debug("socks udp: cannot send to {addr}: {e}", addr=addr, e=e)
@@ -880,6 +896,11 @@ class SocksProtocol(Protocol):
             log.info("socks udp: cannot listen on {here}: {e}", here=here, e=e)
             self._reply(socks.GENERAL_FAILURE)
             return
+        # One datagram per readiness event: Twisted's read loop otherwise ends every
+        # event with a recvfrom() that fails with EAGAIN (a syscall and a Python
+        # exception), and an association rarely has a second datagram queued.  When it
+        # has, the kernel reports the socket ready again (epoll is level-triggered).
+        port.maxThroughput = 1
         self._listening = port
         self._udp = relay
         self.state = "udp"
