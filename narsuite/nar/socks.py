@@ -19,6 +19,7 @@ check this module against byte strings written from the RFC.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 import attrs
@@ -96,6 +97,10 @@ class SocksError(Exception):
 
 def encode_address(host: str) -> bytes:
     """ATYP + DST.ADDR for an IPv4/IPv6 literal or a domain name (ATYP 3: length byte + name)."""
+    try:  # every reply carries an IPv4 BND.ADDR: the strict dotted quad without ipaddress
+        return bytes((ATYP_IPV4,)) + socket.inet_pton(socket.AF_INET, host)
+    except (OSError, TypeError, ValueError):
+        pass
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -121,7 +126,7 @@ def parse_address(buf: bytes, offset: int) -> tuple[int, str, int] | None:
         end = offset + 5
         if len(buf) < end:
             return None
-        return atyp, str(ipaddress.IPv4Address(bytes(buf[offset + 1:end]))), end
+        return atyp, socket.inet_ntoa(bytes(buf[offset + 1:end])), end
     if atyp == ATYP_IPV6:
         end = offset + 17
         if len(buf) < end:
