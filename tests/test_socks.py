@@ -288,7 +288,8 @@ def test_connect_ipv4_relays_with_flow_control():
     assert take(tr) == b"\x05\x00"
     p.dataReceived(CONNECT_V4 + b"GET / HTTP/1.0\r\n")  # pipelined data is kept for the relay
     host, port, _, timeout, _ = reactor.tcpClients[-1]
-    assert (host, port, timeout) == ("192.0.2.10", 80, f.config.connect_timeout)
+    # no per-attempt DelayedCall: the connect phase's own timer bounds the attempt
+    assert (host, port, timeout) == ("192.0.2.10", 80, None)
     out = complete_connect(reactor)
     assert take(tr) == b"\x05\x00\x00\x01\xc0\x00\x02\x01\x82\x35"  # BND = 192.0.2.1:33333
     assert out.value() == b"GET / HTTP/1.0\r\n"
@@ -364,9 +365,13 @@ def test_connect_timeout_gives_ttl_expired():
     p, tr = open_conn(f)
     p.dataReceived(b"\x05\x01\x00" + CONNECT_V4)
     take(tr)
-    reactor.advance(5.0)
+    connector = reactor.connectors[-1]
+    reactor.advance(4.9)
+    assert tr.value() == b""
+    reactor.advance(0.1)
     assert tr.value() == socks.encode_reply(socks.TTL_EXPIRED) and tr.disconnecting
     assert f.counters["timeouts_connect"] == 1
+    assert connector.stoppedConnecting  # the pending attempt is abandoned, not left to run
 
 
 def test_negotiation_and_idle_timeouts():

@@ -767,8 +767,10 @@ class SocksProtocol(Protocol):
     def _attempt(self, port: int) -> None:
         host = self._addrs.pop(0)
         self._attempting = _OutboundFactory(self)
-        self._connector = self.reactor.connectTCP(host, port, self._attempting,
-                                                  timeout=self.factory.config.connect_timeout)
+        # No per-attempt timeout (a DelayedCall set and cancelled per connection): the
+        # connect phase's timer, armed in _connect for connect_timeout, bounds every
+        # attempt and stops the connector when it fires.
+        self._connector = self.reactor.connectTCP(host, port, self._attempting, timeout=None)
 
     def _connect_failed(self, attempt: _OutboundFactory, reason: Failure) -> None:
         if attempt is not self._attempting or self.closed:
