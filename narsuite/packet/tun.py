@@ -43,8 +43,8 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.protocol import AbstractDatagramProtocol
-from twisted.pair.raw import IRawPacketProtocol
 from twisted.pair import tuntap
+from twisted.pair.raw import IRawPacketProtocol
 from twisted.pair.tuntap import TuntapPort
 from zope.interface import implementer
 
