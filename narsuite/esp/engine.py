@@ -24,7 +24,7 @@ import ipaddress
 import secrets
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -304,11 +304,7 @@ class EspEngine:
                 values["policy_drop"] += 1
                 return
         elif policy == "space":
-            src = int.from_bytes(inner[12:16], "big")
-            for network, mask in view.allowed:
-                if src & mask == network:
-                    break
-            else:
+            if not _in_parsed(int.from_bytes(inner[12:16], "big"), view.allowed):
                 values["policy_drop"] += 1
                 return
         else:  # napt: 001 Appendix A, internal presence behind G_i
@@ -492,12 +488,12 @@ _DROP_REASON = {
 
 
 def _in_networks(addr: bytes, networks: tuple[str, ...]) -> bool:
-    a = int.from_bytes(addr, "big")
-    for net in networks:
-        n = _net(net)
-        if a & n[1] == n[0]:
-            return True
-    return False
+    return _in_parsed(int.from_bytes(addr, "big"), map(_net, networks))
+
+
+def _in_parsed(addr: int, networks: Iterable[tuple[int, int]]) -> bool:
+    """Is ``addr`` in one of the (network, mask) pairs (``_net``'s form)?"""
+    return any(addr & mask == network for network, mask in networks)
 
 
 _NETS: dict[str, tuple[int, int]] = {}
