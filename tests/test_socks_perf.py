@@ -4,22 +4,27 @@
   falls back to ``transport.write`` otherwise (order kept);
 * the decision cache answers only while the decision would not be logged;
 * one timer per connection still gives each phase its own timeout;
-* the UDP fast path (IPv4, FRAG 0) relays like the codec path.
+* the UDP fast path (IPv4, FRAG 0) relays like the codec path;
+* ``lose_now`` closes at once only when nothing is left to send;
+* ``connect_tcp`` connects, fails and is abandoned the way ``connectTCP`` does,
+  on a real epoll reactor and real sockets.
 """
 
 from __future__ import annotations
 
 import socket
 
-from twisted.internet import tcp
+import pytest
+from twisted.internet import error, protocol, tcp
 from twisted.internet.address import IPv4Address
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel
 
 from narsuite import logs
 from narsuite.nar import socks
 from narsuite.nar.config import NarConfig, NarOptions, Rule
-from narsuite.nar.fastio import write_now
+from narsuite.nar.fastio import LeanConnector, OutgoingConnection, connect_tcp, lose_now, write_now
 from narsuite.nar.rules import RuleSet
 from narsuite.nar.server import SocksFactory, _Decisions
 
@@ -87,6 +92,162 @@ def test_write_now_on_other_transports_is_write():
     tr = StringTransport()
     write_now(tr, b"abc")
     assert tr.value() == b"abc"
+
+
+class _Lost(protocol.Protocol):
+    def __init__(self):
+        self.lost = []
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+def test_lose_now_closes_at_once_when_nothing_is_buffered():
+    conn, peer, r = _conn_pair()
+    p = _Lost()
+    conn.protocol = p
+    lose_now(conn)
+    assert len(p.lost) == 1 and p.lost[0].check(error.ConnectionDone)  # before lose_now returned
+    assert not conn.connected and peer.recv(10) == b""  # the peer sees the close
+    peer.close()
+
+
+def test_lose_now_with_bytes_buffered_flushes_first():
+    conn, peer, r = _conn_pair()
+    p = _Lost()
+    conn.protocol = p
+    conn.write(b"pending")
+    lose_now(conn)
+    assert not p.lost and conn.disconnecting and conn in r.writers  # Twisted's loseConnection
+    result = conn.doWrite()  # what the reactor does next: flush, then report the close
+    assert isinstance(result, error.ConnectionDone)
+    assert peer.recv(100) == b"pending"
+    peer.close()
+
+
+def test_lose_now_on_other_transports_is_loseConnection():
+    tr = StringTransport()
+    lose_now(tr)
+    assert tr.disconnecting
+
+
+class _Recorder(protocol.ClientFactory):
+    noisy = False
+
+    def __init__(self, reactor, then=None):
+        self.reactor = reactor
+        self.failed = []
+        self.made = []
+        self.then = then
+
+    def buildProtocol(self, addr):
+        f = self
+
+        class P(protocol.Protocol):
+            def connectionMade(self):
+                f.made.append((addr, self.transport))
+                if f.then:
+                    f.then(self)
+
+        return P()
+
+    def clientConnectionFailed(self, connector, reason):
+        self.failed.append((connector, reason))
+        self.reactor.stop()
+
+
+def _run(r, seconds=5.0):
+    r.callLater(seconds, r.stop)  # bound the test
+    r.run(installSignalHandlers=False)
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_connect_tcp_connects_to_a_real_listener(family, host):
+    srv = socket.socket(family)
+    srv.bind((host, 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    r = EPollReactor()
+    seen = {}
+
+    def made(p):
+        tr = p.transport
+        peer, peer_addr = srv.accept()
+        peer.settimeout(5)
+        seen.update(connected=tr.connected, kind=type(tr), host=(tr.getHost().host, tr.getHost().port),
+                    peer=(tr.getPeer().host, tr.getPeer().port), accepted_from=peer_addr[:2])
+        tr.write(b"hello")  # Twisted's queued write, sent by the loop
+
+        def check():
+            seen["got"] = peer.recv(10)
+            lose_now(tr)
+            seen["after_close"] = peer.recv(10)
+            peer.close()
+            r.stop()
+
+        r.callLater(0.05, check)
+
+    f = _Recorder(r, made)
+    c = connect_tcp(r, host, port, f)
+    assert isinstance(c, LeanConnector) and not f.made  # asynchronous, like connectTCP
+    _run(r)
+    srv.close()
+    assert not f.failed and len(f.made) == 1
+    addr = f.made[0][0]
+    assert (addr.host, addr.port) == (host, port)
+    assert seen["connected"] and seen["kind"] is OutgoingConnection
+    assert seen["peer"] == (host, port) and seen["host"] == seen["accepted_from"]
+    assert seen["got"] == b"hello" and seen["after_close"] == b""
+
+
+def test_connect_tcp_refused_reports_connectTCPs_error_type():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    r = EPollReactor()
+    f = _Recorder(r)
+    c = connect_tcp(r, "127.0.0.1", port, f)
+    assert not f.failed  # never from inside the call
+    _run(r)
+    assert len(f.failed) == 1 and f.failed[0][0] is c
+    assert f.failed[0][1].check(error.ConnectionRefusedError) and not f.made
+    assert c.socket is None and c.state == "failed"
+
+
+def test_connect_tcp_immediate_error_is_reported_one_turn_later():
+    r = EPollReactor()
+    f = _Recorder(r)
+    c = connect_tcp(r, "127.0.0.1", 0, f)  # port 0: refused by the kernel
+    assert not f.failed
+    _run(r)
+    assert len(f.failed) == 1 and f.failed[0][0] is c
+    assert f.failed[0][1].check(error.ConnectError)
+
+
+def test_connect_tcp_stopped_attempt_is_abandoned_silently():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    r = EPollReactor()
+    f = _Recorder(r)
+    c = connect_tcp(r, "127.0.0.1", srv.getsockname()[1], f)
+    sock = c.socket
+    fd = sock.fileno()
+    assert fd in r._selectables  # waiting for writability
+    c.stopConnecting()
+    _run(r, 0.2)
+    srv.close()
+    assert not f.made and not f.failed and c.state == "stopped" and c.socket is None
+    assert fd not in r._selectables and sock.fileno() == -1  # unregistered and closed
+
+
+def test_connect_tcp_on_other_reactors_is_connectTCP_without_timeout():
+    r = MemoryReactorClock()
+    f = protocol.ClientFactory()
+    connect_tcp(r, "192.0.2.1", 80, f)
+    host, port, factory, timeout, bind = r.tcpClients[-1]
+    assert (host, port, factory, timeout) == ("192.0.2.1", 80, f, None)
 
 
 def test_decision_cache_only_while_not_logged():
@@ -185,3 +346,103 @@ def test_udp_fast_path_and_codec_path_agree():
     assert (c["udp_datagrams_out"], c["udp_datagrams_in"], c["udp_fragments_dropped"], c["udp_dropped"]) \
         == (2, 1, 1, 1)
     assert c["bytes_up"] == 9 and c["bytes_down"] == 4
+
+
+# ---------------------------------------------------------------- the CONNECT path on a real reactor
+
+def _socks_server_thread(config: NarConfig):
+    """The SOCKS server on a fresh epoll reactor in a thread; returns (reactor, factory, port, thread)."""
+    import threading
+
+    r = EPollReactor()
+    f = SocksFactory(config, reactor=r)
+    port = r.listenTCP(0, f, interface="127.0.0.1").getHost().port
+    t = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
+    t.start()
+    return r, f, port, t
+
+
+def _socks_connect(port: int, host: str, dport: int) -> tuple[socket.socket, int, str, int]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    if ":" in host:
+        s.sendall(b"\x05\x01\x00\x04" + socket.inet_pton(socket.AF_INET6, host) + dport.to_bytes(2, "big"))
+    else:
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + dport.to_bytes(2, "big"))
+    head = s.recv(4)
+    alen = 16 if head[3:4] == b"\x04" else 4
+    rest = b""
+    while len(rest) < alen + 2:
+        chunk = s.recv(alen + 2 - len(rest))
+        if not chunk:
+            break
+        rest += chunk
+    fam = socket.AF_INET6 if alen == 16 else socket.AF_INET
+    return s, head[1], socket.inet_ntop(fam, rest[:alen]), int.from_bytes(rest[alen:alen + 2], "big")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_socks_connect_relays_and_passes_the_close_on_a_real_reactor(host):
+    """CONNECT through the lean connector: reply with the outbound socket's address, bytes both
+    ways, the target's close passed on at once (lose_now), no connection left behind."""
+    target = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    target.bind((host, 0))
+    target.listen(4)
+    cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
+    r, f, port, t = _socks_server_thread(cfg)
+    try:
+        s, rep, bnd_host, bnd_port = _socks_connect(port, host, target.getsockname()[1])
+        conn, from_addr = target.accept()
+        conn.settimeout(5)
+        assert rep == 0 and (bnd_host, bnd_port) == from_addr[:2]
+        s.sendall(b"up" * 8)
+        assert conn.recv(100) == b"up" * 8
+        conn.sendall(b"down")
+        assert s.recv(100) == b"down"
+        conn.close()  # the target closes: the client must see the close
+        assert s.recv(100) == b""
+        s.close()
+    finally:
+        r.callFromThread(r.stop)
+        t.join(10)
+        target.close()
+    assert f.active == 0 and f.counters["reply_succeeded"] == 1 and f.counters["connections"] == 1
+
+
+def test_socks_connect_refused_and_fallback_to_the_next_address_on_a_real_reactor():
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead = closed.getsockname()[1]
+    closed.close()
+    live = socket.socket()
+    live.bind(("127.0.0.1", 0))
+    live.listen(1)
+    cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
+    r, f, port, t = _socks_server_thread(cfg)
+    tries = []
+
+    def resolve(name, p):  # a name with a dead address first (nothing on 127.0.0.2), then a live one
+        from twisted.internet import defer
+        tries.append(name)
+        return defer.succeed(["127.0.0.2", "127.0.0.1"])
+
+    try:
+        s, rep, _, _ = _socks_connect(port, "127.0.0.1", dead)
+        assert rep == socks.CONNECTION_REFUSED and s.recv(10) == b""  # REP 5, then closed
+        s.close()
+        f.resolve = resolve
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x03\x07example" + live.getsockname()[1].to_bytes(2, "big"))
+        assert s.recv(4)[1] == 0  # the second address connected
+        conn, _ = live.accept()
+        conn.close()
+        s.close()
+    finally:
+        r.callFromThread(r.stop)
+        t.join(10)
+        live.close()
+    assert tries == ["example"] and f.counters["reply_connection_refused"] == 1
+    assert f.counters["reply_succeeded"] == 1

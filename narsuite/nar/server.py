@@ -64,7 +64,7 @@ from narsuite.logs import LEVELS, logger
 from narsuite.nar import socks
 from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
-from narsuite.nar.fastio import write_now
+from narsuite.nar.fastio import connect_tcp, lose_now, write_now
 from narsuite.nar.rules import RuleSet
 from narsuite.schema import ConfigError
 
@@ -678,7 +678,7 @@ class SocksProtocol(Protocol):
             port, self._listening = self._listening, None
             port.stopListening()
         if self.outbound is not None and self.outbound.transport is not None:
-            self.outbound.transport.loseConnection()
+            lose_now(self.outbound.transport)
         if self.nar_conn is not None:
             try:
                 self.factory.nar_handler.nar_closed(self.nar_conn)
@@ -769,8 +769,9 @@ class SocksProtocol(Protocol):
         self._attempting = _OutboundFactory(self)
         # No per-attempt timeout (a DelayedCall set and cancelled per connection): the
         # connect phase's timer, armed in _connect for connect_timeout, bounds every
-        # attempt and stops the connector when it fires.
-        self._connector = self.reactor.connectTCP(host, port, self._attempting, timeout=None)
+        # attempt and stops the connector when it fires.  connect_tcp is connectTCP
+        # without Twisted's Connector/Client machinery (narsuite.nar.fastio).
+        self._connector = connect_tcp(self.reactor, host, port, self._attempting)
 
     def _connect_failed(self, attempt: _OutboundFactory, reason: Failure) -> None:
         if attempt is not self._attempting or self.closed:
@@ -830,7 +831,7 @@ class SocksProtocol(Protocol):
     def _outbound_lost(self, out: _Outbound) -> None:
         if out is self.outbound and not self.closed:
             self.state = "done"
-            self.transport.loseConnection()
+            lose_now(self.transport)
 
     # BIND
 
