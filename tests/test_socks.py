@@ -298,7 +298,11 @@ def test_connect_ipv4_relays_with_flow_control():
     p.outbound.dataReceived(b"HTTP/1.0 200 OK\r\n")
     assert tr.value() == b"HTTP/1.0 200 OK\r\n"
     # each side is the other's producer: a full buffer on one pauses reading on the other
-    assert tr.producer is out and tr.streaming and out.producer is tr
+    assert tr.producer.transport is out and tr.streaming and out.producer.transport is tr
+    tr.producer.pauseProducing()
+    assert out.producerState == "paused"
+    tr.producer.resumeProducing()
+    assert out.producerState == "producing"
     assert f.counters["bytes_up"] == 20 and f.counters["bytes_down"] == 17
     assert f.counters["reply_succeeded"] == 1
     p.outbound.transport.loseConnection()

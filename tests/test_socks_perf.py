@@ -24,7 +24,7 @@ from twisted.logger import LogLevel
 from narsuite import logs
 from narsuite.nar import socks
 from narsuite.nar.config import NarConfig, NarOptions, Rule
-from narsuite.nar.fastio import LeanConnector, OutgoingConnection, connect_tcp, lose_now, write_now
+from narsuite.nar.fastio import ClosingProducer, LeanConnector, OutgoingConnection, connect_tcp, lose_now, write_now
 from narsuite.nar.rules import RuleSet
 from narsuite.nar.server import SocksFactory, _Decisions
 
@@ -122,6 +122,16 @@ def test_lose_now_with_bytes_buffered_flushes_first():
     result = conn.doWrite()  # what the reactor does next: flush, then report the close
     assert isinstance(result, error.ConnectionDone)
     assert peer.recv(100) == b"pending"
+    peer.close()
+
+
+def test_closing_producer_closes_the_other_side_at_once():
+    """What Twisted calls when the relay's other side is lost: stopProducing closes now."""
+    conn, peer, r = _conn_pair()
+    p = _Lost()
+    conn.protocol = p
+    ClosingProducer(conn).stopProducing()
+    assert len(p.lost) == 1 and not conn.connected and peer.recv(10) == b""
     peer.close()
 
 

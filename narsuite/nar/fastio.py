@@ -16,6 +16,9 @@ nothing left to send there is nothing to wait for, so the connection is
 closed at once (what Twisted itself does when the write side is already shut)
 instead of registering for writability and closing on the next iteration.
 
+:class:`ClosingProducer` puts :func:`lose_now` where Twisted closes a relay's
+other side (``stopProducing`` of the registered producer).
+
 :func:`connect_tcp` is ``reactor.connectTCP`` for one attempt to an IP
 literal, without the ``Connector``/``Client`` machinery: no address
 "resolution" Deferred, no ``callLater(0)`` before the ``connect`` call, no
@@ -39,7 +42,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 
-__all__ = ["write_now", "lose_now", "connect_tcp", "LeanConnector", "OutgoingConnection"]
+__all__ = ["write_now", "lose_now", "ClosingProducer", "connect_tcp", "LeanConnector", "OutgoingConnection"]
 
 _Connection = tcp.Connection
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY))
@@ -88,13 +91,38 @@ def lose_now(transport: Any) -> None:
     transport.loseConnection()
 
 
+class ClosingProducer:
+    """A transport as the streaming producer of the other side of a relay.
+
+    Pause and resume pass through (flow control as Twisted's).  When the other
+    side's connection is lost, Twisted calls its producer's ``stopProducing``,
+    which on a transport is ``loseConnection``: it waits one reactor turn to
+    close even when nothing is left to send.  Here it is :func:`lose_now`.
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        lose_now(self.transport)
+
+
 class OutgoingConnection(tcp.Connection):
     """The transport of a connection made by :class:`LeanConnector`: a plain ``tcp.Connection``."""
 
-    def __init__(self, skt: socket.socket, protocol: Any, reactor: Any, peer: tuple[str, int]) -> None:
+    def __init__(self, skt: socket.socket, protocol: Any, reactor: Any, peer: tuple[str, int],
+                 address: type = IPv4Address) -> None:
         super().__init__(skt, protocol, reactor)
         self._peer = peer
-        self._address = IPv6Address if skt.family == socket.AF_INET6 else IPv4Address
+        self._address = address  # IPv4Address or IPv6Address, the family's
         self.connected = 1
         self.logstr = f"{self._getLogPrefix(protocol)},client"
 
@@ -123,8 +151,9 @@ class LeanConnector:
         self.factory = factory
         self.peer = (host, port)
         self.state = "connecting"  # connecting, connected, failed, stopped
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM)
+        v6 = ":" in host
+        self._address = IPv6Address if v6 else IPv4Address
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         self.socket: socket.socket | None = s
         self.fileno = s.fileno
@@ -150,12 +179,11 @@ class LeanConnector:
             return
         self.state = "connected"
         self.socket = None
-        protocol = self.factory.buildProtocol(IPv6Address("TCP", *self.peer) if s.family == socket.AF_INET6
-                                              else IPv4Address("TCP", *self.peer))
+        protocol = self.factory.buildProtocol(self._address("TCP", *self.peer))
         if protocol is None:
             s.close()
             return
-        transport = OutgoingConnection(s, protocol, self.reactor, self.peer)
+        transport = OutgoingConnection(s, protocol, self.reactor, self.peer, self._address)
         transport.startReading()
         protocol.makeConnection(transport)
 

@@ -64,7 +64,7 @@ from narsuite.logs import LEVELS, logger
 from narsuite.nar import socks
 from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
-from narsuite.nar.fastio import connect_tcp, lose_now, write_now
+from narsuite.nar.fastio import ClosingProducer, connect_tcp, lose_now, write_now
 from narsuite.nar.rules import RuleSet
 from narsuite.schema import ConfigError
 
@@ -804,8 +804,9 @@ class SocksProtocol(Protocol):
         self.outbound = out
         self.state = "relay"
         # Flow control: each side produces for the other; a full write buffer pauses the reader.
-        self.transport.registerProducer(out.transport, True)
-        out.transport.registerProducer(self.transport, True)
+        # ClosingProducer: when one side goes, the other closes at once if nothing is queued.
+        self.transport.registerProducer(ClosingProducer(out.transport), True)
+        out.transport.registerProducer(ClosingProducer(self.transport), True)
         # Bigger reads (Twisted's default is 64 KiB): fewer trips through the loop per byte
         # relayed.  Only the read size: the write buffer limit and flow control are unchanged.
         for tr in (self.transport, out.transport):
