@@ -337,7 +337,7 @@ def test_udp_fast_path_and_codec_path_agree():
         def stopListening(self):
             pass
 
-    def listenUDP(port, proto, interface=""):
+    def listenUDP(port, proto, interface="", maxPacketSize=8192):
         proto.transport = UDP()
         return proto.transport
 
@@ -456,3 +456,41 @@ def test_socks_connect_refused_and_fallback_to_the_next_address_on_a_real_reacto
         live.close()
     assert tries == ["example"] and f.counters["reply_connection_refused"] == 1
     assert f.counters["reply_succeeded"] == 1
+
+
+def test_udp_associate_on_a_real_reactor_relays_both_ways_without_truncating():
+    """The relay socket (_RelayPort, one datagram per event): small and 60,000-byte datagrams
+    both ways, intact (Twisted's listenUDP default would truncate at 8192 bytes)."""
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(5)
+    cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
+    r, f, port, t = _socks_server_thread(cfg)
+    try:
+        ctrl = socket.create_connection(("127.0.0.1", port), timeout=5)
+        ctrl.sendall(b"\x05\x01\x00")
+        assert ctrl.recv(2) == b"\x05\x00"
+        ctrl.sendall(socks.encode_request(socks.CMD_UDP_ASSOCIATE, "0.0.0.0", 0))
+        rep = ctrl.recv(10)
+        assert rep[1] == 0
+        relay = ("127.0.0.1", int.from_bytes(rep[8:10], "big"))
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        u.bind(("127.0.0.1", 0))
+        u.settimeout(5)
+        header = socks.encode_udp("127.0.0.1", echo.getsockname()[1], b"")
+        for body in (b"ping", b"z" * 60000, b"pong"):
+            u.sendto(header + body, relay)
+            got, src = echo.recvfrom(65535)
+            assert got == body and src[1] == relay[1]
+            echo.sendto(body[::-1], src)
+            back, _ = u.recvfrom(65535)
+            assert back == header + body[::-1]
+        u.close()
+        ctrl.close()
+    finally:
+        r.callFromThread(r.stop)
+        t.join(10)
+        echo.close()
+    assert f.counters["udp_datagrams_out"] == 3 and f.counters["udp_datagrams_in"] == 3
+    assert f.counters["bytes_up"] == f.counters["bytes_down"] == 60008

@@ -53,8 +53,9 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, udp
 from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol, ServerFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -284,6 +285,48 @@ class _BindFactory(ServerFactory):
             return None
         self.used = True
         return _Outbound(self.socks, bind=True)
+
+
+#: recvfrom() errors a relay socket ignores: nothing queued, a signal, or the ICMP
+#: "port unreachable" of an earlier datagram (an unconnected socket has no one to tell).
+_UDP_READ_IGNORE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNREFUSED))
+#: The largest UDP payload (a relay must not truncate; Twisted's listenUDP default is 8192).
+MAX_UDP = 65535
+
+
+class _RelayPort(udp.Port):
+    """A UDP ASSOCIATE relay socket: one datagram per readiness event, straight to the relay.
+
+    Twisted's ``doRead`` loops until ``maxThroughput`` bytes or ``EAGAIN``: it
+    ends every event with a ``recvfrom`` that fails (a syscall and a Python
+    exception), and an association rarely has a second datagram queued.  When
+    it has, the kernel reports the socket ready again (epoll is
+    level-triggered).  Everything else (binding, writing, closing) is
+    Twisted's ``udp.Port``.
+    """
+
+    def doRead(self) -> None:
+        try:
+            data, addr = self.socket.recvfrom(self.maxPacketSize)
+        except OSError as e:
+            if e.errno in _UDP_READ_IGNORE:
+                return
+            raise
+        if self.addressFamily == socket.AF_INET6:
+            addr = addr[:2]  # as Twisted: (host, port) without flow info and scope id
+        try:
+            self.protocol.datagramReceived(data, addr)
+        except BaseException:
+            log.failure("socks udp relay: unhandled error from datagramReceived")
+
+
+def _listen_relay(reactor: Any, relay: _UdpRelay, interface: str) -> Any:
+    """``listenUDP(0, relay, interface, MAX_UDP)`` with a :class:`_RelayPort` on Twisted's POSIX reactors."""
+    if isinstance(reactor, PosixReactorBase):
+        port = _RelayPort(0, relay, interface, MAX_UDP, reactor)
+        port.startListening()
+        return port
+    return reactor.listenUDP(0, relay, interface=interface, maxPacketSize=MAX_UDP)
 
 
 class _UdpRelay(DatagramProtocol):
@@ -895,16 +938,11 @@ class SocksProtocol(Protocol):
         # client reached us.
         wildcard = "::" if (_ip(here) or _ip("0.0.0.0")).version == 6 else "0.0.0.0"
         try:
-            port = self.reactor.listenUDP(0, relay, interface=wildcard)
+            port = _listen_relay(self.reactor, relay, wildcard)
         except Exception as e:
             log.info("socks udp: cannot listen on {here}: {e}", here=here, e=e)
             self._reply(socks.GENERAL_FAILURE)
             return
-        # One datagram per readiness event: Twisted's read loop otherwise ends every
-        # event with a recvfrom() that fails with EAGAIN (a syscall and a Python
-        # exception), and an association rarely has a second datagram queued.  When it
-        # has, the kernel reports the socket ready again (epoll is level-triggered).
-        port.maxThroughput = 1
         self._listening = port
         self._udp = relay
         self.state = "udp"
