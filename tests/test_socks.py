@@ -517,17 +517,21 @@ def test_udp_associate_relay():
     assert udp.sent[-1] == (b"ping", ("192.0.2.10", 7))
     relay.datagramReceived(b"pong", ("192.0.2.10", 7))
     assert udp.sent[-1] == (socks.encode_udp("192.0.2.10", 7, b"pong"), ("10.0.0.10", 5555))
+    # a second datagram to the same destination takes the fast path (raw address lookup)
+    relay.datagramReceived(socks.encode_udp("192.0.2.10", 7, b"ping2"), ("10.0.0.10", 5555))
+    assert udp.sent[-1] == (b"ping2", ("192.0.2.10", 7))
     n = len(udp.sent)
     relay.datagramReceived(socks.encode_udp("192.0.2.10", 7, b"x", frag=1), ("10.0.0.10", 5555))
     relay.datagramReceived(socks.encode_udp("192.0.2.10", 7, b"x"), ("10.0.0.99", 5555))  # not the client
     relay.datagramReceived(socks.encode_udp("192.0.2.10", 7, b"x"), ("10.0.0.10", 6666))  # other port
     relay.datagramReceived(b"unsolicited", ("192.0.2.11", 7))
     relay.datagramReceived(socks.encode_udp("192.0.2.10", 9, b"x"), ("10.0.0.10", 5555))  # blocked port
+    relay.datagramReceived(socks.encode_udp("192.0.2.10", 9, b"y"), ("10.0.0.10", 5555))  # still blocked
     relay.datagramReceived(b"\x00\x00", ("10.0.0.10", 5555))  # malformed
     assert len(udp.sent) == n
     assert f.counters["udp_fragments_dropped"] == 1 and f.counters["udp_malformed"] == 1
-    assert f.counters["udp_dropped"] == 4 and f.counters["rule_blocks"] == 1
-    assert f.counters["udp_datagrams_out"] == 1 and f.counters["udp_datagrams_in"] == 1
+    assert f.counters["udp_dropped"] == 5 and f.counters["rule_blocks"] == 1
+    assert f.counters["udp_datagrams_out"] == 2 and f.counters["udp_datagrams_in"] == 1
     p.connectionLost(Failure(error.ConnectionDone()))  # the association ends with the TCP connection
     assert udp.stopped
 

@@ -353,6 +353,10 @@ class _UdpRelay(DatagramProtocol):
         self.resolving: dict[str, list[tuple[int, bytes]]] = {}
         self._seconds = socks_proto.factory.reactor.seconds
         self._sendto: Any = None  # the port's socket.sendto (a real port), else transport.write
+        self._client_src: tuple[str, int] | None = None  # the client's source, once learnt
+        self._client_dest: tuple[str, int] | None = None  # where replies go (its TCP address)
+        # raw DST.ADDR+DST.PORT (IPv4) -> destination, for destinations sent to and allowed
+        self._allowed_v4: dict[bytes, tuple[str, int]] = {}
 
     def startProtocol(self) -> None:
         sock = getattr(self.transport, "socket", None)
@@ -363,37 +367,51 @@ class _UdpRelay(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         try:
             self.socks._last = self._seconds()
-            ip = addr[0]
-            is_client = self.client_ips.get(ip)
-            if is_client is None:
-                is_client = _same_ip(ip, self.client_ip)
-                if len(self.client_ips) < 64:
-                    self.client_ips[ip] = is_client
-            counters = self.f.counters
-            if is_client and self.client_port in (0, addr[1]):
-                self.client_port = addr[1]
-                # Fast path: FRAG 0, IPv4 destination already decided to be allowed.
-                if len(data) >= 10 and data[3] == socks.ATYP_IPV4 and data[2] == 0:
-                    key = (socket.inet_ntoa(data[4:8]), int.from_bytes(data[8:10], "big"))
-                    if self.decisions.get(key) and key in self.peers and not self.socks.closed:
+            if addr == self._client_src:
+                # From the client (its source, once learnt).  Fast path: FRAG 0 to an
+                # IPv4 destination it sent to before and the rules allow, found by the
+                # raw DST.ADDR/DST.PORT bytes in one lookup.
+                if len(data) >= 10 and data[2] == 0 and data[3] == 1:
+                    dest = self._allowed_v4.get(data[4:10])
+                    if dest is not None and not self.socks.closed:
+                        counters = self.f.counters
                         counters["udp_datagrams_out"] += 1
                         counters["bytes_up"] += len(data) - 10
-                        self._send(data[10:], key)
+                        self._send(data[10:], dest)
                         return
                 self._from_client(data)
                 return
-            header = self.peers.get((ip, addr[1]))
-            if header is not None:
-                if not self.client_port:
-                    return
+            header = self.peers.get(addr)
+            if header is not None and self._client_dest is not None:
+                # A reply from a destination the client sent to: wrapped back.
+                counters = self.f.counters
                 counters["udp_datagrams_in"] += 1
                 counters["bytes_down"] += len(data)
-                self._send(header + data, (self.client_ip, self.client_port))
-            else:
-                counters["udp_dropped"] += 1
+                self._send(header + data, self._client_dest)
+                return
+            self._other(data, addr)
         except Exception:
             self.f.count("errors")
             log.failure("socks udp relay: unexpected error")
+
+    def _other(self, data: bytes, addr: Any) -> None:
+        """A datagram from neither the learnt client source nor a known peer (or before
+        the client's port is known): the client's first datagram, or one to drop."""
+        ip = addr[0]
+        is_client = self.client_ips.get(ip)
+        if is_client is None:
+            is_client = _same_ip(ip, self.client_ip)
+            if len(self.client_ips) < 64:
+                self.client_ips[ip] = is_client
+        if is_client and self.client_port in (0, addr[1]):
+            self.client_port = addr[1]
+            self._client_src = (ip, addr[1])
+            self._client_dest = (self.client_ip, self.client_port)
+            self._from_client(data)
+            return
+        if self.peers.get((ip, addr[1])) is not None and not self.client_port:
+            return  # a reply before the client ever sent from its port: nowhere to send it
+        self.f.counters["udp_dropped"] += 1
 
     def _from_client(self, data: bytes) -> None:
         # Fast path: FRAG 0, IPv4 destination (what the codec would parse, without ipaddress).
@@ -456,6 +474,7 @@ class _UdpRelay(DatagramProtocol):
             allowed = self.f.decide.check(self.socks.client, self.socks.user, "udp", ip, port, name)
             if len(self.decisions) > self.MAX_CACHE:
                 self.decisions.clear()
+                self._allowed_v4.clear()
             self.decisions[key] = allowed
             if not allowed:
                 self.f.count("rule_blocks")
@@ -464,6 +483,8 @@ class _UdpRelay(DatagramProtocol):
             return
         if key not in self.peers and len(self.peers) < self.MAX_CACHE:
             self.peers[key] = socks.encode_udp(ip, port, b"")
+        if ":" not in ip and key in self.peers and len(self._allowed_v4) < self.MAX_CACHE:
+            self._allowed_v4[socket.inet_aton(ip) + port.to_bytes(2, "big")] = key
         counters = self.f.counters
         counters["udp_datagrams_out"] += 1
         counters["bytes_up"] += len(data)
