@@ -4,6 +4,11 @@ Run (root, Dante installed: ``apt-get install dante-server``):
 
     python bench/bench_socks.py [--seconds 4] [--connect-workers 16] [--udp-workers 8] [--streams 1]
                                 [--only dante|narsuite] [--workers 0] [--reactor epoll|narsuite-epoll]
+                                [--rounds 1]
+
+``--rounds N`` measures both servers N times, in alternating order, and reports each
+figure's median and every round's ratios: on this shared 2-core machine Dante's own
+figures move by 20-40% between runs minutes apart, so one round's ratio is mostly noise.
 
 Both servers listen on 127.0.0.1 and relay to local targets (bench/socks_load.py):
 
@@ -42,6 +47,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -333,8 +339,21 @@ ROWS = [
 ]
 
 
-def table(results: dict[str, dict | str], args) -> str:
-    figs = {k: figures(v) if isinstance(v, dict) else v for k, v in results.items()}
+def median_figures(rounds: list[dict[str, dict | str]]) -> dict[str, dict | str]:
+    """Per server, the median of each figure over the rounds it completed."""
+    out: dict[str, dict | str] = {}
+    for name in ("dante", "narsuite"):
+        done = [figures(r[name]) for r in rounds if isinstance(r.get(name), dict)]
+        if done:
+            out[name] = {k: statistics.median(f[k] for f in done) for k in done[0]}
+        else:
+            out[name] = next((r[name] for r in rounds if name in r), None)
+    return out
+
+
+def table(results: dict[str, dict | str], args, figs: dict[str, dict | str] | None = None) -> str:
+    if figs is None:
+        figs = {k: figures(v) if isinstance(v, dict) else v for k, v in results.items()}
     d, n = figs.get("dante"), figs.get("narsuite")
     lines = ["| figure | Dante | narsuite | ratio (narsuite/Dante) |", "|---|---:|---:|---:|"]
     for key, label, fmt, better in ROWS:
@@ -373,37 +392,61 @@ def main() -> None:
     ap.add_argument("--reactor", choices=("epoll", "narsuite-epoll"), default="epoll",
                     help="narsuite's reactor (workers included): Twisted's epoll reactor or "
                          "narsuite's lean one (narsuite/reactor.py)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds, each measuring both servers, in alternating order (Dante first "
+                         "in odd rounds); the table gives each figure's median over the rounds")
     args = ap.parse_args()
 
-    results: dict[str, dict | str] = {}
+    servers = [("dante", start_dante),
+               ("narsuite", lambda t: start_narsuite(t, args.workers, args.reactor))]
+    rounds: list[dict[str, dict | str]] = []
     tg = load.Targets()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-socks-") as tmpdir:
             tmp = Path(tmpdir)
-            for name, start in (("dante", start_dante),
-                                ("narsuite", lambda t: start_narsuite(t, args.workers, args.reactor))):
-                if args.only and args.only != name:
-                    continue
-                try:
-                    proc, port = start(tmp)
-                except Exception as e:  # missing server: report and go on
-                    print(f"[{name}] not available: {e}", file=sys.stderr)
-                    results[name] = "not available"
-                    continue
-                try:
-                    results[name] = run_server(name, proc, port, tg, args)
-                except Exception as e:
-                    print(f"[{name}] failed: {e!r}", file=sys.stderr)
-                    results[name] = "failed"
-                finally:
-                    stop(proc)
-                time.sleep(1.0)  # let TIME_WAIT and helper exits settle between servers
+            for i in range(args.rounds):
+                results: dict[str, dict | str] = {}
+                rounds.append(results)
+                # Alternate the order: a slow spell of the shared machine then does not
+                # always fall on the same server's windows.
+                for name, start in (servers if i % 2 == 0 else servers[::-1]):
+                    if args.only and args.only != name:
+                        continue
+                    try:
+                        proc, port = start(tmp)
+                    except Exception as e:  # missing server: report and go on
+                        print(f"[{name}] not available: {e}", file=sys.stderr)
+                        results[name] = "not available"
+                        continue
+                    try:
+                        results[name] = run_server(name, proc, port, tg, args)
+                    except Exception as e:
+                        print(f"[{name}] failed: {e!r}", file=sys.stderr)
+                        results[name] = "failed"
+                    finally:
+                        stop(proc)
+                    time.sleep(1.0)  # let TIME_WAIT and helper exits settle between servers
     finally:
         tg.close()
     print(f"\n## SOCKS5 — `python bench/bench_socks.py --workers {args.workers} "
-          f"--reactor {args.reactor}` — "
+          f"--reactor {args.reactor} --rounds {args.rounds}` — "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print(table(results, args))
+    if args.rounds == 1:
+        print(table(rounds[0], args))
+        return
+    print(f"Medians over {args.rounds} rounds:\n")
+    print(table({}, args, median_figures(rounds)).split("\n\nLoad generator")[0])
+    print("\nEach round (narsuite/Dante):\n")
+    print("| round | " + " | ".join(k for k, *_ in ROWS) + " |")
+    print("|---|" + "---:|" * len(ROWS))
+    for i, r in enumerate(rounds, 1):
+        d, n = r.get("dante"), r.get("narsuite")
+        if isinstance(d, dict) and isinstance(n, dict):
+            fd, fn = figures(d), figures(n)
+            print(f"| {i} | " + " | ".join(f"{fn[k] / fd[k]:.2f}×" if fd[k] else "–" for k, *_ in ROWS) + " |")
+    for i, r in enumerate(rounds, 1):
+        print(f"\nRound {i}:\n")
+        print(table(r, args))
 
 
 if __name__ == "__main__":
