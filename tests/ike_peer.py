@@ -377,10 +377,18 @@ class Initiator:
         return self._quick_mode_1()
 
     def _quick_mode_1(self) -> Outgoing:
+        return self.quick_mode()
+
+    def quick_mode(self, mid: int | None = None, extra: tuple[M.Payload, ...] = (),
+                   encap: int | None = None) -> Outgoing:
+        """Quick Mode message 1.  Tests choose the message ID, the encapsulation mode
+        (default: what NAT-T negotiated) and payloads to add after the IDs."""
         p2 = self.config.phase2
-        self._mid = secrets.randbits(32) or 1
+        self._mid = mid or (secrets.randbits(32) or 1)
         self._spi_i = secrets.randbits(32) | 0x100  # SPIs 0..255 are reserved
-        if self.port != NATT_PORT:
+        if encap is not None:
+            self._encap = encap
+        elif self.port != NATT_PORT:
             self._encap = C.ENCAP_TUNNEL
         else:  # RFC 3947 mode 3; the drafts (NAT-D payload 130) number it 61443
             self._encap = C.ENCAP_UDP_TUNNEL if self._natd_type == C.PT_NAT_D else C.ENCAP_UDP_TUNNEL_DRAFT
@@ -400,7 +408,7 @@ class Initiator:
             self._qpriv, qke = self._qgroup.generate()
             rest.append(M.KeyExchange(qke))
         self._local_ts = p2.local_ts or f"{self.local[0]}/32"
-        rest += [_id_payload(self._local_ts), _id_payload(p2.remote_ts)]
+        rest += [_id_payload(self._local_ts), _id_payload(p2.remote_ts), *extra]
         h1 = X.qm_hash1(self._hash, self._keys.skeyid_a, self._mid, M.build_payloads(rest))
         self.state = "qm2"
         return self._send(self._encrypted(C.EXCH_QUICK, self._mid, [M.Hash(h1), *rest]))

@@ -256,37 +256,9 @@ class Peer(Initiator):
 
     def quick_mode(self, mid: int | None = None, extra: tuple[M.Payload, ...] = ()) -> Outgoing:
         """Quick Mode 1 (ike_peer's, with a chosen encapsulation mode / message ID)."""
-        p2 = self.config.phase2
-        self._mid = mid or (secrets.randbits(32) | 1)
-        self._spi_i = secrets.randbits(32) | 0x100
-        if self.port != NATT_PORT:
-            self._encap = C.ENCAP_TUNNEL
-        else:  # RFC 3947 mode 3; the drafts (NAT-D payload 130) number it 61443
-            self._encap = C.ENCAP_UDP_TUNNEL if self._natd_type == C.PT_NAT_D else C.ENCAP_UDP_TUNNEL_DRAFT
-        if self.encap_override is not None:
-            self._encap = self.encap_override
-        attrs_ = [M.Attribute(C.P2_SA_LIFE_TYPE, C.LIFE_SECONDS), M.Attribute.of(C.P2_SA_LIFE_DURATION, p2.lifetime),
-                  M.Attribute(C.P2_ENCAP_MODE, self._encap)]
-        if p2.integ:
-            attrs_.append(M.Attribute(C.P2_AUTH_ALG, ike_peer._INTEG[p2.integ][0]))
-        attrs_.append(M.Attribute(C.P2_KEY_LENGTH, p2.key_bits))
-        if p2.pfs_group:
-            attrs_.append(M.Attribute(C.P2_GROUP_DESC, p2.pfs_group))
-        sa = M.SecurityAssociation([M.Proposal(1, C.PROTO_IPSEC_ESP, self._spi_i.to_bytes(4, "big"),
-                                               [M.Transform(1, ike_peer._ESP[p2.enc], attrs_)])])
-        self._qni = X.random_nonce(32)
-        rest: list[M.Payload] = [sa, M.Nonce(self._qni)]
-        if p2.pfs_group:
-            self._qgroup = X.group(p2.pfs_group)
-            self._qpriv, qke = self._qgroup.generate()
-            rest.append(M.KeyExchange(qke))
-        self._local_ts = p2.local_ts or f"{self.local[0]}/32"
-        rest += [ike_peer._id_payload(self._local_ts), ike_peer._id_payload(p2.remote_ts), *extra]
-        h1 = X.qm_hash1(self._hash, self._keys.skeyid_a, self._mid, M.build_payloads(rest))
         self.done = False
         self.result = None
-        self.state = "qm2"
-        return self._send(self._encrypted(C.EXCH_QUICK, self._mid, [M.Hash(h1), *rest]))
+        return super().quick_mode(mid, extra, self.encap_override)
 
     def _on_qm2(self, msg: M.Message) -> Outgoing | None:
         try:
