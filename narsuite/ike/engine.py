@@ -177,6 +177,16 @@ class IkeEngine:
         return self.clock.seconds()
 
     # ------------------------------------------------------------------ entry point
+    def _answer_retransmission(self, sa: IkeSA, digest: bytes) -> bool:
+        """A message we already answered (same digest): send the same answer again, True."""
+        cached = sa.replies.get(digest)
+        if cached is None:
+            return False
+        self._count("retransmit_answered")
+        for d in cached:
+            self._send(sa, d, sa.remote, sa.local_port)
+        return True
+
     def received(self, data: bytes, addr: tuple[str, int], local_port: int) -> None:
         """One IKE datagram (marker stripped) from ``addr`` on our ``local_port``."""
         self._count("rx")
@@ -194,11 +204,7 @@ class IkeEngine:
             if sa is None or sa.state == "deleted":
                 raise Drop("unknown_cookie", f"cookies {header.icookie.hex()}/{header.rcookie.hex()}")
             digest = hashlib.sha256(data).digest()[:16]
-            cached = sa.replies.get(digest)
-            if cached is not None:
-                self._count("retransmit_answered")
-                for d in cached:
-                    self._send(sa, d, sa.remote, sa.local_port)
+            if self._answer_retransmission(sa, digest):
                 return
             if digest in sa.seen:
                 raise Drop("duplicate", "retransmission of a message that needs no answer")
@@ -273,12 +279,7 @@ class IkeEngine:
         key = (header.icookie, addr[0], addr[1])
         existing = self.half_open.get(key) or self.first_messages.get(key)
         if existing is not None:
-            digest = hashlib.sha256(data).digest()[:16]
-            cached = existing.replies.get(digest)
-            if cached is not None:
-                self._count("retransmit_answered")
-                for d in cached:
-                    self._send(existing, d, existing.remote, existing.local_port)
+            if self._answer_retransmission(existing, hashlib.sha256(data).digest()[:16]):
                 return
             raise Drop("duplicate", "a different first message with a cookie already in use")
         if self.half_open_by_ip[addr[0]] >= self.cfg.half_open_per_source:
