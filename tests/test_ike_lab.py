@@ -16,24 +16,13 @@ import time
 from pathlib import Path
 
 import bcrypt
-import pytest
 from labtraffic import ping, tcp_transfer, tshark_ipsec
 
 from narsuite.lab.daemon import NarsuiteDaemon
-from narsuite.lab.pytest_plugin import lab_required
-from narsuite.lab.strongswan import Charon, ikev1_client_conf, strongswan_unavailable_reason
+from narsuite.lab.strongswan import Charon, ikev1_client_conf
 
 PSK = "lab-psk-0123456789"
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}
-
-
-@pytest.fixture
-def need_strongswan():
-    reason = strongswan_unavailable_reason()
-    if reason:
-        if lab_required():
-            pytest.fail(f"strongSwan unavailable (NARSUITE_REQUIRE_LAB=1): {reason}", pytrace=False)
-        pytest.skip(f"strongSwan unavailable: {reason}")
 
 
 def gateway(t, tmp: Path, policy: str, ike_extra: str = "", users: bool = False) -> NarsuiteDaemon:

@@ -12,28 +12,15 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
 from narsuite.lab import Lab, remote_access_topology
-from narsuite.lab.pytest_plugin import lab_required
 from narsuite.lab.strongswan import (
     Charon,
     ikev1_client_conf,
     ikev1_gateway_conf,
     parse_list_sas,
-    strongswan_unavailable_reason,
 )
 
 PSK = "lab-psk-0123456789"
-
-
-@pytest.fixture
-def need_strongswan():
-    reason = strongswan_unavailable_reason()
-    if reason:
-        if lab_required():
-            pytest.fail(f"strongSwan unavailable (NARSUITE_REQUIRE_LAB=1): {reason}", pytrace=False)
-        pytest.skip(f"strongSwan unavailable: {reason}")
 
 
 def charon_pids(netns: str) -> list[int]:

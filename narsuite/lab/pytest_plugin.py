@@ -23,6 +23,7 @@ import os
 import pytest
 
 from .netns import Lab, LabError, lab_unavailable_reason
+from .strongswan import strongswan_unavailable_reason
 from .topologies import mip_topology, nar_topology, remote_access_topology
 
 LAB_FIXTURES = frozenset({"lab", "nar_topo", "ra_topo", "mip_topo"})
@@ -82,3 +83,13 @@ def ra_topo(lab):
 def mip_topo(lab):
     """MN -- NAT -- MIPP -- {HA, CN}."""
     return mip_topology(lab)
+
+
+@pytest.fixture
+def need_strongswan():
+    """strongSwan (charon, swanctl) is installed: skip otherwise, fail under NARSUITE_REQUIRE_LAB=1."""
+    reason = strongswan_unavailable_reason()
+    if reason:
+        if lab_required():
+            pytest.fail(f"strongSwan unavailable ({REQUIRE_ENV}=1): {reason}", pytrace=False)
+        pytest.skip(f"strongSwan unavailable: {reason}")
