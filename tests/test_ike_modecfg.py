@@ -18,6 +18,7 @@ import subprocess
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from test_store import ok  # the result of an already-fired Deferred
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -43,15 +44,6 @@ A = I.Attribute
 P = I.AttributePayload
 
 USERS = {"alice": hash_password("wonderland", cost=4), "bob": hash_password("builder", cost=4)}
-
-
-def ok(d):
-    results, failures = [], []
-    d.addCallbacks(results.append, failures.append)
-    if failures:
-        failures[0].raiseException()
-    assert results, "Deferred has not fired"
-    return results[0]
 
 
 @pytest.fixture(scope="module")
