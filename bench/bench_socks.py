@@ -351,9 +351,8 @@ def median_figures(rounds: list[dict[str, dict | str]]) -> dict[str, dict | str]
     return out
 
 
-def table(results: dict[str, dict | str], args, figs: dict[str, dict | str] | None = None) -> str:
-    if figs is None:
-        figs = {k: figures(v) if isinstance(v, dict) else v for k, v in results.items()}
+def figure_table(figs: dict[str, dict | str], args) -> str:
+    """Dante against narsuite, one row per figure (``figs``: per server, figures() or why not)."""
     d, n = figs.get("dante"), figs.get("narsuite")
     lines = ["| figure | Dante | narsuite | ratio (narsuite/Dante) |", "|---|---:|---:|---:|"]
     for key, label, fmt, better in ROWS:
@@ -364,10 +363,17 @@ def table(results: dict[str, dict | str], args, figs: dict[str, dict | str] | No
         if isinstance(d, dict) and isinstance(n, dict) and d[key]:
             ratio = f"{n[key] / d[key]:.2f}× ({better} is better)"
         lines.append(f"| {label} | {dv} | {nv} | {ratio} |")
-    lines += ["", "Load generator and machine during each window (who was the bottleneck):", "",
-              "| server | figure | server CPU (cores) | clients CPU (cores) | targets CPU (cores) "
-              "| machine idle | errors |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    return "\n".join(lines)
+
+
+def table(results: dict[str, dict | str], args) -> str:
+    """One round: the figure table, then who used the CPU in each window."""
+    figs = {k: figures(v) if isinstance(v, dict) else v for k, v in results.items()}
+    lines = [figure_table(figs, args),
+             "", "Load generator and machine during each window (who was the bottleneck):", "",
+             "| server | figure | server CPU (cores) | clients CPU (cores) | targets CPU (cores) "
+             "| machine idle | errors |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for name, v in results.items():
         if not isinstance(v, dict):
             continue
@@ -435,7 +441,7 @@ def main() -> None:
         print(table(rounds[0], args))
         return
     print(f"Medians over {args.rounds} rounds:\n")
-    print(table({}, args, median_figures(rounds)).split("\n\nLoad generator")[0])
+    print(figure_table(median_figures(rounds), args))
     print("\nEach round (narsuite/Dante):\n")
     print("| round | " + " | ".join(k for k, *_ in ROWS) + " |")
     print("|---|" + "---:|" * len(ROWS))
