@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # Set up narsuite on a fresh Debian 12 machine (as root): the system tools the
-# daemon and the network lab use, then narsuite itself with its test extras.
+# daemon and the network lab use, then narsuite itself with its test extras in
+# a virtual environment (.venv in this checkout, or $NARSUITE_VENV).
+#
+# Why a virtual environment: Debian's own python3 is "externally managed"
+# (PEP 668), so `pip install` into it is refused; a venv works the same on
+# stock Debian and on images whose python3 is not Debian's.
+#
 # Idempotent: running it again only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 
 APT_PACKAGES=(
+  python3 python3-venv python3-dev  # the interpreter, venv + ensurepip (Debian splits it out), headers
+  gcc libffi-dev libssl-dev  # for any dependency without a wheel on this architecture
+  ca-certificates   # pip over HTTPS
   iproute2          # ip netns / veth / routes: the network lab and TUN routes
   nftables          # NAT in the lab; the roles' packet steering
   conntrack         # inspecting the lab NAT's UDP mappings
   openssh-client    # ssh + ssh-keygen: manhole tests log in for real
-  curl              # metrics scrapes, SOCKS client in later roles
+  openssl           # the openssl command: certificate tests check our PKI with it
+  curl              # metrics scrapes, SOCKS client
   iputils-ping      # ping through TUN devices
   procps            # sysctl
+  util-linux        # unshare, mount: charon gets its own /run
   kmod
   tshark            # dissector check: what we put on the wire parses without malformed packets
   strongswan-charon         # the real IKE/ESP peer of the ike role's lab tests and benchmarks
   strongswan-swanctl        # its vici control tool
+  libstrongswan-standard-plugins  # its openssl plugin: ECP groups and AES-GCM (only a Recommends)
   libcharon-extra-plugins   # kernel-libipsec (the kernel here has no in-kernel ESP)
   libcharon-extauth-plugins # xauth-generic
 )
@@ -26,11 +39,42 @@ for p in "${APT_PACKAGES[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
+  # tshark asks whether non-root users may capture; answer for it.
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections 2>/dev/null || true
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The interpreter the venv is built from: $PYTHON, else python3 on PATH (Debian's
+# /usr/bin/python3 on a stock machine).
 PY=${PYTHON:-python3}
+VENV=${NARSUITE_VENV:-$ROOT/.venv}
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
 # compat editable mode: twistd finds twisted/plugins/narsuite_plugin.py in this
 # checkout (a plain `pip install .` works too, see tests/test_packaging.py).
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+if ! "$VPY" -c 'import narsuite, pytest, twisted.plugins.narsuite_plugin' 2>/dev/null \
+   || [ setup.cfg -nt "$VENV/.narsuite-installed" ]; then
+  "$VPY" -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+  touch "$VENV/.narsuite-installed"
+fi
+
+# Operators' commands on PATH (the daemon itself is $VENV/bin/twistd, see README).
+for tool in narctl narsuite-lab narsuite-nar-client; do
+  link=/usr/local/bin/$tool
+  if [ ! -e "$link" ] || [ -L "$link" ]; then
+    ln -sfn "$VENV/bin/$tool" "$link" 2>/dev/null || true
+  fi
+done
+
+# Fail here, not in the middle of the tests, if a required piece is still missing.
+"$VPY" - <<'EOF'
+import sys
+from narsuite.lab.strongswan import strongswan_unavailable_reason
+reason = strongswan_unavailable_reason()
+if reason:
+    sys.exit(f"setup.sh: strongSwan is not usable: {reason}")
+EOF

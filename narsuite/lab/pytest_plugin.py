@@ -19,6 +19,7 @@ the ``lab`` marker automatically (``-m "not lab"`` deselects them).
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -41,6 +42,13 @@ def _unavailable(reason: str):
 
 
 def pytest_configure(config):
+    # The console scripts (twistd, narctl, narsuite-lab) live beside the interpreter running
+    # the tests -- in a virtual environment that is not on PATH unless activated, and the
+    # README runs ``.venv/bin/python -m pytest`` without activating it.
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path
     config.addinivalue_line(
         "markers", "lab: needs root, network namespaces and nftables (the network lab)")
 

@@ -48,6 +48,7 @@ __all__ = [
     "CHARON",
     "DEFAULT_LOG_LEVELS",
     "DEFAULT_PLUGINS",
+    "REQUIRED_PLUGINS",
     "SWANCTL",
     "Charon",
     "ChildSA",
@@ -86,6 +87,20 @@ CRED_DIRS = ("x509", "x509ca", "x509aa", "x509ocsp", "x509crl", "x509ac", "pubke
              "private", "rsa", "ecdsa", "bliss", "pkcs8", "pkcs12")
 
 
+#: Plugins the lab's peers cannot do without, and the Debian package that ships each.  ``openssl``
+#: gives the ECP groups and AES-GCM: it is only a Recommends of libstrongswan, so an
+#: ``apt-get install --no-install-recommends`` leaves it out and charon then refuses ecp256
+#: ("DH group ECP_256 not supported") instead of failing loudly.
+REQUIRED_PLUGINS: Mapping[str, str] = {
+    "openssl": "libstrongswan-standard-plugins",
+    "kernel-libipsec": "libcharon-extra-plugins",
+    "kernel-netlink": "libstrongswan",
+    "socket-default": "libstrongswan",
+    "vici": "libstrongswan",
+    "xauth-generic": "libcharon-extauth-plugins",
+}
+
+
 def available_plugins(names: Sequence[str], plugin_dir: str = PLUGIN_DIR) -> list[str]:
     """``names`` without the plugins whose shared object is not installed (e.g. ``kdf`` before 5.9.10).
 
@@ -102,9 +117,10 @@ def strongswan_unavailable_reason() -> str | None:
     for tool in (SWANCTL, "unshare", "mount"):
         if shutil.which(tool) is None:
             return f"{tool} not found"
-    for plugin in ("kernel-libipsec", "kernel-netlink", "socket-default", "vici"):
+    for plugin, package in REQUIRED_PLUGINS.items():
         if not available_plugins([plugin]):
-            return f"strongSwan plugin {plugin} not installed"
+            return (f"strongSwan plugin {plugin} not installed "
+                    f"({PLUGIN_DIR}/libstrongswan-{plugin}.so): apt-get install {package}")
     if not os.path.exists("/dev/net/tun"):
         return "/dev/net/tun missing (kernel-libipsec needs TUN)"
     return None
