@@ -639,7 +639,7 @@ def test_rsa_verify_wants_the_exact_block(gw, monkeypatch, openssl_opinion):
         b"\x00\x02" + pkcs1_null_block(h, 256)[2:],                    # block type 2
         b"\x00\x01" + b"\xff" * 200 + b"\x00" + os.urandom(33) + h,   # junk between padding and hash
         b"\x00\x01" + b"\xff" * 201 + b"\x01" + os.urandom(32) + h,   # no 00 separator
-        pkcs1_null_block(h, 256)[:-1] + b"\x00",
+        pkcs1_null_block(h, 256)[:-1] + bytes([h[-1] ^ 1]),              # last hash byte wrong
     ]
     for block in bad_blocks:
         assert len(block) == 256
