@@ -74,6 +74,10 @@ deb $MIRROR $SUITE-updates main
 deb http://deb.debian.org/debian-security $SUITE-security main
 EOF
 cp /etc/resolv.conf "$DIR/etc/resolv.conf"
+# The one host setting that goes in: the CA bundle this host trusts.  Where the network
+# intercepts TLS (as here) pip could not reach PyPI without it; elsewhere it is just
+# the public CAs again.
+cp /etc/ssl/certs/ca-certificates.crt "$DIR/root/host-ca.pem"
 git clone -q --no-hardlinks "$ROOT" "$DIR/root/narsuite"
 echo "fresh-check: bare root ready in $(( $(date +%s) - t0 )) s; narsuite at $(git -C "$ROOT" rev-parse --short HEAD) (committed HEAD only)"
 
@@ -82,6 +86,7 @@ INNER=$(cat <<EOF
 set -u
 cd /root/narsuite
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+export PIP_CERT=/root/host-ca.pem
 rc=0
 if [ "$ONLY" != test ]; then
   echo "fresh-check: [1/2] $RUN_CMD"
