@@ -116,6 +116,9 @@ def install() -> NarsuiteEPollReactor:
     """Installs :class:`NarsuiteEPollReactor` as ``twisted.internet.reactor`` (like Twisted's install())."""
     from twisted.internet.main import installReactor
 
+    from narsuite.twisted_private import check
+
+    check()  # a Twisted without the private names this reactor uses: say which, before running
     reactor = NarsuiteEPollReactor()
     installReactor(reactor)
     return reactor
