@@ -57,6 +57,10 @@ def missing() -> list[str]:
     return gone
 
 
+class _NoReactor:
+    """Stands in for a reactor: the instance is inspected, never run."""
+
+
 def _connection_instance_missing() -> list[str]:
     import socket
 
@@ -65,7 +69,8 @@ def _connection_instance_missing() -> list[str]:
 
     with socket.socket() as s:
         try:
-            conn = tcp.Connection(s, Protocol(), None)
+            # not None: FileDescriptor would import (and so install) the default reactor
+            conn = tcp.Connection(s, Protocol(), _NoReactor())
         except Exception:  # a changed constructor: everything the fast path reads is suspect
             return list(CONNECTION_INSTANCE)
         return [a for a in CONNECTION_INSTANCE if not hasattr(conn, a)]
