@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from narsuite.ike import certs, isakmp
 from narsuite.ike import constants as C
 from narsuite.lab import pki as labpki
+from narsuite.lab.pytest_plugin import need_tools
 
 DER = serialization.Encoding.DER
 UTC = datetime.UTC
@@ -505,7 +506,12 @@ def test_raw_fallback_matches_openssl(gw, lab, monkeypatch):
     assert not certs.verify_signature(gw.certificate.public_key(), os.urandom(20), sig)
 
 
-openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl command not installed")
+@pytest.fixture
+def _openssl_command() -> None:
+    need_tools("openssl")
+
+
+openssl = pytest.mark.usefixtures("_openssl_command")
 
 
 def _run(*args: str | Path) -> bytes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import os
 import struct
 
 import pytest
@@ -23,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from narsuite.ike import crypto as C
+from narsuite.lab.pytest_plugin import need_tools
 
 # ---------------------------------------------------------------------------------------------
 # independent reference formulas (RFC text -> a few lines each)
@@ -735,12 +735,8 @@ def _tshark_fields(pcap, cookie: bytes, key: bytes) -> list[list[str]]:
 def test_tshark_decrypts_our_main_mode_quick_mode_and_informational(tmp_path, h, cipher, keybits, group_no):
     """Wireshark derives every IV on its own from the KE payloads and message IDs (Appendix B);
     it reads our IDs, Quick Mode nonces and DPD sequence number only if each IV is right."""
-    import shutil
 
-    if shutil.which("tshark") is None:
-        if os.environ.get("NARSUITE_REQUIRE_LAB", "").strip().lower() in ("1", "true", "yes"):
-            pytest.fail("tshark missing (scripts/setup.sh installs it)")
-        pytest.skip("tshark missing")
+    need_tools("tshark")
     pcap = tmp_path / "ike.pcap"
     cookie, key, qni, qnr = _exchange_pcap(pcap, h, cipher, keybits, group_no)
     rows = _tshark_fields(pcap, cookie, key)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from narsuite.ike import constants as C
 from narsuite.ike import isakmp as I
+from narsuite.lab.pytest_plugin import need_tools
 
 PROPS = settings(max_examples=150, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -673,18 +674,13 @@ _TSHARK_FIELDS = [
 
 
 def _tshark(tmp_path, *messages: bytes) -> list[dict[str, str]]:
-    import os
-    import shutil
     import subprocess
 
     from scapy.layers.inet import IP, UDP
     from scapy.packet import Raw
     from scapy.utils import wrpcap
 
-    if shutil.which("tshark") is None:
-        if os.environ.get("NARSUITE_REQUIRE_LAB", "").strip().lower() in ("1", "true", "yes"):
-            pytest.fail("tshark missing (scripts/setup.sh installs it)")
-        pytest.skip("tshark missing")
+    need_tools("tshark")
     pcap = tmp_path / "isakmp.pcap"
     wrpcap(str(pcap), [IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=500, dport=500) / Raw(m) for m in messages])
     cmd = ["tshark", "-r", str(pcap), "-T", "fields", "-E", "aggregator=|"]

@@ -18,7 +18,7 @@ import pytest
 
 from narsuite.ike import constants as C
 from narsuite.ike import isakmp as M
-from narsuite.lab.pytest_plugin import lab_required
+from narsuite.lab.pytest_plugin import unavailable
 from narsuite.lab.strongswan import Charon, ikev1_gateway_conf, strongswan_unavailable_reason
 
 PEER = Path(__file__).resolve().with_name("ike_peer.py")
@@ -51,9 +51,7 @@ PHASE2 = {
 def gateway(ra_topo, tmp_path):
     reason = strongswan_unavailable_reason()
     if reason:
-        if lab_required():
-            pytest.fail(f"strongSwan unavailable (NARSUITE_REQUIRE_LAB=1): {reason}", pytrace=False)
-        pytest.skip(f"strongSwan unavailable: {reason}")
+        unavailable(reason, "strongSwan")
     gw = Charon(ra_topo.g, tmp_path / "g").start()
     gw.load(ikev1_gateway_conf(ra_topo.g_public, PSK, remote_ts=ra_topo.private_net, esp_proposals=GW_ESP))
     return gw

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -23,14 +22,16 @@ import bcrypt
 import pytest
 
 from narsuite.config import ManholeConfig
+from narsuite.lab.pytest_plugin import need_tools
 from narsuite.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("ssh") is None or shutil.which("ssh-keygen") is None,
-    reason="needs the OpenSSH client (ssh, ssh-keygen)",
-)
+
+@pytest.fixture(autouse=True)
+def _openssh_client() -> None:
+    need_tools("ssh", "ssh-keygen")  # the OpenSSH client logs in for real
+
 
 PASSWORD = "correct horse battery staple"
 # Computed once per session at a low cost (the server checks any cost).

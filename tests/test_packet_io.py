@@ -27,6 +27,8 @@ import time
 
 import pytest
 
+from narsuite.lab.pytest_plugin import unavailable
+
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
 if REPO not in sys.path:  # when run as an agent script
@@ -335,9 +337,7 @@ class Netns:
 def netns_pair():
     reason = _lab_unavailable()
     if reason:
-        if os.environ.get("NARSUITE_REQUIRE_LAB", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"network lab unavailable: {reason}")
-        pytest.skip(f"network lab unavailable: {reason}")
+        unavailable(reason)
     a, b = f"npio-a-{os.getpid()}", f"npio-b-{os.getpid()}"
     created = []
     try:

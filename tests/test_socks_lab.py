@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from narsuite.lab.pytest_plugin import need_module
 from narsuite.nar.auth import hash_password
 
 SERVER_SCRIPT = textwrap.dedent("""
@@ -174,10 +175,7 @@ def test_rule_blocks_port_and_decision_is_logged(nar_topo, y_http, server):
 
 
 def test_udp_associate_with_pysocks(nar_topo, server, tmp_path):
-    try:
-        import socks  # noqa: F401  PySocks, the independent UDP ASSOCIATE client (test extra)
-    except ImportError:
-        (pytest.fail if os.environ.get("NARSUITE_REQUIRE_LAB") else pytest.skip)("PySocks is not installed")
+    need_module("socks")  # PySocks, the independent UDP ASSOCIATE client (test extra)
     (tmp_path / "echo.py").write_text(UDP_ECHO)
     (tmp_path / "client.py").write_text(UDP_CLIENT)
     nar_topo.y.popen([sys.executable, str(tmp_path / "echo.py"), nar_topo.y_addr, "7777"])

@@ -6,10 +6,10 @@ import configparser
 from pathlib import Path
 
 import pytest
-from twisted import version as twisted_version
 from twisted.internet import abstract
 
 from narsuite import twisted_private
+from twisted import version as twisted_version
 
 
 def test_every_private_attribute_used_exists() -> None:

@@ -19,6 +19,7 @@ the ``lab`` marker automatically (``-m "not lab"`` deselects them).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -32,13 +33,37 @@ REQUIRE_ENV = "NARSUITE_REQUIRE_LAB"
 
 
 def lab_required() -> bool:
-    return os.environ.get(REQUIRE_ENV, "").strip().lower() in ("1", "true", "yes")
+    """``NARSUITE_REQUIRE_LAB`` is set to a true value (1, true, yes; "0" or empty is false).
+
+    The one place that reads the variable: every test that would otherwise skip calls
+    :func:`unavailable` (or :func:`need_tools`), so CI never counts a skip as a pass.
+    """
+    return os.environ.get(REQUIRE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _unavailable(reason: str):
+def unavailable(reason: str, what: str = "network lab") -> None:
+    """Skip the running test for ``reason``; fail it instead under ``NARSUITE_REQUIRE_LAB=1``."""
     if lab_required():
-        pytest.fail(f"network lab unavailable ({REQUIRE_ENV}=1): {reason}", pytrace=False)
-    pytest.skip(f"network lab unavailable: {reason}")
+        pytest.fail(f"{what} unavailable ({REQUIRE_ENV}=1): {reason}", pytrace=False)
+    pytest.skip(f"{what} unavailable: {reason}")
+
+
+_unavailable = unavailable
+
+
+def need_tools(*tools: str) -> None:
+    """Every command in ``tools`` is on PATH; else :func:`unavailable` (scripts/setup.sh installs them)."""
+    gone = [t for t in tools if shutil.which(t) is None]
+    if gone:
+        unavailable(f"{', '.join(gone)} not on PATH (scripts/setup.sh installs it)", "tool")
+
+
+def need_module(name: str) -> None:
+    """The Python module ``name`` imports; else :func:`unavailable` (the test extra installs it)."""
+    try:
+        __import__(name)
+    except ImportError as e:
+        unavailable(f"Python module {name} missing ({e}); pip install -e '.[test]'", "module")
 
 
 def pytest_configure(config):
@@ -98,6 +123,4 @@ def need_strongswan():
     """strongSwan (charon, swanctl) is installed: skip otherwise, fail under NARSUITE_REQUIRE_LAB=1."""
     reason = strongswan_unavailable_reason()
     if reason:
-        if lab_required():
-            pytest.fail(f"strongSwan unavailable ({REQUIRE_ENV}=1): {reason}", pytrace=False)
-        pytest.skip(f"strongSwan unavailable: {reason}")
+        unavailable(reason, "strongSwan")
