@@ -31,9 +31,9 @@ import narsuite.ike.engine as ENGINE
 from narsuite import sadb
 from narsuite.ike import constants as C
 from narsuite.ike import crypto as X
-from narsuite.ike import engine as engine_mod
 from narsuite.ike import isakmp as M
 from narsuite.ike import natt, records
+from narsuite.ike import phase1 as phase1_mod
 from narsuite.ike.config import IkeConfig
 from narsuite.ike.engine import IkeEngine
 from narsuite.passwords import PasswordChecker, hash_password
@@ -111,7 +111,8 @@ def spi_leases(h: Harness) -> list:
 
 def engine_timers(h: Harness) -> list:
     """The engine's pending timers (not the store's own housekeeping)."""
-    return [dc for dc in h.clock.getDelayedCalls() if getattr(dc.func, "__self__", None) is h.engine]
+    mine = (h.engine, *h.engine.parts)
+    return [dc for dc in h.clock.getDelayedCalls() if any(getattr(dc.func, "__self__", None) is m for m in mine)]
 
 
 @pytest.fixture(autouse=True)
@@ -606,7 +607,7 @@ class CountingCrypto:
 
 def test_retransmissions_get_the_stored_reply_and_are_not_processed(monkeypatch):
     counting = CountingCrypto()
-    monkeypatch.setattr(engine_mod, "crypto", counting)
+    monkeypatch.setattr(phase1_mod, "crypto", counting)
     h = Harness()
     p = Peer(psk_peer())
     link = Link(h, p)
@@ -677,7 +678,7 @@ def test_half_open_limit_per_source():
 
 def test_half_open_limit_total_and_no_dh_for_the_excess(monkeypatch):
     counting = CountingCrypto()
-    monkeypatch.setattr(engine_mod, "crypto", counting)
+    monkeypatch.setattr(phase1_mod, "crypto", counting)
     h = Harness(half_open_per_source=5, half_open_total=3)
     for i in range(6):
         p = Peer(psk_peer(), local=(f"192.0.2.{100 + i}", 500))

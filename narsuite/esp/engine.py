@@ -33,25 +33,13 @@ from narsuite.esp import transform
 from narsuite.esp.records import NAPT, PEER, SA_KIND, NaptEntry, Peer
 from narsuite.logs import logger
 from narsuite.packet import codec
+from narsuite.packet.markers import KEEPALIVE
 from narsuite.store import Change, Store
 
-__all__ = ["EspEngine", "KEEPALIVE", "NON_ESP_MARKER", "is_esp_or_keepalive", "is_draft_esp"]
+__all__ = ["EspEngine"]
 
 log = logger()
 
-KEEPALIVE = b"\xff"
-NON_ESP_MARKER = b"\x00\x00\x00\x00"
-DRAFT_MARKER = b"\x00" * 8
-
-
-def is_esp_or_keepalive(data: bytes) -> bool:
-    """What the esp role claims on 4500: everything but the non-ESP marker (IKE)."""
-    return data[:4] != NON_ESP_MARKER or len(data) < 4
-
-
-def is_draft_esp(data: bytes) -> bool:
-    """004 draft on port 500: ESP sits behind eight zero bytes (IKE's cookie is non-zero)."""
-    return len(data) > 8 and data[:8] == DRAFT_MARKER
 
 
 @attrs.define

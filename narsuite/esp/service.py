@@ -15,9 +15,10 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
 from narsuite.esp.config import EspConfig, PeerConfig, hexbytes
-from narsuite.esp.engine import DRAFT_MARKER, EspEngine, is_draft_esp, is_esp_or_keepalive
+from narsuite.esp.engine import EspEngine
 from narsuite.esp.records import PEER, SA, SA_KIND, Peer, RekeyRequest
 from narsuite.logs import logger
+from narsuite.packet.markers import NON_IKE_MARKER, is_draft_esp, is_esp_or_keepalive
 
 __all__ = ["EspService"]
 
@@ -57,7 +58,7 @@ class EspService(service.Service):
         self.engine.senders = {"udp": send_udp, "keepalive": send_udp}
         if self.draft is not None:
             self.engine.senders["udp500"] = lambda data, ip, port: self.draft.write(
-                DRAFT_MARKER + data, (ip, port))
+                NON_IKE_MARKER + data, (ip, port))
 
     # -------------------------------------------------------------- framing
     def _draft_received(self, data: bytes, addr: tuple[str, int]) -> None:

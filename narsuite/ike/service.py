@@ -16,24 +16,11 @@ from twisted.internet.task import LoopingCall
 from narsuite.ike.config import IkeConfig
 from narsuite.ike.engine import IkeEngine
 from narsuite.logs import logger
+from narsuite.packet.markers import NON_ESP_MARKER, is_ike_on_500, is_ike_on_4500
 
-__all__ = ["IkeService", "NON_ESP_MARKER"]
+__all__ = ["IkeService"]
 
 log = logger()
-
-NON_ESP_MARKER = b"\x00\x00\x00\x00"
-_ZERO8 = bytes(8)
-
-
-def is_ike_on_500(data: bytes) -> bool:
-    """Port 500: IKE unless it is the 004 draft's ESP (eight zero bytes, then ESP)."""
-    return len(data) >= 28 and data[:8] != _ZERO8
-
-
-def is_ike_on_4500(data: bytes) -> bool:
-    """Port 4500: IKE is what follows the non-ESP marker."""
-    return len(data) >= 32 and data[:4] == NON_ESP_MARKER
-
 
 class IkeService(service.Service):
     def __init__(self, ctx: Any) -> None:

@@ -43,6 +43,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 
 from narsuite.nar import socks, wire
 from narsuite.packet import codec
+from narsuite.packet.routing import source_address
 
 __all__ = ["NarClient", "NarRefused", "BorrowedAddress", "main"]
 
@@ -252,7 +253,7 @@ class BorrowedAddress:
             self.counters["dropped"] += 1
             return
         if self.xa_b is None:
-            self.xa_b = socket.inet_aton(_local_address_towards(self.na))
+            self.xa_b = socket.inet_aton(source_address(self.na))
         self.ipip.send_packet(codec.ipip_encapsulate(packet, self.xa_b, self.na_b))
         self.counters["to_n"] += 1
 
@@ -270,13 +271,6 @@ class BorrowedAddress:
         self.counters["from_n"] += 1
 
 
-def _local_address_towards(dest: str) -> str:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.connect((dest, 9))
-        return s.getsockname()[0]
-    finally:
-        s.close()
 
 
 def main(argv: list[str] | None = None) -> int:

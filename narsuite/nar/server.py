@@ -67,6 +67,7 @@ from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
 from narsuite.nar.fastio import ClosingProducer, connect_tcp, lose_now, write_now
 from narsuite.nar.rules import RuleSet
+from narsuite.packet.routing import source_address
 from narsuite.schema import ConfigError
 
 __all__ = ["SocksFactory", "SocksProtocol", "NarConnection", "connect_error_code", "METHOD_CODES"]
@@ -157,19 +158,6 @@ def _same_ip(a: str, b: str) -> bool:
     if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped:
         y = y.ipv4_mapped
     return x == y
-
-
-def _local_address_towards(dest: str, fallback: str) -> str:
-    """The source address the kernel would use towards ``dest`` (a UDP connect: no packet sent)."""
-    ip = _ip(dest)
-    if ip is None or ip.is_unspecified:
-        return fallback
-    try:
-        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((dest, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return fallback
 
 
 class NarConnection:
@@ -926,7 +914,7 @@ class SocksProtocol(Protocol):
         self._listening = port
         self.state = "bindwait"
         self._set_timer(self.factory.config.connect_timeout, "connect")
-        addr = _local_address_towards(toward, here) if expected else here
+        addr = source_address(toward, here) if expected else here
         self._reply(socks.SUCCEEDED, addr, port.getHost().port)
 
     def _bind_peer_connected(self, out: _Outbound) -> None:

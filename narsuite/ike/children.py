@@ -1,0 +1,221 @@
+"""The ESP SAs an ISAKMP SA negotiated, as the esp role sees them: ``esp.peer`` and
+``esp.sa`` records in the store (:mod:`narsuite.sadb`).
+
+This part writes them after Quick Mode, removes them on Delete or expiry, keeps a
+deleted ISAKMP SA's children alive as *orphans* until a new ISAKMP SA of the same
+principal adopts them (strongSwan re-authenticates that way), and moves their peer
+address when the ISAKMP SA moves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import TYPE_CHECKING
+
+from narsuite.ike import constants as C
+from narsuite.ike import crypto
+from narsuite.ike.common import ESP_KEY_BYTES, INTEG_KEY_BYTES, grace
+from narsuite.ike.isakmp import Delete, ISAKMPError
+from narsuite.ike.sa import Child, IkeSA, QuickMode
+from narsuite.logs import logger
+from narsuite.sadb import PEER, SA, SA_KIND, Peer
+
+if TYPE_CHECKING:
+    from narsuite.ike.engine import IkeEngine
+
+__all__ = ["Children", "ORPHAN_GRACE"]
+
+log = logger()
+
+#: how long ESP SAs outlive an ISAKMP SA the peer deleted, waiting for its successor
+ORPHAN_GRACE = 60.0
+
+Principal = tuple[str, str, str]
+
+
+class Children:
+    """The esp role's records for one engine's ISAKMP SAs."""
+
+    def __init__(self, engine: IkeEngine) -> None:
+        self.engine = engine
+        #: outbound SPI -> (the ISAKMP SA, the child): Delete payloads name it
+        self.by_out: dict[int, tuple[IkeSA, Child]] = {}
+        #: principal -> a deleted ISAKMP SA whose ESP SAs wait for its successor
+        self.orphans: dict[Principal, IkeSA] = {}
+
+    # ------------------------------------------------------------------ install
+    def name(self, sa: IkeSA, qm: QuickMode) -> str:
+        assert sa.policy is not None
+        # the XAUTH user, else the identity at its (NAT) address: two clients sharing an
+        # identity and a private address behind different NATs must not share a child
+        who = sa.xauth_user or f"{sa.peer_id_text}@{sa.remote[0]}"
+        return f"ike:{sa.policy.name}:{who}:{qm.remote_ts[0]}"
+
+    def install(self, sa: IkeSA, qm: QuickMode) -> None:
+        """HASH(3) verified: the pair of ESP SAs and the peer record go to the store."""
+        e = self.engine
+        store = e.store
+        assert sa.keys is not None and sa.choice is not None and sa.policy is not None
+        ch = qm.choice
+        enc_len = ESP_KEY_BYTES[(ch.enc, ch.key_bits)]
+        integ_len = INTEG_KEY_BYTES[ch.integ]
+        h, d = sa.choice.hash, sa.keys.skeyid_d
+        ek_in, ik_in = crypto.esp_keys(h, d, qm.spi_in, qm.ni, qm.nr, enc_len, integ_len, qm.gqm_xy)
+        ek_out, ik_out = crypto.esp_keys(h, d, qm.spi_out, qm.ni, qm.nr, enc_len, integ_len, qm.gqm_xy)
+        name = self.name(sa, qm)
+        if not ch.udp:
+            encap = "esp"
+        else:
+            encap = sa.variant.encap if sa.variant is not None else "udp"
+        remote_net = ipaddress.IPv4Network(qm.remote_ts[0])
+        if ch.tunnel:
+            if sa.address:
+                policy, inner, allowed = "address", sa.address, ()
+            elif remote_net.prefixlen == 32 and not sa.policy.remote_ts:
+                policy, inner, allowed = "address", str(remote_net.network_address), ()
+            else:
+                policy, inner, allowed = "space", "", (str(remote_net),)
+        else:
+            policy, inner, allowed = "space", "", ()
+        peer = Peer(name=name, mode="tunnel" if ch.tunnel else "transport", encap=encap, remote_ip=sa.remote[0],
+                    remote_port=sa.remote[1] if encap != "esp" else 0, policy=policy, inner=inner,
+                    pool=sa.policy.pool if sa.address else "", allowed=allowed,
+                    keepalive=sa.nat_local and encap == "udp", local_ip=sa.local_ip,
+                    nat_oa_remote=qm.nat_oa_remote, nat_oa_local=qm.nat_oa_local,
+                    selector_proto=qm.local_ts[1], selector_port=qm.local_ts[2])
+        owner = f"ike:child:{name}"
+        hard = ch.lifetime + grace(ch.lifetime)
+        ttl_in = hard + 5.0  # the timer below deletes first (and tells the peer); this is a safety net
+        sa_in = SA(spi=qm.spi_in, direction="in", peer=name, enc=ch.enc, integ=ch.integ, enc_key=ek_in,
+                   integ_key=ik_in, esn=ch.esn)
+        sa_out = SA(spi=qm.spi_out, direction="out", peer=name, enc=ch.enc, integ=ch.integ, enc_key=ek_out,
+                    integ_key=ik_out, esn=ch.esn)
+        try:
+            existing = store.get(PEER.name, name)
+            if existing is None:
+                conflict = inner and store.lookup(PEER.name, "inner", socket.inet_aton(inner))
+                if conflict:
+                    raise ISAKMPError(C.INVALID_ID_INFORMATION,
+                                      f"inner address {inner} is already used by {conflict.name}")
+            store.put(peer, owner=owner)
+            old_out = store.lookup(SA_KIND.name, "out_peer", name)
+            if old_out is not None:
+                store.delete(SA_KIND.name, (old_out.direction, old_out.spi, old_out.peer))
+            store.put(sa_in, ttl=ttl_in, owner=owner)
+            store.put(sa_out, ttl=hard + 5.0, owner=owner)
+        except ISAKMPError as err:
+            e.count("quick_refused")
+            log.warn("ike: {name}: child refused: {why}", name=sa.name, why=err.detail)
+            e.send_informational(sa, [Delete(C.PROTO_IPSEC_ESP, 4, (qm.spi_in.to_bytes(4, "big"),))])
+            store.release("spi", qm.spi_in)
+            return
+        # a rekeyed child (same name) from this or an older IKE SA: the old pair stays until
+        # the peer deletes it or it expires; only one outbound SA per peer is current.
+        now = e.now()
+        child = Child(name, qm.spi_in, qm.spi_out, now + ch.lifetime, ch.describe())
+        sa.children.append(child)
+        child.timer = e.clock.callLater(hard, self._expired, sa, child)
+        self.by_out[qm.spi_out] = (sa, child)
+        e.count("child_installed")
+        log.info("ike: {name}: ESP {desc} {rsel} <-> {lsel} in {spi_in:#010x} out {spi_out:#010x} ({encap} to "
+                 "{peer})", name=sa.name, desc=ch.describe(), rsel=qm.remote_ts[0], lsel=qm.local_ts[0],
+                 spi_in=qm.spi_in, spi_out=qm.spi_out, encap=encap, peer=f"{sa.remote[0]}:{sa.remote[1]}")
+        e.publish(sa)
+
+    # ------------------------------------------------------------------ remove
+    def _expired(self, sa: IkeSA, child: Child) -> None:
+        if child in sa.children:
+            self.remove(sa, child, notify_peer=sa.state == "established")
+
+    def remove(self, sa: IkeSA, child: Child, notify_peer: bool) -> None:
+        e = self.engine
+        store = e.store
+        if child in sa.children:
+            sa.children.remove(child)
+        if child.timer is not None and child.timer.active():
+            child.timer.cancel()
+        self.by_out.pop(child.spi_out, None)
+        store.delete(SA_KIND.name, ("in", child.spi_in, child.peer))
+        out = store.get(SA_KIND.name, ("out", child.spi_out, child.peer))
+        if out is not None:
+            store.delete(SA_KIND.name, ("out", child.spi_out, child.peer))
+        store.release("spi", child.spi_in)
+        if not store.lookup_all(SA_KIND.name, "peer", child.peer):
+            store.delete(PEER.name, child.peer)
+        e.count("child_deleted")
+        if notify_peer and sa.state == "established":
+            e.send_informational(sa, [Delete(C.PROTO_IPSEC_ESP, 4, (child.spi_in.to_bytes(4, "big"),))])
+        e.publish(sa)
+
+    def release(self, sa: IkeSA) -> None:
+        """Give back what the SA held in the store: SPI leases, its address (unless another
+        live SA of the same user holds it)."""
+        e = self.engine
+        e.store.drop_owner(e.owner(sa))
+        if sa.address and sa.policy is not None and not any(
+                o.address == sa.address for o in e.sas.values() if o.state == "established"):
+            e.store.drop_owner(e.transactions.lease_owner(sa))
+
+    # ------------------------------------------------------------------ the peer moved
+    def peer_moved(self, sa: IkeSA) -> None:
+        """The ISAKMP SA follows its peer to a new address: so do its UDP-encapsulated ESP SAs."""
+        store = self.engine.store
+        for child in sa.children:
+            peer = store.get(PEER.name, child.peer)
+            if peer is not None and peer.encap == "udp" and sa.natted:
+                store.update(PEER.name, child.peer, remote_ip=sa.remote[0], remote_port=sa.remote[1])
+
+    # ------------------------------------------------------------------ orphans
+    def principal(self, sa: IkeSA) -> Principal:
+        return (sa.policy.name if sa.policy else "", sa.peer_id_text, sa.xauth_user or sa.remote[0])
+
+    def orphan(self, sa: IkeSA) -> None:
+        """The peer deleted ``sa`` but not its children: they wait for a successor."""
+        key = self.principal(sa)
+        old = self.orphans.pop(key, None)
+        if old is not None:
+            self._orphans_expired(old)
+        self.orphans[key] = sa
+        sa.timer = self.engine.clock.callLater(ORPHAN_GRACE, self._orphans_expired, sa)
+
+    def _orphans_expired(self, sa: IkeSA) -> None:
+        """No new ISAKMP SA came for these children: they go."""
+        key = self.principal(sa)
+        if self.orphans.get(key) is sa:
+            del self.orphans[key]
+        if sa.timer is not None and sa.timer.active():
+            sa.timer.cancel()
+        for child in list(sa.children):
+            self.remove(sa, child, notify_peer=False)
+        self.release(sa)
+
+    def adopt_orphans(self, sa: IkeSA) -> None:
+        """A new ISAKMP SA of a principal whose old one the peer deleted: it takes over
+        the old SA's ESP SAs (and their remaining lifetimes)."""
+        e = self.engine
+        old = self.orphans.pop(self.principal(sa), None)
+        if old is None:
+            return
+        if old.timer is not None and old.timer.active():
+            old.timer.cancel()
+        now = e.now()
+        for child in old.children:
+            if child.timer is not None and child.timer.active():
+                child.timer.cancel()
+            child.timer = e.clock.callLater(max(0.0, child.expires - now + grace(child.expires - now)),
+                                            self._expired, sa, child)
+            self.by_out[child.spi_out] = (sa, child)
+            sa.children.append(child)
+        log.info("ike: {name} adopts {n} ESP SA pair(s) of {old}", name=sa.name, n=len(old.children), old=old.name)
+        old.children = []
+        if not sa.address:
+            sa.address = old.address
+        e.store.drop_owner(e.owner(old))  # SPI leases: re-claimed below for the adopter
+        for child in sa.children:
+            e.store.claim("spi", child.spi_in, e.owner(sa)).addErrback(lambda f: None)
+        e.publish(sa)
+
+    def close(self) -> None:
+        for sa in list(self.orphans.values()):
+            self._orphans_expired(sa)
