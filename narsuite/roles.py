@@ -23,7 +23,7 @@ import attrs
 if TYPE_CHECKING:
     from twisted.application.service import IService
 
-    from narsuite.context import RoleContext
+    from narsuite.service import RoleContext
     from narsuite.control.commands import Command
     from narsuite.store.kinds import KindSpec
 
