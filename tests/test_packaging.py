@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import venv
 from pathlib import Path
@@ -11,10 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_plain_pip_install_gives_plugin_and_scripts(tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
-    # System site-packages supply the dependencies (no network needed); narsuite
-    # itself is installed from a wheel built from this tree, not imported from it.
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    # The running interpreter's site-packages supply the dependencies (no network needed),
+    # as plain path entries: their .pth files -- the checkout's editable install among
+    # them -- are not processed, so narsuite comes only from the wheel built below.
+    # (Not system_site_packages: the tests run in scripts/setup.sh's venv, whose packages
+    # are not the base interpreter's.)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
+    env_site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    Path(env_site, "narsuite-test-deps.pth").write_text(
+        "\n".join(p for p in site.getsitepackages() if Path(p).is_dir()) + "\n")
     wheel_dir = tmp_path / "wheels"
     subprocess.run([str(py), "-m", "pip", "wheel", "-q", "--no-deps",
                     "-w", str(wheel_dir), str(ROOT)], check=True, timeout=300, cwd=tmp_path)
