@@ -122,6 +122,7 @@ set +e
 unshare --mount --propagation private -- /bin/bash -c '
   set -e
   D=$1
+  mount --bind "$D" "$D"  # the root must be a mount point: `ip -n` makes / an rslave mount
   mount -t proc proc "$D/proc"
   mount --rbind /sys "$D/sys"
   mount --rbind /dev "$D/dev"
