@@ -127,6 +127,12 @@ class ManholeConfig:
 class LogConfig:
     level: str = setting("info", check=one_of("debug", "info", "warn", "error", "critical"))
     json_file: Path | None = setting(None, doc="Also write JSON lines (one event per line) here.")
+    max_bytes: int = setting(
+        10_000_000, check=in_range(10_000, 10**12),
+        doc="Log files (twistd's and json_file) rotate at this size in bytes.")
+    max_files: int = setting(
+        5, check=in_range(1, 1000),
+        doc="Rotated log files kept (older ones are deleted): disk use is at most (max_files + 1) * max_bytes.")
 
 
 @attrs.frozen

@@ -10,8 +10,9 @@ shipped to a log pipeline as is.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -23,7 +24,13 @@ from twisted.logger import (
     jsonFileLogObserver,
 )
 
-__all__ = ["logger", "set_level", "JsonFileLog", "LEVELS"]
+__all__ = ["logger", "set_level", "JsonFileLog", "LEVELS", "Aggregator", "capped_file",
+           "twistd_observer", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_FILES"]
+
+#: Log files rotate at this size and keep this many rotated files unless ``[log]`` says otherwise:
+#: a flood of bad input can then cost at most (max_files + 1) * max_bytes of disk.
+DEFAULT_MAX_BYTES = 10_000_000
+DEFAULT_MAX_FILES = 5
 
 LEVELS = {
     "debug": LogLevel.debug,
@@ -48,17 +55,129 @@ def set_level(level: str) -> None:
     _predicate.setLogLevelForNamespace("", LEVELS[level])
 
 
-class JsonFileLog:
-    """Adds a JSON-lines observer for the life of the daemon."""
+def capped_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                max_files: int = DEFAULT_MAX_FILES) -> Any:
+    """A log file that rotates at ``max_bytes`` and keeps ``max_files`` rotated copies.
 
-    def __init__(self, path: Path) -> None:
+    twistd's own default (``LogFile.fromFullPath``) rotates at 1 MB but keeps every
+    rotated file forever: an attacker who can make us log fills the disk.
+    """
+    from twisted.python.logfile import LogFile
+
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return LogFile(path.name, str(path.parent), rotateLength=max_bytes, maxRotatedFiles=max_files,
+                   defaultMode=0o640)
+
+
+def twistd_observer(twistd_options: Any, max_bytes: int, max_files: int) -> ILogObserver | None:
+    """The observer twistd would have made from its options, with its file capped.
+
+    twistd writes to stdout under ``-n`` (or ``--logfile=-``), to syslog with
+    ``--syslog``, else to a file (``twistd.log`` by default) through ``LogFile``,
+    which rotates at 1 MB but never deletes a rotated file.  For the file case this
+    returns a text observer on :func:`capped_file` (SIGUSR1 still rotates it); for the
+    others None: twistd's own choice stands.
+    """
+    from twisted.logger import textFileLogObserver
+
+    opts = twistd_options
+    filename = opts.get("logfile")
+    if opts.get("syslog") or filename == "-" or (opts.get("nodaemon") and not filename):
+        return None
+    log_file = capped_file(filename or "twistd.log", max_bytes, max_files)
+    try:
+        import signal
+
+        if not signal.getsignal(signal.SIGUSR1):
+            def rotate(_signum: int, _frame: Any) -> None:
+                from twisted.internet import reactor
+
+                reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+
+            signal.signal(signal.SIGUSR1, rotate)
+    except ValueError:  # not the main thread (tests)
+        pass
+    return textFileLogObserver(log_file)
+
+
+class Aggregator:
+    """Logs repeated events without letting their sender fill the disk.
+
+    Per reason and per interval the first ``first`` events are logged in full; the
+    rest are only counted, and when the interval ends one summary line gives every
+    reason's count (logged and suppressed).  A flood of N bad datagrams therefore
+    costs at most ``reasons * first + 1`` lines per interval whatever N is, and the
+    counts stay exact.  Reasons should come from a fixed set (the caller's counter
+    names), never from the input: the set of reasons bounds the output.
+
+    ``clock`` is the reactor (``callLater``); the summary is scheduled when the first
+    event of an interval arrives, so an idle aggregator costs nothing.  Call
+    :meth:`stop` when the owner stops (it logs what is pending).
+    """
+
+    def __init__(self, log: Logger, what: str, clock: Any = None, interval: float = 10.0,
+                 first: int = 5, level: LogLevel = LogLevel.info) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+        self.log = log
+        self.what = what
+        self.clock = clock
+        self.interval = interval
+        self.first = first
+        self.level = level
+        self.counts: Counter[str] = Counter()
+        #: every event ever seen, by reason (the interval counts reset, these do not)
+        self.totals: Counter[str] = Counter()
+        self.summaries = 0
+        self._call: Any = None
+
+    def event(self, reason: str, format: str, **kw: Any) -> bool:
+        """Count one event; log it in full if it is among the first of its reason. True if logged."""
+        self.totals[reason] += 1
+        n = self.counts[reason] = self.counts[reason] + 1
+        if self._call is None:
+            self._call = self.clock.callLater(self.interval, self._summary)
+        if n <= self.first:
+            self.log.emit(self.level, format, reason=reason, **kw)
+            return True
+        return False
+
+    def _summary(self) -> None:
+        self._call = None
+        counts, self.counts = self.counts, Counter()
+        suppressed = sum(max(0, n - self.first) for n in counts.values())
+        if not suppressed:
+            return
+        self.summaries += 1
+        detail = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+        self.log.emit(self.level, "{what}: {total} in the last {interval:.0f} s ({detail}); "
+                      "{suppressed} not logged one by one (the first {first} of each reason are)",
+                      what=self.what, total=sum(counts.values()), interval=self.interval, detail=detail,
+                      suppressed=suppressed, first=self.first, counts=dict(counts))
+
+    def stop(self) -> None:
+        """Cancel the timer and log what the current interval holds."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if self.counts:
+            self._summary()
+        self._call = None
+
+
+class JsonFileLog:
+    """Adds a JSON-lines observer for the life of the daemon (a capped, rotated file)."""
+
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_files: int = DEFAULT_MAX_FILES) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.max_files = max_files
         self._file: IO[str] | None = None
         self._observer: ILogObserver | None = None
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = capped_file(self.path, self.max_bytes, self.max_files)
         self._observer = jsonFileLogObserver(self._file)
         globalLogPublisher.addObserver(self._observer)
 

@@ -75,6 +75,12 @@ class Metrics:
     def watch_store(self, store: Store) -> None:
         self.registry.register(StoreCollector(store))
 
+    def watch_udp(self, read: Callable[[], dict[str, dict[str, int]]]) -> None:
+        """The shared UDP ports' own counters (``UDPPorts.stats``) as
+        ``narsuite_udp_datagrams_total{port="*:500",counter="short"}``: datagrams each
+        handler took, and those nobody took (short, unclaimed) or whose handler failed."""
+        self.registry.register(_UdpCollector(read))
+
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
@@ -131,6 +137,22 @@ class _DictCollector:
         family = CounterMetricFamily(self.name, self.doc, labels=[self.label])
         for key, value in sorted(self.read().items()):
             family.add_metric([key], value)
+        yield family
+
+
+class _UdpCollector:
+    def __init__(self, read: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self.read = read
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = CounterMetricFamily("narsuite_udp_datagrams", "Datagrams on the shared UDP ports, by what "
+                                     "became of them", labels=["port", "counter"])
+        for port, counters in self.read().items():
+            for name, value in sorted(counters.items()):
+                family.add_metric([port, name], value)
         yield family
 
 

@@ -52,6 +52,10 @@ class RoleSpec:
     kinds: Sequence[KindSpec] = ()
     #: Control commands (``narctl <name> ...``) the role answers.
     commands: Sequence[Command] = ()
+    #: Prefixes of store owner names that live only in this process (an IKE SA, a NAR
+    #: connection): their records left on disk by a crash are dropped when the store
+    #: opens (``Store.declare_volatile_owners``).
+    volatile_owners: Sequence[str] = ()
 
 
 class RoleRegistry:

@@ -18,11 +18,13 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.internet import defer
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
 
 from narsuite import __version__
 from narsuite.config import Config
 from narsuite.control.commands import CommandRegistry, platform_commands
-from narsuite.logs import JsonFileLog, logger, set_level
+from narsuite.logs import JsonFileLog, logger, set_level, twistd_observer
 from narsuite.metrics import Metrics, make_metrics_service
 from narsuite.packet.udp import SharedUDPPort, UDPPorts
 from narsuite.roles import RoleSpec
@@ -91,8 +93,10 @@ class NarsuiteService(service.MultiService):
     """One narsuite process: platform services plus the requested roles."""
 
     def __init__(self, config: Config, roles: Sequence[RoleSpec] = (), reactor: Any = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, twistd_options: Any = None) -> None:
         super().__init__()
+        #: twistd's own options (``--logfile``, ``-n``, ``--syslog``) when twistd runs us
+        self.twistd_options = twistd_options
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -110,6 +114,7 @@ class NarsuiteService(service.MultiService):
         for spec in self.roles:
             for kind in spec.kinds:
                 self.store.register(kind)
+            self.store.declare_volatile_owners(*spec.volatile_owners)
         self.loaded = self.store.open()
         self.metrics.watch_store(self.store)
         self.commands = CommandRegistry()
@@ -127,7 +132,8 @@ class NarsuiteService(service.MultiService):
 
     def _create_children(self) -> None:
         cfg = self.config
-        json_log = JsonFileLog(cfg.log.json_file) if cfg.log.json_file else None
+        json_log = JsonFileLog(cfg.log.json_file, cfg.log.max_bytes, cfg.log.max_files) \
+            if cfg.log.json_file else None
         _LogService(json_log).setServiceParent(self)
         StoreService(self.store).setServiceParent(self)
         if cfg.control.enabled:
@@ -145,6 +151,7 @@ class NarsuiteService(service.MultiService):
             svc.setServiceParent(self)
         self.udp = UDPPorts(self.reactor)
         self.udp.setServiceParent(self)
+        self.metrics.watch_udp(self.udp.stats)
         roles = service.MultiService()
         roles.setName("roles")
         roles.setServiceParent(self)
@@ -157,6 +164,23 @@ class NarsuiteService(service.MultiService):
             svc = spec.make_service(ctx)
             svc.setName(spec.name)
             svc.setServiceParent(roles)
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd the parent is the Application: cap twistd's log file there.
+
+        twistd takes its log observer from the application's ``ILogObserver`` component
+        when it has one (its documented hook); ours writes where twistd would have
+        written but rotates at ``[log] max_bytes`` and keeps ``[log] max_files`` files.
+        An explicit ``twistd --logger`` still wins.
+        """
+        super().setServiceParent(parent)
+        opts = self.twistd_options
+        if opts is None or opts.get("logger") or not isinstance(parent, Componentized):
+            return
+        if parent.getComponent(ILogObserver, None) is None:
+            observer = twistd_observer(opts, self.config.log.max_bytes, self.config.log.max_files)
+            if observer is not None:
+                parent.setComponent(ILogObserver, observer)
 
     def startService(self) -> None:
         self.started_at = time.time()

@@ -50,6 +50,7 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     from narsuite.service import NarsuiteService
 
     try:
-        return NarsuiteService(options["loaded_config"], options["specs"])
+        return NarsuiteService(options["loaded_config"], options["specs"],
+                               twistd_options=getattr(options, "parent", None))
     except StoreBackendError as e:
         raise SystemExit(f"narsuite: {e}") from None

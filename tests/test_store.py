@@ -352,3 +352,84 @@ def test_sqlite_survives_kill_9(tmp_path) -> None:
 
 def test_lease_kind_is_registered(store: Store) -> None:
     assert LEASE in store.kinds()
+
+
+def test_volatile_owners_records_are_dropped_at_load_durable_ones_kept(tmp_path) -> None:
+    """A crash leaves leases of owners that lived in memory only (an IKE SA's SPI, a NAR
+    session's ICMP id and port): the next load drops them, keeps a user's pool lease."""
+    path = tmp_path / "s.sqlite"
+    s = _sqlite_store(path)
+    s.declare_volatile_owners("nar-", "ike:child:")
+    s.add_pool("p", ipaddress.IPv4Network("10.8.0.0/24"))
+    s.open()
+    spi = ok(s.allocate_spi("nar-0123456789abcdef"))
+    port = ok(s.allocate_number("udp-port", 20000, 20010, "nar-0123456789abcdef"))
+    ok(s.insert(mk(), owner="ike:child:p:alice:10.8.0.1"))
+    addr = ok(s.lease_address("p", "ike:lease:p:user:alice"))
+    ok(s.claim("spi", 4242, "esp:peer:static"))
+    s.backend._db.close()  # what kill -9 leaves: no release ever ran
+
+    s2 = _sqlite_store(path)
+    s2.declare_volatile_owners("nar-", "ike:child:")
+    s2.add_pool("p", ipaddress.IPv4Network("10.8.0.0/24"))
+    assert s2.open() == 2
+    assert s2.holds("spi", spi) is None and s2.holds("udp-port", port) is None
+    assert s2.get("test.mapping", "m1") is None
+    assert s2.holds("pool:p", addr) == "ike:lease:p:user:alice"
+    assert s2.holds("spi", 4242) == "esp:peer:static"
+    assert s2.stats["dropped_at_load"] == 3
+    s2.backend._db.close()
+    # gone from the file too, not only from this process's view
+    rows = sqlite3.connect(path).execute("SELECT owner FROM records").fetchall()
+    assert sorted(r[0] for r in rows) == ["esp:peer:static", "ike:lease:p:user:alice"]
+
+
+def test_empty_volatile_prefix_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        store.declare_volatile_owners("")
+
+
+def test_sqlite_files_are_private_from_creation(tmp_path) -> None:
+    """state_dir 0700, database, -wal and -shm 0600 at once, whatever the umask: created
+    under umask 077, so no moment exists in which another user could open them."""
+    old = os.umask(0o022)
+    try:
+        state = tmp_path / "state" / "sub"
+        b = SqliteBackend(state / "store.sqlite")
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in state.iterdir()}
+        assert oct((tmp_path / "state").stat().st_mode & 0o777) == "0o700"
+        assert oct(state.stat().st_mode & 0o777) == "0o700"
+        assert modes == {"store.sqlite": "0o600", "store.sqlite-wal": "0o600", "store.sqlite-shm": "0o600"}
+        assert os.umask(0o022) == 0o022  # the process umask is restored
+        b._db.close()
+    finally:
+        os.umask(old)
+
+
+def _corrupt_page(path, page: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[4096 * (page - 1):4096 * page] = bytes(range(256)) * 16
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("damage", ["page", "truncated"])
+def test_damaged_sqlite_file_gives_one_clear_error(tmp_path, damage) -> None:
+    from narsuite.store import StoreBackendError
+
+    path = tmp_path / "s.sqlite"
+    s = _sqlite_store(path)
+    s.open()
+    for i in range(600):
+        ok(s.insert(mk(f"m{i}", spi=5000 + i)))
+    s.backend._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    s.backend._db.close()
+    assert path.stat().st_size > 8 * 4096
+    if damage == "page":
+        _corrupt_page(path, 4)
+    else:
+        path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(StoreBackendError) as e:
+        _sqlite_store(path).open()
+    msg = str(e.value)
+    assert msg.startswith(f"store.path: cannot use {path} as SQLite: database disk image is malformed")
+    assert "move it" in msg and "\n" not in msg

@@ -18,7 +18,7 @@ def test_first_matching_handler_gets_the_datagram() -> None:
     port.dispatch(b"\x01\x02\x03\x04esp", ("192.0.2.1", 4500))
     assert got == [("esp", b"\xff"), ("ike", b"\0\0\0\0ike"), ("esp", b"\x01\x02\x03\x04esp")]
     assert port.stats() == {"keepalive-and-esp_packets": 2, "ike_packets": 1,
-                            "unclaimed": 0, "handler_errors": 0}
+                            "short": 0, "unclaimed": 0, "handler_errors": 0}
 
 
 def test_unclaimed_and_failing_handlers_are_counted_not_raised() -> None:
@@ -31,6 +31,18 @@ def test_unclaimed_and_failing_handlers_are_counted_not_raised() -> None:
     port.dispatch(b"x1", ("127.0.0.1", 1))
     port.dispatch(b"y1", ("127.0.0.1", 1))
     assert port.handler_errors == 1 and port.unclaimed == 1
+
+
+def test_short_datagrams_are_counted_apart_from_unclaimed() -> None:
+    """Port 500: IKE takes 28 bytes and more, the 004 draft's ESP 9 and more; anything
+    shorter than both is `short`, a long one nobody claims is `unclaimed`."""
+    port = SharedUDPPort(500, reactor=MemoryReactor())
+    port.add_handler("ike", lambda d: len(d) >= 28 and d[:8] != bytes(8), lambda d, a: None, min_length=28)
+    port.add_handler("esp-draft", lambda d: len(d) > 8 and d[:8] == bytes(8), lambda d, a: None, min_length=9)
+    for data in (b"\xff", b"12345678", b"x" * 20, bytes(8) + b"esp", b"i" * 28):
+        port.dispatch(data, ("192.0.2.1", 500))
+    assert port.stats() == {"ike_packets": 1, "esp-draft_packets": 1, "short": 2, "unclaimed": 1,
+                            "handler_errors": 0}
 
 
 class _UDPReactor:

@@ -3,7 +3,7 @@
 A command is a name of one or more words (``status``, ``list``, ``nar
 flush``), positional argument names, and a handler that returns a result
 object (or a Deferred of one).  The platform registers ``status``, ``kinds``,
-``list``, ``show``, ``pools`` and ``help``; each role adds its own through its
+``list``, ``show``, ``pools``, ``udp`` and ``help``; each role adds its own through its
 :class:`narsuite.roles.RoleSpec`.  Results are small typed records that the
 client renders as tables or key/value blocks, or prints as JSON.
 """
@@ -165,6 +165,13 @@ def _pools(daemon: NarsuiteService) -> Table:
     return Table(("pool", "network", "leased", "size"), tuple(rows))
 
 
+def _udp(daemon: NarsuiteService) -> Table:
+    rows = tuple((port, name, value) for port, counters in daemon.udp.stats().items()
+                 for name, value in sorted(counters.items()))
+    return Table(("port", "counter", "value"), rows,
+                 title="shared UDP ports: datagrams per handler, short, unclaimed, handler errors")
+
+
 def _help(daemon: NarsuiteService) -> Table:
     rows = tuple((c.usage(), c.help) for c in daemon.commands.commands())
     return Table(("command", "what it does"), rows)
@@ -177,6 +184,7 @@ def platform_commands() -> list[Command]:
         Command("list", "every record of a kind", _list, args=("kind",)),
         Command("show", "one record by its key (as `list` prints it)", _show, args=("kind", "key")),
         Command("pools", "address pools and their usage", _pools),
+        Command("udp", "the shared UDP ports' counters (per handler, short, unclaimed, handler errors)", _udp),
         Command("help", "the commands this daemon answers", _help),
     ]
 

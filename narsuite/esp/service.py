@@ -46,7 +46,7 @@ class EspService(service.Service):
         self.draft = None
         if cfg.draft_port:
             self.draft = ctx.udp_port(cfg.draft_port, cfg.listen)
-            self.draft.add_handler("esp-draft", is_draft_esp, self._draft_received)
+            self.draft.add_handler("esp-draft", is_draft_esp, self._draft_received, min_length=9)
         self.raw = None
         self.tun = None
         self._keepalive = LoopingCall(self.engine.keepalive_tick)

@@ -70,6 +70,9 @@ ROLE = RoleSpec(
     config_class=IkeConfig,
     make_service=IkeService,
     kinds=(*SADB_KINDS, *IKE_KINDS),
+    # ESP children's keys and IKE SAs live in memory only; mode-config leases
+    # ("ike:lease:...") are durable: a client gets its address back after a restart
+    volatile_owners=("ike:child:",),
     commands=(
         Command("ike sas", "ISAKMP SAs: peer, identity, user, address, algorithms, NAT", _sas),
         Command("ike sa", "one ISAKMP SA in full, with its ESP children", _sa, args=("name",)),

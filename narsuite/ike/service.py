@@ -45,9 +45,9 @@ class IkeService(service.Service):
             metrics=ctx.metrics)
         ctx.namespace.update(service=self, engine=self.engine)
         self.udp500 = ctx.udp_port(cfg.port, cfg.listen)
-        self.udp500.add_handler("ike", is_ike_on_500, self._on_500)
+        self.udp500.add_handler("ike", is_ike_on_500, self._on_500, min_length=28)
         self.udp4500 = ctx.udp_port(cfg.natt_port, cfg.listen)
-        self.udp4500.add_handler("ike", is_ike_on_4500, self._on_4500)
+        self.udp4500.add_handler("ike", is_ike_on_4500, self._on_4500, min_length=32)
         for i, p in enumerate(cfg.peers):
             if p.pool and p.pool not in ctx.store.pools():
                 from narsuite.schema import ConfigError

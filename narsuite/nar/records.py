@@ -18,7 +18,11 @@ import attrs
 
 from narsuite.store import Index, KindSpec
 
-__all__ = ["NarSession", "NarMapping", "SESSION", "MAPPING", "KINDS"]
+__all__ = ["NarSession", "NarMapping", "SESSION", "MAPPING", "KINDS", "SESSION_OWNER_PREFIX"]
+
+#: Session ids (the owner of a session's mappings and leases) start with this: sessions are
+#: never persisted, so after a crash whatever such an owner held is dropped at load.
+SESSION_OWNER_PREFIX = "nar-"
 
 
 @attrs.frozen

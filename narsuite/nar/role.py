@@ -8,7 +8,7 @@ from twisted.application import internet, service
 
 from narsuite.control.commands import Command, Table
 from narsuite.nar.config import NarConfig
-from narsuite.nar.records import KINDS, MAPPING, SESSION
+from narsuite.nar.records import KINDS, MAPPING, SESSION, SESSION_OWNER_PREFIX
 from narsuite.nar.server import SocksFactory
 from narsuite.nar.workers import ReusePortServer, WorkerPool, worker_count
 from narsuite.roles import RoleSpec
@@ -109,6 +109,7 @@ ROLE = RoleSpec(
     config_class=NarConfig,
     make_service=NarService,
     kinds=KINDS,
+    volatile_owners=(SESSION_OWNER_PREFIX,),
     commands=(
         Command("nar sessions", "NAR-mode control connections: client, remote, address lent, delivery",
                 _sessions),

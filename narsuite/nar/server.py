@@ -66,6 +66,7 @@ from narsuite.nar import socks
 from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
 from narsuite.nar.fastio import ClosingProducer, connect_tcp, lose_now, write_now
+from narsuite.nar.records import SESSION_OWNER_PREFIX
 from narsuite.nar.rules import RuleSet
 from narsuite.packet.routing import source_address
 from narsuite.schema import ConfigError
@@ -164,7 +165,9 @@ class NarConnection:
     """The handle a NAR handler gets for one NAR-MODE connection."""
 
     def __init__(self, proto: SocksProtocol) -> None:
-        self.session_id = secrets.token_hex(8)
+        # "nar-" marks the owner of the session's leases as volatile (NarSession is never
+        # persisted): the store drops what a crashed process left (RoleSpec.volatile_owners)
+        self.session_id = SESSION_OWNER_PREFIX + secrets.token_hex(8)
         self.client = proto.client
         self.client_port = proto.client_port
         self.user = proto.user

@@ -6,7 +6,9 @@ eight zero bytes.  There must be one socket per port, so the daemon owns the
 socket and roles register *handlers*, each with a predicate on the datagram's
 first bytes — the way Tahoe's protocol switch sniffs a connection.  The first
 handler whose predicate matches gets the datagram; nothing matching is
-counted and dropped.  Roles never see each other: each only knows the wire
+counted (``short`` when it is shorter than anything a handler takes,
+``unclaimed`` otherwise) and dropped.  The port's counters are the daemon's,
+not a role's: ``narctl udp`` and ``narsuite_udp_datagrams_total`` show them.  Roles never see each other: each only knows the wire
 format it claims.
 """
 
@@ -38,6 +40,8 @@ class _Route:
     predicate: Predicate
     handler: Handler
     packets: int = 0
+    #: the shortest datagram this handler takes (for the port's ``short`` counter)
+    min_length: int = 0
 
 
 #: receive buffer asked for on every shared UDP port
@@ -64,18 +68,26 @@ class SharedUDPPort(service.Service):
         self.interface = interface
         self.routes: list[_Route] = []
         self.unclaimed = 0
+        self.short = 0
         self.handler_errors = 0
         self.port = None
+        self._shortest = 0
         self._protocol = _Protocol(self)
         #: Send with a zero UDP checksum (Linux SO_NO_CHECK): RFC 3948 §2.1 says ESP-in-UDP
         #: and NAT-keepalives SHOULD carry 0; receivers must not depend on it either way.
         self.zero_checksum = False
 
-    def add_handler(self, name: str, predicate: Predicate, handler: Handler) -> None:
-        """Give ``handler`` every datagram for which ``predicate(data)`` is true."""
+    def add_handler(self, name: str, predicate: Predicate, handler: Handler, min_length: int = 0) -> None:
+        """Give ``handler`` every datagram for which ``predicate(data)`` is true.
+
+        ``min_length``: the shortest datagram the handler takes (its predicate says no
+        to anything shorter); unclaimed datagrams shorter than every handler's are
+        counted as ``short``.
+        """
         if any(r.name == name for r in self.routes):
             raise ValueError(f"UDP port {self.port_number}: handler {name!r} registered twice")
-        self.routes.append(_Route(name, predicate, handler))
+        self.routes.append(_Route(name, predicate, handler, min_length=min_length))
+        self._shortest = min(r.min_length for r in self.routes)
 
     def dispatch(self, data: bytes, addr: Address) -> None:
         for route in self.routes:
@@ -89,7 +101,10 @@ class SharedUDPPort(service.Service):
                     log.failure("UDP {port}: handler {name} failed", port=self.port_number,
                                 name=route.name)
                 return
-        self.unclaimed += 1
+        if len(data) < self._shortest:
+            self.short += 1
+        else:
+            self.unclaimed += 1
 
     def write(self, data: bytes, addr: Address) -> bool:
         """Send one datagram; errors are the caller's to count (False), never raised."""
@@ -137,7 +152,7 @@ class SharedUDPPort(service.Service):
 
     def stats(self) -> dict:
         out = {f"{r.name}_packets": r.packets for r in self.routes}
-        out.update(unclaimed=self.unclaimed, handler_errors=self.handler_errors)
+        out.update(short=self.short, unclaimed=self.unclaimed, handler_errors=self.handler_errors)
         return out
 
 
@@ -162,3 +177,7 @@ class UDPPorts(service.MultiService):
 
     def ports(self) -> list[SharedUDPPort]:
         return list(self._ports.values())
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Every port's counters, by ``interface:port`` (``*`` for all interfaces)."""
+        return {f"{iface or '*'}:{port}": p.stats() for (iface, port), p in sorted(self._ports.items())}

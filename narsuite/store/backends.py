@@ -159,11 +159,26 @@ class SqliteBackend:
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
+        """Open (or create) the file, private from its first byte.
+
+        The directory and the database with its -wal and -shm files are created under
+        umask 077: they hold lease owners and peer addresses, and a chmod after the
+        fact leaves a window (SQLite gives -wal and -shm the database file's mode, so
+        they are private too).  A file that fails SQLite's ``quick_check`` (a corrupted
+        page) or cannot be read at all (a truncated file) stops the start with one
+        :class:`StoreBackendError` that names the file and the fix.
+        """
+        old_umask = os.umask(0o077)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            problems = [str(r[0]).replace("\n", " ") for r in db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                db.close()
+                raise sqlite3.DatabaseError("database disk image is malformed (quick_check: "
+                                            + "; ".join(problems) + ")")
             db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
             if row is None:
@@ -173,17 +188,39 @@ class SqliteBackend:
                     f"{self.path}: store schema version {row[0]}, this narsuite reads "
                     f"{_SCHEMA_VERSION}; move the file away to start empty"
                 )
-            os.chmod(self.path, 0o600)
         except sqlite3.Error as e:
-            raise StoreBackendError(f"store.path: cannot open {self.path} as SQLite: {e}") from None
+            raise self._unusable(e) from None
+        finally:
+            os.umask(old_umask)
+        self._warn_if_open()
         return db
 
+    def _unusable(self, e: Exception) -> StoreBackendError:
+        return StoreBackendError(
+            f"store.path: cannot use {self.path} as SQLite: {e}; restore it from a backup, or move it "
+            f"(with any -wal and -shm files beside it) away to start with an empty store")
+
+    def _warn_if_open(self) -> None:
+        """Files made by an older narsuite (or by hand) may be open to other users: say so."""
+        for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                mode = p.stat().st_mode & 0o777
+            except OSError:
+                continue
+            if mode & 0o077:
+                self.log.warn("store: {path} is open to other users (mode {mode:o}); chmod 600 it",
+                              path=str(p), mode=mode)
+
     def load(self, now: float) -> Iterable[Row]:
-        # Expired rows are dropped here rather than loaded and expired again.
-        self._db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires <= ?", (now,))
-        for kind, key, data, expires, owner in self._db.execute(
-            "SELECT kind, key, data, expires, owner FROM records"
-        ):
+        # Expired rows are dropped here rather than loaded and expired again.  Every row is
+        # read before any is yielded, so a page that breaks only mid-read is reported the
+        # way quick_check's findings are.
+        try:
+            self._db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires <= ?", (now,))
+            rows = self._db.execute("SELECT kind, key, data, expires, owner FROM records").fetchall()
+        except sqlite3.Error as e:
+            raise self._unusable(e) from None
+        for kind, key, data, expires, owner in rows:
             yield Row(kind, key, data, expires, owner)
 
     def start(self, reactor) -> None:  # type: ignore[no-untyped-def]

@@ -57,6 +57,13 @@ class Change:
     reason: str = ""  # "expired", "owner-dropped", "released", ""
 
 
+@attrs.frozen
+class _Unregistered:
+    """Enough of a KindSpec for a backend to delete a row by its stored kind and key."""
+
+    name: str
+
+
 class _Entry:
     __slots__ = ("record", "expires", "owner")
 
@@ -113,7 +120,9 @@ class Store:
         self._touch_flush_interval = touch_flush_interval
         self._touch_loop = None
         self._running = False
-        self.stats = {"inserts": 0, "deletes": 0, "expired": 0, "conflicts": 0, "rollbacks": 0}
+        self.stats = {"inserts": 0, "deletes": 0, "expired": 0, "conflicts": 0, "rollbacks": 0,
+                      "dropped_at_load": 0}
+        self._volatile_owners: set[str] = set()
         self.register(LEASE)
 
     # ------------------------------------------------------------------ kinds
@@ -149,16 +158,45 @@ class Store:
     def pools(self) -> dict[str, AddressPool]:
         return dict(self._pools)
 
+    def declare_volatile_owners(self, *prefixes: str) -> None:
+        """Owners whose names start with one of ``prefixes`` live only in this process.
+
+        An IKE SA, an ESP child whose keys are never written, a NAR control connection:
+        when the process dies they are gone, so whatever they held on disk (an SPI
+        lease, ICMP identifier and port claims, a peer record) can never be released
+        by them.  :meth:`open` drops such rows instead of holding them forever.  Roles
+        declare their prefixes (``RoleSpec.volatile_owners``) before the store opens;
+        durable owners (a user's pool address, a static peer) must not match one.
+        """
+        for p in prefixes:
+            if not p:
+                raise ValueError("a volatile owner prefix must not be empty (it would match every owner)")
+            self._volatile_owners.add(p)
+
+    def owner_is_volatile(self, owner: str | None) -> bool:
+        return owner is not None and owner.startswith(tuple(self._volatile_owners))
+
     # -------------------------------------------------------------- lifecycle
     def open(self) -> int:
         """Load what the backend holds (before the reactor runs). Returns the count.
 
         Rows of kinds nobody registered are kept on disk untouched: a role
-        that is not running this time must find its records next time.
+        that is not running this time must find its records next time.  Rows
+        whose owner is volatile (:meth:`declare_volatile_owners`) are left over
+        from a process that died without releasing them (kill -9, power loss):
+        they are deleted, whatever their kind, and counted in
+        ``stats["dropped_at_load"]``.
         """
         now = self.clock.seconds()
         n = 0
+        stale: list[Write | None] = []
+        stale_owners: set[str] = set()
         for row in self.backend.load(now):
+            if row.data is not None and self.owner_is_volatile(row.owner):
+                assert row.owner is not None
+                stale.append(Write(_Unregistered(row.kind), key_from_text(row.key), None, None, None))
+                stale_owners.add(row.owner)
+                continue
             k = self._kinds.get(row.kind)
             if k is None or row.data is None:
                 continue
@@ -167,6 +205,12 @@ class Store:
             record = k.spec.load(row.data)
             self._apply_put(k, key_from_text(row.key), record, row.expires, row.owner, notify=False)
             n += 1
+        if stale:
+            self.stats["dropped_at_load"] += len(stale)
+            log.info("store: dropped {n} records of {owners} owners that died with the last process "
+                     "(their SPIs, ports and identifiers are free again)", n=len(stale), owners=len(stale_owners))
+            self._submit(stale).addErrback(
+                lambda f: log.failure("store: deleting records of dead owners failed", f))
         return n
 
     def start(self) -> None:
