@@ -105,16 +105,18 @@ class ManholeConfig:
     authorized_keys: Path | None = setting(None, doc="OpenSSH authorized_keys file.")
     users: Mapping[str, str] = setting(
         factory=lambda: MappingProxyType({}),
-        doc="user = bcrypt hash ($2b$...), e.g. from `narctl hash-password`.",
+        doc="user = bcrypt ($2b$...) or scrypt hash, e.g. from `narctl hash-password`.",
     )
 
     def __validate__(self, key: str) -> None:
+        if self.users:
+            from narsuite.passwords import check_hash_format  # bcrypt and cryptography: only when used
         for user, hashed in self.users.items():
-            if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-                raise ConfigError(
-                    f"{key}.users.{user}",
-                    "expected a bcrypt hash ($2b$...); make one with `narctl hash-password`",
-                )
+            try:
+                check_hash_format(hashed)  # the same hashes as nar's and XAUTH's users
+            except ValueError as e:
+                raise ConfigError(f"{key}.users.{user}",
+                                  f"{e} (`narctl hash-password` makes one)") from None
         if self.enabled and not self.users and self.authorized_keys is None:
             raise ConfigError(
                 f"{key}.enabled",

@@ -7,9 +7,10 @@ whose shell is a :class:`twisted.conch.manhole.ColoredManhole`.
 Who may log in (see ``docs/manhole.md``):
 
 * **password**: a user named in ``manhole.users`` with the password whose
-  bcrypt hash is configured there (make one with :func:`hash_password`, i.e.
-  ``narctl hash-password``).  The hash runs in the reactor's thread pool, and
-  an unknown user name costs the same hash as a known one.
+  bcrypt or scrypt hash is configured there (make one with ``narctl
+  hash-password``).  Checked by :class:`narsuite.passwords.PasswordChecker`,
+  the one implementation the roles share: the hash runs in the reactor's
+  thread pool, and an unknown user name costs the same hash as a known one.
 * **public key**: a key listed in ``manhole.authorized_keys`` (OpenSSH format)
   may log in as any user named in ``manhole.users`` or as ``narsuite``.  The
   file is re-read when it changes; lines with options (``from=...``,
@@ -32,7 +33,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.application import service
@@ -43,23 +43,24 @@ from twisted.conch.manhole import ColoredManhole
 from twisted.conch.manhole_ssh import ConchFactory, TerminalRealm, TerminalSession
 from twisted.conch.ssh import connection, keys, transport, userauth
 from twisted.conch.ssh.common import getNS
+from twisted.conch.ssh.keys import Key
 from twisted.cred import error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword
-from twisted.cred.portal import Portal
+from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword, SSHPrivateKey
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import implementer
 
+# hash_password is re-exported: docs/manhole.md names narsuite.manhole.hash_password.
+from narsuite.passwords import PasswordChecker, Runner, hash_password
 from narsuite.schema import ConfigError
 
 __all__ = [
-    "BCRYPT_COST",
     "KEY_USER",
     "ManholeService",
-    "BcryptPasswordChecker",
+    "PasswordCredentialsChecker",
     "AuthorizedKeysFile",
     "AuthorizedKeyChecker",
     "make_manhole_service",
@@ -70,80 +71,41 @@ __all__ = [
 
 log = Logger(namespace="narsuite.manhole")
 
-#: bcrypt work factor used by :func:`hash_password`.
-BCRYPT_COST = 12
 #: The user name a key from ``authorized_keys`` may always log in as.
 KEY_USER = "narsuite"
-#: bcrypt only looks at the first 72 bytes; longer passwords are refused.
-_BCRYPT_MAX_BYTES = 72
+
+#: What ``ICredentialsChecker.requestAvatarId`` fires with (``()`` is Cred's ANONYMOUS).
+AvatarId = bytes | tuple[()]
 
 
 # --------------------------------------------------------------------- passwords
 
-def hash_password(password: str) -> str:
-    """Return the bcrypt hash (``$2b$12$...``) of ``password`` for ``manhole.users``."""
-    raw = password.encode("utf-8")
-    if not raw:
-        raise ValueError("refusing to hash an empty password")
-    if len(raw) > _BCRYPT_MAX_BYTES:
-        raise ValueError(f"the password is {len(raw)} bytes long; bcrypt takes at most "
-                         f"{_BCRYPT_MAX_BYTES} bytes")
-    if b"\0" in raw:
-        raise ValueError("the password contains a NUL character")
-    return bcrypt.hashpw(raw, bcrypt.gensalt(BCRYPT_COST)).decode("ascii")
-
-
-def _cost(hashed: bytes) -> int:
-    try:
-        return int(hashed.split(b"$")[2])
-    except (IndexError, ValueError):
-        return BCRYPT_COST
-
-
 @implementer(ICredentialsChecker)
-class BcryptPasswordChecker:
-    """Checks user name + password against ``{user: bcrypt hash}``.
+class PasswordCredentialsChecker:
+    """Checks user name + password against ``{user: hash}`` for the SSH login.
 
-    :meth:`verify` is the blocking part; :meth:`requestAvatarId` runs it in the
-    reactor's thread pool.  An unknown user is compared against a dummy hash
-    of the highest configured cost, so the time taken does not tell whether a
-    user name exists.
+    A thin Twisted Cred adapter over :class:`narsuite.passwords.PasswordChecker`,
+    the one implementation every role uses (bcrypt or scrypt hashes, verified in
+    the reactor's thread pool, an unknown user paying a dummy hash of the highest
+    configured cost so timing does not tell whether a name exists, repeat logins
+    answered from an in-memory HMAC).  ``run`` is passed through for tests.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: Mapping[str, str], reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-            reactor = _reactor
-        self._reactor = reactor
-        self._users = {name.encode("utf-8"): hashed.encode("ascii")
-                       for name, hashed in users.items()}
-        cost = max((_cost(h) for h in self._users.values()), default=BCRYPT_COST)
-        # Nobody knows this password, and an unknown user is refused anyway.
-        self._dummy = bcrypt.hashpw(secrets.token_hex(16).encode(), bcrypt.gensalt(cost))
+    def __init__(self, users: Mapping[str, str], reactor: Any = None,
+                 run: Runner | None = None) -> None:
+        self.checker = PasswordChecker(users, reactor, run)
 
-    def verify(self, username: bytes, password: bytes) -> bool:
-        """Blocking: does ``password`` match ``username``'s hash?"""
-        hashed = self._users.get(username)
-        known = hashed is not None
-        try:
-            ok = bcrypt.checkpw(password, hashed if known else self._dummy)
-        except ValueError:  # over 72 bytes, NUL byte, malformed hash
-            ok = False
-        return ok and known
-
-    def requestAvatarId(self, credentials: IUsernamePassword) -> defer.Deferred:
+    def requestAvatarId(self, credentials: IUsernamePassword) -> defer.Deferred[AvatarId]:
         username, password = credentials.username, credentials.password
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
-                              self.verify, username, password)
 
-        def result(ok: bool) -> Any:
-            if ok:
-                return username
-            return failure.Failure(cred_error.UnauthorizedLogin("bad user name or password"))
+        def result(ok: bool) -> AvatarId:
+            if not ok:
+                raise cred_error.UnauthorizedLogin("bad user name or password")
+            return username
 
-        return d.addCallback(result)
+        return self.checker.check(username, password).addCallback(result)
 
 
 # ---------------------------------------------------------------- public keys
@@ -185,9 +147,9 @@ class AuthorizedKeysFile:
         self.path = Path(path)
         self._usernames = {name.encode("utf-8") for name in usernames}
         self._stamp: tuple[int, int, int] | None = None
-        self._keys: list[keys.Key] = []
+        self._keys: list[Key] = []
 
-    def keys(self) -> list[keys.Key]:
+    def keys(self) -> list[Key]:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -215,7 +177,7 @@ class AuthorizedKeysFile:
                 self._keys = _parse_authorized_keys(text, self.path)
         return self._keys
 
-    def getAuthorizedKeys(self, username: bytes) -> list[keys.Key]:
+    def getAuthorizedKeys(self, username: bytes) -> list[Key]:
         if username not in self._usernames:
             return []
         return self.keys()
@@ -234,10 +196,12 @@ class AuthorizedKeyChecker:
     def __init__(self, keydb: AuthorizedKeysFile) -> None:
         self._keydb = keydb
 
-    def requestAvatarId(self, credentials: ISSHPrivateKey) -> defer.Deferred:
+    # ISSHPrivateKey names its attributes (username, blob, signature...) only in its
+    # docstring; Conch's userauth always passes the SSHPrivateKey class that has them.
+    def requestAvatarId(self, credentials: SSHPrivateKey) -> defer.Deferred[AvatarId]:
         return defer.execute(self._check, credentials)
 
-    def _check(self, credentials: ISSHPrivateKey) -> bytes:
+    def _check(self, credentials: SSHPrivateKey) -> AvatarId:
         try:
             offered = keys.Key.fromString(credentials.blob)
         except (keys.BadKeyError, ValueError):
@@ -333,13 +297,17 @@ class _UserAuthServer(userauth.SSHUserAuthServer):
     loginTimeout = 120  # like OpenSSH's LoginGraceTime (Conch's default: 10 hours)
     attemptsBeforeDisconnect = 6  # like OpenSSH's MaxAuthTries
 
+    def _server(self) -> _ServerTransport:
+        # Conch sets .transport before the service starts; _Factory makes only these.
+        assert isinstance(self.transport, _ServerTransport)
+        return self.transport
+
     def serviceStarted(self) -> None:
-        self.clock = self.transport.factory.reactor
+        self.clock = self._server().factory.reactor
         super().serviceStarted()
 
     def _peer(self) -> str:
-        peer = self.transport.transport.getPeer()
-        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        return self._server().peer()
 
     def tryAuth(self, kind: bytes, user: bytes, data: bytes) -> defer.Deferred:
         d = super().tryAuth(kind, user, data)
@@ -355,7 +323,7 @@ class _UserAuthServer(userauth.SSHUserAuthServer):
                 detail = " key " + fingerprint(keys.Key.fromString(getNS(data[1:], 2)[1]))
             except Exception:
                 pass
-        self.transport.manhole_user = _printable(user)
+        self._server().manhole_user = _printable(user)
         log.info("manhole login: user {user} from {peer} by {method}{detail}",
                  user=_printable(user), peer=self._peer(), method=kind.decode(), detail=detail)
         return result
@@ -368,18 +336,24 @@ class _UserAuthServer(userauth.SSHUserAuthServer):
 
 
 class _ServerTransport(transport.SSHServerTransport):
+    factory: _Factory  # only _Factory builds these
     manhole_user: str | None = None  # set once logged in
+
+    def peer(self) -> str:
+        """The client's ``host:port``, for the logs."""
+        assert self.transport is not None  # set by makeConnection, before any of our calls
+        peer = self.transport.getPeer()
+        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
         super().connectionMade()
 
-    def connectionLost(self, reason: failure.Failure) -> None:
+    def connectionLost(self, reason: failure.Failure | None = None) -> None:
         self.factory.connections.discard(self)
         if self.manhole_user is not None:
-            peer = self.transport.getPeer()
             log.info("manhole logout: user {user} from {peer}", user=self.manhole_user,
-                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
+                     peer=self.peer())
         super().connectionLost(reason)
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
@@ -397,8 +371,10 @@ class _Factory(ConchFactory):
     def __init__(self, portal: Portal, host_key: keys.Key, reactor: Any) -> None:
         super().__init__(portal)
         self.reactor = reactor
-        self.publicKeys = {host_key.sshType(): host_key.public()}
-        self.privateKeys = {host_key.sshType(): host_key}
+        # ConchFactory annotates both as dict[bytes, bytes], but SSHFactory and the
+        # transport use Key objects (getPublicKeys/getPrivateKeys return Keys).
+        self.publicKeys = {host_key.sshType(): host_key.public()}  # type: ignore[dict-item]
+        self.privateKeys = {host_key.sshType(): host_key}  # type: ignore[dict-item]
         self.primes = None  # fixed DH groups and curve25519/ECDH only
         self.services = {b"ssh-userauth": _UserAuthServer,
                          b"ssh-connection": connection.SSHConnection}
@@ -407,6 +383,10 @@ class _Factory(ConchFactory):
 
 class _SessionManhole(ColoredManhole):
     """A manhole with its own variables over the daemon's live namespace."""
+
+    # Twisted's Manhole declares `namespace = None` with no annotation, so mypy takes
+    # None for its type; it is the interpreter's dict once constructed.
+    namespace: dict[str, Any]  # type: ignore[assignment]
 
     def __init__(self, shared: dict[str, Any]) -> None:
         super().__init__()
@@ -484,13 +464,18 @@ class _Session(TerminalSession):
             self._terminal.proto.loseConnection()
 
 
+@implementer(IRealm)  # TerminalRealm is one (it has requestAvatar) but does not declare it
 class _Realm(TerminalRealm):
     sessionFactory = _Session
 
     def __init__(self, namespace: dict[str, Any]) -> None:
         super().__init__()
-        self.chainedProtocolFactory: Callable[[], Any] = (
-            lambda: insults.ServerProtocol(_SessionManhole, namespace))
+        # Twisted types this as the ServerProtocol class; TerminalSession only calls it,
+        # so any callable that returns a ServerProtocol does.
+        def chained() -> insults.ServerProtocol:
+            return insults.ServerProtocol(_SessionManhole, namespace)
+
+        self.chainedProtocolFactory = chained  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------- service
@@ -504,7 +489,7 @@ class ManholeService(service.Service):
     ``fingerprint`` its ``SHA256:...`` fingerprint.
     """
 
-    name = "manhole"
+    name = "manhole"  # type: ignore[assignment]  # Service has an unannotated `name = None`
 
     def __init__(self, cfg: Any, host_key_path: Path, namespace: dict[str, Any],
                  reactor: Any = None) -> None:
@@ -523,15 +508,14 @@ class ManholeService(service.Service):
         self.host_key: keys.Key | None = None
         self.fingerprint: str | None = None
         self.factory: _Factory | None = None
-        checkers: list[Any] = []
+        checkers: list[ICredentialsChecker] = []
+        self.authorized_keys: AuthorizedKeysFile | None = None
         if cfg.users:
-            checkers.append(BcryptPasswordChecker(cfg.users, reactor))
+            checkers.append(PasswordCredentialsChecker(cfg.users, reactor))
         if cfg.authorized_keys is not None:
             self.authorized_keys = AuthorizedKeysFile(cfg.authorized_keys,
                                                       [*cfg.users, KEY_USER])
             checkers.append(AuthorizedKeyChecker(self.authorized_keys))
-        else:
-            self.authorized_keys = None
         self.portal = Portal(_Realm(namespace), checkers)
 
     def startService(self) -> None:
@@ -558,7 +542,8 @@ class ManholeService(service.Service):
         port, self.port = self.port, None
         if self.factory is not None:
             for conn in list(self.factory.connections):
-                conn.transport.loseConnection()
+                if conn.transport is not None:  # in the set only between connectionMade and -Lost
+                    conn.transport.loseConnection()
         if port is not None:
             return defer.maybeDeferred(port.stopListening)
         return None

@@ -415,21 +415,56 @@ def test_hash_password():
             hash_password(bad)
 
 
-def test_password_checker_costs_a_hash_for_unknown_users(monkeypatch):
+def _sync_checker(users):
+    """The manhole's checker with the slow verification run inline (no thread pool)."""
+    from twisted.internet import defer
+
     from narsuite import manhole
 
-    checker = manhole.BcryptPasswordChecker({"alice": _HASH})
-    assert checker.verify(b"alice", PASSWORD.encode())
-    assert not checker.verify(b"alice", b"wrong")
+    return manhole.PasswordCredentialsChecker(users, run=lambda f, *a: defer.maybeDeferred(f, *a))
+
+
+def _login(checker, user: bytes, password: bytes):
+    from twisted.cred.credentials import UsernamePassword
+
+    got = []
+    checker.requestAvatarId(UsernamePassword(user, password)).addBoth(got.append)
+    assert len(got) == 1
+    return got[0]
+
+
+def test_password_checker_costs_a_hash_for_unknown_users(monkeypatch):
+    from twisted.cred.error import UnauthorizedLogin
+
+    from narsuite import passwords
+
+    checker = _sync_checker({"alice": _HASH})
+    assert _login(checker, b"alice", PASSWORD.encode()) == b"alice"
+    assert _login(checker, b"alice", b"wrong").check(UnauthorizedLogin)
     calls = []
-    real = bcrypt.checkpw
-    monkeypatch.setattr(manhole.bcrypt, "checkpw", lambda p, h: calls.append(h) or real(p, h))
-    assert not checker.verify(b"mallory", PASSWORD.encode())
+    real = passwords.bcrypt.checkpw
+    monkeypatch.setattr(passwords.bcrypt, "checkpw", lambda p, h: calls.append(h) or real(p, h))
+    assert _login(checker, b"mallory", PASSWORD.encode()).check(UnauthorizedLogin)
     assert len(calls) == 1 and calls[0].startswith(b"$2b$04$")  # same cost as alice's
-    assert not checker.verify(b"alice", b"x" * 100)  # bcrypt's 72-byte limit: refused, no error
+    # bcrypt's 72-byte limit: refused without calling bcrypt, no error.
+    assert _login(checker, b"alice", b"x" * 100).check(UnauthorizedLogin)
+    assert len(calls) == 1
     # Even if the dummy hash matched, an unknown user stays unknown.
-    monkeypatch.setattr(manhole.bcrypt, "checkpw", lambda p, h: True)
-    assert not checker.verify(b"mallory", b"anything")
+    monkeypatch.setattr(passwords.bcrypt, "checkpw", lambda p, h: True)
+    assert _login(checker, b"mallory", b"anything").check(UnauthorizedLogin)
+
+
+def test_password_checker_is_the_shared_one_and_takes_scrypt():
+    """The manhole checks passwords with narsuite.passwords (as nar and XAUTH do), so the
+    hashes those roles take, scrypt included, log in here too."""
+    from narsuite import passwords
+
+    hashed = passwords.hash_password("wonderland", "scrypt", cost=4)
+    checker = _sync_checker({"alice": hashed})
+    assert isinstance(checker.checker, passwords.PasswordChecker)
+    assert _login(checker, b"alice", b"wonderland") == b"alice"
+    assert _login(checker, b"alice", b"wonderland") == b"alice"
+    assert checker.checker.stats == {"verifications": 1, "cache_hits": 1, "failures": 0}
 
 
 def test_authorized_keys_file(tmp_path):

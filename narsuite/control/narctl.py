@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not words:
         words = ["status"]
     if words[0] == "hash-password":
-        from narsuite.manhole import hash_password
+        from narsuite.passwords import hash_password
 
         password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else \
             getpass.getpass("password: ")
