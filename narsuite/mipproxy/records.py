@@ -1,0 +1,111 @@
+"""The mipproxy role's store kinds: pending registrations, mobility bindings, replay state.
+
+No key material lives here: the MN-HA keys stay in the config object in memory
+(never persisted, never shown), so every kind can be persisted and shown by
+``narctl list``.
+
+* ``mip.pending`` (draft 2.6.5) — a request relayed to an actual HA, waiting
+  for its reply; its store TTL is the remaining lifetime of the pending entry.
+  Matched by (home address or NAI, low 32 bits of the identification): a home
+  agent answering 133 puts its own time in the high 32 bits.
+* ``mip.binding`` (draft 2.6.6) — an accepted registration; TTL = the accepted
+  lifetime.  The data path finds the MN's care-of address (or the NAT mapping
+  for RFC 3519 UDP tunnelling) here by home address.
+* ``mip.replay`` — the last identification accepted from each MN's SA (RFC 5944
+  5.7), so a replayed request is refused even after a restart.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from narsuite.store import Index, KindSpec
+
+__all__ = ["Pending", "Binding", "ReplayState", "PENDING", "BINDING", "REPLAY", "KINDS",
+           "ENCAPSULATIONS"]
+
+#: How the proxy tunnels to the MN: IP-in-IP (RFC 2003), GRE (RFC 2784), minimal
+#: encapsulation (RFC 2004), or inside UDP 434 (RFC 3519, with one of the three inside).
+ENCAPSULATIONS = ("ipip", "gre", "minimal", "udp")
+
+
+@attrs.frozen
+class Pending:
+    mn: str  # home address, or "nai:<nai>" when the home address is zero (2.6.3)
+    ident_low: int  # low 32 bits of the identification
+    identification: int
+    home_agent: str  # IP destination of the actual HA
+    care_of_address: str  # as in the MN's request
+    lifetime: int  # the MN's requested lifetime
+    relayed_lifetime: int  # what went to the HA
+    spi: int  # the MN's SA
+    src_ip: str  # where the MN's request came from (the NAT's address when NATed)
+    src_port: int
+    home_address: str = "0.0.0.0"
+    nai: str = ""
+    flags: int = 0
+    udp_tunnel: bool = False  # RFC 3519 tunnelling agreed with the MN
+    udp_forced: bool = False
+    encapsulation: str = "ipip"
+    dynamic_ha: bool = False  # the HA was picked from the pool (2.6.4)
+    created: float = 0.0
+
+
+@attrs.frozen
+class Binding:
+    home_address: str
+    care_of_address: str
+    home_agent: str
+    identification: int
+    lifetime: int  # the lifetime in force (2.6.2: min of accepted and requested)
+    spi: int
+    src_ip: str  # where to tunnel to: the CoA, or the NAT's mapped address (UDP)
+    src_port: int
+    encapsulation: str = "ipip"
+    nai: str = ""
+    simultaneous: bool = False
+    registered: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.home_address, self.care_of_address)
+
+
+@attrs.frozen
+class ReplayState:
+    spi: int
+    identification: int  # the highest accepted
+
+
+PENDING = KindSpec(
+    name="mip.pending",
+    record=Pending,
+    key=lambda r: (r.mn, r.ident_low),
+    indexes=(Index("home_agent", lambda r: r.home_agent, unique=False),),
+    columns=("mn", "home_agent", "care_of_address", "identification", "lifetime", "src_ip",
+             "src_port", "udp_tunnel"),
+    description="Mobile IP registrations relayed to a home agent, waiting for its reply (2.6.5)",
+)
+
+BINDING = KindSpec(
+    name="mip.binding",
+    record=Binding,
+    key=lambda r: (r.home_address, r.care_of_address),
+    indexes=(
+        Index("home", lambda r: r.home_address, unique=False),
+        Index("tunnel_src", lambda r: (r.src_ip, r.src_port), unique=False),
+    ),
+    columns=("home_address", "care_of_address", "home_agent", "lifetime", "src_ip", "src_port",
+             "encapsulation", "nai"),
+    description="Mobile IP mobility bindings: where each mobile node is (2.6.6)",
+)
+
+REPLAY = KindSpec(
+    name="mip.replay",
+    record=ReplayState,
+    key=lambda r: r.spi,
+    columns=("spi", "identification"),
+    description="Last registration identification accepted per MN security association",
+)
+
+KINDS = (PENDING, BINDING, REPLAY)

@@ -1,0 +1,503 @@
+"""The registration relay: surrogate home agent towards MNs, surrogate MN towards actual HAs.
+
+draft-adrangi-mobileip-vpn-traversal-02 §2, RFC 5944, RFC 3024 (T bit), RFC 2794
+(NAI), RFC 3519 (UDP tunnelling).  The protocol side (service) hands in datagrams
+and ICMP errors; this controller decides and answers through two send callables,
+one per socket: ``send_public`` sends from MIPP-Pub (to MNs), ``send_private``
+from MIPP-Priv (to home agents).
+
+A request from an MN, in order (§2.1: authentication before any processing):
+
+1. the fixed part is read, so that a denial can be addressed;
+2. MN-HA authentication (HMAC-MD5, the SA found by SPI, constant-time compare):
+   131 if missing or wrong;
+3. the whole message is decoded (134 for a broken extension chain or an unknown
+   non-skippable extension, as an HA answers);
+4. the SA must belong to this MN (home address / NAI), else 131; home address 0
+   without an NAI is dropped silently (§2.6.3);
+5. identification replay protection (RFC 5944 §5.7, timestamps): 133 carrying our
+   time in the high 32 bits;
+6. validity checks as an HA (136 wrong HA field, 138 no T bit, 139 M and G) and the
+   draft's own (§2.2.4, §2.5.3, §2.6.1, §2.6.4: 200, 201, 206);
+7. the new request (§2.2.1-2.2.3) goes to the actual HA; a pending entry is stored.
+
+Only *authenticated* extensions (those before the MN-HA authentication extension)
+are read or relayed: an extension appended after it could come from anyone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from narsuite.logs import logger
+from narsuite.mipproxy import wire
+from narsuite.mipproxy.config import MipProxyConfig
+from narsuite.mipproxy.records import BINDING, PENDING, REPLAY, Binding, Pending, ReplayState
+from narsuite.packet import codec
+from narsuite.packet.common import RateLimitedLog
+
+__all__ = ["RegistrationRelay", "Counters", "NTP_EPOCH_OFFSET", "ntp_seconds"]
+
+log = logger()
+
+#: Seconds from 1900-01-01 (NTP era 0, RFC 5944 §5.7 timestamps) to the Unix epoch.
+NTP_EPOCH_OFFSET = 2208988800
+
+_LOW32 = 0xFFFFFFFF
+_ZERO = "0.0.0.0"
+
+Send = Callable[[bytes, tuple[str, int]], Any]
+
+
+def ntp_seconds(unix: float) -> int:
+    return (int(unix) + NTP_EPOCH_OFFSET) & _LOW32
+
+
+class Counters:
+    """Named counters mirrored into Prometheus (``narsuite_mipproxy_events_total{event=}``
+    and ``narsuite_mipproxy_denied_total{code=}``)."""
+
+    NAMES = (
+        "requests_rx", "requests_relayed", "replies_rx", "replies_relayed", "denied",
+        "deregistrations", "bindings_created", "bindings_retired", "pending_expired",
+        "icmp_errors", "store_errors", "send_failed",
+        # drops, by reason (silently: nothing is answered)
+        "drop_short", "drop_zero_home_no_nai", "drop_undecodable", "drop_unexpected_reply",
+        "drop_reply_wrong_source", "drop_reply_auth_failed", "drop_reply_malformed",
+        "drop_not_registration",
+        # refusals counted by cause in addition to their code
+        "auth_failed", "replay_refused",
+    )
+
+    def __init__(self, metrics: Any = None) -> None:
+        self.values = dict.fromkeys(self.NAMES, 0)
+        self.denied: dict[int, int] = {}
+        if metrics is not None:
+            metrics.watch_counters("mipproxy", "events", "Mobile IP proxy events", "event",
+                                   lambda: self.values)
+            metrics.watch_counters("mipproxy", "denied",
+                                   "Registration replies denied by the proxy, by code", "code",
+                                   lambda: {str(k): v for k, v in self.denied.items()})
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.values[name] += n
+
+
+@attrs.frozen
+class _SA:
+    spi: int
+    key: bytes = attrs.field(repr=False)
+    home_address: str
+    nai: bytes
+    ha_spi: int
+
+
+class RegistrationRelay:
+    """Decides on every registration message and ICMP error the proxy sees."""
+
+    def __init__(self, cfg: MipProxyConfig, store: Any, clock: Any, *, send_public: Send,
+                 send_private: Send, metrics: Any = None,
+                 wallclock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.clock = clock
+        self.send_public = send_public
+        self.send_private = send_private
+        self.wallclock = wallclock
+        self.counters = Counters(metrics)
+        self.numbers = cfg.numbers.draft_numbers()
+        self._sas: dict[int, _SA] = {}
+        for mn in cfg.mobile_nodes:
+            self._sas[mn.spi] = _SA(mn.spi, mn.secret(), mn.home_address, mn.nai.encode(),
+                                    mn.ha_spi or mn.spi)
+        self._allowed_has = cfg.allowed_home_agents()
+        self._internal = tuple(ipaddress.IPv4Network(n, strict=False) for n in cfg.internal_networks)
+        self._badlog = RateLimitedLog("mipproxy: dropped", every=1000)
+
+    # ------------------------------------------------------------------ helpers
+    def _key_for_mn(self, spi: int) -> bytes | None:
+        sa = self._sas.get(spi)
+        return None if sa is None else sa.key
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.counters.inc("drop_" + reason)
+        self._badlog(reason, detail)
+
+    def _stored(self, d: Any, what: str) -> None:
+        def failed(f: Any) -> None:
+            self.counters.inc("store_errors")
+            log.failure("mipproxy: store write ({what}) failed", f, what=what)
+
+        d.addErrback(failed)
+
+    def _send(self, send: Send, data: bytes, addr: tuple[str, int]) -> None:
+        if send(data, addr) is False:
+            self.counters.inc("send_failed")
+
+    def is_internal(self, address: str) -> bool:
+        ip = ipaddress.IPv4Address(address)
+        return any(ip in net for net in self._internal)
+
+    def _deny(self, code: int, home_address: str, identification: int, addr: tuple[str, int],
+              sa: _SA | None, *, home_agent: str | None = None, nai: bytes | None = None,
+              reason: str = "") -> None:
+        """A Registration Reply from the proxy itself (a denial, or 206)."""
+        exts: list[wire.Extension] = []
+        if nai:
+            exts.append(wire.NAIExtension(nai))
+        if home_agent is not None:
+            exts.append(wire.HAParameterExtension(home_agent))
+        reply = wire.RegistrationReply(code, 0, home_address, self.cfg.public_address,
+                                       identification, tuple(exts))
+        data = wire.encode_reply(reply, self.numbers)
+        if sa is not None:
+            data = wire.add_mn_ha_auth(data, sa.spi, sa.key)
+        self.counters.inc("denied")
+        self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
+        log.info("mipproxy: registration of {home} from {src} denied: {code} {name}{why}",
+                 home=home_address, src=f"{addr[0]}:{addr[1]}", code=code,
+                 name=wire.reply_code_name(code, self.numbers), why=f" ({reason})" if reason else "")
+        self._send(self.send_public, data, addr)
+
+    # ----------------------------------------------------------------- requests
+    def request_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        """A datagram of type 1 on MIPP-Pub:434."""
+        c = self.counters
+        c.inc("requests_rx")
+        if len(data) < wire.REQUEST_LEN:
+            self._drop("short", f"request of {len(data)} bytes from {addr[0]}")
+            return
+        header = wire.decode_request(data[: wire.REQUEST_LEN], self.numbers)
+        # 2. authentication first (§2.1)
+        try:
+            spi, ok = wire.verify_mn_ha_auth(data, self._key_for_mn)
+        except wire.MIPError as e:
+            self._deny(wire.REG_HA_POORLY_FORMED_REQUEST, header.home_address,
+                       header.identification, addr, None, reason=e.reason)
+            return
+        sa = self._sas.get(spi) if spi is not None else None
+        if not ok or sa is None:
+            c.inc("auth_failed")
+            self._deny(wire.REG_HA_MN_FAILED_AUTH, header.home_address, header.identification,
+                       addr, sa, reason="no MN-HA authentication extension" if spi is None
+                       else f"MN-HA authentication failed (SPI {spi})")
+            return
+        # 3. the whole message
+        try:
+            req = wire.decode_request(data, self.numbers)
+        except wire.MIPError as e:
+            if e.code is None:
+                self._drop("undecodable", f"from {addr[0]}: {e.reason}")
+                return
+            self._deny(e.code, header.home_address, header.identification, addr, sa,
+                       reason=e.reason)
+            return
+        exts = wire.authenticated_extensions(req)
+        nai_ext = next((e for e in exts if isinstance(e, wire.NAIExtension)), None)
+        nai = nai_ext.nai if nai_ext is not None else None
+        # 4. the SA belongs to this MN
+        if req.home_address == _ZERO:
+            if nai is None:
+                self._drop("zero_home_no_nai", f"from {addr[0]}: home address 0 and no NAI")
+                return
+        elif sa.home_address and req.home_address != sa.home_address:
+            c.inc("auth_failed")
+            self._deny(wire.REG_HA_MN_FAILED_AUTH, req.home_address, req.identification, addr,
+                       sa, nai=nai, reason=f"SPI {spi} is not the SA of {req.home_address}")
+            return
+        if sa.nai and nai is not None and nai != sa.nai:
+            c.inc("auth_failed")
+            self._deny(wire.REG_HA_MN_FAILED_AUTH, req.home_address, req.identification, addr,
+                       sa, nai=nai, reason=f"SPI {spi} is not the SA of that NAI")
+            return
+        if not sa.home_address and nai is None:
+            self._deny(wire.REG_HA_MN_FAILED_AUTH, req.home_address, req.identification, addr,
+                       sa, reason=f"SPI {spi} is an NAI SA; the request has no NAI")
+            return
+        # 5. replay protection
+        if self.cfg.replay == "timestamp" and not self._identification_ok(sa, req.identification):
+            c.inc("replay_refused")
+            ours = (ntp_seconds(self.wallclock()) << 32) | (req.identification & _LOW32)
+            self._deny(wire.REG_HA_IDENTIFICATION_MISMATCH, req.home_address, ours, addr, sa,
+                       nai=nai, reason="identification is not a fresh timestamp")
+            return
+        self._stored(self.store.put(ReplayState(sa.spi, req.identification)), "replay state")
+        self._relay_request(req, exts, nai, sa, addr)
+
+    def _identification_ok(self, sa: _SA, identification: int) -> bool:
+        """RFC 5944 §5.7 timestamps: close to our clock, and newer than the last accepted."""
+        stamp = identification >> 32
+        now = ntp_seconds(self.wallclock())
+        # modular difference: NTP seconds wrap in 2036
+        diff = (stamp - now + (1 << 31)) % (1 << 32) - (1 << 31)
+        if abs(diff) > self.cfg.replay_tolerance:
+            return False
+        last = self.store.get(REPLAY.name, sa.spi)
+        return last is None or identification > last.identification
+
+    def _relay_request(self, req: wire.RegistrationRequest, exts: tuple[wire.Extension, ...],
+                       nai: bytes | None, sa: _SA, addr: tuple[str, int]) -> None:
+        cfg = self.cfg
+        deny = lambda code, why, **kw: self._deny(  # noqa: E731
+            code, req.home_address, req.identification, addr, sa, nai=nai, reason=why, **kw)
+        # 6. validity checks, as an HA (RFC 5944 §3.8.2, RFC 3024 §4.2)
+        if req.home_agent != cfg.public_address:
+            deny(wire.REG_HA_UNKNOWN_HA_ADDRESS, f"home agent field {req.home_agent} is not MIPP-Pub")
+            return
+        if not req.t:
+            deny(wire.REG_HA_REVERSE_TUNNEL_MANDATORY, "T bit not set (2.2.4)")
+            return
+        if req.m and req.g:
+            deny(wire.REG_HA_ENCAPSULATION_UNAVAILABLE, "both M and G set")
+            return
+        if req.lifetime and req.care_of_address == _ZERO:
+            deny(wire.REG_HA_POORLY_FORMED_REQUEST, "care-of address 0.0.0.0")
+            return
+        hap = next((e for e in exts if isinstance(e, wire.HAParameterExtension)), None)
+        if hap is None:
+            deny(self.numbers.missing_ha_parameter, "no HA Parameter extension (2.5.3)")
+            return
+        dynamic = hap.home_agent == _ZERO
+        if dynamic:
+            if nai is None or not cfg.ha_pool:
+                deny(self.numbers.nonzero_ha_required,
+                     "dynamic HA assignment needs an NAI" if nai is None
+                     else "no HA pool for dynamic assignment")
+                return
+            ha = cfg.ha_pool[zlib.crc32(nai) % len(cfg.ha_pool)]
+        else:
+            ha = hap.home_agent
+            if ha not in self._allowed_has:
+                deny(wire.REG_HA_UNKNOWN_HA_ADDRESS, f"home agent {ha} is not configured")
+                return
+        # location detection (2.6.1): the CoA, or the source address when NATed
+        natted = addr[0] != req.care_of_address
+        where = addr[0] if natted else req.care_of_address
+        if self.is_internal(where):
+            deny(self.numbers.assigned_home_agent, f"{where} is internal: register with {ha}",
+                 home_agent=ha)
+            return
+        utr = next((e for e in exts if isinstance(e, wire.UDPTunnelRequest)), None)
+        udp = utr is not None and cfg.udp_tunnelling and (natted or utr.force)
+        if self.store.count(PENDING.name) >= cfg.max_pending:
+            deny(wire.REG_HA_INSUFFICIENT_RESOURCES, "pending registration list full",
+                 home_agent=ha)
+            return
+        # 7. the new request (2.2.1 - 2.2.3)
+        lifetime = min(req.lifetime, cfg.max_lifetime)
+        home = req.home_address
+        if req.s and cfg.simultaneous_bindings and home != _ZERO and lifetime:
+            now = self.clock.seconds()
+            for b in self.store.lookup_all(BINDING.name, "home", home):
+                expires = self.store.expires(BINDING.name, b.key)
+                if expires is not None:
+                    lifetime = max(lifetime, min(int(expires - now), cfg.max_lifetime))
+        flags = req.flags & (wire.FLAG_M | wire.FLAG_G)
+        if req.b and cfg.broadcast:
+            flags |= wire.FLAG_B
+        else:
+            flags |= wire.FLAG_D  # co-located CoA (MIPP-Priv); never with B (2.2.1)
+        flags |= wire.FLAG_T
+        relayed = tuple(e for e in exts if not isinstance(
+            e, (wire.AuthExtension, wire.HAParameterExtension, wire.UDPTunnelRequest)))
+        new = wire.RegistrationRequest(flags, lifetime, home, ha, cfg.private_address,
+                                       req.identification, relayed)
+        out = wire.add_mn_ha_auth(wire.encode_request(new, self.numbers), sa.ha_spi, sa.key)
+        mn = home if home != _ZERO else "nai:" + nai.decode("utf-8", "backslashreplace")  # type: ignore[union-attr]
+        encap = "gre" if req.g else "minimal" if req.m else "ipip"
+        pending = Pending(
+            mn=mn, ident_low=req.identification & _LOW32, identification=req.identification,
+            home_agent=ha, care_of_address=req.care_of_address, lifetime=req.lifetime,
+            relayed_lifetime=lifetime, spi=sa.spi, src_ip=addr[0], src_port=addr[1],
+            home_address=home, nai=nai.decode("utf-8", "backslashreplace") if nai else "",
+            flags=req.flags, udp_tunnel=udp, udp_forced=bool(udp and utr is not None and utr.force),
+            encapsulation=encap, dynamic_ha=dynamic, created=self.clock.seconds(),
+        )
+        self._stored(self.store.put(pending, ttl=cfg.pending_timeout, owner=f"mip:{mn}"),
+                     "pending registration")
+        self.counters.inc("requests_relayed")
+        self._send(self.send_private, out, (ha, cfg.port))
+
+    # ------------------------------------------------------------------ replies
+    def _find_pending(self, reply: wire.RegistrationReply, src: str) -> Pending | None:
+        low = reply.identification & _LOW32
+        p = self.store.get(PENDING.name, (reply.home_address, low))
+        if p is not None:
+            return p
+        for e in reply.extensions:
+            if isinstance(e, wire.NAIExtension):
+                p = self.store.get(PENDING.name, ("nai:" + e.nai.decode("utf-8", "backslashreplace"), low))
+                if p is not None:
+                    return p
+        # an HA that left out the NAI (203) or the home address (204): the one pending
+        # entry for this HA and identification
+        cands = [p for p in self.store.lookup_all(PENDING.name, "home_agent", src)
+                 if p.ident_low == low]
+        return cands[0] if len(cands) == 1 else None
+
+    def reply_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        """A datagram of type 3 on MIPP-Priv:434, from an actual home agent."""
+        c = self.counters
+        c.inc("replies_rx")
+        try:
+            reply = wire.decode_reply(data, self.numbers)
+        except wire.MIPError as e:
+            self._drop("reply_malformed", f"from {addr[0]}: {e.reason}")
+            return
+        pending = self._find_pending(reply, addr[0])
+        if pending is None:
+            self._drop("unexpected_reply", f"from {addr[0]} for {reply.home_address}")
+            return
+        if addr[0] != pending.home_agent:
+            self._drop("reply_wrong_source", f"reply for {pending.mn} from {addr[0]}, "
+                                             f"not {pending.home_agent}")
+            return
+        sa = self._sas.get(pending.spi)
+        if sa is None:  # the SA went away with a config reload
+            self._drop("reply_auth_failed", f"no SA {pending.spi}")
+            return
+        spi, ok = wire.verify_mn_ha_auth(data, lambda s: sa.key if s == sa.ha_spi else None)
+        if not ok:
+            self._drop("reply_auth_failed", f"reply for {pending.mn} from {addr[0]} (SPI {spi})")
+            return
+        self._relay_reply(reply, pending, sa)
+
+    def _relay_reply(self, reply: wire.RegistrationReply, pending: Pending, sa: _SA) -> None:
+        cfg = self.cfg
+        n = self.numbers
+        exts = wire.authenticated_extensions(reply)
+        code = reply.code
+        nai_ext = next((e for e in exts if isinstance(e, wire.NAIExtension)), None)
+        if reply.accepted:
+            if pending.nai and nai_ext is None:
+                code = n.missing_nai
+            elif reply.home_address == _ZERO:
+                code = n.missing_home_address
+            elif reply.home_agent == _ZERO:
+                code = n.missing_home_agent
+            elif code == wire.REG_ACCEPTED and pending.flags & wire.FLAG_S and \
+                    not cfg.simultaneous_bindings:
+                code = wire.REG_ACCEPTED_NO_SIMULTANEOUS
+        if code < 64 and reply.lifetime and not self._bind(reply, pending, code):
+            code = wire.REG_HA_INSUFFICIENT_RESOURCES
+        if code < 64 and not reply.lifetime:
+            self._retire(reply.home_address if reply.home_address != _ZERO else pending.home_address,
+                         pending)
+        relayed: list[wire.Extension] = [e for e in exts if not isinstance(
+            e, (wire.AuthExtension, wire.HAParameterExtension, wire.UDPTunnelReply))]
+        relayed.append(wire.HAParameterExtension(pending.home_agent))
+        if pending.udp_tunnel:
+            relayed.append(wire.UDPTunnelReply(wire.UDP_TUNNEL_ACCEPTED, cfg.udp_keepalive,
+                                               pending.udp_forced))
+        new = wire.RegistrationReply(code, reply.lifetime, reply.home_address, cfg.public_address,
+                                     reply.identification, tuple(relayed))
+        out = wire.add_mn_ha_auth(wire.encode_reply(new, n), sa.spi, sa.key)
+        self._stored(self.store.delete(PENDING.name, (pending.mn, pending.ident_low)), "pending")
+        if code != reply.code and code >= 64:
+            self.counters.inc("denied")
+            self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
+        self.counters.inc("replies_relayed")
+        log.info("mipproxy: {home} via {coa}: home agent {ha} answered {code}, relayed {out} "
+                 "lifetime {life}", home=reply.home_address, coa=pending.care_of_address,
+                 ha=pending.home_agent, code=reply.code, out=code, life=reply.lifetime)
+        self._send(self.send_public, out, (pending.src_ip, pending.src_port))
+
+    def _bind(self, reply: wire.RegistrationReply, pending: Pending, code: int) -> bool:
+        """Record the binding (2.6.6) before the reply goes out; False: cannot serve the MN."""
+        home = reply.home_address
+        key = (home, pending.care_of_address)
+        existing = self.store.get(BINDING.name, key)
+        if existing is None and self.store.count(BINDING.name) >= self.cfg.max_bindings:
+            return False
+        lifetime = min(reply.lifetime, pending.relayed_lifetime or reply.lifetime)
+        if pending.flags & wire.FLAG_S and self.cfg.simultaneous_bindings:
+            # 2.6.2: the lesser of the accepted and the requested lifetime
+            lifetime = min(reply.lifetime, pending.lifetime)
+        simultaneous = bool(pending.flags & wire.FLAG_S) and self.cfg.simultaneous_bindings
+        if not simultaneous:
+            for old in self.store.lookup_all(BINDING.name, "home", home):
+                if old.key != key:
+                    self._stored(self.store.delete(BINDING.name, old.key), "binding")
+                    self.counters.inc("bindings_retired")
+        nai = pending.nai
+        binding = Binding(
+            home_address=home, care_of_address=pending.care_of_address,
+            home_agent=pending.home_agent, identification=reply.identification,
+            lifetime=lifetime, spi=pending.spi, src_ip=pending.src_ip if pending.udp_tunnel
+            else pending.care_of_address, src_port=pending.src_port if pending.udp_tunnel else 0,
+            encapsulation="udp" if pending.udp_tunnel else pending.encapsulation, nai=nai,
+            simultaneous=simultaneous, registered=self.clock.seconds(),
+        )
+        try:
+            d = self.store.put(binding, ttl=lifetime, owner=f"mip:{home}")
+        except Exception:
+            log.failure("mipproxy: binding for {home}", home=home)
+            return False
+        self._stored(d, "binding")
+        if existing is None:
+            self.counters.inc("bindings_created")
+        return True
+
+    def _retire(self, home: str, pending: Pending) -> None:
+        """A lifetime-0 reply: the bindings of this MN go (RFC 5944 §3.6.1.2 semantics)."""
+        self.counters.inc("deregistrations")
+        for b in self.store.lookup_all(BINDING.name, "home", home):
+            if b.simultaneous and pending.care_of_address not in (b.care_of_address, home):
+                continue
+            self._stored(self.store.delete(BINDING.name, b.key), "binding")
+            self.counters.inc("bindings_retired")
+
+    # --------------------------------------------------------------------- ICMP
+    def icmp_received(self, packet: bytes) -> None:
+        """An ICMP message for this host (raw socket): destination unreachables about a
+        request we relayed become replies to the MN (2.6.7)."""
+        try:
+            hl = (packet[0] & 0x0F) << 2
+            icmp, body = codec.parse_icmp(packet[hl:])
+            if icmp.type != codec.ICMP_DEST_UNREACH:
+                return
+            inner, quoted = codec.parse_icmp_error(body)
+        except (codec.CodecError, IndexError):
+            return
+        if inner.protocol != codec.PROTO_UDP or len(quoted) < 8:
+            return
+        sport, dport = struct.unpack_from("!HH", quoted)
+        if sport != self.cfg.port or dport != self.cfg.port:
+            return
+        ha = codec.addr_to_str(inner.dst)
+        payload = quoted[8:]
+        low = None
+        if len(payload) >= wire.REQUEST_LEN and payload[0] == wire.MSG_REGISTRATION_REQUEST:
+            low = struct.unpack_from("!Q", payload, 16)[0] & _LOW32
+        hit = [p for p in self.store.lookup_all(PENDING.name, "home_agent", ha)
+               if low is None or p.ident_low == low]
+        if not hit:
+            return
+        self.counters.inc("icmp_errors")
+        code = self._icmp_code(icmp.code)
+        for p in hit:
+            sa = self._sas.get(p.spi)
+            self._stored(self.store.delete(PENDING.name, (p.mn, p.ident_low)), "pending")
+            self._deny(code, p.home_address, p.identification, (p.src_ip, p.src_port), sa,
+                       home_agent=ha, nai=p.nai.encode() if p.nai else None,
+                       reason=f"ICMP unreachable code {icmp.code} from {ha}")
+
+    def _icmp_code(self, icmp_code: int) -> int:
+        if self.cfg.icmp_codes == "draft":
+            return self.numbers.ha_unreachable
+        return {0: wire.REG_FA_HOME_NETWORK_UNREACHABLE, 1: wire.REG_FA_HA_HOST_UNREACHABLE,
+                3: wire.REG_FA_HA_PORT_UNREACHABLE}.get(icmp_code, wire.REG_FA_HA_UNREACHABLE)
+
+    # ------------------------------------------------------------- store events
+    def store_changed(self, change: Any) -> None:
+        if change.kind == PENDING.name and change.op == "delete" and change.reason == "expired":
+            self.counters.inc("pending_expired")
+        elif change.kind == BINDING.name and change.op == "delete" and change.reason == "expired":
+            self.counters.inc("bindings_retired")

@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""An independent Mobile IPv4 mobile node and home agent for narsuite's mipproxy tests.
+
+No Mobile IPv4 implementation is packaged for Debian or PyPI, so the mipproxy role is
+tested against this one.  It shares no code with narsuite (nothing here imports
+``narsuite``): the fixed headers are scapy's MobileIP layers (RFC 3344 field layout),
+the extensions are bytes laid out here from RFC 5944 §3.5, RFC 2794, RFC 3519 and the
+draft's §2.5.3, and the MN-HA authenticator is ``hmac`` over those bytes.  A bug in
+narsuite's codec therefore cannot hide behind the same bug here.
+
+Commands (each prints JSON on stdout):
+
+``ha``  a home agent on UDP 434: checks every request's MN-HA authenticator with the
+        keys given by ``--sa SPI:HEXKEY``, logs each request (bytes, parsed fields,
+        extensions, authentication result) as a JSON line to ``--log``, and answers
+        with ``--code`` (0 by default; 131 when authentication fails), the home address
+        of the request (or ``--assign-home`` for a zero one), its own address as the HA
+        field, the request's identification, the NAI (unless ``--omit-nai``) and an
+        MN-HA authentication extension.  ``--tunnel`` also decapsulates IP-in-IP from
+        the proxy and tunnels packets for bound home addresses back (data path tests).
+``mn``  a mobile node: sends one Registration Request to the proxy and prints the
+        reply, parsed and authenticated.  ``--replay`` sends the very same bytes a
+        second time and prints that reply too.
+
+Extension numbers of the draft (HA Parameter type/subtype) are options: the draft
+left them unassigned, so they are configuration, not knowledge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+from scapy.layers.mobileip import MobileIP, MobileIPRRP, MobileIPRRQ
+
+NTP_OFFSET = 2208988800
+EXT_MN_HA = 32
+EXT_NAI = 131
+EXT_UDP_TUNNEL_REQUEST = 144
+EXT_UDP_TUNNEL_REPLY = 44
+
+# request flags (RFC 5944 3.3; T: RFC 3024)
+FLAGS = {"S": 0x80, "B": 0x40, "D": 0x20, "M": 0x10, "G": 0x08, "r": 0x04, "T": 0x02, "x": 0x01}
+
+
+def ntp_identification(low: int | None = None, offset: float = 0.0) -> int:
+    """RFC 5944 §5.7 timestamp: a 64-bit NTP time (seconds since 1900, then the fraction),
+    so that each request's identification is larger than the last; ``low`` replaces the
+    fraction."""
+    now = time.time() + offset
+    secs = (int(now) + NTP_OFFSET) & 0xFFFFFFFF
+    if low is None:
+        low = int((now % 1) * (1 << 32)) & 0xFFFFFFFF
+    return (secs << 32) | low
+
+
+def ext(t: int, body: bytes) -> bytes:
+    return bytes([t, len(body)]) + body
+
+
+def ha_parameter(ha: str, ext_type: int = 127, subtype: int = 0) -> bytes:
+    return ext(ext_type, bytes([subtype, 0]) + socket.inet_aton(ha))
+
+
+def nai_ext(nai: str) -> bytes:
+    return ext(EXT_NAI, nai.encode())
+
+
+def udp_tunnel_request(force: bool = False, encap: int = 4) -> bytes:
+    return ext(EXT_UDP_TUNNEL_REQUEST, bytes([0, 0, 0x80 if force else 0, encap, 0, 0]))
+
+
+def with_auth(message: bytes, spi: int, key: bytes, corrupt: bool = False) -> bytes:
+    """Append an MN-HA authentication extension: HMAC-MD5 over everything before the
+    authenticator (RFC 5944 §3.5.1: message, prior extensions, type, length, SPI)."""
+    covered = message + bytes([EXT_MN_HA, 20]) + struct.pack("!I", spi)
+    mac = hmac.new(key, covered, hashlib.md5).digest()
+    if corrupt:
+        mac = bytes([mac[0] ^ 1]) + mac[1:]
+    return covered + mac
+
+
+def request_bytes(flags: int, lifetime: int, home: str, ha: str, coa: str, ident: int,
+                  extensions: bytes) -> bytes:
+    hdr = bytes(MobileIP(type=1) / MobileIPRRQ(flags=flags, lifetime=lifetime, homeaddr=home,
+                                               haaddr=ha, coaddr=coa, id=ident))
+    assert len(hdr) == 24
+    return hdr + extensions
+
+
+def reply_bytes(code: int, lifetime: int, home: str, ha: str, ident: int, extensions: bytes) -> bytes:
+    hdr = bytes(MobileIP(type=3) / MobileIPRRP(code=code, lifetime=lifetime, homeaddr=home,
+                                               haaddr=ha, id=ident))
+    assert len(hdr) == 20
+    return hdr + extensions
+
+
+def split_extensions(data: bytes, start: int) -> list[tuple[int, int, bytes]]:
+    out = []
+    off = start
+    while off < len(data):
+        t, n = data[off], data[off + 1]
+        out.append((t, off, data[off + 2: off + 2 + n]))
+        off += 2 + n
+    if off != len(data):
+        raise ValueError("extension chain runs past the end")
+    return out
+
+
+def check_auth(data: bytes, start: int, keys: dict[int, bytes]) -> tuple[int | None, bool]:
+    for t, off, body in split_extensions(data, start):
+        if t == EXT_MN_HA:
+            spi = struct.unpack("!I", body[:4])[0]
+            key = keys.get(spi)
+            if key is None or len(body) != 20:
+                return spi, False
+            mac = hmac.new(key, data[: off + 6], hashlib.md5).digest()
+            return spi, hmac.compare_digest(mac, body[4:])
+    return None, False
+
+
+def parse(data: bytes, keys: dict[int, bytes]) -> dict:
+    """A request or reply as a dict (scapy for the fixed part, our walk for extensions)."""
+    m = MobileIP(data)
+    out: dict = {"type": m.type, "hex": data.hex()}
+    if m.type == 1:
+        r = m[MobileIPRRQ]
+        start = 24
+        out.update(flags=r.flags, lifetime=r.lifetime, home=r.homeaddr, ha=r.haaddr,
+                   coa=r.coaddr, id=r.id)
+    elif m.type == 3:
+        r = m[MobileIPRRP]
+        start = 20
+        out.update(code=r.code, lifetime=r.lifetime, home=r.homeaddr, ha=r.haaddr, id=r.id)
+    else:
+        return out
+    out["exts"] = [[t, body.hex()] for t, _o, body in split_extensions(data, start)]
+    spi, ok = check_auth(data, start, keys)
+    out.update(spi=spi, auth_ok=ok)
+    return out
+
+
+def parse_keys(items: list[str]) -> dict[int, bytes]:
+    keys = {}
+    for item in items or []:
+        spi, key = item.split(":", 1)
+        keys[int(spi, 0)] = bytes.fromhex(key.removeprefix("0x"))
+    return keys
+
+
+# ----------------------------------------------------------------------------- HA
+def run_ha(args: argparse.Namespace) -> None:
+    keys = parse_keys(args.sa)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.listen, args.port))
+    tun = None
+    if args.tunnel:
+        tun = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)  # IP-in-IP from the proxy
+    bindings: dict[str, str] = {}  # home address -> care-of address
+    log = open(args.log, "a", buffering=1) if args.log else None
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    print(json.dumps({"ready": True}), flush=True)
+    while not stop:
+        socks = [sock] + ([tun] if tun else [])
+        try:
+            readable, _, _ = select.select(socks, [], [], 0.2)
+        except InterruptedError:
+            continue
+        if tun is not None and tun in readable:
+            pkt, _src = tun.recvfrom(65535)
+            if log:
+                log.write(json.dumps({"tunnel_rx": pkt.hex()}) + "\n")
+        if sock not in readable:
+            continue
+        data, src = sock.recvfrom(65535)
+        try:
+            req = parse(data, keys)
+        except Exception as e:  # noqa: BLE001 - the log says what was wrong
+            req = {"error": str(e), "hex": data.hex()}
+        req["src"] = list(src)
+        if log:
+            log.write(json.dumps(req) + "\n")
+        if req.get("type") != 1 or args.silent:
+            continue
+        code = args.code if req["auth_ok"] else 131
+        home = req["home"]
+        if home == "0.0.0.0" and args.assign_home:
+            home = args.assign_home
+        if args.reply_home is not None:
+            home = args.reply_home
+        exts = b""
+        for t, body in req["exts"]:
+            if t == EXT_NAI and not args.omit_nai:
+                exts += ext(t, bytes.fromhex(body))
+        lifetime = min(req["lifetime"], args.max_lifetime) if code < 64 else 0
+        ha_field = args.reply_ha if args.reply_ha is not None else args.listen
+        msg = reply_bytes(code, lifetime, home, ha_field, req["id"], exts)
+        if req["spi"] in keys:
+            msg = with_auth(msg, req["spi"], keys[req["spi"]], corrupt=args.corrupt_reply)
+        if code < 64 and lifetime:
+            bindings[home] = req["coa"]
+        sock.sendto(msg, src)
+
+
+# ----------------------------------------------------------------------------- MN
+def run_mn(args: argparse.Namespace) -> None:
+    key = bytes.fromhex(args.key.removeprefix("0x"))
+    flags = 0
+    for ch in args.flags:
+        flags |= FLAGS[ch]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if args.bind:
+        sock.bind((args.bind, args.sport))
+    sock.connect((args.proxy, args.port))
+    coa = args.coa or sock.getsockname()[0]
+    ident = int(args.ident, 0) if args.ident else ntp_identification(offset=args.clock_offset)
+    exts = b""
+    if args.nai:
+        exts += nai_ext(args.nai)
+    if args.ha_param is not None:
+        exts += ha_parameter(args.ha_param, args.ha_param_type, args.ha_param_subtype)
+    if args.udp_tunnel:
+        exts += udp_tunnel_request(force=args.force)
+    for raw in args.raw_ext or []:
+        exts += bytes.fromhex(raw)
+    msg = request_bytes(flags, args.lifetime, args.home, args.proxy if args.ha_field is None
+                        else args.ha_field, coa, ident, exts)
+    if not args.no_auth:
+        msg = with_auth(msg, args.spi, key, corrupt=args.bad_auth)
+    if args.after_auth:
+        msg += bytes.fromhex(args.after_auth)
+    keys = {args.spi: key}
+    out = {"request": msg.hex(), "identification": ident, "replies": []}
+    for _ in range(2 if args.replay else 1):
+        sock.send(msg)
+        sock.settimeout(args.timeout)
+        try:
+            data = sock.recv(65535)
+        except (TimeoutError, socket.timeout):
+            out["replies"].append(None)
+            continue
+        out["replies"].append(parse(data, keys))
+    print(json.dumps(out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("ha")
+    h.add_argument("--listen", required=True)
+    h.add_argument("--port", type=int, default=434)
+    h.add_argument("--sa", action="append", help="SPI:HEXKEY (repeat)")
+    h.add_argument("--code", type=int, default=0)
+    h.add_argument("--max-lifetime", type=int, default=600)
+    h.add_argument("--assign-home", default="")
+    h.add_argument("--reply-home", default=None)
+    h.add_argument("--reply-ha", default=None)
+    h.add_argument("--omit-nai", action="store_true")
+    h.add_argument("--corrupt-reply", action="store_true")
+    h.add_argument("--silent", action="store_true", help="log requests, never answer")
+    h.add_argument("--tunnel", action="store_true")
+    h.add_argument("--log")
+    m = sub.add_parser("mn")
+    m.add_argument("--proxy", required=True)
+    m.add_argument("--port", type=int, default=434)
+    m.add_argument("--bind", default="")
+    m.add_argument("--sport", type=int, default=0)
+    m.add_argument("--home", required=True)
+    m.add_argument("--coa", default="")
+    m.add_argument("--ha-field", default=None, help="the request's home agent field (default: --proxy)")
+    m.add_argument("--ha-param", default=None, help="HA Parameter extension address (omit: none)")
+    m.add_argument("--ha-param-type", type=int, default=127)
+    m.add_argument("--ha-param-subtype", type=int, default=0)
+    m.add_argument("--nai", default="")
+    m.add_argument("--udp-tunnel", action="store_true")
+    m.add_argument("--force", action="store_true")
+    m.add_argument("--spi", type=int, required=True)
+    m.add_argument("--key", required=True)
+    m.add_argument("--flags", default="T")
+    m.add_argument("--lifetime", type=int, default=300)
+    m.add_argument("--ident", default="")
+    m.add_argument("--clock-offset", type=float, default=0.0)
+    m.add_argument("--bad-auth", action="store_true")
+    m.add_argument("--no-auth", action="store_true")
+    m.add_argument("--raw-ext", action="append")
+    m.add_argument("--after-auth", default="", help="hex bytes appended after the authenticator")
+    m.add_argument("--replay", action="store_true")
+    m.add_argument("--timeout", type=float, default=3.0)
+    args = p.parse_args(argv)
+    if args.cmd == "ha":
+        run_ha(args)
+    else:
+        run_mn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
