@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -56,6 +56,9 @@ class RoleSpec:
     #: connection): their records left on disk by a crash are dropped when the store
     #: opens (``Store.declare_volatile_owners``).
     volatile_owners: Sequence[str] = ()
+    #: Checks what the role needs to *run* (its section is built, with defaults, even
+    #: when the role is not asked for); raises ConfigError naming the key.
+    check_config: Callable[[Any], None] | None = None
 
 
 class RoleRegistry:

@@ -42,6 +42,9 @@ class Options(usage.Options):
         try:
             self["specs"] = registry.resolve(self["role"])
             self["loaded_config"] = load(self["config"], registry=registry)
+            for spec in self["specs"]:
+                if spec.check_config is not None:
+                    spec.check_config(self["loaded_config"].role(spec.name))
         except (ConfigError, RoleError) as e:
             raise usage.UsageError(str(e)) from None
 
