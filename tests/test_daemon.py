@@ -238,12 +238,15 @@ def test_twistd_refuses_bad_config_before_binding(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists() and not (tmp_path / "state").exists()
 
 
-def test_twistd_refuses_unimplemented_role(tmp_path: Path) -> None:
+def test_twistd_mipproxy_refuses_to_run_without_its_addresses(tmp_path: Path) -> None:
+    """mipproxy is implemented: asked for without MIPP-Pub it stops before binding anything,
+    naming the key (the section's defaults fail closed)."""
     f = _write_config(tmp_path)
     out = subprocess.run(["twistd", "-n", "--pidfile=", "narsuite", "--config", str(f), "--role=mipproxy"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode != 0
-    assert "'mipproxy' role is not implemented" in out.stdout + out.stderr
+    assert "not implemented" not in out.stdout + out.stderr
+    assert "mipproxy.public_address: the mipproxy role needs MIPP-Pub" in out.stdout + out.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -131,11 +131,11 @@ def test_daemon_in_a_namespace(lab, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flag", ["--role=mipproxy", "--role=demo,mipproxy"])
-def test_unimplemented_roles_refused_in_the_lab(lab, tmp_path: Path, flag: str) -> None:
+def test_mipproxy_without_addresses_refused_in_the_lab(lab, tmp_path: Path, flag: str) -> None:
     d = lab.host("d")
     config = tmp_path / "n.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}/s"\nruntime_dir = "{tmp_path}/r"\n')
     out = d.run([sys.executable, str(RUNNER), "--config", str(config), flag], check=False)
     assert out.returncode != 0
-    assert "role is not implemented in this build" in out.stdout + out.stderr
+    assert "mipproxy.public_address" in out.stdout + out.stderr
     assert not (tmp_path / "r").exists()
