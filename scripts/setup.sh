@@ -22,6 +22,8 @@ APT_PACKAGES=(
   openssh-client    # ssh + ssh-keygen: manhole tests log in for real
   openssl           # the openssl command: certificate tests check our PKI with it
   curl              # metrics scrapes, SOCKS client
+  ncat              # SOCKS5 client (half-close tests)
+  netcat-openbsd    # nc -X 5: SOCKS5 client (half-close tests)
   iputils-ping      # ping through TUN devices
   procps            # sysctl
   util-linux        # unshare, mount: charon gets its own /run

@@ -188,3 +188,46 @@ def test_udp_associate_with_pysocks(nar_topo, server, tmp_path):
     # Y saw the datagrams coming from N's public address; X got them back through the relay,
     # labelled with Y's address and port (the SOCKS UDP header, unwrapped by PySocks).
     assert lines == [f"echo:ping{i} from {nar_topo.n_public} {nar_topo.y_addr} 7777" for i in range(3)]
+
+
+# A server that answers only after the client's FIN: it reads to EOF, then sends the
+# SHA-256 of what it got and closes.  Every "send a request, shut down writing, read the
+# answer" client needs the relay to pass the FIN on and keep the other direction open.
+EOF_SERVER = textwrap.dedent("""
+    import hashlib, socket, sys
+    ls = socket.create_server((sys.argv[1], int(sys.argv[2])))
+    while True:
+        c, _ = ls.accept()
+        got = b""
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            got += b
+        c.sendall(b"sha256=" + hashlib.sha256(got).hexdigest().encode() + b"\\n")
+        c.close()
+""")
+
+
+@pytest.mark.parametrize("client", ["ncat", "nc-openbsd"])
+def test_half_close_is_passed_on(nar_topo, server, tmp_path, client):
+    """Issue 12: the client's FIN used to tear down both directions, so no answer came."""
+    tool = {"ncat": "ncat", "nc-openbsd": "nc.openbsd"}[client]
+    from narsuite.lab.pytest_plugin import need_tools
+
+    need_tools(tool)
+    (tmp_path / "eof.py").write_text(EOF_SERVER)
+    nar_topo.y.popen([sys.executable, str(tmp_path / "eof.py"), nar_topo.y_addr, "7070"])
+    nar_topo.y.wait_port(7070)
+    server.start()
+    payload = b"GET / HTTP/1.0\r\n\r\n" * 1000
+    (tmp_path / "req").write_bytes(payload)
+    proxy = f"{nar_topo.n_private}:1080"
+    if client == "ncat":
+        cmd = f"ncat --proxy {proxy} --proxy-type socks5 {nar_topo.y_addr} 7070 < {tmp_path / 'req'}"
+    else:  # -N: shutdown(SHUT_WR) after EOF on stdin
+        cmd = f"nc.openbsd -N -X 5 -x {proxy} {nar_topo.y_addr} 7070 < {tmp_path / 'req'}"
+    r = nar_topo.x.run(f"timeout 20 {cmd}", check=False, timeout=30)
+    assert r.stdout.strip() == "sha256=" + hashlib.sha256(payload).hexdigest(), (
+        r.stdout + r.stderr + server.log_text())
+    assert r.returncode == 0, r.stderr

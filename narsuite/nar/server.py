@@ -54,7 +54,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, error, udp
-from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.interfaces import IHalfCloseableProtocol, IResolutionReceiver
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol, ServerFactory
 from twisted.python.failure import Failure
@@ -187,8 +187,12 @@ class NarConnection:
 
 # ------------------------------------------------------------------ the far side
 
+@implementer(IHalfCloseableProtocol)
 class _Outbound(Protocol):
-    """The connection to the destination (CONNECT) or from the peer (BIND)."""
+    """The connection to the destination (CONNECT) or from the peer (BIND).
+
+    Half-closeable: the peer's FIN is passed on to the client (see
+    :meth:`SocksProtocol.readConnectionLost`)."""
 
     def __init__(self, socks_proto: SocksProtocol, bind: bool = False) -> None:
         self.socks = socks_proto
@@ -202,6 +206,12 @@ class _Outbound(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.socks._from_outbound(data)
+
+    def readConnectionLost(self) -> None:
+        self.socks._outbound_eof(self)
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
         self.socks._outbound_lost(self)
@@ -493,8 +503,17 @@ class _UdpRelay(DatagramProtocol):
 
 # ------------------------------------------------------------------ the client side
 
+@implementer(IHalfCloseableProtocol)
 class SocksProtocol(Protocol):
-    """One client connection: frames the SOCKS5 messages, then relays or hands over."""
+    """One client connection: frames the SOCKS5 messages, then relays or hands over.
+
+    Half-close (RFC 1928 relays bytes, and "send a request, shut down writing, read
+    the answer" clients such as ``ncat``/``nc -N`` depend on it): a FIN from either
+    side of a relay is passed on as a FIN to the other (``loseWriteConnection``, after
+    what is queued), and the relay closes when both directions have ended.  A FIN
+    while a CONNECT/BIND is under way is kept and passed on once the relay starts;
+    in any other state it ends the connection.
+    """
 
     factory: SocksFactory
 
@@ -520,6 +539,8 @@ class SocksProtocol(Protocol):
         self._addrs: list[str] = []  # CONNECT: allowed addresses not tried yet
         self._attempting: _OutboundFactory | None = None
         self._connector: Any = None
+        self._eof_up = False  # the client sent FIN
+        self._eof_down = False  # the destination / BIND peer sent FIN
 
     # ---------------------------------------------------------------- plumbing
 
@@ -873,6 +894,10 @@ class SocksProtocol(Protocol):
         if self.buf:
             data, self.buf = bytes(self.buf), bytearray()
             self.dataReceived(data)
+        if self._eof_up and self.state == "relay":  # the FIN came while connecting
+            self._eof_up = False
+            self.readConnectionLost()
+            return
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
@@ -883,6 +908,42 @@ class SocksProtocol(Protocol):
         self.factory.counters["bytes_down"] += len(data)
         self._last = self.reactor.seconds()
         write_now(self.transport, data)
+
+    def readConnectionLost(self) -> None:
+        """The client sent FIN (IHalfCloseableProtocol)."""
+        if self.closed:
+            return
+        self._eof_up = True
+        if self.state == "relay":
+            out = self.outbound
+            if out is not None and out.transport is not None:
+                out.transport.loseWriteConnection()
+            if self._eof_down:
+                self._end_relay()
+        elif self.state not in ("pending", "bindwait"):
+            # Nothing under way that the FIN could be passed on to: the client is done.
+            self.state = "done"
+            self._abort()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def _outbound_eof(self, out: _Outbound) -> None:
+        """The destination (or BIND peer) sent FIN: pass it on to the client."""
+        if out is not self.outbound or self.closed:
+            return
+        self._eof_down = True
+        self.transport.loseWriteConnection()
+        if self._eof_up:
+            self._end_relay()
+
+    def _end_relay(self) -> None:
+        """Both directions ended: close both connections once what is queued is sent."""
+        self.state = "done"
+        out = self.outbound
+        if out is not None and out.transport is not None:
+            out.transport.loseConnection()
+        self.transport.loseConnection()
 
     def _outbound_lost(self, out: _Outbound) -> None:
         if out is self.outbound and not self.closed:
