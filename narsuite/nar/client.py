@@ -39,6 +39,7 @@ from collections import deque
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import ClientFactory, Protocol
 
 from narsuite.nar import socks, wire
@@ -65,6 +66,8 @@ class NarClient(Protocol):
     Replies come back in request order, so each request queues a Deferred and
     a parser for its reply.
     """
+
+    transport: ITCPTransport  # set by makeConnection, before any of our methods run
 
     def __init__(self, user: str | None = None, password: str | None = None,
                  commands: wire.NarCommands | None = None, mode_command: int = 0x80) -> None:

@@ -267,7 +267,7 @@ class NarDataPlane(service.Service):
         :class:`~narsuite.nar.nft.PortReservations` on Nb).
     """
 
-    name = "nar-dataplane"
+    name = "nar-dataplane"  # type: ignore[assignment]  # Service has an unannotated `name = None`
 
     def __init__(self, options, store, reactor=None, *,  # type: ignore[no-untyped-def]
                  private_address: str | None = None,

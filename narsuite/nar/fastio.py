@@ -39,8 +39,10 @@ from typing import Any
 
 from twisted.internet import error, main, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = ["write_now", "lose_now", "ClosingProducer", "connect_tcp", "LeanConnector", "OutgoingConnection"]
 
@@ -53,7 +55,7 @@ def _idle(transport: Any) -> bool:
     return (
         isinstance(transport, _Connection)
         and not transport.TLS
-        and transport.connected
+        and transport.connected == 1  # Twisted's flag: 0/1 (True on some classes)
         and not transport.disconnecting
         and not transport._tempDataLen
         and transport.offset == len(transport.dataBuffer)
@@ -91,6 +93,7 @@ def lose_now(transport: Any) -> None:
     transport.loseConnection()
 
 
+@implementer(IPushProducer)
 class ClosingProducer:
     """A transport as the streaming producer of the other side of a relay.
 

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IProcessTransport
 
 from narsuite.logs import logger
 
@@ -162,6 +163,7 @@ def conntrack_commands(m: Any) -> list[list[str]]:
 
 
 class _NftProcess(protocol.ProcessProtocol):
+    transport: IProcessTransport  # spawnProcess sets it before connectionMade
     def __init__(self, script: str, done: defer.Deferred) -> None:
         self.script = script.encode()
         self.done = done

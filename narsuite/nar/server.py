@@ -70,6 +70,7 @@ from narsuite.nar.records import SESSION_OWNER_PREFIX
 from narsuite.nar.rules import RuleSet
 from narsuite.packet.routing import source_address
 from narsuite.schema import ConfigError
+from narsuite.transports import ITCPStreamTransport
 
 __all__ = ["SocksFactory", "SocksProtocol", "NarConnection", "connect_error_code", "METHOD_CODES"]
 
@@ -150,6 +151,12 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _version(host: str) -> int:
+    """6 for an IPv6 address, else 4 (a name or anything unparsable counts as IPv4)."""
+    ip = _ip(host)
+    return ip.version if ip is not None else 4
+
+
 def _same_ip(a: str, b: str) -> bool:
     x, y = _ip(a), _ip(b)
     if x is None or y is None:
@@ -193,6 +200,8 @@ class _Outbound(Protocol):
 
     Half-closeable: the peer's FIN is passed on to the client (see
     :meth:`SocksProtocol.readConnectionLost`)."""
+
+    transport: ITCPStreamTransport  # see narsuite.transports
 
     def __init__(self, socks_proto: SocksProtocol, bind: bool = False) -> None:
         self.socks = socks_proto
@@ -363,6 +372,8 @@ class _UdpRelay(DatagramProtocol):
         sock = getattr(self.transport, "socket", None)
         # A real port: sendto() directly (Twisted's write() re-validates the address
         # with three isIPAddress() calls per datagram; the kernel checks it anyway).
+        # Called once the port attached us (or by _send after _out checked the transport).
+        assert self.transport is not None
         self._sendto = sock.sendto if sock is not None else self.transport.write
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
@@ -447,7 +458,7 @@ class _UdpRelay(DatagramProtocol):
         self.resolving[name] = [(port, data)]
 
         def done(addrs: list[str]) -> None:
-            ip = next((a for a in addrs if _ip(a) is not None and _ip(a).version == self._family()),
+            ip = next((a for a in addrs if (v := _ip(a)) is not None and v.version == self._family()),
                       addrs[0])
             if len(self.names) > self.MAX_CACHE:
                 self.names.clear()
@@ -516,6 +527,7 @@ class SocksProtocol(Protocol):
     """
 
     factory: SocksFactory
+    transport: ITCPStreamTransport  # see narsuite.transports
 
     def __init__(self) -> None:
         self.state = "methods"
@@ -956,14 +968,13 @@ class SocksProtocol(Protocol):
         self._set_timer(self.factory.config.connect_timeout, "connect")
         ip = _ip(req.host)
         if ip is not None and ip.is_unspecified:
-            d: defer.Deferred[list[str] | None] = defer.succeed(None)
             if not self.factory.decide.check(self.client, self.user, "bind", None, None):
                 self.factory.count("rule_blocks")
                 self._reply(socks.NOT_ALLOWED)
                 return
+            d = defer.succeed(None).addCallback(self._bind_listen)
         else:
-            d = self._allowed("bind", req)
-        d.addCallback(self._bind_listen)
+            d = self._allowed("bind", req).addCallback(self._bind_listen)
         d.addErrback(self._fail, "bind")
         self._pending = d
 
@@ -973,7 +984,7 @@ class SocksProtocol(Protocol):
             return
         here = self.transport.getHost().host
         toward = expected[0] if expected else here
-        v6 = (_ip(toward) or _ip("0.0.0.0")).version == 6
+        v6 = _version(toward) == 6
         port = self.reactor.listenTCP(0, _BindFactory(self, expected), interface="::" if v6 else "0.0.0.0")
         self._listening = port
         self.state = "bindwait"
@@ -1009,7 +1020,7 @@ class SocksProtocol(Protocol):
         # Bound to the wildcard address: the kernel then picks the source per destination
         # (towards Y the public address, not the client-facing one); BND.ADDR is where the
         # client reached us.
-        wildcard = "::" if (_ip(here) or _ip("0.0.0.0")).version == 6 else "0.0.0.0"
+        wildcard = "::" if _version(here) == 6 else "0.0.0.0"
         try:
             port = _listen_relay(self.reactor, relay, wildcard)
         except Exception as e:
@@ -1079,7 +1090,7 @@ class SocksProtocol(Protocol):
             log.failure("nar handler: nar_data raised")
 
 
-class SocksFactory(ServerFactory):
+class SocksFactory(ServerFactory[SocksProtocol]):
     """Decides for every :class:`SocksProtocol`: methods, auth, rules, resolution, counters.
 
     ``resolver(name, port) -> Deferred[list[str]]`` and ``checker`` (a
@@ -1154,4 +1165,4 @@ class SocksFactory(ServerFactory):
             log.warn("socks: {n} connections open (max_connections); refusing {addr}",
                      n=self.active, addr=getattr(addr, "host", addr))
             return None
-        return super().buildProtocol(addr)  # type: ignore[return-value]
+        return super().buildProtocol(addr)

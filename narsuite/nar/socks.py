@@ -113,7 +113,7 @@ def encode_address(host: str) -> bytes:
     return bytes((ATYP_IPV6,)) + ip.packed
 
 
-def parse_address(buf: bytes, offset: int) -> tuple[int, str, int] | None:
+def parse_address(buf: bytes | bytearray, offset: int) -> tuple[int, str, int] | None:
     """Parse ATYP, ADDR at ``offset``; return (atyp, host, end offset) or None if incomplete.
 
     IP addresses come back in their canonical text form; domain names as
@@ -159,7 +159,7 @@ class MethodRequest:
     methods: tuple[int, ...]
 
 
-def parse_method_request(buf: bytes) -> tuple[MethodRequest, int] | None:
+def parse_method_request(buf: bytes | bytearray) -> tuple[MethodRequest, int] | None:
     """VER NMETHODS METHODS (section 3).  A wrong VER raises (the server closes)."""
     if not buf:
         return None
@@ -181,7 +181,7 @@ def encode_method_reply(method: int) -> bytes:
     return bytes((VERSION, method))
 
 
-def parse_method_reply(buf: bytes) -> tuple[int, int] | None:
+def parse_method_reply(buf: bytes | bytearray) -> tuple[int, int] | None:
     if len(buf) < 2:
         return None
     if buf[0] != VERSION:
@@ -197,7 +197,7 @@ class PasswordRequest:
     password: bytes = attrs.field(repr=False)
 
 
-def parse_password_request(buf: bytes) -> tuple[PasswordRequest, int] | None:
+def parse_password_request(buf: bytes | bytearray) -> tuple[PasswordRequest, int] | None:
     """VER(1) ULEN UNAME PLEN PASSWD; ULEN and PLEN are 1 to 255."""
     if not buf:
         return None
@@ -230,7 +230,7 @@ def encode_password_reply(ok: bool) -> bytes:
     return bytes((AUTH_VERSION, 0x00 if ok else 0x01))
 
 
-def parse_password_reply(buf: bytes) -> tuple[int, int] | None:
+def parse_password_reply(buf: bytes | bytearray) -> tuple[int, int] | None:
     if len(buf) < 2:
         return None
     if buf[0] != AUTH_VERSION:
@@ -266,7 +266,7 @@ class Reply:
     flags: int = 0
 
 
-def _parse_msg(buf: bytes, what: str) -> tuple[int, int, int, str, int, int] | None:
+def _parse_msg(buf: bytes | bytearray, what: str) -> tuple[int, int, int, str, int, int] | None:
     if not buf:
         return None
     if buf[0] != VERSION:
@@ -283,7 +283,7 @@ def _parse_msg(buf: bytes, what: str) -> tuple[int, int, int, str, int, int] | N
     return buf[1], buf[2], atyp, host, port, end + 2
 
 
-def parse_request(buf: bytes) -> tuple[Request, int] | None:
+def parse_request(buf: bytes | bytearray) -> tuple[Request, int] | None:
     """A request; any CMD is returned (the server decides what it supports)."""
     r = _parse_msg(buf, "request")
     if r is None:
@@ -296,7 +296,7 @@ def encode_request(cmd: int, host: str, port: int, flags: int = 0) -> bytes:
     return bytes((VERSION, cmd, flags)) + encode_address(host) + struct.pack("!H", port)
 
 
-def parse_reply(buf: bytes) -> tuple[Reply, int] | None:
+def parse_reply(buf: bytes | bytearray) -> tuple[Reply, int] | None:
     r = _parse_msg(buf, "reply")
     if r is None:
         return None

@@ -182,7 +182,7 @@ def parse_socks_request(buf: bytes) -> tuple[SocksRequest, int] | None:
 
 
 def parse_command(
-    buf: bytes, commands: NarCommands = NarCommands()
+    buf: bytes | bytearray, commands: NarCommands = NarCommands()
 ) -> tuple[IcmpAssociate | IpsecAssociate | TunnelAssociate | SocksRequest, int] | None:
     """The first message in ``buf`` (a NAR command, VER 1, or a SOCKS5 request, VER 5).
 

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from twisted.internet import error, protocol, tcp
+from twisted.internet.interfaces import IReactorSocket, IReactorUNIX, IUNIXTransport
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -33,6 +34,8 @@ log = logger("narsuite.nar.worker")
 
 class WorkerChannel(protocol.Protocol):
     """The worker's end of the control channel: hands over NAR-MODE, reports counters."""
+
+    transport: IUNIXTransport  # passes descriptors (sendFileDescriptor); set before connectionMade
 
     def __init__(self, socks_factory: SocksFactory, reactor: Any) -> None:
         self.socks = socks_factory
@@ -87,7 +90,8 @@ class WorkerChannel(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         for msg in self.codec.feed(data):
             if msg.get("type") == "ack":
-                fd = self.pending.pop(msg.get("id"), None)
+                handoff_id = msg.get("id")
+                fd = self.pending.pop(handoff_id, None) if isinstance(handoff_id, int) else None
                 if fd is not None:
                     os.close(fd)
 
@@ -131,7 +135,9 @@ def main() -> None:
             failed(Failure(e))
             return
         try:
-            reactor.adoptStreamPort(s.fileno(), s.family, factory)
+            # Twisted types the factory as ServerFactory[_ProtoWithFactory], and Factory's
+            # parameter is invariant, so no ServerFactory[SomeProtocol] matches.
+            IReactorSocket(reactor).adoptStreamPort(s.fileno(), s.family, factory)  # type: ignore[arg-type]
         finally:
             s.close()  # the reactor holds its own descriptor
 
@@ -152,7 +158,7 @@ def main() -> None:
             failed(reason)
 
     def start() -> None:
-        reactor.connectUNIX(spec["control"], _F())
+        IReactorUNIX(reactor).connectUNIX(spec["control"], _F())
 
     reactor.callWhenRunning(start)
     reactor.run()

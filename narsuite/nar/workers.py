@@ -49,13 +49,14 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IFileDescriptorReceiver
+from twisted.internet.interfaces import IFileDescriptorReceiver, IProcessTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from narsuite.logs import logger
 from narsuite.nar.config import NarConfig
 from narsuite.nar.server import SocksFactory, SocksProtocol
+from narsuite.transports import IStreamTransport
 
 __all__ = ["WorkerPool", "ReusePortServer", "reuseport_socket", "config_to_json", "worker_count",
            "ChannelCodec", "MAX_LINE"]
@@ -114,7 +115,7 @@ class ChannelCodec:
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self.buf += data
-        out = []
+        out: list[dict[str, Any]] = []
         while True:
             i = self.buf.find(b"\n")
             if i < 0:
@@ -173,13 +174,13 @@ class _Adopted(SocksProtocol):
         self.dataReceived(self.handed_data)
 
 
-class _AdoptFactory(protocol.Factory):
+class _AdoptFactory(protocol.Factory[SocksProtocol]):
     noisy = False
 
     def __init__(self, socks: SocksFactory, user: str, data: bytes, out: bytes) -> None:
         self.socks, self.user, self.data, self.out = socks, user, data, out
 
-    def buildProtocol(self, addr: Any) -> _Adopted | None:
+    def buildProtocol(self, addr: Any) -> SocksProtocol | None:
         f = self.socks
         if f.active >= f.config.max_connections:
             f.count("connections_refused_max")
@@ -193,6 +194,8 @@ class _AdoptFactory(protocol.Factory):
 @implementer(IFileDescriptorReceiver)
 class _MainChannel(protocol.Protocol):
     """The main process's end of one worker's control channel."""
+
+    transport: IStreamTransport  # a UNIX connection; see narsuite.transports
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -269,6 +272,7 @@ class _ChannelFactory(protocol.Factory):
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
+    transport: IProcessTransport  # spawnProcess sets it before connectionMade, never unsets it
     def __init__(self, pool: WorkerPool, slot: int, spec: bytes) -> None:
         self.pool, self.slot, self.spec = pool, slot, spec
         self.started = time.monotonic()
@@ -286,7 +290,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
 class WorkerPool(service.Service):
     """Spawns, watches, restarts and stops the worker processes; adopts their handoffs."""
 
-    name = "workers"
+    name = "workers"  # type: ignore[assignment]  # Service has an unannotated `name = None`
 
     def __init__(self, config: NarConfig, socks: SocksFactory, reactor: Any, count: int,
                  log_level: str = "info") -> None:
@@ -332,8 +336,11 @@ class WorkerPool(service.Service):
         for p in procs:
             self._signal(p, "TERM")
         if procs:
-            kill = self.reactor.callLater(STOP_GRACE, lambda: [self._signal(p, "KILL")
-                                                               for p in list(self.procs.values())])
+            def kill_all() -> None:
+                for p in list(self.procs.values()):
+                    self._signal(p, "KILL")
+
+            kill = self.reactor.callLater(STOP_GRACE, kill_all)
             d.addBoth(lambda r: (kill.cancel() if kill.active() else None, r)[1])
         else:
             d.callback(None)
