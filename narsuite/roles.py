@@ -23,8 +23,8 @@ import attrs
 if TYPE_CHECKING:
     from twisted.application.service import IService
 
-    from narsuite.service import RoleContext
     from narsuite.control.commands import Command
+    from narsuite.service import RoleContext
     from narsuite.store.kinds import KindSpec
 
 __all__ = ["RoleSpec", "RoleRegistry", "RoleError", "default_registry", "KNOWN_ROLES"]
