@@ -535,3 +535,84 @@ def test_tcpudp_mappings_answer_to_the_socks_rules():
     assert r1.rep == wire.REP_NOT_ALLOWED and r2.rep == 0
     assert [m.kind for m in store.records("nar.mapping")] == ["udp"]
     assert h.counters["rule_blocks"] == 1 and not c.closed
+
+
+def _socks_nar(max_mappings=64):
+    """The real SOCKS5 server in front of NarHandler, on a StringTransport, in NAR mode."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from narsuite.nar.config import NarConfig, Rule
+    from narsuite.nar.server import SocksFactory
+
+    reactor = MemoryReactorClock()
+    store = Store(MemoryBackend(), reactor)
+    options = NarOptions(lent_address=NB, max_mappings_per_session=max_mappings)
+    h = NarHandler(options, store, reactor)
+    f = SocksFactory(NarConfig(methods=("none",), rules=(Rule("pass"),), nar=options), None, None,
+                     reactor, h)
+    p = f.buildProtocol(IPv4Address("TCP", XA, 40000))
+    tr = StringTransport(hostAddress=IPv4Address("TCP", "10.0.0.1", 1080),
+                         peerAddress=IPv4Address("TCP", XA, 40000))
+    p.makeConnection(tr)
+    p.dataReceived(b"\x05\x01\x00" + wire.encode_socks_request(0x80, 0, 1, YB, 0))
+    assert tr.value()[2:4] == b"\x05\x00"
+    tr.clear()
+    return h, store, p, tr
+
+
+def test_pipelined_commands_get_back_pressure_not_a_cut_off():
+    """Issue 12: 3,000 pipelined commands in one write were answered 01 01 and a close."""
+    h, store, p, tr = _socks_nar()
+    cmds = [wire.encode_ipsec(2, 50, 0) for _ in range(3000)]
+    p.dataReceived(b"".join(cmds))  # 21,000 bytes
+    out = tr.value()
+    assert not tr.disconnecting
+    replies = []
+    while out:
+        r, n = wire.parse_reply(out, "ipsec")
+        replies.append(r.code)
+        out = out[n:]
+    assert len(replies) == 3000
+    assert replies[:64] == [0] * 64 and set(replies[64:]) == {wire.REP_GENERAL_FAILURE}
+    assert store.count("nar.mapping") == 64
+    assert tr.producerState == "producing"  # paused while over the high-water mark, read again
+
+
+def test_pipelining_pauses_reading_while_the_store_is_slow():
+    from twisted.internet import defer
+
+    from narsuite.nar.session import HIGH_WATER
+
+    h, store, p, tr = _socks_nar(max_mappings=10000)
+    gate = []
+    real = store.allocate_spi
+
+    def slow(owner):
+        d = defer.Deferred()
+        gate.append(lambda: real(owner).chainDeferred(d))
+        return d
+
+    store.allocate_spi = slow
+    n = HIGH_WATER // 7 + 100
+    p.dataReceived(wire.encode_ipsec(2, 50, 0) * n)
+    assert tr.producerState == "paused" and not tr.disconnecting
+    while gate:
+        gate.pop(0)()
+    assert tr.producerState == "producing"
+    out, codes = tr.value(), []
+    while out:
+        r, k = wire.parse_reply(out, "ipsec")
+        codes.append(r.code)
+        out = out[k:]
+    assert codes == [0] * n
+
+
+def test_unread_replies_stop_reading_commands():
+    """The client does not read its replies: Twisted's write buffer fills and we stop reading."""
+    h, store, p, tr = _socks_nar()
+    assert tr.producer is not None and tr.streaming
+    tr.producer.pauseProducing()  # what Twisted does when the write buffer is over bufferSize
+    assert tr.producerState == "paused"
+    tr.producer.resumeProducing()
+    assert tr.producerState == "producing"

@@ -180,9 +180,34 @@ class NarConnection:
         self.user = proto.user
         self._proto = proto
 
+        self._paused: set[str] = set()  # why reading is paused: "input" (handler), "output"
+
     def write(self, data: bytes) -> None:
         if self._proto.transport is not None and not self._proto.closed:
             self._proto.transport.write(data)
+
+    def pause(self, why: str = "input") -> None:
+        """Stop reading the connection (the handler has enough pending input)."""
+        if not self._paused and self._proto.transport is not None and not self._proto.closed:
+            self._proto.transport.pauseProducing()
+        self._paused.add(why)
+
+    def resume(self, why: str = "input") -> None:
+        """Read again once no reason to pause is left."""
+        self._paused.discard(why)
+        if not self._paused and self._proto.transport is not None and not self._proto.closed:
+            self._proto.transport.resumeProducing()
+
+    # IPushProducer of the connection's own writes: replies the client does not read
+    # stop us reading its commands (Twisted pauses us when its write buffer is full).
+    def pauseProducing(self) -> None:
+        self.pause("output")
+
+    def resumeProducing(self) -> None:
+        self.resume("output")
+
+    def stopProducing(self) -> None:
+        pass
 
     def close(self) -> None:
         if self._proto.transport is not None:
@@ -903,16 +928,17 @@ class SocksProtocol(Protocol):
         self._start_idle(self.factory.config.idle_timeout)
 
     def _flush_early(self) -> None:
+        # Resume first: feeding the early bytes may pause the transport again (a NAR
+        # handler's back-pressure), and that pause must stand.
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         if self.buf:
             data, self.buf = bytes(self.buf), bytearray()
             self.dataReceived(data)
         if self._eof_up and self.state == "relay":  # the FIN came while connecting
             self._eof_up = False
             self.readConnectionLost()
-            return
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
 
     def _from_outbound(self, data: bytes) -> None:
         if self.closed:
@@ -1073,6 +1099,8 @@ class SocksProtocol(Protocol):
             self.transport.loseConnection()
             return
         self.state = "nar"
+        if self.nar_conn is not None:
+            self.transport.registerProducer(self.nar_conn, True)
         self._flush_early()
 
     def _nar_failed(self, failure: Failure) -> None:

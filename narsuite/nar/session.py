@@ -69,12 +69,17 @@ from narsuite.nar import wire
 from narsuite.nar.records import MAPPING, SESSION, NarMapping, NarSession
 from narsuite.store import Conflict, Exhausted
 
-__all__ = ["NarHandler", "grant_flags", "MAX_BUFFER", "PORT_RANGE"]
+__all__ = ["NarHandler", "grant_flags", "MAX_BUFFER", "HIGH_WATER", "LOW_WATER", "PORT_RANGE"]
 
 log = logger()
 
-#: Bytes a client may have pending (pipelined commands) before we give up on it.
-MAX_BUFFER = 16 * 1024
+#: Pipelined commands: above HIGH_WATER bytes pending the connection stops being read
+#: (``conn.pause()``, TCP back-pressure on the client); below LOW_WATER it is read again.
+HIGH_WATER = 16 * 1024
+LOW_WATER = 4 * 1024
+#: A client whose transport ignores the pause (it cannot: one read is at most the
+#: transport's buffer size) is cut off beyond this.
+MAX_BUFFER = 1024 * 1024
 
 #: Ports N chooses P from for TCP/UDP mappings: below Linux's default ephemeral range
 #: (32768-60999), above the usual services.  A requested UDP port >= 1024 outside it is
@@ -117,6 +122,7 @@ class _Conn:
     buf: bytearray = attrs.field(factory=bytearray)
     busy: bool = False  # a command is waiting for the store
     pumping: bool = False
+    paused: bool = False  # we asked the connection to stop reading (HIGH_WATER)
     closed: bool = False
     next_mapping: int = 0
 
@@ -228,6 +234,12 @@ class NarHandler:
         if len(st.buf) > MAX_BUFFER:
             self._fatal(st, wire.REP_GENERAL_FAILURE, f"{len(st.buf)} bytes pending")
             return
+        if len(st.buf) > HIGH_WATER and not st.paused and hasattr(st.conn, "pause"):
+            # Back-pressure, not a cut-off: the client's pipelined commands wait in its
+            # own socket buffer until we have answered enough of them.
+            st.paused = True
+            self.counters["paused"] += 1
+            st.conn.pause()
         self._pump(st)
 
     def _pump(self, st: _Conn) -> None:
@@ -251,6 +263,9 @@ class NarHandler:
                 d.addCallback(self._answer, st)
         finally:
             st.pumping = False
+            if st.paused and len(st.buf) <= LOW_WATER and not st.closed:
+                st.paused = False
+                st.conn.resume()
 
     def _answer(self, reply: bytes, st: _Conn) -> None:
         st.busy = False
