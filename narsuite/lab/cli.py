@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -27,13 +29,15 @@ from .netns import (
 )
 from .topologies import mip_topology, nar_topology, remote_access_topology
 
-TOPOLOGIES = {"nar": nar_topology, "ra": remote_access_topology, "mip": mip_topology}
+TOPOLOGIES: dict[str, Callable[[Lab], Any]] = {"nar": nar_topology, "ra": remote_access_topology, "mip": mip_topology}
 
 
 def _cmd_list(args) -> int:
     names = lab_namespaces(args.prefix)
     for name in names:
-        pid, tag, host = parse_netns_name(name, args.prefix)
+        parsed = parse_netns_name(name, args.prefix)
+        assert parsed is not None  # lab_namespaces lists only names that parse
+        pid, tag, host = parsed
         state = "alive" if _creator_alive(name, pid) else "stale"
         print(f"{name}\tpid={pid}\t{state}\thost={host}")
     if not names and args.verbose:

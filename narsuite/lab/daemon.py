@@ -74,12 +74,14 @@ class NarsuiteDaemon:
         return self.proc is not None and self.proc.poll() is None
 
     def terminate(self, timeout: float = 20.0) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:  # alive()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout)
         assert "Server Shut Down." in self.log_text(), self.log_text()
 
     def kill9(self) -> None:
         # `ip netns exec` execs the command, so this PID is the daemon itself.
+        assert self.proc is not None, "kill9() before start()"
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)

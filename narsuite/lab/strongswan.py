@@ -528,10 +528,13 @@ class Charon:
 
     def terminate(self, ike: str | None = None, child: str | None = None, timeout: float = 10) -> InitiateResult:
         """``swanctl --terminate`` an IKE SA (by connection name) or a CHILD SA."""
-        if child is None and ike is None:
-            raise ValueError("terminate needs ike= or child=")
         args = ["--terminate", "--timeout", str(max(1, int(timeout)))]
-        args += ["--ike", ike] if ike is not None else ["--child", child]
+        if ike is not None:
+            args += ["--ike", ike]
+        elif child is not None:
+            args += ["--child", child]
+        else:
+            raise ValueError("terminate needs ike= or child=")
         proc = self.swanctl(*args, check=False, timeout=timeout + 10)
         return InitiateResult(proc.returncode == 0, proc.returncode, proc.stdout + proc.stderr)
 

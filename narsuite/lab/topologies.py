@@ -66,6 +66,15 @@ def nar_topology(lab: Lab) -> NarTopology:
     return t
 
 
+
+def _string_defaults(cls: type) -> dict[str, str]:
+    """The addresses and interface names an attrs topology record defaults to.
+
+    The builders lay out the namespaces from these, so the record and the topology it
+    describes cannot disagree.  (Only ``str`` defaults: the rest are not layout.)
+    """
+    return {f.name: f.default for f in attrs.fields(cls) if isinstance(f.default, str)}
+
 @attrs.frozen
 class RemoteAccessTopology:
     """Clients behind two NATs, a gateway and an internal host: see :func:`remote_access_topology`."""
@@ -129,8 +138,7 @@ def remote_access_topology(lab: Lab, udp_timeout: int | None = None) -> RemoteAc
     r1, r2, r3 = lab.host("r1"), lab.host("r2"), lab.host("r3")
     nat1, nat2 = lab.host("nat1"), lab.host("nat2")
     g, h = lab.host("g", forwarding=True), lab.host("h")
-    d = {f.name: f.default for f in attrs.fields(RemoteAccessTopology)
-         if f.default is not attrs.NOTHING}
+    d = _string_defaults(RemoteAccessTopology)
     p = "/24"
     lan1 = lab.switch("lan1", [
         (nat1, d["nat1_private"] + p, d["nat_private_if"]),
@@ -188,7 +196,10 @@ class MipTopology:
     @property
     def mn_public(self) -> str:
         """The source address MIPP sees for the MN (the NAT's, or the MN's own)."""
-        return self.nat_public if self.nat is not None else self.mn_addr
+        if self.nat is None:
+            return self.mn_addr
+        assert self.nat_public is not None  # mip_topology sets it whenever there is a NAT
+        return self.nat_public
 
 
 def mip_topology(lab: Lab, nat: bool = True) -> MipTopology:
@@ -215,11 +226,12 @@ def mip_topology(lab: Lab, nat: bool = True) -> MipTopology:
     no interface carries it.
     """
     p = "/24"
-    d = {f.name: f.default for f in attrs.fields(MipTopology) if f.default is not attrs.NOTHING}
+    d = _string_defaults(MipTopology)
     mn = lab.host("mn")
     mipp = lab.host("mipp", forwarding=True)
     ha, cn = lab.host("ha"), lab.host("cn")
-    extra = {}
+    nat_host: Host | None = None
+    direct_addr = "203.0.113.10"  # the MN's address when it is linked to MIPP directly
     if nat:
         nat_host = lab.host("nat")
         lab.link(mn, nat_host, d["mn_addr"] + p, d["nat_private"] + p,
@@ -229,10 +241,7 @@ def mip_topology(lab: Lab, nat: bool = True) -> MipTopology:
         nat_host.masquerade(d["nat_public_if"])
         mn.default_route(d["nat_private"])
     else:
-        nat_host = None
-        extra = dict(mn_addr="203.0.113.10", foreign_net=None, nat_private=None,
-                     nat_public=None, nat_private_if=None, nat_public_if=None)
-        lab.link(mn, mipp, extra["mn_addr"] + p, d["mipp_external"] + p,
+        lab.link(mn, mipp, direct_addr + p, d["mipp_external"] + p,
                  a_if=d["mn_if"], b_if=d["mipp_external_if"])
     home = lab.switch("home", [
         (mipp, d["mipp_internal"] + p, d["mipp_internal_if"]),
@@ -241,4 +250,8 @@ def mip_topology(lab: Lab, nat: bool = True) -> MipTopology:
     ])
     ha.default_route(d["mipp_internal"])
     cn.default_route(d["mipp_internal"])
-    return MipTopology(mn=mn, nat=nat_host, mipp=mipp, ha=ha, cn=cn, home=home, **extra)
+    if nat_host is not None:
+        return MipTopology(mn=mn, nat=nat_host, mipp=mipp, ha=ha, cn=cn, home=home)
+    return MipTopology(mn=mn, nat=None, mipp=mipp, ha=ha, cn=cn, home=home, mn_addr=direct_addr,
+                       foreign_net=None, nat_private=None, nat_public=None, nat_private_if=None,
+                       nat_public_if=None)
