@@ -702,3 +702,23 @@ def test_nar_mode_that_never_answers_is_bounded_by_connect_timeout():
     assert tr.disconnecting and f.counters["timeouts_connect"] == 1
     p.connectionLost(Failure(error.ConnectionDone()))
     assert len(h.closed) == 1
+
+
+def test_default_route_source_reads_the_routing_table(tmp_path):
+    from narsuite.packet.routing import default_route_source
+
+    table = tmp_path / "route"
+    table.write_text("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+                     "lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n")
+    assert default_route_source(str(table)) is None  # no default route
+    assert default_route_source(str(tmp_path / "missing")) is None
+    # default via 127.0.0.2 (little-endian hex, as the kernel writes it): our source towards it
+    table.write_text(table.read_text() + "lo\t00000000\t0200007F\t0003\t0\t0\t0\t00000000\t0\t0\t0\n")
+    assert default_route_source(str(table)) == "127.0.0.1"
+
+
+def test_bind_all_zeros_reports_external_not_the_client_facing_address():
+    f, reactor = make(external="198.51.100.7")
+    p, tr = open_conn(f)
+    p.dataReceived(b"\x05\x01\x00" + b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00")  # BIND 0.0.0.0
+    assert socks.parse_reply(take(tr)[2:])[0].host == "198.51.100.7"

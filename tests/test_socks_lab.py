@@ -231,3 +231,43 @@ def test_half_close_is_passed_on(nar_topo, server, tmp_path, client):
     assert r.stdout.strip() == "sha256=" + hashlib.sha256(payload).hexdigest(), (
         r.stdout + r.stderr + server.log_text())
     assert r.returncode == 0, r.stderr
+
+
+BIND_CLIENT = textwrap.dedent("""
+    import socket, struct, sys
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    s.sendall(b"\\x05\\x01\\x00")
+    assert s.recv(2) == b"\\x05\\x00"
+    s.sendall(b"\\x05\\x02\\x00\\x01" + socket.inet_aton("0.0.0.0") + struct.pack("!H", 0))
+    r = s.recv(10)
+    print(socket.inet_ntoa(r[4:8]), struct.unpack("!H", r[8:10])[0], flush=True)
+    r = s.recv(10)  # second reply: the peer
+    assert r[1] == 0, r
+    s.sendall(b"to-peer")
+    print(s.recv(100).decode(), flush=True)
+""")
+
+
+@pytest.mark.parametrize("how", ["default-route", "external"])
+def test_bind_all_zeros_answers_the_address_the_peer_reaches(nar_topo, server, tmp_path, how):
+    """Issue 12: BIND with DST.ADDR 0.0.0.0 answered the client-facing address (10.0.0.1),
+    which Y cannot reach."""
+    t = nar_topo
+    if how == "default-route":
+        t.n.run(["ip", "route", "add", "default", "via", t.y_addr])
+        server.start()
+    else:  # N has no default route: the operator says where peers reach it
+        server.start(external=t.n_public)
+    (tmp_path / "bind.py").write_text(BIND_CLIENT)
+    proc = t.x.popen([sys.executable, str(tmp_path / "bind.py"), t.n_private, "1080"],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = proc.stdout.readline().split()
+    assert first and first[0] == t.n_public, (first, server.log_text())
+    peer = t.y.run([sys.executable, "-c", textwrap.dedent(f"""
+        import socket
+        c = socket.create_connection(("{first[0]}", {first[1]}), timeout=5)
+        print(c.recv(100).decode()); c.sendall(b"to-client"); c.close()
+    """)], check=False, timeout=20)
+    assert peer.stdout.strip() == "to-peer", peer.stdout + peer.stderr
+    assert proc.stdout.readline().strip() == "to-client"
+    proc.wait(timeout=10)

@@ -86,6 +86,11 @@ class NarOptions:
 class NarConfig:
     listen: str = setting("0.0.0.0", check=ip_address())
     port: int = setting(1080, check=in_range(1, 65535))
+    external: str = setting("", check=ip_address(),
+                            doc="The address peers reach N on, answered to a BIND whose DST.ADDR "
+                                "is 0.0.0.0. Empty: the address of N's default route; without "
+                                "one, [nar.nar] lent_address if NAR is on, else the client-facing "
+                                "address.")
     methods: tuple[str, ...] = setting(("none",), doc="none and/or password, in order of preference.")
     users: Mapping[str, str] = setting(factory=lambda: MappingProxyType({}),
                                        doc="user = password hash (see docs/roles/nar.md).")

@@ -68,7 +68,7 @@ from narsuite.nar.config import NarConfig
 from narsuite.nar.fastio import ClosingProducer, connect_tcp, lose_now, write_now
 from narsuite.nar.records import SESSION_OWNER_PREFIX
 from narsuite.nar.rules import RuleSet
-from narsuite.packet.routing import source_address
+from narsuite.packet.routing import default_route_source, source_address
 from narsuite.schema import ConfigError
 from narsuite.transports import ITCPStreamTransport
 
@@ -1015,7 +1015,7 @@ class SocksProtocol(Protocol):
         self._listening = port
         self.state = "bindwait"
         self._set_timer(self.factory.config.connect_timeout, "connect")
-        addr = source_address(toward, here) if expected else here
+        addr = source_address(toward, here) if expected else self.factory.external_address(here)
         self._reply(socks.SUCCEEDED, addr, port.getHost().port)
 
     def _bind_peer_connected(self, out: _Outbound) -> None:
@@ -1179,6 +1179,22 @@ class SocksFactory(ServerFactory[SocksProtocol]):
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+    def external_address(self, here: str) -> str:
+        """BND.ADDR of a BIND with DST.ADDR 0.0.0.0: the address an unnamed peer reaches us
+        on (RFC 1928: the client tells the peer this address).  ``here`` (the address the
+        client reached us on) is the last resort only: on a NAR/SOCKS box the two sides
+        are usually mutually unroutable."""
+        cfg = self.config
+        if cfg.external:
+            return cfg.external
+        if ":" not in here:
+            src = default_route_source()
+            if src:
+                return src
+            if cfg.nar.enabled and cfg.nar.lent_address:
+                return cfg.nar.lent_address
+        return here
 
     def select_method(self, offered: tuple[int, ...]) -> int:
         """Our first configured method the client offers, else 0xFF."""

@@ -28,6 +28,29 @@ def source_address(dest: str, fallback: str = "0.0.0.0") -> str:
         return fallback
 
 
+def default_route_source(route_file: str = "/proc/net/route") -> str | None:
+    """The IPv4 source address of the default route (N's address towards "the
+    internet"), or None without one.  Reads the routing table; sends nothing."""
+    try:
+        with open(route_file) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
+            continue
+        gateway = socket.inet_ntoa(int(fields[2], 16).to_bytes(4, "little"))
+        metric = int(fields[6])
+        if best is None or metric < best[0]:
+            best = (metric, gateway)
+    if best is None:
+        return None
+    src = source_address(best[1], "")
+    return src or None
+
+
 class SourceAddresses:
     """:func:`source_address` with a bounded cache, for callers that ask per message."""
 
