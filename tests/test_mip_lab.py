@@ -107,11 +107,18 @@ def direct(lab):
 
 def capture(host, tmp: Path, ifaces: tuple[str, ...]):
     pcap = tmp / "mip.pcap"
-    argv = ["dumpcap", "-q", "-f", "udp port 434 or icmp", "-w", str(pcap)]
+    # a filter before the first -i applies to every interface
+    argv = ["dumpcap", "-q", "-f", "udp port 434 or icmp or ip proto 4 or ip proto 47 "
+            "or ip proto 55 or ip proto 50", "-w", str(pcap)]
     for i in ifaces:
-        argv[2:2] = ["-i", i]
-    proc = host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
+        argv += ["-i", i]
+    proc = host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # dumpcap says "Capturing on ..." once every interface is open
+    deadline = time.monotonic() + 10
+    seen = ""
+    while time.monotonic() < deadline and seen.count("Capturing on") < 1:
+        seen += proc.stderr.readline()
+    time.sleep(0.3)
     return proc, pcap
 
 
