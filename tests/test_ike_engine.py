@@ -624,14 +624,14 @@ def test_retransmissions_get_the_stored_reply_and_are_not_processed(monkeypatch)
         return sent[0][0], (nxt[0] if nxt else None)
 
     mm1 = p.start()
-    _, mm3 = step(mm1)
-    assert counting.generated == 0 and len(h.engine.sas) == 1 and h.c["retransmit_answered"] == 1
+    _, mm3 = step(mm1)  # MM2 again from the stateless cookie, not from a stored reply
+    assert counting.generated == 0 and not h.engine.sas and h.c["cookie_sent"] == 2
     _, mm5 = step(mm3)
-    assert counting.generated == 1 and h.c["retransmit_answered"] == 2
+    assert counting.generated == 1 and h.c["retransmit_answered"] == 1 and len(h.engine.sas) == 1
     _, qm1 = step(mm5)
-    assert h.c["ike_established"] == 1 and h.c["retransmit_answered"] == 3 and counting.generated == 1
+    assert h.c["ike_established"] == 1 and h.c["retransmit_answered"] == 2 and counting.generated == 1
     _, qm3 = step(qm1)
-    assert len(spi_allocations) == 1 and h.c["retransmit_answered"] == 4
+    assert len(spi_allocations) == 1 and h.c["retransmit_answered"] == 3
     link.to_engine(qm3)
     assert p.done and h.c["child_installed"] == 1
     sent = link.to_engine(qm3)  # HASH(3) again: nothing to answer, not installed twice
@@ -643,53 +643,114 @@ def test_retransmissions_get_the_stored_reply_and_are_not_processed(monkeypatch)
     assert counting.generated == 1
 
 
-def test_retransmitted_mm1_during_half_open_is_not_a_new_exchange():
+def test_retransmitted_mm1_gets_the_same_mm2_and_creates_no_state():
+    """MM1 is answered statelessly (RFC 2408 §2.5.3): the responder cookie is a keyed
+    hash, so every retransmission in the slot gets the same MM2 and nothing is held
+    but the parked SA payload; the SA appears with MM3."""
     h = Harness()
     p = Peer(psk_peer())
     mm1 = p.start()
     first = h.feed(mm1.data, p.local)
     for _ in range(3):
         assert h.feed(mm1.data, p.local) == first
-    assert len(h.engine.sas) == 1 and len(h.engine.half_open) == 1
-    assert h.engine.half_open_by_ip[CLIENT] == 1
-    # another MM1 with the same cookie but different content: dropped, not a second SA
-    other = M.build_message(p._header(C.EXCH_MAIN), [p._offer(), M.VendorID(b"x" * 16)])
+    assert not h.engine.sas and not h.engine.half_open and not h.engine.half_open_by_ip
+    assert not h.ike_records() and not engine_timers(h) and len(h.engine.phase1.parked) == 1
+    link = Link(h, p)
+    mm3 = link.deliver(first)[0]
+    assert len(link.to_engine(mm3)) == 1 and len(h.engine.sas) == 1
+    assert h.engine.half_open_by_ip[CLIENT] == 1 and h.c["cookie_verified"] == 1
+    # a late MM1 now is answered from the SA with the same MM2; one with the same cookie
+    # but different content is dropped, not a second SA
+    assert h.feed(mm1.data, p.local) == first
+    other = M.build_message(M.Header(p.icookie, bytes(8), C.EXCH_MAIN), [p._offer(), M.VendorID(b"x" * 16)])
     assert h.feed(other, p.local) == [] and h.c["duplicate"] == 1 and len(h.engine.sas) == 1
+
+
+def test_mm3_with_a_forged_or_stale_cookie_creates_nothing():
+    h = Harness(cookie_slot=30)
+    p = Peer(psk_peer())
+    link = Link(h, p)
+    mm3 = link.deliver(link.to_engine(p.start()))[0]
+    forged = bytearray(mm3.data)
+    forged[8] ^= 1  # one bit of CKY-R
+    assert h.feed(bytes(forged), p.local) == [] and h.c["bad_cookie"] == 1
+    assert h.feed(mm3.data, ("192.0.2.77", p.local[1])) == [] and h.c["bad_cookie"] == 2  # other source
+    h.clock.advance(61)  # two slots later the cookie is no longer ours
+    assert h.feed(mm3.data, p.local) == [] and h.c["bad_cookie"] == 3
+    assert not h.engine.sas and not h.engine.half_open
+
+
+def test_mm3_whose_first_message_was_pushed_out_is_dropped():
+    h = Harness(first_messages_max=16)
+    p = Peer(psk_peer())
+    link = Link(h, p)
+    mm3 = link.deliver(link.to_engine(p.start()))[0]
+    offer = Peer(psk_peer())._offer()
+    for i in range(16):
+        h.feed(M.build_message(M.Header(i.to_bytes(8, "big"), bytes(8), C.EXCH_MAIN), [offer]),
+               ("198.51.100.1", 1000 + i))
+    assert h.c["first_message_evicted"] == 1
+    assert h.feed(mm3.data, p.local) == [] and h.c["first_message_gone"] == 1 and not h.engine.sas
+
+
+def test_spoofed_mm1_flood_leaves_room_for_a_real_client(monkeypatch):
+    """The issue's lock-out: 128 spoofed sources filled half_open_total.  Now 5,000 spoofed
+    MM1 from 240 sources create no SA, run no DH, and a real client completes."""
+    counting = CountingCrypto()
+    monkeypatch.setattr(phase1_mod, "crypto", counting)
+    h = Harness(half_open_total=64, half_open_per_source=4)
+    offer = Peer(psk_peer())._offer()
+    for i in range(5000):
+        h.feed(M.build_message(M.Header(secrets.token_bytes(8), bytes(8), C.EXCH_MAIN), [offer]),
+               (f"198.18.0.{i % 240 + 1}", 500))
+    assert not h.engine.sas and counting.generated == 0 and h.c["cookie_sent"] == 5000
+    assert h.c["half_open_dropped"] == 0
+    p, _ = connect(h)
+    assert p.result is not None and len(h.established()) == 1 and counting.generated == 1
 
 
 # ---------------------------------------------------------------------------------------------
 # half-open limits and timeout
 
 
+def _to_mm3(h: Harness, p: Peer) -> Outgoing:
+    """MM1 in, MM2 back to the initiator: its MM3 (the message that creates the SA)."""
+    return Link(h, p).deliver(h.feed(p.start().data, p.local))[0]
+
+
 def test_half_open_limit_per_source():
+    """Main Mode counts against the budget from MM3 on (the cookie came back)."""
     h = Harness(half_open_per_source=2, half_open_total=10)
-    before = 0
-    for port in (1000, 1001, 1002, 1003):
-        p = Peer(psk_peer(), local=(CLIENT, port))
-        h.feed(p.start().data, (CLIENT, port))
-        before = len(h.sent)
-    assert before == 2  # two MM2, the others dropped without an answer
+    peers = [Peer(psk_peer(), local=(CLIENT, port)) for port in (1000, 1001, 1002, 1003)]
+    mm3s = [_to_mm3(h, p) for p in peers]
+    answered = [len(h.feed(m.data, p.local)) for m, p in zip(mm3s, peers)]
+    assert answered == [1, 1, 0, 0]  # two MM4, the others dropped without an answer
     assert len(h.engine.sas) == 2 and len(h.engine.half_open) == 2 and h.c["half_open_dropped"] == 2
     assert h.engine.half_open_by_ip[CLIENT] == 2
     # another source still gets through
     p = Peer(psk_peer(), local=("192.0.2.99", 500))
-    assert len(h.feed(p.start().data, p.local)) == 1 and len(h.engine.sas) == 3
+    assert len(h.feed(_to_mm3(h, p).data, p.local)) == 1 and len(h.engine.sas) == 3
 
 
 def test_half_open_limit_total_and_no_dh_for_the_excess(monkeypatch):
     counting = CountingCrypto()
     monkeypatch.setattr(phase1_mod, "crypto", counting)
-    h = Harness(half_open_per_source=5, half_open_total=3)
-    for i in range(6):
-        p = Peer(psk_peer(), local=(f"192.0.2.{100 + i}", 500))
-        h.feed(p.start().data, p.local)
+    h = Harness(half_open_per_source=5, half_open_total=3, half_open_aggressive=2)
+    peers = [Peer(psk_peer(), local=(f"192.0.2.{100 + i}", 500)) for i in range(6)]
+    mm3s = [_to_mm3(h, p) for p in peers]
+    assert counting.generated == 0 and not h.engine.sas
+    answered = [len(h.feed(m.data, p.local)) for m, p in zip(mm3s, peers)]
+    assert answered == [1, 1, 1, 0, 0, 0]
     assert len(h.engine.sas) == 3 and len(h.engine.half_open) == 3 and h.c["half_open_dropped"] == 3
-    assert len(h.sent) == 3 and counting.generated == 0
+    assert counting.generated == 3  # one DH per admitted MM3, none for the excess
     assert len(h.ike_records()) == 3
-    # Aggressive Mode is held to the same limit before its DH
-    p = Peer(psk_peer(), local=("192.0.2.200", 500), aggressive=True)
-    assert h.feed(p.start().data, p.local) == []
-    assert counting.generated == 0 and h.c["half_open_dropped"] == 4 and len(h.engine.sas) == 3
+    # Aggressive Mode has its own budget: Main Mode's being full does not lock it out ...
+    ams = [Peer(psk_peer(), local=(f"192.0.2.{200 + i}", 500), aggressive=True) for i in range(3)]
+    assert len(h.feed(ams[0].start().data, ams[0].local)) == 1
+    assert len(h.feed(ams[1].start().data, ams[1].local)) == 1
+    # ... and is held to it before its DH
+    assert h.feed(ams[2].start().data, ams[2].local) == []
+    assert counting.generated == 5 and h.c["half_open_dropped"] == 4 and len(h.engine.sas) == 5
 
 
 def test_completed_exchanges_free_their_half_open_slot():
@@ -1336,3 +1397,59 @@ def test_transport_mode_through_a_nat_writes_nat_oa_into_the_esp_peer():
     # our QM2 carried NAT-OA too: the peer's address as we see it, and ours
     got = M.parse_message(replies[0][0])
     assert got.header.exchange == C.EXCH_QUICK
+
+
+# ---------------------------------------------------------------------------------------------
+# under attack: notifications to unauthenticated sources, and what drops cost in log lines
+
+
+def test_unprotected_notifications_to_unauthenticated_sources_are_rate_limited():
+    """600 first messages that earn an error notify (no acceptable proposal) from spoofed
+    sources: a burst, then the rate, are answered; the rest are counted, not sent."""
+    h = Harness(unauthenticated_notify_rate=10, unauthenticated_notify_burst=20)
+    bad = Peer(psk_peer(p1=Phase1(group=2)))._offer()  # modp1024 is not in the default proposals
+    for i in range(300):
+        h.feed(M.build_message(M.Header(secrets.token_bytes(8), bytes(8), C.EXCH_MAIN), [bad]),
+               (f"198.18.1.{i % 200 + 1}", 500))
+    assert h.c["no_proposal"] == 300 and len(h.sent) == 20 and h.c["notify_rate_limited"] == 280
+    h.clock.advance(2.0)  # 20 more tokens
+    for i in range(300):
+        h.feed(M.build_message(M.Header(secrets.token_bytes(8), bytes(8), C.EXCH_MAIN), [bad]),
+               (f"198.18.2.{i % 200 + 1}", 500))
+    assert len(h.sent) == 40 and h.c["notify_rate_limited"] == 560
+    assert all(M.parse_header(d).exchange == C.EXCH_INFORMATIONAL for d, _a, _p in h.sent)
+    # an established client's protected notifications are not limited by the bucket
+    p, link = connect(h)
+    assert p.result is not None
+
+
+#: an IKEv2 IKE_SA_INIT header (version 2.0): "malformed" to an IKEv1 responder
+IKEV2_INIT = b"\x01" * 8 + bytes(8) + bytes([33, 0x20, 34, 0x08]) + bytes(4) + (28).to_bytes(4, "big")
+
+
+def test_a_flood_of_bad_datagrams_costs_constant_log_lines_with_exact_counts():
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "narsuite.ike.engine":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = Harness()
+        for n in (1_000, 20_000):
+            events.clear()
+            for i in range(n):
+                h.feed(IKEV2_INIT, ("198.18.3.1", 500))  # malformed for IKEv1
+                if i % 4 == 0:  # and a quarter with cookies nobody handed out
+                    h.feed(M.build_message(M.Header(b"\x02" * 8, b"\x03" * 8, C.EXCH_INFORMATIONAL), []),
+                           ("198.18.3.2", 500))
+            h.clock.advance(10.0)
+            assert len(events) <= 2 * 5 + 1, [e["log_format"] for e in events]
+            (summary,) = [e for e in events if "counts" in e]
+            assert summary["counts"] == {"malformed": n, "unknown_cookie": n // 4}
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert h.c["malformed"] == 21_000 and h.c["unknown_cookie"] == 5_250

@@ -411,7 +411,8 @@ def test_flood_of_first_messages_stays_within_the_limits(sources):
         assert len(h.engine.half_open) <= LIMITS["half_open_total"]
         assert max(h.engine.half_open_by_ip.values(), default=0) <= LIMITS["half_open_per_source"]
     assert h.c["internal_error"] == 0
-    assert len(h.engine.sas) == len(h.engine.half_open)
-    assert h.c["half_open_dropped"] + h.c["retransmit_answered"] + h.c["duplicate"] + len(h.engine.sas) == len(sources)
+    # Main Mode first messages are answered from the stateless cookie: no SA, no slot
+    assert not h.engine.sas and not h.engine.half_open and h.c["cookie_sent"] == len(sources)
+    assert len(h.engine.phase1.parked) == len({(c, ip, port) for ip, port, c in sources})
     h.clock.advance(LIMITS["half_open_timeout"] + 1)
     assert not h.engine.sas and not h.engine.half_open_by_ip and not h.ike_records()

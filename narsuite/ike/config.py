@@ -193,6 +193,19 @@ class IkeConfig:
     half_open_total: int = setting(2048, check=in_range(1, 1000000),
                                    doc="Phase 1 exchanges in progress in all.")
     half_open_timeout: float = setting(30.0, check=in_range(1, 3600))
+    half_open_aggressive: int = setting(
+        256, check=in_range(1, 1000000),
+        doc="Aggressive Mode exchanges in progress in all (AM1 costs a DH at once; Main Mode has its own budget).")
+    cookie_slot: float = setting(
+        30.0, check=in_range(1, 3600),
+        doc="Seconds per responder-cookie secret; a Main Mode cookie is good for one to two slots.")
+    first_messages_max: int = setting(
+        16384, check=in_range(16, 10_000_000),
+        doc="Main Mode first messages remembered (their SA payload) until MM3; oldest pushed out first.")
+    unauthenticated_notify_rate: float = setting(
+        10.0, check=in_range(0, 100000),
+        doc="Unprotected error notifications per second to sources not yet authenticated (0: none).")
+    unauthenticated_notify_burst: float = setting(20.0, check=in_range(0, 100000))
     certificate: Path | None = setting(None, doc="Our certificate (PEM, may hold the chain).")
     private_key: Path | None = setting(None, doc="Our private key (PEM).")
     cacerts: tuple[Path, ...] = setting((), doc="CA certificates (PEM files or directories) peers must chain to.")

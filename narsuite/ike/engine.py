@@ -20,9 +20,12 @@ transport, userauth and connection:
 Which handler a message reaches is decided in one place, :data:`ROUTES`: (exchange
 type, SA state) -> handler.  Rules that hold everywhere: a retransmitted request is
 answered with the stored reply and never processed again; the IV chain moves only on
-messages whose HASH verified; half-open phase-1 state is bounded per source and in
-total, and excess MM1/AM1 are dropped before any Diffie-Hellman work; every drop is
-counted and logged with its reason.
+messages whose HASH verified; a Main Mode first message creates no state (stateless
+responder cookies, :mod:`narsuite.ike.cookies`), half-open phase-1 state is bounded per
+source and in total (Aggressive Mode in a budget of its own) before any Diffie-Hellman
+work; every drop is counted and logged with its reason through an aggregator (the
+first few per reason and interval in full, then one summary line), and unprotected
+notifications to unauthenticated sources are rate-limited.
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ from narsuite.ike.quick import QuickModeResponder
 from narsuite.ike.records import IKE_SA, IkeSaRecord
 from narsuite.ike.sa import IkeSA, Pending
 from narsuite.ike.transaction import Transactions
-from narsuite.logs import logger
+from narsuite.logs import Aggregator, logger
 from narsuite.packet.markers import ZERO_COOKIE
 from narsuite.packet.routing import SourceAddresses
+from narsuite.ratelimit import TokenBucket
 
 __all__ = ["IkeEngine", "COUNTERS", "ROUTES", "Route", "ORPHAN_GRACE", "Drop"]
 
@@ -63,6 +67,9 @@ COUNTERS = (
     "ike_deleted", "child_installed", "child_deleted", "quick_refused", "ts_refused", "dpd_sent",
     "dpd_answered", "dpd_dead", "xauth_ok", "xauth_failed", "modecfg_done", "notify_rx", "delete_rx",
     "internal_error", "initial_contact", "expired", "unexpected", "peer_moved", "refused",
+    # anti-clogging (narsuite.ike.cookies) and the unprotected-notification limit
+    "cookie_sent", "cookie_verified", "bad_cookie", "first_message_gone", "first_message_evicted",
+    "notify_rate_limited",
 )
 
 #: kept for callers of the pre-split module
@@ -124,6 +131,11 @@ class IkeEngine:
         self.natt_variants: tuple[str, ...] = tuple(cfg.natt)
         self._sources = SourceAddresses()
         self.on_established: Callable[[IkeSA], None] | None = None
+        #: what bad input makes us log, aggregated (a flood costs O(1) lines per interval)
+        self.drops = Aggregator(log, "ike drops", clock)
+        #: unprotected notifications answer sources nobody has authenticated: limited
+        self.notify_bucket = TokenBucket(cfg.unauthenticated_notify_rate, cfg.unauthenticated_notify_burst,
+                                         clock)
         # the exchanges, each with this engine as its transport
         self.phase1 = Phase1(self)
         self.quick = QuickModeResponder(self)
@@ -209,7 +221,9 @@ class IkeEngine:
                 self.phase1.first_message(header, data, addr, local_port)
                 return
             sa = self.sas.get(header.icookie + header.rcookie)
-            if sa is None or sa.state == "deleted":
+            if sa is None:
+                sa = self.phase1.from_cookie(header, addr, local_port)  # MM3, or Drop
+            elif sa.state == "deleted":
                 raise Drop("unknown_cookie", f"cookies {header.icookie.hex()}/{header.rcookie.hex()}")
             digest = hashlib.sha256(data).digest()[:16]
             if self.answer_retransmission(sa, digest):
@@ -245,16 +259,28 @@ class IkeEngine:
         getattr(getattr(self, route.part), route.method)(sa, header, data, addr, local_port, digest)
 
     def drop(self, reason: str, addr: tuple[str, int], detail: str, sa: IkeSA | None = None) -> None:
+        """Count a dropped message; log it through the aggregator (the sender chooses how many)."""
         self.count(reason)
-        log.info("ike: dropped from {addr}: {reason} {detail}", addr=f"{addr[0]}:{addr[1]}", reason=reason,
-                 detail=detail, ike_sa=sa.name if sa else "")
+        self.drops.event(reason, "ike: dropped from {addr}: {reason} {detail}", addr=f"{addr[0]}:{addr[1]}",
+                         detail=detail, ike_sa=sa.name if sa else "")
+
+    def note(self, reason: str, format: str, **kw: Any) -> None:
+        """Log something an unauthenticated sender can make us say, aggregated like drops."""
+        self.drops.event(reason, format, **kw)
 
     def notify_error(self, sa: IkeSA | None, header: isakmp.Header, addr: tuple[str, int], local_port: int,
                      notify: int) -> None:
-        """Tell the peer why (unprotected before phase 1 completes, protected after)."""
+        """Tell the peer why (unprotected before phase 1 completes, protected after).
+
+        An unprotected answer goes to an address nobody has authenticated (a spoofed
+        source makes us a reflector): at most ``unauthenticated_notify_rate`` per second
+        (burst ``unauthenticated_notify_burst``); the rest are counted, not sent."""
         n = Notification(notify, C.PROTO_ISAKMP, header.icookie + header.rcookie)
         if sa is not None and sa.state == "established":
             self.send_informational(sa, [n])
+            return
+        if not self.notify_bucket.take():
+            self.count("notify_rate_limited")
             return
         msg = isakmp.build_message(isakmp.Header(header.icookie, header.rcookie, C.EXCH_INFORMATIONAL), [n])
         self.send(sa, msg, addr, local_port)
@@ -411,11 +437,15 @@ class IkeEngine:
         for sa in list(self.sas.values()):
             self.delete_ike(sa, notify_peer=True, reason="shutdown")
         self.children.close()
+        self.drops.stop()
 
     # ------------------------------------------------------------------ the store
     def owner(self, sa: IkeSA) -> str:
-        """The store owner of what one ISAKMP SA holds (its record, SPI leases)."""
-        return f"ike:{sa.name}"
+        """The store owner of what one ISAKMP SA holds (its record, SPI leases).
+
+        ``ike:sa:`` is a volatile owner prefix (the role's ``volatile_owners``): an SA
+        lives in memory only, so what it held on disk is dropped after a crash."""
+        return f"ike:sa:{sa.name}"
 
     def store_write(self, d: defer.Deferred, sa: IkeSA | None, what: str) -> defer.Deferred:
         """Every store write's failure is seen: counted (``store_failed``) and logged.

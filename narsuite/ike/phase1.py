@@ -8,8 +8,14 @@
 * Aggressive Mode: AM1 SA,KE,Ni,ID -> AM2 (authenticated); AM3 HASH_I.
 
 The first message of an exchange (no responder cookie) enters at
-:meth:`Phase1.first_message`: it is the only place that creates ISAKMP SA state,
-bounded per source and in total before any Diffie-Hellman work.
+:meth:`Phase1.first_message`.  A Main Mode first message creates no SA: MM2 carries a
+responder cookie that is a keyed hash of the initiator's address, port and cookie
+(RFC 2408 §2.5.3, :mod:`narsuite.ike.cookies`), and the SA is made by
+:meth:`Phase1.from_cookie` when MM3 brings that cookie back, i.e. once the initiator
+has shown it receives our packets; spoofed MM1 floods cost an HMAC and an answer.
+Aggressive Mode must do its DH at once: it creates its SA at AM1 within its own,
+smaller half-open budget.  Both budgets are per source and in total, checked before
+any Diffie-Hellman work.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import hashlib
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from narsuite.ike import constants as C
 from narsuite.ike import crypto, ids, isakmp, natt, proposals
 from narsuite.ike.common import Drop, body, grace, nonce
 from narsuite.ike.config import PeerPolicy
+from narsuite.ike.cookies import CookieJar, FirstMessages, HalfOpenBudget, ParkedFirst
 from narsuite.ike.isakmp import (
     Certificate,
     CertificateRequest,
@@ -49,42 +58,71 @@ log = logger()
 FirstKey = tuple[bytes, str, int]
 
 
+@attrs.frozen
+class _Decided:
+    """What a Main Mode first message decided, parked until its MM3 (no SA before that)."""
+
+    choice: Any
+    candidates: list[PeerPolicy]
+    variant: Any
+    peer_dpd: bool
+    peer_unity: bool
+    local_ip: str
+    #: MM1's digest and our MM2: a late MM1 retransmission is answered from the SA
+    mm1_digest: bytes
+    mm2: bytes
+
+
 class Phase1:
     """Main and Aggressive Mode for one engine (the engine is this part's transport)."""
 
     def __init__(self, engine: IkeEngine) -> None:
         self.engine = engine
+        cfg = engine.cfg
+        #: exchanges in progress (an SA exists: Main Mode after a valid MM3, Aggressive Mode after AM1)
         self.half_open: dict[FirstKey, IkeSA] = {}
-        self.half_open_by_ip: Counter[str] = Counter()
+        self.main_budget = HalfOpenBudget(cfg.half_open_total, cfg.half_open_per_source)
+        self.aggressive_budget = HalfOpenBudget(cfg.half_open_aggressive, cfg.half_open_per_source)
         #: (CKY-I, address, port) of every live SA's first message: a late retransmission
         #: of MM1/AM1 is answered from the SA, not taken for a new exchange
         self.first_messages: dict[FirstKey, IkeSA] = {}
+        self.cookies = CookieJar(engine.clock, cfg.cookie_slot)
+        self.parked = FirstMessages(cfg.first_messages_max)
+
+    @property
+    def half_open_by_ip(self) -> Counter[str]:
+        return self.main_budget.by_source + self.aggressive_budget.by_source
+
+    def _budget(self, exchange: int) -> HalfOpenBudget:
+        return self.aggressive_budget if exchange == C.EXCH_AGGRESSIVE else self.main_budget
 
     # ------------------------------------------------------------------ the first message
     def first_message(self, header: isakmp.Header, data: bytes, addr: tuple[str, int], local_port: int) -> None:
-        """MM1 or AM1: the only message that creates state."""
+        """MM1 (answered without state) or AM1 (an SA within the Aggressive Mode budget)."""
         e = self.engine
         cfg = e.cfg
         if header.exchange not in (C.EXCH_MAIN, C.EXCH_AGGRESSIVE) or header.message_id or header.encrypted:
             name = C.EXCHANGE_NAMES.get(header.exchange, header.exchange)
             raise Drop("unexpected", f"{name} without a responder cookie")
         key = (header.icookie, addr[0], addr[1])
+        digest = hashlib.sha256(data).digest()[:16]
         existing = self.half_open.get(key) or self.first_messages.get(key)
         if existing is not None:
-            if e.answer_retransmission(existing, hashlib.sha256(data).digest()[:16]):
+            if e.answer_retransmission(existing, digest):
                 return
             raise Drop("duplicate", "a different first message with a cookie already in use")
-        if self.half_open_by_ip[addr[0]] >= cfg.half_open_per_source:
-            raise Drop("half_open_dropped", f"{addr[0]} has {cfg.half_open_per_source} phase 1 exchanges open")
-        if len(self.half_open) >= cfg.half_open_total:
-            raise Drop("half_open_dropped", f"{cfg.half_open_total} phase 1 exchanges open in all")
+        aggressive = header.exchange == C.EXCH_AGGRESSIVE
+        if aggressive:
+            why = self.aggressive_budget.refuse(addr[0])
+            if why is not None:
+                raise Drop("half_open_dropped", f"aggressive mode: {why}")
         msg = isakmp.parse_message(data)
         policies = [p for p in cfg.peers if p.allows_remote(addr[0])]
-        if header.exchange == C.EXCH_AGGRESSIVE:
+        if aggressive:
             policies = [p for p in policies if p.aggressive]
         if not policies:
             e.count("no_policy")
-            log.warn("ike: no [[ike.peers]] entry accepts {ip}", ip=addr[0])
+            e.note("no_policy", "ike: no [[ike.peers]] entry accepts {ip}", ip=addr[0])
             raise ISAKMPError(C.NO_PROPOSAL_CHOSEN, f"no policy for {addr[0]}")
         isakmp.require_known(msg.payloads)
         offer = isakmp.find(msg.payloads, SecurityAssociation)
@@ -103,45 +141,104 @@ class Phase1:
         except ISAKMPError as err:
             if err.notify == C.NO_PROPOSAL_CHOSEN:
                 e.count("no_proposal")
-                log.warn("ike: no acceptable phase 1 proposal from {ip}: {detail}", ip=addr[0], detail=err.detail)
+                e.note("no_proposal", "ike: no acceptable phase 1 proposal from {ip}: {detail}", ip=addr[0],
+                       detail=err.detail)
             raise
         vids = [v.data for v in isakmp.find_all(msg.payloads, VendorID)]
         variant = natt.choose_variant(vids, e.natt_variants, tuple(cfg.espthrunat_modes))  # type: ignore[arg-type]
+        response_sa = proposals.phase1_response(offer, choice)
+        if not aggressive:
+            self._mm1_stateless(header, addr, local_port, digest, offer, response_sa, choice, candidates,
+                                variant, vids)
+            return
         now = e.now()
         sa = IkeSA(icky=header.icookie, rcky=crypto.random_cookie(), exchange=header.exchange, remote=addr,
                    local_port=local_port, local_ip=e.local_address(addr[0]), created=now, candidates=candidates,
                    choice=choice, sai_b=body(offer), variant=variant, peer_dpd=C.VID_DPD in vids,
                    peer_unity=C.VID_CISCO_UNITY in vids,
                    last_rx=now)
+        self._open(sa, key)
+        try:
+            self._am1(sa, msg, response_sa, self._our_vids(sa), digest)
+        except Exception:
+            e.delete_ike(sa, notify_peer=False, reason="bad first aggressive mode message")
+            raise
+        e.publish(sa)
+
+    def _open(self, sa: IkeSA, key: FirstKey) -> None:
+        """The SA exists from now on: table, half-open slot, first-message key, timeout."""
+        e = self.engine
         e.sas[sa.key] = sa
         self.half_open[key] = sa
         self.first_messages[key] = sa
         sa.first_key = key
-        self.half_open_by_ip[addr[0]] += 1
-        sa.timer = e.clock.callLater(cfg.half_open_timeout, self._half_open_expired, sa)
-        digest = hashlib.sha256(data).digest()[:16]
-        our_vids = self._our_vids(sa)
-        response_sa = proposals.phase1_response(offer, choice)
-        if header.exchange == C.EXCH_MAIN:
-            payloads: list[Any] = [response_sa, *our_vids]
-            if variant is not None and variant.name == "espthrunat":
-                payloads.append(NatD(natt.espthrunat_hash(addr, (sa.local_ip, local_port)), C.PT_NAT_D_DRAFT))
-            sa.state = "mm2"
-            e.reply(sa, digest, [self._plain(sa, C.EXCH_MAIN, payloads)])
-        else:
-            try:
-                self._am1(sa, msg, response_sa, our_vids, digest)
-            except Exception:
-                e.delete_ike(sa, notify_peer=False, reason="bad first aggressive mode message")
-                raise
+        self._budget(sa.exchange).take(key[1])
+        sa.timer = e.clock.callLater(e.cfg.half_open_timeout, self._half_open_expired, sa)
+
+    def _mm1_stateless(self, header: isakmp.Header, addr: tuple[str, int], local_port: int, digest: bytes,
+                       offer: SecurityAssociation, response_sa: SecurityAssociation, choice: Any,
+                       candidates: list[PeerPolicy], variant: Any, vids: list[bytes]) -> None:
+        """MM2 under a keyed-hash responder cookie; MM1's decisions parked for MM3, no SA.
+
+        Everything in MM2 is a function of MM1, the address and the cookie, so a
+        retransmitted MM1 in the same cookie slot gets the same MM2 byte for byte."""
+        e = self.engine
+        rcky = self.cookies.cookie(addr, header.icookie)
+        local_ip = e.local_address(addr[0])
+        payloads: list[Any] = [response_sa, *self._vids_for(variant, choice)]
+        if variant is not None and variant.name == "espthrunat":
+            payloads.append(NatD(natt.espthrunat_hash(addr, (local_ip, local_port)), C.PT_NAT_D_DRAFT))
+        mm2 = isakmp.build_message(isakmp.Header(header.icookie, rcky, C.EXCH_MAIN), payloads)
+        evicted = self.parked.evicted
+        self.parked.park(header.icookie, rcky, ParkedFirst(
+            body(offer), _Decided(choice, candidates, variant, C.VID_DPD in vids, C.VID_CISCO_UNITY in vids,
+                                  local_ip, digest, mm2), local_port))
+        if self.parked.evicted != evicted:
+            e.count("first_message_evicted", self.parked.evicted - evicted)
+        e.count("cookie_sent")
+        e.send(None, mm2, addr, local_port)
+
+    def from_cookie(self, header: isakmp.Header, addr: tuple[str, int], local_port: int) -> IkeSA:
+        """MM3 for no SA we hold: create the SA if it brings back a cookie of ours.
+
+        The cookie proves the sender received our MM2 at ``addr``: only now is state
+        created and a half-open slot taken (RFC 2408 §2.5.3)."""
+        e = self.engine
+        if header.exchange != C.EXCH_MAIN or header.message_id or header.encrypted:
+            raise Drop("unknown_cookie", f"cookies {header.icookie.hex()}/{header.rcookie.hex()}")
+        if not self.cookies.valid(addr, header.icookie, header.rcookie):
+            raise Drop("bad_cookie", f"cookies {header.icookie.hex()}/{header.rcookie.hex()}: "
+                       "not a responder cookie we gave this address (spoofed, or older than two slots)")
+        parked = self.parked.peek(header.icookie, header.rcookie)
+        if parked is None:
+            raise Drop("first_message_gone", "a valid cookie whose first message was pushed out of memory "
+                       "(raise first_messages_max)")
+        why = self.main_budget.refuse(addr[0])
+        if why is not None:
+            raise Drop("half_open_dropped", why)
+        self.parked.take(header.icookie, header.rcookie)
+        d: _Decided = parked.decided
+        now = e.now()
+        sa = IkeSA(icky=header.icookie, rcky=header.rcookie, exchange=C.EXCH_MAIN, remote=addr,
+                   local_port=parked.local_port, local_ip=d.local_ip, created=now, candidates=d.candidates,
+                   choice=d.choice, sai_b=parked.sai_b, variant=d.variant, peer_dpd=d.peer_dpd,
+                   peer_unity=d.peer_unity, last_rx=now, state="mm2")
+        sa.replies[d.mm1_digest] = [d.mm2]
+        self._open(sa, (header.icookie, addr[0], addr[1]))
+        e.count("cookie_verified")
         e.publish(sa)
+        return sa
 
     def _our_vids(self, sa: IkeSA) -> list[VendorID]:
+        return self._vids_for(sa.variant, sa.choice)
+
+    @staticmethod
+    def _vids_for(variant: Any, choice: Any) -> list[VendorID]:
         out = []
-        if sa.variant is not None:
-            out.append(VendorID(sa.variant.vid))
+        if variant is not None:
+            out.append(VendorID(variant.vid))
         out.append(VendorID(C.VID_DPD))
-        if sa.choice is not None and sa.choice.xauth:
+        if choice is not None and choice.xauth:
             out.append(VendorID(C.VID_XAUTH))
         return out
 
@@ -160,9 +257,7 @@ class Phase1:
         key = sa.first_key
         if key is not None and self.half_open.get(key) is sa:
             del self.half_open[key]
-            self.half_open_by_ip[key[1]] -= 1
-            if self.half_open_by_ip[key[1]] <= 0:
-                del self.half_open_by_ip[key[1]]
+            self._budget(sa.exchange).give_back(key[1])
 
     def forget(self, sa: IkeSA) -> None:
         """A deleted SA: its first message may start a new exchange again."""

@@ -72,7 +72,7 @@ ROLE = RoleSpec(
     kinds=(*SADB_KINDS, *IKE_KINDS),
     # ESP children's keys and IKE SAs live in memory only; mode-config leases
     # ("ike:lease:...") are durable: a client gets its address back after a restart
-    volatile_owners=("ike:child:",),
+    volatile_owners=("ike:sa:", "ike:child:"),
     commands=(
         Command("ike sas", "ISAKMP SAs: peer, identity, user, address, algorithms, NAT", _sas),
         Command("ike sa", "one ISAKMP SA in full, with its ESP children", _sa, args=("name",)),
