@@ -44,6 +44,7 @@ __all__ = [
     "CodecError",
     # constants
     "PROTO_ICMP", "PROTO_IPIP", "PROTO_TCP", "PROTO_UDP", "PROTO_GRE", "PROTO_ESP",
+    "PROTO_MINIMAL",
     "ETH_P_IP", "IP_MF", "IP_DF", "IP_EVIL",
     "TCP_FIN", "TCP_SYN", "TCP_RST", "TCP_PSH", "TCP_ACK", "TCP_URG", "TCP_ECE", "TCP_CWR",
     "TCP_NS",
@@ -65,7 +66,7 @@ __all__ = [
     # fast per-packet helpers
     "peek_ipv4", "peek_ports", "rewrite_ipv4_src", "rewrite_ipv4_dst", "napt_rewrite", "decrement_ttl",
     "ipip_encapsulate", "ipip_decapsulate", "gre_encapsulate", "gre_decapsulate",
-    "decapsulate",
+    "minimal_encapsulate", "minimal_decapsulate", "decapsulate",
 ]
 
 
@@ -85,6 +86,7 @@ PROTO_TCP = 6
 PROTO_UDP = 17
 PROTO_GRE = 47
 PROTO_ESP = 50
+PROTO_MINIMAL = 55  # minimal encapsulation within IP (RFC 2004)
 
 #: GRE protocol type (an EtherType) for an IPv4 payload.
 ETH_P_IP = 0x0800
@@ -1067,12 +1069,14 @@ def gre_decapsulate(packet: Buffer) -> tuple[int, int | None, int | None, bytes]
 
 
 def decapsulate(packet: Buffer) -> tuple[int, int | None, bytes]:
-    """Decapsulate IP-in-IP or GRE-carrying-IPv4: (outer protocol 4 or 47, GRE key or
-    None, inner IPv4 packet).  Anything else, including GRE with a non-IPv4 payload, raises
-    ``CodecError``."""
+    """Decapsulate IP-in-IP, GRE-carrying-IPv4 or minimal encapsulation: (outer protocol 4,
+    47 or 55, GRE key or None, inner IPv4 packet).  Anything else, including GRE with a
+    non-IPv4 payload, raises ``CodecError``."""
     hl, proto, _, _ = peek_ipv4(packet)
     if proto == PROTO_IPIP:
         return PROTO_IPIP, None, ipip_decapsulate(packet)
+    if proto == PROTO_MINIMAL:
+        return PROTO_MINIMAL, None, minimal_decapsulate(packet)
     if proto == PROTO_GRE:
         ptype, key, _, inner = gre_decapsulate(packet)
         if ptype != ETH_P_IP:
@@ -1080,6 +1084,63 @@ def decapsulate(packet: Buffer) -> tuple[int, int | None, bytes]:
         peek_ipv4(inner)
         return PROTO_GRE, key, inner
     raise CodecError(f"protocol {proto} is not a tunnel (expected 4 or 47)")
+
+
+_MIN = struct.Struct("!BBH4s")
+
+
+def minimal_encapsulate(inner: Buffer, src: Buffer, dst: Buffer) -> bytes:
+    """Minimal encapsulation (RFC 2004): the inner header becomes the outer one.
+
+    Its protocol becomes 55, its destination ``dst``, its source ``src``; a minimal
+    forwarding header (original protocol, S bit, checksum, original destination and,
+    when the source changes, original source: 8 or 12 bytes) goes between the header and
+    the payload.  RFC 2004 §3 forbids it for fragments (``CodecError``).  TTL and
+    identification are the inner packet's; the IP header checksum is recomputed."""
+    if len(src) != 4 or len(dst) != 4:
+        raise CodecError("tunnel endpoints must be 4-byte IPv4 addresses")
+    hl, proto, osrc, odst = peek_ipv4(inner)
+    if (inner[6] & 0x3F) | inner[7]:
+        raise CodecError("minimal encapsulation of a fragment (RFC 2004 §3)")
+    keep_src = bytes(src) == osrc
+    mh = _MIN.pack(proto, 0 if keep_src else 0x80, 0, odst) + (b"" if keep_src else osrc)
+    c = internet_checksum(mh)
+    mh = mh[:2] + _H.pack(c) + mh[4:]
+    tl = ((inner[2] << 8) | inner[3]) + len(mh)
+    if tl > 0xFFFF:
+        raise CodecError(f"encapsulated packet too long: {tl} bytes")
+    hdr = bytearray(inner[:hl])
+    hdr[2:4] = _H.pack(tl)
+    hdr[9] = PROTO_MINIMAL
+    hdr[10:12] = b"\0\0"
+    hdr[12:16] = src
+    hdr[16:20] = dst
+    hdr[10:12] = _H.pack(internet_checksum(hdr))
+    return bytes(hdr) + mh + bytes(inner[hl:])
+
+
+def minimal_decapsulate(packet: Buffer) -> bytes:
+    """The original packet of a minimal-encapsulated one (outer protocol 55): protocol,
+    destination and (S bit) source restored from the forwarding header, whose checksum
+    must be right; total length and header checksum recomputed."""
+    start, end = _outer_payload(packet, PROTO_MINIMAL)
+    if end - start < 8:
+        raise CodecError("truncated minimal forwarding header")
+    proto, sbit, _c, odst = _MIN.unpack_from(packet, start)
+    mlen = 12 if sbit & 0x80 else 8
+    if end - start < mlen:
+        raise CodecError("truncated minimal forwarding header (S bit set)")
+    if internet_checksum(packet[start:start + mlen]) != 0:
+        raise CodecError("bad minimal forwarding header checksum")
+    hdr = bytearray(packet[:start])
+    hdr[2:4] = _H.pack(end - mlen)
+    hdr[9] = proto
+    hdr[10:12] = b"\0\0"
+    if mlen == 12:
+        hdr[12:16] = packet[start + 8:start + 12]
+    hdr[16:20] = odst
+    hdr[10:12] = _H.pack(internet_checksum(hdr))
+    return bytes(hdr) + bytes(packet[start + mlen:end])
 
 
 def napt_rewrite(packet: Buffer, new_addr: Buffer, new_port: int, *, source: bool) -> bytes:
