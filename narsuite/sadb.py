@@ -20,13 +20,16 @@ configuration does; the esp role reacts to them through a store subscription.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from typing import Any
 
 import attrs
 
 from narsuite.store import Index, KindSpec, secret
 
-__all__ = ["Peer", "SA", "NaptEntry", "RekeyRequest", "PEER", "SA_KIND", "NAPT", "REKEY", "KINDS",
+__all__ = ["conflict", "transport_conflict", "tunnel_conflict",
+           "Peer", "SA", "NaptEntry", "RekeyRequest", "PEER", "SA_KIND", "NAPT", "REKEY", "KINDS",
            "ENCAPS", "MODES", "POLICIES", "CHECKSUM_POLICIES"]
 
 #: udp: RFC 3948 on port 4500; esp: plain IP protocol 50 (no NAT); udp500: the 004
@@ -149,3 +152,54 @@ REKEY = KindSpec(
 )
 
 KINDS = (PEER, SA_KIND, NAPT, REKEY)
+
+
+# ------------------------------------------------------------------ conflicts (002 §5)
+# Who writes a peer (the ike role after Quick Mode, the esp role for static peers, the
+# esp role again when an authenticated packet moves a peer) asks these first, so both
+# roles refuse the same things.
+
+def transport_conflict(store: Any, peer: Peer, remote_ip: str | None = None) -> Peer | None:
+    """002 §5.2: another transport peer behind the same address (``remote_ip``, default
+    the peer's) whose selector (protocol, our port) overlaps."""
+    remote_ip = peer.remote_ip if remote_ip is None else remote_ip
+    if not remote_ip or peer.mode != "transport":
+        return None
+    for other in store.lookup_all(PEER.name, "remote_ip", remote_ip):
+        if other.name == peer.name or other.mode != "transport":
+            continue
+        proto = not other.selector_proto or not peer.selector_proto or \
+            other.selector_proto == peer.selector_proto
+        port = not other.selector_port or not peer.selector_port or \
+            other.selector_port == peer.selector_port
+        if proto and port:
+            return other
+    return None
+
+
+def tunnel_conflict(store: Any, peer: Peer) -> Peer | None:
+    """002 §5.1: another tunnel peer that would receive traffic for the same inner
+    addresses -- the same assigned address (the store's unique index refuses that too),
+    or ``space`` networks that overlap (outbound would go to whichever is found first)."""
+    if peer.mode != "tunnel":
+        return None
+    if peer.inner:
+        holder = store.lookup(PEER.name, "inner", socket.inet_aton(peer.inner))
+        if holder is not None and holder.name != peer.name:
+            return holder
+    if peer.policy != "space" or not peer.allowed:
+        return None
+    mine = [ipaddress.IPv4Network(n, strict=False) for n in peer.allowed]
+    for other in store.records(PEER.name):
+        if other.name == peer.name or other.mode != "tunnel" or other.policy != "space":
+            continue
+        for n in other.allowed:
+            theirs = ipaddress.IPv4Network(n, strict=False)
+            if any(m.overlaps(theirs) for m in mine):
+                return other
+    return None
+
+
+def conflict(store: Any, peer: Peer) -> Peer | None:
+    """The existing peer that ``peer`` may not sit beside (002 §5.1, §5.2), or None."""
+    return tunnel_conflict(store, peer) or transport_conflict(store, peer)

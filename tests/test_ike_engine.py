@@ -104,6 +104,10 @@ class Harness:
 
 HARNESSES: list[Harness] = []
 
+#: a policy that lets a client behind a NAT use its private address as its inner address
+#: (the opt-in; without it only a pool, remote_ts or napt allow that: 004 §7)
+TRUSTING = [{"name": "rw", "psk": PSK.decode(), "trust_client_address": True}]
+
 
 def spi_leases(h: Harness) -> list:
     return [r for r in h.store.records("store.lease") if r.namespace == "spi"]
@@ -808,7 +812,7 @@ def test_no_nat_uses_tunnel_mode_1_and_plain_esp():
 
 
 def test_nat_detected_floats_to_4500_and_writes_udp_encap():
-    h = Harness()
+    h = Harness(TRUSTING)
     p = Peer(psk_peer(), local=("10.0.0.5", 500))
     link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
     link.run()
@@ -830,7 +834,7 @@ def test_nat_detected_floats_to_4500_and_writes_udp_encap():
 def test_nat_t_drafts_use_payload_130_and_mode_61443(variant):
     """A responder speaking only a draft answers its VID, sends NAT-D as payload 130 and
     takes the draft's UDP-tunnel mode 61443 (not RFC 3947's 3) in Quick Mode."""
-    h = Harness(natt=[variant])
+    h = Harness(TRUSTING, natt=[variant])
     vids = {"draft-02": [C.VID_NATT_DRAFT_02], "draft-03": [C.VID_NATT_DRAFT_03]}.get(variant, [])
     p = Peer(psk_peer(), local=("10.0.0.5", 500), vids=vids)
     link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
@@ -867,7 +871,7 @@ def test_nat_without_natt_offers_a_udp_mode_refused():
 
 
 def test_espthrunat_004_draft():
-    h = Harness()
+    h = Harness(TRUSTING)
     p = Peer(psk_peer(natt=False), local=("10.0.0.5", 500), vids=(C.VID_ESPTHRUNAT, C.VID_DPD), espthrunat=True,
              encap=h.cfg.espthrunat_modes[0])
     link = Link(h, p, public=("203.0.113.77", 31000))
@@ -1288,7 +1292,7 @@ def test_one_xauth_user_cannot_delete_another_users_isakmp_sa():
 
 def test_second_client_with_same_id_and_inner_address_does_not_hijack_the_first():
     """Two road warriors behind two NATs, both 192.168.1.2 with their address as ID (strongSwan's default)."""
-    h = Harness()
+    h = Harness(TRUSTING)
     a, _ = connect(h, psk_peer(identity="192.168.1.2"), local=("192.168.1.2", 500), public=("203.0.113.1", 40000))
     peer_a = h.esp_peers()[0]
     b, _ = connect(h, psk_peer(identity="192.168.1.2"), local=("192.168.1.2", 500), public=("203.0.113.2", 50000))
@@ -1342,7 +1346,7 @@ def test_a_single_host_selector_is_the_peers_own_address(claimed, accepted):
     """Without a pool or remote_ts, a client behind a NAT may put its private address
     behind the tunnel -- not the address of a server we protect (the esp role would route
     that server's traffic into the client's tunnel)."""
-    h = Harness([{"name": "rw", "psk": PSK.decode(), "local_ts": ["10.1.0.0/24"]}])
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "local_ts": ["10.1.0.0/24"], "trust_client_address": True}])
     cfg = psk_peer(p2=Phase2(remote_ts="10.1.0.0/24", local_ts=claimed))
     if claimed.startswith("203."):
         # no NAT in the path: only the address we see is the peer's own
@@ -1355,10 +1359,35 @@ def test_a_single_host_selector_is_the_peers_own_address(claimed, accepted):
         assert h.c["ts_refused"] == 1
 
 
+@pytest.mark.parametrize("policy, accepted", [
+    ({}, False),
+    ({"trust_client_address": True}, True),
+    ({"remote_ts": ["192.168.7.0/24"]}, True),
+    ({"napt": True}, True),
+])
+def test_a_client_behind_a_nat_claims_an_address_only_when_a_policy_allows_it(policy, accepted):
+    """004 §7, fail closed: with no pool, no remote_ts and no opt-in, a client behind a NAT
+    may not claim an address of its choosing (the esp role would route that /32 to it);
+    remote_ts, napt (001 Appendix A) or trust_client_address allow it."""
+    h = Harness([{"name": "rw", "psk": PSK.decode(), **policy}])
+    cfg = psk_peer(p2=Phase2(remote_ts="10.1.0.0/24", local_ts="192.168.7.7/32"))
+    p, link = connect(h, cfg, public=("198.51.100.77", 41000))
+    assert (p.result is not None) == accepted
+    assert bool(h.esp_sas()) == accepted
+    if not accepted:
+        assert h.c["ts_refused"] == 1 and h.c["quick_refused"] == 1
+        assert not h.esp_peers()
+    else:
+        (peer,) = h.esp_peers()
+        want = ("napt", "") if policy.get("napt") else \
+            ("space", "") if policy.get("remote_ts") else ("address", "192.168.7.7")
+        assert (peer.policy, peer.inner) == want
+
+
 def test_a_new_nat_mapping_is_followed_on_authenticated_messages_only():
     """RFC 3947 §7: the NAT rebinds the client to a new port; its next authenticated IKE
     message moves the ESP peer (and our answers) there.  An unauthenticated one does not."""
-    h = Harness()
+    h = Harness(TRUSTING)
     p = Peer(psk_peer(), local=("10.0.0.5", 500))
     link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
     link.run()
@@ -1453,3 +1482,74 @@ def test_a_flood_of_bad_datagrams_costs_constant_log_lines_with_exact_counts():
     finally:
         globalLogPublisher.removeObserver(observe)
     assert h.c["malformed"] == 21_000 and h.c["unknown_cookie"] == 5_250
+
+
+# ---------------------------------------------------------------------------------------------
+# fail closed (004 §7, 002 §5)
+
+
+class ReservedSpiPeer(Peer):
+    """Offers an ESP SPI from the reserved range 0-255 (RFC 4303 §2.1)."""
+
+    reserved_spi = 7
+
+    @property
+    def _spi_i(self) -> int:
+        return self.reserved_spi
+
+    @_spi_i.setter
+    def _spi_i(self, value: int) -> None:
+        pass
+
+
+def test_a_reserved_peer_spi_is_answered_invalid_spi_at_once():
+    """A Quick Mode whose SPI is 0-255 gets INVALID-SPI (naming that SPI) instead of a QM2,
+    and leaves nothing in the store: no child that could carry nothing."""
+    h = Harness(TRUSTING)
+    p = ReservedSpiPeer(psk_peer(), local=("10.0.0.5", 500))
+    link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
+    link.run()
+    assert p.result is None and not h.esp_sas() and not h.esp_peers()
+    assert h.c["quick_refused"] == 1 and h.c["child_installed"] == 0
+    (_, payloads), = p.take(C.EXCH_INFORMATIONAL)
+    (n,) = payloads
+    assert (n.notify_type, n.protocol, n.spi) == (C.INVALID_SPI, C.PROTO_IPSEC_ESP, (7).to_bytes(4, "big"))
+    assert not spi_leases(h), "an SPI was reserved for a refused Quick Mode"
+    (sa,) = h.established()
+    assert not sa.quick, "a Quick Mode waits for a HASH(3) that must not come"
+
+
+def test_two_space_peers_with_overlapping_networks_the_second_is_refused():
+    """002 §5.1: two peers that put overlapping networks behind their tunnels would make
+    outbound traffic go to whichever the store lists first: the second is refused."""
+    h = Harness([{"name": "site", "psk": PSK.decode(), "remote_ts": ["10.9.0.0/16"]}])
+    a, _ = connect(h, psk_peer(identity="a.example", p2=Phase2(local_ts="10.9.1.0/24")),
+                   local=("192.0.2.21", 500))
+    assert a.result is not None
+    (peer_a,) = h.esp_peers()
+    assert (peer_a.policy, peer_a.allowed) == ("space", ("10.9.1.0/24",))
+    b, _ = connect(h, psk_peer(identity="b.example", p2=Phase2(local_ts="10.9.0.0/16")),
+                   local=("192.0.2.22", 500))
+    assert [p.name for p in h.esp_peers()] == [peer_a.name], "the second, overlapping peer was installed"
+    assert h.c["quick_refused"] == 1 and h.c["child_installed"] == 1
+    assert not h.store.lookup_all("esp.sa", "peer", b.config.identity)
+    # a network that does not overlap is fine
+    c, _ = connect(h, psk_peer(identity="c.example", p2=Phase2(local_ts="10.9.2.0/24")),
+                   local=("192.0.2.23", 500))
+    assert c.result is not None and len(h.esp_peers()) == 2
+
+
+def test_two_transport_clients_behind_one_nat_the_second_is_refused():
+    """002 §5.2: IKE-negotiated transport SAs of two clients behind the same NAT address
+    with overlapping selectors: the second is refused (as static peers are)."""
+    h = Harness([{"name": "host", "psk": PSK.decode(), "mode": "transport"}])
+    results = []
+    for identity, private, port in (("a.example", "10.0.0.5", 31000), ("b.example", "10.0.0.6", 32000)):
+        p = Peer(psk_peer(identity=identity, p2=Phase2(remote_ts=SERVER + "/32", local_ts=f"{private}/32")),
+                 local=(private, 500), encap=C.ENCAP_UDP_TRANSPORT)
+        Link(h, p, public=("203.0.113.77", port), public4500=("203.0.113.77", port + 1)).run()
+        results.append(p)
+    assert results[0].result is not None
+    (peer,) = h.esp_peers()
+    assert peer.remote_port == 31001
+    assert h.c["quick_refused"] == 1 and h.c["child_installed"] == 1

@@ -25,7 +25,8 @@ PSK = "lab-psk-0123456789"
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 
 
-def gateway(t, tmp: Path, policy: str, ike_extra: str = "", users: bool = False) -> NarsuiteDaemon:
+def gateway(t, tmp: Path, policy: str, ike_extra: str = "", users: bool = False,
+            esp_extra: str = "") -> NarsuiteDaemon:
     cfg = tmp / "narsuite.toml"
     user_table = ""
     if users:
@@ -41,14 +42,14 @@ def gateway(t, tmp: Path, policy: str, ike_extra: str = "", users: bool = False)
         network = "10.8.0.0/24"
         exclude = ["10.8.0.1"]
         [esp]
-        [ike]
-        """) + ike_extra + "\n" + user_table + policy)
+        """) + esp_extra + "\n[ike]\n" + ike_extra + "\n" + user_table + policy)
     t.g.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
     return NarsuiteDaemon(t.g, cfg, roles="esp,ike").start()
 
 
 def psk_policy(**extra: str) -> str:
-    lines = {"name": '"rw"', "psk": f'"{PSK}"', "local_id": '"gw.example"', "local_ts": '["10.1.0.0/24"]'}
+    lines = {"name": '"rw"', "psk": f'"{PSK}"', "local_id": '"gw.example"', "local_ts": '["10.1.0.0/24"]',
+             "trust_client_address": "true"}
     lines.update(extra)
     return "[[ike.peers]]\n" + "".join(f"{k} = {v}\n" for k, v in lines.items())
 
@@ -147,7 +148,7 @@ def test_b_rsa_certificates(need_strongswan, ra_topo, tmp_path):
     pki = make_pki(tmp_path / "pki")
     alice = pki.clients["alice@example.net"]
     policy = ('[[ike.peers]]\nname = "certs"\nauth = "rsa"\nid = "alice@example.net"\nlocal_id = "%cert"\n'
-              'local_ts = ["10.1.0.0/24"]\n')
+              'local_ts = ["10.1.0.0/24"]\ntrust_client_address = true\n')
     extra = (f'certificate = "{pki.gateway.cert_path}"\nprivate_key = "{pki.gateway.key_path}"\n'
              f'cacerts = ["{pki.ca_path}"]\n')
     g = gateway(t, tmp_path, policy, ike_extra=extra)
@@ -367,5 +368,33 @@ def test_reauthentication_keeps_the_address(need_strongswan, ra_topo, tmp_path):
     assert ping(t.r1, t.h_addr)
     rows = ike_sas(g)
     assert {r["address"] for r in rows if r["address"] != "-"} == {vip}
+    c.stop()
+    g.terminate()
+
+
+# ------------------------------------------------------------------------ fail closed, NAPT
+def test_a_client_behind_a_nat_claims_its_private_address_only_with_a_policy(need_strongswan, ra_topo, tmp_path):
+    """004 §7: a policy without pool, remote_ts or opt-in refuses R1's Quick Mode for its
+    private /32; ``napt = true`` (001 Appendix A) lets it in, its packets reaching H from G_i."""
+    t = ra_topo
+    g = gateway(t, tmp_path, psk_policy(trust_client_address="false"))
+    c = client(t, t.r1, tmp_path, "r1")
+    res = c.initiate(child="net", timeout=25)
+    assert not res.ok, res.output[-2000:]
+    assert "INVALID_ID_INFORMATION" in res.output + c.log_text(), res.output[-2000:]
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert not esp_sas(g) and stats.get("ts_refused", 0) >= 1, stats
+    c.stop()
+    g.terminate()
+
+    g = gateway(t, tmp_path, psk_policy(trust_client_address="false", napt="true"),
+                esp_extra='napt_address = "10.9.0.1"\n')
+    c = client(t, t.r1, tmp_path, "r1b")
+    up(c)
+    assert ping(t.r1, t.h_addr)
+    napt = g.rows("list", "esp.napt")
+    assert napt and all(r["inner_ip"] == t.r1_addr for r in napt), napt
+    (peer,) = g.rows("list", "esp.peer")
+    assert peer["policy"] == "napt", peer
     c.stop()
     g.terminate()

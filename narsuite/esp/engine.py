@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 
+from narsuite import sadb
 from narsuite.esp import transform
 from narsuite.esp.records import NAPT, PEER, SA_KIND, NaptEntry, Peer
 from narsuite.logs import logger
@@ -255,18 +256,7 @@ class EspEngine:
 
     def transport_conflict(self, peer: Peer, remote_ip: str) -> Peer | None:
         """002 §5.2: another transport peer behind the same address whose selector overlaps."""
-        if not remote_ip:
-            return None
-        for other in self.store.lookup_all(PEER.name, "remote_ip", remote_ip):
-            if other.name == peer.name or other.mode != "transport":
-                continue
-            proto = not other.selector_proto or not peer.selector_proto or \
-                other.selector_proto == peer.selector_proto
-            port = not other.selector_port or not peer.selector_port or \
-                other.selector_port == peer.selector_port
-            if proto and port:
-                return other
-        return None
+        return sadb.transport_conflict(self.store, peer, remote_ip)
 
     def _learn(self, peer: Peer, addr: tuple[str, int], encap: str) -> Peer:
         new = attrs.evolve(peer, remote_ip=addr[0], remote_port=addr[1], encap=encap)

@@ -10,9 +10,9 @@ address when the ISAKMP SA moves.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from typing import TYPE_CHECKING
 
+from narsuite import sadb
 from narsuite.ike import constants as C
 from narsuite.ike import crypto
 from narsuite.ike.common import ESP_KEY_BYTES, INTEG_KEY_BYTES, grace
@@ -70,7 +70,9 @@ class Children:
             encap = sa.variant.encap if sa.variant is not None else "udp"
         remote_net = ipaddress.IPv4Network(qm.remote_ts[0])
         if ch.tunnel:
-            if sa.address:
+            if sa.policy.napt:
+                policy, inner, allowed = "napt", "", ()
+            elif sa.address:
                 policy, inner, allowed = "address", sa.address, ()
             elif remote_net.prefixlen == 32 and not sa.policy.remote_ts:
                 policy, inner, allowed = "address", str(remote_net.network_address), ()
@@ -92,12 +94,11 @@ class Children:
         sa_out = SA(spi=qm.spi_out, direction="out", peer=name, enc=ch.enc, integ=ch.integ, enc_key=ek_out,
                     integ_key=ik_out, esn=ch.esn)
         try:
-            existing = store.get(PEER.name, name)
-            if existing is None:
-                conflict = inner and store.lookup(PEER.name, "inner", socket.inet_aton(inner))
-                if conflict:
-                    raise ISAKMPError(C.INVALID_ID_INFORMATION,
-                                      f"inner address {inner} is already used by {conflict.name}")
+            other = sadb.conflict(store, peer)
+            if other is not None:
+                # 002 §5.1 (tunnel: the same inner address or overlapping networks) and §5.2
+                # (transport: overlapping selectors behind one NAT address): the first stays
+                raise ISAKMPError(C.INVALID_ID_INFORMATION, self._conflict_text(peer, other))
             store.put(peer, owner=owner)
             old_out = store.lookup(SA_KIND.name, "out_peer", name)
             if old_out is not None:
@@ -122,6 +123,15 @@ class Children:
                  "{peer})", name=sa.name, desc=ch.describe(), rsel=qm.remote_ts[0], lsel=qm.local_ts[0],
                  spi_in=qm.spi_in, spi_out=qm.spi_out, encap=encap, peer=f"{sa.remote[0]}:{sa.remote[1]}")
         e.publish(sa)
+
+    @staticmethod
+    def _conflict_text(peer: Peer, other: Peer) -> str:
+        if peer.mode == "transport":
+            return (f"transport selector overlaps {other.name}, behind the same address {peer.remote_ip} "
+                    "(002 §5.2)")
+        if peer.inner:
+            return f"inner address {peer.inner} is already used by {other.name} (002 §5.1)"
+        return f"networks {', '.join(peer.allowed)} overlap those of {other.name} (002 §5.1)"
 
     # ------------------------------------------------------------------ remove
     def _expired(self, sa: IkeSA, child: Child) -> None:

@@ -84,6 +84,14 @@ class PeerPolicy:
                                          doc="Networks the peer may put behind the tunnel (empty: only "
                                              "its pool address, or its own address without a pool).")
     pool: str = setting("", doc="[store.pools] pool for mode-config addresses.")
+    napt: bool = setting(False, doc="Internal presence by NAPT (001 Appendix A): the client's inner "
+                                    "source, whatever it is, is translated to the esp role's napt_address "
+                                    "(G_i), so any selector of the client's own is safe.  Needs [esp] "
+                                    "napt_address.")
+    trust_client_address: bool = setting(
+        False, doc="Let a client behind a NAT use a single address of its own choosing (outside a "
+                   "non-default local_ts) as its inner address.  Off (the default, 004 §7): without a "
+                   "pool, remote_ts or napt a client may claim only the address we see it at.")
     dns: tuple[str, ...] = setting((), doc="INTERNAL_IP4_DNS servers handed out with mode-config.")
     split_include: tuple[str, ...] = setting((), check=_networks,
                                              doc="Protected subnets announced with mode-config (split include).")
@@ -124,6 +132,11 @@ class PeerPolicy:
             ip_address(4)(f"{key}.dns[{i}]", d)
         if self.mode == "transport" and self.pool:
             raise ConfigError(f"{key}.pool", "transport mode gets no inner address: remove pool")
+        if self.mode == "transport" and self.napt:
+            raise ConfigError(f"{key}.napt", "transport mode has no inner packets to translate: remove napt")
+        if self.napt and self.pool:
+            raise ConfigError(f"{key}.napt", "a pool address and NAPT to G_i exclude each other: "
+                                             "remove napt or pool")
 
     @property
     def secret(self) -> bytes:

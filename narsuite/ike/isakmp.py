@@ -78,9 +78,11 @@ class ISAKMPError(ValueError):
     right Notification instead of guessing from a message string.
     """
 
-    def __init__(self, notify: int, detail: str) -> None:
+    def __init__(self, notify: int, detail: str, spi: bytes = b"") -> None:
         self.notify = notify
         self.detail = detail
+        #: the SPI the notification names (INVALID-SPI: the offending one)
+        self.spi = spi
         super().__init__(f"{C.NOTIFY_NAMES.get(notify, notify)}: {detail}")
 
 

@@ -210,6 +210,11 @@ def choose_phase2(sa: SecurityAssociation, policy: PeerPolicy, *, udp_modes: tup
         prop = group_[0]
         if len(prop.spi) != 4:
             raise ISAKMPError(C.INVALID_SPI, f"ESP SPI of {len(prop.spi)} bytes")
+        if int.from_bytes(prop.spi, "big") < 256:
+            # RFC 4303 §2.1: 1-255 are reserved by IANA, 0 is local use only; an SA under
+            # such an SPI would carry nothing (the esp role refuses it), so say so now
+            raise ISAKMPError(C.INVALID_SPI, f"ESP SPI {int.from_bytes(prop.spi, 'big')} is reserved (0-255)",
+                              spi=bytes(prop.spi))
         for t in prop.transforms:
             offered.append(_describe_esp(t))
             enc = _ESP_ENC.get(t.transform_id)

@@ -70,7 +70,7 @@ class QuickModeResponder:
         except ISAKMPError as err:
             e.count("quick_refused")
             log.warn("ike: {name}: Quick Mode refused: {why}", name=sa.name, why=str(err))
-            e.send_informational(sa, [Notification(err.notify, C.PROTO_IPSEC_ESP, b"")])
+            e.send_informational(sa, [Notification(err.notify, C.PROTO_IPSEC_ESP, err.spi)])
             sa.crypto.ivs.forget(mid)
 
     def _qm1(self, sa: IkeSA, mid: int, payloads: tuple, digest: bytes) -> None:
@@ -160,19 +160,26 @@ class QuickModeResponder:
                 raise ISAKMPError(C.INVALID_ID_INFORMATION, f"remote selector {ids.selector_text(remote_sel)} is "
                                   f"outside remote_ts {list(policy.remote_ts)}")
             return
+        if policy.napt:
+            return  # 001 Appendix A: whatever the client uses is translated to G_i
         if rnet.prefixlen != 32:
             e.count("ts_refused")
             raise ISAKMPError(C.INVALID_ID_INFORMATION, f"remote selector {ids.selector_text(remote_sel)}: this "
                               "policy allows a single host (set remote_ts for networks)")
-        # The peer's own address: the one we see, or -- behind a NAT, where we cannot see it
-        # -- a private address outside what we protect (else a client could claim the
-        # address of an internal server and have its traffic routed into its tunnel).
-        if rnet.network_address != ipaddress.IPv4Address(sa.remote[0]):
-            # (a local_ts of 0.0.0.0/0 says nothing about what is internal: then only the
-            # esp role's one-peer-per-inner-address rule stands; pools are the safe choice)
-            if not sa.nat_peer or any(rnet.overlaps(network(n)) for n in policy.local_ts
-                                      if network(n).prefixlen):
-                e.count("ts_refused")
-                raise ISAKMPError(C.INVALID_ID_INFORMATION,
-                                  f"remote selector {ids.selector_text(remote_sel)} is neither the peer's address "
-                                  f"{sa.remote[0]} nor (behind its NAT) outside local_ts; set remote_ts or a pool")
+        if rnet.network_address == ipaddress.IPv4Address(sa.remote[0]):
+            return  # the peer's own address, as we see it
+        # Any other address is the client's claim, and it would be routed into the client's
+        # tunnel (004 §7: a client MUST NOT steal an address of the protected network).  Only
+        # an explicit opt-in lets a client behind a NAT use its private address -- and even
+        # then not one inside a local_ts that names what we protect (0.0.0.0/0 names nothing).
+        if not policy.trust_client_address:
+            e.count("ts_refused")
+            raise ISAKMPError(C.INVALID_ID_INFORMATION,
+                              f"remote selector {ids.selector_text(remote_sel)} is not the peer's address "
+                              f"{sa.remote[0]}; give policy {policy.name!r} a pool, remote_ts, napt or "
+                              "trust_client_address")
+        if not sa.nat_peer or any(rnet.overlaps(network(n)) for n in policy.local_ts if network(n).prefixlen):
+            e.count("ts_refused")
+            raise ISAKMPError(C.INVALID_ID_INFORMATION,
+                              f"remote selector {ids.selector_text(remote_sel)} is neither the peer's address "
+                              f"{sa.remote[0]} nor (behind its NAT) outside local_ts; set remote_ts or a pool")
