@@ -291,3 +291,43 @@ def test_tshark_reads_the_socks_exchange_and_deliveries(nar_topo, tmp_path):
     assert any(p.endswith("ip:ip:ip:udp:data") for p in protocols), out  # the home agent's tunnel
     assert not [line for line in lines if "malformed" in line.lower()], out
     n.terminate()
+
+
+def _wait_until(pred, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return pred()
+
+
+def test_a_vanished_client_loses_its_session_by_tcp_keepalive(nar_topo, tmp_path):
+    """Issue 12: a client gone without a FIN kept its session and mappings until N stopped.
+    X's packets to N are dropped (cable pulled): keepalive (1 s + 2 x 1 s) ends it."""
+    t = nar_topo
+    n = start_n(t, tmp_path, "keepalive_idle = 1\nkeepalive_interval = 1\nkeepalive_count = 2\n")
+    c = Client(t, "--ipsec", "esp", "--icmp", "0")
+    assert len(n.rows("nar", "mappings")) == 2
+    t.x.run(["nft", "-f", "-"], input=textwrap.dedent(f"""
+        table ip pulled {{
+          chain out {{ type filter hook output priority 0; policy accept; ip daddr {t.n_private} drop; }}
+        }}"""))
+    assert _wait_until(lambda: not n.rows("nar", "sessions"), 12), n.rows("nar", "sessions")
+    assert n.rows("nar", "mappings") == []
+    t.x.run(["nft", "delete", "table", "ip", "pulled"])
+    c.stop()
+    n.terminate()
+
+
+def test_session_idle_limit(nar_topo, tmp_path):
+    t = nar_topo
+    n = start_n(t, tmp_path, "session_idle_timeout = 2\n")
+    c = Client(t, "--icmp", "0")
+    assert len(n.rows("nar", "sessions")) == 1
+    time.sleep(1.0)
+    assert len(n.rows("nar", "sessions")) == 1  # not before the limit
+    assert _wait_until(lambda: not n.rows("nar", "sessions"), 6)
+    assert n.rows("nar", "mappings") == []
+    c.proc.wait(timeout=5)  # the client saw its control connection close
+    n.terminate()

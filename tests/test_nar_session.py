@@ -537,7 +537,7 @@ def test_tcpudp_mappings_answer_to_the_socks_rules():
     assert h.counters["rule_blocks"] == 1 and not c.closed
 
 
-def _socks_nar(max_mappings=64):
+def _socks_nar(max_mappings=64, **opts):
     """The real SOCKS5 server in front of NarHandler, on a StringTransport, in NAR mode."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -547,8 +547,9 @@ def _socks_nar(max_mappings=64):
 
     reactor = MemoryReactorClock()
     store = Store(MemoryBackend(), reactor)
-    options = NarOptions(lent_address=NB, max_mappings_per_session=max_mappings)
+    options = NarOptions(lent_address=NB, max_mappings_per_session=max_mappings, **opts)
     h = NarHandler(options, store, reactor)
+    h.reactor_for_tests = reactor
     f = SocksFactory(NarConfig(methods=("none",), rules=(Rule("pass"),), nar=options), None, None,
                      reactor, h)
     p = f.buildProtocol(IPv4Address("TCP", XA, 40000))
@@ -616,3 +617,19 @@ def test_unread_replies_stop_reading_commands():
     assert tr.producerState == "paused"
     tr.producer.resumeProducing()
     assert tr.producerState == "producing"
+
+
+def test_session_idle_limit_counts_control_bytes_and_data_plane_packets():
+    h, store, p, tr = _socks_nar(session_idle_timeout=10.0)
+    reactor = h.reactor_for_tests
+    seen = {"t": 0.0}
+    h.last_activity = lambda conn: seen["t"]
+    reactor.advance(6)
+    p.dataReceived(wire.encode_icmp(1, 5))  # control traffic at t=6
+    reactor.advance(9)
+    assert not tr.disconnecting
+    seen["t"] = reactor.seconds()  # a packet of its mappings at t=15
+    reactor.advance(9)
+    assert not tr.disconnecting
+    reactor.advance(2)  # t=26 > 15 + 10
+    assert tr.disconnecting

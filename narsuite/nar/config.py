@@ -71,6 +71,18 @@ class NarOptions:
     l2tp: str = setting("refuse", check=one_of("refuse"), doc="L2TP delivery is not supported.")
     icmp_ids: tuple[int, ...] = setting((1, 65535), doc="Range the server assigns ICMP identifiers from.")
     max_mappings_per_session: int = setting(64, check=in_range(1, 65536))
+    keepalive_idle: float = setting(60.0, check=in_range(1, 86400),
+                                    doc="TCP keepalive on NAR control connections: seconds of "
+                                        "silence before the first probe.")
+    keepalive_interval: float = setting(10.0, check=in_range(1, 3600),
+                                        doc="Seconds between keepalive probes.")
+    keepalive_count: int = setting(5, check=in_range(1, 127),
+                                   doc="Unanswered probes after which the client is dead: the "
+                                       "connection closes and its mappings go.")
+    session_idle_timeout: float = setting(0.0, check=in_range(0, 86400 * 30),
+                                          doc="Close a NAR session after this many seconds without "
+                                              "a byte on its control connection or a packet of its "
+                                              "mappings through N's data plane (0: no limit).")
 
     def __validate__(self, key: str) -> None:
         codes = {self.icmp_command, self.ipsec_command, self.tunnel_command}

@@ -50,6 +50,7 @@ from __future__ import annotations
 import collections
 import socket
 import struct
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -81,6 +82,22 @@ Lookup = Callable[[str, Any], Any]  # (index name, key) -> mapping or None
 #: The running data plane of each store that can install TCP/UDP mappings (the
 #: NarHandler finds it here: both are built by the role around the same store).
 _INSTALLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+#: The running data plane of each store (for :func:`last_activity`).
+_PLANES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def last_activity(store: Any, session: str, client: str) -> float:
+    """When the data plane of ``store`` last carried a packet for ``session`` (delivered
+    to its client) or from ``client`` (forwarded), in reactor seconds; 0.0 if never."""
+    try:
+        plane = _PLANES.get(store)
+    except TypeError:
+        return 0.0
+    if plane is None:
+        return 0.0
+    return max(plane.activity.get(session, 0.0), plane.client_activity.get(client, 0.0))
 
 
 def tcpudp_installer(store: Any) -> Any:
@@ -303,6 +320,11 @@ class NarDataPlane(service.Service):
         self.tcpudp_ready = False
         self._installed: dict[str, list[tuple[str, str, str]]] = {}
         self._unsubscribe: Callable[[], None] | None = None
+        #: session id -> when a packet was last delivered for it; client -> last forwarded
+        #: (the session idle limit, [nar.nar] session_idle_timeout, reads them)
+        self.activity: dict[str, float] = {}
+        self.client_activity: dict[str, float] = {}
+        self._now: Callable[[], float] = reactor.seconds if reactor is not None else time.time
 
     # -------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -314,6 +336,7 @@ class NarDataPlane(service.Service):
             self.ports[proto] = port
         if self.tcpudp:
             self._start_tcpudp()
+        _PLANES[self.store] = self
         self.running = 1
         log.info("nar data plane: Nb {nb}, Na {na}, raw sockets for {protos}, TCP/UDP mappings "
                  "{tcpudp}", nb=self.nb, na=self.na or "(routed)", protos=sorted(self.ports),
@@ -351,6 +374,8 @@ class NarDataPlane(service.Service):
         for port in self.ports.values():
             port.stop()
         self.ports.clear()
+        if _PLANES.get(self.store) is self:
+            del _PLANES[self.store]
         if self.tcpudp_ready:
             self.tcpudp_ready = False
             if _INSTALLERS.get(self.store) is self:
@@ -473,6 +498,7 @@ class NarDataPlane(service.Service):
         if self._send(out):
             c["in_translated" if m.translated else "in_end_to_end"] += 1
             c[f"in_{m.kind}"] += 1
+            self._seen(self.activity, m.session)
 
     def _from_tun(self, packet: bytes) -> None:
         """Y's TCP/UDP packet DNATed to the TUN address: Nb back in, then to X."""
@@ -498,6 +524,7 @@ class NarDataPlane(service.Service):
             if reason.startswith("spoofed"):
                 log.debug("nar: dropped a {reason} packet from {src}", reason=reason, src=src)
             return
+        self._seen(self.client_activity, src)
         if inner[9] == 6 or inner[9] == 17:
             # Through the TUN, so that conntrack puts Nb:P back (see the module docstring).
             if self.tun is None or not self.tun.write(codec.rewrite_ipv4_src(inner, self.e2e_b)):
@@ -508,6 +535,11 @@ class NarDataPlane(service.Service):
             return
         if self._send(inner):
             c["out_forwarded"] += 1
+
+    def _seen(self, table: dict[str, float], key: str) -> None:
+        if len(table) > 65536 and key not in table:
+            table.clear()  # bounded; a cleared entry only makes a session look idle sooner
+        table[key] = self._now()
 
     def _send(self, packet: bytes) -> bool:
         port = self.ports.get(1) or next(iter(self.ports.values()), None)

@@ -39,8 +39,9 @@ The handler has three methods:
 
 ``conn`` is a :class:`NarConnection`: ``session_id`` (unique str),
 ``client`` (client IP, str), ``client_port``, ``user`` ("" without auth),
-``write(bytes)``, ``close()``.  No idle timeout applies in NAR mode: the
-handler owns the session's lifetime.  Exceptions raised by the handler are
+``write(bytes)``, ``close()``, ``pause()``/``resume()``.  In NAR mode the
+connection gets TCP keepalive and the optional session idle limit (``[nar.nar]``);
+otherwise the handler owns the session's lifetime.  Exceptions raised by the handler are
 logged and never reach the reactor.
 """
 
@@ -608,6 +609,11 @@ class SocksProtocol(Protocol):
         what = self._what
         if self.closed or what is None:
             return
+        if what == "idle" and self.nar_conn is not None:
+            # NAR session: packets of its mappings through the data plane count as activity
+            seen = getattr(self.factory.nar_handler, "last_activity", None)
+            if seen is not None:
+                self._last = max(self._last, seen(self.nar_conn) or 0.0)
         deadline = self._last + self._idle_limit if what == "idle" else self._deadline
         left = deadline - self.reactor.seconds()
         if left > 0:
@@ -675,6 +681,7 @@ class SocksProtocol(Protocol):
                 write_now(out.transport, data)
             return
         if st == "nar":
+            self._last = self.reactor.seconds()
             self._to_nar(data)
             return
         if st in ("done", "udp"):
@@ -1101,7 +1108,29 @@ class SocksProtocol(Protocol):
         self.state = "nar"
         if self.nar_conn is not None:
             self.transport.registerProducer(self.nar_conn, True)
+        self._nar_liveness()
         self._flush_early()
+
+    def _nar_liveness(self) -> None:
+        """A NAR session lives as long as its control connection, so a client that
+        vanishes without a FIN (killed, cable pulled, NAT state lost) must be noticed:
+        TCP keepalive with ``[nar.nar] keepalive_*`` (and TCP_USER_TIMEOUT, for replies
+        it never acknowledges), plus the optional ``session_idle_timeout``."""
+        opts = self.factory.config.nar
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(opts.keepalive_idle)))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL,
+                                max(1, int(opts.keepalive_interval)))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, opts.keepalive_count)
+                dead = opts.keepalive_idle + opts.keepalive_interval * opts.keepalive_count
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead * 1000))
+            except OSError as e:
+                log.warn("nar: cannot enable TCP keepalive for {client}: {e}", client=self.client, e=e)
+        if opts.session_idle_timeout > 0:
+            self._start_idle(opts.session_idle_timeout)
 
     def _nar_failed(self, failure: Failure) -> None:
         self.factory.count("errors")

@@ -540,6 +540,13 @@ class NarHandler:
 
         return d.addCallback(dropped)
 
+    def last_activity(self, conn) -> float:  # type: ignore[no-untyped-def]
+        """When the data plane last carried a packet of this session's mappings (or from its
+        client); 0.0 if never.  The SOCKS server's session idle limit asks this."""
+        from narsuite.nar.dataplane import last_activity
+
+        return last_activity(self.store, conn.session_id, conn.client)
+
     def sessions(self) -> list[NarSession]:
         """The sessions of the open NAR-mode connections (for narctl / the manhole)."""
         return [st.session for st in self._conns.values()]
