@@ -14,6 +14,7 @@ a relay.
 from __future__ import annotations
 
 import importlib
+from typing import cast
 
 __all__ = ["REQUIRED", "missing", "check"]
 
@@ -65,12 +66,14 @@ def _connection_instance_missing() -> list[str]:
     import socket
 
     from twisted.internet import tcp
+    from twisted.internet.interfaces import IReactorFDSet
     from twisted.internet.protocol import Protocol
 
     with socket.socket() as s:
         try:
-            # not None: FileDescriptor would import (and so install) the default reactor
-            conn = tcp.Connection(s, Protocol(), _NoReactor())
+            # not None: FileDescriptor would import (and so install) the default reactor;
+            # a stand-in on purpose (the cast), as the connection is only looked at
+            conn = tcp.Connection(s, Protocol(), cast("IReactorFDSet", _NoReactor()))
         except Exception:  # a changed constructor: everything the fast path reads is suspect
             return list(CONNECTION_INSTANCE)
         return [a for a in CONNECTION_INSTANCE if not hasattr(conn, a)]

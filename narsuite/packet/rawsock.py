@@ -46,6 +46,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from socket import socket as _Socket  # the class: RawSocketPort.socket hides the module
 from typing import Protocol, Union, runtime_checkable
 
 import attrs
@@ -207,7 +208,7 @@ class RawSocketPort(service.Service):
 
     # -- life cycle ----------------------------------------------------------------
 
-    def _bind_device(self, sock: socket.socket) -> None:
+    def _bind_device(self, sock: _Socket) -> None:
         if self.interface:
             sock.setsockopt(
                 socket.SOL_SOCKET, SO_BINDTODEVICE, self.interface.encode() + b"\0"
@@ -333,7 +334,7 @@ class RawSocketPort(service.Service):
         c.tx_bytes += len(payload)
         return True
 
-    def _hdrincl_socket(self) -> socket.socket:
+    def _hdrincl_socket(self) -> _Socket:
         sock = self._hdrincl
         if sock is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_RAW)

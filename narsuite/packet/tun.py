@@ -291,29 +291,29 @@ class TunDevice(service.Service):
             self._write = functools.partial(os.write, port._fileno)
         else:
             self._write = port.write
-        self.ifname = port.interface.decode("ascii")
+        self.ifname = ifname = port.interface.decode("ascii")
         if self.configure:
-            self._configure(port)
+            self._configure(port, ifname)
         # ``running`` is Service's "started" flag; set here too for plain-object use.
         self.running = 1
 
-    def _configure(self, port: TuntapPort) -> None:
+    def _configure(self, port: TuntapPort, ifname: str) -> None:
         if self.netlink is None:
             self.netlink = NetlinkConfigurator()
+        nl = self.netlink
         try:
-            nl = self.netlink
             if self.disable_ipv6:
-                self.ipv6_disabled = nl.disable_ipv6(self.ifname)
+                self.ipv6_disabled = nl.disable_ipv6(ifname)
             if self.mtu is not None:
-                nl.set_mtu(self.ifname, self.mtu)
+                nl.set_mtu(ifname, self.mtu)
             for iface in self.addresses:
-                nl.add_address(self.ifname, str(iface.ip), iface.network.prefixlen)
-            nl.set_up(self.ifname)
+                nl.add_address(ifname, str(iface.ip), iface.network.prefixlen)
+            nl.set_up(ifname)
             for dst in self.routes:
-                nl.add_route(self.ifname, dst)
+                nl.add_route(ifname, dst)
         except BaseException:
             self._port = self._write = None
-            self.netlink.close()
+            nl.close()
             port.stopListening()
             raise
 
@@ -338,38 +338,44 @@ class TunDevice(service.Service):
 
     # -- configuration while running ---------------------------------------------
 
-    def _nl(self) -> NetlinkConfigurator:
+    def _nl(self) -> tuple[NetlinkConfigurator, str]:
+        """The netlink configurator and the device's name; refuses before start."""
         if self.ifname is None or self._port is None:
             raise RuntimeError("TUN device not started")
         if self.netlink is None:
             self.netlink = NetlinkConfigurator()
-        return self.netlink
+        return self.netlink, self.ifname
 
     def add_address(self, address: str) -> None:
         iface = ipaddress.IPv4Interface(address)
-        self._nl().add_address(self.ifname, str(iface.ip), iface.network.prefixlen)
+        nl, ifname = self._nl()
+        nl.add_address(ifname, str(iface.ip), iface.network.prefixlen)
         self.addresses.append(iface)
 
     def remove_address(self, address: str) -> None:
         iface = ipaddress.IPv4Interface(address)
-        self._nl().remove_address(self.ifname, str(iface.ip), iface.network.prefixlen)
+        nl, ifname = self._nl()
+        nl.remove_address(ifname, str(iface.ip), iface.network.prefixlen)
         if iface in self.addresses:
             self.addresses.remove(iface)
 
     def set_mtu(self, mtu: int) -> None:
-        self._nl().set_mtu(self.ifname, mtu)
+        nl, ifname = self._nl()
+        nl.set_mtu(ifname, mtu)
         self.mtu = mtu
 
     def add_route(self, dst: str) -> None:
         """Route the IPv4 prefix *dst* into this device (replacing any route to it)."""
         dst = _network(dst)
-        self._nl().add_route(self.ifname, dst)
+        nl, ifname = self._nl()
+        nl.add_route(ifname, dst)
         if dst not in self.routes:
             self.routes.append(dst)
 
     def remove_route(self, dst: str) -> None:
         dst = _network(dst)
-        self._nl().remove_route(self.ifname, dst)
+        nl, ifname = self._nl()
+        nl.remove_route(ifname, dst)
         if dst in self.routes:
             self.routes.remove(dst)
 
