@@ -137,6 +137,19 @@ def test_napt_exhaustion_is_counted():
     assert len(w.tun) == 1 and w.engine.counters.values["napt_exhausted"] == 1
 
 
+def test_napt_peer_without_g_i_is_dropped_and_counted():
+    """A napt peer can reach the store from another role while no napt_address (G_i) is
+    configured (the config check covers static peers only): its packets are dropped as a
+    policy drop, with no NAPT state made, rather than raising on the packet path."""
+    w = World(napt_ports=(40000, 40009))
+    out, _ = w.add_peer(policy="napt")
+    seg = IP(src="192.168.1.10", dst="10.1.0.10") / UDP(sport=5000, dport=53) / b"q"
+    w.engine.esp_received(out.encapsulate(bytes(seg), 4), ("198.51.100.101", 4500), "udp")
+    assert w.tun == []
+    assert w.engine.counters.values["policy_drop"] == 1
+    assert w.store.count("esp.napt") == 0
+
+
 def test_keepalives_after_m_seconds_of_silence_and_for_n_after_the_last_sa():
     w = World(keepalive_interval=20, keepalive_linger=300)
     w.add_peer(policy="address", inner="10.8.0.2", keepalive=True)

@@ -295,6 +295,10 @@ class EspEngine:
     def _napt_out(self, peer: Peer, inner: bytes) -> bytes | None:
         """Translate a remote host's inner packet to G_i and a port of ours."""
         c = self.counters
+        napt_ip = self.napt_ip
+        if napt_ip is None:  # a napt peer from the store (config refuses only static ones) and no G_i
+            c.inc("policy_drop")
+            return None
         proto = inner[9]
         hl = (inner[0] & 0x0F) << 2
         try:
@@ -321,7 +325,7 @@ class EspEngine:
         else:
             self.store.touch(NAPT.name, (proto, entry.port), self.napt_timeout)
         try:
-            return codec.napt_rewrite(inner, self.napt_ip, entry.port, source=True)
+            return codec.napt_rewrite(inner, napt_ip, entry.port, source=True)
         except codec.CodecError:
             c.inc("bad_inner")
             return None
@@ -341,11 +345,11 @@ class EspEngine:
         """Rebuild the IP header around a transport-mode payload for the local stack."""
         src = socket.inet_aton(peer.remote_ip)
         dst = socket.inet_aton(peer.local_ip)
-        segment = _fix_transport_checksum(peer, proto, segment, src, dst)
-        if segment is None:
+        fixed = _fix_transport_checksum(peer, proto, segment, src, dst)
+        if fixed is None:
             self.counters.inc("bad_inner")
             return
-        packet = codec.build_ipv4(src=src, dst=dst, protocol=proto, ttl=64, payload=segment)
+        packet = codec.build_ipv4(src=src, dst=dst, protocol=proto, ttl=64, payload=fixed)
         self.tun_write(packet)
 
     # ------------------------------------------------------------- outbound

@@ -25,15 +25,17 @@ def _sas(daemon: Any) -> Table:
         peer = daemon.store.get(PEER.name, sa.peer)
         remote = f"{peer.remote_ip}:{peer.remote_port}" if peer and peer.remote_ip else "-"
         if sa.direction == "in":
-            ctx = svc.engine.inbound_sa(sa.spi)
-            stats = ctx.counters() if ctx is not None else {}
-            replay = ctx.replay_state() if ctx is not None else {}
+            ictx = svc.engine.inbound_sa(sa.spi)
+            stats = ictx.counters() if ictx is not None else {}
+            replay = ictx.replay_state() if ictx is not None else {}
             top = replay.get("top", "-")
         else:
-            ctx = svc.engine.outbound_sa(sa.peer)
-            current = ctx is not None and ctx.spi == sa.spi
-            stats = {"packets": ctx.packets, "bytes": ctx.bytes} if current else {}
-            top = ctx.seq if current else "-"
+            octx = svc.engine.outbound_sa(sa.peer)
+            if octx is not None and octx.spi == sa.spi:  # the current outbound SA
+                stats = {"packets": octx.packets, "bytes": octx.bytes}
+                top = octx.seq
+            else:
+                stats, top = {}, "-"
         errors = sum(v for k, v in stats.items() if k not in ("packets", "bytes"))
         rows.append((f"{sa.spi:#010x}", sa.direction, sa.peer, f"{sa.enc}/{sa.integ or '-'}",
                      peer.encap if peer else "-", remote, stats.get("packets", 0),
@@ -62,15 +64,15 @@ def _sa(daemon: Any, spi: str) -> Record:
         ("remote", f"{peer.remote_ip}:{peer.remote_port}" if peer and peer.remote_ip else "-"),
     ]
     if sa.direction == "in":
-        ctx = svc.engine.inbound_sa(sa.spi)
-        if ctx is not None:
-            fields += list(ctx.counters().items())
-            fields += [(f"replay.{k}", v) for k, v in ctx.replay_state().items()]
+        ictx = svc.engine.inbound_sa(sa.spi)
+        if ictx is not None:
+            fields += list(ictx.counters().items())
+            fields += [(f"replay.{k}", v) for k, v in ictx.replay_state().items()]
     else:
-        ctx = svc.engine.outbound_sa(sa.peer)
-        if ctx is not None and ctx.spi == sa.spi:
-            fields += [("packets", ctx.packets), ("bytes", ctx.bytes), ("seq", ctx.seq),
-                       ("needs_rekey", ctx.needs_rekey)]
+        octx = svc.engine.outbound_sa(sa.peer)
+        if octx is not None and octx.spi == sa.spi:
+            fields += [("packets", octx.packets), ("bytes", octx.bytes), ("seq", octx.seq),
+                       ("needs_rekey", octx.needs_rekey)]
     return Record(tuple(fields), title=f"esp SA {sa.spi:#x}")
 
 

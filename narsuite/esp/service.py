@@ -8,7 +8,7 @@ it); raw ESP (protocol 50) and the 004 draft's ESP on UDP 500 are optional.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -19,6 +19,11 @@ from narsuite.esp.engine import EspEngine
 from narsuite.esp.records import PEER, SA, SA_KIND, Peer, RekeyRequest
 from narsuite.logs import logger
 from narsuite.packet.markers import NON_IKE_MARKER, is_draft_esp, is_esp_or_keepalive
+
+if TYPE_CHECKING:
+    from narsuite.packet.rawsock import RawSocketPort
+    from narsuite.packet.tun import TunDevice
+    from narsuite.packet.udp import SharedUDPPort
 
 __all__ = ["EspService"]
 
@@ -43,12 +48,12 @@ class EspService(service.Service):
         self.udp = ctx.udp_port(cfg.port, cfg.listen)
         self.udp.zero_checksum = True
         self.udp.add_handler("esp", is_esp_or_keepalive, self.engine.esp_received)
-        self.draft = None
+        self.draft: SharedUDPPort | None = None
         if cfg.draft_port:
             self.draft = ctx.udp_port(cfg.draft_port, cfg.listen)
             self.draft.add_handler("esp-draft", is_draft_esp, self._draft_received, min_length=9)
-        self.raw = None
-        self.tun = None
+        self.raw: RawSocketPort | None = None
+        self.tun: TunDevice | None = None
         self._keepalive = LoopingCall(self.engine.keepalive_tick)
         self._keepalive.clock = ctx.reactor
         self._routes: set[str] = set()
@@ -56,8 +61,9 @@ class EspService(service.Service):
         self._unsubscribe = None
         send_udp = lambda data, ip, port: self.udp.write(data, (ip, port))  # noqa: E731
         self.engine.senders = {"udp": send_udp, "keepalive": send_udp}
-        if self.draft is not None:
-            self.engine.senders["udp500"] = lambda data, ip, port: self.draft.write(
+        draft = self.draft
+        if draft is not None:
+            self.engine.senders["udp500"] = lambda data, ip, port: draft.write(
                 NON_IKE_MARKER + data, (ip, port))
 
     # -------------------------------------------------------------- framing
@@ -74,18 +80,18 @@ class EspService(service.Service):
         from narsuite.packet.tun import TunDevice
 
         cfg = self.cfg
-        self.tun = TunDevice(cfg.tun_name.encode(), self.engine.packet_from_tun,
-                             addresses=[cfg.tun_address] if cfg.tun_address else [],
-                             mtu=cfg.mtu, routes=[], reactor=self.clock)
-        self.tun.start()
-        self.engine.tun_write = self.tun.write
+        self.tun = tun = TunDevice(cfg.tun_name.encode(), self.engine.packet_from_tun,
+                                   addresses=[cfg.tun_address] if cfg.tun_address else [],
+                                   mtu=cfg.mtu, routes=[], reactor=self.clock)
+        tun.start()
+        self.engine.tun_write = tun.write
         if cfg.raw_esp:
             from narsuite.packet.rawsock import IPPROTO_ESP, RawSocketPort
 
-            self.raw = RawSocketPort(IPPROTO_ESP, self._raw_received,
-                                     bind_address=cfg.listen or None, reactor=self.clock)
-            self.raw.start()
-            self.engine.senders["esp"] = lambda data, ip, port: self.raw.send(data, ip)
+            self.raw = raw = RawSocketPort(IPPROTO_ESP, self._raw_received,
+                                           bind_address=cfg.listen or None, reactor=self.clock)
+            raw.start()
+            self.engine.senders["esp"] = lambda data, ip, port: raw.send(data, ip)
         if cfg.napt_address:
             self._route(f"{cfg.napt_address}/32")
         self._unsubscribe = self.store.subscribe(self._peer_changed, kinds=[PEER.name, SA_KIND.name])
@@ -96,7 +102,7 @@ class EspService(service.Service):
         self._keepalive.start(min(1.0, cfg.keepalive_interval / 4), now=False)
         log.info("esp: UDP {port}, raw ESP {raw}, draft port {draft}, TUN {tun}, {n} static peers",
                  port=cfg.port, raw=cfg.raw_esp, draft=cfg.draft_port or "off",
-                 tun=self.tun.ifname, n=len(cfg.peers))
+                 tun=tun.ifname, n=len(cfg.peers))
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -106,7 +112,7 @@ class EspService(service.Service):
             self._unsubscribe()
         self.engine.close()
         self._unroute_transport()
-        waits = []
+        waits: list[defer.Deferred[Any]] = []
         if self.raw is not None:
             waits.append(defer.maybeDeferred(self.raw.stop))
         if self.tun is not None:
@@ -193,7 +199,8 @@ class EspService(service.Service):
     def _route_transport(self, peer: Peer, nets: list[str] | None = None) -> None:
         import subprocess
 
-        if not peer.remote_ip or self.tun is None:
+        tun = self.tun
+        if not peer.remote_ip or tun is None or tun.ifname is None:  # the TUN is not up yet
             return
         old = self._transport_routes.get(peer.name)
         rules = self._transport_rules(peer, nets)
@@ -201,7 +208,7 @@ class EspService(service.Service):
             return
         cmds = [["ip", "rule", "del", *r] for r in (old or [])]
         if not self._transport_routes:
-            cmds.append(["ip", "route", "replace", "default", "dev", self.tun.ifname,
+            cmds.append(["ip", "route", "replace", "default", "dev", tun.ifname,
                          "table", str(self.cfg.transport_table)])
         cmds += [["ip", "rule", "add", *r] for r in rules]
         for cmd in cmds:
