@@ -45,23 +45,30 @@ class Metrics:
     def counter(self, role: str, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
         """``narsuite_<role>_<name>_total``; the same object when asked twice."""
         full = self._name(role, name)
-        if full not in self._made:
-            self._made[full] = Counter(full, doc, list(labels), registry=self.registry)
-        return self._made[full]  # type: ignore[return-value]
+        made = self._made.get(full)
+        if made is None:
+            made = self._made[full] = Counter(full, doc, list(labels), registry=self.registry)
+        assert isinstance(made, Counter), f"{full} exists as a {type(made).__name__}"
+        return made
 
     def gauge(self, role: str, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
         full = self._name(role, name)
-        if full not in self._made:
-            self._made[full] = Gauge(full, doc, list(labels), registry=self.registry)
-        return self._made[full]  # type: ignore[return-value]
+        made = self._made.get(full)
+        if made is None:
+            made = self._made[full] = Gauge(full, doc, list(labels), registry=self.registry)
+        assert isinstance(made, Gauge), f"{full} exists as a {type(made).__name__}"
+        return made
 
     def histogram(self, role: str, name: str, doc: str, labels: Sequence[str] = (),
                   buckets: Iterable[float] | None = None) -> Histogram:
         full = self._name(role, name)
-        if full not in self._made:
-            kw = {"buckets": tuple(buckets)} if buckets is not None else {}
-            self._made[full] = Histogram(full, doc, list(labels), registry=self.registry, **kw)
-        return self._made[full]  # type: ignore[return-value]
+        made = self._made.get(full)
+        if made is None:
+            made = self._made[full] = Histogram(
+                full, doc, list(labels), registry=self.registry,
+                buckets=tuple(buckets) if buckets is not None else Histogram.DEFAULT_BUCKETS)
+        assert isinstance(made, Histogram), f"{full} exists as a {type(made).__name__}"
+        return made
 
     def watch_counters(self, role: str, name: str, doc: str, label: str,
                        read: Callable[[], dict[str, float]]) -> None:

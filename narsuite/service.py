@@ -58,7 +58,7 @@ class RoleContext:
 class StoreService(service.Service):
     """Starts the store's timers and backend; flushes it on stop."""
 
-    name = "store"
+    name = "store"  # type: ignore[assignment]  # Service has an unannotated `name = None`
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -73,7 +73,7 @@ class StoreService(service.Service):
 
 
 class _LogService(service.Service):
-    name = "log"
+    name = "log"  # type: ignore[assignment]  # Service has an unannotated `name = None`
 
     def __init__(self, json_log: JsonFileLog | None) -> None:
         self.json_log = json_log
@@ -145,10 +145,10 @@ class NarsuiteService(service.MultiService):
         if cfg.manhole.enabled:
             from narsuite.manhole import make_manhole_service
 
-            svc = make_manhole_service(cfg.manhole, cfg.manhole_host_key, self.namespace,
-                                       reactor=self.reactor)
-            svc.setName("manhole")
-            svc.setServiceParent(self)
+            manhole = make_manhole_service(cfg.manhole, cfg.manhole_host_key, self.namespace,
+                                           reactor=self.reactor)
+            manhole.setName("manhole")
+            manhole.setServiceParent(self)
         self.udp = UDPPorts(self.reactor)
         self.udp.setServiceParent(self)
         self.metrics.watch_udp(self.udp.stats)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application import internet
 from twisted.internet import defer
+from twisted.internet.interfaces import IUNIXTransport
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -44,6 +45,7 @@ def peer_uid(transport: Any) -> int | None:
 
 
 class ControlProtocol(LineOnlyReceiver):
+    transport: IUNIXTransport  # the control socket; set by makeConnection before connectionMade
     delimiter = b"\n"
     MAX_LENGTH = 64 * 1024
 
