@@ -181,12 +181,22 @@ def test_spi_assignment_overrides_client_and_is_unique():
 
 
 def test_ipsec_translated_esp_but_never_ah():
+    """Issue 12: AH in a translated session was delivered end-to-end, to a client with no
+    decapsulator; it is refused 0x07 (AH cannot be translated), ESP is translated."""
     h, store = make()
     c, _ = enter(h, flags=wire.FLAG_TRANSLATED)
+    c.take()
     h.nar_data(c, wire.encode_ipsec(2, 50, 0) + wire.encode_ipsec(2, 51, 0))
+    out = c.take()
+    assert out[:3] == b"\x01\x00\x32" and out[7:] == wire.encode_ipsec(0x07, 51, 0)
     ms = {m.proto: m for m in store.records("nar.mapping")}
-    assert ms[50].translated is True and ms[51].translated is False
+    assert set(ms) == {50} and ms[50].translated is True
     assert store.lookup("nar.mapping", "ipsec", (50, ms[50].spi, NB)) is ms[50]
+    assert not c.closed
+    # end-to-end sessions get AH
+    c2, _ = enter(h, sid="s2")
+    h.nar_data(c2, wire.encode_ipsec(2, 51, 0))
+    assert [m.translated for m in store.records("nar.mapping") if m.proto == 51] == [False]
 
 
 def test_ipsec_bad_protocol():

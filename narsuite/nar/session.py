@@ -377,14 +377,21 @@ class NarHandler:
         if msg.protocol not in (50, 51):
             return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
                                 f"IN.PROTOCOL {msg.protocol} (50 ESP or 51 AH)")
+        if msg.protocol == 51 and s.translated:
+            # AH covers the outer addresses (2.6.2): it cannot be translated, and delivering it
+            # end-to-end to a client that was granted translated delivery (no decapsulator on
+            # X) only gets "protocol unreachable" back from X.
+            self.counters["ah_in_translated_refused"] += 1
+            return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
+                                "AH in a translated session (AH covers the addresses translation "
+                                "changes); use an end-to-end session")
         if msg.spi:
             self.counters["client_spi_overridden"] += 1
 
         def allocated(spi: int):  # type: ignore[no-untyped-def]
-            # AH protects the outer addresses: always end-to-end (2.6.2).  ESP follows the
-            # session: the format cannot say transport mode, so a client with transport-mode
-            # ESP must not ask for TRANSLATED-NAR.
-            translated = s.translated and msg.protocol == 50
+            # ESP follows the session: the format cannot say transport mode, so a client with
+            # transport-mode ESP must not ask for TRANSLATED-NAR.  (AH: end-to-end sessions only.)
+            translated = s.translated
             m = self._mapping(st, kind="ipsec", proto=msg.protocol, translated=translated, spi=spi)
             return self._insert(st, m, wire.encode_ipsec(wire.REP_SUCCEEDED, msg.protocol, spi)
                                 ).addErrback(self._undo, st, msg, "spi", spi)
