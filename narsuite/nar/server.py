@@ -55,7 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, error, udp
-from twisted.internet.interfaces import IHalfCloseableProtocol, IResolutionReceiver
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IResolutionReceiver
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol, ServerFactory
 from twisted.python.failure import Failure
@@ -169,6 +169,7 @@ def _same_ip(a: str, b: str) -> bool:
     return x == y
 
 
+@implementer(IPushProducer)  # of the connection's own writes: see pauseProducing below
 class NarConnection:
     """The handle a NAR handler gets for one NAR-MODE connection."""
 
