@@ -331,3 +331,21 @@ def test_session_idle_limit(nar_topo, tmp_path):
     assert n.rows("nar", "mappings") == []
     c.proc.wait(timeout=5)  # the client saw its control connection close
     n.terminate()
+
+
+@pytest.mark.parametrize("policy, ask", [("allow", ["--gre"]), ("impose", [])])
+def test_client_tunnels_in_gre_when_gre_is_granted(nar_topo, tmp_path, policy, ask):
+    """Issue 12: narsuite-nar-client always sent IP-in-IP; 3.1: the client MUST conform to
+    the granted (or imposed) GRE.  N's own raw sockets see what X sends to Na."""
+    t = nar_topo
+    n = start_n(t, tmp_path, f'gre = "{policy}"\n')
+    c = Client(t, "--icmp", "4242", "--tun", *ask)
+    assert c.result["gre"] is True
+    lst = listen(t.n, tmp_path, "4,47", 4)
+    (tmp_path / "pinger.py").write_text(PINGER)
+    out = t.x.run([sys.executable, str(tmp_path / "pinger.py"), t.n_public, t.y_addr, "4242"])
+    assert f"REPLY {t.y_addr} {t.n_public}" in out.stdout
+    from_x = [p for p in collected(lst) if p["src"] == t.x_addr and p["dst"] == t.n_private]
+    assert from_x and {p["proto"] for p in from_x} == {47}, from_x
+    c.stop()
+    n.terminate()

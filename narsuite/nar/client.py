@@ -14,7 +14,8 @@ Library::
 
 Data path (end-to-end mode): :class:`BorrowedAddress` owns a TUN device with
 Nb/32 and a route to Yb through it, so ordinary programs on X talk to Y from
-Nb.  What the kernel routes into the TUN is tunnelled IP-in-IP from Xa to Na
+Nb.  What the kernel routes into the TUN is tunnelled from Xa to Na, in GRE if
+the server granted or imposed GRE in its NAR-MODE reply, else IP-in-IP
 (N's address on X's side); what N delivers (IP-in-IP or GRE from Na) is
 decapsulated and written to the TUN, where the kernel hands it to the local
 program.  In translated mode N rewrites the destination to Xa and nothing is
@@ -223,10 +224,15 @@ class NarClient(Protocol):
 
 
 class BorrowedAddress:
-    """X's end of end-to-end NAR: Nb on a TUN device, IP-in-IP to and from Na."""
+    """X's end of end-to-end NAR: Nb on a TUN device, tunnelled to and from Na.
+
+    ``gre``: the server granted (or imposed) GRE in the NAR-MODE reply; the client MUST
+    conform (section 3.1), so packets go to N in GRE, else IP-in-IP (2.5).  What N
+    delivers is accepted in either."""
 
     def __init__(self, lent: str, remote: str, server_private: str, reactor: Any = None,
-                 tun_name: bytes = b"narc%d", extra_routes: tuple[str, ...] = ()) -> None:
+                 tun_name: bytes = b"narc%d", extra_routes: tuple[str, ...] = (),
+                 gre: bool = False) -> None:
         from narsuite.packet.rawsock import IPPROTO_GRE, IPPROTO_IPIP, RawSocketPort
         from narsuite.packet.tun import TunDevice
 
@@ -239,6 +245,7 @@ class BorrowedAddress:
         self.ipip = RawSocketPort(IPPROTO_IPIP, self._from_n, reactor=reactor)
         self.gre = RawSocketPort(IPPROTO_GRE, self._from_n, reactor=reactor)
         self.xa_b: bytes | None = None
+        self.gre_mode = gre
 
     def start(self) -> None:
         self.tun.start()
@@ -257,7 +264,10 @@ class BorrowedAddress:
             return
         if self.xa_b is None:
             self.xa_b = socket.inet_aton(source_address(self.na))
-        self.ipip.send_packet(codec.ipip_encapsulate(packet, self.xa_b, self.na_b))
+        if self.gre_mode:
+            self.gre.send_packet(codec.gre_encapsulate(packet, self.xa_b, self.na_b))
+        else:
+            self.ipip.send_packet(codec.ipip_encapsulate(packet, self.xa_b, self.na_b))
         self.counters["to_n"] += 1
 
     def _from_n(self, packet: bytes, src: str) -> None:
@@ -325,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         for port in args.udp:
             result["udp"].append((yield proto.udp_associate(port))[1])
         if args.tun and not result["translated"]:
-            state["borrowed"] = b = BorrowedAddress(lent, args.remote, args.server, reactor)
+            state["borrowed"] = b = BorrowedAddress(lent, args.remote, args.server, reactor,
+                                                    gre=result["gre"])
             b.start()
             result["tun"] = b.tun.ifname
         print(json.dumps(result), flush=True)
