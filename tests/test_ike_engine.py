@@ -140,9 +140,11 @@ class Peer(Initiator):
     def __init__(self, config: PeerConfig, local: tuple[str, int] = (CLIENT, 500), remote: str = SERVER, *,
                  auth: int = C.AUTH_PSK, vids: tuple[bytes, ...] = (C.VID_DPD,), aggressive: bool = False,
                  initial_contact: bool = False, hold_quick: bool = False, encap: int | None = None,
-                 espthrunat: bool = False, am3_encrypted: bool = True) -> None:
+                 espthrunat: bool = False, am3_encrypted: bool = True, am3_natd_floated: bool = False) -> None:
         super().__init__(config, local, remote)
         self.auth, self.vids, self.aggressive = auth, vids, aggressive
+        #: strongSwan's way: float to 4500 before AM3 and hash AM3's own ports (RFC 3947 §3.2)
+        self.am3_natd_floated = am3_natd_floated
         self.initial_contact, self.hold_quick, self.encap_override = initial_contact, hold_quick, encap
         self.espthrunat, self.am3_encrypted = espthrunat, am3_encrypted
         self.inbox: list[tuple[int, int, tuple]] = []  # (exchange, message ID, payloads after HASH)
@@ -228,6 +230,10 @@ class Peer(Initiator):
             theirs = X.natd_hash(hn, self.icookie, self.rcookie, self.remote, 500)
             self.nat_local = bool(natds) and natds[0] != mine
             self.nat_remote = theirs not in natds[1:]
+            self._natd_type = C.PT_NAT_D
+            if self.am3_natd_floated and (self.nat_local or self.nat_remote):
+                mine = X.natd_hash(hn, self.icookie, self.rcookie, self.local[0], NATT_PORT)
+                theirs = X.natd_hash(hn, self.icookie, self.rcookie, self.remote, NATT_PORT)
             payloads += [M.NatD(theirs), M.NatD(mine)]
         hash_i = X.hash_i(hn, skeyid, self._gxi, self._gxr, self.icookie, self.rcookie, ike_peer._body(self._sa_i),
                           ike_peer._body(self._id_i))
@@ -484,6 +490,27 @@ def test_aggressive_mode_psk_then_quick_mode(encrypted):
     link.send(p.quick_mode())
     assert p.done
     check_keys(h, p.result)
+
+
+@pytest.mark.parametrize("floated_hashes", [True, False])
+def test_aggressive_mode_nat_d_is_checked_against_am3s_own_addresses(floated_hashes):
+    """RFC 3947 §3.2: the NAT-D hashes in AM3 describe the addresses and ports of AM3
+    itself.  strongSwan floats to 4500 before AM3 and hashes port 4500: that is no NAT on
+    our side (no keepalives, ``nat`` = ``peer``).  A peer that hashes the port-500 addresses
+    although it sends from 4500 claims a mismatch, which we then believe."""
+    h = Harness(TRUSTING)
+    p = Peer(psk_peer(), local=("10.0.0.5", 500), aggressive=True, am3_natd_floated=floated_hashes)
+    link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
+    link.send(p.start())
+    link.send(p.quick_mode())
+    assert p.result is not None
+    (sa,) = h.established()
+    assert sa.nat_peer and sa.remote == ("203.0.113.77", 31001) and sa.local_port == 4500
+    assert sa.nat_local == (not floated_hashes)
+    (rec,) = h.ike_records()
+    assert rec.nat == ("peer" if floated_hashes else "peer+local")
+    (peer,) = h.esp_peers()
+    assert peer.keepalive == (not floated_hashes)
 
 
 def test_aggressive_mode_refused_when_the_policy_forbids_it():

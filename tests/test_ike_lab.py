@@ -323,6 +323,10 @@ def test_aggressive_mode_with_pfs(need_strongswan, ra_topo, tmp_path):
     assert "Aggressive Mode" in out
     (isa,) = ike_sas(g)
     assert isa["peer id"] == "r1.example"
+    # strongSwan hashes AM3's own (floated, port 4500) addresses: only the client is behind
+    # a NAT, we are not (RFC 3947 §3.2) -- no "+local", no keepalives from us
+    assert isa["nat"] == "peer", isa
+    assert not any(p["keepalive"] in (True, "yes", "True") for p in g.rows("list", "esp.peer"))
     (cchild,) = c.list_sas()[0].children
     assert cchild.dh_group == "ECP_256", cchild
     assert ping(t.r1, t.h_addr)

@@ -543,9 +543,10 @@ class Phase1:
             sa.crypto.accept(0, ct)
         sa.initial_contact = sa.initial_contact or any(
             n.notify_type == C.INITIAL_CONTACT for n in isakmp.find_all(payloads, Notification))
-        # the NAT-D hashes describe the addresses of the exchange's start (AM3 may already
-        # come on 4500 after floating)
-        self.detect_nat(sa, isakmp.find_all(payloads, NatD), sa.remote, sa.local_port)
+        # RFC 3947 §3.2: the hashes describe the addresses and ports of the message that
+        # carries them -- AM3 itself, which comes on 4500 when the peer floated first
+        # (strongSwan does), not AM1's port-500 addresses
+        self.detect_nat(sa, isakmp.find_all(payloads, NatD), addr, local_port)
         e.follow(sa, addr, local_port)
         e.remember(sa, digest)
         self._done(sa, digest, [])
