@@ -1170,6 +1170,30 @@ def test_xauth_and_mode_config_pull_lease_the_inner_address():
     assert not h.esp_sas() and not h.esp_peers() and h.store.holds("pool:ra", IPv4Address(inner)) is None
 
 
+def test_mode_config_with_only_dns_and_split_include_answers_a_request():
+    """001 §5 (internal DNS) on its own: a policy with ``dns`` and ``split_include`` but
+    neither a pool nor XAUTH answers the client's CFG_REQUEST (it was dropped as
+    unexpected), hands out no address, and Quick Mode then works as without mode-config."""
+    h = Harness([{"name": "rw", "psk": PSK.decode(), "dns": ["10.1.0.53"], "split_include": ["10.1.0.0/24"]}])
+    p, link = connect(h, hold_quick=True)
+    req = M.AttributePayload(C.CFG_REQUEST, 0x42, [M.Attribute(C.INTERNAL_IP4_ADDRESS, b""),
+                                                   M.Attribute(C.INTERNAL_IP4_DNS, b""),
+                                                   M.Attribute(C.INTERNAL_IP4_SUBNET, b"")])
+    link.send(p.protected(C.EXCH_TRANSACTION, [req]))
+    assert h.c["unexpected"] == 0
+    (_, (rep,)), = p.take(C.EXCH_TRANSACTION)
+    assert rep.cfg_type == C.CFG_REPLY and rep.identifier == 0x42
+    got = {a.type: a.value for a in rep.attributes}
+    assert got[C.INTERNAL_IP4_DNS] == IPv4Address("10.1.0.53").packed
+    assert C.INTERNAL_IP4_SUBNET in got and C.INTERNAL_IP4_ADDRESS not in got
+    (sa,) = h.established()
+    assert sa.address == ""
+    p.hold_quick = False
+    link.send(p.quick_mode())
+    assert p.done
+    check_keys(h, p.result)
+
+
 def test_quick_mode_before_xauth_is_dropped():
     h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}])
     p = Peer(psk_peer(), auth=C.AUTH_XAUTH_INIT_PSK, vids=(C.VID_XAUTH,), hold_quick=True)

@@ -475,7 +475,7 @@ class Phase1:
             e.informational.initial_contact(sa)
         if not sa.choice.xauth:
             e.children.adopt_orphans(sa)
-        if sa.choice.xauth or sa.policy.pool:
+        if sa.choice.xauth or e.transactions.wanted(sa.policy):
             e.transactions.start(sa)
         e.publish(sa)
         if e.on_established is not None:

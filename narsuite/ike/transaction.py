@@ -12,6 +12,7 @@ from twisted.internet import defer
 from narsuite.ike import constants as C
 from narsuite.ike import crypto, isakmp, modecfg
 from narsuite.ike.common import Drop
+from narsuite.ike.config import PeerPolicy
 from narsuite.ike.isakmp import AttributePayload, ISAKMPError
 from narsuite.ike.sa import IkeSA
 from narsuite.logs import logger
@@ -29,6 +30,12 @@ class Transactions:
 
     def __init__(self, engine: IkeEngine) -> None:
         self.engine = engine
+
+    @staticmethod
+    def wanted(policy: PeerPolicy) -> bool:
+        """Does the policy hand out anything by mode-config?  An address (pool), or only
+        internal DNS and protected subnets (001 §5 stands on its own)."""
+        return bool(policy.pool or policy.dns or policy.split_include or policy.modecfg_push)
 
     def lease_owner(self, sa: IkeSA) -> str:
         """Who holds a mode-config address: the XAUTH user (so a re-authenticating
