@@ -1604,3 +1604,28 @@ def test_two_transport_clients_behind_one_nat_the_second_is_refused():
     (peer,) = h.esp_peers()
     assert peer.remote_port == 31001
     assert h.c["quick_refused"] == 1 and h.c["child_installed"] == 1
+
+
+def test_the_psk_file_is_read_when_it_changes_not_per_message(tmp_path, monkeypatch):
+    """MM5 needs the key: the file is read once, then again only after it changed."""
+    key_file = tmp_path / "rw.psk"
+    key_file.write_text(PSK.decode() + "\n")
+    reads = []
+    real = type(key_file).read_text
+
+    def counting(self, *a, **kw):
+        if self == key_file:
+            reads.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(key_file), "read_text", counting)
+    h = Harness([{"name": "rw", "psk_file": str(key_file)}])
+    reads.clear()  # (loading the config may look at it)
+    for port in (500, 501, 502):
+        p, _ = connect(h, psk_peer(identity=f"p{port}.example"), local=(CLIENT, port))
+        assert p.result is not None
+    assert len(reads) == 1
+    key_file.write_text("a new key, longer than the old one\n")
+    p, _ = connect(h, psk_peer(psk=b"a new key, longer than the old one", identity="new.example"),
+                   local=(CLIENT, 503))
+    assert p.result is not None and len(reads) == 2

@@ -73,7 +73,8 @@ class PeerPolicy:
     local_id: str = setting("", doc="Our identity: address (default), FQDN, or \"%cert\" (our certificate's DN).")
     auth: str = setting("psk", check=one_of(*AUTH_METHODS))
     psk: str = setting("", doc="Pre-shared key (auth psk).  Prefer psk_file.")
-    psk_file: Path | None = setting(None, doc="File holding the pre-shared key (first line).")
+    psk_file: Path | None = setting(None, doc="File holding the pre-shared key (first line); read again "
+                                                "when it changes.")
     xauth: bool = setting(False, doc="Require XAUTH (username/password from [ike.users]) after phase 1.")
     aggressive: bool = setting(True, doc="Accept Aggressive Mode for this peer "
                                          "(PSK: exposes a hash to offline guessing).")
@@ -141,12 +142,36 @@ class PeerPolicy:
     @property
     def secret(self) -> bytes:
         if self.psk_file is not None:
-            return self.psk_file.read_text().splitlines()[0].strip().encode()
+            return read_psk_file(self.psk_file)
         return self.psk.encode()
 
     def allows_remote(self, ip: str) -> bool:
         addr = ipaddress.IPv4Address(ip)
         return any(addr in network(n) for n in self.remote)
+
+
+#: path -> ((mtime_ns, size, inode), key): a PSK file is read when it changed, not per message
+_psk_cache: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
+
+
+def read_psk_file(path: Path) -> bytes:
+    """The pre-shared key in ``path`` (its first line), read again only when the file
+    changed (modification time, size or inode: an editor's rename counts).
+
+    Every MM5 and AM1 needs the key; reading the file each time put a disk read on the
+    reactor per message.  A ``stat`` per use keeps an operator's key change effective at
+    once without a reload."""
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    cached = _psk_cache.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    lines = path.read_text().splitlines()
+    key = lines[0].strip().encode() if lines else b""
+    if len(_psk_cache) > 1024:
+        _psk_cache.clear()
+    _psk_cache[path] = (stamp, key)
+    return key
 
 
 _ENC = {"aes128": ("aes-cbc", 16), "aes192": ("aes-cbc", 24), "aes256": ("aes-cbc", 32), "3des": ("3des-cbc", 24)}
