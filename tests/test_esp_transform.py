@@ -635,3 +635,13 @@ def test_counters_count_each_kind_of_rejection():
             inb.decapsulate(bad)
     assert inb.counters() == {"packets": 1, "bytes": 5, "truncated": 2, "unknown_spi": 1, "replayed": 1,
                               "auth_failed": 1, "bad_padding": 1, "bad_next_header": 1}
+
+
+def test_describe_names_the_key_size():
+    """narctl esp sas: GCM and CBC with their key sizes (as strongSwan's AES_GCM_16_128)."""
+    from narsuite.esp.transform import describe
+
+    assert describe("aes-gcm-16", None, bytes(20)) == "aes-gcm-16-128/-"
+    assert describe("aes-gcm-16", None, bytes(36)) == "aes-gcm-16-256/-"
+    assert describe("aes-cbc", "hmac-sha256-128", bytes(32)) == "aes-cbc-256/hmac-sha256-128"
+    assert describe("null", "hmac-sha1-96", b"") == "null/hmac-sha1-96"

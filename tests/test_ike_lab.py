@@ -303,7 +303,7 @@ def test_f_aes_gcm_esp(need_strongswan, ra_topo, tmp_path):
     up(c)
     (cchild,) = c.list_sas()[0].children
     assert cchild.encr.startswith("AES_GCM_16")
-    assert {r["transform"] for r in esp_sas(g)} == {"aes-gcm-16/-"}
+    assert {r["transform"] for r in esp_sas(g)} == {"aes-gcm-16-128/-"}  # with the key size
     assert ping(t.r1, t.h_addr)
     assert tcp_transfer(t.h, t.r1, t.h_addr, size=TRANSFER) == 307_200
     cap.check()

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from narsuite.control.commands import Command, CommandError, Record, Table
+from narsuite.esp import transform
 from narsuite.esp.config import EspConfig
 from narsuite.esp.records import KINDS, PEER, SA_KIND
 from narsuite.esp.service import EspService
@@ -37,7 +38,7 @@ def _sas(daemon: Any) -> Table:
             else:
                 stats, top = {}, "-"
         errors = sum(v for k, v in stats.items() if k not in ("packets", "bytes"))
-        rows.append((f"{sa.spi:#010x}", sa.direction, sa.peer, f"{sa.enc}/{sa.integ or '-'}",
+        rows.append((f"{sa.spi:#010x}", sa.direction, sa.peer, transform.describe(sa.enc, sa.integ, sa.enc_key),
                      peer.encap if peer else "-", remote, stats.get("packets", 0),
                      stats.get("bytes", 0), errors, top))
     rows.sort(key=lambda r: (r[2], r[1]))
@@ -59,7 +60,7 @@ def _sa(daemon: Any, spi: str) -> Record:
     peer = daemon.store.get(PEER.name, sa.peer)
     fields: list[tuple[str, Any]] = [
         ("spi", f"{sa.spi:#010x}"), ("direction", sa.direction), ("peer", sa.peer),
-        ("transform", f"{sa.enc}/{sa.integ or '-'}"), ("esn", sa.esn),
+        ("transform", transform.describe(sa.enc, sa.integ, sa.enc_key)), ("esn", sa.esn),
         ("mode", peer.mode if peer else "-"), ("encap", peer.encap if peer else "-"),
         ("remote", f"{peer.remote_ip}:{peer.remote_port}" if peer and peer.remote_ip else "-"),
     ]

@@ -71,6 +71,7 @@ __all__ = [
     "Transform",
     "Truncated",
     "UnknownSPI",
+    "describe",
     "key_lengths",
     "peek_spi",
     "transform",
@@ -218,6 +219,19 @@ def key_lengths(enc: str, integ: str | None, enc_key_bits: int | None) -> tuple[
         raise ValueError(f"{enc} key size must be {allowed} bits, got {enc_key_bits!r}")
     enc_len = bits // 8 + (_GCM_SALT_LEN if enc == ENC_AES_GCM_16 else 0)
     return enc_len, (_INTEG[integ][1] if integ is not None else 0)
+
+
+def describe(enc: str, integ: str | None, enc_key: bytes) -> str:
+    """An SA's transform for operators, with the key size as strongSwan shows it
+    (``AES_GCM_16_128``): ``aes-gcm-16-128/-``, ``aes-cbc-256/hmac-sha256-128``."""
+    kind = _ENC_KIND.get(enc)
+    if kind == _GCM:
+        name = f"{enc}-{(len(enc_key) - _GCM_SALT_LEN) * 8}"
+    elif kind == _CBC:
+        name = f"{enc}-{len(enc_key) * 8}"
+    else:
+        name = enc
+    return f"{name}/{integ or '-'}"
 
 
 def transform(enc: str, integ: str | None, enc_key_bits: int | None) -> Transform:
