@@ -32,6 +32,7 @@ BIND ATYP != 1                             0x08
 BIND / UDP ASSOCIATE without a TCP/UDP     0x07
 data plane (no nft, no TUN)
 nftables refused the mapping               0x01
+second NAR-MODE on the connection          0x01
 SOCKS5 CONNECT (or other) after NAR-MODE   0x07
 unparseable input (then close)             wire error code (0x01/0x07/0x08)
 =========================================  ====
@@ -299,6 +300,10 @@ class NarHandler:
 
     def _command(self, st: _Conn, msg):  # type: ignore[no-untyped-def]
         c = self.counters
+        if isinstance(msg, wire.SocksRequest) and msg.cmd == self.options.mode_command:
+            c["mode_again"] += 1
+            return self._refuse(st, msg, wire.REP_GENERAL_FAILURE,
+                                "NAR-MODE on a connection already in NAR mode")
         if isinstance(msg, wire.SocksRequest) and msg.cmd not in (CMD_BIND, CMD_UDP):
             c["socks_after_nar_mode"] += 1
             return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
