@@ -288,10 +288,12 @@ class IkeEngine:
     # ------------------------------------------------------------------ protected messages
     def open(self, cr: crypto.ISAKMPCrypto, header: isakmp.Header, data: bytes) -> tuple[bytes, bytes, tuple]:
         """Decrypt (without moving the IV): (ciphertext, payload chain bytes, payloads)."""
+        first = header.next_payload
+        assert first is not None  # a parsed header carries it
         ct = bytes(data[C.HEADER_LEN:header.length])
         plain = cr.decrypt(header.message_id, ct)
-        chain, _pad = crypto.payload_chain(plain, header.next_payload)
-        return ct, chain, isakmp.parse_payloads(header.next_payload, chain)
+        chain, _pad = crypto.payload_chain(plain, first)
+        return ct, chain, isakmp.parse_payloads(first, chain)
 
     def open_protected(self, sa: IkeSA, header: isakmp.Header, data: bytes,
                        hash_fn: Callable[[bytes], bytes]) -> tuple[bytes, tuple]:

@@ -90,6 +90,29 @@ def _err(notify: int, detail: str) -> ISAKMPError:
     return ISAKMPError(notify, detail)
 
 
+# Converters for the records' tuple fields.  A bare ``converter=tuple`` leaves attrs' mypy
+# plugin with an unbound element type (every caller then fails with "Iterable[_T_co]");
+# these name it.
+def _attributes(items: Iterable[Attribute]) -> tuple[Attribute, ...]:
+    return tuple(items)
+
+
+def _transforms(items: Iterable[Transform]) -> tuple[Transform, ...]:
+    return tuple(items)
+
+
+def _proposals(items: Iterable[Proposal]) -> tuple[Proposal, ...]:
+    return tuple(items)
+
+
+def _spis(items: Iterable[bytes]) -> tuple[bytes, ...]:
+    return tuple(items)
+
+
+def _payloads(items: Iterable[Payload]) -> tuple[Payload, ...]:
+    return tuple(items)
+
+
 # -- records ---------------------------------------------------------------------------------
 
 @attrs.frozen
@@ -158,7 +181,7 @@ class Transform:
 
     number: int
     transform_id: int
-    attributes: tuple[Attribute, ...] = attrs.field(default=(), converter=tuple)
+    attributes: tuple[Attribute, ...] = attrs.field(default=(), converter=_attributes)
 
     def get(self, type: int) -> Attribute | None:
         """The first attribute of ``type``, or None (attribute order carries no meaning)."""
@@ -179,7 +202,7 @@ class Proposal:
     number: int
     protocol: int
     spi: bytes = b""
-    transforms: tuple[Transform, ...] = attrs.field(default=(), converter=tuple)
+    transforms: tuple[Transform, ...] = attrs.field(default=(), converter=_transforms)
 
 
 @attrs.frozen
@@ -187,7 +210,7 @@ class SecurityAssociation:
     """SA payload (RFC 2408 3.4) in the IPsec DOI (RFC 2407 4.6.1)."""
 
     payload_type: ClassVar[int] = C.PT_SA
-    proposals: tuple[Proposal, ...] = attrs.field(converter=tuple)
+    proposals: tuple[Proposal, ...] = attrs.field(converter=_proposals)
     doi: int = C.DOI_IPSEC
     situation: int = C.SIT_IDENTITY_ONLY
 
@@ -277,7 +300,7 @@ class Delete:
     payload_type: ClassVar[int] = C.PT_DELETE
     protocol: int
     spi_size: int
-    spis: tuple[bytes, ...] = attrs.field(default=(), converter=tuple)
+    spis: tuple[bytes, ...] = attrs.field(default=(), converter=_spis)
     doi: int = C.DOI_IPSEC
 
 
@@ -299,7 +322,7 @@ class AttributePayload:
     payload_type: ClassVar[int] = C.PT_ATTRIBUTE
     cfg_type: int
     identifier: int = 0
-    attributes: tuple[Attribute, ...] = attrs.field(default=(), converter=tuple)
+    attributes: tuple[Attribute, ...] = attrs.field(default=(), converter=_attributes)
 
     def get(self, type: int) -> Attribute | None:
         for a in self.attributes:
@@ -372,7 +395,7 @@ class Message:
     ciphertext (the bytes after the header up to ``header.length``)."""
 
     header: Header
-    payloads: tuple[Payload, ...] = attrs.field(default=(), converter=tuple)
+    payloads: tuple[Payload, ...] = attrs.field(default=(), converter=_payloads)
     ciphertext: bytes | None = None
 
 
@@ -407,12 +430,14 @@ def parse_message(data: bytes) -> Message:
     payloads.  A plaintext chain must end exactly at ``header.length``.
     """
     header = parse_header(data)
-    if header.length > len(data):
-        raise _err(C.UNEQUAL_PAYLOAD_LENGTHS, f"header length {header.length} > datagram {len(data)}")
-    body = bytes(data[C.HEADER_LEN:header.length])
+    length, first = header.length, header.next_payload
+    assert length is not None and first is not None  # parse_header sets both
+    if length > len(data):
+        raise _err(C.UNEQUAL_PAYLOAD_LENGTHS, f"header length {length} > datagram {len(data)}")
+    body = bytes(data[C.HEADER_LEN:length])
     if header.flags & C.FLAG_ENCRYPTION:
         return Message(header, (), body)
-    return Message(header, parse_payloads(header.next_payload, body))
+    return Message(header, parse_payloads(first, body))
 
 
 def parse_payloads(first_type: int, data: bytes, *, padded: bool = False) -> tuple[Payload, ...]:
