@@ -20,7 +20,12 @@ Commands (each prints JSON on stdout):
         the proxy and tunnels packets for bound home addresses back (data path tests).
 ``mn``  a mobile node: sends one Registration Request to the proxy and prints the
         reply, parsed and authenticated.  ``--replay`` sends the very same bytes a
-        second time and prints that reply too.
+        second time and prints that reply too.  ``--data N`` then sends N ESP packets
+        from the home address to ``--gateway`` through the tunnel (RFC 3519 UDP tunnel
+        data with ``--udp-tunnel``, IP-in-IP or GRE on raw sockets otherwise) and reports
+        what comes back through the tunnel.
+``gw``  a stand-in VPN gateway (two-box tests): echoes every ESP packet it receives
+        back to its sender, the MN's home address, routed through the proxy.
 
 Extension numbers of the draft (HA Parameter type/subtype) are options: the draft
 left them unassigned, so they are configuration, not knowledge.
@@ -40,7 +45,9 @@ import struct
 import sys
 import time
 
+from scapy.layers.inet import GRE, IP
 from scapy.layers.mobileip import MobileIP, MobileIPRRP, MobileIPRRQ
+from scapy.packet import Raw
 
 NTP_OFFSET = 2208988800
 EXT_MN_HA = 32
@@ -251,7 +258,89 @@ def run_mn(args: argparse.Namespace) -> None:
             out["replies"].append(None)
             continue
         out["replies"].append(parse(data, keys))
+    if args.data:
+        out["data"] = tunnel_data(args, sock)
     print(json.dumps(out))
+
+
+def esp_packet(src: str, dst: str, spi: int, seq: int, size: int) -> bytes:
+    """An IPv4 packet carrying ESP-shaped bytes (SPI, sequence number, filler): the proxy
+    only looks at the protocol number, never inside ESP."""
+    body = struct.pack("!II", spi, seq) + bytes((seq + i) & 0xFF for i in range(size))
+    return bytes(IP(src=src, dst=dst, proto=50, id=seq) / Raw(body))
+
+
+def tunnel_data(args: argparse.Namespace, sock: socket.socket) -> dict:
+    """Send ``--data`` ESP packets from the home address to ``--gateway`` through the
+    tunnel (RFC 3519 UDP tunnel data with ``--udp-tunnel``, else IP-in-IP or GRE with
+    ``--flags G`` on a raw socket) and collect what the proxy tunnels back."""
+    udp = args.udp_tunnel
+    gre = "G" in args.flags
+    raw_tx = raw_rx = None
+    if not udp:
+        proto = 47 if gre else 4
+        raw_rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+        raw_tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    sent = []
+    for seq in range(1, args.data + 1):
+        inner = esp_packet(args.home, args.gateway, 0x5000, seq, args.size)
+        sent.append(inner)
+        if udp:
+            sock.send(bytes([4, 4, 0, 0]) + inner)
+        elif gre:
+            raw_tx.sendto(bytes(GRE(proto=0x0800)) + inner, (args.proxy, 0))
+        else:
+            raw_tx.sendto(inner, (args.proxy, 0))
+        time.sleep(args.interval)
+    got = []
+    deadline = time.monotonic() + args.timeout
+    src = sock if udp else raw_rx
+    while len(got) < args.expect and time.monotonic() < deadline:
+        src.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = src.recv(65535)
+        except (TimeoutError, socket.timeout):
+            break
+        if udp:
+            if data[:1] != b"\x04":
+                continue
+            pkt = IP(data[4:])
+            got.append({"outer": "udp", "nh": data[1], "src": pkt.src, "dst": pkt.dst,
+                        "proto": pkt.proto, "payload": bytes(pkt.payload).hex()})
+        else:
+            outer = IP(data)
+            inner = outer.payload
+            if isinstance(inner, GRE):
+                inner = inner.payload
+            got.append({"outer": "gre" if gre else "ipip", "outer_src": outer.src,
+                        "outer_dst": outer.dst, "src": inner.src, "dst": inner.dst,
+                        "proto": inner.proto, "payload": bytes(inner.payload).hex()})
+    return {"sent": len(sent), "received": got}
+
+
+# ------------------------------------------------------------------- gateway stand-in
+def run_gw(args: argparse.Namespace) -> None:
+    """A stand-in VPN gateway for the proxy's two-box tests: every ESP packet it gets is
+    answered by an ESP packet with the same bytes, back to the sender (which is the MN's
+    home address, routed through the proxy)."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 50)
+    rx.bind((args.listen, 0))
+    log = open(args.log, "a", buffering=1) if args.log else None
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    print(json.dumps({"ready": True}), flush=True)
+    while not stop:
+        try:
+            readable, _, _ = select.select([rx], [], [], 0.2)
+        except InterruptedError:
+            continue
+        if not readable:
+            continue
+        pkt, (src, _) = rx.recvfrom(65535)
+        hl = (pkt[0] & 0x0F) * 4
+        if log:
+            log.write(json.dumps({"esp_from": src, "len": len(pkt), "payload": pkt[hl:].hex()}) + "\n")
+        rx.sendto(pkt[hl:], (src, 0))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -297,9 +386,19 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--after-auth", default="", help="hex bytes appended after the authenticator")
     m.add_argument("--replay", action="store_true")
     m.add_argument("--timeout", type=float, default=3.0)
+    m.add_argument("--data", type=int, default=0, help="ESP packets to send after registering")
+    m.add_argument("--expect", type=int, default=0, help="packets to wait for in return")
+    m.add_argument("--gateway", default="", help="inner destination (the VPN gateway)")
+    m.add_argument("--size", type=int, default=56)
+    m.add_argument("--interval", type=float, default=0.02)
+    g = sub.add_parser("gw")
+    g.add_argument("--listen", required=True)
+    g.add_argument("--log")
     args = p.parse_args(argv)
     if args.cmd == "ha":
         run_ha(args)
+    elif args.cmd == "gw":
+        run_gw(args)
     else:
         run_mn(args)
 

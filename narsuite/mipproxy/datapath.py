@@ -1,28 +1,297 @@
-"""The data path (draft §5, §6): tunnels from MNs to the VPN gateway and back.  (In progress.)"""
+"""The data path (draft §5, §6): MN tunnels to the VPN gateway, and back.
+
+No kernel tunnels exist here, so every encapsulation is done in user space with
+the struct codec (narsuite.packet.codec), never scapy.  Four flows:
+
+* **MN → VPN gateway** (§5.3, §6.2.1): IP-in-IP (4), GRE (47) or minimal
+  encapsulation (55) to MIPP-Pub on raw sockets, or RFC 3519 tunnel data on UDP
+  434 (next header 4 or 47).  The §5.3 checks: a supported encapsulation, the
+  inner destination one of ``vpn_gateways``, ESP right after the inner header
+  (IKE on UDP 500/4500 too: the MN's SA with the gateway is negotiated through
+  the same tunnel, Figure 3.a).  We also require the inner source to be a bound
+  home address tunnelled from that binding's care-of address (or NAT mapping):
+  otherwise anyone could inject into the VPN gateway through us.  Failing
+  packets are dropped silently and counted by reason.  The inner packet is
+  written to the role's TUN device: the kernel delivers it to the gateway
+  (one-box: a local address; two-box: routed to it).
+* **HA → VPN gateway** (§5.4, §6.2.2): IP-in-IP (or GRE/minimal) from a
+  configured HA to MIPP-Priv; one header is stripped (a §5.7.1 double
+  encapsulation keeps its inner one) and the packet for MN-Perm goes to the VPN
+  gateway: to ``vpn_gateway_next_hop`` (two-box, layer 2) or into the TUN
+  (one-box: the kernel routes it to the esp role's TUN).
+* **VPN gateway → MN**: policy rules send ESP and IKE (UDP from 500/4500) for a
+  bound home address into our TUN (table ``route_table``); each packet read is
+  tunnelled to the binding's care-of address, or to its NAT mapping in RFC 3519
+  tunnel data.
+"""
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from typing import Any
 
-__all__ = ["DataPath"]
+from narsuite.logs import logger
+from narsuite.mipproxy.records import BINDING
+from narsuite.packet import codec
+from narsuite.packet.common import RateLimitedLog
+
+__all__ = ["DataPath", "UDP_TUNNEL_HEADER"]
+
+log = logger()
+
+#: RFC 3519 tunnel data header in front of an IP-in-IP payload (type 4, next header 4).
+UDP_TUNNEL_HEADER = b"\x04\x04\x00\x00"
+_IKE_PORTS = (500, 4500)
+_RULE_PRIORITY = "1434"
 
 
 class DataPath:
+    NAMES = (
+        "mn_to_gateway", "ha_to_gateway", "gateway_to_mn", "bytes_mn_to_gateway",
+        "bytes_gateway_to_mn", "keepalives",
+        # drops (draft §5.3: silently; counted here)
+        "drop_bad_encapsulation", "drop_unsupported_encapsulation",
+        "drop_inner_dst_not_vpn_gateway", "drop_not_esp", "drop_no_binding",
+        "drop_wrong_tunnel_source", "drop_not_from_home_agent", "drop_tun_not_ipsec",
+        "drop_send_failed", "other_destination",
+    )
+
     def __init__(self, cfg: Any, store: Any, clock: Any, *, metrics: Any = None,
                  send_udp: Any = None) -> None:
         self.cfg = cfg
         self.store = store
         self.clock = clock
-        self.counters: dict[str, int] = {}
+        self.send_udp = send_udp
+        self.pub = socket.inet_aton(cfg.public_address) if cfg.public_address else b""
+        self.priv = socket.inet_aton(cfg.private_address) if cfg.private_address else b""
+        self.gateways = frozenset(socket.inet_aton(g) for g in cfg.vpn_gateways)
+        self.home_agents = frozenset(socket.inet_aton(h) for h in cfg.allowed_home_agents())
+        self.next_hop: str | None = cfg.vpn_gateway_next_hop or None
+        self.counters = dict.fromkeys(self.NAMES, 0)
+        if metrics is not None:
+            metrics.watch_counters("mipproxy", "data", "Mobile IP proxy data-path events",
+                                   "event", lambda: self.counters)
+        self.tun: Any = None
+        self.tun_write: Any = None
+        self.send_raw: Any = None
+        self._raw: list[Any] = []
+        self._rules: dict[str, list[list[str]]] = {}
+        self._badlog = RateLimitedLog("mipproxy data path: dropped", every=1000)
 
+    # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        pass
+        from narsuite.packet.rawsock import RawSocketPort
+        from narsuite.packet.tun import TunDevice
 
-    def stop(self) -> None:
-        pass
+        cfg = self.cfg
+        self.tun = TunDevice(cfg.tun_name.encode(), self.from_tun, mtu=cfg.mtu,
+                             reactor=self.clock)
+        self.tun.start()
+        self.tun_write = self.tun.write
+        for proto in (codec.PROTO_IPIP, codec.PROTO_GRE, codec.PROTO_MINIMAL):
+            port = RawSocketPort(proto, self.raw_received, reactor=self.clock)
+            port.start()
+            self._raw.append(port)
+        self.send_raw = self._raw[0].send_packet
+        self._run(["sysctl", "-qw", f"net.ipv4.conf.{self.tun.ifname}.rp_filter=0"])
+        route = ["ip", "route", "replace", "default", "dev", self.tun.ifname, "table",
+                 str(cfg.route_table)]
+        self._run(route)
+        for b in self.store.records(BINDING.name):
+            self._route_home(b.home_address)
 
-    def udp_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        pass
+    def stop(self) -> Any:
+        for home in list(self._rules):
+            self._unroute_home(home)
+        self._run(["ip", "route", "flush", "table", str(self.cfg.route_table)])
+        for port in self._raw:
+            port.stop()
+        self._raw = []
+        if self.tun is not None:
+            d = self.tun.stop()
+            self.tun = None
+            return d
+        return None
+
+    def _run(self, cmd: list[str]) -> bool:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            log.error("mipproxy: {cmd} failed: {err}", cmd=" ".join(cmd), err=out.stderr.strip())
+        return out.returncode == 0
+
+    # ------------------------------------------------------------------ routing
+    def _route_home(self, home: str) -> None:
+        """The gateway's ESP and IKE for ``home`` go into our TUN (table route_table)."""
+        if home in self._rules or self.tun is None:
+            return
+        to = ["priority", _RULE_PRIORITY, "to", f"{home}/32"]
+        table = ["lookup", str(self.cfg.route_table)]
+        rules = [[*to, "ipproto", "50", *table]]
+        rules += [[*to, "ipproto", "udp", "sport", str(p), *table] for p in _IKE_PORTS]
+        for r in rules:
+            self._run(["ip", "rule", "add", *r])
+        self._rules[home] = rules
+
+    def _unroute_home(self, home: str) -> None:
+        for r in self._rules.pop(home, []):
+            self._run(["ip", "rule", "del", *r])
 
     def store_changed(self, change: Any) -> None:
-        pass
+        if change.kind != BINDING.name:
+            return
+        home = change.record.home_address
+        if change.op == "put":
+            self._route_home(home)
+        elif not self.store.lookup_all(BINDING.name, "home", home):
+            self._unroute_home(home)
+
+    # ------------------------------------------------------------- per packet
+    def _drop(self, reason: str, detail: str) -> None:
+        self.counters["drop_" + reason] += 1
+        self._badlog(reason, detail)
+
+    def raw_received(self, packet: bytes, src: str) -> None:
+        """IP-in-IP, GRE or minimal encapsulation addressed to this host."""
+        dst = packet[16:20]
+        if dst == self.pub:
+            try:
+                _proto, _key, inner = codec.decapsulate(packet)
+            except codec.CodecError as e:
+                self._drop("bad_encapsulation", f"from {src}: {e}")
+                return
+            self._from_mn(inner, src, None)
+        elif dst == self.priv:
+            self._from_ha(packet, src)
+        else:
+            self.counters["other_destination"] += 1  # another role's tunnel
+
+    def udp_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        """RFC 3519 tunnel data (type 4) on MIPP-Pub:434."""
+        nh = data[1] if len(data) > 1 else -1
+        payload = data[4:]
+        try:
+            if nh == codec.PROTO_IPIP:
+                codec.peek_ipv4(payload)
+                inner = payload
+            elif nh == codec.PROTO_GRE:
+                gre, inner = codec.parse_gre(payload)
+                if gre.protocol != codec.ETH_P_IP:
+                    raise codec.CodecError("GRE payload is not IPv4")
+                codec.peek_ipv4(inner)
+            else:
+                self._drop("unsupported_encapsulation", f"tunnel data next header {nh} from {addr[0]}")
+                return
+        except codec.CodecError as e:
+            self._drop("bad_encapsulation", f"tunnel data from {addr[0]}: {e}")
+            return
+        self._from_mn(inner, addr[0], addr)
+
+    def _from_mn(self, inner: bytes, outer_src: str, udp: tuple[str, int] | None) -> None:
+        try:
+            hl, proto, isrc, idst = codec.peek_ipv4(inner)
+        except codec.CodecError as e:
+            self._drop("bad_encapsulation", f"inner packet from {outer_src}: {e}")
+            return
+        if idst not in self.gateways:
+            if idst == self.pub and proto == codec.PROTO_ICMP:
+                self.counters["keepalives"] += 1  # a NAT keepalive through the tunnel
+                return
+            self._drop("inner_dst_not_vpn_gateway",
+                       f"{socket.inet_ntoa(isrc)} -> {socket.inet_ntoa(idst)} from {outer_src}")
+            return
+        if proto != codec.PROTO_ESP:
+            ike = False
+            if proto == codec.PROTO_UDP:
+                try:
+                    ike = codec.peek_ports(inner)[1] in _IKE_PORTS
+                except codec.CodecError:
+                    ike = False
+            if not ike:
+                self._drop("not_esp", f"protocol {proto} from {outer_src}")
+                return
+        home = socket.inet_ntoa(isrc)
+        for b in self.store.lookup_all(BINDING.name, "home", home):
+            if udp is not None:
+                if b.encapsulation == "udp" and (b.src_ip, b.src_port) == udp:
+                    break
+            elif b.src_ip == outer_src and b.encapsulation != "udp":
+                break
+        else:
+            if self.store.lookup_all(BINDING.name, "home", home):
+                self._drop("wrong_tunnel_source", f"{home} tunnelled from {outer_src}")
+            else:
+                self._drop("no_binding", f"{home} tunnelled from {outer_src}")
+            return
+        c = self.counters
+        c["mn_to_gateway"] += 1
+        c["bytes_mn_to_gateway"] += len(inner)
+        if self.tun_write(inner) is False:
+            c["drop_send_failed"] += 1
+
+    def _from_ha(self, packet: bytes, src: str) -> None:
+        if packet[12:16] not in self.home_agents:
+            self._drop("not_from_home_agent", f"tunnel to MIPP-Priv from {src}")
+            return
+        try:
+            _proto, _key, inner = codec.decapsulate(packet)
+            codec.peek_ipv4(inner)
+        except codec.CodecError as e:
+            self._drop("bad_encapsulation", f"from home agent {src}: {e}")
+            return
+        home = socket.inet_ntoa(inner[16:20])
+        if not self.store.lookup_all(BINDING.name, "home", home):
+            self._drop("no_binding", f"home agent {src} tunnelled a packet for {home}")
+            return
+        self.counters["ha_to_gateway"] += 1
+        if self.next_hop is not None:
+            ok = self.send_raw(inner, self.next_hop)
+        else:
+            ok = self.tun_write(inner)
+        if ok is False:
+            self.counters["drop_send_failed"] += 1
+
+    def from_tun(self, packet: bytes) -> None:
+        """The VPN gateway's ESP (or IKE) for a bound MN: tunnel it to where the MN is."""
+        try:
+            hl, proto, _src, dst = codec.peek_ipv4(packet)
+        except codec.CodecError:
+            self._drop("tun_not_ipsec", "not IPv4")
+            return
+        if proto != codec.PROTO_ESP:
+            ok = False
+            if proto == codec.PROTO_UDP:
+                try:
+                    ok = codec.peek_ports(packet)[0] in _IKE_PORTS
+                except codec.CodecError:
+                    ok = False
+            if not ok:
+                self._drop("tun_not_ipsec", f"protocol {proto} for {socket.inet_ntoa(dst)}")
+                return
+        home = socket.inet_ntoa(dst)
+        bindings = self.store.lookup_all(BINDING.name, "home", home)
+        if not bindings:
+            self._drop("no_binding", f"gateway packet for {home}")
+            return
+        b = max(bindings, key=lambda x: x.registered)
+        c = self.counters
+        if b.encapsulation == "udp":
+            ok = self.send_udp(UDP_TUNNEL_HEADER + packet, (b.src_ip, b.src_port))
+        else:
+            coa = socket.inet_aton(b.src_ip)
+            try:
+                if b.encapsulation == "gre":
+                    out = codec.gre_encapsulate(packet, self.pub, coa)
+                elif b.encapsulation == "minimal":
+                    out = codec.minimal_encapsulate(packet, self.pub, coa)
+                else:
+                    out = codec.ipip_encapsulate(packet, self.pub, coa)
+            except codec.CodecError as e:
+                self._drop("bad_encapsulation", f"for {home}: {e}")
+                return
+            ok = self.send_raw(out)
+        if ok is False:
+            c["drop_send_failed"] += 1
+            return
+        c["gateway_to_mn"] += 1
+        c["bytes_gateway_to_mn"] += len(packet)
