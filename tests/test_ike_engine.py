@@ -1629,3 +1629,85 @@ def test_the_psk_file_is_read_when_it_changes_not_per_message(tmp_path, monkeypa
     p, _ = connect(h, psk_peer(psk=b"a new key, longer than the old one", identity="new.example"),
                    local=(CLIENT, 503))
     assert p.result is not None and len(reads) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# store writes that fail
+
+
+@pytest.fixture
+def unhandled_deferred_errors():
+    """Failures left unhandled in Deferreds (logged when they are collected), as trial sees them."""
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if "Unhandled error in Deferred" in str(event.get("log_format", "")):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    gc.collect()
+    globalLogPublisher.removeObserver(observe)
+
+
+def _failing_put(h: Harness, monkeypatch, kind: str, later: list | None = None) -> None:
+    """The store refuses records of ``kind``: at once (a Conflict), or -- with ``later`` --
+    after accepting them in memory, as a durable backend that fails does (then rolls back)."""
+    from narsuite.store import Conflict
+
+    real = h.store.put
+
+    def put(record, **kw):
+        if h.store._kind_of(record) != kind:
+            return real(record, **kw)
+        if later is None:
+            return defer.fail(Conflict(kind, "inner", b"x", None))
+        real(record, **kw)
+        d = defer.Deferred()
+        later.append(d)
+        return d
+
+    monkeypatch.setattr(h.store, "put", put)
+
+
+def test_a_refused_peer_record_refuses_the_child(monkeypatch, unhandled_deferred_errors):
+    """A Conflict on the esp.peer write (a race the conflict check did not see): the child
+    is refused with a Delete, nothing of it stays in the store, the failure is counted --
+    and no error is left unhandled in a Deferred."""
+    h = Harness(TRUSTING)
+    _failing_put(h, monkeypatch, "esp.peer")
+    p, link = connect(h)
+    assert h.c["store_failed"] == 1 and h.c["quick_refused"] == 1 and h.c["child_installed"] == 0
+    assert not h.esp_sas() and not h.esp_peers() and not spi_leases(h)
+    (_, payloads), = p.take(C.EXCH_INFORMATIONAL)
+    (d,) = payloads
+    assert d.protocol == C.PROTO_IPSEC_ESP and d.spis == (p.result.outbound.spi.to_bytes(4, "big"),)
+    (sa,) = h.established()
+    assert not sa.children
+    assert not unhandled_deferred_errors
+
+
+def test_a_backend_failure_after_the_fact_removes_the_child(monkeypatch, unhandled_deferred_errors):
+    """The durable backend refuses the peer record after the child went live: the child is
+    removed and the client told (Delete), the failure counted and logged, not lost."""
+    from narsuite.store import Conflict
+
+    h = Harness(TRUSTING)
+    later: list[defer.Deferred] = []
+    _failing_put(h, monkeypatch, "esp.peer", later)
+    p, link = connect(h)
+    assert h.c["child_installed"] == 1 and h.esp_sas()
+    (d,) = later
+    n = len(h.sent)
+    d.errback(Conflict("esp.peer", "inner", b"x", None))
+    link.deliver(h.sent[n:])
+    assert h.c["store_failed"] == 1 and h.c["child_deleted"] == 1
+    assert not h.esp_sas() and not spi_leases(h)
+    (_, payloads), = p.take(C.EXCH_INFORMATIONAL)
+    assert [x.spis for x in payloads if isinstance(x, M.Delete)] == [(p.result.outbound.spi.to_bytes(4, "big"),)]
+    assert not h.established()[0].children
+    assert not unhandled_deferred_errors

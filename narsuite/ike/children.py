@@ -12,11 +12,13 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING
 
+from twisted.python.failure import Failure
+
 from narsuite import sadb
 from narsuite.ike import constants as C
 from narsuite.ike import crypto
 from narsuite.ike.common import ESP_KEY_BYTES, INTEG_KEY_BYTES, grace
-from narsuite.ike.isakmp import Delete, ISAKMPError
+from narsuite.ike.isakmp import Delete
 from narsuite.ike.sa import Child, IkeSA, QuickMode
 from narsuite.logs import logger
 from narsuite.sadb import PEER, SA, SA_KIND, Peer
@@ -93,28 +95,41 @@ class Children:
                    integ_key=ik_in, esn=ch.esn)
         sa_out = SA(spi=qm.spi_out, direction="out", peer=name, enc=ch.enc, integ=ch.integ, enc_key=ek_out,
                     integ_key=ik_out, esn=ch.esn)
-        try:
-            other = sadb.conflict(store, peer)
-            if other is not None:
-                # 002 §5.1 (tunnel: the same inner address or overlapping networks) and §5.2
-                # (transport: overlapping selectors behind one NAT address): the first stays
-                raise ISAKMPError(C.INVALID_ID_INFORMATION, self._conflict_text(peer, other))
-            store.put(peer, owner=owner)
-            old_out = store.lookup(SA_KIND.name, "out_peer", name)
-            if old_out is not None:
-                store.delete(SA_KIND.name, (old_out.direction, old_out.spi, old_out.peer))
-            store.put(sa_in, ttl=ttl_in, owner=owner)
-            store.put(sa_out, ttl=hard + 5.0, owner=owner)
-        except ISAKMPError as err:
-            e.count("quick_refused")
-            log.warn("ike: {name}: child refused: {why}", name=sa.name, why=err.detail)
-            e.send_informational(sa, [Delete(C.PROTO_IPSEC_ESP, 4, (qm.spi_in.to_bytes(4, "big"),))])
-            store.release("spi", qm.spi_in)
+        other = sadb.conflict(store, peer)
+        if other is not None:
+            # 002 §5.1 (tunnel: the same inner address or overlapping networks) and §5.2
+            # (transport: overlapping selectors behind one NAT address): the first stays
+            self._refuse(sa, qm, self._conflict_text(peer, other))
             return
-        # a rekeyed child (same name) from this or an older IKE SA: the old pair stays until
-        # the peer deletes it or it expires; only one outbound SA per peer is current.
         now = e.now()
         child = Child(name, qm.spi_in, qm.spi_out, now + ch.lifetime, ch.describe())
+        refused: list[str] = []
+
+        def failed(f: Failure, what: str) -> None:
+            """A write the store refused (a Conflict, a backend error): the child cannot
+            carry traffic.  Now (the write failed at once): it is refused; later (a durable
+            backend failed): it is removed and the peer told."""
+            e.count("store_failed")
+            log.failure("ike: {name}: the store refused {what} of {child}", f, name=sa.name, what=what, child=name)
+            if child in sa.children:
+                self.remove(sa, child, notify_peer=True)
+            else:
+                refused.append(f"the store refused {what}: {f.getErrorMessage()}")
+
+        store.put(peer, owner=owner).addErrback(failed, "the peer record")
+        if not refused:
+            # a rekeyed child (same name) from this or an older IKE SA: the old pair stays until
+            # the peer deletes it or it expires; only one outbound SA per peer is current.
+            old_out = store.lookup(SA_KIND.name, "out_peer", name)
+            if old_out is not None:
+                e.store_write(store.delete(SA_KIND.name, (old_out.direction, old_out.spi, old_out.peer)), sa,
+                              "removing the superseded outbound SA")
+            store.put(sa_in, ttl=ttl_in, owner=owner).addErrback(failed, "the inbound SA")
+            store.put(sa_out, ttl=hard + 5.0, owner=owner).addErrback(failed, "the outbound SA")
+        if refused:
+            self._delete_records(sa, child)
+            self._refuse(sa, qm, refused[0], release=False)
+            return
         sa.children.append(child)
         child.timer = e.clock.callLater(hard, self._expired, sa, child)
         self.by_out[qm.spi_out] = (sa, child)
@@ -123,6 +138,15 @@ class Children:
                  "{peer})", name=sa.name, desc=ch.describe(), rsel=qm.remote_ts[0], lsel=qm.local_ts[0],
                  spi_in=qm.spi_in, spi_out=qm.spi_out, encap=encap, peer=f"{sa.remote[0]}:{sa.remote[1]}")
         e.publish(sa)
+
+    def _refuse(self, sa: IkeSA, qm: QuickMode, why: str, release: bool = True) -> None:
+        """The Quick Mode completed but its child may not exist: Delete its SA for the peer."""
+        e = self.engine
+        e.count("quick_refused")
+        log.warn("ike: {name}: child refused: {why}", name=sa.name, why=why)
+        e.send_informational(sa, [Delete(C.PROTO_IPSEC_ESP, 4, (qm.spi_in.to_bytes(4, "big"),))])
+        if release:
+            e.store_write(e.store.release("spi", qm.spi_in), sa, f"releasing SPI {qm.spi_in:#x}")
 
     @staticmethod
     def _conflict_text(peer: Peer, other: Peer) -> str:
@@ -140,32 +164,37 @@ class Children:
 
     def remove(self, sa: IkeSA, child: Child, notify_peer: bool) -> None:
         e = self.engine
-        store = e.store
         if child in sa.children:
             sa.children.remove(child)
         if child.timer is not None and child.timer.active():
             child.timer.cancel()
         self.by_out.pop(child.spi_out, None)
-        store.delete(SA_KIND.name, ("in", child.spi_in, child.peer))
-        out = store.get(SA_KIND.name, ("out", child.spi_out, child.peer))
-        if out is not None:
-            store.delete(SA_KIND.name, ("out", child.spi_out, child.peer))
-        store.release("spi", child.spi_in)
-        if not store.lookup_all(SA_KIND.name, "peer", child.peer):
-            store.delete(PEER.name, child.peer)
+        self._delete_records(sa, child)
         e.count("child_deleted")
         if notify_peer and sa.state == "established":
             e.send_informational(sa, [Delete(C.PROTO_IPSEC_ESP, 4, (child.spi_in.to_bytes(4, "big"),))])
         e.publish(sa)
 
+    def _delete_records(self, sa: IkeSA, child: Child) -> None:
+        """A child's SAs, SPI lease and (with its last SA) peer record leave the store."""
+        e = self.engine
+        store = e.store
+        e.store_write(store.delete(SA_KIND.name, ("in", child.spi_in, child.peer)), sa, "removing an inbound SA")
+        if store.get(SA_KIND.name, ("out", child.spi_out, child.peer)) is not None:
+            e.store_write(store.delete(SA_KIND.name, ("out", child.spi_out, child.peer)), sa,
+                          "removing an outbound SA")
+        e.store_write(store.release("spi", child.spi_in), sa, f"releasing SPI {child.spi_in:#x}")
+        if not store.lookup_all(SA_KIND.name, "peer", child.peer):
+            e.store_write(store.delete(PEER.name, child.peer), sa, f"removing peer {child.peer}")
+
     def release(self, sa: IkeSA) -> None:
         """Give back what the SA held in the store: SPI leases, its address (unless another
         live SA of the same user holds it)."""
         e = self.engine
-        e.store.drop_owner(e.owner(sa))
+        e.store_write(e.store.drop_owner(e.owner(sa)), sa, "releasing its SPI leases")
         if sa.address and sa.policy is not None and not any(
                 o.address == sa.address for o in e.sas.values() if o.state == "established"):
-            e.store.drop_owner(e.transactions.lease_owner(sa))
+            e.store_write(e.store.drop_owner(e.transactions.lease_owner(sa)), sa, f"releasing address {sa.address}")
 
     # ------------------------------------------------------------------ the peer moved
     def peer_moved(self, sa: IkeSA) -> None:
@@ -174,7 +203,9 @@ class Children:
         for child in sa.children:
             peer = store.get(PEER.name, child.peer)
             if peer is not None and peer.encap == "udp" and sa.natted:
-                store.update(PEER.name, child.peer, remote_ip=sa.remote[0], remote_port=sa.remote[1])
+                self.engine.store_write(
+                    store.update(PEER.name, child.peer, remote_ip=sa.remote[0], remote_port=sa.remote[1]), sa,
+                    f"moving peer {child.peer}")
 
     # ------------------------------------------------------------------ orphans
     def principal(self, sa: IkeSA) -> Principal:
@@ -221,9 +252,10 @@ class Children:
         old.children = []
         if not sa.address:
             sa.address = old.address
-        e.store.drop_owner(e.owner(old))  # SPI leases: re-claimed below for the adopter
+        # SPI leases: re-claimed for the adopter
+        e.store_write(e.store.drop_owner(e.owner(old)), old, "releasing the orphaned SPI leases")
         for child in sa.children:
-            e.store.claim("spi", child.spi_in, e.owner(sa)).addErrback(lambda f: None)
+            e.store_write(e.store.claim("spi", child.spi_in, e.owner(sa)), sa, f"claiming SPI {child.spi_in:#x}")
         e.publish(sa)
 
     def close(self) -> None:

@@ -70,6 +70,8 @@ COUNTERS = (
     # anti-clogging (narsuite.ike.cookies) and the unprotected-notification limit
     "cookie_sent", "cookie_verified", "bad_cookie", "first_message_gone", "first_message_evicted",
     "notify_rate_limited",
+    # a store write failed (Conflict, backend error): logged with what it was
+    "store_failed",
 )
 
 #: kept for callers of the pre-split module
