@@ -33,7 +33,7 @@ import hmac
 import ipaddress
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -44,6 +44,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from OpenSSL import crypto as ossl
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 
@@ -241,7 +242,7 @@ def match_id(cert: x509.Certificate, id_type: int, id_data: bytes) -> bool:
 # signatures
 
 
-def auth_method(key: PrivateKey | PublicKey) -> int:
+def auth_method(key: PrivateKey | CertificatePublicKeyTypes) -> int:
     """The IKEv1 authentication method a key signs with: AUTH_RSA_SIG, or AUTH_ECDSA_256/384/521
     by curve (RFC 4754).  ``ValueError`` for other keys."""
     if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
@@ -303,7 +304,8 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
-_PREHASHED = {20: hashes.SHA1, 28: hashes.SHA224, 32: hashes.SHA256, 48: hashes.SHA384, 64: hashes.SHA512}
+_PREHASHED: dict[int, Callable[[], hashes.HashAlgorithm]] = {
+    20: hashes.SHA1, 28: hashes.SHA224, 32: hashes.SHA256, 48: hashes.SHA384, 64: hashes.SHA512}
 
 
 def _ec_width(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> int:
@@ -340,13 +342,14 @@ def sign(key: PrivateKey, hash_bytes: bytes) -> bytes:
     raise TypeError(f"cannot sign with {type(key).__name__}")
 
 
-def verify_signature(public_key: PublicKey, hash_bytes: bytes, signature: bytes) -> bool:
+def verify_signature(public_key: CertificatePublicKeyTypes, hash_bytes: bytes, signature: bytes) -> bool:
     """Is ``signature`` (SIG payload data) the peer's signature over ``hash_bytes``?
 
     RSA: the signature must be exactly as long as the modulus and decode to the whole
     expected block ``00 01 FF..FF 00 || hash`` (no DigestInfo accepted, no shorter padding,
     no trailing bytes): anything looser invites Bleichenbacher-style forgeries with e = 3.
-    ECDSA: r || s of twice the curve size.  Never raises for peer-controlled bytes.
+    ECDSA: r || s of twice the curve size.  Any other key: False.  Never raises for
+    peer-controlled bytes.
     """
     hash_bytes, signature = bytes(hash_bytes), bytes(signature)
     if isinstance(public_key, rsa.RSAPublicKey):
@@ -365,7 +368,9 @@ def verify_signature(public_key: PublicKey, hash_bytes: bytes, signature: bytes)
         ok = hmac.compare_digest(block, expected)
         if ok and HAVE_NO_DIGEST_INFO:  # a second opinion from OpenSSL, for the same answer
             try:
-                public_key.verify(signature, hash_bytes, padding.PKCS1v15(), asym_utils.NoDigestInfo())
+                # cryptography's stub for verify() lacks NoDigestInfo (sign()'s has it); both take it.
+                public_key.verify(signature, hash_bytes, padding.PKCS1v15(),
+                                  asym_utils.NoDigestInfo())  # type: ignore[arg-type]
             except InvalidSignature:  # pragma: no cover - would mean our block is wrong
                 return False
         return ok
@@ -404,8 +409,8 @@ def _load_certs(data: bytes, path: os.PathLike | str) -> list[x509.Certificate]:
         raise CredentialsError(f"{path}: not a PEM or DER X.509 certificate ({e})") from e
 
 
-def _public_der(key: PrivateKey | PublicKey) -> bytes:
-    pub = key.public_key() if hasattr(key, "public_key") else key
+def _public_der(key: PrivateKey | CertificatePublicKeyTypes) -> bytes:
+    pub = key.public_key() if isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)) else key
     return pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -492,7 +497,8 @@ class Credentials:
             id_type, gn, encode = sans_of[kind]
             if value is None:
                 candidates = []
-                for v in (sans.get_values_for_type(gn) if sans is not None else []):
+                # get_values_for_type(gn), which mypy cannot pick an overload for with gn a variable
+                for v in ([n.value for n in sans if isinstance(n, gn)] if sans is not None else []):
                     try:
                         candidates.append(encode(v))
                     except ValueError:  # an IPv6 SAN when asked for ipv4 and vice versa
@@ -671,16 +677,18 @@ class Trust:
         elements (so a config's ``cacerts`` tuple can be passed as is).  Errors name the file."""
         flat: list[os.PathLike | str] = []
         for p in paths:
-            flat.extend(p if isinstance(p, (list, tuple)) else [p])
-        paths = tuple(flat)
+            if isinstance(p, (str, os.PathLike)):
+                flat.append(p)
+            else:
+                flat.extend(p)
         cas: list[x509.Certificate] = []
-        for p in paths:
-            p = Path(p)
+        for entry in flat:
+            p = Path(entry)
             files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
             for f in files:
                 cas.extend(_load_certs(_read(f, "CA certificate"), f))
         if not cas:
-            raise CredentialsError(f"no CA certificates found in {', '.join(map(str, paths)) or '(nothing)'}")
+            raise CredentialsError(f"no CA certificates found in {', '.join(map(str, flat)) or '(nothing)'}")
         return cls(tuple(cas))
 
     def authorities(self) -> list[bytes]:
