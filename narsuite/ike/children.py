@@ -71,6 +71,7 @@ class Children:
         else:
             encap = sa.variant.encap if sa.variant is not None else "udp"
         remote_net = ipaddress.IPv4Network(qm.remote_ts[0])
+        allowed: tuple[str, ...]
         if ch.tunnel:
             if sa.policy.napt:
                 policy, inner, allowed = "napt", "", ()

@@ -46,7 +46,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 try:  # cryptography >= 43 keeps 3DES in "decrepit"; it leaves the primitives module in 48.
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _TripleDES
 except ImportError:  # pragma: no cover - older cryptography
-    _TripleDES = algorithms.TripleDES  # type: ignore[attr-defined]
+    # The installed cryptography's stubs no longer have it there (this branch is for < 43).
+    _TripleDES = algorithms.TripleDES  # type: ignore[attr-defined,misc]
 
 # cryptography marks finite-field DH deprecated (its module warns when the names are looked
 # up).  MODP groups are still what IKEv1 peers commonly propose, so the names are looked up

@@ -83,7 +83,7 @@ _SHORT = {"2.5.4.6": "C", "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.3": "CN", "2
 def dn_text(der: bytes) -> str:
     """``C=CH, O=org, CN=host`` in encoding order, as strongSwan prints DNs."""
     name = name_from_der(der)
-    return ", ".join(f"{_SHORT.get(a.oid.dotted_string, a.oid.dotted_string)}={a.value}" for a in name)
+    return ", ".join(f"{_SHORT.get(a.oid.dotted_string, a.oid.dotted_string)}={a.value!s}" for a in name)
 
 
 def id_text(ident: Identification) -> str:

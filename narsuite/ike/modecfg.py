@@ -497,7 +497,7 @@ class TransactionServer:
         wanted = {a.type for a in request.attributes}
         prefer = None
         asked = request.get(C.INTERNAL_IP4_ADDRESS)
-        if asked is not None and not asked.is_tv and len(asked.value) == 4:
+        if asked is not None and isinstance(asked.value, bytes) and len(asked.value) == 4:  # TLV form
             candidate = IPv4Address(bytes(asked.value))
             if not candidate.is_unspecified:
                 prefer = candidate

@@ -88,7 +88,7 @@ def phase1_transform_ok(t: Transform, policy: PeerPolicy) -> Phase1Choice | None
     """The choice if ``t`` is acceptable to ``policy``, else None."""
     if t.transform_id != C.KEY_IKE:
         return None
-    attrs_by_type = {}
+    attrs_by_type: dict[int, int] = {}
     for a in t.attributes:
         attrs_by_type.setdefault(a.type, a.int_value)
     enc = attrs_by_type.get(C.P1_ENCRYPTION)
