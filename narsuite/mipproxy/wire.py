@@ -38,7 +38,7 @@ import hmac
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Union
 
 import attrs
@@ -388,6 +388,12 @@ Extension = Union[
 ]
 
 
+def _extensions(items: Iterable[Extension]) -> tuple[Extension, ...]:
+    """The messages' ``extensions`` converter (a bare ``tuple`` leaves mypy's attrs plugin
+    without the element type: every caller would fail with ``Iterable[_T_co]``)."""
+    return tuple(items)
+
+
 def encode_extension(ext: Extension, numbers: DraftNumbers = DEFAULT_NUMBERS) -> bytes:
     """One extension as Type, Length, data."""
     if isinstance(ext, AuthExtension):
@@ -497,7 +503,7 @@ class RegistrationRequest:
     home_agent: str = attrs.field(validator=_addr)
     care_of_address: str = attrs.field(validator=_addr)
     identification: int = attrs.field(validator=_uint(64))
-    extensions: tuple[Extension, ...] = attrs.field(default=(), converter=tuple)
+    extensions: tuple[Extension, ...] = attrs.field(default=(), converter=_extensions)
 
     s = property(lambda self: bool(self.flags & FLAG_S), doc="simultaneous bindings")
     b = property(lambda self: bool(self.flags & FLAG_B), doc="broadcast datagrams")
@@ -516,7 +522,7 @@ class RegistrationReply:
     home_address: str = attrs.field(validator=_addr)
     home_agent: str = attrs.field(validator=_addr)
     identification: int = attrs.field(validator=_uint(64))
-    extensions: tuple[Extension, ...] = attrs.field(default=(), converter=tuple)
+    extensions: tuple[Extension, ...] = attrs.field(default=(), converter=_extensions)
 
     @property
     def accepted(self) -> bool:
