@@ -41,7 +41,7 @@ LEVELS = {
 }
 
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-_observer = FilteringLogObserver(lambda event: globalLogPublisher(event), [_predicate])
+_observer = FilteringLogObserver(globalLogPublisher, [_predicate])
 
 
 def logger(namespace: str | None = None) -> Logger:
