@@ -57,6 +57,7 @@ __all__ = [
     "available_plugins",
     "ikev1_client_conf",
     "ikev1_gateway_conf",
+    "ikev2_client_conf",
     "parse_list_sas",
     "strongswan_unavailable_reason",
 ]
@@ -699,5 +700,57 @@ def ikev1_gateway_conf(
         "secrets {\n"
         f"  ike-1 {{\n    secret = {_quote(psk)}\n  }}\n"
         f"{secrets}"
+        "}\n"
+    )
+
+
+def ikev2_client_conf(
+    gateway: str,
+    psk: str | None,
+    *,
+    name: str = "home",
+    child: str = "net",
+    local_id: str = "client.example",
+    remote_id: str = "gw.example",
+    remote_ts: str = "10.1.0.0/24",
+    vips: bool = True,
+    proposals: str = "aes128-sha256-ecp256,aes256-sha256-modp2048",
+    esp_proposals: str = "aes128gcm16,aes128-sha256",
+    local_auth: str = "psk",
+    remote_auth: str = "psk",
+    local_extra: str = "",
+    remote_extra: str = "",
+    connection_extra: str = "",
+    child_extra: str = "",
+    secrets_extra: str = "",
+) -> str:
+    """swanctl.conf of an IKEv2 road warrior (``version = 2``): PSK by default, a virtual IP
+    from the gateway's pool (``vips = 0.0.0.0``), a tunnel to ``remote_ts``.  ``local_auth``
+    and ``*_extra`` texts select certificates or EAP (e.g. ``local_auth="eap-mschapv2"``,
+    ``local_extra="eap_id = alice\n"``)."""
+    secret = f"  ike-1 {{\n    secret = {_quote(psk)}\n  }}\n" if psk is not None else ""
+    return (
+        "connections {\n"
+        f"  {name} {{\n"
+        "    version = 2\n"
+        f"    proposals = {proposals}\n"
+        f"    remote_addrs = {gateway}\n"
+        + ("    vips = 0.0.0.0\n" if vips else "")
+        + connection_extra
+        + f"    local {{\n      auth = {local_auth}\n"
+        f"      id = {_quote(local_id)}\n{local_extra}    }}\n"
+        f"    remote {{\n      auth = {remote_auth}\n"
+        f"      id = {_quote(remote_id)}\n{remote_extra}    }}\n"
+        "    children {\n"
+        f"      {child} {{\n"
+        f"        remote_ts = {remote_ts}\n"
+        f"        esp_proposals = {esp_proposals}\n"
+        f"{child_extra}"
+        "      }\n"
+        "    }\n"
+        "  }\n"
+        "}\n"
+        "secrets {\n"
+        f"{secret}{secrets_extra}"
         "}\n"
     )

@@ -1,0 +1,202 @@
+"""IKE_AUTH (RFC 7296 §1.2, §2.15-2.16): identities, AUTH, the configuration payload and
+the first CHILD SA.
+
+The policy is chosen in two steps: IKE_SA_INIT left the candidates the peer's address may
+use; here the peer's identity narrows them (``id``, matched as for IKEv1 by
+:func:`narsuite.ike.ids.id_matches`) and the AUTH payload picks the one whose secret (or
+certificate) it proves.  A failed AUTH is answered AUTHENTICATION_FAILED and the SA is
+gone (§2.21.2).  The CHILD SA's failure does not fail the IKE SA (§1.2): its error
+notify goes in the response and the IKE SA stands.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+
+from narsuite.ike import ids, isakmp
+from narsuite.ike.config import PeerPolicy
+from narsuite.ike.v2 import constants as C
+from narsuite.ike.v2 import keys, wire
+from narsuite.ike.v2.proposals import choose_esp
+from narsuite.ike.v2.sa import IkeSAv2
+from narsuite.ike.v2.wire import IKEv2Error
+from narsuite.logs import logger
+
+if TYPE_CHECKING:
+    from narsuite.ike.v2.engine import IkeV2Engine
+
+__all__ = ["Auth", "id_body"]
+
+log = logger()
+
+
+def id_body(p: wire.IDi | wire.IDr) -> bytes:
+    """RestOfInitIDPayload / RestOfRespIDPayload (§2.15): the ID payload after its generic header."""
+    return bytes([p.id_type, 0, 0, 0]) + p.data
+
+
+def _v1_id(p: wire.IDi | wire.IDr) -> isakmp.Identification:
+    """The identity in IKEv1's record, to share rendering and matching (the ID type numbers
+    of RFC 2407 and RFC 7296 agree for addresses, FQDN, user@FQDN, DN and key IDs)."""
+    return isakmp.Identification(p.id_type, p.data)
+
+
+class Auth:
+    def __init__(self, engine: IkeV2Engine) -> None:
+        self.engine = engine
+
+    def init_extras(self, sa: IkeSAv2, ns: dict[int, wire.Notify]) -> list[Any]:
+        """What IKE_SA_INIT's response adds for authentication (CERTREQ with our CAs)."""
+        return []
+
+    # ------------------------------------------------------------------ IKE_AUTH
+    def received(self, sa: IkeSAv2, header: wire.Header, payloads: tuple[Any, ...], addr: tuple[str, int],
+                 local_port: int) -> list[Any] | defer.Deferred:
+        e = self.engine
+        assert sa.keys is not None and sa.choice is not None
+        idi = wire.find(payloads, wire.IDi)
+        if idi is None:
+            raise IKEv2Error(C.INVALID_SYNTAX, "IKE_AUTH without IDi")
+        # the request arrived protected: the peer (and its NAT mapping, after the float to
+        # 4500) is where this message came from
+        sa.remote, sa.local_port = addr, local_port
+        ident = _v1_id(idi)
+        sa.peer_id_text = ids.id_text(ident)
+        sa.peer_id_body = id_body(idi)
+        ns = wire.notifies(payloads)
+        sa.mobike = False  # MOBIKE is not offered (yet): the peer's address is followed as for NAT
+        candidates = [p for p in sa.candidates if ids.id_matches(p.id, ident)]
+        auth = wire.find(payloads, wire.Auth)
+        if auth is None:
+            e.count("auth_failed")
+            raise IKEv2Error(C.AUTHENTICATION_FAILED, f"{sa.peer_id_text}: no AUTH payload (EAP is not configured)")
+        prf = sa.choice.prf_name
+        octets = keys.signed_octets(sa.init_request, sa.nr, prf, sa.keys.sk_pi, sa.peer_id_body)
+        policy: PeerPolicy | None = None
+        if auth.method == C.AUTH_SHARED_KEY:
+            for p in candidates:
+                if p.auth == "psk" and hmac.compare_digest(keys.psk_auth(prf, p.secret, octets), auth.data):
+                    policy = p
+                    break
+        if policy is None:
+            e.count("auth_failed")
+            log.warn("ikev2: {name}: {who} at {addr}: authentication failed (method {m}, {n} candidate policies)",
+                     name=sa.name, who=sa.peer_id_text, addr=f"{addr[0]}:{addr[1]}", m=auth.method,
+                     n=len(candidates))
+            raise IKEv2Error(C.AUTHENTICATION_FAILED, f"{sa.peer_id_text}: AUTH did not verify")
+        sa.policy = policy
+        idr = self.our_id(sa, policy)
+        octets_r = keys.signed_octets(sa.init_response, sa.ni, prf, sa.keys.sk_pr, id_body(idr))
+        out: list[Any] = [idr, wire.Auth(C.AUTH_SHARED_KEY, keys.psk_auth(prf, policy.secret, octets_r))]
+        return self.finish(sa, payloads, out, ns)
+
+    def our_id(self, sa: IkeSAv2, policy: PeerPolicy) -> wire.IDr:
+        v1 = ids.identification_for(policy.local_id, sa.local_ip)
+        return wire.IDr(v1.id_type, v1.data)
+
+    def eap_received(self, sa: IkeSAv2, header: wire.Header, payloads: tuple[Any, ...], addr: tuple[str, int],
+                     local_port: int) -> list[Any]:
+        raise IKEv2Error(C.AUTHENTICATION_FAILED, "EAP is not configured")
+
+    # ------------------------------------------------------------------ CP + first CHILD SA
+    def finish(self, sa: IkeSAv2, payloads: tuple[Any, ...], out: list[Any],
+               ns: dict[int, wire.Notify]) -> defer.Deferred:
+        """The peer is authenticated: its address from the pool (if it asks), the first
+        CHILD SA, and the IKE SA is established."""
+        e = self.engine
+        assert sa.policy is not None
+        p = sa.policy
+        cp = wire.find(payloads, wire.CP)
+        wants_cp = cp is not None and cp.cfg_type == C.CFG_REQUEST
+        d: defer.Deferred = defer.succeed(None)
+        if wants_cp and p.pool:
+            prefer = None
+            for a in cp.attributes:  # type: ignore[union-attr]
+                if a.type == C.INTERNAL_IP4_ADDRESS and len(a.value) == 4 and any(a.value):
+                    prefer = ipaddress.IPv4Address(a.value)
+            d = e.store.lease_address(p.pool, e.lease_owner(sa), prefer=prefer)
+
+            def no_address(f: Any) -> None:
+                e.count("address_failed")
+                log.warn("ikev2: {name}: no address from pool {pool}: {why}", name=sa.name, pool=p.pool,
+                         why=f.getErrorMessage())
+                return None
+            d.addErrback(no_address)
+
+        def leased(address: Any) -> list[Any]:
+            if sa.state == "deleted":
+                return out
+            failed = wants_cp and bool(p.pool) and address is None
+            if wants_cp and not failed:
+                out.append(self.cp_reply(sa, address))  # sets sa.address before older SAs go
+            e.established(sa)
+            if ns.get(C.INITIAL_CONTACT) is not None:
+                self.initial_contact(sa)
+            if failed:
+                out.append(wire.Notify(C.INTERNAL_ADDRESS_FAILURE))
+                log.info("ikev2: {name}: {who} established without a CHILD SA (no address)", name=sa.name,
+                         who=sa.peer_id_text)
+                return out
+            out.extend(self.first_child(sa, payloads, ns))
+            log.info("ikev2: {name}: {who} at {addr} established ({alg}){vip}", name=sa.name, who=sa.peer_id_text,
+                     addr=f"{sa.remote[0]}:{sa.remote[1]}", alg=sa.choice.describe() if sa.choice else "",
+                     vip=f", virtual IP {sa.address}" if sa.address else "")
+            e.publish(sa)
+            return out
+        return d.addCallback(leased)
+
+    def cp_reply(self, sa: IkeSAv2, address: Any) -> wire.CP:
+        """CFG_REPLY (§3.15): INTERNAL_IP4_ADDRESS/NETMASK from the pool, DNS and SUBNET from
+        the policy."""
+        e = self.engine
+        assert sa.policy is not None
+        p = sa.policy
+        attrs_out = []
+        if address is not None:
+            sa.address = str(address)
+            attrs_out.append(wire.CfgAttribute(C.INTERNAL_IP4_ADDRESS, ipaddress.IPv4Address(address).packed))
+            pool = e.store.pools().get(p.pool)
+            if pool is not None:
+                attrs_out.append(wire.CfgAttribute(C.INTERNAL_IP4_NETMASK, pool.network.netmask.packed))
+        for dns in p.dns:
+            attrs_out.append(wire.CfgAttribute(C.INTERNAL_IP4_DNS, ipaddress.IPv4Address(dns).packed))
+        for net in p.split_include:
+            n = ipaddress.IPv4Network(net, strict=False)
+            attrs_out.append(wire.CfgAttribute(C.INTERNAL_IP4_SUBNET, n.network_address.packed + n.netmask.packed))
+        return wire.CP(C.CFG_REPLY, tuple(attrs_out))
+
+    def first_child(self, sa: IkeSAv2, payloads: tuple[Any, ...], ns: dict[int, wire.Notify]) -> list[Any]:
+        """The CHILD SA of IKE_AUTH (keyed from the IKE_SA_INIT nonces, no PFS, §2.17);
+        its failure is a notify in the response, the IKE SA stays."""
+        e = self.engine
+        assert sa.policy is not None
+        sa_p = wire.find(payloads, wire.SA)
+        if sa_p is None:
+            return []  # childless (RFC 6023)
+        from narsuite.ike.config import parse_esp
+        choice = choose_esp(sa_p, tuple(parse_esp(x) for x in sa.policy.esp), pfs_groups=None)
+        if choice is None:
+            e.count("no_proposal")
+            return [wire.Notify(C.NO_PROPOSAL_CHOSEN)]
+        try:
+            return e.children.install(sa, choice, sa.ni, sa.nr, None, payloads)
+        except IKEv2Error as err:
+            e.count("child_refused")
+            log.warn("ikev2: {name}: CHILD SA refused: {why}", name=sa.name, why=err.detail)
+            return [wire.Notify(err.notify, err.data)]
+
+    def initial_contact(self, sa: IkeSAv2) -> None:
+        """INITIAL_CONTACT (§2.4): older IKE SAs of this identity and policy from the same
+        address and port are stale (another client behind the same NAT, even with the same
+        identity, is not touched)."""
+        e = self.engine
+        for other in list(e.sas.values()):
+            if (other is not sa and other.state == "established" and other.policy is sa.policy
+                    and other.peer_id_text == sa.peer_id_text and other.remote == sa.remote
+                    and other.eap_user == sa.eap_user):
+                log.info("ikev2: {name}: INITIAL_CONTACT: deleting the older {old}", name=sa.name, old=other.name)
+                e.delete_ike(other, notify_peer=False, reason="INITIAL_CONTACT")

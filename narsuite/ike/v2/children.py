@@ -1,0 +1,230 @@
+"""CHILD SAs of IKEv2 SAs as the esp role sees them: ``esp.peer`` and ``esp.sa`` records
+(:mod:`narsuite.sadb`), written exactly as the IKEv1 side and the static config write them.
+
+Also here: traffic-selector narrowing (§2.9) -- the peer's side becomes its virtual IP
+when it has one, our side the intersection of what it asked with the policy's
+``local_ts`` -- and the CHILD SA's keys (§2.17).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import TYPE_CHECKING, Any
+
+from narsuite.ike.common import grace
+from narsuite.ike.v2 import constants as C
+from narsuite.ike.v2 import keys, wire
+from narsuite.ike.v2.proposals import EspChoice
+from narsuite.ike.v2.sa import ChildV2, IkeSAv2
+from narsuite.ike.v2.wire import IKEv2Error, TrafficSelector
+from narsuite.logs import logger
+from narsuite.sadb import PEER, SA, SA_KIND, Peer
+
+if TYPE_CHECKING:
+    from narsuite.ike.v2.engine import IkeV2Engine
+
+__all__ = ["Children", "narrow"]
+
+log = logger()
+
+Range = tuple[int, int]
+
+
+def _ranges(selectors: tuple[TrafficSelector, ...]) -> list[Range]:
+    return [(int.from_bytes(s.start, "big"), int.from_bytes(s.end, "big")) for s in selectors
+            if s.ts_type == C.TS_IPV4_ADDR_RANGE and s.start <= s.end]
+
+
+def _net_range(text: str) -> Range:
+    n = ipaddress.IPv4Network(text, strict=False)
+    return int(n.network_address), int(n.broadcast_address)
+
+
+def narrow(proposed: tuple[TrafficSelector, ...], allowed: list[str]) -> list[Range]:
+    """The parts of the proposed IPv4 ranges inside the allowed networks (§2.9)."""
+    out = []
+    for lo, hi in _ranges(proposed):
+        for a_lo, a_hi in map(_net_range, allowed):
+            s, e = max(lo, a_lo), min(hi, a_hi)
+            if s <= e and (s, e) not in out:
+                out.append((s, e))
+    return out
+
+
+def _ts(r: Range) -> TrafficSelector:
+    return TrafficSelector(C.TS_IPV4_ADDR_RANGE, 0, 0, 0xFFFF, r[0].to_bytes(4, "big"), r[1].to_bytes(4, "big"))
+
+
+def _networks(r: Range) -> list[str]:
+    return [str(n) for n in ipaddress.summarize_address_range(ipaddress.IPv4Address(r[0]),
+                                                              ipaddress.IPv4Address(r[1]))]
+
+
+class Children:
+    def __init__(self, engine: IkeV2Engine) -> None:
+        self.engine = engine
+
+    # ------------------------------------------------------------------ negotiate + install
+    def selectors(self, sa: IkeSAv2, payloads: tuple[Any, ...]) -> tuple[list[Range], list[Range]]:
+        """(TSi, TSr) narrowed, or TS_UNACCEPTABLE."""
+        assert sa.policy is not None
+        tsi, tsr = wire.find(payloads, wire.TSi), wire.find(payloads, wire.TSr)
+        if tsi is None or tsr is None:
+            raise IKEv2Error(C.INVALID_SYNTAX, "CHILD SA request without TSi and TSr")
+        p = sa.policy
+        if sa.address:
+            vip = int(ipaddress.IPv4Address(sa.address))
+            if not any(lo <= vip <= hi for lo, hi in _ranges(tsi.selectors)):
+                raise IKEv2Error(C.TS_UNACCEPTABLE, f"TSi does not contain the virtual IP {sa.address}")
+            remote = [(vip, vip)]
+        elif p.remote_ts:
+            remote = narrow(tsi.selectors, list(p.remote_ts))
+        else:
+            # no pool, no remote_ts: only the peer's own (inner) address, as for IKEv1
+            singles = [(lo, hi) for lo, hi in _ranges(tsi.selectors) if lo == hi]
+            peer = int(ipaddress.IPv4Address(sa.remote[0]))
+            if singles:
+                remote = singles[:1]
+            elif not sa.natted and any(lo <= peer <= hi for lo, hi in _ranges(tsi.selectors)):
+                remote = [(peer, peer)]
+            else:
+                remote = []
+        local = narrow(tsr.selectors, list(p.local_ts))
+        if not remote or not local:
+            self.engine.count("ts_refused")
+            raise IKEv2Error(C.TS_UNACCEPTABLE, "no acceptable traffic selectors")
+        return remote, local
+
+    def name(self, sa: IkeSAv2, remote: list[Range]) -> str:
+        assert sa.policy is not None
+        who = sa.eap_user or f"{sa.peer_id_text}@{sa.remote[0]}:{sa.remote[1]}"
+        return f"ike:{sa.policy.name}:{who}:{_networks(remote[0])[0]}"
+
+    def install(self, sa: IkeSAv2, choice: EspChoice, ni: bytes, nr: bytes, gir: bytes | None,
+                payloads: tuple[Any, ...], replaces: ChildV2 | None = None) -> list[Any]:
+        """Narrow, key and write one CHILD SA; the response's SA, TSi and TSr payloads."""
+        e = self.engine
+        store = e.store
+        assert sa.policy is not None and sa.keys is not None and sa.choice is not None
+        remote, local = self.selectors(sa, payloads)
+        name = replaces.peer if replaces is not None else self.name(sa, remote)
+        owner = f"ike:child:{name}"
+        try:
+            spi_in = store.reserve_spi(owner)
+        except Exception as err:
+            raise IKEv2Error(C.NO_PROPOSAL_CHOSEN, f"no SPI: {err}") from None
+        spi_out = int.from_bytes(choice.peer_spi, "big")
+        ei, ai, er, ar = keys.child_keymat(sa.choice.prf_name, sa.keys.sk_d, ni, nr, choice.enc_len,
+                                           choice.integ_len, gir)
+        encap = "udp" if sa.natted else "esp"
+        allowed: tuple[str, ...] = ()
+        if sa.address:
+            policy, inner = "address", sa.address
+        elif remote == [(remote[0][0], remote[0][0])] and not sa.policy.remote_ts:
+            policy, inner = "address", str(ipaddress.IPv4Address(remote[0][0]))
+        else:
+            policy, inner, allowed = "space", "", tuple(n for r in remote for n in _networks(r))
+        peer = Peer(name=name, mode="tunnel", encap=encap, remote_ip=sa.remote[0],
+                    remote_port=sa.remote[1] if encap == "udp" else 0, policy=policy, inner=inner,
+                    pool=sa.policy.pool if sa.address else "", allowed=allowed,
+                    keepalive=sa.nat_local and encap == "udp", local_ip=sa.local_ip)
+        life = sa.policy.esp_lifetime
+        hard = life + grace(life)
+        sa_in = SA(spi=spi_in, direction="in", peer=name, enc=choice.enc, integ=choice.integ, enc_key=ei,
+                   integ_key=ai, esn=choice.esn)
+        sa_out = SA(spi=spi_out, direction="out", peer=name, enc=choice.enc, integ=choice.integ, enc_key=er,
+                    integ_key=ar, esn=choice.esn)
+        existing = store.get(PEER.name, name)
+        if existing is None and inner:
+            conflict = store.lookup(PEER.name, "inner", socket.inet_aton(inner))
+            if conflict:
+                store.release("spi", spi_in)
+                e.count("child_refused")
+                raise IKEv2Error(C.TS_UNACCEPTABLE, f"inner address {inner} is already used by {conflict.name}")
+        e.store_write(store.put(peer, owner=owner), sa, "the ESP peer record")
+        old_out = store.lookup(SA_KIND.name, "out_peer", name)
+        if old_out is not None:
+            e.store_write(store.delete(SA_KIND.name, (old_out.direction, old_out.spi, old_out.peer)), sa,
+                          "replacing the outbound SA")
+        e.store_write(store.put(sa_in, ttl=hard + 5.0, owner=owner), sa, "the inbound ESP SA")
+        e.store_write(store.put(sa_out, ttl=hard + 5.0, owner=owner), sa, "the outbound ESP SA")
+        child = ChildV2(name, spi_in, spi_out, e.now() + life, choice, ", ".join(_networks(remote[0])),
+                        ", ".join(n for r in local for n in _networks(r)))
+        child.timer = e.clock.callLater(hard, self._expired, sa, child)
+        sa.children.append(child)
+        if replaces is not None:
+            replaces.rekeyed = True
+            e.count("child_rekeyed")
+        e.count("child_installed")
+        log.info("ikev2: {name}: ESP {desc} {tsi} <-> {tsr} in {spi_in:#010x} out {spi_out:#010x} ({encap} to "
+                 "{peer}){rekey}", name=sa.name, desc=choice.describe(), tsi=child.tsi, tsr=child.tsr,
+                 spi_in=spi_in, spi_out=spi_out, encap=encap, peer=f"{sa.remote[0]}:{sa.remote[1]}",
+                 rekey=f", rekeying {replaces.spi_in:#010x}" if replaces is not None else "")
+        e.publish(sa)
+        return [wire.SA((choice.proposal(spi_in.to_bytes(4, "big")),)), wire.TSi(tuple(map(_ts, remote))),
+                wire.TSr(tuple(map(_ts, local)))]
+
+    # ------------------------------------------------------------------ remove
+    def _expired(self, sa: IkeSAv2, child: ChildV2) -> None:
+        if child in sa.children:
+            if sa.state == "established":
+                self.engine.send_request(sa, C.INFORMATIONAL,
+                                         [wire.Delete(C.PROTO_ESP, (child.spi_in.to_bytes(4, "big"),))],
+                                         "child delete")
+            self.remove(sa, child)
+
+    def by_out(self, sa: IkeSAv2, spi_out: int) -> ChildV2 | None:
+        return next((c for c in sa.children if c.spi_out == spi_out), None)
+
+    def remove(self, sa: IkeSAv2, child: ChildV2) -> None:
+        e = self.engine
+        store = e.store
+        if child in sa.children:
+            sa.children.remove(child)
+        if child.timer is not None and child.timer.active():
+            child.timer.cancel()
+        e.store_write(store.delete(SA_KIND.name, ("in", child.spi_in, child.peer)), sa, "removing an ESP SA")
+        if store.get(SA_KIND.name, ("out", child.spi_out, child.peer)) is not None:
+            e.store_write(store.delete(SA_KIND.name, ("out", child.spi_out, child.peer)), sa, "removing an ESP SA")
+        e.store_write(store.release("spi", child.spi_in), sa, "releasing an SPI")
+        if not store.lookup_all(SA_KIND.name, "peer", child.peer):
+            e.store_write(store.delete(PEER.name, child.peer), sa, "removing the ESP peer")
+        e.count("child_deleted")
+        e.publish(sa)
+
+    def release(self, sa: IkeSAv2) -> None:
+        """What the SA held: its record; its pool address unless another live SA of the same
+        holder has it (a rekeyed or re-authenticated SA)."""
+        e = self.engine
+        e.store_write(e.store.drop_owner(e.owner(sa)), sa, "dropping the IKE SA's records")
+        if sa.address and sa.policy is not None and not any(
+                o.address == sa.address for o in e.sas.values() if o is not sa and o.state != "deleted"):
+            e.store_write(e.store.drop_owner(e.lease_owner(sa)), sa, "returning the pool address")
+
+    def transfer(self, old: IkeSAv2, new: IkeSAv2) -> None:
+        """An IKE SA rekey: the children belong to the new SA now (§2.18)."""
+        for child in old.children:
+            if child.timer is not None and child.timer.active():
+                child.timer.cancel()
+            child.timer = self.engine.clock.callLater(max(0.0, child.expires - self.engine.now())
+                                                      + grace(new.policy.esp_lifetime if new.policy else 3600),
+                                                      self._expired, new, child)
+            new.children.append(child)
+        old.children = []
+        e = self.engine
+        e.store_write(e.store.drop_owner(e.owner(old)), old, "dropping the rekeyed IKE SA's record")
+        e.publish(new)
+
+    # ------------------------------------------------------------------ the peer moved
+    def peer_moved(self, sa: IkeSAv2) -> None:
+        store = self.engine.store
+        for child in sa.children:
+            peer = store.get(PEER.name, child.peer)
+            if peer is not None and peer.remote_ip != "":
+                encap = "udp" if sa.natted else peer.encap
+                self.engine.store_write(
+                    store.update(PEER.name, child.peer, remote_ip=sa.remote[0],
+                                 remote_port=sa.remote[1] if encap == "udp" else 0, encap=encap,
+                                 keepalive=sa.nat_local and encap == "udp"),
+                    sa, "moving the ESP peer")

@@ -1,0 +1,181 @@
+"""IKEv2 numbers (RFC 7296 §3 and the IANA "IKEv2 Parameters" registry)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+HEADER_LEN: Final = 28
+VERSION: Final = 0x20  # major 2, minor 0
+
+# exchange types (§3.1)
+IKE_SA_INIT: Final = 34
+IKE_AUTH: Final = 35
+CREATE_CHILD_SA: Final = 36
+INFORMATIONAL: Final = 37
+EXCHANGE_NAMES: Final = {IKE_SA_INIT: "IKE_SA_INIT", IKE_AUTH: "IKE_AUTH", CREATE_CHILD_SA: "CREATE_CHILD_SA",
+                         INFORMATIONAL: "INFORMATIONAL"}
+
+# header flags (§3.1)
+FLAG_INITIATOR: Final = 0x08
+FLAG_VERSION: Final = 0x10
+FLAG_RESPONSE: Final = 0x20
+
+# payload types (§3.2)
+PT_NONE: Final = 0
+PT_SA: Final = 33
+PT_KE: Final = 34
+PT_IDI: Final = 35
+PT_IDR: Final = 36
+PT_CERT: Final = 37
+PT_CERTREQ: Final = 38
+PT_AUTH: Final = 39
+PT_NONCE: Final = 40
+PT_NOTIFY: Final = 41
+PT_DELETE: Final = 42
+PT_VENDOR: Final = 43
+PT_TSI: Final = 44
+PT_TSR: Final = 45
+PT_SK: Final = 46
+PT_CP: Final = 47
+PT_EAP: Final = 48
+PT_SKF: Final = 53  # RFC 7383
+PAYLOAD_NAMES: Final = {PT_SA: "SA", PT_KE: "KE", PT_IDI: "IDi", PT_IDR: "IDr", PT_CERT: "CERT",
+                        PT_CERTREQ: "CERTREQ", PT_AUTH: "AUTH", PT_NONCE: "No", PT_NOTIFY: "N", PT_DELETE: "D",
+                        PT_VENDOR: "V", PT_TSI: "TSi", PT_TSR: "TSr", PT_SK: "SK", PT_CP: "CP", PT_EAP: "EAP",
+                        PT_SKF: "SKF"}
+
+# protocol IDs (§3.3.1)
+PROTO_IKE: Final = 1
+PROTO_AH: Final = 2
+PROTO_ESP: Final = 3
+
+# transform types and IDs (§3.3.2)
+TRANS_ENCR: Final = 1
+TRANS_PRF: Final = 2
+TRANS_INTEG: Final = 3
+TRANS_DH: Final = 4
+TRANS_ESN: Final = 5
+ATTR_KEY_LENGTH: Final = 14
+
+ENCR_3DES: Final = 3
+ENCR_NULL: Final = 11
+ENCR_AES_CBC: Final = 12
+ENCR_AES_GCM_8: Final = 18
+ENCR_AES_GCM_12: Final = 19
+ENCR_AES_GCM_16: Final = 20
+ENCR_CHACHA20_POLY1305: Final = 28
+
+PRF_HMAC_SHA1: Final = 2
+PRF_HMAC_SHA2_256: Final = 5
+PRF_HMAC_SHA2_384: Final = 6
+PRF_HMAC_SHA2_512: Final = 7
+
+AUTH_NONE: Final = 0
+AUTH_HMAC_SHA1_96: Final = 2
+AUTH_HMAC_SHA2_256_128: Final = 12
+AUTH_HMAC_SHA2_384_192: Final = 13
+AUTH_HMAC_SHA2_512_256: Final = 14
+
+ESN_NO: Final = 0
+ESN_YES: Final = 1
+
+# identification types (§3.5)
+ID_IPV4_ADDR: Final = 1
+ID_FQDN: Final = 2
+ID_RFC822_ADDR: Final = 3
+ID_IPV6_ADDR: Final = 5
+ID_DER_ASN1_DN: Final = 9
+ID_DER_ASN1_GN: Final = 10
+ID_KEY_ID: Final = 11
+
+# certificate encodings (§3.6)
+CERT_X509_SIGNATURE: Final = 4
+
+# authentication methods (§3.8, RFC 4754, RFC 7427)
+AUTH_RSA_SIG: Final = 1
+AUTH_SHARED_KEY: Final = 2
+AUTH_DSS: Final = 3
+AUTH_ECDSA_256: Final = 9
+AUTH_ECDSA_384: Final = 10
+AUTH_ECDSA_521: Final = 11
+AUTH_DIGITAL_SIGNATURE: Final = 14
+
+# traffic selector types (§3.13.1)
+TS_IPV4_ADDR_RANGE: Final = 7
+TS_IPV6_ADDR_RANGE: Final = 8
+
+# configuration payload (§3.15)
+CFG_REQUEST: Final = 1
+CFG_REPLY: Final = 2
+CFG_SET: Final = 3
+CFG_ACK: Final = 4
+INTERNAL_IP4_ADDRESS: Final = 1
+INTERNAL_IP4_NETMASK: Final = 2
+INTERNAL_IP4_DNS: Final = 3
+INTERNAL_IP4_NBNS: Final = 4
+INTERNAL_IP4_DHCP: Final = 6
+APPLICATION_VERSION: Final = 7
+INTERNAL_IP6_ADDRESS: Final = 8
+INTERNAL_IP6_DNS: Final = 10
+INTERNAL_IP4_SUBNET: Final = 13
+SUPPORTED_ATTRIBUTES: Final = 14
+INTERNAL_IP6_SUBNET: Final = 15
+
+# notify message types: errors (§3.10.1)
+UNSUPPORTED_CRITICAL_PAYLOAD: Final = 1
+INVALID_IKE_SPI: Final = 4
+INVALID_MAJOR_VERSION: Final = 5
+INVALID_SYNTAX: Final = 7
+INVALID_MESSAGE_ID: Final = 9
+INVALID_SPI: Final = 11
+NO_PROPOSAL_CHOSEN: Final = 14
+INVALID_KE_PAYLOAD: Final = 17
+AUTHENTICATION_FAILED: Final = 24
+SINGLE_PAIR_REQUIRED: Final = 34
+NO_ADDITIONAL_SAS: Final = 35
+INTERNAL_ADDRESS_FAILURE: Final = 36
+FAILED_CP_REQUIRED: Final = 37
+TS_UNACCEPTABLE: Final = 38
+INVALID_SELECTORS: Final = 39
+TEMPORARY_FAILURE: Final = 43
+CHILD_SA_NOT_FOUND: Final = 44
+# status types
+INITIAL_CONTACT: Final = 16384
+SET_WINDOW_SIZE: Final = 16385
+ADDITIONAL_TS_POSSIBLE: Final = 16386
+IPCOMP_SUPPORTED: Final = 16387
+NAT_DETECTION_SOURCE_IP: Final = 16388
+NAT_DETECTION_DESTINATION_IP: Final = 16389
+COOKIE: Final = 16390
+USE_TRANSPORT_MODE: Final = 16391
+HTTP_CERT_LOOKUP_SUPPORTED: Final = 16392
+REKEY_SA: Final = 16393
+ESP_TFC_PADDING_NOT_SUPPORTED: Final = 16394
+NON_FIRST_FRAGMENTS_ALSO: Final = 16395
+MOBIKE_SUPPORTED: Final = 16396
+ADDITIONAL_IP4_ADDRESS: Final = 16397
+ADDITIONAL_IP6_ADDRESS: Final = 16398
+NO_ADDITIONAL_ADDRESSES: Final = 16399
+UPDATE_SA_ADDRESSES: Final = 16400
+COOKIE2: Final = 16401
+NO_NATS_ALLOWED: Final = 16402
+MULTIPLE_AUTH_SUPPORTED: Final = 16404
+ANOTHER_AUTH_FOLLOWS: Final = 16405
+REDIRECT_SUPPORTED: Final = 16406
+EAP_ONLY_AUTHENTICATION: Final = 16417
+CHILDLESS_IKEV2_SUPPORTED: Final = 16418
+IKEV2_FRAGMENTATION_SUPPORTED: Final = 16430
+SIGNATURE_HASH_ALGORITHMS: Final = 16431
+
+#: notify types below this are errors (§3.10.1)
+ERROR_TYPES_END: Final = 16384
+
+# EAP (RFC 3748)
+EAP_REQUEST: Final = 1
+EAP_RESPONSE: Final = 2
+EAP_SUCCESS: Final = 3
+EAP_FAILURE: Final = 4
+EAP_IDENTITY: Final = 1
+EAP_NAK: Final = 3
+EAP_TLS: Final = 13
+EAP_MSCHAPV2: Final = 26
