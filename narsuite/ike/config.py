@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 import attrs
 
+from narsuite.ike.v2.proposals import DEFAULT_IKE_PROPOSALS, parse_ike
 from narsuite.schema import ConfigError, in_range, ip_address, one_of, setting
 
 __all__ = ["IkeConfig", "PeerPolicy", "PHASE1_ENCRYPTIONS", "PHASE1_HASHES", "GROUPS",
@@ -71,6 +72,9 @@ class PeerPolicy:
     id: str = setting("%any", doc="The peer's IKE identity: an address, FQDN, user@FQDN, a DN "
                                   "(\"C=.., O=.., CN=..\") or %any.")
     local_id: str = setting("", doc="Our identity: address (default), FQDN, or \"%cert\" (our certificate's DN).")
+    versions: tuple[int, ...] = setting((1,), check=_subset((1, 2), "IKE version"),
+                                        doc="IKE versions this policy answers: [1], [2] or [1, 2] "
+                                            "(IKEv2 is opt-in: an upgrade does not open a new protocol).")
     auth: str = setting("psk", check=one_of(*AUTH_METHODS))
     psk: str = setting("", doc="Pre-shared key (auth psk).  Prefer psk_file.")
     psk_file: Path | None = setting(None, doc="File holding the pre-shared key (first line); read again "
@@ -102,6 +106,11 @@ class PeerPolicy:
         doc="Phase 1: enc-hash-group, e.g. aes256-sha256-modp2048 (groups modpN or ecpN; also "
             "\"aes128-sha1-14\").  Default: AES-128/192/256 with SHA-1/SHA-2 and the groups of "
             "2048 bits or more (3DES, modp1024 and modp1536 only when listed).")
+    ikev2_proposals: tuple[str, ...] = setting(
+        DEFAULT_IKE_PROPOSALS,
+        doc="IKEv2 SA proposals in strongSwan's syntax: aes256-sha256-modp2048, "
+            "aes128gcm16-prfsha256-ecp256, aes256-sha384-curve25519 (several algorithms of a kind "
+            "in one proposal are alternatives).")
     esp: tuple[str, ...] = setting(
         ("aes128gcm16", "aes256gcm16", "aes128-sha1", "aes256-sha256", "aes128-sha256", "aes256-sha1"),
         doc="Phase 2 ESP transforms: aes128gcm16, aes256gcm16, aesN-sha1, aesN-sha256.")
@@ -124,6 +133,11 @@ class PeerPolicy:
                 parse_phase1(p)
             except ValueError as e:
                 raise ConfigError(f"{key}.proposals[{i}]", str(e)) from None
+        for i, p in enumerate(self.ikev2_proposals):
+            try:
+                parse_ike(p)
+            except ValueError as e:
+                raise ConfigError(f"{key}.ikev2_proposals[{i}]", str(e)) from None
         for i, p in enumerate(self.esp):
             try:
                 parse_esp(p)
@@ -244,6 +258,10 @@ class IkeConfig:
         10.0, check=in_range(0, 100000),
         doc="Unprotected error notifications per second to sources not yet authenticated (0: none).")
     unauthenticated_notify_burst: float = setting(20.0, check=in_range(0, 100000))
+    ikev2_cookie_threshold: int = setting(
+        64, check=in_range(0, 1000000),
+        doc="IKEv2 (RFC 7296 §2.6): with this many IKE_SA_INIT exchanges half open, a new one must "
+            "first return our COOKIE (0: always).")
     certificate: Path | None = setting(None, doc="Our certificate (PEM, may hold the chain).")
     private_key: Path | None = setting(None, doc="Our private key (PEM).")
     cacerts: tuple[Path, ...] = setting((), doc="CA certificates (PEM files or directories) peers must chain to.")
