@@ -43,7 +43,15 @@ class IkeService(service.Service):
             cfg, ctx.store, ctx.reactor, send=self._send, credentials=credentials, trust=trust,
             check_password=(lambda u, p: checker.check(u.encode(), p)) if checker else None,
             metrics=ctx.metrics)
-        ctx.namespace.update(service=self, engine=self.engine)
+        # IKEv2 (RFC 7296) shares the ports, the config and the credentials; the header's
+        # major version (byte 17, where both versions keep it) decides who gets a message
+        from narsuite.ike.v2.engine import IkeV2Engine
+
+        self.engine2 = IkeV2Engine(
+            cfg, ctx.store, ctx.reactor, send=self._send, credentials=credentials, trust=trust,
+            check_password=(lambda u, p: checker.check(u.encode(), p)) if checker else None,
+            metrics=ctx.metrics)
+        ctx.namespace.update(service=self, engine=self.engine, engine2=self.engine2)
         self.udp500 = ctx.udp_port(cfg.port, cfg.listen)
         self.udp500.add_handler("ike", is_ike_on_500, self._on_500, min_length=28)
         self.udp4500 = ctx.udp_port(cfg.natt_port, cfg.listen)
@@ -53,14 +61,18 @@ class IkeService(service.Service):
                 from narsuite.schema import ConfigError
 
                 raise ConfigError(f"ike.peers[{i}].pool", f"no [store.pools.{p.pool}] section; add one or fix the name")
-        self._dpd = LoopingCall(self.engine.dpd_tick)
+        self._dpd = LoopingCall(self._dpd_tick)
         self._dpd.clock = ctx.reactor
 
     def _on_500(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.engine.received(data, addr, self.cfg.port)
+        (self.engine2 if data[17] >> 4 == 2 else self.engine).received(data, addr, self.cfg.port)
 
     def _on_4500(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.engine.received(data[4:], addr, self.cfg.natt_port)
+        (self.engine2 if data[21] >> 4 == 2 else self.engine).received(data[4:], addr, self.cfg.natt_port)
+
+    def _dpd_tick(self) -> None:
+        self.engine.dpd_tick()
+        self.engine2.dpd_tick()
 
     def _send(self, data: bytes, addr: tuple[str, int], local_port: int) -> None:
         if local_port == self.cfg.natt_port:
@@ -88,4 +100,5 @@ class IkeService(service.Service):
         if self._dpd.running:
             self._dpd.stop()
         self.engine.close()
+        self.engine2.close()
         return None
