@@ -84,7 +84,7 @@ class Metrics:
 
     def watch_udp(self, read: Callable[[], dict[str, dict[str, int]]]) -> None:
         """The shared UDP ports' own counters (``UDPPorts.stats``) as
-        ``narsuite_udp_datagrams_total{port="*:500",counter="short"}``: datagrams each
+        ``narsuite_udp_datagrams_total{counter="short",port="*:500"}``: datagrams each
         handler took, and those nobody took (short, unclaimed) or whose handler failed."""
         self.registry.register(_UdpCollector(read))
 

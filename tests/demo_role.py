@@ -59,6 +59,16 @@ class DemoService(service.Service):
             d.addCallback(lambda _: self.counter.inc())
 
 
+def _chatter(daemon, n: str) -> Table:  # type: ignore[no-untyped-def]
+    """Log ``n`` lines of 100 characters (for the log-size tests)."""
+    from narsuite.logs import logger
+
+    log = logger("demo")
+    for i in range(int(n)):
+        log.info("demo chatter {i:06d} " + "x" * 78, i=i)
+    return Table(("logged",), ((int(n),),))
+
+
 def _greetings(daemon) -> Table:  # type: ignore[no-untyped-def]
     rows = tuple((g.name, g.text) for g in daemon.store.records("demo.greeting"))
     return Table(("name", "text"), rows)
@@ -70,5 +80,6 @@ ROLE = RoleSpec(
     config_class=DemoConfig,
     make_service=DemoService,
     kinds=(GREETING,),
-    commands=(Command("demo greetings", "list the greetings", _greetings),),
+    commands=(Command("demo greetings", "list the greetings", _greetings),
+              Command("demo chatter", "log N lines", _chatter, args=("n",))),
 )

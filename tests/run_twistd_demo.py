@@ -18,5 +18,7 @@ default_registry().register(demo_role.ROLE)
 
 from twisted.scripts.twistd import run  # noqa: E402
 
-sys.argv = ["twistd", "-n", "--pidfile=", "narsuite"] + sys.argv[1:]
+# twistd's own options for a test (e.g. "--logfile=PATH"), before the plugin name
+extra = os.environ.get("NARSUITE_TEST_TWISTD_ARGS", "").split()
+sys.argv = ["twistd", "-n", "--pidfile=", *extra, "narsuite"] + sys.argv[1:]
 run()

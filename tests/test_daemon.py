@@ -287,3 +287,27 @@ def test_twistd_runs_roles_and_narctl_reads_them(tmp_path: Path) -> None:
               if line.strip()]
     assert any(e.get("log_namespace") == "narsuite.service" for e in events)
     assert not sock.exists()
+
+
+def test_twistd_log_file_is_capped_by_config(tmp_path: Path) -> None:
+    """twistd keeps every rotated log file forever by default; narsuite's observer rotates
+    at [log] max_bytes and keeps [log] max_files, whatever is logged."""
+    f = _write_config(tmp_path, extra="[demo]\n[log]\nmax_bytes = 10000\nmax_files = 2\n")
+    sock = tmp_path / "run" / "control.sock"
+    logfile = tmp_path / "logs" / "narsuite.log"
+    env = dict(os.environ, NARSUITE_TEST_TWISTD_ARGS=f"--logfile={logfile}")
+    proc = subprocess.Popen([sys.executable, str(HERE / "run_twistd_demo.py"), "--config", str(f), "--role", "demo"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    try:
+        _wait_socket(sock, proc)
+        out = subprocess.run(["narctl", "--socket", str(sock), "demo", "chatter", "3000"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    files = sorted(p.name for p in logfile.parent.iterdir())
+    assert files == ["narsuite.log", "narsuite.log.1", "narsuite.log.2"], (files, output)
+    sizes = [(logfile.parent / n).stat().st_size for n in files]
+    assert all(s <= 10_000 + 300 for s in sizes), sizes  # ~350 kB were logged
+    assert "demo chatter 002999" in logfile.read_text() + (logfile.parent / "narsuite.log.1").read_text()

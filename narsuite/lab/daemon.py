@@ -24,7 +24,8 @@ TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twi
 
 class NarsuiteDaemon:
     def __init__(self, host: Any, config: Path, roles: str = "", socket: Path | None = None,
-                 log: Path | None = None, runner: Path | None = None, reactor: str = "") -> None:
+                 log: Path | None = None, runner: Path | None = None, reactor: str = "",
+                 twistd_args: tuple[str, ...] = ()) -> None:
         self.host = host
         self.config = Path(config)
         self.roles = roles
@@ -34,12 +35,14 @@ class NarsuiteDaemon:
         self.runner = runner
         #: twistd's --reactor (e.g. "narsuite-epoll"); "" for Twisted's default.
         self.reactor = reactor
+        #: more twistd options (before the plugin name), e.g. ("--logfile", PATH)
+        self.twistd_args = tuple(twistd_args)
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         reactor = [f"--reactor={self.reactor}"] if self.reactor else []
         head = [sys.executable, str(self.runner)] if self.runner else \
-            [sys.executable, "-c", TWISTD, *reactor, "--pidfile=", "-n", "narsuite"]
+            [sys.executable, "-c", TWISTD, *reactor, *self.twistd_args, "--pidfile=", "-n", "narsuite"]
         args = ["--config", str(self.config)]
         if self.roles:
             args.append(f"--role={self.roles}")
