@@ -30,6 +30,8 @@ __all__ = [
     "MetricsConfig",
     "ManholeConfig",
     "LogConfig",
+    "RedisConfig",
+    "ClusterConfig",
     "load",
     "loads",
     "DEFAULT_CONFIG",
@@ -63,11 +65,98 @@ class PoolConfig:
                 raise ConfigError(f"{key}.exclude", f"{addr} is not inside {self.network}")
 
 
+def _secret_file(key: str, value: Path | None) -> None:
+    """A file holding a secret must exist and be readable by its owner only."""
+    if value is None:
+        return
+    try:
+        mode = value.stat().st_mode & 0o777
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {value}: {e.strerror}; create it (mode 600)") from None
+    if mode & 0o077:
+        raise ConfigError(key, f"{value} is readable by other users (mode {mode:o}); chmod 600 it")
+
+
+def _host_port(key: str, value: tuple[str, ...]) -> None:
+    for item in value:
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(key, f"got {item!r}; expected \"host:port\" such as \"192.0.2.10:26379\"")
+
+
+@attrs.frozen
+class RedisConfig:
+    """Where the shared store lives when ``store.backend = "redis"`` (docs/store.md, docs/cluster.md)."""
+
+    url: str = setting(
+        "", doc="redis://[user@]host:port/db or rediss:// (TLS); a password in the URL is refused: "
+                "use password_file. Empty: use sentinels + service.")
+    sentinels: tuple[str, ...] = setting(
+        (), doc="Sentinels as \"host:port\"; the primary is asked from them by service name.",
+        check=_host_port)
+    service: str = setting("narsuite", doc="The Sentinel service (master) name.")
+    username: str = setting("", doc="ACL user (empty: the default user).")
+    password_file: Path | None = setting(
+        None, doc="File holding the Redis password (mode 600; never logged).", check=_secret_file)
+    sentinel_password_file: Path | None = setting(
+        None, doc="File holding the Sentinels' password, if they require one.", check=_secret_file)
+    tls: bool = setting(False, doc="TLS to Redis (and Sentinels); rediss:// URLs imply it.")
+    tls_ca_file: Path | None = setting(None, doc="CA bundle that signs the servers' certificates.")
+    tls_cert_file: Path | None = setting(None, doc="Client certificate (Redis tls-auth-clients).")
+    tls_key_file: Path | None = setting(None, doc="Client key (mode 600).", check=_secret_file)
+    prefix: str = setting("narsuite:", doc="Prefix of every key this cluster uses (one Redis, several clusters).")
+    replicas_ack: int = setting(
+        0, check=in_range(0, 16),
+        doc="A write's Deferred fires once this many replicas have it (WAIT); 0: when the primary has it.")
+    ack_timeout: float = setting(1.0, check=in_range(0.01, 60.0),
+                                 doc="Seconds to wait for replicas_ack before the write is reported unreplicated.")
+    connect_timeout: float = setting(1.0, check=in_range(0.01, 60.0),
+                                     doc="Seconds for a connection (and a command) before Redis counts as unreachable.")
+    stream_maxlen: int = setting(
+        1_000_000, check=in_range(1000, 10**9),
+        doc="Changes kept in the change stream; a node away for longer reloads everything.")
+
+    def __validate__(self, key: str) -> None:
+        if self.url and self.sentinels:
+            raise ConfigError(f"{key}.sentinels", "set either url or sentinels, not both")
+        if self.url:
+            from urllib.parse import urlsplit
+
+            u = urlsplit(self.url)
+            if u.scheme not in ("redis", "rediss", "unix"):
+                raise ConfigError(f"{key}.url", f"got scheme {u.scheme!r}; expected redis://, rediss:// or unix://")
+            if u.password:
+                raise ConfigError(f"{key}.url", "holds a password; put it in password_file (mode 600) instead")
+
+
+@attrs.frozen
+class ClusterConfig:
+    """This node's identity among the nodes sharing one store (docs/cluster.md)."""
+
+    node_id: str = setting("", doc="This node's unique name (required with store.backend = \"redis\").")
+    heartbeat_interval: float = setting(1.0, check=in_range(0.05, 60.0), doc="Seconds between heartbeats.")
+    heartbeat_timeout: float = setting(
+        3.0, check=in_range(0.15, 600.0),
+        doc="A node silent this long is dead: the others reap its connections' records.")
+    key_file: Path | None = setting(
+        None, check=_secret_file,
+        doc="32-byte cluster key (AES-256-GCM) sealing what a standby needs; never stored in Redis.")
+
+    def __validate__(self, key: str) -> None:
+        if self.node_id and not all(c.isalnum() or c in "-_." for c in self.node_id):
+            raise ConfigError(f"{key}.node_id", f"got {self.node_id!r}; use letters, digits, '-', '_', '.'")
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(f"{key}.heartbeat_timeout",
+                              f"{self.heartbeat_timeout} is less than twice heartbeat_interval "
+                              f"({self.heartbeat_interval}): one late heartbeat would kill the node")
+
+
 @attrs.frozen
 class StoreConfig:
     backend: str = setting(
-        "sqlite", doc="memory (nothing survives a restart) or sqlite (persisted).",
-        check=one_of("memory", "sqlite"),
+        "sqlite", doc="memory (nothing survives a restart), sqlite (persisted, one machine) or "
+                      "redis (shared by several nodes, [store.redis]).",
+        check=one_of("memory", "sqlite", "redis"),
     )
     path: Path | None = setting(None, doc="SQLite file; default <state_dir>/store.sqlite.")
     flush_interval: float = setting(
@@ -79,6 +168,12 @@ class StoreConfig:
         check=one_of("normal", "full"),
     )
     pools: Mapping[str, PoolConfig] = setting(factory=lambda: MappingProxyType({}))
+    redis: RedisConfig = setting(factory=RedisConfig, doc="The shared store (backend = \"redis\").")
+
+    def __validate__(self, key: str) -> None:
+        if self.backend == "redis" and not self.redis.url and not self.redis.sentinels:
+            raise ConfigError(f"{key}.redis.url", "backend is \"redis\": set url (redis://host:port) "
+                                                  "or sentinels + service in [store.redis]")
 
 
 @attrs.frozen
@@ -147,6 +242,7 @@ class Config:
     metrics: MetricsConfig = setting(factory=MetricsConfig)
     manhole: ManholeConfig = setting(factory=ManholeConfig)
     log: LogConfig = setting(factory=LogConfig)
+    cluster: ClusterConfig = setting(factory=ClusterConfig)
     #: Role sections, already built by the schema each role registered.
     roles: Mapping[str, Any] = setting(factory=lambda: MappingProxyType({}))
     source: Path | None = setting(None)
@@ -174,6 +270,7 @@ _PLATFORM = {
     "metrics": MetricsConfig,
     "manhole": ManholeConfig,
     "log": LogConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -207,7 +304,11 @@ def loads(text: str, *, base: Path | None = None, source: Path | None = None,
     for name in registry.implemented():
         if name not in role_sections:
             role_sections[name] = build(registry.get(name).config_class, {}, name, base)
-    return Config(roles=MappingProxyType(role_sections), source=source, **sections)
+    config = Config(roles=MappingProxyType(role_sections), source=source, **sections)
+    if config.store.backend == "redis" and not config.cluster.node_id:
+        raise ConfigError("cluster.node_id", "store.backend is \"redis\": every node sharing the store needs "
+                                             "its own node_id (e.g. the host name)")
+    return config
 
 
 def load(path: str | Path | None = None, *, registry: Any = None) -> Config:

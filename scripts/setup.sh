@@ -34,6 +34,8 @@ APT_PACKAGES=(
   libstrongswan-standard-plugins  # its openssl plugin: ECP groups and AES-GCM (only a Recommends)
   libcharon-extra-plugins   # kernel-libipsec (the kernel here has no in-kernel ESP)
   libcharon-extauth-plugins # xauth-generic
+  redis-server              # the shared store ([store] backend = "redis") and its tests
+  redis-sentinel            # Redis primary failover in the cluster tests
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -50,7 +50,13 @@ def test_embedded_default_config_loads() -> None:
 @pytest.mark.parametrize(
     "text, key, words",
     [
-        ('[store]\nbackend = "redis"', "store.backend", "expected one of 'memory', 'sqlite'"),
+        ('[store]\nbackend = "etcd"', "store.backend", "expected one of 'memory', 'sqlite', 'redis'"),
+        ('[store]\nbackend = "redis"', "store.redis.url", "set url (redis://host:port) or sentinels"),
+        ('[store]\nbackend = "redis"\n[store.redis]\nurl = "redis://:pw@h:1"', "store.redis.url",
+         "holds a password; put it in password_file"),
+        ('[store]\nbackend = "redis"\n[store.redis]\nurl = "redis://h:1"', "cluster.node_id",
+         "needs its own node_id"),
+        ('[store.redis]\nsentinels = ["h"]', "store.redis.sentinels", "expected \"host:port\""),
         ("[store]\nflush_interval = 0", "store.flush_interval", "expected a number in"),
         ('[store]\nflush_interval = "fast"', "store.flush_interval", "got 'fast'; expected a number"),
         ("[store]\ncolour = 1", "store.colour", "unknown key; the keys of [store] are"),

@@ -13,12 +13,21 @@ __all__ = [
 
 def make_store(config, clock=None) -> Store:  # type: ignore[no-untyped-def]
     """Build the store the config describes (backend, pools); not yet opened."""
+    backend: IStoreBackend
     if config.store.backend == "sqlite":
         backend = SqliteBackend(config.store_path, config.store.flush_interval,
                                 config.store.synchronous)
+    elif config.store.backend == "redis":
+        from narsuite.store.redis import RedisBackend, describe, make_redis_client
+
+        rc, cc = config.store.redis, config.cluster
+        backend = RedisBackend(make_redis_client(rc), cc.node_id, prefix=rc.prefix,
+                               replicas_ack=rc.replicas_ack, ack_timeout=rc.ack_timeout,
+                               stream_maxlen=rc.stream_maxlen, heartbeat_interval=cc.heartbeat_interval,
+                               heartbeat_timeout=cc.heartbeat_timeout, where=describe(rc))
     else:
         backend = MemoryBackend()
-    store = Store(backend, clock)
+    store = Store(backend, clock, node_id=config.cluster.node_id or None)
     for name, pool in config.store.pools.items():
         store.add_pool(name, pool.network, pool.exclude)
     return store

@@ -46,6 +46,8 @@ class Row:
     data: str | None  # None: deleted
     expires: float | None
     owner: str | None
+    #: the node that wrote it (a networked backend's ``[cluster] node_id``); None: this process
+    node: str | None = None
 
 
 @attrs.frozen
@@ -60,7 +62,14 @@ class Write:
     key: Any
     record: Any  # None: deleted
     expires: float | None
+    #: the record's owner; for a delete, the owner the writer saw (a shared backend deletes
+    #: only if the stored record still has it: another node may have re-taken the key)
     owner: str | None
+    #: "" (a write; "insert": the key must be new), "expired" (the lifetime lapsed: a backend with its own expiry skips it),
+    #: "touch" (only the lifetime changed: a shared backend must not resurrect a deleted record)
+    reason: str = ""
+    #: the writer's owner is declared volatile (lives only in its process): reaped with its node
+    volatile: bool = False
 
     @property
     def ident(self) -> tuple[str, Any]:
@@ -70,7 +79,8 @@ class Write:
         from narsuite.store.kinds import key_text
 
         data = None if self.record is None else self.spec.dump(self.record)
-        return Row(self.spec.name, key_text(self.key), data, self.expires, self.owner)
+        return Row(self.spec.name, key_text(self.key), data, self.expires,
+                   None if self.record is None else self.owner)
 
 
 class IStoreBackend(Interface):

@@ -65,12 +65,15 @@ class _Unregistered:
 
 
 class _Entry:
-    __slots__ = ("record", "expires", "owner")
+    __slots__ = ("record", "expires", "owner", "node")
 
-    def __init__(self, record: Any, expires: float | None, owner: str | None) -> None:
+    def __init__(self, record: Any, expires: float | None, owner: str | None,
+                 node: str | None = None) -> None:
         self.record = record
         self.expires = expires
         self.owner = owner
+        #: the node that wrote it (shared backends); None: this process
+        self.node = node
 
 
 @attrs.frozen
@@ -102,11 +105,14 @@ class Store:
     """Typed records, O(1) indexes, lifetimes, subscribers and allocators."""
 
     def __init__(self, backend: IStoreBackend | None = None, clock: IReactorTime | None = None,
-                 touch_flush_interval: float = 1.0) -> None:
+                 touch_flush_interval: float = 1.0, node_id: str | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[no-redef]
         self.clock = clock
         self.backend = backend or MemoryBackend()
+        #: this process's name in a cluster (``[cluster] node_id``): written with every record,
+        #: so the survivors know what a dead node's connections held
+        self.node_id = node_id
         self._kinds: dict[str, _Kind] = {}
         self._by_type: dict[type, str] = {}
         self._owners: dict[str, set[tuple[str, Hashable]]] = {}
@@ -192,9 +198,12 @@ class Store:
         stale: list[Write | None] = []
         stale_owners: set[str] = set()
         for row in self.backend.load(now):
-            if row.data is not None and self.owner_is_volatile(row.owner):
+            if row.data is not None and self.owner_is_volatile(row.owner) \
+                    and row.node in (None, self.node_id):
+                # (a live node's volatile rows in a shared store are its own business;
+                # a dead node's are reaped when its heartbeat lapses)
                 assert row.owner is not None
-                stale.append(Write(_Unregistered(row.kind), key_from_text(row.key), None, None, None))
+                stale.append(Write(_Unregistered(row.kind), key_from_text(row.key), None, None, row.owner))
                 stale_owners.add(row.owner)
                 continue
             k = self._kinds.get(row.kind)
@@ -203,7 +212,8 @@ class Store:
             if row.expires is not None and row.expires <= now:
                 continue
             record = k.spec.load(row.data)
-            self._apply_put(k, key_from_text(row.key), record, row.expires, row.owner, notify=False)
+            self._apply_put(k, key_from_text(row.key), record, row.expires, row.owner, notify=False,
+                            node=row.node)
             n += 1
         if stale:
             self.stats["dropped_at_load"] += len(stale)
@@ -217,6 +227,10 @@ class Store:
         from twisted.internet.task import LoopingCall
 
         self._running = True
+        bind = getattr(self.backend, "bind", None)
+        if bind is not None:
+            # A shared backend feeds changes decided elsewhere back (apply_remote).
+            bind(self)
         self.backend.start(self.clock)
         self._touch_loop = LoopingCall(self._flush_touched)
         self._touch_loop.clock = self.clock
@@ -272,6 +286,11 @@ class Store:
         e = self._kind(kind).entries.get(key)
         return None if e is None else e.owner
 
+    def node_of(self, kind: str, key: Hashable) -> str | None:
+        """The node that wrote the record (shared backends), None if this process or unknown."""
+        e = self._kind(kind).entries.get(key)
+        return None if e is None else e.node
+
     def owned_by(self, owner: str) -> list[tuple[str, Any]]:
         return [(kind, self._kinds[kind].entries[key].record)
                 for kind, key in sorted(self._owners.get(owner, ()), key=repr)]
@@ -304,8 +323,9 @@ class Store:
         e = k.entries.get(key)
         if e is None:
             return defer.succeed(False)
+        owner = e.owner
         self._apply_delete(k, key, reason="")
-        return self._submit([self._row(k, key, None)]).addCallback(lambda _: True)
+        return self._submit([self._row(k, key, None, owner)]).addCallback(lambda _: True)
 
     def touch(self, kind: str, key: Hashable, ttl: float) -> bool:
         """Extend a record's lifetime to now+ttl. Cheap: for the packet path.
@@ -332,7 +352,7 @@ class Store:
         for kind, key in list(self._owners.get(owner, ())):
             k = self._kinds[kind]
             self._apply_delete(k, key, reason=reason)
-            rows.append(self._row(k, key, None))
+            rows.append(self._row(k, key, None, owner))
         n = len(rows)
         return self._submit(rows).addCallback(lambda _: n)
 
@@ -474,7 +494,32 @@ class Store:
             if key in k.entries:
                 self._apply_delete(k, key, reason="remote")
         else:
-            self._apply_put(k, key, k.spec.load(row.data), row.expires, row.owner, notify=True)
+            self._apply_put(k, key, k.spec.load(row.data), row.expires, row.owner, notify=True,
+                            node=row.node)
+
+    def apply_remote_expiry(self, kind: str, key: Hashable, expires: float | None) -> None:
+        """A lifetime changed elsewhere (another node's ``touch``): no subscriber cares."""
+        k = self._kinds.get(kind)
+        e = None if k is None else k.entries.get(key)
+        if e is None:
+            return
+        e.expires = expires
+        if expires is not None:
+            self._push(expires, kind, key)
+
+    def restore_local(self, kind: str, key: Hashable, record: Any, expires: float | None,
+                      owner: str | None) -> None:
+        """Put back this node's own write (``record`` None: its delete) after an older change
+        from another node overwrote it in the view while the write was on its way; the shared
+        backend ordered ours last."""
+        k = self._kinds.get(kind)
+        if k is None:
+            return
+        if record is None:
+            if key in k.entries:
+                self._apply_delete(k, key, reason="remote")
+        else:
+            self._apply_put(k, key, record, expires, owner, notify=True, node=self.node_id)
 
     # -------------------------------------------------------------- internals
     def _put(self, record: Any, kind: str | None, ttl: float | None, owner: str | None,
@@ -503,20 +548,25 @@ class Store:
             expires = old.expires
         else:
             expires = None if ttl is None else self.clock.seconds() + ttl
-        previous = None if old is None else (old.record, old.expires, old.owner)
-        self._apply_put(k, key, record, expires, owner, notify=True)
+        previous = None if old is None else (old.record, old.expires, old.owner, old.node)
+        self._apply_put(k, key, record, expires, owner, notify=True, node=self.node_id)
         self.stats["inserts"] += 1
-        d = self._submit([self._row(k, key, record)])
+        d = self._submit([self._row(k, key, record, reason="" if replace else "insert")])
 
         def rollback(f):  # type: ignore[no-untyped-def]
             # The backend refused (a networked conflict, a disk error): undo
             # the local change so the view matches what is durable.
+            if getattr(f.value, "applied", False):
+                # The shared store has it (only the replicas' acknowledgement is missing):
+                # the view keeps what every other node sees too.
+                return f
             self.stats["rollbacks"] += 1
             cur = k.entries.get(key)
             if cur is not None and cur.record is record:
                 self._apply_delete(k, key, reason="rollback")
                 if previous is not None:
-                    self._apply_put(k, key, previous[0], previous[1], previous[2], notify=True)
+                    self._apply_put(k, key, previous[0], previous[1], previous[2], notify=True,
+                                    node=previous[3])
             return f
 
         d.addCallbacks(lambda _: record, rollback)
@@ -529,11 +579,11 @@ class Store:
         return name
 
     def _apply_put(self, k: _Kind, key: Hashable, record: Any, expires: float | None,
-                   owner: str | None, notify: bool) -> None:
+                   owner: str | None, notify: bool, node: str | None = None) -> None:
         old = k.entries.get(key)
         if old is not None:
             self._unindex(k, key, old)
-        e = _Entry(record, expires, owner)
+        e = _Entry(record, expires, owner, node)
         k.entries[key] = e
         spec = k.spec
         for ix in spec.indexes:
@@ -579,13 +629,15 @@ class Store:
         self.stats["deletes"] += 1
         self._notify(Change("delete", k.spec.name, key, e.record, e.record, reason))
 
-    def _row(self, k: _Kind, key: Hashable, record: Any) -> Write | None:
+    def _row(self, k: _Kind, key: Hashable, record: Any, old_owner: str | None = None,
+             reason: str = "") -> Write | None:
+        """The backend's view of a change; a delete names the owner it removed."""
         if not k.spec.persist or not self.backend.persistent:
             return None
         e = k.entries.get(key)
         if record is None or e is None:
-            return Write(k.spec, key, None, None, None)
-        return Write(k.spec, key, record, e.expires, e.owner)
+            return Write(k.spec, key, None, None, old_owner, reason)
+        return Write(k.spec, key, record, e.expires, e.owner, reason, self.owner_is_volatile(e.owner))
 
     def _submit(self, rows: list[Write | None]) -> defer.Deferred:
         real = [r for r in rows if r is not None]
@@ -601,7 +653,7 @@ class Store:
             k = self._kinds[kind]
             e = k.entries.get(key)
             if e is not None:
-                rows.append(self._row(k, key, e.record))
+                rows.append(self._row(k, key, e.record, reason="touch"))
         self._touched.clear()
         d = self._submit(rows)
         d.addErrback(lambda f: log.failure("store: persisting lifetimes failed", f))
@@ -647,7 +699,7 @@ class Store:
                 continue
             self._apply_delete(k, key, reason="expired")
             self.stats["expired"] += 1
-            rows.append(self._row(k, key, None))
+            rows.append(self._row(k, key, None, e.owner, reason="expired"))
         if rows:
             self._submit(rows).addErrback(lambda f: log.failure("store: persisting expiry failed", f))
         self._schedule()
