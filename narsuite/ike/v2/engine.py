@@ -39,8 +39,9 @@ from narsuite.ike.v2 import constants as C
 from narsuite.ike.v2 import keys, wire
 from narsuite.ike.v2.sa import IkeSAv2, Request
 from narsuite.ike.v2.wire import IKEv2Error
-from narsuite.logs import logger
+from narsuite.logs import Aggregator, logger
 from narsuite.packet.routing import SourceAddresses
+from narsuite.ratelimit import TokenBucket
 
 __all__ = ["IkeV2Engine", "ROUTES", "COUNTERS", "FRAGMENT_SIZE"]
 
@@ -52,7 +53,7 @@ COUNTERS = (
     "decrypt_failed", "ike_established", "ike_deleted", "ike_rekeyed", "child_installed", "child_rekeyed",
     "child_deleted", "child_refused", "ts_refused", "address_failed", "liveness_sent", "liveness_answered",
     "peer_dead", "delete_rx", "peer_moved", "mobike_update", "fragments_rx", "fragmented_tx", "unexpected",
-    "internal_error", "store_failed", "error_notify_rx",
+    "internal_error", "store_failed", "error_notify_rx", "notify_rate_limited",
 )
 
 #: (exchange type, IKE SA state) -> (part, method): the one dispatch table for requests.
@@ -102,6 +103,11 @@ class IkeV2Engine:
         self.half_open: dict[tuple[bytes, str, int], IkeSAv2] = {}
         self.budget = HalfOpenBudget(cfg.half_open_total, cfg.half_open_per_source)
         self.cookies = CookieJar(clock, slot_seconds=60.0)
+        #: what bad input makes us log, aggregated (a flood costs O(1) lines per interval)
+        self.drops = Aggregator(log, "ikev2 drops", clock)
+        #: unprotected error answers to IKE_SA_INIT go to unauthenticated sources: limited
+        self.notify_bucket = TokenBucket(cfg.unauthenticated_notify_rate, cfg.unauthenticated_notify_burst,
+                                         clock)
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._sources = SourceAddresses()
         self.sa_init = SaInit(self)
@@ -135,9 +141,10 @@ class IkeV2Engine:
         self.send_raw(data, remote, local_port)
 
     def drop(self, reason: str, addr: tuple[str, int], detail: str, sa: IkeSAv2 | None = None) -> None:
+        """Count a dropped message; log it through the aggregator (the sender chooses how many)."""
         self.count(reason)
-        log.info("ikev2: dropped from {addr}: {reason} {detail}", addr=f"{addr[0]}:{addr[1]}", reason=reason,
-                 detail=detail, ike_sa=sa.name if sa else "")
+        self.drops.event(reason, "ikev2: dropped from {addr}: {reason} {detail}", addr=f"{addr[0]}:{addr[1]}",
+                         detail=detail, ike_sa=sa.name if sa else "")
 
     def new_spi(self) -> bytes:
         while True:
@@ -420,10 +427,13 @@ class IkeV2Engine:
     def close(self) -> None:
         for sa in list(self.sas.values()):
             self.delete_ike(sa, notify_peer=True, reason="shutdown")
+        self.drops.stop()
 
     # ------------------------------------------------------------------ the store
     def owner(self, sa: IkeSAv2) -> str:
-        return f"ike:{sa.name}"
+        """``ike:sa:`` is a volatile owner prefix (the role's ``volatile_owners``): what an
+        SA held on disk is dropped at the next start after a crash."""
+        return f"ike:sa:{sa.name}"
 
     def lease_owner(self, sa: IkeSAv2) -> str:
         """Who holds a pool address: the EAP user (a client re-authenticating gets its

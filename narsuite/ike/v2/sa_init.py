@@ -50,8 +50,16 @@ class SaInit:
     def __init__(self, engine: IkeV2Engine) -> None:
         self.engine = engine
 
-    def unprotected(self, header: wire.Header, payloads: list[Any], addr: tuple[str, int], local_port: int) -> None:
-        """A stateless answer (COOKIE, INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN): SPIr zero."""
+    def unprotected(self, header: wire.Header, payloads: list[Any], addr: tuple[str, int], local_port: int,
+                    limited: bool = True) -> None:
+        """A stateless answer (COOKIE, INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN): SPIr zero.
+
+        Error answers go to a source nobody has authenticated: they are held to
+        ``unauthenticated_notify_rate`` (counted ``notify_rate_limited`` beyond it).  A
+        COOKIE is not (``limited=False``): it is what lets real clients in during a flood."""
+        if limited and not self.engine.notify_bucket.take():
+            self.engine.count("notify_rate_limited")
+            return
         h = wire.Header(header.spi_i, ZERO_SPI, C.IKE_SA_INIT, C.FLAG_RESPONSE, 0)
         self.engine.send(wire.build_message(h, payloads), addr, local_port)
 
@@ -96,7 +104,7 @@ class SaInit:
                     e.count("cookie_bad")
                 e.count("cookie_sent")
                 self.unprotected(header, [wire.Notify(C.COOKIE, e.cookies.cookie(who, header.spi_i + nonce.data))],
-                                 addr, local_port)
+                                 addr, local_port, limited=False)
                 return
         refused = e.budget.refuse(addr[0])
         if refused:
@@ -110,8 +118,8 @@ class SaInit:
         choice, number = got
         if ke.group != choice.dh:
             e.count("invalid_ke_sent")
-            log.info("ikev2: {addr}: KE of group {got}, we chose {want}: INVALID_KE_PAYLOAD",
-                     addr=f"{addr[0]}:{addr[1]}", got=ke.group, want=choice.dh)
+            e.drops.event("invalid_ke_sent", "ikev2: {addr}: KE of group {got}, we chose {want}: INVALID_KE_PAYLOAD",
+                          addr=f"{addr[0]}:{addr[1]}", got=ke.group, want=choice.dh)
             self.unprotected(header, [wire.Notify(C.INVALID_KE_PAYLOAD, struct.pack("!H", choice.dh))], addr,
                              local_port)
             return
