@@ -119,7 +119,7 @@ class Aggregator:
     def __init__(self, log: Logger, what: str, clock: Any = None, interval: float = 10.0,
                  first: int = 5, level: LogLevel = LogLevel.info) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+            from twisted.internet import reactor as clock
         self.log = log
         self.what = what
         self.clock = clock

@@ -373,7 +373,8 @@ class _Factory(ConchFactory):
         self.reactor = reactor
         # ConchFactory annotates both as dict[bytes, bytes], but SSHFactory and the
         # transport use Key objects (getPublicKeys/getPrivateKeys return Keys).
-        self.publicKeys = {host_key.sshType(): host_key.public()}  # type: ignore[dict-item]
+        # (Key.public() is unannotated, so only the second one is flagged.)
+        self.publicKeys = {host_key.sshType(): host_key.public()}
         self.privateKeys = {host_key.sshType(): host_key}  # type: ignore[dict-item]
         self.primes = None  # fixed DH groups and curve25519/ECDH only
         self.services = {b"ssh-userauth": _UserAuthServer,

@@ -103,7 +103,7 @@ class StoreCollector:
     def describe(self) -> list:
         return []
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self):
         records = GaugeMetricFamily("narsuite_store_records", "Records in the store", labels=["kind"])
         for spec in self.store.kinds():
             records.add_metric([spec.name], self.store.count(spec.name))
@@ -140,7 +140,7 @@ class _DictCollector:
     def describe(self) -> list:
         return []
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self):
         family = CounterMetricFamily(self.name, self.doc, labels=[self.label])
         for key, value in sorted(self.read().items()):
             family.add_metric([key], value)
@@ -154,7 +154,7 @@ class _UdpCollector:
     def describe(self) -> list:
         return []
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self):
         family = CounterMetricFamily("narsuite_udp_datagrams", "Datagrams on the shared UDP ports, by what "
                                      "became of them", labels=["port", "counter"])
         for port, counters in self.read().items():

@@ -49,7 +49,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options):  # type: ignore[no-untyped-def]
+def makeService(options: Options):
     from narsuite.service import NarsuiteService
 
     try:

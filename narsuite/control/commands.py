@@ -123,7 +123,7 @@ def _kinds(daemon: NarsuiteService) -> Table:
     return Table(("kind", "records", "persisted", "description"), rows)
 
 
-def _kind_or_error(daemon: NarsuiteService, kind: str):  # type: ignore[no-untyped-def]
+def _kind_or_error(daemon: NarsuiteService, kind: str):
     names = [s.name for s in daemon.store.kinds()]
     if kind not in names:
         raise CommandError(f"unknown record kind {kind!r}; the kinds are: {', '.join(names)}")

@@ -73,7 +73,7 @@ class ControlProtocol(LineOnlyReceiver):
         d.addCallbacks(lambda result: self._send({"ok": True, "result": jsonable(result)}),
                        self._failed, errbackArgs=(argv,))
 
-    def _failed(self, failure, argv):  # type: ignore[no-untyped-def]
+    def _failed(self, failure, argv):
         if failure.check(CommandError):
             self._send({"ok": False, "error": str(failure.value)})
         else:

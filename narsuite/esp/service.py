@@ -121,7 +121,7 @@ class EspService(service.Service):
 
     # --------------------------------------------------------- static peers
     @defer.inlineCallbacks
-    def _install_static(self, pc: PeerConfig):  # type: ignore[no-untyped-def]
+    def _install_static(self, pc: PeerConfig):
         owner = f"esp:peer:{pc.name}"
         existing = self.store.get(PEER.name, pc.name)
         inner = pc.address

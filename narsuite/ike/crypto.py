@@ -46,8 +46,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 try:  # cryptography >= 43 keeps 3DES in "decrepit"; it leaves the primitives module in 48.
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _TripleDES
 except ImportError:  # pragma: no cover - older cryptography
-    # The installed cryptography's stubs no longer have it there (this branch is for < 43).
-    _TripleDES = algorithms.TripleDES  # type: ignore[attr-defined,misc]
+    # For cryptography < 43 only; mypy sees the installed version's class there and
+    # refuses to rebind a name that holds a class.
+    _TripleDES = algorithms.TripleDES  # type: ignore[misc]
 
 # cryptography marks finite-field DH deprecated (its module warns when the names are looked
 # up).  MODP groups are still what IKEv1 peers commonly propose, so the names are looked up

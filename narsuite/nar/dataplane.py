@@ -286,7 +286,7 @@ class NarDataPlane(service.Service):
 
     name = "nar-dataplane"  # type: ignore[assignment]  # Service has an unannotated `name = None`
 
-    def __init__(self, options, store, reactor=None, *,  # type: ignore[no-untyped-def]
+    def __init__(self, options, store, reactor=None, *,
                  private_address: str | None = None,
                  port_factory: Callable[..., Any] = RawSocketPort,
                  tcpudp: bool | None = None,
@@ -432,7 +432,7 @@ class NarDataPlane(service.Service):
         """Delete the mapping's map elements, then the conntrack entries of its flows."""
         mid = m.id
 
-        def failed(f):  # type: ignore[no-untyped-def]
+        def failed(f):
             self.counters["tcpudp_remove_errors"] += 1
             log.error("nar: cannot remove the nftables elements of {id}: {e}", id=mid,
                       e=f.getErrorMessage())
@@ -440,7 +440,7 @@ class NarDataPlane(service.Service):
         def done(_: object) -> None:
             self.counters["tcpudp_removed"] += 1
 
-        def flows_failed(f):  # type: ignore[no-untyped-def]
+        def flows_failed(f):
             self.counters["conntrack_errors"] += 1
             log.error("nar: cannot delete the conntrack entries of {id}: {e}", id=mid,
                       e=f.getErrorMessage())

@@ -216,7 +216,7 @@ class NftRunner:
             return defer.fail(NftError("nft/conntrack not found (packages nftables, conntrack)"))
         reactor = self.reactor
         if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
+            from twisted.internet import reactor
         d: defer.Deferred = defer.Deferred()
         args = [path, "-f", "-"] if argv is None else [path, *argv]
         reactor.spawnProcess(_NftProcess(script, d), path, args, env=None)
@@ -225,7 +225,7 @@ class NftRunner:
     def conntrack(self, argv: list[str]) -> defer.Deferred:
         """Run ``conntrack argv`` (after the nft scripts queued before it); exit status 1
         ("0 flow entries have been deleted") counts as success."""
-        def ran(f):  # type: ignore[no-untyped-def]
+        def ran(f):
             f.trap(NftError)
             if "0 flow entries" in str(f.value):
                 return None

@@ -55,7 +55,7 @@ class NarMapping:
     remote_port: int = 0  # tcp: Y's port (0: any)
 
 
-def _tuple(kind: str):  # type: ignore[no-untyped-def]
+def _tuple(kind: str):
     if kind == "icmp":
         return lambda m: (m.lent, m.remote, m.icmp_id) if m.kind == "icmp" else None
     if kind == "ipsec":

@@ -113,7 +113,7 @@ def connect_error_code(failure: Failure | BaseException) -> int:
                 errno.EHOSTUNREACH: socks.HOST_UNREACHABLE, errno.EHOSTDOWN: socks.HOST_UNREACHABLE,
                 errno.ECONNREFUSED: socks.CONNECTION_REFUSED, errno.ETIMEDOUT: socks.TTL_EXPIRED,
                 errno.EACCES: socks.NOT_ALLOWED, errno.EPERM: socks.NOT_ALLOWED}
-        return code.get(e.osError, socks.GENERAL_FAILURE)  # type: ignore[arg-type]
+        return code.get(e.osError, socks.GENERAL_FAILURE)
     return socks.GENERAL_FAILURE
 
 

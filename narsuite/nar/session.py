@@ -141,7 +141,7 @@ class NarHandler:
     :param port_range: where N chooses TCP/UDP ports from.
     """
 
-    def __init__(self, options, store, reactor=None, *,  # type: ignore[no-untyped-def]
+    def __init__(self, options, store, reactor=None, *,
                  installer=None, port_range: tuple[int, int] = PORT_RANGE) -> None:
         self.options = options
         self.store = store
@@ -158,7 +158,7 @@ class NarHandler:
         self._conns: dict[str, _Conn] = {}
 
     # ----------------------------------------------------------------------- NAR-MODE
-    def nar_mode(self, conn, request) -> defer.Deferred:  # type: ignore[no-untyped-def]
+    def nar_mode(self, conn, request) -> defer.Deferred:
         """Answer NAR-MODE: validate, apply the flag policy, record the session."""
         sid = conn.session_id
         opts = self.options
@@ -213,7 +213,7 @@ class NarHandler:
                 self.store.drop_owner(sid)
             return wire.encode_socks_reply(wire.REP_SUCCEEDED, flags, session.lent, 0)
 
-        def failed(f) -> bytes:  # type: ignore[no-untyped-def]
+        def failed(f) -> bytes:
             self._conns.pop(sid, None)
             c["mode_refused"] += 1
             c["store_errors"] += 1
@@ -223,7 +223,7 @@ class NarHandler:
         return self.store.put(session, kind=SESSION.name, owner=sid).addCallbacks(written, failed)
 
     # ---------------------------------------------------------------------- commands
-    def nar_data(self, conn, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    def nar_data(self, conn, data: bytes) -> None:
         """Bytes after NAR-MODE: buffered, parsed and answered in order."""
         st = self._conns.get(conn.session_id)
         if st is None or st.closed:
@@ -277,7 +277,7 @@ class NarHandler:
         st.conn.write(reply)
         self._pump(st)
 
-    def _internal_error(self, f, st: _Conn, msg) -> bytes:  # type: ignore[no-untyped-def]
+    def _internal_error(self, f, st: _Conn, msg) -> bytes:
         self.counters["internal_errors"] += 1
         log.failure("nar {sid}: command {msg!r} failed", f, sid=st.session.id, msg=msg)
         return _failure_reply(msg, wire.REP_GENERAL_FAILURE)
@@ -290,7 +290,7 @@ class NarHandler:
         st.conn.write(wire.encode_error(code))
         st.conn.close()
 
-    def _refuse(self, st: _Conn, msg, rep: int, why: str) -> bytes:  # type: ignore[no-untyped-def]
+    def _refuse(self, st: _Conn, msg, rep: int, why: str) -> bytes:
         name = type(msg).__name__
         self.counters["commands_refused"] += 1
         self.counters[f"refused_{rep:#04x}"] += 1
@@ -298,7 +298,7 @@ class NarHandler:
                  rep=rep, why=why)
         return _failure_reply(msg, rep)
 
-    def _command(self, st: _Conn, msg):  # type: ignore[no-untyped-def]
+    def _command(self, st: _Conn, msg):
         c = self.counters
         if isinstance(msg, wire.SocksRequest) and msg.cmd == self.options.mode_command:
             c["mode_again"] += 1
@@ -355,7 +355,7 @@ class NarHandler:
         return self.store.insert(mapping, kind=MAPPING.name, owner=st.session.id).addCallback(done)
 
     # ICMP-ASSOCIATE --------------------------------------------------------------
-    def _icmp(self, st: _Conn, msg: wire.IcmpAssociate):  # type: ignore[no-untyped-def]
+    def _icmp(self, st: _Conn, msg: wire.IcmpAssociate):
         s = st.session
         held = self.store.lookup(MAPPING.name, "icmp", (s.lent, s.remote, msg.icmp_id))
         if held is not None and held.session == s.id:
@@ -364,7 +364,7 @@ class NarHandler:
         lo, hi = self.options.icmp_ids
         ns = f"nar.icmp:{s.lent}:{s.remote}"
 
-        def allocated(ident: int):  # type: ignore[no-untyped-def]
+        def allocated(ident: int):
             if ident == msg.icmp_id:
                 self.counters["icmp_id_confirmed"] += 1
             else:
@@ -377,7 +377,7 @@ class NarHandler:
         return d.addCallbacks(allocated, self._exhausted, errbackArgs=(st, msg))
 
     # IPSEC-ASSOCIATE -------------------------------------------------------------
-    def _ipsec(self, st: _Conn, msg: wire.IpsecAssociate):  # type: ignore[no-untyped-def]
+    def _ipsec(self, st: _Conn, msg: wire.IpsecAssociate):
         s = st.session
         if msg.protocol not in (50, 51):
             return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
@@ -393,7 +393,7 @@ class NarHandler:
         if msg.spi:
             self.counters["client_spi_overridden"] += 1
 
-        def allocated(spi: int):  # type: ignore[no-untyped-def]
+        def allocated(spi: int):
             # ESP follows the session: the format cannot say transport mode, so a client with
             # transport-mode ESP must not ask for TRANSLATED-NAR.  (AH: end-to-end sessions only.)
             translated = s.translated
@@ -405,7 +405,7 @@ class NarHandler:
         return d.addCallbacks(allocated, self._exhausted, errbackArgs=(st, msg))
 
     # TUNNEL-ASSOCIATE ------------------------------------------------------------
-    def _tunnel(self, st: _Conn, msg: wire.TunnelAssociate):  # type: ignore[no-untyped-def]
+    def _tunnel(self, st: _Conn, msg: wire.TunnelAssociate):
         s = st.session
         if msg.atyp != wire.ATYP_IPV4:
             return self._refuse(st, msg, wire.REP_ADDRESS_TYPE_NOT_SUPPORTED,
@@ -428,7 +428,7 @@ class NarHandler:
         m = self._mapping(st, kind="tunnel", proto=msg.protocol, translated=s.translated,
                           inner=str(inner))
 
-        def conflict(f):  # type: ignore[no-untyped-def]
+        def conflict(f):
             f.trap(Conflict)
             self.counters["tunnel_conflicts"] += 1
             return self._refuse(st, msg, wire.REP_CONNECTION_REFUSED, str(f.value))
@@ -437,14 +437,14 @@ class NarHandler:
                                                       msg.protocol)).addErrback(conflict)
 
     # BIND / UDP ASSOCIATE (TCP and UDP mappings, 2.6.1) -------------------------------
-    def installer(self):  # type: ignore[no-untyped-def]
+    def installer(self):
         if self._installer is not None:
             return self._installer
         from narsuite.nar.dataplane import tcpudp_installer
 
         return tcpudp_installer(self.store)
 
-    def _tcpudp(self, st: _Conn, msg: wire.SocksRequest):  # type: ignore[no-untyped-def]
+    def _tcpudp(self, st: _Conn, msg: wire.SocksRequest):
         s = st.session
         inst = self.installer()
         tcp = msg.cmd == CMD_BIND
@@ -472,21 +472,21 @@ class NarHandler:
             prefer = msg.port or None
         ns = f"nar.{'tcp' if tcp else 'udp'}:{s.lent}"
 
-        def allocated(port: int):  # type: ignore[no-untyped-def]
+        def allocated(port: int):
             if prefer is not None:
                 self.counters["udp_port_confirmed" if port == prefer else "udp_port_assigned"] += 1
             m = self._mapping(st, kind="tcp" if tcp else "udp", proto=proto,
                               translated=s.translated, port=port, remote_port=remote_port)
             reply = wire.encode_socks_reply(wire.REP_SUCCEEDED, 0, s.lent, port)
 
-            def inserted(r: bytes):  # type: ignore[no-untyped-def]
+            def inserted(r: bytes):
                 return inst.install_mapping(m).addCallbacks(lambda _: r, not_installed)
 
-            def not_inserted(f):  # type: ignore[no-untyped-def]
+            def not_inserted(f):
                 inst.release_port(proto, port)
                 return self._undo(f, st, msg, ns, port)
 
-            def not_installed(f):  # type: ignore[no-untyped-def]
+            def not_installed(f):
                 self.counters["install_errors"] += 1
                 log.error("nar {sid}: cannot install {name} mapping {id}: {e}", sid=s.id,
                           name=name, id=m.id, e=f.getErrorMessage())
@@ -502,7 +502,7 @@ class NarHandler:
         return d.addCallbacks(allocated, self._exhausted, errbackArgs=(st, msg))
 
     @defer.inlineCallbacks
-    def _allocate_port(self, st: _Conn, inst, ns: str, proto: int,  # type: ignore[no-untyped-def]
+    def _allocate_port(self, st: _Conn, inst, ns: str, proto: int,
                        prefer: int | None):
         """A port free in the store (lease ``ns``) and on N (the installer's reservation)."""
         sid = st.session.id
@@ -525,18 +525,18 @@ class NarHandler:
         raise Exhausted(f"{ns}: no port free on N after {PORT_TRIES} tries")
 
     # errors ---------------------------------------------------------------------------
-    def _exhausted(self, f, st: _Conn, msg) -> bytes:  # type: ignore[no-untyped-def]
+    def _exhausted(self, f, st: _Conn, msg) -> bytes:
         f.trap(Exhausted, Conflict)
         self.counters["exhausted"] += 1
         return self._refuse(st, msg, wire.REP_GENERAL_FAILURE, str(f.value))
 
-    def _undo(self, f, st: _Conn, msg, ns: str, value: int) -> bytes:  # type: ignore[no-untyped-def]
+    def _undo(self, f, st: _Conn, msg, ns: str, value: int) -> bytes:
         self.store.release(ns, value)
         f.trap(Conflict)
         return self._refuse(st, msg, wire.REP_GENERAL_FAILURE, str(f.value))
 
     # ------------------------------------------------------------------------- close
-    def nar_closed(self, conn) -> defer.Deferred:  # type: ignore[no-untyped-def]
+    def nar_closed(self, conn) -> defer.Deferred:
         """The control connection is gone: its session, mappings and leases go with it."""
         sid = conn.session_id
         st = self._conns.pop(sid, None)
@@ -552,7 +552,7 @@ class NarHandler:
 
         return d.addCallback(dropped)
 
-    def last_activity(self, conn) -> float:  # type: ignore[no-untyped-def]
+    def last_activity(self, conn) -> float:
         """When the data plane last carried a packet of this session's mappings (or from its
         client); 0.0 if never.  The SOCKS server's session idle limit asks this."""
         from narsuite.nar.dataplane import last_activity
@@ -564,7 +564,7 @@ class NarHandler:
         return [st.session for st in self._conns.values()]
 
 
-def _failure_reply(msg, rep: int) -> bytes:  # type: ignore[no-untyped-def]
+def _failure_reply(msg, rep: int) -> bytes:
     """The reply to a refused command: its own format, fields echoed (SPI 0)."""
     if isinstance(msg, wire.IcmpAssociate):
         return wire.encode_icmp(rep, msg.icmp_id)

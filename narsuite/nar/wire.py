@@ -93,7 +93,7 @@ class NarCommands:
     tunnel: int = 0x03
 
     @classmethod
-    def from_options(cls, options) -> NarCommands:  # type: ignore[no-untyped-def]
+    def from_options(cls, options) -> NarCommands:
         return cls(options.icmp_command, options.ipsec_command, options.tunnel_command)
 
 
@@ -214,7 +214,7 @@ def _kind_of(cmd: int, commands: NarCommands) -> str:
     raise NarWireError(REP_COMMAND_NOT_SUPPORTED, f"unknown NAR command {cmd:#04x}")
 
 
-def _parse_body(buf: bytes, code: int, kind: str):  # type: ignore[no-untyped-def]
+def _parse_body(buf: bytes, code: int, kind: str):
     if kind == "icmp":
         if len(buf) < 4:
             return None
@@ -233,7 +233,7 @@ def _parse_body(buf: bytes, code: int, kind: str):  # type: ignore[no-untyped-de
     return TunnelAssociate(code, atyp, addr, buf[end]), end + 1
 
 
-def parse_reply(buf: bytes, kind: str):  # type: ignore[no-untyped-def]
+def parse_reply(buf: bytes, kind: str):
     """A NAR reply of ``kind`` ("icmp", "ipsec", "tunnel"): (message, consumed) or None.
 
     A client needs this (it knows which command it sent); the server never
@@ -287,7 +287,7 @@ def encode_tunnel(code: int, atyp: int, addr: str, protocol: int) -> bytes:
             + bytes((_byte(protocol, "TUN.PROTOCOL"),)))
 
 
-def encode_message(msg) -> bytes:  # type: ignore[no-untyped-def]
+def encode_message(msg) -> bytes:
     """Encode a parsed message again (requests and replies share their layout)."""
     if isinstance(msg, IcmpAssociate):
         return encode_icmp(msg.code, msg.icmp_id)

@@ -850,7 +850,7 @@ def peek_ports(packet: Buffer) -> tuple[int, int]:
         raise CodecError("non-first fragment has no transport header")
     if hl + 4 > len(packet):
         raise CodecError("truncated transport header: no ports")
-    return _HH.unpack_from(packet, hl)  # type: ignore[return-value]
+    return _HH.unpack_from(packet, hl)
 
 
 def _rewrite_address(packet: Buffer, new: Buffer, at: int) -> bytes:

@@ -8,8 +8,8 @@ first bytes — the way Tahoe's protocol switch sniffs a connection.  The first
 handler whose predicate matches gets the datagram; nothing matching is
 counted (``short`` when it is shorter than anything a handler takes,
 ``unclaimed`` otherwise) and dropped.  The port's counters are the daemon's,
-not a role's: ``narctl udp`` and ``narsuite_udp_datagrams_total`` show them.  Roles never see each other: each only knows the wire
-format it claims.
+not a role's: ``narctl udp`` and ``narsuite_udp_datagrams_total`` show them.
+Roles never see each other: each only knows the wire format it claims.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class _Protocol(DatagramProtocol):
 class SharedUDPPort(service.Service):
     """One UDP socket, many claimants."""
 
-    def __init__(self, port: int, interface: str = "", reactor=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, port: int, interface: str = "", reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _r
 
@@ -143,7 +143,7 @@ class SharedUDPPort(service.Service):
         if self.port is None:
             self._listen()
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self):
         super().stopService()
         if self.port is not None:
             d = self.port.stopListening()
@@ -160,7 +160,7 @@ class SharedUDPPort(service.Service):
 class UDPPorts(service.MultiService):
     """The daemon's shared UDP ports, started before the roles that use them."""
 
-    def __init__(self, reactor=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, reactor=None) -> None:
         super().__init__()
         self.reactor = reactor
         self.setName("udp")
