@@ -144,25 +144,39 @@ class Node(LineReceiver):
         return {"values": got, "lost": lost[0], "failed": failed[:5], "seconds": time.time() - t0}
 
     @defer.inlineCallbacks
-    def do_load(self, n: int, prefix: str, concurrency: int = 64):  # type: ignore[no-untyped-def]
-        """Insert n records as fast as acknowledged; return the acknowledged names (and failures)."""
+    def do_load(self, n: int, prefix: str, concurrency: int = 64, deadline: float = 60.0):  # type: ignore[no-untyped-def]
+        """Insert n records; a name whose write failed because Redis was away is tried again.
+
+        Returns the names whose write was acknowledged, and counts of the failures by type.
+        """
+        from narsuite.store.redis import NotReplicated, StoreUnavailable
+
         acked: list[str] = []
-        failed = [0]
+        failed: dict[str, int] = {}
         it = iter(range(n))
+        end = time.monotonic() + deadline
 
         @defer.inlineCallbacks
         def worker():  # type: ignore[no-untyped-def]
             for i in it:
                 name = f"{prefix}{i}"
-                try:
-                    yield self.store.insert(Rec(name, 0))
-                    acked.append(name)
-                except Exception:
-                    failed[0] += 1
-                    yield _sleep(0.01)
+                while time.monotonic() < end:
+                    try:
+                        yield self.store.insert(Rec(name, 0))
+                        acked.append(name)
+                        break
+                    except StoreUnavailable:
+                        failed["unavailable"] = failed.get("unavailable", 0) + 1
+                        yield _sleep(0.02)
+                    except (NotReplicated, Conflict) as e:
+                        failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
+                        break  # in the primary, or in doubt: not acknowledged
+                    except Exception as e:
+                        failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
+                        yield _sleep(0.02)
 
         yield defer.gatherResults([worker() for _ in range(concurrency)])
-        return {"acked": acked, "failed": failed[0]}
+        return {"acked": acked, "failed": failed}
 
 
 def _sleep(s: float) -> defer.Deferred:

@@ -180,3 +180,113 @@ def test_f_restarted_node_resyncs_and_reconnect_loses_nothing(server, nodes) -> 
     b.kill(signal.SIGCONT)
     b.until(lambda: b.call("view") == a.call("view"), 10, "b reloaded after the gap")
     assert b.call("stats")["backend"]["resyncs"] >= 1
+
+
+def test_dead_node_is_reaped_durable_records_stay(server, nodes) -> None:
+    """A node killed with -9 stops heartbeating; the survivor reaps what its volatile owners
+    (connections, SAs) held, in its view and in Redis, and keeps the durable records."""
+    a, b = nodes("a"), nodes("b")
+    a.call("insert", name="conn1", spi=501, owner="eph:c1")
+    a.call("insert", name="conn2", spi=502, owner="eph:c2")
+    a.call("claim", ns="spi", value=0xABCDEF, owner="eph:c1")
+    a.call("insert", name="user-lease", spi=503, owner="lease:user:alice")
+    b.call("insert", name="b-conn", spi=504, owner="eph:b1")
+    b.until(lambda: len(b.call("view")) == 4, 2, "b sees a's records")
+    a.kill()
+    t0 = time.monotonic()
+    b.until(lambda: b.call("view") == ["b-conn|504|", "user-lease|503|"], 5, "reaped on b")
+    print(f"\nreaped {time.monotonic() - t0:.2f}s after kill -9 (heartbeat_timeout 0.6 s)")
+    assert "spi|11259375|eph:c1" not in b.call("view", kind="lease")
+    r = redis.Redis(host=server.host, port=server.port)
+    assert not r.exists('t:r:t.rec:"conn1"') and not r.exists("t:u:t.rec:spi:502")
+    assert r.exists('t:r:t.rec:"user-lease"') and r.exists('t:r:t.rec:"b-conn"')
+    assert b.call("stats")["backend"]["reaped"] == 3
+    b.call("insert", name="again", spi=501)  # the reaped values are free
+
+
+def test_d_redis_down_reads_go_on_writes_refused_and_counted_then_recovery(nodes) -> None:
+    """(d) Redis killed: the view still answers (the packet path's reads), new writes fail at
+    once with StoreUnavailable and are counted; Redis back: the node takes writes again by itself."""
+    with RedisServer(appendonly=True) as srv:
+        a = nodes("a", url=f"redis://{srv.address}")
+        a.call("insert", name="before", spi=601)
+        srv.kill()
+        t0 = time.monotonic()
+        r = a.try_call("insert", name="during", spi=602)
+        while r["ok"] or "StoreUnavailable" not in r["error"]:
+            assert time.monotonic() - t0 < 5, r
+            r = a.try_call("insert", name="during", spi=602)
+        t1 = time.monotonic()
+        r = a.try_call("insert", name="during2", spi=603)
+        assert not r["ok"] and "StoreUnavailable" in r["error"]
+        assert time.monotonic() - t1 < 0.5  # refused at once, not after a timeout
+        assert a.call("get", name="before") is not None and a.call("get", name="during") is None
+        stats = a.call("stats")["backend"]
+        assert stats["available"] == 0 and stats["refused_unavailable"] >= 1
+        srv.start()
+        a.until(lambda: a.try_call("insert", name="after", spi=604)["ok"], 10, "writes resume")
+        assert a.call("stats")["backend"]["available"] == 1
+        assert a.call("view") == ["after|604|", "before|601|"]
+
+
+def test_c_sentinel_failover_loses_no_acknowledged_write(tmp_path) -> None:
+    """(c) Primary + replica + three Sentinels; two nodes with replicas_ack = 1 follow the
+    primary through Sentinel.  The primary is killed -9 mid-load: after the failover every
+    acknowledged write is in the new primary and in both views, and writes resume."""
+    from narsuite.lab.redis import RedisSentinel
+
+    primary = RedisServer().start()
+    replica = RedisServer(replicaof=primary.address).start()
+    sentinels = [RedisSentinel(primary.address, quorum=2, down_after_ms=800, failover_timeout_ms=3000).start()
+                 for _ in range(3)]
+    made: list[NodeProc] = []
+    try:
+        rp = redis.Redis(host=primary.host, port=primary.port)
+        deadline = time.monotonic() + 10
+        while rp.info("replication")["connected_slaves"] < 1:
+            assert time.monotonic() < deadline, "replica did not connect"
+            time.sleep(0.05)
+        toml = ('[store]\nbackend = "redis"\n[store.redis]\nsentinels = [' +
+                ", ".join(f'"{s.address}"' for s in sentinels) +
+                ']\nservice = "narsuite"\nprefix = "t:"\nreplicas_ack = 1\nack_timeout = 0.5\n')
+        a = NodeProc("a", toml); made.append(a); a.start()
+        b = NodeProc("b", toml); made.append(b); b.start()
+        ia = a.send("load", n=60_000, prefix="a", concurrency=32, deadline=40)
+        ib = b.send("load", n=60_000, prefix="b", concurrency=32, deadline=40)
+        time.sleep(0.7)
+        primary.kill()
+        t_kill = time.monotonic()
+        s0 = redis.Redis(host=sentinels[0].host, port=sentinels[0].port, decode_responses=True)
+        while s0.sentinel_get_master_addr_by_name("narsuite")[1] != replica.port:
+            assert time.monotonic() - t_kill < 20, "no failover"
+            time.sleep(0.05)
+        failover = time.monotonic() - t_kill
+        # the old primary comes back empty; Sentinel makes it a replica of the new one
+        primary = RedisServer(port=primary.port).start()
+        ra, rb = a.reply(ia, 90), b.reply(ib, 90)
+        assert ra["ok"] and rb["ok"], (ra, rb)
+        acked = ra["result"]["acked"] + rb["result"]["acked"]
+        new = redis.Redis(host=replica.host, port=replica.port, decode_responses=True)
+        missing = []
+        for i in range(0, len(acked), 1000):
+            p = new.pipeline(transaction=False)
+            for n in acked[i:i + 1000]:
+                p.exists(f't:r:t.rec:"{n}"')
+            missing += [n for n, e in zip(acked[i:i + 1000], p.execute()) if not e]
+        print(f"\nfailover: {failover:.2f}s to promote; {len(acked)} acknowledged, {len(missing)} missing; "
+              f"failures a {ra['result']['failed']} b {rb['result']['failed']}")
+        assert missing == []
+        assert len(acked) > 1000
+        assert ra["result"]["failed"].get("unavailable", 0) + ra["result"]["failed"].get("NotReplicated", 0) > 0
+        # both views hold every acknowledged record
+        for node in (a, b):
+            node.until(lambda node=node: set(acked) <= {v.split("|")[0] for v in node.call("view")}, 10,
+                       "acknowledged records in the view")
+        a.call("insert", name="after-failover", spi=0)
+    finally:
+        for n in made:
+            n.close()
+        for s in sentinels:
+            s.close()
+        replica.close()
+        primary.close()
