@@ -1711,3 +1711,73 @@ def test_a_backend_failure_after_the_fact_removes_the_child(monkeypatch, unhandl
     assert [x.spis for x in payloads if isinstance(x, M.Delete)] == [(p.result.outbound.spi.to_bytes(4, "big"),)]
     assert not h.established()[0].children
     assert not unhandled_deferred_errors
+
+
+# ---------------------------------------------------------------------------------------------
+# re-authentication and reconnecting
+
+
+def ra_login(h: Harness, quick: bool = True) -> tuple[Peer, Link, str]:
+    """XAUTH alice, pull a mode-config address, and (``quick``) a Quick Mode for it."""
+    p, link = xauth_login(h)
+    (mid, (status,)), = p.take(C.EXCH_TRANSACTION)
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_ACK, status.identifier,
+                                                                  [M.Attribute(C.XAUTH_STATUS, b"")])], mid=mid))
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_REQUEST, 9, [
+        M.Attribute(C.INTERNAL_IP4_ADDRESS, b"")])]))
+    (_, (rep,)), = p.take(C.EXCH_TRANSACTION)
+    inner = str(IPv4Address(rep.get(C.INTERNAL_IP4_ADDRESS).value))
+    if quick:
+        p.hold_quick = False
+        p.config = attrs.evolve(p.config, phase2=Phase2(local_ts=inner, remote_ts="10.1.0.0/24"))
+        link.send(p.quick_mode())
+    return p, link, inner
+
+
+def test_reconnect_after_a_reauthentication_gets_a_working_address():
+    """strongSwan re-authenticates (a new ISAKMP SA with XAUTH and mode-config, then a Delete
+    of the old one only), then the user disconnects (Delete of the child, then of the ISAKMP
+    SA) and connects again within ORPHAN_GRACE.  The orphan must not outlive its last child,
+    and an adopter's address is the one its own mode-config leased: the Quick Mode for the
+    address the client was just given is accepted (it was refused: "not the client's
+    mode-config address")."""
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra"}])
+    p1, link1, addr1 = ra_login(h)
+    assert p1.result is not None
+    p2, link2, addr2 = ra_login(h, quick=False)  # the re-authentication
+    assert addr2 == addr1
+    link2.send(p2.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p1.ike_spi,))]))
+    (sa2,) = h.established()
+    assert [c.spi_out for c in sa2.children] == [p1.result.inbound.spi], "the new SA took the child at once"
+    assert not h.engine.children.orphans
+    # the user disconnects: the child, then the ISAKMP SA
+    link2.send(p2.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_IPSEC_ESP, 4,
+                                                            (p1.result.inbound.spi.to_bytes(4, "big"),))]))
+    link2.send(p2.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p2.ike_spi,))]))
+    assert not h.established() and not h.esp_sas() and not h.engine.children.orphans
+    assert not [r for r in h.store.records("store.lease") if r.namespace == "pool:ra"]
+    # ... and connects again at once
+    h.clock.advance(5)
+    p3, link3, addr3 = ra_login(h)
+    assert p3.result is not None, f"Quick Mode for {addr3} refused"
+    (sa3,) = h.established()
+    assert sa3.address == addr3
+    (peer,) = h.esp_peers()
+    assert peer.inner == addr3
+
+
+def test_an_orphan_goes_with_its_last_child():
+    """The peer deletes the ISAKMP SA (its children kept as orphans for a successor), then
+    the last child expires: nothing waits the rest of ORPHAN_GRACE any more -- the orphan,
+    its timer and its address go at once."""
+    h = Harness([{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra", "esp_lifetime": 30}])
+    p, link, addr = ra_login(h)
+    assert h.esp_sas()
+    h.clock.advance(40)  # the child's hard lifetime (30 s + 30 s grace) ends in 20 s
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p.ike_spi,))]))
+    assert h.engine.children.orphans and h.esp_sas()
+    h.clock.advance(21)  # the child expires, ORPHAN_GRACE (60 s) has not passed
+    assert not h.esp_sas() and not h.esp_peers()
+    assert not h.engine.children.orphans, "the orphan outlived its last child"
+    assert not engine_timers(h)
+    assert not [r for r in h.store.records("store.lease") if r.namespace == "pool:ra"]

@@ -175,6 +175,8 @@ class Children:
         if notify_peer and sa.state == "established":
             e.send_informational(sa, [Delete(C.PROTO_IPSEC_ESP, 4, (child.spi_in.to_bytes(4, "big"),))])
         e.publish(sa)
+        if sa.state == "deleted" and not sa.children and self.orphans.get(self.principal(sa)) is sa:
+            self._orphans_expired(sa)  # its last child went: nothing left to wait with
 
     def _delete_records(self, sa: IkeSA, child: Child) -> None:
         """A child's SAs, SPI lease and (with its last SA) peer record leave the store."""
@@ -194,7 +196,8 @@ class Children:
         e = self.engine
         e.store_write(e.store.drop_owner(e.owner(sa)), sa, "releasing its SPI leases")
         if sa.address and sa.policy is not None and not any(
-                o.address == sa.address for o in e.sas.values() if o.state == "established"):
+                o.address == sa.address for o in e.sas.values() if o.state == "established") and not any(
+                o.address == sa.address and o.children for o in self.orphans.values() if o is not sa):
             e.store_write(e.store.drop_owner(e.transactions.lease_owner(sa)), sa, f"releasing address {sa.address}")
 
     # ------------------------------------------------------------------ the peer moved
@@ -213,13 +216,19 @@ class Children:
         return (sa.policy.name if sa.policy else "", sa.peer_id_text, sa.xauth_user or sa.remote[0])
 
     def orphan(self, sa: IkeSA) -> None:
-        """The peer deleted ``sa`` but not its children: they wait for a successor."""
+        """The peer deleted ``sa`` but not its children: they wait for a successor -- or go
+        to it at once when it is already there (strongSwan re-authenticates by a new ISAKMP
+        SA first, then deletes the old one)."""
         key = self.principal(sa)
         old = self.orphans.pop(key, None)
         if old is not None:
             self._orphans_expired(old)
         self.orphans[key] = sa
         sa.timer = self.engine.clock.callLater(ORPHAN_GRACE, self._orphans_expired, sa)
+        successors = [s for s in self.engine.sas.values() if s.state == "established" and s is not sa
+                      and self.principal(s) == key and (s.choice is None or not s.choice.xauth or s.xauth_done)]
+        if successors:
+            self.adopt_orphans(max(successors, key=lambda s: s.established))
 
     def _orphans_expired(self, sa: IkeSA) -> None:
         """No new ISAKMP SA came for these children: they go."""
@@ -250,12 +259,13 @@ class Children:
             self.by_out[child.spi_out] = (sa, child)
             sa.children.append(child)
         log.info("ike: {name} adopts {n} ESP SA pair(s) of {old}", name=sa.name, n=len(old.children), old=old.name)
-        old.children = []
-        if not sa.address:
-            sa.address = old.address
+        adopted, old.children = old.children, []
+        # (the adopter's address is the one its own mode-config leases -- for the same XAUTH
+        # user the same one; taking the old SA's here, before that lease, would make the
+        # adopter refuse a Quick Mode for the address it is about to hand out)
         # SPI leases: re-claimed for the adopter
         e.store_write(e.store.drop_owner(e.owner(old)), old, "releasing the orphaned SPI leases")
-        for child in sa.children:
+        for child in adopted:
             e.store_write(e.store.claim("spi", child.spi_in, e.owner(sa)), sa, f"claiming SPI {child.spi_in:#x}")
         e.publish(sa)
 
