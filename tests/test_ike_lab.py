@@ -376,6 +376,38 @@ def test_reauthentication_keeps_the_address(need_strongswan, ra_topo, tmp_path):
     g.terminate()
 
 
+def test_reconnect_after_a_reauthentication(need_strongswan, ra_topo, tmp_path):
+    """strongSwan re-authenticates the ISAKMP SA (the old one is deleted, its CHILD_SA moves
+    to the new one), the user disconnects and connects again within the 60 s orphan grace:
+    the new connection gets an address and its Quick Mode is accepted.  (This order of
+    events passed before the fix too; the engine-level
+    test_reconnect_after_a_reauthentication_gets_a_working_address has the one that failed.)"""
+    t = ra_topo
+    g = gateway(t, tmp_path, psk_policy(xauth="true", pool='"ra"'), users=True)
+    c = Charon(t.r1, tmp_path / "r1").start()
+    conf = ikev1_client_conf(t.g_public, PSK, local_id="r1.example", xauth_user="alice", xauth_password="alice-pw")
+    c.load(conf.replace("    version = 1\n", "    version = 1\n    rekey_time = 8s\n    rand_time = 0s\n"))
+    up(c)
+    first = {r["name"] for r in ike_sas(g)}
+    # the scheduled re-authentication: a new ISAKMP SA, then a Delete of the old one only
+    wait_for(lambda: {r["name"] for r in ike_sas(g)} and not first & {r["name"] for r in ike_sas(g)}, 30,
+             "the re-authenticated ISAKMP SA to replace the first")
+    assert ping(t.r1, t.h_addr)
+    for _ in c.list_sas():
+        c.terminate(ike="home")
+    try:
+        wait_for(lambda: not ike_sas(g) and not esp_sas(g), 15, "the gateway to clear the SAs")
+    except AssertionError:
+        raise AssertionError(f"{ike_sas(g)}\n{esp_sas(g)}\n{c.list_sas_text()}\n{c.log_text()[-3000:]}") from None
+    up(c)
+    (vip,) = c.list_sas()[0].local_vips
+    assert ping(t.r1, t.h_addr)
+    (isa,) = ike_sas(g)
+    assert isa["address"] == vip, isa
+    c.stop()
+    g.terminate()
+
+
 # ------------------------------------------------------------------------ fail closed, NAPT
 def test_a_client_behind_a_nat_claims_its_private_address_only_with_a_policy(need_strongswan, ra_topo, tmp_path):
     """004 §7: a policy without pool, remote_ts or opt-in refuses R1's Quick Mode for its
