@@ -643,3 +643,38 @@ def test_session_idle_limit_counts_control_bytes_and_data_plane_packets():
     assert not tr.disconnecting
     reactor.advance(2)  # t=26 > 15 + 10
     assert tr.disconnecting
+
+
+def test_shared_store_unreachable_refuses_new_allocations_with_0x01_and_counts(deferred_errors):
+    """store.backend = "redis" and Redis away: the lease writes fail with StoreUnavailable; ICMP,
+    IPSEC and UDP-ASSOCIATE are refused with SOCKS general failure (0x01), counted as
+    store_unavailable (not as exhaustion); once the store is back they are granted again."""
+    from twisted.internet import defer
+
+    from narsuite.store.redis import StoreUnavailable
+
+    class Down(MemoryBackend):
+        persistent = True
+        down = True
+
+        def submit(self, writes):
+            if self.down:
+                return defer.fail(StoreUnavailable("the shared store is unreachable"))
+            return defer.succeed(None)
+
+    clock = task.Clock()
+    backend = Down()
+    store = Store(backend, clock)
+    for k in KINDS:
+        store.register(k)
+    h = NarHandler(NarOptions(lent_address=NB), store, clock)
+    a, _ = enter(h, "a")
+    h.nar_data(a, wire.encode_icmp(1, 0x1234) + wire.encode_ipsec(2, 50, 0))
+    out = a.take()
+    assert out[:4] == wire.encode_icmp(0x01, 0x1234)
+    assert wire.parse_reply(out[4:], "ipsec")[0].code == 0x01
+    assert h.counters["store_unavailable"] == 2 and h.counters["exhausted"] == 0
+    assert store.count("store.lease") == 0 and store.count("nar.mapping") == 0
+    backend.down = False
+    h.nar_data(a, wire.encode_icmp(1, 0x1234))
+    assert a.take() == wire.encode_icmp(0, 0x1234)

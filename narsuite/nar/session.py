@@ -68,7 +68,7 @@ from twisted.internet import defer
 from narsuite.logs import logger
 from narsuite.nar import wire
 from narsuite.nar.records import MAPPING, SESSION, NarMapping, NarSession
-from narsuite.store import Conflict, Exhausted
+from narsuite.store import Conflict, Exhausted, StoreBackendError
 
 __all__ = ["NarHandler", "grant_flags", "MAX_BUFFER", "HIGH_WATER", "LOW_WATER", "PORT_RANGE"]
 
@@ -526,13 +526,21 @@ class NarHandler:
 
     # errors ---------------------------------------------------------------------------
     def _exhausted(self, f, st: _Conn, msg) -> bytes:
-        f.trap(Exhausted, Conflict)
-        self.counters["exhausted"] += 1
+        f.trap(Exhausted, Conflict, StoreBackendError)
+        if f.check(StoreBackendError):
+            # The shared store is unreachable (store.backend = "redis"): no new allocation,
+            # refused with SOCKS's own general failure; existing mappings keep forwarding.
+            self.counters["store_unavailable"] += 1
+        else:
+            self.counters["exhausted"] += 1
         return self._refuse(st, msg, wire.REP_GENERAL_FAILURE, str(f.value))
 
     def _undo(self, f, st: _Conn, msg, ns: str, value: int) -> bytes:
-        self.store.release(ns, value)
-        f.trap(Conflict)
+        self.store.release(ns, value).addErrback(
+            lambda e: log.warn("nar: releasing {ns} {v} failed: {e}", ns=ns, v=value, e=e.getErrorMessage()))
+        f.trap(Conflict, StoreBackendError)
+        if f.check(StoreBackendError):
+            self.counters["store_unavailable"] += 1
         return self._refuse(st, msg, wire.REP_GENERAL_FAILURE, str(f.value))
 
     # ------------------------------------------------------------------------- close
