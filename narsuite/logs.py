@@ -92,8 +92,9 @@ def twistd_observer(twistd_options: Any, max_bytes: int, max_files: int) -> ILog
         if not signal.getsignal(signal.SIGUSR1):
             def rotate(_signum: int, _frame: Any) -> None:
                 from twisted.internet import reactor
+                from twisted.internet.interfaces import IReactorThreads
 
-                reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+                IReactorThreads(reactor).callFromThread(log_file.rotate)
 
             signal.signal(signal.SIGUSR1, rotate)
     except ValueError:  # not the main thread (tests)

@@ -57,7 +57,7 @@ from typing import Any
 from twisted.internet import defer, error, udp
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IResolutionReceiver
 from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol, ServerFactory
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol, ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -249,7 +249,7 @@ class _Outbound(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.socks._outbound_lost(self)
 
 
@@ -782,7 +782,7 @@ class SocksProtocol(Protocol):
         except socks.SocksError as e:
             self._malformed(e)
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.closed:
             return
         self.closed = True

@@ -95,7 +95,7 @@ class WorkerChannel(protocol.Protocol):
                 if fd is not None:
                     os.close(fd)
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.up = False
         if self.loop is not None and self.loop.running:
             self.loop.stop()

@@ -254,7 +254,7 @@ class _MainChannel(protocol.Protocol):
         elif kind == "hello":
             log.info("nar workers: worker pid {pid} ready", pid=self.pid)
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         while self.fds:
             os.close(self.fds.popleft())
         if self.pid and self.pool.channels.get(self.pid) is self:
