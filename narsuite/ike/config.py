@@ -18,7 +18,7 @@ from types import MappingProxyType
 import attrs
 
 from narsuite.ike.v2.proposals import DEFAULT_IKE_PROPOSALS, parse_ike
-from narsuite.schema import ConfigError, in_range, ip_address, one_of, setting
+from narsuite.schema import Check, ConfigError, in_range, ip_address, one_of, setting
 
 __all__ = ["IkeConfig", "PeerPolicy", "PHASE1_ENCRYPTIONS", "PHASE1_HASHES", "GROUPS",
            "ESP_ENCRYPTIONS", "ESP_INTEGRITIES", "AUTH_METHODS"]
@@ -52,7 +52,7 @@ def _networks(key: str, value: tuple[str, ...]) -> None:
             raise ConfigError(f"{key}[{i}]", f"got {n!r}; expected an IPv4 network like \"10.1.0.0/24\"") from None
 
 
-def _subset(allowed: tuple, name: str) -> object:
+def _subset(allowed: tuple, name: str) -> Check:
     def check(key: str, value: tuple) -> None:
         for i, v in enumerate(value):
             if v not in allowed:
