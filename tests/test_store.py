@@ -433,3 +433,18 @@ def test_damaged_sqlite_file_gives_one_clear_error(tmp_path, damage) -> None:
     msg = str(e.value)
     assert msg.startswith(f"store.path: cannot use {path} as SQLite: database disk image is malformed")
     assert "move it" in msg and "\n" not in msg
+
+
+def test_reserve_spi_is_refused_while_a_shared_store_is_unreachable(clock: Clock) -> None:
+    """An SPI reserved without the shared store could be drawn by another node: reserve_spi
+    raises (IKE answers NO-PROPOSAL-CHOSEN) while the backend says it is unavailable."""
+    from narsuite.store import StoreBackendError
+
+    backend = MemoryBackend()
+    s = Store(backend, clock)
+    backend.available = False  # type: ignore[attr-defined]
+    assert not s.available
+    with pytest.raises(StoreBackendError):
+        s.reserve_spi("ike:x")
+    backend.available = True  # type: ignore[attr-defined]
+    assert s.reserve_spi("ike:x") > 255

@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from narsuite.logs import logger
-from narsuite.store.backends import IStoreBackend, MemoryBackend, Row, Write
+from narsuite.store.backends import IStoreBackend, MemoryBackend, Row, StoreBackendError, Write
 from narsuite.store.kinds import LEASE, KindSpec, Lease, key_from_text
 
 __all__ = ["Store", "Change", "Conflict", "UnknownKind", "Exhausted", "AddressPool"]
@@ -248,6 +248,15 @@ class Store:
         return self.backend.stop()
 
     # ------------------------------------------------------------------ reads
+    @property
+    def available(self) -> bool:
+        """False while a shared backend cannot take writes (Redis unreachable).
+
+        Reads go on from the view; whoever is about to hand out something new (an SPI, a
+        registration) asks this first and refuses with its protocol's own error.
+        """
+        return bool(getattr(self.backend, "available", True))
+
     def get(self, kind: str, key: Hashable) -> Any:
         e = self._kind(kind).entries.get(key)
         return None if e is None else e.record
@@ -385,6 +394,9 @@ class Store:
         not wait for the next group commit.  The lease is in the in-memory index at once,
         so no one else draws the same value.
         """
+        if not self.available:
+            # Unrecorded, the SPI could be drawn by another node sharing the store.
+            raise StoreBackendError("the shared store is unreachable: no SPI can be reserved")
         leases = self._kinds[LEASE.name].entries
         for _ in range(64):
             spi = secrets.randbits(32)
