@@ -231,3 +231,17 @@ def test_example_config_loads(tmp_path: Path) -> None:
     cfg = cfgmod.loads(example).role("mipproxy")
     check_running(cfg)
     assert cfg.numbers.draft_numbers().assigned_home_agent == 206
+
+
+def test_shared_store_unreachable_denies_new_registrations_130_and_counts() -> None:
+    """store.backend = "redis" and Redis away: a new registration cannot be recorded for the
+    other nodes, so it is denied 130 (insufficient resources), counted, and nothing reaches the
+    HA; once the store is back requests are relayed again."""
+    r = Rig()
+    r.store.backend.available = False  # type: ignore[attr-defined]  # what RedisBackend says while Redis is away
+    r.request()
+    assert r.to_ha == [] and r.last_reply()["code"] == 130
+    assert r.relay.counters.values["store_unavailable"] == 1
+    r.store.backend.available = True  # type: ignore[attr-defined]
+    r.request(ident=peer.ntp_identification(offset=1.0))
+    assert len(r.to_ha) == 1, r.last_reply()

@@ -67,7 +67,7 @@ class Counters:
     NAMES = (
         "requests_rx", "requests_relayed", "replies_rx", "replies_relayed", "denied",
         "deregistrations", "bindings_created", "bindings_retired", "pending_expired",
-        "icmp_errors", "store_errors", "send_failed",
+        "icmp_errors", "store_errors", "send_failed", "store_unavailable",
         # drops, by reason (silently: nothing is answered)
         "drop_short", "drop_zero_home_no_nai", "drop_undecodable", "drop_unexpected_reply",
         "drop_reply_wrong_source", "drop_reply_auth_failed", "drop_reply_malformed",
@@ -289,6 +289,12 @@ class RegistrationRelay:
         if self.store.count(PENDING.name) >= cfg.max_pending:
             deny(wire.REG_HA_INSUFFICIENT_RESOURCES, "pending registration list full",
                  home_agent=ha)
+            return
+        if not self.store.available:
+            # store.backend = "redis" and Redis away: the registration could not be recorded
+            # for the other nodes; existing bindings keep forwarding.
+            self.counters.inc("store_unavailable")
+            deny(wire.REG_HA_INSUFFICIENT_RESOURCES, "the shared store is unreachable", home_agent=ha)
             return
         # 7. the new request (2.2.1 - 2.2.3)
         lifetime = min(req.lifetime, cfg.max_lifetime)
