@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from hmac import compare_digest
 from typing import Final
 
@@ -48,7 +48,7 @@ import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
@@ -110,7 +110,7 @@ _NULL: Final = 2
 _ENC_KIND = {ENC_AES_GCM_16: _GCM, ENC_AES_CBC: _CBC, ENC_NULL: _NULL}
 _ENC_BITS = {ENC_AES_GCM_16: (128, 256), ENC_AES_CBC: (128, 256), ENC_NULL: (0,)}
 #: integrity name -> (hash class, key length, ICV length)
-_INTEG = {
+_INTEG: dict[str, tuple[Callable[[], hashes.HashAlgorithm], int, int]] = {
     INTEG_HMAC_SHA1_96: (hashes.SHA1, 20, 12),
     INTEG_HMAC_SHA256_128: (hashes.SHA256, 32, 16),
 }
@@ -240,10 +240,12 @@ def transform(enc: str, integ: str | None, enc_key_bits: int | None) -> Transfor
     kind = _ENC_KIND[enc]
     if kind == _GCM:
         iv, icv, block = _GCM_IV_LEN, _GCM_ICV_LEN, 4
-    elif kind == _CBC:
-        iv, icv, block = _CBC_BLOCK, _INTEG[integ][2], _CBC_BLOCK  # type: ignore[index]
     else:
-        iv, icv, block = 0, _INTEG[integ][2], 4  # type: ignore[index]
+        assert integ is not None  # key_lengths refuses CBC and null without integrity
+        if kind == _CBC:
+            iv, icv, block = _CBC_BLOCK, _INTEG[integ][2], _CBC_BLOCK
+        else:
+            iv, icv, block = 0, _INTEG[integ][2], 4
     return Transform(enc, integ, enc_key_bits or 0, enc_len, integ_len, iv, icv, block)
 
 
@@ -383,6 +385,16 @@ class _SA:
     __slots__ = ("_aead", "_dec", "_enc", "_icv_len", "_kind", "_mac", "_open", "_salt", "_seal", "esn", "spi",
                  "transform")
 
+    # Set by __init__ only for the SA's own kind (GCM: _aead, _seal, _open; CBC: _enc, _dec;
+    # with an integrity algorithm: _mac) and read only on that kind's packet path: typed
+    # without None, so the per-packet code needs no checks.
+    _aead: AESGCM
+    _seal: Callable[[bytes, bytes, bytes | None], bytes]
+    _open: Callable[[bytes, bytes, bytes | None], bytes]
+    _enc: CipherContext
+    _dec: CipherContext
+    _mac: crypto_hmac.HMAC
+
     def __init__(self, spi: int, enc: str, enc_key: bytes, integ: str | None, integ_key: bytes | None,
                  esn: bool) -> None:
         tr = _key_transform(enc, enc_key, integ, integ_key)
@@ -391,7 +403,6 @@ class _SA:
         self.esn = bool(esn)
         self._kind = _ENC_KIND[enc]
         self._icv_len = tr.icv_len
-        self._aead = self._enc = self._dec = self._mac = self._seal = self._open = None
         self._salt = b""
         key = bytes(enc_key or b"")
         if self._kind == _GCM:
@@ -405,7 +416,7 @@ class _SA:
             self._enc = Cipher(aes, modes.CBC(_urandom(_CBC_BLOCK))).encryptor()
             self._dec = Cipher(aes, modes.CBC(bytes(_CBC_BLOCK))).decryptor()
         if integ is not None:
-            self._mac = crypto_hmac.HMAC(bytes(integ_key), _INTEG[integ][0]())  # type: ignore[arg-type]
+            self._mac = crypto_hmac.HMAC(bytes(integ_key or b""), _INTEG[integ][0]())
 
     def __repr__(self) -> str:
         t = self.transform
@@ -470,19 +481,19 @@ class OutboundSA(_SA):
         if kind == _GCM:
             hdr = _pack_iiq(spi, seql, seq)  # SPI | seq low | IV = 64-bit sequence number
             aad = _pack_iii(spi, seq >> 32, seql) if self.esn else hdr[:8]
-            out = hdr + self._seal(  # type: ignore[misc]
+            out = hdr + self._seal(
                 _pack_nonce(self._salt, seq), payload + _TRAILERS[((-n - 2) & 3) << 8 | next_header], aad
             )
         else:
             hdr = _pack_ii(spi, seql)
             if kind == _CBC:
                 # IV = first output block for a fresh random block (module docstring).
-                body = self._enc.update(  # type: ignore[union-attr]
+                body = self._enc.update(
                     b"".join((_urandom(_CBC_BLOCK), payload, _TRAILERS[((-n - 2) & 15) << 8 | next_header]))
                 )
             else:
                 body = b"".join((payload, _TRAILERS[((-n - 2) & 3) << 8 | next_header]))
-            mac = self._mac.copy()  # type: ignore[union-attr]
+            mac = self._mac.copy()
             mac.update(hdr)
             mac.update(body)
             if self.esn:
@@ -565,14 +576,14 @@ class InboundSA(_SA):
             else:
                 aad = packet[:8]
             try:
-                plain = self._open(self._salt + packet[8:16], packet[16:], aad)  # type: ignore[misc]
+                plain = self._open(self._salt + packet[8:16], packet[16:], aad)
             except InvalidTag:
                 self.auth_failed += 1
                 raise AuthenticationFailed(f"SPI 0x{spi:08x} seq {seq}: GCM tag mismatch") from None
         else:
             icv_len = self._icv_len
             body = packet[:-icv_len]
-            mac = self._mac.copy()  # type: ignore[union-attr]
+            mac = self._mac.copy()
             mac.update(body)
             if esn:
                 if seq > _MAX_SEQ_64:
@@ -583,7 +594,7 @@ class InboundSA(_SA):
                 self.auth_failed += 1
                 raise AuthenticationFailed(f"SPI 0x{spi:08x} seq {seq}: ICV mismatch")
             if kind == _CBC:
-                plain = self._dec.update(body[_ESP_HDR_LEN:])[_CBC_BLOCK:]  # type: ignore[union-attr]
+                plain = self._dec.update(body[_ESP_HDR_LEN:])[_CBC_BLOCK:]
             else:
                 plain = body[_ESP_HDR_LEN:]
         pad_len = plain[-2]
