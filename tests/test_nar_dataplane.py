@@ -59,7 +59,10 @@ INBOUND = {
     "icmp-unmapped": (IP(src=YB, dst=NB) / ICMP(type=0, id=0x5555) / Raw(b"n"), None),
     "ipip-unmapped": (IP(src=YB, dst=NB) / IP(src=CN, dst="172.16.0.99") / Raw(b"n"), None),
     "gre-as-ipip": (IP(src=YB, dst=NB) / IP(src=CN, dst="172.16.0.6") / Raw(b"n"), None),
-    "icmp-unreach": (IP(src=YB, dst=NB) / ICMP(type=3, code=1) / Raw(b"\0" * 28), None),
+    # an error about a packet N did not send from Nb (quoted source elsewhere): not ours
+    "icmp-unreach": (IP(src=YB, dst=NB) / ICMP(type=3, code=1) / IP(src="192.0.2.77", dst=YB)
+                     / UDP(sport=1, dport=2), None),
+    "icmp-timestamp": (IP(src=YB, dst=NB) / ICMP(type=13) / Raw(b"\0" * 12), None),
     "other-yb": (IP(src="192.0.2.11", dst=NB) / ICMP(type=0, id=0x4242) / Raw(b"n"), None),
 }
 
@@ -198,6 +201,7 @@ def test_plane_with_fake_ports():
     assert dp.counters["in_end_to_end"] == 5 and dp.counters["in_translated"] == 3
     assert dp.counters["drop_no_mapping"] == 4  # esp, icmp, ipip unmapped + other Yb
     assert dp.counters["drop_proto_mismatch"] == 1 and dp.counters["drop_icmp_other"] == 1
+    assert dp.counters["drop_icmp_error_foreign"] == 1
     # outbound: a matching packet goes out, a spoofed one does not
     good = IP(src=NB, dst=YB) / ESP(spi=0xABCD, seq=1)
     dp.packetReceived(_tunnel(good), XA)
@@ -259,7 +263,10 @@ def test_demux_tun_drops_what_is_not_ours():
     look = lookup_in(tcpudp_store())
     assert demux_tun(bytes(IP(src=YB, dst=NB) / UDP(dport=20003)), NB, A(E2E), look) == (
         None, "not-lent")
-    assert demux_tun(bytes(IP(src=YB, dst=E2E) / ICMP()), NB, A(E2E), look) == (None, "tun-other")
+    assert demux_tun(bytes(IP(src=YB, dst=E2E) / ICMP(type=13)), NB, A(E2E), look) == (
+        None, "tun-other")
+    assert demux_tun(bytes(IP(src=YB, dst=E2E) / ICMP(id=77)), NB, A(E2E), look) == (
+        None, "no-mapping")
     frag = bytes(IP(src=YB, dst=E2E, proto=17, frag=100) / Raw(b"x" * 8))
     assert demux_tun(frag, NB, A(E2E), look) == (None, "tun-other")
     assert demux_tun(b"\x45", NB, A(E2E), look) == (None, "malformed")
@@ -581,3 +588,61 @@ def test_lab_data_plane(nar_topo, tmp_path):
     assert stats["drop_spoofed"] == 2 and stats["drop_spoofed_source"] == 1, stats
     assert stats.get("tx_errors", 0) == 0, stats
     assert after["drop_no_mapping"] == 5 and after["in_end_to_end"] == 5, after
+
+
+# --------------------------------------------------------- ICMP errors (issue 12)
+
+from narsuite.nar.dataplane import deliver_icmp_error, demux_icmp_error  # noqa: E402
+
+
+def _err(quoted, src="198.51.100.1", dst=NB, type=3, code=4):
+    return bytes(IP(src=src, dst=dst) / ICMP(type=type, code=code, nexthopmtu=1280) / quoted)
+
+
+def test_icmp_errors_find_the_flow_they_quote():
+    """Errors about clients' flows (fragmentation needed, unreachables, time exceeded) used to
+    be dropped as icmp-other; the quoted header names the flow."""
+    store = make_store()
+    for m in TCPUDP:
+        store.insert(m, kind="nar.mapping", owner=m.session)
+    look = lambda ix, key: (store.lookup_all("nar.mapping", ix, key) if ix == "outflow"  # noqa: E731
+                            else store.lookup("nar.mapping", ix, key))
+    cases = {
+        "echo": (IP(src=NB, dst=YB) / ICMP(type=8, id=0x4242), "s1/6"),
+        "tcp": (bytes(IP(src=NB, dst=YB) / TCP(sport=20001, dport=5555))[:28], "s1/21"),
+        "tcp-any": (bytes(IP(src=NB, dst=YB) / TCP(sport=20002, dport=80))[:28], "s1/22"),
+        "udp": (IP(src=NB, dst=YB) / UDP(sport=20003, dport=53), "s1/23"),
+        "ipip-inner": (IP(src=NB, dst=YB, proto=4) / IP(src="172.16.0.5", dst=CN), "s1/4"),
+        "gre-inner": (IP(src=NB, dst=YB) / GRE(proto=0x0800) / IP(src="172.16.0.6", dst=CN), "s2/5"),
+    }
+    for name, (quoted, want) in cases.items():
+        m, reason = demux_icmp_error(_err(bytes(quoted)), NB, look)
+        assert (m.id if m else reason) == want, name
+    # ESP/AH quote Y's SPI: only a single client towards Yb makes the error deliverable
+    m, reason = demux_icmp_error(_err(bytes(IP(src=NB, dst=YB) / ESP(spi=0x77))), NB, look)
+    assert m is not None and m.kind == "ipsec" and m.client == XA
+    other = attrs.evolve(mapping(30, "ipsec", 50, session="s3", spi=0x2000), client="10.0.0.11")
+    store.insert(other, kind="nar.mapping", owner="s3")
+    assert demux_icmp_error(_err(bytes(IP(src=NB, dst=YB) / ESP(spi=0x77))), NB, look) == (
+        None, "icmp-error-ambiguous")
+    assert demux_icmp_error(_err(bytes(IP(src=CN, dst=YB) / UDP(sport=20003))), NB, look) == (
+        None, "icmp-error-foreign")
+    assert demux_icmp_error(_err(bytes(IP(src=NB, dst=YB) / UDP(sport=9))), NB, look) == (
+        None, "no-mapping")
+
+
+def test_icmp_error_delivery_end_to_end_and_translated():
+    quoted = bytes(IP(src=NB, dst=YB) / ESP(spi=0x77, seq=1, data=b"x" * 16))
+    err = _err(quoted)
+    e2e = mapping(1, "ipsec", 50, spi=1)
+    out = IP(deliver_icmp_error(err, e2e, A(NA), A(XA), A(NB)))
+    assert (out.src, out.dst, out.proto) == (NA, XA, 4) and bytes(out.payload) == err
+    tr = mapping(2, "ipsec", 50, spi=2, translated=True)
+    got = IP(deliver_icmp_error(err, tr, A(NA), A(XA), A(NB)))
+    # as a NAT: outer destination and quoted source Xa, checksums right (scapy recomputes them)
+    assert (got.src, got.dst, got[ICMP].type, got[ICMP].nexthopmtu) == ("198.51.100.1", XA, 3, 1280)
+    inner = got[ICMP].payload
+    assert (inner.src, inner.dst) == (XA, YB)
+    want = IP(src="198.51.100.1", dst=XA) / ICMP(type=3, code=4, nexthopmtu=1280) / bytes(
+        IP(src=XA, dst=YB) / ESP(spi=0x77, seq=1, data=b"x" * 16))
+    assert bytes(got) == bytes(want)

@@ -349,3 +349,143 @@ def test_client_tunnels_in_gre_when_gre_is_granted(nar_topo, tmp_path, policy, a
     assert from_x and {p["proto"] for p in from_x} == {47}, from_x
     c.stop()
     n.terminate()
+
+
+# ------------------------------------------------- translated both ways, echo, ICMP errors
+
+PING_ALL = textwrap.dedent("""
+    import socket, struct, sys, time
+    from scapy.layers.inet import ICMP
+    src, dst, ident = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.bind((src, 0)); s.settimeout(0.2)
+    s.sendto(bytes(ICMP(type=8, id=ident, seq=7) / b"nar-ping-all"), (dst, 0))
+    end = time.time() + 2
+    while time.time() < end:
+        try:
+            data, addr = s.recvfrom(2048)
+        except socket.timeout:
+            continue
+        icmp = data[(data[0] & 15) * 4:]
+        if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+            print("REPLY", addr[0], flush=True)
+""")
+
+
+def send_from(host, tmp: Path, code: str) -> None:
+    """scapy on ``host``: ``code`` builds ``packets``, sent raw."""
+    script = tmp / f"send_{host.name}.py"
+    script.write_text("import socket\nfrom scapy.all import *\n" + code + textwrap.dedent("""
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        for p in packets:
+            s.sendto(bytes(p), (p[IP].dst, 0))
+        """))
+    host.run([sys.executable, str(script)], timeout=60)
+
+
+def _installed(n, count: int) -> None:
+    """Wait until the data plane has put ``count`` mappings' elements into nftables."""
+    def stats():
+        return {r["counter"]: r["value"] for r in n.rows("nar", "stats")}
+    assert _wait_until(lambda: stats().get("dataplane.nft_installed", 0) >= count, 5), stats()
+
+
+def _pings(host, tmp: Path, src: str, dst: str, ident: int) -> list[str]:
+    (tmp / "ping_all.py").write_text(PING_ALL)
+    out = host.run([sys.executable, str(tmp / "ping_all.py"), src, dst, str(ident)], timeout=20)
+    return [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("REPLY")]
+
+
+def test_translated_icmp_both_ways_and_n_never_answers_a_mapped_id(nar_topo, tmp_path):
+    """Issue 12: Y's ping to Nb got a reply from N itself and one from Xa ("DIFFERENT
+    ADDRESS"); X's ping to Y got none.  Now X alone answers, from Nb, and X's own ping
+    leaves from Nb and is answered."""
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    c = Client(t, "--translated", "--icmp", "4242")
+    assert c.result["translated"] is True and c.result["icmp"] == [4242]
+    _installed(n, 1)
+    at_x = listen(t.x, tmp_path, "1", 3)
+    assert _pings(t.y, tmp_path, t.y_addr, t.n_public, 4242) == [t.n_public]  # one, from Nb
+    requests = [p for p in collected(at_x) if p["hex"][40:42] == "08"]
+    assert [(p["src"], p["dst"]) for p in requests] == [(t.y_addr, t.x_addr)]  # X answered it
+    at_y = listen(t.y, tmp_path, "1", 3)
+    assert _pings(t.x, tmp_path, t.x_addr, t.y_addr, 4242) == [t.y_addr]
+    seen = [(p["src"], p["hex"][40:42]) for p in collected(at_y)]
+    assert (t.n_public, "08") in seen and not any(src == t.x_addr for src, _ in seen), seen
+    # an unmapped identifier is still N's own
+    assert _pings(t.y, tmp_path, t.y_addr, t.n_public, 999) == [t.n_public]
+    c.stop()
+    n.terminate()
+
+
+def test_end_to_end_echo_request_for_a_mapped_id_is_answered_by_x_alone(nar_topo, tmp_path):
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    c = Client(t, "--icmp", "4242", "--tun")
+    _installed(n, 1)
+    assert _pings(t.y, tmp_path, t.y_addr, t.n_public, 4242) == [t.n_public]  # no duplicate
+    stats = {r["counter"]: r["value"] for r in n.rows("nar", "stats")}
+    assert stats["dataplane.in_icmp"] >= 1 and stats["dataplane.out_forwarded"] >= 1, stats
+    c.stop()
+    n.terminate()
+
+
+def test_translated_esp_and_tunnels_leave_from_nb(nar_topo, tmp_path):
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    c = Client(t, "--translated", "--ipsec", "esp", "--tunnel", "10.2.0.100:4",
+               "--tunnel", "10.2.0.101:47")
+    _installed(n, 3)
+    at_y = listen(t.y, tmp_path, "50,4,47", 3)
+    send_from(t.x, tmp_path, textwrap.dedent(f"""
+        packets = [IP(src="{t.x_addr}", dst="{t.y_addr}") / ESP(spi=0x51515151, seq=1, data=b"esp-out"),
+                   IP(src="{t.x_addr}", dst="{t.y_addr}", proto=4) / IP(src="10.2.0.100", dst="198.18.0.1")
+                   / UDP(sport=5, dport=6) / b"ipip-out",
+                   IP(src="{t.x_addr}", dst="{t.y_addr}") / GRE(proto=0x0800)
+                   / IP(src="10.2.0.101", dst="198.18.0.1") / UDP(sport=5, dport=6) / b"gre-out"]
+        """))
+    got = {p["proto"]: p for p in collected(at_y)}
+    assert set(got) == {50, 4, 47}, got
+    assert all(p["src"] == t.n_public and p["dst"] == t.y_addr for p in got.values()), got
+    from scapy.layers.inet import IP
+
+    for p in got.values():  # the rewritten header's checksum is right (scapy recomputes it)
+        pkt = IP(bytes.fromhex(p["hex"]))
+        want = pkt.chksum
+        del pkt.chksum
+        assert IP(bytes(pkt)).chksum == want
+    c.stop()
+    n.terminate()
+
+
+def test_icmp_errors_for_clients_flows_are_delivered(nar_topo, tmp_path):
+    """Fragmentation needed about a translated ESP flow reaches X as a NAT would send it
+    (to Xa, quoting Xa); destination unreachable about an end-to-end ping reaches X's TUN."""
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    c1 = Client(t, "--translated", "--ipsec", "esp")
+    c2 = Client(t, "--icmp", "4343", "--tun")
+    _installed(n, 2)
+    at_x = listen(t.x, tmp_path, "1", 3)
+    send_from(t.y, tmp_path, textwrap.dedent(f"""
+        esp = IP(src="{t.n_public}", dst="{t.y_addr}", flags="DF", len=1500) / ESP(spi=0x9999, seq=3)
+        echo = IP(src="{t.n_public}", dst="{t.y_addr}") / ICMP(type=8, id=4343, seq=1) / (b"x" * 8)
+        packets = [IP(src="{t.y_addr}", dst="{t.n_public}") / ICMP(type=3, code=4, nexthopmtu=1400)
+                   / bytes(esp)[:28],
+                   IP(src="{t.y_addr}", dst="{t.n_public}") / ICMP(type=3, code=1) / bytes(echo)[:28]]
+        """))
+    from scapy.layers.inet import ICMP, IP
+
+    errors = []
+    for p in collected(at_x):
+        pkt = IP(bytes.fromhex(p["hex"]))
+        if pkt.haslayer(ICMP) and pkt[ICMP].type == 3:
+            errors.append((pkt.dst, pkt[ICMP].code, pkt[ICMP].payload.src))
+    assert (t.x_addr, 4, t.x_addr) in errors, errors  # translated: to Xa, quoting Xa
+    assert (t.n_public, 1, t.n_public) in errors, errors  # end-to-end: through the TUN, as sent
+    stats = {r["counter"]: r["value"] for r in n.rows("nar", "stats")}
+    assert stats["dataplane.in_icmp_error"] == 2, stats
+    c1.stop()
+    c2.stop()
+    n.terminate()

@@ -38,8 +38,35 @@ def test_elements_translated_and_end_to_end():
         ("udp_any", f"{NB} . 5353", "169.254.9.9"),
         ("snat_out", f"169.254.9.9 . udp . 5353 . {YB}", NB)]
     with pytest.raises(ValueError):
-        nft.mapping_elements(NarMapping(id="i", session="s", kind="icmp", proto=1, client=XA,
+        nft.mapping_elements(NarMapping(id="i", session="s", kind="tcp", proto=17, client=XA,
                                         lent=NB, remote=YB))
+
+
+def test_elements_of_icmp_esp_and_tunnel_mappings():
+    """Issue 12: translated sessions were one-way, and N answered echo requests for mapped
+    identifiers itself.  ICMP mappings take Y's echo requests away from N's stack (DNAT to
+    Xa / the end-to-end TUN) and SNAT a translated client's own; translated ESP and
+    tunnels from Xa get source Nb; end-to-end ones and AH need nothing in the kernel."""
+    def m(kind, proto, translated, **kw):
+        return NarMapping(id="i", session="s", kind=kind, proto=proto, client=XA, lent=NB,
+                          remote=YB, translated=translated, **kw)
+
+    assert nft.mapping_elements(m("icmp", 1, True, icmp_id=4242)) == [
+        ("icmp_in", f"{NB} . {YB} . 4242", XA), ("icmp_out", f"{XA} . {YB} . 4242", NB)]
+    assert nft.mapping_elements(m("icmp", 1, False, icmp_id=7)) == [
+        ("icmp_in", f"{NB} . {YB} . 7", nft.E2E_ADDRESS)]
+    assert nft.mapping_elements(m("ipsec", 50, True, spi=300)) == [
+        ("xlate_out", f"{XA} . {YB} . 50", NB)]
+    assert nft.mapping_elements(m("tunnel", 47, True, inner="10.2.0.1")) == [
+        ("xlate_out", f"{XA} . {YB} . 47", NB)]
+    for kind, proto in (("ipsec", 50), ("ipsec", 51), ("tunnel", 4)):
+        assert nft.mapping_elements(m(kind, proto, False)) == []
+    assert nft.conntrack_commands(m("icmp", 1, True)) == []
+    script = nft.table_script("narnat0")
+    for line in ("icmp type echo-request dnat ip to ip daddr . ip saddr . icmp id map @icmp_in",
+                 "icmp type echo-request snat ip to ip saddr . ip daddr . icmp id map @icmp_out",
+                 "ip saddr set ip saddr . ip daddr . meta l4proto map @xlate_out"):
+        assert line in script
 
 
 def test_add_and_delete_scripts_name_the_same_keys():

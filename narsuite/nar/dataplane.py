@@ -65,7 +65,8 @@ from narsuite.packet import codec
 from narsuite.packet.codec import CodecError
 from narsuite.packet.rawsock import RawSocketPort
 
-__all__ = ["NarDataPlane", "demux_inbound", "demux_tun", "deliver_packet", "check_outbound",
+__all__ = ["NarDataPlane", "demux_inbound", "demux_tun", "demux_icmp_error", "deliver_packet",
+           "deliver_icmp_error", "check_outbound", "ICMP_ERRORS",
            "tcpudp_installer", "PROTOCOLS"]
 
 log = logger()
@@ -75,6 +76,7 @@ PROTOCOLS = (1, 4, 47, 50, 51)
 _I = struct.Struct("!I").unpack_from
 _H = struct.Struct("!H").unpack_from
 _ntoa = socket.inet_ntoa
+_aton = socket.inet_aton
 _ETH_P_IP = 0x0800
 
 Lookup = Callable[[str, Any], Any]  # (index name, key) -> mapping or None
@@ -122,6 +124,17 @@ def demux_tun(packet: bytes, nb: str, e2e: bytes, lookup: Lookup) -> tuple[Any, 
         return None, "malformed"
     if dst != e2e:
         return None, "not-lent"
+    if proto == 1:
+        hl = (packet[0] & 0x0F) << 2
+        if len(packet) < hl + 8:
+            return None, "malformed"
+        if packet[hl] == 8:  # Y's echo request, DNATed by the icmp_in map (end-to-end)
+            m = lookup("icmp", (nb, _ntoa(src), _H(packet, hl + 4)[0]))
+            return (m, "") if m is not None else (None, "no-mapping")
+        if packet[hl] in ICMP_ERRORS:
+            # An error about a flow conntrack translates (its quoted source is e2e now)
+            return demux_icmp_error(packet, nb, lookup, quoted_src=e2e)
+        return None, "tun-other"
     if proto != 6 and proto != 17:
         return None, "tun-other"
     try:
@@ -136,6 +149,89 @@ def demux_tun(packet: bytes, nb: str, e2e: bytes, lookup: Lookup) -> tuple[Any, 
     if m is None:
         return None, "no-mapping"
     return m, ""
+
+
+#: ICMP types that quote the packet they are about: destination unreachable (with
+#: fragmentation needed, for path MTU discovery), source quench, time exceeded,
+#: parameter problem.
+ICMP_ERRORS = frozenset((3, 4, 11, 12))
+
+
+def demux_icmp_error(packet: bytes, nb: str, lookup: Lookup,
+                     quoted_src: bytes | None = None) -> tuple[Any, str]:
+    """(mapping, "") for an ICMP error about a packet a client sent from Nb, or (None, reason).
+
+    The quoted header says which flow: its source must be Nb (``quoted_src`` instead when
+    conntrack has already rewritten it), its destination is the flow's Yb, and the tuple
+    is the flow's own, read from the sender's side: ICMP (Nb, Yb, id of the quoted echo
+    request); TCP (Nb, source port, Yb, destination port) or (Nb, port, Yb, 0); UDP (Nb,
+    source port); tunnels (Yb, quoted inner source Xb, Nb).  ESP and AH quote the SPI of
+    Y's inbound SA, which N does not know: the error goes to the client if exactly one
+    client has an ESP (AH) mapping towards that Yb (index ``outflow``), else it is dropped
+    as ``icmp-error-ambiguous``.  Reasons: ``malformed``, ``icmp-error-foreign`` (not
+    about a packet from Nb), ``no-mapping``, ``icmp-error-ambiguous``."""
+    hl = (packet[0] & 0x0F) << 2
+    q = hl + 8
+    if len(packet) < q + 20 or packet[q] >> 4 != 4:
+        return None, "malformed"
+    qhl = (packet[q] & 0x0F) << 2
+    if qhl < 20 or packet[q + 12:q + 16] != (quoted_src or _aton(nb)):
+        return None, "icmp-error-foreign"
+    qproto = packet[q + 9]
+    yb = _ntoa(packet[q + 16:q + 20])
+    body = q + qhl
+    have = len(packet) - body
+    m = None
+    if qproto == 1:
+        if have < 8 or packet[body] != 8:
+            return None, "icmp-error-foreign"
+        m = lookup("icmp", (nb, yb, _H(packet, body + 4)[0]))
+    elif qproto == 6 or qproto == 17:
+        if have < 4:
+            return None, "malformed"
+        sport, dport = _H(packet, body)[0], _H(packet, body + 2)[0]
+        if qproto == 6:
+            m = lookup("tcp", (nb, sport, yb, dport)) or lookup("tcp", (nb, sport, yb, 0))
+        else:
+            m = lookup("udp", (nb, sport))
+    elif qproto == 4 or qproto == 47:
+        inner = body + (4 if qproto == 47 else 0)
+        if len(packet) >= inner + 16 and packet[inner] >> 4 == 4:
+            m = lookup("tunnel", (yb, _ntoa(packet[inner + 12:inner + 16]), nb))
+        if m is None:
+            m, reason = _only_client(lookup, nb, yb, qproto)
+            if m is None:
+                return None, reason
+    elif qproto == 50 or qproto == 51:
+        m, reason = _only_client(lookup, nb, yb, qproto)
+        if m is None:
+            return None, reason
+    if m is None:
+        return None, "no-mapping"
+    return m, ""
+
+
+def _only_client(lookup: Lookup, nb: str, yb: str, proto: int) -> tuple[Any, str]:
+    ms = lookup("outflow", (nb, yb, proto)) or ()
+    if not ms:
+        return None, "no-mapping"
+    if len({m.client for m in ms}) != 1:
+        return None, "icmp-error-ambiguous"
+    return ms[0], ""
+
+
+def deliver_icmp_error(packet: bytes, mapping: Any, na: bytes, xa: bytes,
+                       nb: bytes) -> bytes:
+    """The ICMP error N sends to Xa about one of its flows: end-to-end, as Y's side sent it
+    (about a packet from Nb), tunnelled like the flow; translated, with the outer
+    destination and the quoted source Xa, as a NAT would (the flow left X from Xa)."""
+    if not mapping.translated:
+        if packet[16:20] != nb:
+            packet = codec.rewrite_icmp_error(packet, outer_dst=nb, inner_src=nb)
+        if mapping.encap == "gre":
+            return codec.gre_encapsulate(packet, na, xa)
+        return codec.ipip_encapsulate(packet, na, xa)
+    return codec.rewrite_icmp_error(packet, outer_dst=xa, inner_src=xa)
 
 
 def demux_inbound(packet: bytes, nb: str, lookup: Lookup) -> tuple[Any, str]:
@@ -164,6 +260,8 @@ def demux_inbound(packet: bytes, nb: str, lookup: Lookup) -> tuple[Any, str]:
     elif proto == 1:
         if n < hl + 8:
             return None, "malformed"
+        if packet[hl] in ICMP_ERRORS:
+            return demux_icmp_error(packet, nb, lookup)
         if packet[hl] not in (0, 8):
             return None, "icmp-other"
         m = lookup("icmp", (nb, _ntoa(src), _H(packet, hl + 4)[0]))
@@ -319,6 +417,7 @@ class NarDataPlane(service.Service):
         self.tun: Any = None
         self.tcpudp_ready = False
         self._installed: dict[str, list[tuple[str, str, str]]] = {}
+        self._refs: collections.Counter[tuple[str, str]] = collections.Counter()
         self._unsubscribe: Callable[[], None] | None = None
         #: session id -> when a packet was last delivered for it; client -> last forwarded
         #: (the session idle limit, [nar.nar] session_idle_timeout, reads them)
@@ -388,6 +487,7 @@ class NarDataPlane(service.Service):
             except Exception as e:
                 log.error("nar data plane: cannot delete table ip {t}: {e}", t=nft.TABLE, e=e)
             self._installed.clear()
+            self._refs.clear()
             self.reservations.release_all()
             if self.tun is not None:
                 self.tun.stop()
@@ -411,25 +511,53 @@ class NarDataPlane(service.Service):
             self.reservations.release(proto, port)
 
     def install_mapping(self, m: Any) -> defer.Deferred:
-        """Add the nftables elements of a tcp/udp mapping; fires once they are in the kernel.
+        """Add the nftables elements of a mapping; fires once they are in the kernel.
 
-        Removal follows the store: the mapping's delete (close, drop_owner) removes them."""
+        TCP/UDP mappings are installed by the NarHandler before it answers; ICMP, ESP and
+        tunnel mappings as the store reports them (:meth:`_mapping_changed`).  Removal
+        follows the store: the mapping's delete (close, drop_owner) removes them.
+        Elements shared by several mappings (``xlate_out``: one client, one Yb, one
+        protocol) are reference-counted: added by the first, deleted with the last."""
         if not self.tcpudp_ready:
             return defer.fail(nft.NftError("TCP/UDP mappings are not available"))
+        if m.id in self._installed:
+            return defer.succeed(None)
         elements = nft.mapping_elements(m, self.e2e_address)
+        self._installed[m.id] = elements
+        fresh = []
+        for e in elements:
+            key = (e[0], e[1])
+            if not self._refs[key]:
+                fresh.append(e)
+            self._refs[key] += 1
+        if not fresh:
+            return defer.succeed(None)
 
         def added(_: object) -> None:
-            self.counters["tcpudp_installed"] += 1
-            if self.store.get(MAPPING.name, m.id) is None or not self.tcpudp_ready:
-                # gone while nft was running: take the elements out again
-                self._remove_elements(m, elements)
-            else:
-                self._installed[m.id] = elements
+            self.counters["tcpudp_installed" if m.kind in ("tcp", "udp") else "nft_installed"] += 1
 
-        return self.nft.run(nft.elements_script("add", elements)).addCallback(added)
+        def failed(f):  # type: ignore[no-untyped-def]
+            if self._installed.get(m.id) is elements:
+                del self._installed[m.id]
+                self._unref(elements)
+            return f
+
+        return self.nft.run(nft.elements_script("add", fresh)).addCallbacks(added, failed)
+
+    def _unref(self, elements: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Drop one reference to each element; those no mapping holds any more."""
+        gone = []
+        for e in elements:
+            key = (e[0], e[1])
+            self._refs[key] -= 1
+            if self._refs[key] <= 0:
+                del self._refs[key]
+                gone.append(e)
+        return gone
 
     def _remove_elements(self, m: Any, elements: list[tuple[str, str, str]]) -> defer.Deferred:
-        """Delete the mapping's map elements, then the conntrack entries of its flows."""
+        """Delete the mapping's map elements (those no other mapping holds), then the
+        conntrack entries of its flows."""
         mid = m.id
 
         def failed(f):
@@ -438,29 +566,42 @@ class NarDataPlane(service.Service):
                       e=f.getErrorMessage())
 
         def done(_: object) -> None:
-            self.counters["tcpudp_removed"] += 1
+            self.counters["tcpudp_removed" if m.kind in ("tcp", "udp") else "nft_removed"] += 1
 
         def flows_failed(f):
             self.counters["conntrack_errors"] += 1
             log.error("nar: cannot delete the conntrack entries of {id}: {e}", id=mid,
                       e=f.getErrorMessage())
 
-        d = self.nft.run(nft.elements_script("delete", elements)).addCallbacks(done, failed)
+        gone = self._unref(elements)
+        d = (self.nft.run(nft.elements_script("delete", gone)).addCallbacks(done, failed)
+             if gone else defer.succeed(None))
         for argv in nft.conntrack_commands(m):
             self.nft.conntrack(argv).addErrback(flows_failed)
         return d
 
     def _mapping_changed(self, change: Any) -> None:
-        m = change.record if change.op == "delete" else None
-        if m is None or m.kind not in ("tcp", "udp"):
+        m = change.record
+        if m is None:
             return
-        self.release_port(m.proto, m.port)
+        if change.op != "delete":
+            if m.kind not in ("tcp", "udp") and self.tcpudp_ready and m.id not in self._installed:
+                def failed(f):  # type: ignore[no-untyped-def]
+                    self.counters["install_errors"] += 1
+                    log.error("nar: cannot install the nftables elements of {id}: {e}", id=m.id,
+                              e=f.getErrorMessage())
+                self.install_mapping(m).addErrback(failed)
+            return
+        if m.kind in ("tcp", "udp"):
+            self.release_port(m.proto, m.port)
         elements = self._installed.pop(m.id, None)
         if elements is not None and self.tcpudp_ready:
             self._remove_elements(m, elements)
 
     # ----------------------------------------------------------------------- packets
     def _lookup(self, index: str, key: Any) -> Any:
+        if index == "outflow":
+            return self.store.lookup_all(MAPPING.name, "outflow", key)
         return self._index[index].get(key)
 
     def packetReceived(self, packet: bytes, src: str) -> None:
@@ -490,7 +631,12 @@ class NarDataPlane(service.Service):
         c = self.counters
         try:
             xa = socket.inet_aton(m.client)
-            out = deliver_packet(packet, m, self._source_for(m.client), xa)
+            hl = (packet[0] & 0x0F) << 2
+            if packet[9] == 1 and len(packet) > hl and packet[hl] in ICMP_ERRORS:
+                out = deliver_icmp_error(packet, m, self._source_for(m.client), xa, self.nb_b)
+                c["in_icmp_error"] += 1
+            else:
+                out = deliver_packet(packet, m, self._source_for(m.client), xa)
         except (CodecError, OSError) as e:
             c["drop_undeliverable"] += 1
             log.debug("nar: cannot deliver for {id}: {e}", id=m.id, e=e)
@@ -509,7 +655,12 @@ class NarDataPlane(service.Service):
             c["drop_" + reason.replace("-", "_")] += 1
             return
         try:
-            packet = codec.rewrite_ipv4_dst(packet, self.nb_b)
+            hl = (packet[0] & 0x0F) << 2
+            if packet[9] == 1 and packet[hl] in ICMP_ERRORS:
+                # conntrack put the TUN address where Nb was, outside and in the quote
+                packet = codec.rewrite_icmp_error(packet, outer_dst=self.nb_b, inner_src=self.nb_b)
+            else:
+                packet = codec.rewrite_ipv4_dst(packet, self.nb_b)
         except CodecError:
             c["drop_malformed"] += 1
             return

@@ -11,9 +11,13 @@ handles, one hash lookup per packet in the kernel::
     map tcp_any   (Nb . P . Yb)          : target      BIND with DST.PORT 0 (any Y port)
     map udp_any   (Nb . P)               : target      UDP ASSOCIATE (2.6.1: source ignored)
     map snat_out  (source . proto . P . Yb) : Nb       flows the client starts itself
-    chain prerouting   dnat to <the maps above>        (priority dstnat)
-    chain postrouting  snat to ... map @snat_out        (priority srcnat)
-    chain forward_mss  TCP MSS clamp in and out of the end-to-end TUN
+    map icmp_in   (Nb . Yb . ICMP id)    : target      ICMP-ASSOCIATE: Y's echo requests
+    map icmp_out  (Xa . Yb . ICMP id)    : Nb          translated: X's echo requests
+    map xlate_out (Xa . Yb . protocol)   : Nb          translated ESP / tunnels from X
+    chain prerouting    dnat to <the maps above>       (priority dstnat)
+    chain postrouting   snat to ... map @snat_out, @icmp_out   (priority srcnat)
+    chain forward_xlate ip saddr set ... map @xlate_out (stateless, forward hook)
+    chain forward_mss   TCP MSS clamp in and out of the end-to-end TUN
 
 The target ("where the packet goes instead of N's stack") depends on the mapping:
 
@@ -95,16 +99,25 @@ def table_script(tun: str | None, mss: int = MSS) -> str:
         "  map tcp_any { type ipv4_addr . inet_service . ipv4_addr : ipv4_addr; }",
         "  map udp_any { type ipv4_addr . inet_service : ipv4_addr; }",
         "  map snat_out { type ipv4_addr . inet_proto . inet_service . ipv4_addr : ipv4_addr; }",
+        "  map icmp_in { typeof ip daddr . ip saddr . icmp id : ip daddr; }",
+        "  map icmp_out { typeof ip saddr . ip daddr . icmp id : ip saddr; }",
+        "  map xlate_out { type ipv4_addr . ipv4_addr . inet_proto : ipv4_addr; }",
         "  chain prerouting {",
         "    type nat hook prerouting priority dstnat; policy accept;",
         "    meta l4proto tcp dnat ip to ip daddr . tcp dport . ip saddr . tcp sport map @tcp_peer",
         "    meta l4proto tcp dnat ip to ip daddr . tcp dport . ip saddr map @tcp_any",
         "    meta l4proto udp dnat ip to ip daddr . udp dport map @udp_any",
+        "    icmp type echo-request dnat ip to ip daddr . ip saddr . icmp id map @icmp_in",
         "  }",
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",
         "    meta l4proto { tcp, udp } snat ip to ip saddr . meta l4proto . th sport . ip daddr"
         " map @snat_out",
+        "    icmp type echo-request snat ip to ip saddr . ip daddr . icmp id map @icmp_out",
+        "  }",
+        "  chain forward_xlate {",
+        "    type filter hook forward priority filter; policy accept;",
+        "    ip saddr set ip saddr . ip daddr . meta l4proto map @xlate_out",
         "  }",
     ]
     if tun:
@@ -126,8 +139,29 @@ def delete_table_script() -> str:
 
 
 def mapping_elements(m: Any, e2e_address: str = E2E_ADDRESS) -> list[tuple[str, str, str]]:
-    """(map, key, value) of a tcp/udp ``nar.mapping``: where Y's packets go, and the SNAT
-    for flows the client starts.  Pure; the same text adds and deletes."""
+    """(map, key, value) of a ``nar.mapping``: where Y's packets go, and the translation of
+    what the client sends.  Pure; the same text adds and deletes.
+
+    * tcp/udp: see the module docstring.
+    * icmp: Y's echo requests for (Nb, Yb, id) are DNATed to Xa (translated) or to the
+      end-to-end TUN (so N's own stack never answers a mapped identifier, 2.6); a
+      translated client's own echo requests (Xa, Yb, id) are SNATed to Nb.  Conntrack
+      does the reply direction and the ICMP errors of these flows.
+    * ESP and tunnels in translated sessions: what X sends from Xa to Yb gets source Nb
+      (``xlate_out``, a stateless rewrite in the forward hook: conntrack must not pair
+      Y's packets with one client, N demultiplexes them by SPI / inner address).
+    * everything else (end-to-end ESP/AH/tunnels, which X tunnels to N): nothing.
+    """
+    if m.kind == "icmp":
+        target = m.client if m.translated else e2e_address
+        out = [("icmp_in", f"{m.lent} . {m.remote} . {m.icmp_id}", target)]
+        if m.translated:
+            out.append(("icmp_out", f"{m.client} . {m.remote} . {m.icmp_id}", m.lent))
+        return out
+    if m.kind in ("ipsec", "tunnel"):
+        if m.translated and m.proto != 51:
+            return [("xlate_out", f"{m.client} . {m.remote} . {m.proto}", m.lent)]
+        return []
     if m.kind not in ("tcp", "udp") or _L4.get(m.proto) != m.kind:
         raise ValueError(f"not a tcp/udp mapping: {m.kind}/{m.proto}")
     proto = m.kind
@@ -156,8 +190,10 @@ def elements_script(op: str, elements: list[tuple[str, str, str]]) -> str:
 def conntrack_commands(m: Any) -> list[list[str]]:
     """``conntrack`` arguments deleting the flows of a tcp/udp mapping: those Y started
     (original destination Nb:P, DNATed) and those X started (reply destination Nb:P,
-    SNATed)."""
-    proto = _L4[m.proto]
+    SNATed).  None for other kinds (ICMP echo flows time out in 30 s)."""
+    proto = _L4.get(m.proto)
+    if proto is None or m.kind not in ("tcp", "udp"):
+        return []
     return [["-D", "-p", proto, "--orig-dst", m.lent, "--orig-port-dst", str(m.port)],
             ["-D", "-p", proto, "--reply-dst", m.lent, "--reply-port-dst", str(m.port)]]
 

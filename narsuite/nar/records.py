@@ -90,6 +90,8 @@ MAPPING = KindSpec(
         Index("tcp", _tuple("tcp")),  # (Nb, port, Yb, Y port)         2.6.1
         Index("session", lambda m: m.session, unique=False),
         Index("client", lambda m: m.client, unique=False),  # anti-spoofing on the way out
+        # (Nb, Yb, protocol): whose flow an ICMP error quoting ESP/AH/a tunnel is about
+        Index("outflow", lambda m: (m.lent, m.remote, m.proto), unique=False),
     ),
     persist=False,
     columns=("kind", "proto", "client", "lent", "remote", "translated", "encap", "icmp_id", "spi",

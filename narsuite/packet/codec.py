@@ -64,7 +64,8 @@ __all__ = [
     "parse_icmp", "build_icmp", "build_icmp_echo", "build_icmp_error", "parse_icmp_error",
     "parse_gre", "build_gre",
     # fast per-packet helpers
-    "peek_ipv4", "peek_ports", "rewrite_ipv4_src", "rewrite_ipv4_dst", "napt_rewrite", "decrement_ttl",
+    "peek_ipv4", "peek_ports", "rewrite_ipv4_src", "rewrite_ipv4_dst", "rewrite_icmp_error",
+    "napt_rewrite", "decrement_ttl",
     "ipip_encapsulate", "ipip_decapsulate", "gre_encapsulate", "gre_decapsulate",
     "minimal_encapsulate", "minimal_decapsulate", "decapsulate",
 ]
@@ -853,7 +854,7 @@ def peek_ports(packet: Buffer) -> tuple[int, int]:
     return _HH.unpack_from(packet, hl)
 
 
-def _rewrite_address(packet: Buffer, new: Buffer, at: int) -> bytes:
+def _rewrite_address(packet: Buffer, new: Buffer, at: int, quoted: bool = False) -> bytes:
     n = len(packet)
     if n < 20:
         raise CodecError(f"truncated IPv4 header: {n} bytes, need at least 20")
@@ -884,6 +885,8 @@ def _rewrite_address(packet: Buffer, new: Buffer, at: int) -> bytes:
     else:
         return bytes(buf)  # ICMP and others: no pseudo header
     if at + 2 > n:
+        if quoted:  # the part of a packet an ICMP error quotes: nothing more to fix
+            return bytes(buf)
         raise CodecError(
             f"transport checksum (offset {at}) not in this {n}-byte packet; "
             "reassemble before rewriting"
@@ -913,6 +916,35 @@ def rewrite_ipv4_src(packet: Buffer, new_src: Buffer) -> bytes:
 def rewrite_ipv4_dst(packet: Buffer, new_dst: Buffer) -> bytes:
     """A copy of ``packet`` with destination ``new_dst``; see ``rewrite_ipv4_src``."""
     return _rewrite_address(packet, new_dst, 16)
+
+
+def rewrite_icmp_error(packet: Buffer, *, outer_dst: Buffer | None = None,
+                       inner_src: Buffer | None = None) -> bytes:
+    """A copy of an ICMP error (IPv4 header + ICMP type 3/4/5/11/12 + quoted packet) with the
+    outer destination and/or the quoted packet's source replaced -- what a NAT does to the
+    errors of the flows it translates (RFC 3022 4.3).
+
+    The quoted header's checksum and, when quoted, its TCP/UDP checksum are fixed
+    incrementally; the ICMP checksum is computed again over the whole message.  Raises
+    ``CodecError`` for a packet that is not an ICMP error with a quoted IPv4 header."""
+    n = len(packet)
+    if n < 20 or packet[0] >> 4 != 4 or packet[9] != PROTO_ICMP:
+        raise CodecError("not an IPv4 ICMP packet")
+    hl = (packet[0] & 0x0F) << 2
+    if n < hl + 8 + 20 or packet[hl] not in (3, 4, 5, 11, 12):
+        raise CodecError("not an ICMP error with a quoted IPv4 header")
+    inner = bytes(packet[hl + 8:])
+    if inner_src is not None:
+        inner = _rewrite_address(inner, inner_src, 12, quoted=True)
+    icmp = bytearray(packet[hl:hl + 8]) + inner
+    icmp[2:4] = b"\x00\x00"
+    c = internet_checksum(icmp)
+    icmp[2] = c >> 8
+    icmp[3] = c & 0xFF
+    out = bytes(packet[:hl]) + bytes(icmp)
+    if outer_dst is not None:
+        out = _rewrite_address(out, outer_dst, 16)
+    return out
 
 
 def decrement_ttl(packet: Buffer) -> bytes:
