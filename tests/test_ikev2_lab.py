@@ -6,6 +6,8 @@ goes through the tunnel for real and tshark reads every capture.
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 from labtraffic import ping, tcp_transfer
@@ -77,5 +79,110 @@ def test_a_psk_virtual_ip_through_nat(need_strongswan, ra_topo, tmp_path):
     protocols = cap.check()
     assert any("isakmp" in p for p in protocols)
     assert any(p.endswith("udpencap:esp") for p in protocols)
+    c.stop()
+    g.terminate()
+
+
+# ------------------------------------------------------------------------------------- (a) IKE_SA_INIT
+def test_a_invalid_ke_retry_and_cookie(need_strongswan, ra_topo, tmp_path):
+    """IKE_SA_INIT's two stateless answers against a real initiator: the client's first KE
+    (modp2048) is not our group (ecp256 only) -> INVALID_KE_PAYLOAD naming 19, it retries;
+    with ``ikev2_cookie_threshold = 0`` it must also return our COOKIE first.  Then it
+    completes, with traffic."""
+    t = ra_topo
+    g = gateway(t, tmp_path, v2_policy(ikev2_proposals='["aes128-sha256-ecp256"]'),
+                ike_extra="ikev2_cookie_threshold = 0\n")
+    cap = Capture(t.g, "wan0", tmp_path / "ke.pcap")
+    c = client(t, t.r1, tmp_path, "r1", proposals="aes128-sha256-modp2048-ecp256")
+    up(c)
+    log = c.log_text()
+    assert "parsed IKE_SA_INIT response 0 [ N(COOKIE) ]" in log and "received COOKIE notify" in log, log[-3000:]
+    assert "peer didn't accept DH group MODP_2048, it requested ECP_256" in log, log[-3000:]
+    (csa,) = c.list_sas()
+    assert csa.established and csa.dh_group == "ECP_256"
+    assert ping(t.r1, t.h_addr)
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert stats.get("v2 invalid_ke_sent", 0) >= 1 and stats.get("v2 cookie_sent", 0) >= 1, stats
+    cap.check()
+    c.stop()
+    g.terminate()
+
+
+# ------------------------------------------------------------------------------------- (f)
+def test_f_two_clients_one_identity_behind_one_nat(need_strongswan, ra_topo, tmp_path):
+    """(f) R1 and R3 behind NAT1, the same PSK and even the same identity: two IKE SAs, two
+    pool addresses (leases per identity at its NAT mapping), traffic for both; H reaches
+    each virtual IP; deleting one leaves the other."""
+    t = ra_topo
+    g = gateway(t, tmp_path, v2_policy())
+    cap = Capture(t.g, "wan0", tmp_path / "f.pcap")
+    c1 = client(t, t.r1, tmp_path, "r1", local_id="road.example")
+    c3 = client(t, t.r3, tmp_path, "r3", local_id="road.example")
+    up(c1)
+    up(c3)
+    (vip1,) = c1.list_sas()[0].local_vips
+    (vip3,) = c3.list_sas()[0].local_vips
+    assert vip1 != vip3
+    rows = ike_sas(g)
+    assert len(rows) == 2 and {r["address"] for r in rows} == {vip1, vip3}
+    assert {r["remote"].split(":")[0] for r in rows} == {t.nat1_public}
+    assert len({r["remote"] for r in rows}) == 2
+    assert ping(t.r1, t.h_addr) and ping(t.r3, t.h_addr)
+    assert ping(t.h, vip1) and ping(t.h, vip3)
+    assert tcp_transfer(t.h, t.r3, t.h_addr, size=TRANSFER) == TRANSFER
+    res = c1.terminate(ike="home")
+    assert res.ok, res.output
+    wait_rows = [r for r in ike_sas(g)]
+    assert [r["address"] for r in wait_rows] == [vip3], wait_rows
+    assert ping(t.r3, t.h_addr)
+    cap.check()
+    c1.stop()
+    c3.stop()
+    g.terminate()
+
+
+# ------------------------------------------------------------------------------------- (d)
+def test_d_child_and_ike_rekey_while_traffic_flows(need_strongswan, ra_topo, tmp_path):
+    """(d) A CHILD SA rekey (with PFS) and an IKE SA rekey, started by the client while a
+    TCP transfer runs through the tunnel: the transfer completes, the new SPIs are the
+    ones in use, the old ones are gone on both sides, one IKE SA remains."""
+    import threading
+
+    t = ra_topo
+    g = gateway(t, tmp_path, v2_policy())
+    cap = Capture(t.g, "wan0", tmp_path / "d.pcap")
+    c = client(t, t.r1, tmp_path, "r1", esp_proposals="aes128gcm16-ecp256,aes128-sha256-ecp256")
+    up(c)
+    (csa,) = c.list_sas()
+    (old_child,) = csa.children
+    result: dict[str, str] = {}
+
+    def pings() -> None:  # 80 echo requests over ~4 s: before, during and after both rekeys
+        out = t.r1.run(["ping", "-c", "80", "-i", "0.05", "-W", "1", t.h_addr], check=False, timeout=60)
+        result["ping"] = out.stdout
+
+    th = threading.Thread(target=pings)
+    th.start()
+    time.sleep(0.8)
+    c.swanctl("--rekey", "--child", "net")
+    new = c.wait_sa(lambda sa: sa.established and any(ch.spi_in != old_child.spi_in and ch.state == "INSTALLED"
+                                                      for ch in sa.children) and len(sa.children) == 1,
+                    timeout=15)
+    (new_child,) = new.children
+    assert new_child.dh_group == "ECP_256"
+    c.swanctl("--rekey", "--ike", "home")
+    rekeyed = c.wait_sa(lambda sa: sa.established and sa.spi_r != csa.spi_r, timeout=15)
+    th.join(60)
+    received = int(re.search(r"(\d+) received", result["ping"]).group(1))
+    assert received >= 76, result["ping"]  # a rekey may cost a packet in flight, not the tunnel
+    assert tcp_transfer(t.h, t.r1, t.h_addr, size=TRANSFER) == TRANSFER
+    assert ping(t.r1, t.h_addr)
+    (isa,) = ike_sas(g)
+    assert isa["name"] == rekeyed.spi_i.hex()[:8] + rekeyed.spi_r.hex()[:8]
+    assert int(isa["children"]) == 1
+    spis = {(r["dir"], int(r["spi"], 16)) for r in esp_sas(g)}
+    (cur,) = rekeyed.children
+    assert spis == {("in", cur.spi_out), ("out", cur.spi_in)}, spis
+    cap.check()
     c.stop()
     g.terminate()
