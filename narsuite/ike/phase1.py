@@ -145,7 +145,8 @@ class Phase1:
                        detail=err.detail)
             raise
         vids = [v.data for v in isakmp.find_all(msg.payloads, VendorID)]
-        variant = natt.choose_variant(vids, e.natt_variants, tuple(cfg.espthrunat_modes))  # type: ignore[arg-type]
+        modes = cfg.espthrunat_modes  # exactly two: the config check says so
+        variant = natt.choose_variant(vids, e.natt_variants, (modes[0], modes[1]))
         response_sa = proposals.phase1_response(offer, choice)
         if not aggressive:
             self._mm1_stateless(header, addr, local_port, digest, offer, response_sa, choice, candidates,

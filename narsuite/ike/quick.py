@@ -97,7 +97,8 @@ class QuickModeResponder:
         gqm_xy = None
         ke_out = None
         if ke is not None:
-            group = crypto.group(choice.pfs_group)  # type: ignore[arg-type]
+            assert choice.pfs_group is not None  # choose_phase2 refuses a KE without a group
+            group = crypto.group(choice.pfs_group)
             try:
                 private, public = group.generate()
                 gqm_xy = group.shared(private, ke.data)
