@@ -55,8 +55,9 @@ class CookieJar:
 
     The secret is fresh from :mod:`secrets` for every slot of ``slot_seconds``; the
     previous slot's secret is kept so that a cookie handed out just before a slot
-    ends still verifies: a cookie is good for at least one slot and at most two.  Secrets never leave this object and are never persisted: a
-    restart only costs initiators in the middle of MM2-MM3 a retransmission.
+    ends still verifies: a cookie is good for at least one slot and at most two.
+    Secrets never leave this object and are never persisted: a restart only costs
+    initiators in the middle of MM2-MM3 a retransmission.
     """
 
     def __init__(self, clock: Any, slot_seconds: float = 30.0) -> None:
