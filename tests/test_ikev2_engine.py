@@ -1,0 +1,232 @@
+"""The IKEv2 responder (narsuite.ike.v2.engine) driven in-process: a Clock, a memory store
+with a pool, and a small initiator built here from the codec and key schedule (the lab
+tests are where an independent initiator, strongSwan, checks those).  What is checked:
+message IDs and the window of one, a retransmitted request answered with the stored
+response and never processed again, stateless answers, half-open limits, AUTH failure,
+Delete, liveness."""
+
+from __future__ import annotations
+
+import secrets
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from narsuite import sadb
+from narsuite.ike import records
+from narsuite.ike.config import IkeConfig
+from narsuite.ike.v2 import constants as C
+from narsuite.ike.v2 import keys, wire
+from narsuite.ike.v2.engine import IkeV2Engine
+from narsuite.schema import build
+from narsuite.store import MemoryBackend, Store
+
+SERVER = "198.51.100.1"
+CLIENT = ("192.0.2.10", 500)
+PSK = "v2 unit psk"
+
+
+class Harness:
+    def __init__(self, **ike: Any) -> None:
+        peer = {"name": "rw2", "versions": [2], "psk": PSK, "local_id": "gw.example", "pool": "ra",
+                "local_ts": ["10.1.0.0/24"], **ike.pop("peer", {})}
+        self.cfg = build(IkeConfig, {"address": SERVER, "peers": [peer], **ike}, "ike")
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.store = Store(MemoryBackend(), self.clock)
+        self.store.add_pool("ra", IPv4Network("10.8.0.0/29"), [IPv4Address("10.8.0.1")])
+        for k in (*sadb.KINDS, *records.KINDS):
+            self.store.register(k)
+        self.store.open()
+        self.store.start()
+        self.sent: list[tuple[bytes, tuple[str, int], int]] = []
+        self.engine = IkeV2Engine(self.cfg, self.store, self.clock,
+                                  send=lambda d, a, p: self.sent.append((d, a, p)))
+
+    def deliver(self, data: bytes, addr: tuple[str, int] = CLIENT, port: int = 500) -> list[bytes]:
+        n = len(self.sent)
+        self.engine.received(data, addr, port)
+        return [d for d, _a, _p in self.sent[n:]]
+
+
+class Initiator:
+    """Just enough of an IKEv2 initiator: ecp256, AES-CBC-128/HMAC-SHA2-256, PSK, a CP
+    request and one CHILD SA."""
+
+    def __init__(self, h: Harness, group: int = 19) -> None:
+        self.h = h
+        self.spi_i = secrets.token_bytes(8)
+        self.spi_r = b"\0" * 8
+        self.group = group
+        self.ni = secrets.token_bytes(32)
+        self.mid = 1
+
+    def init_request(self, cookie: bytes | None = None, group: int | None = None) -> bytes:
+        g = group or self.group
+        self.priv, pub = keys.group(g).generate()
+        sa = wire.SA((wire.Proposal(1, C.PROTO_IKE, b"", (
+            wire.Transform(C.TRANS_ENCR, C.ENCR_AES_CBC, 128), wire.Transform(C.TRANS_PRF, C.PRF_HMAC_SHA2_256),
+            wire.Transform(C.TRANS_INTEG, C.AUTH_HMAC_SHA2_256_128), wire.Transform(C.TRANS_DH, 19),
+            wire.Transform(C.TRANS_DH, 14))),))
+        ps: list[Any] = [wire.Notify(C.COOKIE, cookie)] if cookie else []
+        ps += [sa, wire.KE(g, pub), wire.Nonce(self.ni)]
+        self.req1 = wire.build_message(wire.Header(self.spi_i, b"\0" * 8, C.IKE_SA_INIT, C.FLAG_INITIATOR, 0), ps)
+        return self.req1
+
+    def take_init_response(self, data: bytes) -> tuple[Any, ...]:
+        hdr, ps = wire.parse_message(data)
+        self.resp1 = data
+        self.spi_r = hdr.spi_r
+        ke, nr = wire.find(ps, wire.KE), wire.find(ps, wire.Nonce)
+        gir = keys.group(ke.group).shared(self.priv, ke.data)
+        self.nr = nr.data
+        seed = keys.skeyseed("sha256", self.ni, self.nr, gir)
+        self.k = keys.derive_ike_keys("sha256", seed, self.ni, self.nr, self.spi_i, self.spi_r, 16, 32)
+        self.tx = keys.SKCipher(C.ENCR_AES_CBC, self.k.sk_ei, C.AUTH_HMAC_SHA2_256_128, self.k.sk_ai)
+        self.rx = keys.SKCipher(C.ENCR_AES_CBC, self.k.sk_er, C.AUTH_HMAC_SHA2_256_128, self.k.sk_ar)
+        return ps
+
+    def protected(self, exchange: int, payloads: list[Any], mid: int | None = None, response: bool = False) -> bytes:
+        m = self.mid if mid is None else mid
+        flags = C.FLAG_INITIATOR | (C.FLAG_RESPONSE if response else 0)
+        return keys.seal(wire.Header(self.spi_i, self.spi_r, exchange, flags, m), payloads, self.tx)
+
+    def auth_request(self, psk: str = PSK) -> bytes:
+        idi = wire.IDi(C.ID_FQDN, b"client.example")
+        body = bytes([idi.id_type, 0, 0, 0]) + idi.data
+        octets = keys.signed_octets(self.req1, self.nr, "sha256", self.k.sk_pi, body)
+        self.spi_child = secrets.token_bytes(4)
+        return self.protected(C.IKE_AUTH, [
+            idi, wire.Auth(C.AUTH_SHARED_KEY, keys.psk_auth("sha256", psk.encode(), octets)),
+            wire.CP(C.CFG_REQUEST, (wire.CfgAttribute(C.INTERNAL_IP4_ADDRESS),)),
+            wire.SA((wire.Proposal(1, C.PROTO_ESP, self.spi_child, (
+                wire.Transform(C.TRANS_ENCR, C.ENCR_AES_GCM_16, 128), wire.Transform(C.TRANS_ESN, 0))),)),
+            wire.TSi((wire.ts_range("0.0.0.0/0"),)), wire.TSr((wire.ts_range("0.0.0.0/0"),))])
+
+    def open(self, data: bytes) -> tuple[wire.Header, tuple[Any, ...]]:
+        hdr, outer = wire.parse_message(data)
+        return hdr, wire.parse_payloads(outer[-1].first, keys.open_encrypted(data, hdr.length, outer[-1], self.rx))
+
+
+def establish(h: Harness) -> Initiator:
+    i = Initiator(h)
+    (resp,) = h.deliver(i.init_request())
+    i.take_init_response(resp)
+    (resp,) = h.deliver(i.auth_request())
+    hdr, ps = i.open(resp)
+    assert hdr.response and hdr.message_id == 1 and wire.find(ps, wire.Auth) is not None
+    i.mid = 2
+    i.auth_response = ps
+    return i
+
+
+def test_psk_auth_cp_and_child_in_the_store():
+    h = Harness()
+    i = establish(h)
+    cp = wire.find(i.auth_response, wire.CP)
+    addr = next(a.value for a in cp.attributes if a.type == C.INTERNAL_IP4_ADDRESS)
+    assert IPv4Address(addr) in IPv4Network("10.8.0.0/29")
+    tsi = wire.find(i.auth_response, wire.TSi)
+    assert tsi.selectors[0].start == tsi.selectors[0].end == addr
+    tsr = wire.find(i.auth_response, wire.TSr)
+    assert (IPv4Address(tsr.selectors[0].start), IPv4Address(tsr.selectors[0].end)) == (
+        IPv4Address("10.1.0.0"), IPv4Address("10.1.0.255"))
+    (peer,) = list(h.store.records(sadb.PEER.name))
+    assert peer.inner == str(IPv4Address(addr)) and peer.policy == "address"
+    assert {s.direction for s in h.store.records(sadb.SA_KIND.name)} == {"in", "out"}
+    assert h.engine.counters["ike_established"] == 1 and h.engine.counters["child_installed"] == 1
+
+
+def test_retransmitted_request_gets_the_stored_response_and_is_not_processed_again():
+    h = Harness()
+    i = Initiator(h)
+    req1 = i.init_request()
+    (r1,) = h.deliver(req1)
+    assert h.deliver(req1) == [r1]  # IKE_SA_INIT: the same bytes again, one SA
+    assert len(h.engine.sas) == 1
+    i.take_init_response(r1)
+    auth = i.auth_request()
+    (r2,) = h.deliver(auth)
+    installed = h.engine.counters["child_installed"]
+    assert h.deliver(auth) == [r2]
+    assert h.engine.counters["child_installed"] == installed
+    assert h.engine.counters["retransmit_answered"] == 2
+    assert len(list(h.store.records(sadb.SA_KIND.name))) == 2
+
+
+def test_message_ids_outside_the_window_are_dropped():
+    h = Harness()
+    i = establish(h)
+    assert h.deliver(i.protected(C.INFORMATIONAL, [], mid=5)) == []
+    assert h.engine.counters["bad_message_id"] == 1
+    (resp,) = h.deliver(i.protected(C.INFORMATIONAL, [], mid=2))  # liveness check from the peer
+    hdr, ps = i.open(resp)
+    assert hdr.message_id == 2 and ps == ()
+
+
+def test_wrong_psk_is_authentication_failed_and_the_sa_is_gone():
+    h = Harness()
+    i = Initiator(h)
+    (resp,) = h.deliver(i.init_request())
+    i.take_init_response(resp)
+    (resp,) = h.deliver(i.auth_request(psk="wrong"))
+    _hdr, ps = i.open(resp)
+    assert [p.type for p in ps] == [C.AUTHENTICATION_FAILED]
+    assert not h.engine.sas and not h.engine.half_open and h.engine.budget.open == 0
+    assert h.engine.counters["auth_failed"] == 1
+    assert not list(h.store.records(sadb.SA_KIND.name))
+
+
+def test_invalid_ke_and_cookie_are_stateless():
+    h = Harness(ikev2_cookie_threshold=0)
+    i = Initiator(h)
+    (resp,) = h.deliver(i.init_request(group=14))
+    hdr, ps = wire.parse_message(resp)
+    (cookie,) = ps
+    assert cookie.type == C.COOKIE and hdr.spi_r == b"\0" * 8 and not h.engine.sas
+    (resp,) = h.deliver(i.init_request(cookie=cookie.data, group=14))
+    _hdr, (ke,) = wire.parse_message(resp)
+    assert ke.type == C.INVALID_KE_PAYLOAD and ke.data == b"\x00\x13" and not h.engine.sas
+    (resp,) = h.deliver(i.init_request(cookie=cookie.data, group=19))
+    i.take_init_response(resp)
+    assert len(h.engine.sas) == 1
+    # a forged cookie is answered with a fresh one, no state
+    j = Initiator(h)
+    (resp,) = h.deliver(j.init_request(cookie=b"\x00" * 8))
+    assert wire.parse_message(resp)[1][0].type == C.COOKIE and len(h.engine.sas) == 1
+    assert h.engine.counters["cookie_bad"] == 1
+
+
+def test_half_open_per_source_limit():
+    h = Harness(half_open_per_source=2, ikev2_cookie_threshold=1000)
+    for _ in range(2):
+        assert len(h.deliver(Initiator(h).init_request())) == 1
+    assert h.deliver(Initiator(h).init_request()) == []
+    assert h.engine.counters["half_open_dropped"] == 1
+    h.clock.advance(h.cfg.half_open_timeout + 1)
+    assert not h.engine.sas and h.engine.budget.open == 0
+    assert len(h.deliver(Initiator(h).init_request())) == 1
+
+
+def test_delete_from_the_peer_removes_everything():
+    h = Harness()
+    i = establish(h)
+    (resp,) = h.deliver(i.protected(C.INFORMATIONAL, [wire.Delete(C.PROTO_IKE)]))
+    assert i.open(resp)[1] == ()
+    assert not h.engine.sas and not list(h.store.records(sadb.SA_KIND.name))
+    assert not list(h.store.records(sadb.PEER.name))
+    assert not list(h.store.records(records.IKE_SA.name))
+
+
+def test_liveness_unanswered_deletes_the_sa():
+    h = Harness(dpd_delay=10, retransmit=[1, 1, 1])
+    establish(h)
+    h.clock.advance(11)
+    n = len(h.sent)
+    h.engine.dpd_tick()
+    assert len(h.sent) == n + 1 and h.engine.counters["liveness_sent"] == 1
+    for _ in range(4):
+        h.clock.advance(1.1)
+    assert not h.engine.sas and h.engine.counters["peer_dead"] == 1
+    assert not list(h.store.records(sadb.SA_KIND.name))
