@@ -29,7 +29,8 @@ import attrs
 from narsuite.store import Index, KindSpec, secret
 
 __all__ = ["conflict", "transport_conflict", "tunnel_conflict",
-           "Peer", "SA", "NaptEntry", "RekeyRequest", "PEER", "SA_KIND", "NAPT", "REKEY", "KINDS",
+           "Peer", "SA", "NaptEntry", "RekeyRequest", "PeerActivity", "PEER", "SA_KIND", "NAPT", "REKEY",
+           "ACTIVITY", "KINDS",
            "ENCAPS", "MODES", "POLICIES", "CHECKSUM_POLICIES"]
 
 #: udp: RFC 3948 on port 4500; esp: plain IP protocol 50 (no NAT); udp500: the 004
@@ -151,7 +152,28 @@ REKEY = KindSpec(
     description="rekey events raised by the data plane (sequence numbers running out)",
 )
 
-KINDS = (PEER, SA_KIND, NAPT, REKEY)
+@attrs.frozen
+class PeerActivity:
+    """The esp role received authenticated ESP from a peer (at ``last_rx``, its clock's
+    seconds): proof of life for whoever keys the peer.  The ike role's DPD counts it as
+    traffic (RFC 3706 probes only idle peers), so a tunnel that carries packets is never
+    declared dead because its ISAKMP SA heard nothing.  Written at most every few seconds
+    per peer, never persisted."""
+
+    peer: str
+    last_rx: float
+
+
+ACTIVITY = KindSpec(
+    name="esp.activity",
+    record=PeerActivity,
+    key=lambda r: r.peer,
+    persist=False,
+    columns=("peer", "last_rx"),
+    description="when the esp role last received authenticated ESP from each peer (liveness for DPD)",
+)
+
+KINDS = (PEER, SA_KIND, NAPT, REKEY, ACTIVITY)
 
 
 # ------------------------------------------------------------------ conflicts (002 §5)

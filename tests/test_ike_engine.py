@@ -1781,3 +1781,57 @@ def test_an_orphan_goes_with_its_last_child():
     assert not h.engine.children.orphans, "the orphan outlived its last child"
     assert not engine_timers(h)
     assert not [r for r in h.store.records("store.lease") if r.namespace == "pool:ra"]
+
+
+# ---------------------------------------------------------------------------------------------
+# NAT rebinding: what the esp role sees moves and keeps alive the ISAKMP SA (through the store)
+
+
+def test_esp_from_a_new_nat_mapping_moves_the_isakmp_sa_and_keeps_it_alive():
+    """The client's NAT rebinds while traffic flows.  The esp role follows the authenticated
+    ESP (its esp.peer record moves); the ISAKMP SA must follow too (RFC 3947 §7), and ESP
+    counts as liveness: DPD neither probes nor clears a peer whose ESP arrives.  The two
+    roles meet only in the store: a real EspEngine on the same store, fed real ESP."""
+    from narsuite.esp.engine import EspEngine
+
+    h = Harness(TRUSTING, dpd_delay=30, dpd_timeout=120)
+    esp = EspEngine(h.store, h.clock)
+    inner: list[bytes] = []
+    esp.tun_write = lambda packet: inner.append(packet) or True
+    p = Peer(psk_peer(), local=("10.0.0.5", 500))
+    link = Link(h, p, public=("203.0.113.77", 31000), public4500=("203.0.113.77", 31001))
+    link.run()
+    (sa,) = h.established()
+    assert sa.remote == ("203.0.113.77", 31001) and sa.local_port == 4500
+    seq = 0
+
+    def esp_from(addr: tuple[str, int]) -> None:
+        nonlocal seq
+        seq += 1
+        esp.esp_received(ike_peer.esp_seal(p.result.outbound, seq, ike_peer._icmp_echo("10.0.0.5", "10.1.0.1", seq)),
+                         addr)
+
+    esp_from(("203.0.113.77", 31001))
+    assert len(inner) == 1 and h.c["peer_moved"] == 0
+    # garbage from another mapping moves nothing
+    esp.esp_received(p.result.outbound.spi.to_bytes(4, "big") + bytes(60), ("203.0.113.77", 40001))
+    assert sa.remote == ("203.0.113.77", 31001)
+    # the NAT rebinds: authenticated ESP from a new port
+    esp_from(("203.0.113.77", 40001))
+    assert len(inner) == 2
+    assert sa.remote == ("203.0.113.77", 40001) and h.c["peer_moved"] == 1
+    (rec,) = h.ike_records()
+    assert rec.remote_port == 40001
+    # five minutes of ESP and not one IKE message: no probe, not dead
+    for _ in range(60):
+        h.clock.advance(5)
+        esp_from(("203.0.113.77", 40001))
+        esp.keepalive_tick()
+        h.engine.dpd_tick()
+    assert h.c["dpd_sent"] == 0 and h.c["dpd_dead"] == 0 and h.established() == [sa]
+    # ESP stops: after dpd_delay the probe goes to the new mapping, on 4500
+    h.clock.advance(31)
+    n = len(h.sent)
+    h.engine.dpd_tick()
+    assert h.c["dpd_sent"] == 1 and [(a, lp) for _, a, lp in h.sent[n:]] == [(("203.0.113.77", 40001), 4500)]
+    esp.close()

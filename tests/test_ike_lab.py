@@ -434,3 +434,47 @@ def test_a_client_behind_a_nat_claims_its_private_address_only_with_a_policy(nee
     assert peer["policy"] == "napt", peer
     c.stop()
     g.terminate()
+
+
+# ------------------------------------------------------------------------------ NAT rebinding
+def test_a_nat_rebinding_while_traffic_flows_keeps_the_tunnel(need_strongswan, ra_topo, tmp_path):
+    """NAT1 rebinds R1 to a new public port while R1 pings H.  The esp role follows the
+    authenticated ESP; the ISAKMP SA must follow too (RFC 3947 §7) and ESP counts as
+    liveness: past several DPD timeouts the tunnel is still there, the ISAKMP SA at the new
+    mapping, and once traffic stops our DPD probes reach R1 there and are answered."""
+    t = ra_topo
+    g = gateway(t, tmp_path, psk_policy(), ike_extra="dpd_delay = 2\ndpd_timeout = 5\n")
+    c = client(t, t.r1, tmp_path, "r1")
+    up(c)
+    assert ping(t.r1, t.h_addr)
+    (isa,) = ike_sas(g)
+    assert isa["remote"] == f"{t.nat1_public}:4500", isa
+    flow = t.r1.popen(["ping", "-i", "0.2", "-w", "30", "-q", t.h_addr],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        # the rebinding: NAT1 maps to other ports from now on and forgets its mappings
+        t.nat1.nft('flush chain ip nat postrouting\n'
+                   'add rule ip nat postrouting oifname "wan0" meta l4proto udp masquerade to :34500-34510\n'
+                   'add rule ip nat postrouting oifname "wan0" masquerade\n')
+        t.nat1.run(["conntrack", "-F"], check=False)
+        moved = wait_for(lambda: [r for r in ike_sas(g) if not r["remote"].endswith(":4500")], 10,
+                         "the ISAKMP SA to follow the new mapping")
+        (isa,) = moved
+        assert isa["remote"].startswith(f"{t.nat1_public}:345"), isa
+        peers = g.rows("esp", "peers")
+        assert [p["remote"] for p in peers] == [isa["remote"]], peers
+        time.sleep(12)  # more than two DPD timeouts with traffic flowing
+        (isa,) = ike_sas(g)
+        assert isa["state"] == "established" and isa["children"] == 1, isa
+    finally:
+        t.r1.stop(flow)
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert stats.get("dpd_dead", 0) == 0 and stats.get("peer_moved", 0) >= 1, stats
+    # idle now: DPD probes go to the new mapping and R1 answers them
+    time.sleep(10)
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert stats.get("dpd_sent", 0) >= 1 and stats.get("dpd_dead", 0) == 0, stats
+    assert len(ike_sas(g)) == 1 and ping(t.r1, t.h_addr)
+    c.stop()
+    g.terminate()

@@ -31,7 +31,7 @@ import attrs
 
 from narsuite import sadb
 from narsuite.esp import transform
-from narsuite.esp.records import NAPT, PEER, SA_KIND, NaptEntry, Peer
+from narsuite.esp.records import NAPT, PEER, SA_KIND, NaptEntry, Peer, PeerActivity
 from narsuite.logs import logger
 from narsuite.packet import codec
 from narsuite.packet.markers import KEEPALIVE
@@ -40,6 +40,9 @@ from narsuite.store import Change, Store
 __all__ = ["EspEngine"]
 
 log = logger()
+
+#: how often (seconds) at most a peer's ESP activity is written to the store
+ACTIVITY_EVERY = 5.0
 
 
 
@@ -53,6 +56,7 @@ class _PeerState:
     gone_at: float | None = None  # when its last SA went (keepalive linger)
     keepalives_sent: int = 0
     keepalives_rx: int = 0
+    reported_rx: float = 0.0  # the last_rx last written to the store (esp.activity)
 
 
 class _RxView:
@@ -438,12 +442,24 @@ class EspEngine:
         return True
 
     # ------------------------------------------------------------- keepalive
+    def report_activity(self) -> None:
+        """Tell the store which peers sent authenticated ESP lately (``esp.activity``): the
+        ike role counts it as liveness for DPD.  At most every ``ACTIVITY_EVERY`` seconds per
+        peer, so the packet path only stamps a float."""
+        for name, state in list(self._state.items()):
+            if state.last_rx and state.last_rx - state.reported_rx >= ACTIVITY_EVERY and state.sas:
+                state.reported_rx = state.last_rx
+                self.store.put(PeerActivity(name, state.last_rx), owner=f"esp:peer:{name}").addErrback(
+                    lambda f, name=name: log.failure("esp: recording the activity of {peer}", f, peer=name))
+
     def keepalive_tick(self) -> None:
         """Send 0xFF to peers that need keepalives and heard nothing from us for M seconds.
 
         002 §4: while SAs exist, and for N minutes after; never used for liveness.
+        Authenticated ESP is, and is reported here too (:meth:`report_activity`).
         """
         now = self.clock.seconds()
+        self.report_activity()
         send = self.senders.get("keepalive")
         if send is None:
             return

@@ -10,7 +10,7 @@ address when the ISAKMP SA moves.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
 
@@ -21,7 +21,7 @@ from narsuite.ike.common import ESP_KEY_BYTES, INTEG_KEY_BYTES, grace
 from narsuite.ike.isakmp import Delete
 from narsuite.ike.sa import Child, IkeSA, QuickMode
 from narsuite.logs import logger
-from narsuite.sadb import PEER, SA, SA_KIND, Peer
+from narsuite.sadb import ACTIVITY, PEER, SA, SA_KIND, Peer
 
 if TYPE_CHECKING:
     from narsuite.ike.engine import IkeEngine
@@ -45,6 +45,8 @@ class Children:
         self.by_out: dict[int, tuple[IkeSA, Child]] = {}
         #: principal -> a deleted ISAKMP SA whose ESP SAs wait for its successor
         self.orphans: dict[Principal, IkeSA] = {}
+        # what the esp role learns from authenticated ESP reaches us through the store only
+        self._unsubscribe = engine.store.subscribe(self._esp_changed, kinds=[PEER.name, ACTIVITY.name])
 
     # ------------------------------------------------------------------ install
     def name(self, sa: IkeSA, qm: QuickMode) -> str:
@@ -211,6 +213,45 @@ class Children:
                     store.update(PEER.name, child.peer, remote_ip=sa.remote[0], remote_port=sa.remote[1]), sa,
                     f"moving peer {child.peer}")
 
+    # ------------------------------------------------------------------ what the esp role saw
+    def _owner_of(self, peer_name: str) -> IkeSA | None:
+        """The established ISAKMP SA whose child the esp peer is (the newest, after a rekey)."""
+        found = [sa for sa in self.engine.sas.values()
+                 if sa.state == "established" and any(c.peer == peer_name for c in sa.children)]
+        return max(found, key=lambda sa: sa.established) if found else None
+
+    def _esp_changed(self, change: Any) -> None:
+        """Authenticated ESP from a peer, as the esp role reports it in the store.
+
+        * ``esp.peer`` moved (the esp role follows authenticated packets only): the NAT
+          rebound the client's mapping.  IKE and ESP share the mapping on port 4500
+          (RFC 3947 §7): the ISAKMP SA follows, so DPD and Deletes reach the client.
+        * ``esp.activity``: ESP arrived -- traffic, so the peer is alive (RFC 3706 probes
+          idle peers only; DPD must not clear a tunnel that carries packets).
+        """
+        if change.op != "put":
+            return
+        rec = change.record
+        if change.kind == ACTIVITY.name:
+            sa = self._owner_of(rec.peer)
+            if sa is not None and rec.last_rx > sa.last_rx:
+                sa.last_rx = rec.last_rx
+                sa.dpd_sent = 0.0
+            return
+        old = change.old
+        if old is None or (old.remote_ip, old.remote_port) == (rec.remote_ip, rec.remote_port):
+            return
+        if rec.encap != "udp" or not rec.remote_ip:
+            return
+        sa = self._owner_of(rec.name)
+        if sa is None or not sa.natted or sa.local_port != self.engine.cfg.natt_port:
+            return
+        new = (rec.remote_ip, rec.remote_port)
+        if new != sa.remote:
+            log.info("ike: {name}: authenticated ESP from {new}: the ISAKMP SA follows (RFC 3947 §7)",
+                     name=sa.name, new=f"{new[0]}:{new[1]}")
+            self.engine.follow(sa, new, sa.local_port)
+
     # ------------------------------------------------------------------ orphans
     def principal(self, sa: IkeSA) -> Principal:
         return (sa.policy.name if sa.policy else "", sa.peer_id_text, sa.xauth_user or sa.remote[0])
@@ -270,5 +311,6 @@ class Children:
         e.publish(sa)
 
     def close(self) -> None:
+        self._unsubscribe()
         for sa in list(self.orphans.values()):
             self._orphans_expired(sa)
