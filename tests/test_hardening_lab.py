@@ -34,8 +34,8 @@ SEND = textwrap.dedent("""
             s.sendto(bytes.fromhex(hexdata), (target, port))
 """)
 
-#: an IKEv2 IKE_SA_INIT header: "malformed" to an IKEv1 responder
-IKEV2 = (b"\x01" * 8 + bytes(8) + bytes([33, 0x20, 34, 0x08]) + bytes(4) + (28).to_bytes(4, "big")).hex()
+#: an ISAKMP header of major version 3: the IKEv1 engine's (not 2), "malformed" there
+BAD_VERSION = (b"\x01" * 8 + bytes(8) + bytes([1, 0x30, 2, 0]) + bytes(4) + (28).to_bytes(4, "big")).hex()
 
 
 def start_gateway(t, tmp: Path, policy: str, extra: str = "", twistd_args: tuple[str, ...] = (),
@@ -107,7 +107,7 @@ def test_shared_udp_port_counters_in_narctl_and_metrics(ra_topo, tmp_path):
         (500, "ffffff", 5),                            # shorter than IKE's 28 bytes
         (500, (bytes(8) + b"x" * 30).hex(), 3),        # the 004 draft's marker, but no esp on 500
         (4500, (bytes(4) + b"y" * 10).hex(), 4),       # non-ESP marker, too short for IKE
-        (500, IKEV2, 2),                               # IKE's: the ike handler takes it
+        (500, BAD_VERSION, 2),                               # IKE's: the ike handler takes it
     ])
     want = {("*:500", "short"): 5, ("*:500", "unclaimed"): 3, ("*:4500", "unclaimed"): 4,
             ("*:500", "ike_packets"): 2, ("*:500", "handler_errors"): 0, ("*:4500", "handler_errors"): 0}
@@ -128,7 +128,7 @@ def test_flood_of_bad_datagrams_gives_constant_log_lines_and_exact_counts(ra_top
     logfile.parent.mkdir()
     g = start_gateway(t, tmp_path, psk_policy(), extra="", twistd_args=(f"--logfile={logfile}",))
     unknown = (b"\x02" * 8 + b"\x03" * 8 + bytes([0, 0x10, 5, 0]) + bytes(4) + (28).to_bytes(4, "big")).hex()
-    send_udp(t.nat2, t.g_public, [(500, IKEV2, 20_000), (500, unknown, 5_000)])
+    send_udp(t.nat2, t.g_public, [(500, BAD_VERSION, 20_000), (500, unknown, 5_000)])
     stats = settled(g)
     time.sleep(11)  # one aggregation interval
     g.proc.terminate()  # (g.terminate() reads stdout; the log is in --logfile)
