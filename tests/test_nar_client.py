@@ -100,3 +100,18 @@ def test_refused_command_raises_with_the_reply_code():
     pump.flush()
     assert failures and failures[0].check(NarRefused)
     assert failures[0].value.code == 0x07
+
+
+def test_tunnel_associate_sends_atyp_3_and_4():
+    from narsuite.nar.client import _tunnel_arg
+
+    client, pump, store = pair()
+    result(client.ready, pump)
+    result(client.nar_mode(YB, 0), pump)
+    assert result(client.tunnel_associate("2001:db8::5", 47), pump) == "2001:db8::5"
+    m = store.lookup("nar.mapping", "tunnel", (YB, "2001:db8::5", NB))
+    assert m is not None and m.proto == 47
+    assert _tunnel_arg("[2001:db8::4]:47") == ("2001:db8::4", "47")
+    assert _tunnel_arg("2001:db8::4") == ("2001:db8::4", "")
+    assert _tunnel_arg("10.2.0.1:47") == ("10.2.0.1", "47")
+    assert _tunnel_arg("home.lab") == ("home.lab", "")

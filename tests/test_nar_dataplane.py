@@ -646,3 +646,17 @@ def test_icmp_error_delivery_end_to_end_and_translated():
     want = IP(src="198.51.100.1", dst=XA) / ICMP(type=3, code=4, nexthopmtu=1280) / bytes(
         IP(src=XA, dst=YB) / ESP(spi=0x77, seq=1, data=b"x" * 16))
     assert bytes(got) == bytes(want)
+
+
+def test_gre_with_an_ipv6_inner_packet_finds_its_tunnel():
+    from scapy.layers.inet6 import IPv6
+
+    store = make_store()
+    m6 = mapping(40, "tunnel", 47, inner="2001:db8::5")
+    store.insert(m6, kind="nar.mapping", owner="s1")
+    pkt = IP(src=YB, dst=NB) / GRE(proto=0x86DD) / IPv6(src="2001:db8::99", dst="2001:db8::5") / UDP()
+    assert demux_inbound(bytes(pkt), NB, lookup_in(store)) == (m6, "")
+    out = IP(src=NB, dst=YB) / GRE(proto=0x86DD) / IPv6(src="2001:db8::5", dst="2001:db8::99") / UDP()
+    assert check_outbound(_tunnel(out), NB, [m6])[1] == ""
+    spoofed = IP(src=NB, dst=YB) / GRE(proto=0x86DD) / IPv6(src="2001:db8::6", dst="2001:db8::99")
+    assert check_outbound(_tunnel(spoofed), NB, [m6])[1] == "spoofed"

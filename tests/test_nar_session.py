@@ -233,13 +233,42 @@ def test_tunnel_and_conflicts():
     h.nar_data(a, wire.encode_tunnel(3, 1, "172.16.0.5", 4))
     assert a.take() == wire.encode_tunnel(0, 1, "172.16.0.5", 4)
     assert store.count("nar.mapping") == 1
-    # other address types and protocols
-    h.nar_data(b, wire.encode_tunnel(3, 3, "home.example", 4) + wire.encode_tunnel(3, 4, "::1", 4)
+    # an IPv6 inner address needs GRE (IP-in-IP is IPv4 in IPv4); other protocols: 0x07
+    h.nar_data(b, wire.encode_tunnel(3, 4, "2001:db8::5", 4)
                + wire.encode_tunnel(3, 1, "172.16.0.6", 17))
-    assert b.take() == (wire.encode_tunnel(0x08, 3, "home.example", 4)
-                        + wire.encode_tunnel(0x08, 4, "::1", 4)
+    assert b.take() == (wire.encode_tunnel(0x08, 4, "2001:db8::5", 4)
                         + wire.encode_tunnel(0x07, 1, "172.16.0.6", 17))
     assert not b.closed
+
+
+def test_tunnel_associate_with_a_domain_name_and_an_ipv6_address():
+    """Issue 12: ATYP 3 and 4 (both defined in 3.4) were refused 0x08."""
+    from twisted.internet import defer
+
+    h, store = make()
+    names = {"home.example": "172.16.0.8"}
+    h.resolve = lambda name: (defer.succeed(names[name]) if name in names
+                              else defer.fail(OSError("NXDOMAIN")))
+    c, _ = enter(h)
+    h.nar_data(c, wire.encode_tunnel(3, 3, "home.example", 4)
+               + wire.encode_tunnel(3, 4, "2001:db8::5", 47)
+               + wire.encode_tunnel(3, 3, "nowhere.example", 4))
+    assert c.take() == (wire.encode_tunnel(0, 3, "home.example", 4)  # the name, confirmed
+                        + wire.encode_tunnel(0, 4, "2001:db8::5", 47)
+                        + wire.encode_tunnel(0x04, 3, "nowhere.example", 4))
+    assert store.lookup("nar.mapping", "tunnel", (YB, "172.16.0.8", NB)).proto == 4
+    assert store.lookup("nar.mapping", "tunnel", (YB, "2001:db8::5", NB)).proto == 47
+    assert not c.closed
+
+
+def test_l2tp_is_refused_at_nar_mode_by_the_reply_flags():
+    """3.1: the server grants by setting bits in its reply; L2TP (0x04) is never set, so a
+    client asking for it is told IP-in-IP (or GRE, if it asked for that too)."""
+    h, store = make()
+    _, reply = enter(h, flags=wire.FLAG_L2TP)
+    assert reply[2] == 0 and h.counters["mode_l2tp_refused"] == 1
+    _, reply = enter(h, sid="s2", flags=wire.FLAG_L2TP | wire.FLAG_GRE)
+    assert reply[2] == wire.FLAG_GRE
 
 
 # ------------------------------------------------------------------- close, limits, garbage

@@ -33,6 +33,7 @@ mappings until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import socket
 import sys
@@ -195,8 +196,13 @@ class NarClient(Protocol):
         return d.addCallback(lambda m: m.spi)
 
     def tunnel_associate(self, inner: str, protocol: int = 4) -> defer.Deferred:
-        """Fires with the confirmed LTUN.ADDR (X's home/inner address)."""
-        d = self._command(wire.encode_tunnel(self.commands.tunnel, 1, inner, protocol), "tunnel",
+        """Fires with the confirmed LTUN.ADDR (X's home/inner address): an IPv4 or IPv6
+        address (ATYP 1 / 4; IPv6 needs GRE, 47) or a domain name N resolves (ATYP 3)."""
+        try:
+            atyp = 4 if ipaddress.ip_address(inner).version == 6 else 1
+        except ValueError:
+            atyp = 3
+        d = self._command(wire.encode_tunnel(self.commands.tunnel, atyp, inner, protocol), "tunnel",
                           "TUNNEL-ASSOCIATE")
         return d.addCallback(lambda m: m.addr)
 
@@ -286,6 +292,17 @@ class BorrowedAddress:
 
 
 
+def _tunnel_arg(item: str) -> tuple[str, str]:
+    """``XB[:4|47]``; an IPv6 XB with a protocol is written ``[XB]:47``."""
+    if item.startswith("["):
+        inner, _, rest = item[1:].partition("]")
+        return inner, rest.lstrip(":")
+    if item.count(":") > 1:  # a bare IPv6 address
+        return item, ""
+    inner, _, p = item.partition(":")
+    return inner, p
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="narsuite-nar-client", description=__doc__.split("\n\n")[0])
     ap.add_argument("--server", required=True, help="N's address on X's side (Na)")
@@ -300,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="ICMP-ASSOCIATE proposing ID (0: let the server choose)")
     ap.add_argument("--ipsec", choices=("esp", "ah"), action="append", default=[])
     ap.add_argument("--tunnel", action="append", default=[], metavar="XB[:4|47]",
-                    help="TUNNEL-ASSOCIATE for inner address XB, IP-in-IP (4, default) or GRE (47)")
+                    help="TUNNEL-ASSOCIATE for inner address XB (IPv4, IPv6 with GRE, or a name "
+                         "N resolves), IP-in-IP (4, default) or GRE (47)")
     ap.add_argument("--bind-tcp", type=int, metavar="YPORT", action="append", default=[],
                     help="TCP mapping (BIND): Y may connect from YPORT (0: any) to Nb:P")
     ap.add_argument("--udp", type=int, metavar="PORT", action="append", default=[],
@@ -328,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             spi = yield proto.ipsec_associate(50 if kind == "esp" else 51)
             result["ipsec"].append({"protocol": kind, "spi": spi})
         for item in args.tunnel:
-            inner, _, p = item.partition(":")
+            inner, p = _tunnel_arg(item)
             result["tunnel"].append((yield proto.tunnel_associate(inner, int(p or 4))))
         for yport in args.bind_tcp:
             result["tcp"].append((yield proto.bind(args.remote, yport))[1])

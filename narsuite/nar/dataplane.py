@@ -78,6 +78,11 @@ _H = struct.Struct("!H").unpack_from
 _ntoa = socket.inet_ntoa
 _aton = socket.inet_aton
 _ETH_P_IP = 0x0800
+_ETH_P_IPV6 = 0x86DD
+
+
+def _ntop6(raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET6, raw)
 
 Lookup = Callable[[str, Any], Any]  # (index name, key) -> mapping or None
 
@@ -274,9 +279,12 @@ def demux_inbound(packet: bytes, nb: str, lookup: Lookup) -> tuple[Any, str]:
             ptype, _key, _seq, inner = codec.gre_decapsulate(packet)
         except CodecError:
             return None, "gre-unsupported"
-        if ptype != _ETH_P_IP or len(inner) < 20:
+        if ptype == _ETH_P_IP and len(inner) >= 20:
+            m = lookup("tunnel", (_ntoa(src), _ntoa(inner[16:20]), nb))
+        elif ptype == _ETH_P_IPV6 and len(inner) >= 40:  # TUNNEL-ASSOCIATE with an IPv6 Xb
+            m = lookup("tunnel", (_ntoa(src), _ntop6(inner[24:40]), nb))
+        else:
             return None, "gre-unsupported"
-        m = lookup("tunnel", (_ntoa(src), _ntoa(inner[16:20]), nb))
     else:
         return None, "protocol"
     if m is None:
@@ -303,6 +311,8 @@ def _innermost_src(inner: bytes, hl: int, proto: int) -> bytes | None:
         if proto == 4:
             return codec.ipip_decapsulate(inner)[12:16]
         ptype, _k, _s, payload = codec.gre_decapsulate(inner)
+        if ptype == _ETH_P_IPV6 and len(payload) >= 40:
+            return payload[8:24]
         if ptype != _ETH_P_IP or len(payload) < 20:
             return None
         return payload[12:16]
@@ -350,7 +360,8 @@ def check_outbound(packet: bytes, nb: str, mappings: Sequence[Any]) -> tuple[byt
         elif kind == "tunnel" and m.proto == proto:
             if inner_src is None:
                 inner_src = _innermost_src(inner, hl, proto) or b""
-            if inner_src and _ntoa(inner_src) == m.inner:
+            if inner_src and (_ntoa(inner_src) if len(inner_src) == 4
+                              else _ntop6(inner_src)) == m.inner:
                 return inner, ""
         elif (kind == "tcp" or kind == "udp") and m.proto == proto and ports is not None:
             # Source port P; TCP also the Y port, if the mapping names one.

@@ -23,7 +23,8 @@ NAR-MODE while NAR is disabled             0x07
 NAR-MODE DST.ADDR unusable (0.0.0.0, ...)  0x01
 IN.PROTOCOL not 50/51, TUN.PROTOCOL not    0x07
 4/47
-LTUN.ADDR not IPv4                         0x08
+LTUN.ADDR IPv6 with TUN.PROTOCOL 4         0x08
+LTUN.ADDR name that does not resolve       0x04
 tunnel tuple held by another client        0x05
 no free ICMP id / SPI / port, mapping      0x01
 limit
@@ -406,22 +407,39 @@ class NarHandler:
 
     # TUNNEL-ASSOCIATE ------------------------------------------------------------
     def _tunnel(self, st: _Conn, msg: wire.TunnelAssociate):
-        s = st.session
-        if msg.atyp != wire.ATYP_IPV4:
-            return self._refuse(st, msg, wire.REP_ADDRESS_TYPE_NOT_SUPPORTED,
-                                f"LTUN.ADDR ATYP {msg.atyp}")
+        """TUNNEL-ASSOCIATE (3.4).  LTUN.ADDR may be IPv4 (ATYP 1), a domain name (ATYP 3,
+        resolved on N; the reply confirms the name as sent) or IPv6 (ATYP 4: the inner
+        packets are IPv6, which only GRE carries -- IP-in-IP is IPv4 in IPv4, RFC 2003)."""
         if msg.protocol not in (4, 47):
             return self._refuse(st, msg, wire.REP_COMMAND_NOT_SUPPORTED,
                                 f"TUN.PROTOCOL {msg.protocol} (4 IP-in-IP or 47 GRE)")
-        inner = ipaddress.IPv4Address(msg.addr)
+        if msg.atyp == wire.ATYP_DOMAIN:
+            self.counters["tunnel_names"] += 1
+
+            def unresolved(f):
+                self.counters["tunnel_name_errors"] += 1
+                return self._refuse(st, msg, wire.REP_HOST_UNREACHABLE,
+                                    f"LTUN.ADDR {msg.addr!r} does not resolve: {f.getErrorMessage()}")
+
+            d = defer.maybeDeferred(self.resolve, msg.addr)
+            return d.addCallbacks(lambda addr: self._tunnel_to(st, msg, addr), unresolved)
+        return self._tunnel_to(st, msg, msg.addr)
+
+    def _tunnel_to(self, st: _Conn, msg: wire.TunnelAssociate, addr: str):
+        s = st.session
+        inner = ipaddress.ip_address(addr)
+        if inner.version == 6 and msg.protocol != 47:
+            return self._refuse(st, msg, wire.REP_ADDRESS_TYPE_NOT_SUPPORTED,
+                                f"LTUN.ADDR {inner} is IPv6: IP-in-IP carries IPv4 only; use GRE")
         if inner.is_unspecified or inner.is_multicast:
             return self._refuse(st, msg, wire.REP_GENERAL_FAILURE, f"LTUN.ADDR {inner}")
+        reply = wire.encode_tunnel(wire.REP_SUCCEEDED, msg.atyp, msg.addr, msg.protocol)
         key = (s.remote, str(inner), s.lent)
         held = self.store.lookup(MAPPING.name, "tunnel", key)
         if held is not None:
             if held.session == s.id and held.proto == msg.protocol:
                 self.counters["confirmed_again"] += 1
-                return wire.encode_tunnel(wire.REP_SUCCEEDED, 1, str(inner), msg.protocol)
+                return reply
             self.counters["tunnel_conflicts"] += 1
             return self._refuse(st, msg, wire.REP_CONNECTION_REFUSED,
                                 f"tunnel {key} is held by {held.session}")
@@ -433,8 +451,27 @@ class NarHandler:
             self.counters["tunnel_conflicts"] += 1
             return self._refuse(st, msg, wire.REP_CONNECTION_REFUSED, str(f.value))
 
-        return self._insert(st, m, wire.encode_tunnel(wire.REP_SUCCEEDED, 1, str(inner),
-                                                      msg.protocol)).addErrback(conflict)
+        return self._insert(st, m, reply).addErrback(conflict)
+
+    def resolve(self, name: str) -> defer.Deferred[str]:
+        """A TUNNEL-ASSOCIATE domain name to an address (IPv4 first), off the reactor
+        thread (getaddrinfo in the reactor's thread pool)."""
+        import socket
+
+        from twisted.internet.threads import deferToThreadPool
+
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+
+        def lookup() -> str:
+            infos = socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)
+            infos.sort(key=lambda i: i[0] != socket.AF_INET)
+            if not infos:
+                raise OSError(f"no address for {name}")
+            return str(infos[0][4][0])
+
+        return deferToThreadPool(reactor, reactor.getThreadPool(), lookup)
 
     # BIND / UDP ASSOCIATE (TCP and UDP mappings, 2.6.1) -------------------------------
     def installer(self):
