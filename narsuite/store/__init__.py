@@ -11,7 +11,7 @@ __all__ = [
 ]
 
 
-def make_store(config, clock=None) -> Store:  # type: ignore[no-untyped-def]
+def make_store(config, clock=None) -> Store:
     """Build the store the config describes (backend, pools); not yet opened."""
     backend: IStoreBackend
     if config.store.backend == "sqlite":

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
@@ -29,6 +29,9 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
 from narsuite.logs import logger
+
+if TYPE_CHECKING:
+    from twisted.internet.task import LoopingCall
 
 __all__ = ["Row", "Write", "IStoreBackend", "MemoryBackend", "SqliteBackend", "StoreBackendError"]
 
@@ -84,7 +87,7 @@ class Write:
 
 
 class IStoreBackend(Interface):
-    persistent: bool  # type: ignore[misc]
+    persistent: bool
 
     def load(now: float) -> Iterable[Row]:
         """Every row unexpired at ``now`` (store clock), once at start-up (may block)."""
@@ -92,7 +95,7 @@ class IStoreBackend(Interface):
     def submit(writes: Sequence[Write]) -> defer.Deferred:
         """Make ``writes`` durable; fires when they are (or fails: the store rolls back)."""
 
-    def start(reactor) -> None:  # type: ignore[no-untyped-def]
+    def start(reactor) -> None:
         """Begin background work (flush timers, threads)."""
 
     def stop() -> defer.Deferred:
@@ -114,7 +117,7 @@ class MemoryBackend:
     def submit(self, writes: Sequence[Write]) -> defer.Deferred:
         return defer.succeed(None)
 
-    def start(self, reactor) -> None:  # type: ignore[no-untyped-def]
+    def start(self, reactor) -> None:
         pass
 
     def stop(self) -> defer.Deferred:
@@ -161,8 +164,8 @@ class SqliteBackend:
         self._queue: dict[tuple[str, Any], Write] = {}
         self._waiters: list[defer.Deferred] = []
         self._pool: ThreadPool | None = None
-        self._reactor = None
-        self._call = None
+        self._reactor: Any = None
+        self._call: LoopingCall | None = None
         self._flushing = False
         self._stopping = False
         self._stats = {"commits": 0, "rows_written": 0, "last_commit_seconds": 0.0, "queued": 0}
@@ -233,15 +236,15 @@ class SqliteBackend:
         for kind, key, data, expires, owner in rows:
             yield Row(kind, key, data, expires, owner)
 
-    def start(self, reactor) -> None:  # type: ignore[no-untyped-def]
+    def start(self, reactor) -> None:
         from twisted.internet.task import LoopingCall
 
         self._reactor = reactor
-        self._pool = ThreadPool(1, 1, name="narsuite-store")
-        self._pool.start()
-        self._call = LoopingCall(self._flush)
-        self._call.clock = reactor
-        self._call.start(self.flush_interval, now=False)
+        self._pool = pool = ThreadPool(1, 1, name="narsuite-store")
+        pool.start()
+        self._call = call = LoopingCall(self._flush)
+        call.clock = reactor
+        call.start(self.flush_interval, now=False)
 
     def submit(self, writes: Sequence[Write]) -> defer.Deferred:
         queue = self._queue
@@ -306,6 +309,9 @@ class SqliteBackend:
         rows, waiters = self._take()
         from twisted.internet.threads import deferToThreadPool
 
+        # Started: only start's LoopingCall and stop (after start) flush; before start,
+        # submit writes through synchronously and leaves nothing queued.
+        assert self._pool is not None
         d = deferToThreadPool(self._reactor, self._pool, self._commit, rows)
 
         def done(result: object) -> None:
@@ -313,7 +319,7 @@ class SqliteBackend:
             for w in waiters:
                 w.callback(None)
 
-        def failed(f) -> None:  # type: ignore[no-untyped-def]
+        def failed(f) -> None:
             self._flushing = False
             self.log.failure("store: writing {path} failed", f, path=str(self.path))
             err = StoreBackendError(f"writing {self.path}: {f.getErrorMessage()}")
@@ -324,7 +330,7 @@ class SqliteBackend:
         return d
 
     @defer.inlineCallbacks
-    def stop(self):  # type: ignore[no-untyped-def]
+    def stop(self):
         if self._call is not None and self._call.running:
             self._call.stop()
         while self._flushing:
@@ -340,7 +346,7 @@ class SqliteBackend:
         return dict(self._stats)
 
 
-def _sleep(reactor, seconds: float) -> defer.Deferred:  # type: ignore[no-untyped-def]
+def _sleep(reactor, seconds: float) -> defer.Deferred:
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)

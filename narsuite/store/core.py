@@ -14,15 +14,19 @@ import heapq
 import ipaddress
 import secrets
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from narsuite.logs import logger
 from narsuite.store.backends import IStoreBackend, MemoryBackend, Row, StoreBackendError, Write
 from narsuite.store.kinds import LEASE, KindSpec, Lease, key_from_text
+
+if TYPE_CHECKING:
+    from twisted.internet.task import LoopingCall
+    from twisted.python.failure import Failure
 
 __all__ = ["Store", "Change", "Conflict", "UnknownKind", "Exhausted", "AddressPool"]
 
@@ -101,14 +105,21 @@ class _Kind:
             (self.unique if ix.unique else self.multi)[ix.name] = {}
 
 
+def _spi_lease_failed(f: Failure, spi: int) -> None:
+    """reserve_spi hands the SPI out at once; its lease's write failing is logged here."""
+    log.failure("store: recording SPI lease {spi:#x}", f, spi=spi)
+
+
 class Store:
     """Typed records, O(1) indexes, lifetimes, subscribers and allocators."""
 
     def __init__(self, backend: IStoreBackend | None = None, clock: IReactorTime | None = None,
                  touch_flush_interval: float = 1.0, node_id: str | None = None) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[no-redef]
-        self.clock = clock
+            from twisted.internet import reactor
+
+            clock = IReactorTime(reactor)
+        self.clock: IReactorTime = clock
         self.backend = backend or MemoryBackend()
         #: this process's name in a cluster (``[cluster] node_id``): written with every record,
         #: so the survivors know what a dead node's connections held
@@ -118,13 +129,13 @@ class Store:
         self._owners: dict[str, set[tuple[str, Hashable]]] = {}
         self._heap: list[tuple[float, int, str, Hashable]] = []
         self._seq = 0
-        self._timer = None
+        self._timer: IDelayedCall | None = None
         self._subscribers: list[tuple[Callable[[Change], None], frozenset[str] | None]] = []
         self._pools: dict[str, AddressPool] = {}
         self._pool_cursor: dict[str, int] = {}
         self._touched: dict[tuple[str, Hashable], float] = {}
         self._touch_flush_interval = touch_flush_interval
-        self._touch_loop = None
+        self._touch_loop: LoopingCall | None = None
         self._running = False
         self.stats = {"inserts": 0, "deletes": 0, "expired": 0, "conflicts": 0, "rollbacks": 0,
                       "dropped_at_load": 0}
@@ -232,9 +243,9 @@ class Store:
             # A shared backend feeds changes decided elsewhere back (apply_remote).
             bind(self)
         self.backend.start(self.clock)
-        self._touch_loop = LoopingCall(self._flush_touched)
-        self._touch_loop.clock = self.clock
-        self._touch_loop.start(self._touch_flush_interval, now=False)
+        self._touch_loop = loop = LoopingCall(self._flush_touched)
+        loop.clock = self.clock
+        loop.start(self._touch_flush_interval, now=False)
         self._schedule()
 
     def stop(self) -> defer.Deferred:
@@ -401,8 +412,7 @@ class Store:
         for _ in range(64):
             spi = secrets.randbits(32)
             if spi > 255 and (namespace, spi) not in leases:
-                self.claim(namespace, spi, owner, ttl).addErrback(
-                    lambda f, spi=spi: log.failure("store: recording SPI lease {spi:#x}", f, spi=spi))
+                self.claim(namespace, spi, owner, ttl).addErrback(_spi_lease_failed, spi)
                 return spi
         raise Exhausted(f"{namespace}: no free SPI after 64 random draws")
 
@@ -442,7 +452,7 @@ class Store:
         namespace = f"pool:{pool}"
         k = self._kinds[LEASE.name]
         for kind, key in self._owners.get(owner, ()):
-            if kind == LEASE.name and key[0] == namespace:
+            if kind == LEASE.name and isinstance(key, tuple) and key[0] == namespace:
                 if ttl is not None:
                     self.touch(LEASE.name, key, ttl)
                 return defer.succeed(key[1])
@@ -469,7 +479,7 @@ class Store:
         """(leased, size) of a pool."""
         p = self._pools[pool]
         ns = f"pool:{pool}"
-        used = sum(1 for (n, _v) in self._kinds[LEASE.name].entries if n == ns)
+        used = sum(1 for key in self._kinds[LEASE.name].entries if isinstance(key, tuple) and key[0] == ns)
         return used, p.size
 
     # ------------------------------------------------------------ subscribers
@@ -565,7 +575,7 @@ class Store:
         self.stats["inserts"] += 1
         d = self._submit([self._row(k, key, record, reason="" if replace else "insert")])
 
-        def rollback(f):  # type: ignore[no-untyped-def]
+        def rollback(f):
             # The backend refused (a networked conflict, a disk error): undo
             # the local change so the view matches what is durable.
             if getattr(f.value, "applied", False):
