@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
+from twisted.python.failure import Failure
 
 from narsuite import sadb
 from narsuite.esp import transform
@@ -98,6 +99,10 @@ class Counters:
 
     def inc(self, name: str, n: int = 1) -> None:
         self.values[name] += n
+
+
+def _activity_failed(f: Failure, peer: str) -> None:
+    log.failure("esp: recording the activity of {peer}", f, peer=peer)
 
 
 class EspEngine:
@@ -450,7 +455,7 @@ class EspEngine:
             if state.last_rx and state.last_rx - state.reported_rx >= ACTIVITY_EVERY and state.sas:
                 state.reported_rx = state.last_rx
                 self.store.put(PeerActivity(name, state.last_rx), owner=f"esp:peer:{name}").addErrback(
-                    lambda f, name=name: log.failure("esp: recording the activity of {peer}", f, peer=name))
+                    _activity_failed, name)
 
     def keepalive_tick(self) -> None:
         """Send 0xFF to peers that need keepalives and heard nothing from us for M seconds.
