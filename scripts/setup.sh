@@ -37,6 +37,10 @@ APT_PACKAGES=(
   redis-server              # the shared store ([store] backend = "redis") and its tests
   redis-sentinel            # Redis primary failover in the cluster tests
 )
+# A machine without /etc/hosts (a debootstrap root, some containers) gets the standard one:
+# `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over it, and fails when it is absent.
+[ -e /etc/hosts ] || printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >/etc/hosts
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
