@@ -243,10 +243,14 @@ def test_tcp_and_udp_mappings(nar_topo, tmp_path, translated):
     got = _call(t.y, script, "udp-call", t.y_addr, "40001", t.n_public, str(pudp))
     assert got.get("reply") == f"hello from {t.y_addr}:40001", got
     assert got["peer"] == [t.n_public, pudp]  # the answer comes from Nb:P
+    # 2.6.1 lists Y's source port in the UDP tuple; ours is (Nb, P) (nar-protocol.md, "Why
+    # (Nb, P)"): a datagram from another Y port reaches the same mapping
+    got = _call(t.y, script, "udp-call", t.y_addr, "40002", t.n_public, str(pudp))
+    assert got.get("reply") == f"hello from {t.y_addr}:40002", got
     peers = _reports(t.x, tsrv)
     assert peers and peers[0]["peer"][0] == t.y_addr  # X sees Y's real address
     assert peers[0]["local"] == [t.x_addr if translated else t.n_public, ptcp]
-    assert _reports(t.x, usrv)[0]["peer"] == [t.y_addr, 40001]
+    assert [r["peer"] for r in _reports(t.x, usrv)] == [[t.y_addr, 40001], [t.y_addr, 40002]]
 
     # a flow X starts from Nb:P (UDP), answered by Y: Y sees Nb:P as the source
     ysrv = _server(t.y, script, "udp-echo", t.y_addr, "7000", "20")
