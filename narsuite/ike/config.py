@@ -29,7 +29,7 @@ PHASE1_HASHES = ("md5", "sha1", "sha256", "sha384", "sha512")
 GROUPS = (2, 5, 14, 15, 16, 19, 20, 21)
 ESP_ENCRYPTIONS = ("aes128gcm16", "aes256gcm16", "aes128", "aes256")
 ESP_INTEGRITIES = ("sha1", "sha256")
-AUTH_METHODS = ("psk", "rsa")
+AUTH_METHODS = ("psk", "rsa", "pubkey", "eap-mschapv2", "eap-tls")
 
 
 #: strongSwan's IKEv1 defaults are as broad; the weak ones (3DES, modp1024/1536) are opt-in
@@ -124,8 +124,11 @@ class PeerPolicy:
     def __validate__(self, key: str) -> None:
         if self.auth == "psk" and not (self.psk or self.psk_file):
             raise ConfigError(f"{key}.psk", "auth psk needs psk or psk_file")
-        if self.auth == "rsa" and (self.psk or self.psk_file):
-            raise ConfigError(f"{key}.psk", "auth rsa takes no pre-shared key; remove psk")
+        if self.auth != "psk" and (self.psk or self.psk_file):
+            raise ConfigError(f"{key}.psk", f"auth {self.auth} takes no pre-shared key; remove psk")
+        if self.auth in ("pubkey", "eap-mschapv2", "eap-tls") and 1 in self.versions:
+            raise ConfigError(f"{key}.versions", f"auth {self.auth} is IKEv2 only: set versions = [2] (IKEv1 "
+                                                 "certificates are auth \"rsa\", passwords are XAUTH)")
         if self.psk_file is not None and not self.psk_file.is_file():
             raise ConfigError(f"{key}.psk_file", f"{self.psk_file} is not a readable file")
         for i, p in enumerate(self.proposals):
@@ -276,9 +279,14 @@ class IkeConfig:
             if p.name in names:
                 raise ConfigError(f"{key}.peers[{i}].name", f"peer {p.name!r} is defined twice")
             names.add(p.name)
-            if p.auth == "rsa" and not (self.certificate and self.private_key and self.cacerts):
+            if p.auth in ("rsa", "pubkey", "eap-tls") and not (self.certificate and self.private_key and self.cacerts):
                 raise ConfigError(f"{key}.certificate",
-                                  f"peer {p.name!r} uses auth rsa: set certificate, private_key and cacerts")
+                                  f"peer {p.name!r} uses auth {p.auth}: set certificate, private_key and cacerts")
+            if p.auth == "eap-mschapv2" and not (self.certificate and self.private_key):
+                raise ConfigError(f"{key}.certificate", f"peer {p.name!r} uses auth eap-mschapv2: the gateway "
+                                  "authenticates with its certificate; set certificate and private_key")
+            if p.auth == "eap-mschapv2" and not self.users:
+                raise ConfigError(f"{key}.users", f"peer {p.name!r} uses auth eap-mschapv2: add users")
             if p.xauth and not self.users:
                 raise ConfigError(f"{key}.users", f"peer {p.name!r} requires XAUTH: add users")
         if len(self.espthrunat_modes) != 2:
