@@ -186,3 +186,64 @@ def test_d_child_and_ike_rekey_while_traffic_flows(need_strongswan, ra_topo, tmp
     cap.check()
     c.stop()
     g.terminate()
+
+
+# ------------------------------------------------------------------------------------- (b)
+def _cert_client(t, host, tmp: Path, name: str, ident, pki, gw_dn: str) -> Charon:
+    c = Charon(host, tmp / name).start()
+    files = {f"x509/{ident.cert_path.name}": ident.cert_path.read_bytes(),
+             f"x509ca/{pki.ca_path.name}": pki.ca_path.read_bytes(),
+             f"private/{ident.key_path.name}": ident.key_path.read_bytes()}
+    c.load(ikev2_client_conf(t.g_public, None, local_id=ident.id, remote_id=gw_dn, local_auth="pubkey",
+                             remote_auth="pubkey", local_extra=f"      certs = {ident.cert_path.name}\n"),
+           files=files)
+    return c
+
+
+def test_b_rsa_and_ecdsa_certificates(need_strongswan, ra_topo, tmp_path):
+    """(b) Two road warriors behind NAT1 authenticate with certificates from the lab CA --
+    RSA (alice) and ECDSA P-256 (dave) -- and we with our RSA certificate; RFC 7427
+    signatures both ways (strongSwan announces SIGNATURE_HASH_ALGORITHMS, so do we).  A
+    certificate from an untrusted CA is refused with AUTHENTICATION_FAILED."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from narsuite.lab.pki import Identity, issue, make_pki, name, write_cert, write_key
+
+    t = ra_topo
+    pki = make_pki(tmp_path / "pki")
+    alice = pki.clients["alice@example.net"]
+    dkey = ec.generate_private_key(ec.SECP256R1())
+    dcert = issue(name("dave@example.net"), dkey, pki.ca_cert, pki.ca_key, ids=("dave@example.net",))
+    dave = Identity("dave@example.net", dcert, dkey, write_cert(tmp_path / "pki" / "x509" / "dave.pem", dcert),
+                    write_key(tmp_path / "pki" / "private" / "dave.pem", dkey))
+    policy = ('[[ike.peers]]\nname = "certs2"\nversions = [2]\nauth = "pubkey"\nid = "*@example.net"\n'
+              'local_id = "%cert"\nlocal_ts = ["10.1.0.0/24"]\npool = "ra"\n')
+    extra = (f'certificate = "{pki.gateway.cert_path}"\nprivate_key = "{pki.gateway.key_path}"\n'
+             f'cacerts = ["{pki.ca_path}"]\n')
+    g = gateway(t, tmp_path, policy, ike_extra=extra)
+    cap = Capture(t.g, "wan0", tmp_path / "b.pcap")
+    gw_dn = ", ".join(reversed([p.strip() for p in pki.gateway.cert.subject.rfc4514_string().split(",")]))
+    c1 = _cert_client(t, t.r1, tmp_path, "r1", alice, pki, gw_dn)
+    c3 = _cert_client(t, t.r3, tmp_path, "r3", dave, pki, gw_dn)
+    out1 = up(c1)
+    out3 = up(c3)
+    assert f"authentication of '{gw_dn}' with RSA_EMSA_PKCS1_SHA2_256 successful" in out1 + c1.log_text()
+    assert "ECDSA_WITH_SHA256_DER successful" in out3 + c3.log_text()
+    rows = {r["peer id"]: r for r in ike_sas(g)}
+    assert set(rows) == {"alice@example.net", "dave@example.net"}
+    assert ping(t.r1, t.h_addr) and ping(t.r3, t.h_addr)
+    # mallory's certificate is from a CA we do not trust
+    bad = Charon(t.r2, tmp_path / "r2", extra_conf="  retransmit_tries = 1\n").start()
+    m = pki.untrusted
+    bad.load(ikev2_client_conf(t.g_public, None, local_id=m.id, remote_id=gw_dn, local_auth="pubkey",
+                               remote_auth="pubkey", local_extra=f"      certs = {m.cert_path.name}\n"),
+             files={f"x509/{m.cert_path.name}": m.cert_path.read_bytes(),
+                    f"x509ca/{pki.ca_path.name}": pki.ca_path.read_bytes(),
+                    f"private/{m.key_path.name}": m.key_path.read_bytes()})
+    res = bad.initiate(child="net", timeout=15)
+    assert not res.ok and "AUTHENTICATION_FAILED" in res.output + bad.log_text()
+    assert len(ike_sas(g)) == 2
+    cap.check()
+    for c in (c1, c3, bad):
+        c.stop()
+    g.terminate()

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 
-from narsuite.ike import ids, isakmp
+from narsuite.ike import certs, ids, isakmp
 from narsuite.ike.config import PeerPolicy
 from narsuite.ike.v2 import constants as C
-from narsuite.ike.v2 import keys, wire
+from narsuite.ike.v2 import keys, signatures, wire
 from narsuite.ike.v2.proposals import choose_esp
 from narsuite.ike.v2.sa import IkeSAv2
 from narsuite.ike.v2.wire import IKEv2Error
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 __all__ = ["Auth", "id_body"]
 
 log = logger()
+
+#: policy ``auth`` values that mean "the peer signs with a certificate"
+CERT_AUTH = ("rsa", "pubkey")
 
 
 def id_body(p: wire.IDi | wire.IDr) -> bytes:
@@ -50,8 +53,17 @@ class Auth:
         self.engine = engine
 
     def init_extras(self, sa: IkeSAv2, ns: dict[int, wire.Notify]) -> list[Any]:
-        """What IKE_SA_INIT's response adds for authentication (CERTREQ with our CAs)."""
-        return []
+        """What IKE_SA_INIT's response adds for authentication: CERTREQ naming our CAs, and
+        the hashes we sign with when the peer announced RFC 7427 support."""
+        e = self.engine
+        out: list[Any] = []
+        if e.trust is not None:
+            out.append(wire.CertReq(C.CERT_X509_SIGNATURE, signatures.certreq_data(e.trust.cas)))
+        hashes = ns.get(C.SIGNATURE_HASH_ALGORITHMS)
+        if hashes is not None:
+            sa.peer_hashes = signatures.announced_hashes(hashes.data)
+            out.append(wire.Notify(C.SIGNATURE_HASH_ALGORITHMS, bytes.fromhex("000200030004")))
+        return out
 
     # ------------------------------------------------------------------ IKE_AUTH
     def received(self, sa: IkeSAv2, header: wire.Header, payloads: tuple[Any, ...], addr: tuple[str, int],
@@ -82,6 +94,9 @@ class Auth:
                 if p.auth == "psk" and hmac.compare_digest(keys.psk_auth(prf, p.secret, octets), auth.data):
                     policy = p
                     break
+        elif any(p.auth in CERT_AUTH for p in candidates):
+            policy = self.verify_certificate(sa, idi, auth, octets, payloads,
+                                             [p for p in candidates if p.auth in CERT_AUTH])
         if policy is None:
             e.count("auth_failed")
             log.warn("ikev2: {name}: {who} at {addr}: authentication failed (method {m}, {n} candidate policies)",
@@ -89,14 +104,56 @@ class Auth:
                      n=len(candidates))
             raise IKEv2Error(C.AUTHENTICATION_FAILED, f"{sa.peer_id_text}: AUTH did not verify")
         sa.policy = policy
-        idr = self.our_id(sa, policy)
-        octets_r = keys.signed_octets(sa.init_response, sa.ni, prf, sa.keys.sk_pr, id_body(idr))
-        out: list[Any] = [idr, wire.Auth(C.AUTH_SHARED_KEY, keys.psk_auth(prf, policy.secret, octets_r))]
-        return self.finish(sa, payloads, out, ns)
+        return self.finish(sa, payloads, self.our_auth(sa, policy), ns)
+
+    def uses_certificate(self, policy: PeerPolicy) -> bool:
+        return self.engine.credentials is not None and (policy.auth not in ("psk",) or policy.local_id == "%cert")
 
     def our_id(self, sa: IkeSAv2, policy: PeerPolicy) -> wire.IDr:
-        v1 = ids.identification_for(policy.local_id, sa.local_ip)
+        if policy.local_id == "%cert" and self.engine.credentials is not None:
+            v1 = self.engine.credentials.our_id("dn")
+        else:
+            v1 = ids.identification_for(policy.local_id, sa.local_ip)
         return wire.IDr(v1.id_type, v1.data)
+
+    def our_auth(self, sa: IkeSAv2, policy: PeerPolicy, msk: bytes | None = None) -> list[Any]:
+        """IDr, our CERTs and AUTH: a signature with our certificate when the policy
+        authenticates by certificates or EAP (or names "%cert"), else the PSK."""
+        assert sa.keys is not None and sa.choice is not None
+        idr = self.our_id(sa, policy)
+        prf = sa.choice.prf_name
+        octets = keys.signed_octets(sa.init_response, sa.ni, prf, sa.keys.sk_pr, id_body(idr))
+        if self.uses_certificate(policy):
+            cred = self.engine.credentials
+            method, data = signatures.sign(cred.private_key, octets, sa.peer_hashes)
+            certs_out = [wire.Cert(C.CERT_X509_SIGNATURE, c.data) for c in cred.cert_payloads()]
+            return [idr, *certs_out, wire.Auth(method, data)]
+        return [idr, wire.Auth(C.AUTH_SHARED_KEY, keys.psk_auth(prf, policy.secret, octets))]
+
+    def verify_certificate(self, sa: IkeSAv2, idi: wire.IDi, auth: wire.Auth, octets: bytes,
+                           payloads: tuple[Any, ...], candidates: list[PeerPolicy]) -> PeerPolicy | None:
+        """The peer's chain against our CAs, its identity in the certificate, the signature
+        (RFC 7427 or the classic methods): the first candidate policy, or None."""
+        e = self.engine
+        if e.trust is None:
+            return None
+        chain = [p.data for p in payloads if isinstance(p, wire.Cert) and p.encoding == C.CERT_X509_SIGNATURE]
+        try:
+            leaf = e.trust.verify(chain)
+        except certs.CertificateError as err:
+            log.warn("ikev2: {name}: {who}: certificate refused: {why}", name=sa.name, who=sa.peer_id_text,
+                     why=str(err))
+            return None
+        if not certs.match_id(leaf, idi.id_type, idi.data):
+            log.warn("ikev2: {name}: identity {who} is not in the certificate of {subject}", name=sa.name,
+                     who=sa.peer_id_text, subject=leaf.subject.rfc4514_string())
+            return None
+        if not signatures.verify(leaf.public_key(), auth.method, auth.data, octets):
+            log.warn("ikev2: {name}: {who}: signature (method {m}) does not verify", name=sa.name,
+                     who=sa.peer_id_text, m=auth.method)
+            return None
+        sa.peer_cert_subject = leaf.subject.rfc4514_string()
+        return candidates[0]
 
     def eap_received(self, sa: IkeSAv2, header: wire.Header, payloads: tuple[Any, ...], addr: tuple[str, int],
                      local_port: int) -> list[Any]:

@@ -73,6 +73,8 @@ class IkeSAv2:
     nat_peer: bool = False
     nat_local: bool = False
     frag_ok: bool = False  # the peer announced IKEV2_FRAGMENTATION_SUPPORTED
+    peer_hashes: list[str] = attrs.field(factory=list)  # its SIGNATURE_HASH_ALGORITHMS (RFC 7427)
+    peer_cert_subject: str = ""
     mobike: bool = False
     peer_id_text: str = ""
     peer_id_body: bytes = b""
