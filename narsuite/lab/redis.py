@@ -124,7 +124,7 @@ class RedisServer(_Process):
     exe = "redis-server"
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", *, replicaof: str | None = None,
-                 password: str | None = None, appendonly: bool = False, **kw) -> None:  # type: ignore[no-untyped-def]
+                 password: str | None = None, appendonly: bool = False, **kw) -> None:
         super().__init__(port, host, **kw)
         self.replicaof = replicaof
         self.password = password
@@ -150,7 +150,7 @@ class RedisSentinel(_Process):
 
     def __init__(self, primary: str, service: str = "narsuite", quorum: int = 2, port: int | None = None,
                  host: str = "127.0.0.1", *, down_after_ms: int = 1000, failover_timeout_ms: int = 5000,
-                 auth_pass: str | None = None, **kw) -> None:  # type: ignore[no-untyped-def]
+                 auth_pass: str | None = None, **kw) -> None:
         super().__init__(port, host, **kw)
         self.primary, self.service, self.quorum = primary, service, quorum
         self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     state: dict[str, Any] = {}
 
     @defer.inlineCallbacks
-    def run():  # type: ignore[no-untyped-def]
+    def run():
         proto = yield NarClient.connect(reactor, args.server, args.port, user=args.user,
                                         password=args.password, mode_command=args.mode_command)
         flags = (wire.FLAG_TRANSLATED if args.translated else 0) | (wire.FLAG_GRE if args.gre else 0)

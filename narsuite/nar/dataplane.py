@@ -547,7 +547,7 @@ class NarDataPlane(service.Service):
         def added(_: object) -> None:
             self.counters["tcpudp_installed" if m.kind in ("tcp", "udp") else "nft_installed"] += 1
 
-        def failed(f):  # type: ignore[no-untyped-def]
+        def failed(f):
             if self._installed.get(m.id) is elements:
                 del self._installed[m.id]
                 self._unref(elements)
@@ -597,7 +597,7 @@ class NarDataPlane(service.Service):
             return
         if change.op != "delete":
             if m.kind not in ("tcp", "udp") and self.tcpudp_ready and m.id not in self._installed:
-                def failed(f):  # type: ignore[no-untyped-def]
+                def failed(f):
                     self.counters["install_errors"] += 1
                     log.error("nar: cannot install the nftables elements of {id}: {e}", id=m.id,
                               e=f.getErrorMessage())
