@@ -115,6 +115,9 @@ class NarsuiteService(service.MultiService):
             for kind in spec.kinds:
                 self.store.register(kind)
             self.store.declare_volatile_owners(*spec.volatile_owners)
+        info = getattr(self.store.backend, "node_info", None)
+        if info is not None:  # a shared store: what `narctl cluster` shows of this node
+            info["roles"] = list(self.role_names)
         self.loaded = self.store.open()
         self.metrics.watch_store(self.store)
         self.commands = CommandRegistry()

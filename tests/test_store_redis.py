@@ -290,3 +290,57 @@ def test_c_sentinel_failover_loses_no_acknowledged_write(tmp_path) -> None:
             s.close()
         replica.close()
         primary.close()
+
+
+def test_narctl_cluster_shows_nodes_leader_and_store_health(server, tmp_path) -> None:
+    """Two daemons on one Redis: `narctl cluster` on either lists both (roles, leader, store
+    reachable); a node killed with -9 leaves the list after its heartbeat lapses."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_daemon import HERE, _wait_socket
+
+    procs = []
+    socks = {}
+    try:
+        for n in ("n1", "n2"):
+            d = tmp_path / n
+            d.mkdir()
+            f = d / "narsuite.toml"
+            f.write_text(f'[daemon]\nstate_dir = "{d}/state"\nruntime_dir = "{d}/run"\n[metrics]\nenabled = false\n'
+                         f'[store]\nbackend = "redis"\n[store.redis]\nurl = "redis://{server.address}"\n'
+                         f'[cluster]\nnode_id = "{n}"\nheartbeat_interval = 0.2\nheartbeat_timeout = 0.6\n')
+            p = subprocess.Popen([sys.executable, str(HERE / "run_twistd_demo.py"), "--config", str(f), "--role", "demo"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=d)
+            procs.append(p)
+            socks[n] = d / "run" / "control.sock"
+            _wait_socket(socks[n], p)
+
+        def cluster(n: str) -> dict:
+            out = subprocess.run(["narctl", "--socket", str(socks[n]), "--json", "cluster"],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+
+        deadline = time.monotonic() + 5
+        while len(cluster("n1")["rows"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        t = cluster("n1")
+        assert "reachable" in t["title"]
+        nodes = {r["node"].split()[0]: r for r in t["rows"]}
+        assert set(nodes) == {"n1", "n2"} and nodes["n2"]["roles"] == "demo"
+        assert [r["leader"] for r in t["rows"]].count("yes") == 1
+        procs[1].kill()
+        procs[1].wait(10)
+        deadline = time.monotonic() + 5
+        while {r["node"].split()[0] for r in cluster("n1")["rows"]} != {"n1"}:
+            assert time.monotonic() < deadline, cluster("n1")
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)

@@ -172,6 +172,24 @@ def _udp(daemon: NarsuiteService) -> Table:
                  title="shared UDP ports: datagrams per handler, short, unclaimed, handler errors")
 
 
+def _cluster(daemon: NarsuiteService) -> Table:
+    """The nodes sharing this store (live heartbeats), their roles, the leader, the store's health."""
+    be = daemon.store.backend
+    me = daemon.config.cluster.node_id or "-"
+    nodes = getattr(be, "nodes", None)
+    cols = ("node", "roles", "host", "pid", "heartbeat", "leader")
+    if nodes is None:
+        return Table(cols, ((me, ", ".join(daemon.role_names), "", os.getpid(), "", "yes"),),
+                     title=f"one node: store backend {daemon.config.store.backend} is not shared")
+    now = time.time()
+    rows = tuple((name + (" (this node)" if name == me else ""), ", ".join(info.get("roles", ())),
+                  info.get("host", ""), info.get("pid", ""), f"{now - float(info.get('seen', now)):.1f}s ago",
+                  "yes" if name == be.leader else "")
+                 for name, info in sorted(nodes.items()))
+    health = "reachable" if be.available else f"UNREACHABLE ({be.last_error}): new allocations refused"
+    return Table(cols, rows, title=f"store {be.where}: {health}")
+
+
 def _help(daemon: NarsuiteService) -> Table:
     rows = tuple((c.usage(), c.help) for c in daemon.commands.commands())
     return Table(("command", "what it does"), rows)
@@ -184,6 +202,7 @@ def platform_commands() -> list[Command]:
         Command("list", "every record of a kind", _list, args=("kind",)),
         Command("show", "one record by its key (as `list` prints it)", _show, args=("kind", "key")),
         Command("pools", "address pools and their usage", _pools),
+        Command("cluster", "nodes sharing the store, their roles, the leader and the store's health", _cluster),
         Command("udp", "the shared UDP ports' counters (per handler, short, unclaimed, handler errors)", _udp),
         Command("help", "the commands this daemon answers", _help),
     ]
