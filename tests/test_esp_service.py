@@ -97,3 +97,42 @@ def test_config_errors_name_the_peer_key():
         cfgmod.loads('[esp]\n[[esp.peers]]\nname = "x"\nspi_in = 7\nspi_out = 8193\n'
                      'enc = "null"\nenc_key_in = ""\nenc_key_out = ""\n')
     assert e.value.key == "esp.peers[0].spi_in"
+
+
+def test_transport_peer_rules_go_through_pyroute2_off_the_store_callback(monkeypatch):
+    """A transport peer appearing in the store (an IKE Quick Mode, from a store callback)
+    gets its policy rules through narsuite.packet.policyroute -- netlink in a worker
+    thread, in order -- and never through a subprocess on the reactor thread."""
+    import subprocess
+
+    from narsuite.esp.records import Peer
+    from narsuite.packet.policyroute import MAIN_TABLE, Rule
+
+    def no_subprocess(*a, **kw):
+        raise AssertionError(f"subprocess from the esp service: {a}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    svc, store, _ = make("transport_table = 220\n")
+    changes: list = []
+    monkeypatch.setattr(svc.policy_routes, "change",
+                        lambda remove=(), add=(), default_route=None: changes.append(
+                            (list(remove), list(add), default_route)))
+
+    class Tun:
+        ifname = "esp0"
+
+    svc.tun = Tun()
+    svc._unsubscribe = store.subscribe(svc._peer_changed, kinds=["esp.peer", "esp.sa"])
+    p = Peer(name="host", mode="transport", encap="udp", remote_ip="198.51.100.7", remote_port=4500,
+             policy="space", local_ip="198.51.100.1", selector_proto=17, selector_port=53)
+    store.put(p)
+    to = "198.51.100.7/32"
+    keep = [Rule(1000, to, MAIN_TABLE, 17, 500), Rule(1000, to, MAIN_TABLE, 17, 4500), Rule(1000, to, MAIN_TABLE, 50)]
+    assert changes == [([], [*keep, Rule(1001, to, 220, 17, 53)], (220, "esp0"))]
+    # the peer moves (a NAT rebinding): the old rules go, the new ones come, in one change
+    store.update("esp.peer", "host", remote_ip="198.51.100.9")
+    old_rules = changes[0][1]
+    assert changes[1][0] == old_rules and changes[1][2] is None
+    assert {r.to for r in changes[1][1]} == {"198.51.100.9/32"}
+    svc._unroute_transport()
+    assert changes[2] == (changes[1][1], [], None)

@@ -8,6 +8,7 @@ it); raw ESP (protocol 50) and the 004 draft's ESP on UDP 500 are optional.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
@@ -19,6 +20,7 @@ from narsuite.esp.engine import EspEngine
 from narsuite.esp.records import PEER, SA, SA_KIND, Peer, RekeyRequest
 from narsuite.logs import logger
 from narsuite.packet.markers import NON_IKE_MARKER, is_draft_esp, is_esp_or_keepalive
+from narsuite.packet.policyroute import MAIN_TABLE, PolicyRoutes, Rule
 
 if TYPE_CHECKING:
     from narsuite.packet.rawsock import RawSocketPort
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["EspService"]
 
 log = logger()
+
+_IPPROTO_ESP = 50
 
 
 class EspService(service.Service):
@@ -57,7 +61,8 @@ class EspService(service.Service):
         self._keepalive = LoopingCall(self.engine.keepalive_tick)
         self._keepalive.clock = ctx.reactor
         self._routes: set[str] = set()
-        self._transport_routes: dict[str, list[list[str]]] = {}
+        self._transport_routes: dict[str, list[Rule]] = {}
+        self.policy_routes = PolicyRoutes(ctx.reactor)
         self._unsubscribe = None
         send_udp = lambda data, ip, port: self.udp.write(data, (ip, port))  # noqa: E731
         self.engine.senders = {"udp": send_udp, "keepalive": send_udp}
@@ -111,8 +116,7 @@ class EspService(service.Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
         self.engine.close()
-        self._unroute_transport()
-        waits: list[defer.Deferred[Any]] = []
+        waits: list[defer.Deferred[Any]] = [self._unroute_transport()]
         if self.raw is not None:
             waits.append(defer.maybeDeferred(self.raw.stop))
         if self.tun is not None:
@@ -175,30 +179,25 @@ class EspService(service.Service):
         except Exception:
             log.failure("esp: route {net} via {tun}", net=network, tun=self.tun.ifname)
 
-    def _transport_rules(self, peer: Peer, nets: list[str] | None = None) -> list[list[str]]:
+    def _transport_rules(self, peer: Peer, nets: list[str] | None = None) -> list[Rule]:
         """Policy routing that sends our traffic for a transport peer into the TUN.
 
         The peer's selector (protocol, our port) to its address goes to a table
         whose default route is the TUN; our own UDP-encapsulated ESP and IKE to
         the same address stay in the main table (checked first).
         """
-        to = ["to", f"{peer.remote_ip}/32"]
-        keep = [["priority", "1000", *to, "ipproto", "udp", "sport", str(port), "lookup", "main"]
-                for port in sorted({self.cfg.port, 500})]
-        keep.append(["priority", "1000", *to, "ipproto", "50", "lookup", "main"])
+        to = f"{peer.remote_ip}/32"
+        keep = [Rule(1000, to, MAIN_TABLE, socket.IPPROTO_UDP, port) for port in sorted({self.cfg.port, 500})]
+        keep.append(Rule(1000, to, MAIN_TABLE, _IPPROTO_ESP))
+        table = self.cfg.transport_table
         if nets is not None:
-            return [*keep, *(["priority", "1001", "to", n, "lookup", str(self.cfg.transport_table)] for n in nets)]
-        sel = ["priority", "1001", *to]
-        if peer.selector_proto:
-            sel += ["ipproto", str(peer.selector_proto)]
-            if peer.selector_port and peer.selector_proto in (6, 17):
-                sel += ["sport", str(peer.selector_port)]
-        sel += ["lookup", str(self.cfg.transport_table)]
-        return [*keep, sel]
+            return [*keep, *(Rule(1001, str(ipaddress.IPv4Network(n, strict=False)), table) for n in nets)]
+        sport = peer.selector_port if peer.selector_proto in (6, 17) else 0
+        return [*keep, Rule(1001, to, table, peer.selector_proto, sport)]
 
     def _route_transport(self, peer: Peer, nets: list[str] | None = None) -> None:
-        import subprocess
-
+        """Install the peer's rules through pyroute2 in a worker thread (this runs in a
+        store callback); the peer's previous rules go first."""
         tun = self.tun
         if not peer.remote_ip or tun is None or tun.ifname is None:  # the TUN is not up yet
             return
@@ -206,24 +205,14 @@ class EspService(service.Service):
         rules = self._transport_rules(peer, nets)
         if old == rules:
             return
-        cmds = [["ip", "rule", "del", *r] for r in (old or [])]
-        if not self._transport_routes:
-            cmds.append(["ip", "route", "replace", "default", "dev", tun.ifname,
-                         "table", str(self.cfg.transport_table)])
-        cmds += [["ip", "rule", "add", *r] for r in rules]
-        for cmd in cmds:
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode and "add" in cmd:
-                log.error("esp: {cmd} failed: {err}", cmd=" ".join(cmd), err=out.stderr.strip())
+        default = None if self._transport_routes else (self.cfg.transport_table, tun.ifname)
         self._transport_routes[peer.name] = rules
+        self.policy_routes.change(remove=old or [], add=rules, default_route=default)
 
-    def _unroute_transport(self) -> None:
-        import subprocess
-
-        for rules in self._transport_routes.values():
-            for r in rules:
-                subprocess.run(["ip", "rule", "del", *r], capture_output=True)
+    def _unroute_transport(self) -> defer.Deferred:
+        rules = [r for rs in self._transport_routes.values() for r in rs]
         self._transport_routes.clear()
+        return self.policy_routes.change(remove=rules)
 
     def _route_peer(self, peer: Peer) -> None:
         if peer.mode == "transport":
