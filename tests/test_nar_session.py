@@ -707,3 +707,25 @@ def test_shared_store_unreachable_refuses_new_allocations_with_0x01_and_counts(d
     backend.down = False
     h.nar_data(a, wire.encode_icmp(1, 0x1234))
     assert a.take() == wire.encode_icmp(0, 0x1234)
+
+
+def test_refusals_are_logged_in_aggregate():
+    """Thousands of refused pipelined commands: the first 5 in full, then one summary."""
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+
+    def observer(event):
+        if event.get("log_namespace") == "narsuite.nar.session":
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        h, store, p, tr = _socks_nar(max_mappings=1)
+        p.dataReceived(wire.encode_ipsec(2, 50, 0) * 2000)
+        refusals = [e for e in seen if e.get("reason") == "refused_0x01"]
+        assert h.counters["commands_refused"] == 1999 and len(refusals) == 5
+        h.events.stop()
+        assert seen[-1]["counts"]["refused_0x01"] == 1999
+    finally:
+        globalLogPublisher.removeObserver(observer)

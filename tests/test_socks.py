@@ -722,3 +722,38 @@ def test_bind_all_zeros_reports_external_not_the_client_facing_address():
     p, tr = open_conn(f)
     p.dataReceived(b"\x05\x01\x00" + b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00")  # BIND 0.0.0.0
     assert socks.parse_reply(take(tr)[2:])[0].host == "198.51.100.7"
+
+
+def test_a_flood_of_bad_connections_is_logged_in_aggregate():
+    """Issue 12: one info line per bad connection (16 MB in five minutes of flood).  Now:
+    per reason and 10 s interval the first 5 in full, then one summary with the counts."""
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+
+    def observer(event):
+        if event.get("log_namespace", "").startswith("narsuite.nar"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        f, reactor = make(methods=("password",), users={"alice": hash_password("pw", cost=4)})
+        for i in range(1000):
+            p, tr = open_conn(f, ("10.0.0.%d" % (i % 250 + 1), 1000 + i))
+            p.dataReceived(b"\x04\x01")  # SOCKS4: malformed method selection
+            assert tr.disconnecting
+            p.connectionLost(Failure(error.ConnectionDone()))
+        for i in range(1000):
+            p, tr = open_conn(f)
+            p.dataReceived(b"\x05\x01\x00")  # only "no auth": no acceptable method
+            assert tr.disconnecting
+            p.connectionLost(Failure(error.ConnectionDone()))
+        assert f.counters["malformed"] == 1000 and f.counters["no_acceptable_method"] == 1000
+        assert len(seen) == 10, [e["log_format"] for e in seen]  # 5 of each reason
+        reactor.advance(10)
+        assert len(seen) == 11
+        summary = seen[-1]
+        assert summary["counts"] == {"malformed": 1000, "no_acceptable_method": 1000}
+        assert summary["suppressed"] == 1990
+    finally:
+        globalLogPublisher.removeObserver(observer)

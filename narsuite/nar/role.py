@@ -55,6 +55,12 @@ class NarService(service.MultiService):
         ctx.namespace.update(service=self, factory=self.factory, handler=self.handler,
                              dataplane=self.dataplane, workers=self.workers)
 
+    def stopService(self) -> Any:
+        d = super().stopService()
+        if self.handler is not None:
+            self.handler.events.stop()  # log what the last interval held
+        return d
+
 
 def _svc(daemon: Any) -> NarService:
     return daemon.namespace["nar"]["service"]

@@ -58,11 +58,12 @@ from twisted.internet import defer, error, udp
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IResolutionReceiver
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol, ServerFactory, connectionDone
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from narsuite import logs
-from narsuite.logs import LEVELS, logger
+from narsuite.logs import LEVELS, Aggregator, logger
 from narsuite.nar import socks
 from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
@@ -317,7 +318,8 @@ class _BindFactory(ServerFactory):
             return None
         if self.expected is not None and not any(_same_ip(addr.host, e) for e in self.expected):
             self.socks.factory.count("bind_unexpected_peer")
-            log.info("socks bind: refused {peer} (expected {expected}) for {client}",
+            self.socks.factory.events.event(
+                "bind_unexpected_peer", "socks bind: refused {peer} (expected {expected}) for {client}",
                      peer=addr.host, expected=self.expected, client=self.socks.client)
             return None
         self.used = True
@@ -621,7 +623,7 @@ class SocksProtocol(Protocol):
             self._timer = self.reactor.callLater(left, self._timed_out)
             return
         self.factory.count(f"timeouts_{what}")
-        log.info("socks {what} timeout: client={client} state={state}", what=what,
+        self.factory.events.event(f"timeout_{what}", "socks {what} timeout: client={client} state={state}", what=what,
                  client=self.client, state=self.state)
         if what == "connect" and self.state in ("pending", "bindwait"):
             if self._pending is not None:
@@ -703,8 +705,8 @@ class SocksProtocol(Protocol):
     def _malformed(self, e: socks.SocksError) -> None:
         f = self.factory
         f.count("malformed")
-        log.info("socks: malformed {state} from {client}: {reason}", state=self.state,
-                 client=self.client, reason=e.reason)
+        f.events.event("malformed", "socks: malformed {state} from {client}: {why}", state=self.state,
+                       client=self.client, why=e.reason)
         state, self.state = self.state, "done"
         if state == "auth":
             self.transport.write(socks.encode_password_reply(False))
@@ -727,7 +729,8 @@ class SocksProtocol(Protocol):
                 write_now(self.transport, socks.encode_method_reply(method))
                 if method == socks.METHOD_NO_ACCEPTABLE:
                     self.factory.count("no_acceptable_method")
-                    log.info("socks: no acceptable method from {client} (offered {offered})",
+                    self.factory.events.event(
+                        "no_acceptable_method", "socks: no acceptable method from {client} (offered {offered})",
                              client=self.client, offered=list(msg.methods))
                     self.state = "done"
                     self.transport.loseConnection()
@@ -768,7 +771,8 @@ class SocksProtocol(Protocol):
         name = username.decode("utf-8", "replace")
         if not ok:
             self.factory.count("auth_failures")
-            log.info("socks: authentication failed for user {user!r} from {client}", user=name,
+            self.factory.events.event(
+                "auth_failed", "socks: authentication failed for user {user!r} from {client}", user=name,
                      client=self.client)
             self.state = "done"
             self.transport.write(socks.encode_password_reply(False))
@@ -821,7 +825,8 @@ class SocksProtocol(Protocol):
         elif req.cmd == socks.CMD_UDP_ASSOCIATE:
             self._udp_associate(req)
         else:
-            log.info("socks: command {cmd:#04x} not supported (client {client})", cmd=req.cmd,
+            self.factory.events.event(
+                "command_not_supported", "socks: command {cmd:#04x} not supported (client {client})", cmd=req.cmd,
                      client=self.client)
             self._reply(socks.COMMAND_NOT_SUPPORTED)
 
@@ -853,7 +858,8 @@ class SocksProtocol(Protocol):
         if code == socks.GENERAL_FAILURE and not failure.check(_Refuse, error.ConnectError):
             log.failure("socks {what}: unexpected failure", failure, what=what)
         else:
-            log.info("socks {what} {dest}:{port} for {client}: {code} ({e})", what=what,
+            self.factory.events.event(
+                f"{what}_{socks.reply_name(code)}", "socks {what} {dest}:{port} for {client}: {code} ({e})", what=what,
                      dest=self.request.host if self.request else "?",
                      port=self.request.port if self.request else 0, client=self.client,
                      code=socks.reply_name(code), e=failure.value)
@@ -1073,7 +1079,8 @@ class SocksProtocol(Protocol):
     def _nar(self, req: socks.Request) -> None:
         f = self.factory
         if not f.config.nar.enabled or f.nar_handler is None:
-            log.info("socks: NAR-MODE from {client} but NAR is disabled", client=self.client)
+            f.events.event("nar_disabled", "socks: NAR-MODE from {client} but NAR is disabled",
+                           client=self.client)
             self._reply(socks.COMMAND_NOT_SUPPORTED)
             return
         self._set_timer(f.config.connect_timeout, "connect")  # bounds resolution and nar_mode
@@ -1185,6 +1192,12 @@ class SocksFactory(ServerFactory[SocksProtocol]):
         self.handoff: Callable[[SocksProtocol], None] | None = None
         #: In the main process with workers: the workers' counters, to add to ours.
         self.remote_counters: Callable[[], list[dict[str, int]]] | None = None
+        #: Client-caused events (malformed input, failed auth, timeouts, refused requests):
+        #: the first few of each reason per interval in full, then counts only, so a flood
+        #: of bad connections cannot fill the disk (narsuite.logs.Aggregator).
+        self.events = Aggregator(log, "socks events", reactor, interval=10.0, first=5)
+        self.warnings = Aggregator(log, "socks warnings", reactor, interval=10.0, first=5,
+                                   level=LogLevel.warn)
         self.counters: dict[str, int] = dict.fromkeys(
             ["connections", "connections_refused_max", "bytes_up", "bytes_down", "udp_datagrams_out",
              "udp_datagrams_in", "udp_fragments_dropped", "udp_dropped", "udp_malformed",
@@ -1195,6 +1208,10 @@ class SocksFactory(ServerFactory[SocksProtocol]):
             self.counters["reply_" + socks.reply_name(code)] = 0
         if metrics is not None:
             metrics.watch_counters("nar", "events", "SOCKS5 server events", "event", self.totals)
+
+    def stopFactory(self) -> None:
+        self.events.stop()
+        self.warnings.stop()
 
     def totals(self) -> dict[str, int]:
         """Our counters plus the worker processes' (the same dict when there are none)."""
@@ -1236,7 +1253,7 @@ class SocksFactory(ServerFactory[SocksProtocol]):
     def buildProtocol(self, addr: Any) -> SocksProtocol | None:
         if self.active >= self.config.max_connections:
             self.count("connections_refused_max")
-            log.warn("socks: {n} connections open (max_connections); refusing {addr}",
+            self.warnings.event("max_connections", "socks: {n} connections open (max_connections); refusing {addr}",
                      n=self.active, addr=getattr(addr, "host", addr))
             return None
         return super().buildProtocol(addr)

@@ -65,8 +65,9 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
+from twisted.logger import LogLevel
 
-from narsuite.logs import logger
+from narsuite.logs import Aggregator, logger
 from narsuite.nar import wire
 from narsuite.nar.records import MAPPING, SESSION, NarMapping, NarSession
 from narsuite.store import Conflict, Exhausted, StoreBackendError
@@ -156,6 +157,10 @@ class NarHandler:
         for kind in (SESSION, MAPPING):
             store.register(kind)
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Refusals and garbage, which a client can provoke at will (pipelined commands):
+        #: the first few per reason and interval in full, then counts (narsuite.logs.Aggregator).
+        self.events = Aggregator(log, "nar refusals", reactor, interval=10.0, first=5,
+                                 level=LogLevel.warn)
         self._conns: dict[str, _Conn] = {}
 
     # ----------------------------------------------------------------------- NAR-MODE
@@ -169,8 +174,9 @@ class NarHandler:
         def refuse(rep: int, why: str) -> defer.Deferred:
             c["mode_refused"] += 1
             c[f"mode_refused_{rep:#04x}"] += 1
-            log.warn("nar {sid}: NAR-MODE from {client} refused ({rep:#04x}): {why}",
-                     sid=sid, client=conn.client, rep=rep, why=why)
+            self.events.event(f"mode_refused_{rep:#04x}",
+                              "nar {sid}: NAR-MODE from {client} refused ({rep:#04x}): {why}",
+                              sid=sid, client=conn.client, rep=rep, why=why)
             return defer.succeed(wire.encode_socks_reply(rep))
 
         if not opts.enabled:
@@ -229,7 +235,8 @@ class NarHandler:
         st = self._conns.get(conn.session_id)
         if st is None or st.closed:
             self.counters["data_without_session"] += 1
-            log.warn("nar {sid}: data without a NAR session; closing", sid=conn.session_id)
+            self.events.event("data_without_session", "nar {sid}: data without a NAR session; closing",
+                              sid=conn.session_id)
             conn.close()
             return
         st.buf += data
@@ -285,8 +292,9 @@ class NarHandler:
 
     def _fatal(self, st: _Conn, code: int, why: str) -> None:
         self.counters["garbage"] += 1
-        log.warn("nar {sid}: unparseable input from {client} ({why}); answering {code:#04x} "
-                 "and closing", sid=st.session.id, client=st.session.client, why=why, code=code)
+        self.events.event("garbage", "nar {sid}: unparseable input from {client} ({why}); answering "
+                          "{code:#04x} and closing", sid=st.session.id, client=st.session.client,
+                          why=why, code=code)
         st.buf.clear()
         st.conn.write(wire.encode_error(code))
         st.conn.close()
@@ -295,8 +303,8 @@ class NarHandler:
         name = type(msg).__name__
         self.counters["commands_refused"] += 1
         self.counters[f"refused_{rep:#04x}"] += 1
-        log.warn("nar {sid}: {name} refused ({rep:#04x}): {why}", sid=st.session.id, name=name,
-                 rep=rep, why=why)
+        self.events.event(f"refused_{rep:#04x}", "nar {sid}: {name} refused ({rep:#04x}): {why}",
+                          sid=st.session.id, name=name, rep=rep, why=why)
         return _failure_reply(msg, rep)
 
     def _command(self, st: _Conn, msg):
