@@ -7,6 +7,7 @@ goes through the tunnel for real and tshark reads every capture.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -246,4 +247,66 @@ def test_b_rsa_and_ecdsa_certificates(need_strongswan, ra_topo, tmp_path):
     cap.check()
     for c in (c1, c3, bad):
         c.stop()
+    g.terminate()
+
+
+# ------------------------------------------------------------------------------------- (e)
+def test_e_mobike_address_change_mid_transfer(need_strongswan, ra_topo, tmp_path):
+    """(e) MOBIKE (RFC 4555): mid-transfer, R1's address behind NAT1 changes (192.168.1.10 ->
+    .20, so NAT1 maps it to another public port); strongSwan sends UPDATE_SA_ADDRESSES and
+    the same IKE SA and CHILD SA carry on from the new mapping -- no new IKE_SA_INIT -- and
+    every byte of the TCP stream arrives."""
+    import sys
+    import textwrap
+
+    t = ra_topo
+    g = gateway(t, tmp_path, v2_policy())
+    cap = Capture(t.g, "wan0", tmp_path / "e.pcap")
+    t.r1.run(["sysctl", "-qw", "net.ipv4.conf.all.promote_secondaries=1",
+              f"net.ipv4.conf.{t.r_if}.promote_secondaries=1"])
+    c = client(t, t.r1, tmp_path, "r1")
+    up(c)
+    (before,) = c.list_sas()
+    (row,) = ike_sas(g)
+    old_remote = row["remote"]
+    half = 1_000_000
+    server = t.h.popen([sys.executable, "-c", textwrap.dedent("""
+        import socket
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 5002)); s.listen(1)
+        c, _ = s.accept(); n = 0
+        while True:
+            b = c.recv(65536)
+            if not b: break
+            n += len(b)
+        print(n, flush=True)
+        """)], stdout=subprocess.PIPE, text=True)
+    t.h.wait_port(5002)
+    sender = t.r1.popen([sys.executable, "-c", textwrap.dedent(f"""
+        import socket, time
+        s = socket.create_connection(("{t.h_addr}", 5002), timeout=30)
+        s.sendall(b"x" * {half}); time.sleep(4); s.sendall(b"y" * {half}); s.close()
+        """)])
+    time.sleep(1.0)
+    t.r1.run(["ip", "addr", "add", "192.168.1.20/24", "dev", t.r_if])
+    t.r1.run(["ip", "addr", "del", f"{t.r1_addr}/24", "dev", t.r_if])
+    t.r1.run(["ip", "route", "replace", "default", "via", t.nat1_private])
+    assert sender.wait(40) == 0
+    out, _ = server.communicate(timeout=40)
+    assert int(out.strip()) == 2 * half
+    (after,) = c.list_sas()
+    assert (after.spi_i, after.spi_r) == (before.spi_i, before.spi_r)  # the same IKE SA
+    assert after.local_host == "192.168.1.20"
+    assert c.log_text().count("initiating IKE_SA") == 1
+    log = c.log_text()
+    assert re.search(r"generating INFORMATIONAL request \d+ \[ N\(UPD_SA_ADDR\)", log), log[-3000:]
+    # our answer: NAT detection with the SA's SPIs, the peer's COOKIE2 echoed (RFC 4555 §3.5, §3.6)
+    assert re.search(r"parsed INFORMATIONAL response \d+ \[ N\(NATD_S_IP\) N\(NATD_D_IP\) N\(COOKIE2\) \]", log)
+    (row,) = ike_sas(g)
+    assert row["remote"] != old_remote and row["remote"].startswith(t.nat1_public + ":")
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert stats.get("v2 mobike_update", 0) >= 1
+    assert ping(t.r1, t.h_addr)
+    cap.check()
+    c.stop()
     g.terminate()

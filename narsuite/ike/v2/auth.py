@@ -80,7 +80,8 @@ class Auth:
         sa.peer_id_text = ids.id_text(ident)
         sa.peer_id_body = id_body(idi)
         ns = wire.notifies(payloads)
-        sa.mobike = False  # MOBIKE is not offered (yet): the peer's address is followed as for NAT
+        # RFC 4555: with MOBIKE the peer moves the SA only by UPDATE_SA_ADDRESSES
+        sa.mobike = C.MOBIKE_SUPPORTED in ns
         candidates = [p for p in sa.candidates if ids.id_matches(p.id, ident)]
         auth = wire.find(payloads, wire.Auth)
         if auth is None:
@@ -104,7 +105,10 @@ class Auth:
                      n=len(candidates))
             raise IKEv2Error(C.AUTHENTICATION_FAILED, f"{sa.peer_id_text}: AUTH did not verify")
         sa.policy = policy
-        return self.finish(sa, payloads, self.our_auth(sa, policy), ns)
+        out = self.our_auth(sa, policy)
+        if sa.mobike:
+            out.append(wire.Notify(C.MOBIKE_SUPPORTED))
+        return self.finish(sa, payloads, out, ns)
 
     def uses_certificate(self, policy: PeerPolicy) -> bool:
         return self.engine.credentials is not None and (policy.auth not in ("psk",) or policy.local_id == "%cert")

@@ -8,11 +8,12 @@ the SA goes.  The peer's empty requests are answered empty.
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING, Any
 
 from narsuite.ike.common import Drop
 from narsuite.ike.v2 import constants as C
-from narsuite.ike.v2 import wire
+from narsuite.ike.v2 import keys, wire
 from narsuite.ike.v2.sa import IkeSAv2
 from narsuite.logs import logger
 
@@ -53,7 +54,7 @@ class Informational:
                     e.count("error_notify_rx")
                     log.info("ikev2: {name}: peer notified error {t}", name=sa.name, t=p.type)
                 elif p.type == C.UPDATE_SA_ADDRESSES and sa.mobike:
-                    out += e.mobike_update(sa, payloads, addr, local_port) if hasattr(e, "mobike_update") else []
+                    out += self.update_addresses(sa, payloads, addr, local_port)
         if spis_back:
             out.append(wire.Delete(C.PROTO_ESP, tuple(spis_back)))
         if delete_ike:
@@ -62,6 +63,34 @@ class Informational:
             log.info("ikev2: {name}: peer deleted the IKE SA", name=sa.name)
             e.delete_ike(sa, notify_peer=False, reason="deleted by the peer")
             return None
+        return out
+
+    def update_addresses(self, sa: IkeSAv2, payloads: tuple[Any, ...], addr: tuple[str, int],
+                         local_port: int) -> list[Any]:
+        """RFC 4555 §3.5: the IKE SA and its CHILD SAs move to where this (authenticated)
+        request came from, NAT detection is run again with the SA's SPIs, and the answer
+        carries our NAT_DETECTION_* (and the peer's COOKIE2, §3.6)."""
+        e = self.engine
+        sources = [p for p in payloads if isinstance(p, wire.Notify) and p.type == C.NAT_DETECTION_SOURCE_IP]
+        ns = wire.notifies(payloads)
+        dest = ns.get(C.NAT_DETECTION_DESTINATION_IP)
+        out: list[Any] = []
+        if sources or dest:
+            seen = keys.natd_hash(sa.spi_i, sa.spi_r, addr[0], addr[1])
+            sa.nat_peer = not any(hmac.compare_digest(s.data, seen) for s in sources)
+            ours = keys.natd_hash(sa.spi_i, sa.spi_r, sa.local_ip, local_port)
+            sa.nat_local = dest is not None and not hmac.compare_digest(dest.data, ours)
+            out += [wire.Notify(C.NAT_DETECTION_SOURCE_IP, keys.natd_hash(sa.spi_i, sa.spi_r, sa.local_ip,
+                                                                          local_port)),
+                    wire.Notify(C.NAT_DETECTION_DESTINATION_IP, keys.natd_hash(sa.spi_i, sa.spi_r, addr[0],
+                                                                               addr[1]))]
+        cookie2 = ns.get(C.COOKIE2)
+        if cookie2 is not None:
+            out.append(cookie2)
+        e.count("mobike_update")
+        log.info("ikev2: {name}: UPDATE_SA_ADDRESSES from {addr}{nat}", name=sa.name, addr=f"{addr[0]}:{addr[1]}",
+                 nat=" (behind NAT)" if sa.nat_peer else "")
+        e.move(sa, addr, local_port)
         return out
 
     # ------------------------------------------------------------------ answers to our requests
