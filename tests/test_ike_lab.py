@@ -478,3 +478,24 @@ def test_a_nat_rebinding_while_traffic_flows_keeps_the_tunnel(need_strongswan, r
     assert len(ike_sas(g)) == 1 and ping(t.r1, t.h_addr)
     c.stop()
     g.terminate()
+
+
+# ------------------------------------------------------------------------- troubleshooting
+def test_what_strongswan_shows_for_an_unknown_identity(need_strongswan, ra_topo, tmp_path):
+    """docs/roles/ike.md's troubleshooting table says what a client with an identity no
+    policy names sees; this is where that sentence comes from."""
+    t = ra_topo
+    g = gateway(t, tmp_path, psk_policy(id='"r1.example"'))
+    c = client(t, t.r1, tmp_path, "stranger")  # local_id stranger.example
+    res = c.initiate(child="net", timeout=12)
+    assert not res.ok
+    shown = res.output + c.log_text()
+    # our answer is an unprotected INVALID-ID-INFORMATION to the MM5 that was encrypted
+    # already; strongSwan 5.9 does not accept it and retransmits MM5 until it gives up
+    assert "message verification failed" in shown, shown[-3000:]
+    assert "INFORMATIONAL_V1 request with message ID 0 processing failed" in shown
+    assert "no policy with this PSK for 'stranger.example'" in g.log_text()
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert stats.get("no_policy", 0) >= 1, stats
+    c.stop()
+    g.terminate()
