@@ -316,7 +316,11 @@ class RegistrationRelay:
         new = wire.RegistrationRequest(flags, lifetime, home, ha, cfg.private_address,
                                        req.identification, relayed)
         out = wire.add_mn_ha_auth(wire.encode_request(new, self.numbers), sa.ha_spi, sa.key)
-        mn = home if home != _ZERO else "nai:" + nai.decode("utf-8", "backslashreplace")  # type: ignore[union-attr]
+        if home != _ZERO:
+            mn = home
+        else:
+            assert nai is not None  # step 4 dropped a zero home address without an NAI
+            mn = "nai:" + nai.decode("utf-8", "backslashreplace")
         encap = "gre" if req.g else "minimal" if req.m else "ipip"
         pending = Pending(
             mn=mn, ident_low=req.identification & _LOW32, identification=req.identification,
