@@ -492,7 +492,9 @@ class RedisBackend:
             self._reactor.callFromThread(self._batch_done, batch, res, acked, elapsed)
         if c is not None:
             c.close()
-        self._reactor.callFromThread(self._writer_done.callback, None)  # type: ignore[union-attr]
+        done = self._writer_done
+        assert done is not None  # start() makes it before it starts this thread
+        self._reactor.callFromThread(done.callback, None)
 
     def _wait_replicas(self, c: Any) -> int:
         """WAIT until ``replicas_ack`` replicas have every write so far, or ack_timeout passes."""
