@@ -1,0 +1,147 @@
+"""Shared-store benchmark: writes/s and write latency through the redis backend, in one run with
+its anchors: the SQLite backend (the one-machine default) and raw redis-py pipelined SETs of the
+same rows (the floor for any client of this Redis), plus the packet path's lookup on each.
+
+Run: python bench/bench_store_redis.py [--writes N] [--inflight C]
+
+A real redis-server is started on loopback for the run (persistence off) and killed after it.
+Latency is from ``store.insert`` to its Deferred firing (what a role waits for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import attrs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from twisted.internet import defer, reactor  # noqa: E402
+
+from narsuite.lab.redis import RedisServer  # noqa: E402
+from narsuite.store import Index, KindSpec, SqliteBackend, Store  # noqa: E402
+from narsuite.store.redis import RedisBackend  # noqa: E402
+
+
+@attrs.frozen
+class Mapping:
+    ident: int
+    proto: int
+    spi: int
+    client: str
+    session: str
+
+
+KIND = KindSpec("bench.mapping", Mapping, key=lambda r: r.ident,
+                indexes=(Index("spi", lambda r: (r.proto, r.spi)),))
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+@defer.inlineCallbacks
+def run_store(store: Store, n: int, inflight: int, base: int):  # type: ignore[no-untyped-def]
+    lat: list[float] = []
+    it = iter(range(base, base + n))
+
+    @defer.inlineCallbacks
+    def worker():  # type: ignore[no-untyped-def]
+        for i in it:
+            t0 = time.perf_counter()
+            yield store.insert(Mapping(i, 50, 1000 + i, f"10.0.{i % 250}.{i % 200}", f"nar-{i % 97}"),
+                               owner=f"nar-{i % 97}")
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    yield defer.gatherResults([worker() for _ in range(inflight)])
+    elapsed = time.perf_counter() - t0
+    return n / elapsed, pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000
+
+
+def lookup_ns(store: Store, n: int) -> float:
+    ix = store.index(KIND.name, "spi")
+    keys = [(50, 1000 + i) for i in range(n)]
+    t0 = time.perf_counter()
+    for k in keys:
+        ix.get(k)
+    return (time.perf_counter() - t0) / n * 1e9
+
+
+def raw_pipelined(srv: RedisServer, n: int) -> float:
+    import redis
+
+    r = redis.Redis(host=srv.host, port=srv.port)
+    rows = [json.dumps({"ident": i, "proto": 50, "spi": 1000 + i}) for i in range(n)]
+    out = [0.0]
+
+    def go() -> None:
+        t0 = time.perf_counter()
+        for b in range(0, n, 1000):
+            p = r.pipeline(transaction=False)
+            for i in range(b, min(n, b + 1000)):
+                p.set(f"raw:{i}", rows[i])
+            p.execute()
+        out[0] = n / (time.perf_counter() - t0)
+
+    t = threading.Thread(target=go)
+    t.start()
+    t.join()
+    return out[0]
+
+
+@defer.inlineCallbacks
+def main(args):  # type: ignore[no-untyped-def]
+    results = {}
+    with RedisServer() as srv:
+        import redis
+
+        backend = RedisBackend(lambda name: redis.Redis(host=srv.host, port=srv.port, decode_responses=True,
+                                                        client_name=name),
+                               "bench1", prefix="b:")
+        st = Store(backend, reactor, node_id="bench1")
+        st.register(KIND)
+        st.open()
+        st.start()
+        yield run_store(st, 2000, args.inflight, 10**8)  # warm-up
+        results["redis backend"] = yield run_store(st, args.writes, args.inflight, 0)
+        results["redis lookup ns"] = lookup_ns(st, min(args.writes, 100_000))
+        yield st.stop()
+        results["raw redis-py pipelined SET"] = raw_pipelined(srv, args.writes)
+    with tempfile.TemporaryDirectory() as d:
+        st = Store(SqliteBackend(Path(d) / "s.sqlite"), reactor)
+        st.register(KIND)
+        st.open()
+        st.start()
+        results["sqlite backend"] = yield run_store(st, args.writes, args.inflight, 0)
+        results["sqlite lookup ns"] = lookup_ns(st, min(args.writes, 100_000))
+        yield st.stop()
+    print(f"writes={args.writes} inflight={args.inflight}")
+    for name in ("redis backend", "sqlite backend"):
+        w, p50, p99 = results[name]
+        print(f"{name:28s} {w:10.0f} writes/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms")
+    print(f"{'raw redis-py pipelined SET':28s} {results['raw redis-py pipelined SET']:10.0f} writes/s (anchor)")
+    print(f"lookup index.get: redis view {results['redis lookup ns']:.0f} ns, "
+          f"sqlite view {results['sqlite lookup ns']:.0f} ns")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--writes", type=int, default=50_000)
+    ap.add_argument("--inflight", type=int, default=64)
+    ap.add_argument("--switchinterval", type=float, default=None,
+                    help="sys.setswitchinterval (the GIL hand-over between reactor and client threads)")
+    a = ap.parse_args()
+    if a.switchinterval:
+        sys.setswitchinterval(a.switchinterval)
+    d = main(a)
+    d.addErrback(lambda f: f.printTraceback())
+    d.addBoth(lambda _: reactor.stop())
+    reactor.run()
