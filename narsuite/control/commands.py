@@ -174,18 +174,19 @@ def _udp(daemon: NarsuiteService) -> Table:
 
 def _cluster(daemon: NarsuiteService) -> Table:
     """The nodes sharing this store (live heartbeats), their roles, the leader, the store's health."""
+    from narsuite.store.redis import RedisBackend  # light: the redis client is imported lazily
+
     be = daemon.store.backend
     me = daemon.config.cluster.node_id or "-"
-    nodes = getattr(be, "nodes", None)
     cols = ("node", "roles", "host", "pid", "heartbeat", "leader")
-    if nodes is None:
+    if not isinstance(be, RedisBackend):  # the only shared backend
         return Table(cols, ((me, ", ".join(daemon.role_names), "", os.getpid(), "", "yes"),),
                      title=f"one node: store backend {daemon.config.store.backend} is not shared")
     now = time.time()
     rows = tuple((name + (" (this node)" if name == me else ""), ", ".join(info.get("roles", ())),
                   info.get("host", ""), info.get("pid", ""), f"{now - float(info.get('seen', now)):.1f}s ago",
                   "yes" if name == be.leader else "")
-                 for name, info in sorted(nodes.items()))
+                 for name, info in sorted(be.nodes.items()))
     health = "reachable" if be.available else f"UNREACHABLE ({be.last_error}): new allocations refused"
     return Table(cols, rows, title=f"store {be.where}: {health}")
 
