@@ -48,6 +48,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "narsuite.toml"
 class DaemonConfig:
     state_dir: Path = setting(Path("/var/lib/narsuite"), doc="Persistent state (store, host keys).")
     runtime_dir: Path = setting(Path("/run/narsuite"), doc="Sockets and other runtime files.")
+    reactor: str = setting("narsuite-epoll", check=one_of("narsuite-epoll", "twisted"),
+                           doc="narsuite-epoll: narsuite's lean epoll reactor (narsuite/reactor.py), "
+                               "installed by `twistd narsuite` unless twistd's --reactor chose one; "
+                               "twisted: Twisted's default reactor.")
 
 
 @attrs.frozen

@@ -47,6 +47,31 @@ class Options(usage.Options):
                     spec.check_config(self["loaded_config"].role(spec.name))
         except (ConfigError, RoleError) as e:
             raise usage.UsageError(str(e)) from None
+        self["reactor"] = install_reactor(self["loaded_config"].daemon.reactor)
+
+
+def install_reactor(choice: str) -> str:
+    """Install narsuite's lean epoll reactor for ``twistd narsuite`` (``[daemon] reactor``).
+
+    twistd installs a reactor while parsing its own options only when ``--reactor``
+    is given; otherwise the first ``import twisted.internet.reactor`` installs
+    Twisted's default, and that happens after this (postOptions of the subcommand).
+    So the operator's ``--reactor`` always wins, and without it ``twistd -n narsuite``
+    runs what the benchmarks measure.  Returns the name of the reactor in use.
+    """
+    import sys
+
+    if "twisted.internet.reactor" in sys.modules:
+        return type(sys.modules["twisted.internet.reactor"]).__module__
+    if choice != "narsuite-epoll" or not sys.platform.startswith("linux"):
+        return "twisted"
+    from narsuite import reactor as lean
+    from narsuite.twisted_private import missing
+
+    if missing():  # a Twisted without the private names it uses: the default, not a crash
+        return "twisted"
+    lean.install()
+    return lean.__name__
 
 
 def makeService(options: Options):
