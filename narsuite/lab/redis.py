@@ -81,7 +81,20 @@ class _Process:
         raise RuntimeError(f"{self.exe} on {self.port} did not answer in {timeout}s: {self.log_tail()}")
 
     def ready(self) -> bool:
+        if self.prefix:  # inside a namespace: ask from there
+            cmd = self.prefix + ["redis-cli", "-h", self.host, "-p", str(self.port)]
+            if self.password is not None:
+                cmd += ["--no-auth-warning", "-a", self.password]
+            out = subprocess.run(cmd + ["ping"], capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() == "PONG"
         return _ping(self.host, self.port, self.password)
+
+    def cli(self, *args: str) -> str:
+        """``redis-cli`` against this server (from its namespace when it has one)."""
+        cmd = self.prefix + ["redis-cli", "-h", self.host, "-p", str(self.port)]
+        if self.password is not None:
+            cmd += ["--no-auth-warning", "-a", self.password]
+        return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=10, check=True).stdout
 
     def log_tail(self, n: int = 2000) -> str:
         try:

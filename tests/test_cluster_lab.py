@@ -1,0 +1,156 @@
+"""Gateway failover, level 1 (issue 13, case e): two narsuite nodes (--role=esp,ike) share one
+store on a real redis-server; a strongSwan client (IKEv1, XAUTH + mode-config) behind an nftables
+NAT talks to the public address of the active node.  The active is killed with -9 and the address
+moves to the standby (the test moves it, as keepalived would, and clears the neighbours' ARP caches
+as its gratuitous ARP does); the client reconnects to the standby and gets the same pool address;
+nothing the dead node's SAs held stays allocated.
+
+::
+
+    R1 192.168.1.10 -- NAT1 -- pub 198.51.100.0/24 -+- G1 wan0 (198.51.100.1 while active) -+
+                                                    +- G2 wan0 (198.51.100.1 after failover)-+- int 10.1.0.0/24
+                                                                  H 10.1.0.10, DB (Redis) 10.1.0.20 -+
+    G1 10.1.0.2, G2 10.1.0.3 on int; 10.1.0.1 (H's default route) moves with the public address.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import bcrypt
+from labtraffic import ping
+
+from narsuite.lab.daemon import NarsuiteDaemon
+from narsuite.lab.redis import RedisServer
+from narsuite.lab.strongswan import Charon, ikev1_client_conf
+
+PSK = "lab-psk-0123456789"
+VIP, VIP_INT = "198.51.100.1", "10.1.0.1"
+
+
+def node_config(tmp: Path, node: str, redis_url: str) -> Path:
+    d = tmp / node
+    d.mkdir()
+    cfg = d / "narsuite.toml"
+    pw = bcrypt.hashpw(b"alice-pw", bcrypt.gensalt(4)).decode()
+    pw_bob = bcrypt.hashpw(b"bob-pw", bcrypt.gensalt(4)).decode()
+    cfg.write_text(textwrap.dedent(f"""
+        [daemon]
+        state_dir = "state"
+        runtime_dir = "run"
+        [metrics]
+        enabled = false
+        [cluster]
+        node_id = "{node}"
+        heartbeat_interval = 0.3
+        heartbeat_timeout = 1.0
+        [store]
+        backend = "redis"
+        [store.redis]
+        url = "{redis_url}"
+        prefix = "c:"
+        [store.pools.ra]
+        network = "10.8.0.0/24"
+        exclude = ["10.8.0.1"]
+        [esp]
+        [ike]
+        [ike.users]
+        alice = "{pw}"
+        bob = "{pw_bob}"
+        [[ike.peers]]
+        name = "rw"
+        psk = "{PSK}"
+        local_id = "gw.example"
+        local_ts = ["10.1.0.0/24"]
+        xauth = true
+        pool = "ra"
+        """))
+    return cfg
+
+
+def records(db: RedisServer) -> list[tuple[str, str, str]]:
+    """(record key, owner, node) of every record in the shared store."""
+    out = []
+    for key in db.cli("--scan", "--pattern", "c:r:*").split():
+        owner, node = db.cli("hmget", key, "w", "n").splitlines()[:2]
+        out.append((key, owner, node))
+    return out
+
+
+def test_e_level1_failover_kill_active_client_reconnects_to_standby_same_address(need_strongswan, lab, tmp_path):
+    r1, r3, nat1 = lab.host("r1"), lab.host("r3"), lab.host("nat1")
+    g1, g2 = lab.host("g1", forwarding=True), lab.host("g2", forwarding=True)
+    h, dbh = lab.host("h"), lab.host("db")
+    lab.switch("lan", [(nat1, "192.168.1.1/24", "lan0"), (r1, "192.168.1.10/24", "eth0"),
+                       (r3, "192.168.1.11/24", "eth0")])
+    lab.switch("pub", [(nat1, "198.51.100.101/24", "wan0"), (g1, f"{VIP}/24", "wan0"), (g2, None, "wan0")])
+    lab.switch("int", [(g1, "10.1.0.2/24", "lan0"), (g2, "10.1.0.3/24", "lan0"),
+                       (h, "10.1.0.10/24", "eth0"), (dbh, "10.1.0.20/24", "eth0")])
+    g1.ip("addr", "add", f"{VIP_INT}/24", "dev", "lan0")
+    nat1.masquerade("wan0")
+    r1.default_route("192.168.1.1")
+    r3.default_route("192.168.1.1")
+    h.default_route(VIP_INT)
+    for g in (g1, g2):
+        g.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
+    db = RedisServer(6379, host="10.1.0.20", prefix=["ip", "netns", "exec", dbh.netns]).start()
+    try:
+        url = f"redis://10.1.0.20:{db.port}"
+        n1 = NarsuiteDaemon(g1, node_config(tmp_path, "g1", url), roles="esp,ike").start()
+        n2 = NarsuiteDaemon(g2, node_config(tmp_path, "g2", url), roles="esp,ike").start()
+        # bob first, so alice's address is not the first of the pool: a standby that did not
+        # share the store would hand alice the first free address (bob's)
+        b = Charon(r3, tmp_path / "r3").start()
+        b.load(ikev1_client_conf(VIP, PSK, local_id="r3.example", xauth_user="bob", xauth_password="bob-pw"))
+        assert b.initiate(child="net", timeout=25).ok
+        (bob_vip,) = b.list_sas()[0].local_vips
+        c = Charon(r1, tmp_path / "r1").start()
+        c.load(ikev1_client_conf(VIP, PSK, local_id="r1.example", xauth_user="alice", xauth_password="alice-pw"))
+        res = c.initiate(child="net", timeout=25)
+        assert res.ok, res.output[-3000:]
+        (vip,) = c.list_sas()[0].local_vips
+        assert vip != bob_vip
+        assert ping(r1, "10.1.0.10")
+        assert sorted(r["user"] for r in n1.rows("ike", "sas")) == ["alice", "bob"] and n2.rows("ike", "sas") == []
+        cluster = n2.json("cluster")
+        assert {r["node"].split()[0] for r in cluster["rows"]} == {"g1", "g2"}, cluster
+        held_by_g1 = [r for r in records(db) if r[2] == "g1"]
+        assert any(o.startswith("ike:sa:") for _k, o, _n in held_by_g1), held_by_g1  # SPI leases of its SAs
+
+        # the active dies: kill -9, its links go down; the address moves to the standby
+        t0 = time.monotonic()
+        n1.kill9()
+        g1.ip("link", "set", "wan0", "down")
+        g1.ip("link", "set", "lan0", "down")
+        g2.ip("addr", "add", f"{VIP}/24", "dev", "wan0")
+        g2.ip("addr", "add", f"{VIP_INT}/24", "dev", "lan0")
+        for host in (nat1, h):
+            host.ip("neigh", "flush", "all")
+        # the client notices (here: the operator's reconnect; DPD would do it by itself) and reconnects
+        c.terminate(ike="home", timeout=2)
+        res = c.initiate(child="net", timeout=25)
+        assert res.ok, res.output[-3000:] + n2.log_text()[-3000:]
+        outage = time.monotonic() - t0
+        (vip2,) = c.list_sas()[0].local_vips
+        assert vip2 == vip  # the same pool address from the standby (not bob's, the first one)
+        assert ping(r1, "10.1.0.10")
+        assert [r["user"] for r in n2.rows("ike", "sas")] == ["alice"]
+        # nothing the dead node's SAs held stays allocated: only alice's durable address lease
+        deadline = time.monotonic() + 5
+        while True:
+            left = [(k, o) for k, o, n in records(db) if n == "g1"]
+            if all(o.startswith("ike:lease:") for _k, o in left):
+                break
+            assert time.monotonic() < deadline, left
+            time.sleep(0.2)
+        assert {o for _k, o in left} == {"ike:lease:rw:user:alice", "ike:lease:rw:user:bob"}
+        assert {r["node"].split()[0] for r in n2.json("cluster")["rows"]} == {"g2"}
+        print(f"\nlevel 1 failover: kill -9 to the client re-established on the standby with {vip2}: "
+              f"{outage * 1000:.0f} ms (client reconnect driven by the test)")
+        c.stop()
+        b.stop()
+        n2.terminate()
+    finally:
+        db.close()
