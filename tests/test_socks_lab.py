@@ -209,8 +209,9 @@ EOF_SERVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("client", ["ncat", "nc-openbsd"])
-def test_half_close_is_passed_on(nar_topo, server, tmp_path, client):
+@pytest.mark.parametrize("client, repeat", [("ncat", 1000), ("nc-openbsd", 1000),
+                                            ("ncat", 100_000)])  # 1.8 MB: through splice(2)
+def test_half_close_is_passed_on(nar_topo, server, tmp_path, client, repeat):
     """Issue 12: the client's FIN used to tear down both directions, so no answer came."""
     tool = {"ncat": "ncat", "nc-openbsd": "nc.openbsd"}[client]
     from narsuite.lab.pytest_plugin import need_tools
@@ -220,7 +221,7 @@ def test_half_close_is_passed_on(nar_topo, server, tmp_path, client):
     nar_topo.y.popen([sys.executable, str(tmp_path / "eof.py"), nar_topo.y_addr, "7070"])
     nar_topo.y.wait_port(7070)
     server.start()
-    payload = b"GET / HTTP/1.0\r\n\r\n" * 1000
+    payload = b"GET / HTTP/1.0\r\n\r\n" * repeat
     (tmp_path / "req").write_bytes(payload)
     proxy = f"{nar_topo.n_private}:1080"
     if client == "ncat":

@@ -112,6 +112,8 @@ class NarConfig:
     connect_timeout: float = setting(30.0, check=in_range(0.1, 3600))
     idle_timeout: float = setting(300.0, check=in_range(1, 86400))
     udp_idle_timeout: float = setting(120.0, check=in_range(1, 86400))
+    splice: bool = setting(True, doc="Relay a TCP stream with splice(2) (no copy through "
+                                     "user space) once it has carried 256 KiB (Linux).")
     max_connections: int = setting(10000, check=in_range(1, 10**6))
     workers: int = setting(1, check=in_range(0, 256),
                            doc="SOCKS reactor processes on the port (SO_REUSEPORT), the main one "

@@ -44,7 +44,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["write_now", "lose_now", "ClosingProducer", "connect_tcp", "LeanConnector", "OutgoingConnection"]
+__all__ = ["write_now", "lose_now", "is_plain_tcp", "idle_transport", "ClosingProducer", "connect_tcp", "LeanConnector", "OutgoingConnection"]
 
 _Connection = tcp.Connection
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY))
@@ -61,6 +61,15 @@ def _idle(transport: Any) -> bool:
         and transport.offset == len(transport.dataBuffer)
         and not transport._writeDisconnected
     )
+
+
+def is_plain_tcp(transport: Any) -> bool:
+    """A Twisted TCP connection without TLS (its socket can be used directly)."""
+    return isinstance(transport, _Connection) and not transport.TLS
+
+
+#: Public name of :func:`_idle` (the splice relay's precondition).
+idle_transport = _idle
 
 
 def write_now(transport: Any, data: bytes) -> None:

@@ -67,9 +67,12 @@ from narsuite.logs import LEVELS, Aggregator, logger
 from narsuite.nar import socks
 from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
-from narsuite.nar.fastio import ClosingProducer, connect_tcp, lose_now, write_now
+from narsuite.nar.fastio import (ClosingProducer, connect_tcp, idle_transport, is_plain_tcp, lose_now,
+                                 write_now)
 from narsuite.nar.records import SESSION_OWNER_PREFIX
 from narsuite.nar.rules import RuleSet
+from narsuite.nar.splice import AVAILABLE as SPLICE_AVAILABLE
+from narsuite.nar.splice import SpliceRelay
 from narsuite.packet.routing import default_route_source, source_address
 from narsuite.schema import ConfigError
 from narsuite.transports import ITCPStreamTransport
@@ -83,6 +86,9 @@ METHOD_CODES = {"none": socks.METHOD_NONE, "password": socks.METHOD_PASSWORD}
 MAX_EARLY = 64 * 1024
 #: recv() size for the two sockets of a TCP relay.
 RELAY_READ_SIZE = 256 * 1024
+#: A relay that has carried this many bytes goes over to splice(2) (narsuite.nar.splice):
+#: streams pay for the pipes, short request/response connections never do.
+SPLICE_AFTER = 256 * 1024
 
 Resolver = Callable[[str, int], "defer.Deferred[list[str]]"]
 
@@ -582,6 +588,9 @@ class SocksProtocol(Protocol):
         self._connector: Any = None
         self._eof_up = False  # the client sent FIN
         self._eof_down = False  # the destination / BIND peer sent FIN
+        self._relayed = 0  # bytes relayed by the Twisted path (see _start_splice)
+        self._splice_ok = False
+        self._splice: SpliceRelay | None = None
 
     # ---------------------------------------------------------------- plumbing
 
@@ -643,6 +652,9 @@ class SocksProtocol(Protocol):
         self._set_timer(seconds, "idle")
 
     def _abort(self) -> None:
+        if self._splice is not None:
+            self._splice.stop()  # closes both connections through their transports
+            return
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -682,6 +694,9 @@ class SocksProtocol(Protocol):
                 self.factory.counters["bytes_up"] += len(data)
                 self._last = self.reactor.seconds()
                 write_now(out.transport, data)
+                self._relayed += len(data)
+                if self._relayed > SPLICE_AFTER and self._splice_ok:
+                    self._start_splice()
             return
         if st == "nar":
             self._last = self.reactor.seconds()
@@ -940,6 +955,7 @@ class SocksProtocol(Protocol):
             if isinstance(getattr(tr, "bufferSize", None), int):
                 tr.bufferSize = RELAY_READ_SIZE
         self._start_idle(self.factory.config.idle_timeout)
+        self._splice_ok = SPLICE_AVAILABLE and self.factory.config.splice
 
     def _flush_early(self) -> None:
         # Resume first: feeding the early bytes may pause the transport again (a NAR
@@ -960,6 +976,40 @@ class SocksProtocol(Protocol):
         self.factory.counters["bytes_down"] += len(data)
         self._last = self.reactor.seconds()
         write_now(self.transport, data)
+        self._relayed += len(data)
+        if self._relayed > SPLICE_AFTER and self._splice_ok:
+            self._start_splice()
+
+    def _start_splice(self) -> None:
+        """Hand a relay that has carried SPLICE_AFTER bytes to splice(2) (narsuite.nar.splice):
+        no copy through Python for the bulk of a stream.  Only between two plain TCP
+        transports with nothing queued and no FIN seen; otherwise later, or never."""
+        out = self.outbound
+        if (out is None or self._eof_up or self._eof_down or self.state != "relay"
+                or not (idle_transport(self.transport) and idle_transport(out.transport))):
+            if out is None or not (is_plain_tcp(self.transport) and is_plain_tcp(out.transport)):
+                self._splice_ok = False
+            return
+        self._splice_ok = False
+        counters = self.factory.counters
+        seconds = self.reactor.seconds
+
+        def moved(up: bool, n: int) -> None:
+            counters["bytes_up" if up else "bytes_down"] += n
+            self._last = seconds()
+
+        try:
+            self._splice = SpliceRelay(self.reactor, self.transport, out.transport, moved,
+                                       self._splice_ended)
+        except OSError as e:  # no pipes left (EMFILE): the Twisted path goes on
+            log.debug("socks: splice relay not started for {client}: {e}", client=self.client, e=e)
+            self.transport.startReading()
+            out.transport.startReading()
+            return
+        self.factory.count("relays_spliced")
+
+    def _splice_ended(self) -> None:
+        self._splice = None
 
     def readConnectionLost(self) -> None:
         """The client sent FIN (IHalfCloseableProtocol)."""
