@@ -145,6 +145,8 @@ class ClusterConfig:
     key_file: Path | None = setting(
         None, check=_secret_file,
         doc="32-byte cluster key (AES-256-GCM) sealing what a standby needs; never stored in Redis.")
+    sealed_kinds: tuple[str, ...] = setting(
+        ("esp.sa",), doc="Kinds (with key material) kept in the shared store sealed under key_file.")
 
     def __validate__(self, key: str) -> None:
         if self.node_id and not all(c.isalnum() or c in "-_." for c in self.node_id):

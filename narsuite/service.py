@@ -115,6 +115,7 @@ class NarsuiteService(service.MultiService):
             for kind in spec.kinds:
                 self.store.register(kind)
             self.store.declare_volatile_owners(*spec.volatile_owners)
+        self.sealer = self._create_sealer(config)
         info = getattr(self.store.backend, "node_info", None)
         if info is not None:  # a shared store: what `narctl cluster` shows of this node
             info["roles"] = list(self.role_names)
@@ -132,6 +133,21 @@ class NarsuiteService(service.MultiService):
             "metrics": self.metrics,
         }
         self._create_children()
+
+    def _create_sealer(self, config: Config) -> Any:
+        """With a shared store and ``[cluster] key_file``: sealed twins of the kinds a standby needs."""
+        cc = config.cluster
+        if cc.key_file is None or config.store.backend != "redis":
+            return None
+        from narsuite.config import ConfigError
+        from narsuite.store.sealed import ClusterKey, Sealer
+
+        try:
+            key = ClusterKey.from_file(cc.key_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError("cluster.key_file", str(e).removeprefix("cluster.key_file: ")) from None
+        known = {k.name for k in self.store.kinds()}
+        return Sealer(self.store, key, cc.node_id, [k for k in cc.sealed_kinds if k in known])
 
     def _create_children(self) -> None:
         cfg = self.config

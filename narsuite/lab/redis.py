@@ -94,7 +94,8 @@ class _Process:
         cmd = self.prefix + ["redis-cli", "-h", self.host, "-p", str(self.port)]
         if self.password is not None:
             cmd += ["--no-auth-warning", "-a", self.password]
-        return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=10, check=True).stdout
+        return subprocess.run(cmd + list(args), capture_output=True, timeout=10, check=True).stdout.decode(
+            errors="replace")
 
     def log_tail(self, n: int = 2000) -> str:
         try:
