@@ -3,8 +3,8 @@
 Run (root, Dante installed: ``apt-get install dante-server``):
 
     python bench/bench_socks.py [--seconds 4] [--connect-workers 16] [--udp-workers 8] [--streams 1]
-                                [--only dante|narsuite] [--workers 0] [--reactor epoll|narsuite-epoll]
-                                [--rounds 1]
+                                [--only dante|narsuite] [--server twistd|script] [--workers 1]
+                                [--reactor default|epoll|narsuite-epoll] [--rounds 1]
 
 ``--rounds N`` measures both servers N times, in alternating order, and reports each
 figure's median and every round's ratios: on this shared 2-core machine Dante's own
@@ -25,6 +25,14 @@ tree from /proc, sampled at the start and end of each measurement window;
 Dante forks helper processes, narsuite is one reactor thread.  Everything,
 load generator included, shares the machine's cores: the load generator's
 CPU and the machine's idle share are printed too, to show who the bottleneck was.
+
+``--server twistd`` (the default) runs narsuite as the README says an operator does,
+``twistd -n narsuite --config FILE --role=nar``, with a config this script writes:
+memory store, metrics off, ``[log] level = "warn"``, ``decision_log_level = "debug"``
+(neither server logs per session), ``[nar] workers`` from ``--workers`` (default 1, the
+config default), and no ``--reactor`` unless ``--reactor`` asks for one: what runs is
+what ``twistd narsuite`` installs by itself.  Streams past 256 KiB are relayed with
+splice(2) (``[nar] splice``, on by default).
 
 Dante runs from a config this script writes into a temporary directory
 (method none, pass from 127.0.0.0/8, no per-session logging), in the
@@ -242,6 +250,53 @@ LEAN_SITECUSTOMIZE = textwrap.dedent("""
 """)
 
 
+TWISTD_CONFIG = """\
+[daemon]
+state_dir = "{tmp}/state"
+runtime_dir = "{tmp}/run"
+[store]
+backend = "memory"
+[metrics]
+enabled = false
+[log]
+level = "warn"
+[nar]
+listen = "127.0.0.1"
+port = {port}
+methods = ["none"]
+decision_log_level = "debug"
+workers = {workers}
+[[nar.rules]]
+action = "pass"
+"""
+
+
+def start_twistd(tmp: Path, workers: int = 1, reactor: str = "default") -> tuple[subprocess.Popen, int]:
+    """The nar role as an operator runs it: ``twistd -n narsuite --config ... --role=nar``
+    (``--reactor`` only when asked for; by default ``twistd narsuite`` picks the reactor)."""
+    port = load.free_port()
+    run = tmp / f"twistd-{port}"
+    run.mkdir()
+    conf = run / "narsuite.toml"
+    conf.write_text(TWISTD_CONFIG.format(tmp=run, port=port, workers=workers))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    opts = [] if reactor == "default" else [f"--reactor={reactor}"]
+    err = run / "twistd.log"
+    proc = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                             *opts, "-n", "--pidfile=", "narsuite", "--config", str(conf), "--role=nar"],
+                            env=env, cwd=run, stdout=open(err, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_listening(port, proc, 30)
+        if workers != 1:
+            time.sleep(2.0)
+    except RuntimeError as e:
+        stop(proc)
+        tail = err.read_text().strip().splitlines()
+        raise RuntimeError(f"{e}: {tail[-3:] if tail else ''}") from None
+    return proc, port
+
+
 def start_narsuite(tmp: Path, workers: int = 1, reactor: str = "epoll") -> tuple[subprocess.Popen, int]:
     port = load.free_port()
     script = tmp / "nar_server.py"
@@ -392,19 +447,29 @@ def main() -> None:
     ap.add_argument("--udp-workers", type=int, default=8)
     ap.add_argument("--streams", type=int, default=1, help="parallel bulk streams")
     ap.add_argument("--only", choices=("dante", "narsuite"))
-    ap.add_argument("--workers", type=int, default=0,
+    ap.add_argument("--workers", type=int, default=1,
                     help="narsuite's [nar] workers: reactor processes on the port (0: one per CPU, "
-                         "1: the single-process server)")
-    ap.add_argument("--reactor", choices=("epoll", "narsuite-epoll"), default="epoll",
-                    help="narsuite's reactor (workers included): Twisted's epoll reactor or "
-                         "narsuite's lean one (narsuite/reactor.py)")
+                         "1: the single-process server, the default of [nar] workers)")
+    ap.add_argument("--server", choices=("twistd", "script"), default="twistd",
+                    help="twistd: `twistd -n narsuite --role=nar` as an operator runs it (default); "
+                         "script: the SocksFactory alone in a small script")
+    ap.add_argument("--reactor", choices=("default", "epoll", "narsuite-epoll"), default="default",
+                    help="narsuite's reactor (workers included): default is what `twistd narsuite` "
+                         "installs (narsuite-epoll; the script then uses narsuite-epoll too), epoll "
+                         "Twisted's epoll reactor, narsuite-epoll the lean one")
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds, each measuring both servers, in alternating order (Dante first "
                          "in odd rounds); the table gives each figure's median over the rounds")
     args = ap.parse_args()
 
-    servers = [("dante", start_dante),
-               ("narsuite", lambda t: start_narsuite(t, args.workers, args.reactor))]
+    if args.server == "twistd":
+        def start_ours(t: Path) -> tuple[subprocess.Popen, int]:
+            return start_twistd(t, args.workers, args.reactor)
+    else:
+        def start_ours(t: Path) -> tuple[subprocess.Popen, int]:
+            return start_narsuite(t, args.workers,
+                                  "narsuite-epoll" if args.reactor == "default" else args.reactor)
+    servers = [("dante", start_dante), ("narsuite", start_ours)]
     rounds: list[dict[str, dict | str]] = []
     tg = load.Targets()
     try:
@@ -434,7 +499,7 @@ def main() -> None:
                     time.sleep(1.0)  # let TIME_WAIT and helper exits settle between servers
     finally:
         tg.close()
-    print(f"\n## SOCKS5 — `python bench/bench_socks.py --workers {args.workers} "
+    print(f"\n## SOCKS5 — `python bench/bench_socks.py --server {args.server} --workers {args.workers} "
           f"--reactor {args.reactor} --rounds {args.rounds}` — "
           f"{time.strftime('%Y-%m-%d')}\n")
     if args.rounds == 1:
