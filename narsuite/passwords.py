@@ -29,6 +29,11 @@ Hash formats, chosen by prefix:
   72 bytes are refused (bcrypt would silently ignore the rest).
 * ``$scrypt$ln=<log2 N>,r=<r>,p=<p>$<salt, base64>$<hash, base64>``: scrypt
   (RFC 7914) via ``cryptography``; unpadded standard base64; 32-byte hash.
+* ``$nt$<32 hex digits>``: the NT hash, MD4(UTF-16LE(password)) -- the only form
+  EAP-MSCHAPv2 (RFC 2759, what Windows, macOS and iOS IKEv2 clients use) can check a
+  password against, as FreeRADIUS's NT-Password.  Unsalted and fast: it is
+  password-equivalent for MSCHAPv2, so keep it for the users who need that method.
+  MD4 comes from pycryptodome (cryptography has none).
 
 Passwords are 1 to 255 bytes: the most RFC 1929 can carry, and far beyond what anyone types
 into an XAUTH prompt.
@@ -50,7 +55,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from narsuite.logs import logger
 
-__all__ = ["hash_password", "verify_password", "check_hash_format", "PasswordChecker",
+__all__ = ["hash_password", "verify_password", "check_hash_format", "nt_hash", "PasswordChecker",
            "BCRYPT_COST", "SCRYPT_LN"]
 
 log = logger()
@@ -89,7 +94,26 @@ def hash_password(password: str | bytes, scheme: str = "bcrypt", *, cost: int | 
         salt = secrets.token_bytes(16)
         key = Scrypt(salt=salt, length=32, n=2 ** ln, r=8, p=1).derive(raw)
         return f"$scrypt$ln={ln},r=8,p=1${_b64(salt)}${_b64(key)}"
-    raise ValueError(f"unknown scheme {scheme!r}; expected bcrypt or scrypt")
+    if scheme == "nt":
+        return "$nt$" + _md4(raw.decode("utf-8").encode("utf-16-le")).hex()
+    raise ValueError(f"unknown scheme {scheme!r}; expected bcrypt, scrypt or nt")
+
+
+def _md4(data: bytes) -> bytes:
+    from Crypto.Hash import MD4
+
+    return MD4.new(data).digest()
+
+
+def nt_hash(hashed: str) -> bytes | None:
+    """The 16-byte NT hash of a ``$nt$`` entry, None for any other format."""
+    if not hashed.startswith("$nt$"):
+        return None
+    try:
+        h = bytes.fromhex(hashed[4:])
+    except ValueError:
+        return None
+    return h if len(h) == 16 else None
 
 
 def _parse_scrypt(hashed: str) -> tuple[int, int, int, bytes, bytes]:
@@ -117,8 +141,12 @@ def check_hash_format(hashed: str) -> None:
         except (ValueError, KeyError) as exc:
             raise ValueError(f"malformed scrypt hash ({exc})") from None
         return
-    raise ValueError("expected a bcrypt ($2b$...) or scrypt ($scrypt$...) hash; make one with "
-                     "narsuite.passwords.hash_password")
+    if hashed.startswith("$nt$"):
+        if nt_hash(hashed) is None:
+            raise ValueError("malformed NT hash: expected $nt$ and 32 hex digits (narctl hash-password --nt)")
+        return
+    raise ValueError("expected a bcrypt ($2b$...), scrypt ($scrypt$...) or NT ($nt$...) hash; make one with "
+                     "narctl hash-password")
 
 
 def verify_password(hashed: str, password: bytes) -> bool:
@@ -132,7 +160,10 @@ def verify_password(hashed: str, password: bytes) -> bool:
             ln, r, p, salt, key = _parse_scrypt(hashed)
             got = Scrypt(salt=salt, length=len(key), n=2 ** ln, r=r, p=p).derive(password)
             return hmac.compare_digest(got, key)
-    except (ValueError, KeyError):
+        nt = nt_hash(hashed)
+        if nt is not None:
+            return hmac.compare_digest(_md4(password.decode("utf-8").encode("utf-16-le")), nt)
+    except (ValueError, KeyError, UnicodeDecodeError):
         return False
     return False
 

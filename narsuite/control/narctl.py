@@ -8,6 +8,7 @@ Usage::
     narctl show store.lease spi/1234567
     narctl help                      # every command the daemon answers, roles' included
     narctl hash-password             # bcrypt hash for [manhole.users] (local, no daemon)
+    narctl hash-password --nt        # NT hash for [ike.users] entries used by EAP-MSCHAPv2
 
 Plain blocking sockets on purpose: a CLI has no reactor to share.
 """
@@ -116,10 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if words[0] == "hash-password":
         from narsuite.passwords import hash_password
 
+        # --nt: the NT hash EAP-MSCHAPv2 needs (password-equivalent for it; see docs/roles/ike.md)
+        scheme = "nt" if "--nt" in words[1:] else "bcrypt"
+
         password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else \
             getpass.getpass("password: ")
         try:
-            print(hash_password(password))
+            print(hash_password(password, scheme))
         except ValueError as e:
             print(f"narctl: {e}", file=sys.stderr)
             return 2
