@@ -15,7 +15,7 @@ from labtraffic import ping, tcp_transfer
 from test_ike_lab import TRANSFER, Capture, gateway
 
 from narsuite.lab.daemon import NarsuiteDaemon
-from narsuite.lab.strongswan import Charon, ikev2_client_conf
+from narsuite.lab.strongswan import DEFAULT_PLUGINS, Charon, ikev2_client_conf
 
 PSK = "lab-psk-v2-0123456789"
 
@@ -309,4 +309,54 @@ def test_e_mobike_address_change_mid_transfer(need_strongswan, ra_topo, tmp_path
     assert ping(t.r1, t.h_addr)
     cap.check()
     c.stop()
+    g.terminate()
+
+
+# ------------------------------------------------------------------------------------- (c)
+def test_c_eap_mschapv2_against_ike_users(need_strongswan, ra_topo, tmp_path):
+    """(c) EAP-MSCHAPv2 (strongSwan's eap-mschapv2 plugin), the user checked against
+    ``[ike.users]`` (an NT-hash entry), the gateway authenticated by its certificate; a
+    virtual IP leased to the EAP user; a wrong password gets EAP-Failure and nothing is
+    left behind."""
+    from narsuite.lab.pki import make_pki
+    from narsuite.passwords import hash_password
+
+    t = ra_topo
+    pki = make_pki(tmp_path / "pki")
+    policy = ('[[ike.peers]]\nname = "eap"\nversions = [2]\nauth = "eap-mschapv2"\nlocal_id = "%cert"\n'
+              'local_ts = ["10.1.0.0/24"]\npool = "ra"\n')
+    extra = (f'certificate = "{pki.gateway.cert_path}"\nprivate_key = "{pki.gateway.key_path}"\n'
+             f'cacerts = ["{pki.ca_path}"]\n[ike.users]\ncarol = "{hash_password("carol-pw", "nt")}"\n')
+    g = gateway(t, tmp_path, policy, ike_extra=extra)
+    cap = Capture(t.g, "wan0", tmp_path / "c.pcap")
+    gw_dn = ", ".join(reversed([p.strip() for p in pki.gateway.cert.subject.rfc4514_string().split(",")]))
+    plugins = (*DEFAULT_PLUGINS, "eap-identity", "eap-mschapv2")
+
+    def eap_client(host, name: str, password: str) -> Charon:
+        c = Charon(host, tmp_path / name, plugins=plugins, extra_conf="  retransmit_tries = 1\n").start()
+        c.load(ikev2_client_conf(
+            t.g_public, None, local_id=f"{name}.example", remote_id=gw_dn, local_auth="eap-mschapv2",
+            remote_auth="pubkey", local_extra="      eap_id = carol\n",
+            secrets_extra=f'  eap-carol {{\n    id = carol\n    secret = "{password}"\n  }}\n'),
+            files={f"x509ca/{pki.ca_path.name}": pki.ca_path.read_bytes()})
+        return c
+
+    c = eap_client(t.r1, "r1", "carol-pw")
+    out = up(c)
+    log = c.log_text()
+    assert "EAP method EAP_MSCHAPV2 succeeded" in out + log, log[-3000:]
+    assert f"authentication of '{gw_dn}' with" in log
+    (row,) = ike_sas(g)
+    vip = row["address"]
+    # (swanctl's raw list cannot be parsed past a DN with spaces: the address is read on R1)
+    assert row["user"] == "carol" and vip.startswith("10.8.0.") and vip in t.r1.run(["ip", "-o", "addr"]).stdout
+    assert ping(t.r1, t.h_addr)
+    assert tcp_transfer(t.h, t.r1, t.h_addr, size=TRANSFER) == TRANSFER
+    bad = eap_client(t.r2, "r2", "not-carols")
+    res = bad.initiate(child="net", timeout=15)
+    assert not res.ok and "EAP_FAILURE" in res.output + bad.log_text()
+    assert len(ike_sas(g)) == 1
+    cap.check()
+    for x in (c, bad):
+        x.stop()
     g.terminate()

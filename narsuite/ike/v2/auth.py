@@ -20,11 +20,12 @@ from twisted.internet import defer
 from narsuite.ike import certs, ids, isakmp
 from narsuite.ike.config import PeerPolicy
 from narsuite.ike.v2 import constants as C
-from narsuite.ike.v2 import keys, signatures, wire
+from narsuite.ike.v2 import eap, keys, signatures, wire
 from narsuite.ike.v2.proposals import choose_esp
 from narsuite.ike.v2.sa import IkeSAv2
 from narsuite.ike.v2.wire import IKEv2Error
 from narsuite.logs import logger
+from narsuite.passwords import nt_hash
 
 if TYPE_CHECKING:
     from narsuite.ike.v2.engine import IkeV2Engine
@@ -85,8 +86,7 @@ class Auth:
         candidates = [p for p in sa.candidates if ids.id_matches(p.id, ident)]
         auth = wire.find(payloads, wire.Auth)
         if auth is None:
-            e.count("auth_failed")
-            raise IKEv2Error(C.AUTHENTICATION_FAILED, f"{sa.peer_id_text}: no AUTH payload (EAP is not configured)")
+            return self.eap_start(sa, payloads, [p for p in candidates if p.auth == "eap-mschapv2"])
         prf = sa.choice.prf_name
         octets = keys.signed_octets(sa.init_request, sa.nr, prf, sa.keys.sk_pi, sa.peer_id_body)
         policy: PeerPolicy | None = None
@@ -159,9 +159,65 @@ class Auth:
         sa.peer_cert_subject = leaf.subject.rfc4514_string()
         return candidates[0]
 
+    # ------------------------------------------------------------------ EAP (§2.16)
+    def eap_start(self, sa: IkeSAv2, payloads: tuple[Any, ...], candidates: list[PeerPolicy]) -> list[Any]:
+        """No AUTH from the peer: it wants EAP.  We authenticate with our certificate and
+        ask for its identity; the rest of this first request (CP, SA, TS) waits for the end."""
+        e = self.engine
+        if not candidates or e.credentials is None:
+            e.count("auth_failed")
+            raise IKEv2Error(C.AUTHENTICATION_FAILED, f"{sa.peer_id_text}: EAP requested, no EAP policy matches")
+        sa.policy = candidates[0]
+        users = e.users
+
+        def lookup(user: str) -> bytes | None:
+            hashed = users.get(user)
+            return nt_hash(hashed) if hashed else None
+        sa.eap = eap.MschapV2Server(lookup)
+        sa.auth_request = payloads
+        sa.state = "auth"
+        out = self.our_auth(sa, sa.policy)
+        sa.our_id_body = id_body(out[0])
+        return [*out, wire.EAP(sa.eap.start())]
+
     def eap_received(self, sa: IkeSAv2, header: wire.Header, payloads: tuple[Any, ...], addr: tuple[str, int],
-                     local_port: int) -> list[Any]:
-        raise IKEv2Error(C.AUTHENTICATION_FAILED, "EAP is not configured")
+                     local_port: int) -> list[Any] | defer.Deferred | None:
+        """The EAP conversation, then the peer's AUTH keyed with the MSK (§2.16)."""
+        e = self.engine
+        assert sa.policy is not None and sa.keys is not None and sa.choice is not None
+        prf = sa.choice.prf_name
+        message = wire.find(payloads, wire.EAP)
+        if message is not None and sa.eap is not None and sa.eap.state not in ("done", "failed"):
+            try:
+                outcome = sa.eap.received(message.data)
+            except eap.EapError as err:
+                raise IKEv2Error(C.AUTHENTICATION_FAILED, f"EAP: {err}") from None
+            if outcome.done and not outcome.success:
+                e.count("auth_failed")
+                log.warn("ikev2: {name}: {who}: EAP failed: {why}", name=sa.name, who=sa.peer_id_text,
+                         why=outcome.reason)
+                e.respond(sa, header, [wire.EAP(outcome.reply)], addr, local_port)
+                e.delete_ike(sa, notify_peer=False, reason="EAP failed")
+                return None
+            if outcome.success:
+                sa.eap_user = outcome.user
+                sa.msk = outcome.msk
+                log.info("ikev2: {name}: EAP-MSCHAPv2 user {user} authenticated", name=sa.name, user=sa.eap_user)
+            return [wire.EAP(outcome.reply)]
+        auth = wire.find(payloads, wire.Auth)
+        if auth is None or not sa.msk:
+            raise IKEv2Error(C.AUTHENTICATION_FAILED, "IKE_AUTH after EAP without an AUTH payload")
+        octets = keys.signed_octets(sa.init_request, sa.nr, prf, sa.keys.sk_pi, sa.peer_id_body)
+        if auth.method != C.AUTH_SHARED_KEY or not hmac.compare_digest(keys.psk_auth(prf, sa.msk, octets), auth.data):
+            e.count("auth_failed")
+            raise IKEv2Error(C.AUTHENTICATION_FAILED, f"{sa.eap_user}: AUTH with the MSK did not verify")
+        octets_r = keys.signed_octets(sa.init_response, sa.ni, prf, sa.keys.sk_pr, sa.our_id_body)
+        out: list[Any] = [wire.Auth(C.AUTH_SHARED_KEY, keys.psk_auth(prf, sa.msk, octets_r))]
+        if sa.mobike:
+            out.append(wire.Notify(C.MOBIKE_SUPPORTED))
+        first = sa.auth_request
+        sa.auth_request = None
+        return self.finish(sa, first, out, wire.notifies(first))
 
     # ------------------------------------------------------------------ CP + first CHILD SA
     def finish(self, sa: IkeSAv2, payloads: tuple[Any, ...], out: list[Any],

@@ -79,6 +79,8 @@ class IkeSAv2:
     peer_id_text: str = ""
     peer_id_body: bytes = b""
     eap_user: str = ""
+    msk: bytes = attrs.field(default=b"", repr=False)
+    our_id_body: bytes = b""
     eap: Any = None  # the EAP server conversation while state == "auth"
     auth_request: Any = None  # the first IKE_AUTH's payloads, kept through EAP
     address: str = ""  # the virtual IP from the pool
