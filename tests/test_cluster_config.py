@@ -1,0 +1,34 @@
+"""etc/cluster-node1.toml and etc/cluster-node2.toml: they load (secrets' paths pointed at real
+private files) and differ only in the node's identity; the secret files' checks fail closed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from narsuite.config import ConfigError, loads
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example(n: int, tmp_path: Path, mode: int = 0o600):  # type: ignore[no-untyped-def]
+    for name in ("redis.pass", "cluster.key"):
+        p = tmp_path / name
+        p.write_bytes(os.urandom(32) if name == "cluster.key" else b"s3cret\n")
+        p.chmod(mode)
+    text = (ROOT / "etc" / f"cluster-node{n}.toml").read_text().replace("/etc/narsuite/", f"{tmp_path}/")
+    return loads(text)
+
+
+def test_cluster_examples_load_and_differ_only_in_node_id(tmp_path) -> None:
+    c1, c2 = load_example(1, tmp_path), load_example(2, tmp_path)
+    assert (c1.cluster.node_id, c2.cluster.node_id) == ("gw1", "gw2")
+    assert c1.store == c2.store and c1.store.backend == "redis" and c1.store.redis.replicas_ack == 1
+    assert c1.cluster.key_file == c2.cluster.key_file and c1.cluster.sealed_kinds == ("esp.sa",)
+
+
+def test_secret_files_open_to_others_are_refused_naming_the_key(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"(cluster.key_file|store.redis.password_file): .* is readable by other users \(mode 644\); chmod 600"):
+        load_example(1, tmp_path, mode=0o644)
