@@ -31,10 +31,9 @@ import socket
 import subprocess
 from typing import Any
 
-from narsuite.logs import logger
+from narsuite.logs import Aggregator, logger
 from narsuite.mipproxy.records import BINDING
 from narsuite.packet import codec
-from narsuite.packet.common import RateLimitedLog
 
 __all__ = ["DataPath", "UDP_TUNNEL_HEADER"]
 
@@ -77,7 +76,7 @@ class DataPath:
         self.send_raw: Any = None
         self._raw: list[Any] = []
         self._rules: dict[str, list[list[str]]] = {}
-        self._badlog = RateLimitedLog("mipproxy data path: dropped", every=1000)
+        self._droplog = Aggregator(log, "mipproxy data path: dropped", clock=clock)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -102,6 +101,7 @@ class DataPath:
             self._route_home(b.home_address)
 
     def stop(self) -> Any:
+        self._droplog.stop()
         for home in list(self._rules):
             self._unroute_home(home)
         self._run(["ip", "route", "flush", "table", str(self.cfg.route_table)])
@@ -149,7 +149,8 @@ class DataPath:
     # ------------------------------------------------------------- per packet
     def _drop(self, reason: str, detail: str) -> None:
         self.counters["drop_" + reason] += 1
-        self._badlog(reason, detail)
+        self._droplog.event(reason, "mipproxy data path: dropped ({reason}): {detail}",
+                            detail=detail)
 
     def raw_received(self, packet: bytes, src: str) -> None:
         """IP-in-IP, GRE or minimal encapsulation addressed to this host."""

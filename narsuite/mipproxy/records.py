@@ -11,8 +11,10 @@ No key material lives here: the MN-HA keys stay in the config object in memory
 * ``mip.binding`` (draft 2.6.6) — an accepted registration; TTL = the accepted
   lifetime.  The data path finds the MN's care-of address (or the NAT mapping
   for RFC 3519 UDP tunnelling) here by home address.
-* ``mip.replay`` — the last identification accepted from each MN's SA (RFC 5944
-  5.7), so a replayed request is refused even after a restart.
+
+The last identification accepted per SA (RFC 5944 5.7) is kept in memory by the
+relay; after a restart the identifications of the persisted bindings are the
+floor, so a replayed request is refused then too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import attrs
 
 from narsuite.store import Index, KindSpec
 
-__all__ = ["Pending", "Binding", "ReplayState", "PENDING", "BINDING", "REPLAY", "KINDS",
+__all__ = ["Pending", "Binding", "PENDING", "BINDING", "KINDS",
            "ENCAPSULATIONS"]
 
 #: How the proxy tunnels to the MN: IP-in-IP (RFC 2003), GRE (RFC 2784), minimal
@@ -71,11 +73,6 @@ class Binding:
         return (self.home_address, self.care_of_address)
 
 
-@attrs.frozen
-class ReplayState:
-    spi: int
-    identification: int  # the highest accepted
-
 
 PENDING = KindSpec(
     name="mip.pending",
@@ -100,12 +97,4 @@ BINDING = KindSpec(
     description="Mobile IP mobility bindings: where each mobile node is (2.6.6)",
 )
 
-REPLAY = KindSpec(
-    name="mip.replay",
-    record=ReplayState,
-    key=lambda r: r.spi,
-    columns=("spi", "identification"),
-    description="Last registration identification accepted per MN security association",
-)
-
-KINDS = (PENDING, BINDING, REPLAY)
+KINDS = (PENDING, BINDING)

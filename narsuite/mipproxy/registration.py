@@ -28,6 +28,7 @@ are read or relayed: an extension appended after it could come from anyone.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 import time
 import zlib
@@ -36,12 +37,11 @@ from typing import Any
 
 import attrs
 
-from narsuite.logs import logger
+from narsuite.logs import Aggregator, logger
 from narsuite.mipproxy import wire
 from narsuite.mipproxy.config import MipProxyConfig
-from narsuite.mipproxy.records import BINDING, PENDING, REPLAY, Binding, Pending, ReplayState
+from narsuite.mipproxy.records import BINDING, PENDING, Binding, Pending
 from narsuite.packet import codec
-from narsuite.packet.common import RateLimitedLog
 
 __all__ = ["RegistrationRelay", "Counters", "NTP_EPOCH_OFFSET", "ntp_seconds"]
 
@@ -51,6 +51,8 @@ log = logger()
 NTP_EPOCH_OFFSET = 2208988800
 
 _LOW32 = 0xFFFFFFFF
+_Q = struct.Struct("!Q")
+_ntoa = socket.inet_ntoa
 _ZERO = "0.0.0.0"
 
 Send = Callable[[bytes, tuple[str, int]], Any]
@@ -119,7 +121,13 @@ class RegistrationRelay:
                                     mn.ha_spi or mn.spi)
         self._allowed_has = cfg.allowed_home_agents()
         self._internal = tuple(ipaddress.IPv4Network(n, strict=False) for n in cfg.internal_networks)
-        self._badlog = RateLimitedLog("mipproxy: dropped", every=1000)
+        #: Bad input and denials are logged through aggregators: an attacker sending
+        #: unauthenticated requests gets its 131s counted, not one log line each.
+        self._droplog = Aggregator(log, "mipproxy: dropped", clock=clock)
+        self._denylog = Aggregator(log, "mipproxy: denied", clock=clock)
+        #: SPI -> the last identification accepted (RFC 5944 5.7); after a restart the
+        #: identifications of the persisted bindings are the floor.
+        self._last_ident: dict[int, int] = {}
 
     # ------------------------------------------------------------------ helpers
     def _key_for_mn(self, spi: int) -> bytes | None:
@@ -128,7 +136,11 @@ class RegistrationRelay:
 
     def _drop(self, reason: str, detail: str) -> None:
         self.counters.inc("drop_" + reason)
-        self._badlog(reason, detail)
+        self._droplog.event(reason, "mipproxy: dropped ({reason}): {detail}", detail=detail)
+
+    def stop(self) -> None:
+        self._droplog.stop()
+        self._denylog.stop()
 
     def _stored(self, d: Any, what: str) -> None:
         def failed(f: Any) -> None:
@@ -161,9 +173,10 @@ class RegistrationRelay:
             data = wire.add_mn_ha_auth(data, sa.spi, sa.key)
         self.counters.inc("denied")
         self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
-        log.info("mipproxy: registration of {home} from {src} denied: {code} {name}{why}",
-                 home=home_address, src=f"{addr[0]}:{addr[1]}", code=code,
-                 name=wire.reply_code_name(code, self.numbers), why=f" ({reason})" if reason else "")
+        name = wire.reply_code_name(code, self.numbers)
+        self._denylog.event(f"{code} {name}", "mipproxy: registration of {home} from {src} "
+                            "denied: {reason}{why}", home=home_address,
+                            src=f"{addr[0]}:{addr[1]}", why=f" ({reason})" if reason else "")
         self._send(self.send_public, data, addr)
 
     # ----------------------------------------------------------------- requests
@@ -174,19 +187,21 @@ class RegistrationRelay:
         if len(data) < wire.REQUEST_LEN:
             self._drop("short", f"request of {len(data)} bytes from {addr[0]}")
             return
-        header = wire.decode_request(data[: wire.REQUEST_LEN], self.numbers)
+        # 1. what a denial is addressed with: home address and identification
+        home_address = _ntoa(data[4:8])
+        identification = _Q.unpack_from(data, 16)[0]
         # 2. authentication first (§2.1)
         try:
             spi, ok = wire.verify_mn_ha_auth(data, self._key_for_mn)
         except wire.MIPError as e:
-            self._deny(wire.REG_HA_POORLY_FORMED_REQUEST, header.home_address,
-                       header.identification, addr, None, reason=e.reason)
+            self._deny(wire.REG_HA_POORLY_FORMED_REQUEST, home_address, identification, addr,
+                       None, reason=e.reason)
             return
         sa = self._sas.get(spi) if spi is not None else None
         if not ok or sa is None:
             c.inc("auth_failed")
-            self._deny(wire.REG_HA_MN_FAILED_AUTH, header.home_address, header.identification,
-                       addr, sa, reason="no MN-HA authentication extension" if spi is None
+            self._deny(wire.REG_HA_MN_FAILED_AUTH, home_address, identification, addr, sa,
+                       reason="no MN-HA authentication extension" if spi is None
                        else f"MN-HA authentication failed (SPI {spi})")
             return
         # 3. the whole message
@@ -196,8 +211,7 @@ class RegistrationRelay:
             if e.code is None:
                 self._drop("undecodable", f"from {addr[0]}: {e.reason}")
                 return
-            self._deny(e.code, header.home_address, header.identification, addr, sa,
-                       reason=e.reason)
+            self._deny(e.code, home_address, identification, addr, sa, reason=e.reason)
             return
         exts = wire.authenticated_extensions(req)
         nai_ext = next((e for e in exts if isinstance(e, wire.NAIExtension)), None)
@@ -228,7 +242,7 @@ class RegistrationRelay:
             self._deny(wire.REG_HA_IDENTIFICATION_MISMATCH, req.home_address, ours, addr, sa,
                        nai=nai, reason="identification is not a fresh timestamp")
             return
-        self._stored(self.store.put(ReplayState(sa.spi, req.identification)), "replay state")
+        self._last_ident[sa.spi] = req.identification
         self._relay_request(req, exts, nai, sa, addr)
 
     def _identification_ok(self, sa: _SA, identification: int) -> bool:
@@ -239,8 +253,11 @@ class RegistrationRelay:
         diff = (stamp - now + (1 << 31)) % (1 << 32) - (1 << 31)
         if abs(diff) > self.cfg.replay_tolerance:
             return False
-        last = self.store.get(REPLAY.name, sa.spi)
-        return last is None or identification > last.identification
+        last = self._last_ident.get(sa.spi)
+        if last is None:
+            last = max((b.identification for b in self.store.records(BINDING.name)
+                        if b.spi == sa.spi), default=None)
+        return last is None or identification > last
 
     def _relay_request(self, req: wire.RegistrationRequest, exts: tuple[wire.Extension, ...],
                        nai: bytes | None, sa: _SA, addr: tuple[str, int]) -> None:
@@ -414,8 +431,8 @@ class RegistrationRelay:
             self.counters.inc("denied")
             self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
         self.counters.inc("replies_relayed")
-        log.info("mipproxy: {home} via {coa}: home agent {ha} answered {code}, relayed {out} "
-                 "lifetime {life}", home=reply.home_address, coa=pending.care_of_address,
+        log.debug("mipproxy: {home} via {coa}: home agent {ha} answered {code}, relayed {out} "
+                  "lifetime {life}", home=reply.home_address, coa=pending.care_of_address,
                  ha=pending.home_agent, code=reply.code, out=code, life=reply.lifetime)
         self._send(self.send_public, out, (pending.src_ip, pending.src_port))
 

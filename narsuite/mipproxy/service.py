@@ -93,6 +93,7 @@ class MipProxyService(service.Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self.relay.stop()
         waits = []
         if self.icmp is not None:
             waits.append(defer.maybeDeferred(self.icmp.stop))
