@@ -226,6 +226,12 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mipproxy.mobile_nodes: no mobile node"):
         check_running(cfgmod.loads(f'[mipproxy]\npublic_address = "{PUB}"\n'
                                    f'private_address = "{PRIV}"\n').role("mipproxy"))
+    key = tmp_path / "k"
+    key.write_text("00112233\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"mipproxy.mobile_nodes\[0\].key_file: .* chmod 600"):
+        cfgmod.loads(f'[mipproxy]\n[[mipproxy.mobile_nodes]]\nspi = 300\nkey_file = "{key}"\n'
+                     'home_address = "10.0.0.1"\n')
     # keys are never in a repr (logs, manhole, tracebacks)
     assert KEY.hex() not in repr(config())
 
@@ -234,6 +240,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
     example = (HERE.parent / "etc" / "mipproxy.toml").read_text()
     for name in ("mn-alice.key", "mn-bob.key"):
         (tmp_path / name).write_text("00112233445566778899aabbccddeeff\n")
+        (tmp_path / name).chmod(0o600)
         example = example.replace(f"/etc/narsuite/{name}", str(tmp_path / name))
     cfg = cfgmod.loads(example).role("mipproxy")
     check_running(cfg)

@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from narsuite.config import _secret_file
 from narsuite.mipproxy import wire
 from narsuite.schema import ConfigError, in_range, ip_address, one_of, setting
 
@@ -58,6 +59,7 @@ class MobileNodeConfig:
         if bool(self.key) == (self.key_file is not None):
             raise ConfigError(f"{key}.key", "set exactly one of key (hex) and key_file")
         if self.key_file is not None:
+            _secret_file(f"{key}.key_file", self.key_file)
             try:
                 text = self.key_file.read_text().strip()
             except OSError as e:
