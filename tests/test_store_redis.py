@@ -7,6 +7,7 @@ Proof cases of issue 13: (a) uniqueness under a race, (b) propagation and expiry
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import statistics
@@ -344,3 +345,65 @@ def test_narctl_cluster_shows_nodes_leader_and_store_health(server, tmp_path) ->
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def test_acl_user_password_file_and_tls_and_the_password_is_never_logged(tmp_path) -> None:
+    """A Redis that speaks only TLS (client certificates required) and knows only an ACL user:
+    the daemon connects with username + password_file + CA/cert/key; with a wrong password it stops
+    at start-up naming [store.redis] without printing the password; the right one never appears
+    in its log or in `narctl cluster`."""
+    import subprocess
+    import sys
+
+    from narsuite.lab import pki
+    from tests.test_daemon import HERE, _wait_socket
+
+    ca_key = pki.new_key()
+    ca = pki.make_ca(pki.name("redis lab CA"), ca_key)
+    files = {}
+    for who, ids in (("server", ["127.0.0.1"]), ("client", ["gw1.example"])):
+        k = pki.new_key()
+        cert = pki.issue(pki.name(who), k, ca, ca_key, ids=ids)
+        files[who] = (str(pki.write_cert(tmp_path / f"{who}.pem", cert)), str(pki.write_key(tmp_path / f"{who}.key", k)))
+    ca_file = str(pki.write_cert(tmp_path / "ca.pem", ca))
+    os.chmod(files["client"][1], 0o600)
+    secret = "pw-" + os.urandom(8).hex()
+    with RedisServer(acl_user=("narsuite", secret), tls=(files["server"][0], files["server"][1], ca_file)) as srv:
+        pwfile = tmp_path / "redis.pass"
+
+        def daemon(password: str):  # type: ignore[no-untyped-def]
+            pwfile.write_text(password + "\n")
+            pwfile.chmod(0o600)
+            d = tmp_path / "node"
+            d.mkdir(exist_ok=True)
+            f = d / "narsuite.toml"
+            f.write_text(f'[daemon]\nstate_dir = "{d}/state"\nruntime_dir = "{d}/run"\n[metrics]\nenabled = false\n'
+                         f'[log]\njson_file = "{d}/log.jsonl"\n'
+                         f'[store]\nbackend = "redis"\n[store.redis]\nurl = "rediss://127.0.0.1:{srv.port}"\n'
+                         f'username = "narsuite"\npassword_file = "{pwfile}"\ntls_ca_file = "{ca_file}"\n'
+                         f'tls_cert_file = "{files["client"][0]}"\ntls_key_file = "{files["client"][1]}"\n'
+                         f'[cluster]\nnode_id = "gw1"\n')
+            return d, subprocess.Popen([sys.executable, str(HERE / "run_twistd_demo.py"), "--config", str(f),
+                                        "--role", "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, cwd=d)
+
+        wrong = "wrong-" + os.urandom(8).hex()
+        d, p = daemon(wrong)
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode != 0
+        assert "store.redis: cannot load the shared store from redis rediss://127.0.0.1" in out, out
+        assert "user narsuite" in out and wrong not in out and secret not in out
+        d, p = daemon(secret)
+        try:
+            _wait_socket(d / "run" / "control.sock", p)
+            out = subprocess.run(["narctl", "--socket", str(d / "run" / "control.sock"), "--json", "cluster"],
+                                 capture_output=True, text=True, timeout=30)
+            t = json.loads(out.stdout)
+            assert "reachable" in t["title"] and "TLS" in t["title"] and [r["node"] for r in t["rows"]] == ["gw1 (this node)"]
+            assert secret not in out.stdout
+            assert "narsuite:gw1:writer" in srv.cli("client", "list")  # connected as the ACL user over TLS
+        finally:
+            p.terminate()
+            out, _ = p.communicate(timeout=30)
+        logs = out + (d / "log.jsonl").read_text()
+        assert "store: node gw1 shares redis rediss://127.0.0.1" in logs and secret not in logs

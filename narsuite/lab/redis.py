@@ -80,20 +80,27 @@ class _Process:
             time.sleep(0.02)
         raise RuntimeError(f"{self.exe} on {self.port} did not answer in {timeout}s: {self.log_tail()}")
 
+    #: redis-cli options for TLS ([] without TLS) and an ACL user (None: the default user)
+    cli_tls: list[str] = []
+    username: str | None = None
+
+    def _cli_base(self) -> list[str]:
+        cmd = self.prefix + ["redis-cli", "-h", self.host, "-p", str(self.port), *self.cli_tls]
+        if self.username is not None:
+            cmd += ["--user", self.username]
+        if self.password is not None:
+            cmd += ["--no-auth-warning", "-a", self.password]
+        return cmd
+
     def ready(self) -> bool:
-        if self.prefix:  # inside a namespace: ask from there
-            cmd = self.prefix + ["redis-cli", "-h", self.host, "-p", str(self.port)]
-            if self.password is not None:
-                cmd += ["--no-auth-warning", "-a", self.password]
-            out = subprocess.run(cmd + ["ping"], capture_output=True, text=True, timeout=5)
+        if self.prefix or self.cli_tls or self.username:  # ask with redis-cli (namespace, TLS, ACL)
+            out = subprocess.run(self._cli_base() + ["ping"], capture_output=True, text=True, timeout=5)
             return out.stdout.strip() == "PONG"
         return _ping(self.host, self.port, self.password)
 
     def cli(self, *args: str) -> str:
         """``redis-cli`` against this server (from its namespace when it has one)."""
-        cmd = self.prefix + ["redis-cli", "-h", self.host, "-p", str(self.port)]
-        if self.password is not None:
-            cmd += ["--no-auth-warning", "-a", self.password]
+        cmd = self._cli_base()
         return subprocess.run(cmd + list(args), capture_output=True, timeout=10, check=True).stdout.decode(
             errors="replace")
 
@@ -138,22 +145,40 @@ class RedisServer(_Process):
     exe = "redis-server"
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", *, replicaof: str | None = None,
-                 password: str | None = None, appendonly: bool = False, **kw) -> None:
+                 password: str | None = None, appendonly: bool = False, acl_user: tuple[str, str] | None = None,
+                 tls: tuple[str, str, str] | None = None, **kw) -> None:
+        """``acl_user`` (name, password): the only user (default off); ``tls`` (cert, key, CA) files:
+        TLS only, clients must present a certificate of that CA."""
         super().__init__(port, host, **kw)
         self.replicaof = replicaof
         self.password = password
         self.appendonly = appendonly
+        self.acl_user = acl_user
+        self.tls = tls
+        if acl_user is not None:
+            self.username, self.password = acl_user
+        if tls is not None:
+            cert, key, ca = tls
+            self.cli_tls = ["--tls", "--cert", cert, "--key", key, "--cacert", ca]
 
     def args(self) -> list[str]:
         a = ["redis-server", "--bind", self.host, "--port", str(self.port), "--dir", str(self.dir),
              "--save", "", "--appendonly", "yes" if self.appendonly else "no",
              "--protected-mode", "no", "--daemonize", "no", "--logfile", "",
              "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
-        if self.password is not None:
+        if self.password is not None and self.acl_user is None:
             a += ["--requirepass", self.password, "--masterauth", self.password]
         if self.replicaof:
             host, port = self.replicaof.rsplit(":", 1)
             a += ["--replicaof", host, port]
+        if self.acl_user is not None:
+            user, pw = self.acl_user
+            a += ["--user", user, "on", f">{pw}", "~*", "&*", "+@all", "--user", "default", "off"]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            a[a.index("--port") + 1] = "0"
+            a += ["--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                  "--tls-ca-cert-file", ca, "--tls-auth-clients", "yes"]
         return a + self.extra
 
 

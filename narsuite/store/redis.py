@@ -372,6 +372,8 @@ class RedisBackend:
 
         self._reactor = reactor
         self._stopping = False
+        log.info("store: node {node} shares {where} (prefix {prefix!r}, replicas_ack {n})", node=self.node_id,
+                 where=self.where, prefix=self.prefix, n=self.replicas_ack)
         self._writer_done = defer.Deferred()
         self._writer = threading.Thread(target=self._write_loop, name="narsuite-redis-writer", daemon=True)
         self._writer.start()
