@@ -570,3 +570,34 @@ def test_bulk_relay_goes_over_to_splice_with_flow_control_and_half_close(reactor
     assert c["bytes_up"] == len(up) and c["bytes_down"] == len(down)
     assert f.active == 0
     assert len(up) > SPLICE_AFTER
+
+
+def test_shutdown_write_now_and_close_now_on_a_real_connection():
+    """A FIN passed on at once (no loop pass) when nothing is queued, and a half-closed
+    connection closed at once; with bytes queued both wait for Twisted's flush."""
+    from narsuite.nar.fastio import close_now, shutdown_write_now
+
+    class P(protocol.Protocol):
+        lost = None
+        write_lost = False
+
+        def connectionLost(self, reason):
+            self.lost = reason
+
+        def writeConnectionLost(self):
+            self.write_lost = True
+
+    conn, peer, r = _conn_pair()
+    conn.protocol = p = P()
+    shutdown_write_now(conn)
+    assert peer.recv(10) == b"" and r.writers == []  # FIN now, nothing registered
+    peer.sendall(b"still open")
+    assert conn.socket.recv(100) == b"still open"  # the other direction works
+    close_now(conn)
+    assert p.lost is not None and not conn.connected
+    # bytes queued: Twisted's path (register for writing, flush, then FIN)
+    conn2, peer2, r2 = _conn_pair()
+    conn2.protocol = P()
+    conn2.dataBuffer, conn2.offset = b"queued", 0
+    shutdown_write_now(conn2)
+    assert conn2._writeDisconnecting and r2.writers == [conn2]

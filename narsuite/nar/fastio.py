@@ -44,7 +44,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["write_now", "lose_now", "is_plain_tcp", "idle_transport", "ClosingProducer", "connect_tcp", "LeanConnector", "OutgoingConnection"]
+__all__ = ["write_now", "lose_now", "close_now", "shutdown_write_now", "is_plain_tcp", "idle_transport", "ClosingProducer", "connect_tcp", "LeanConnector", "OutgoingConnection"]
 
 _Connection = tcp.Connection
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY))
@@ -103,6 +103,43 @@ def lose_now(transport: Any) -> None:
 
 
 @implementer(IPushProducer)
+def _nothing_queued(transport: Any) -> bool:
+    """A plain TCP connection, open, not closing, with nothing buffered to send (its write
+    side may already be shut)."""
+    return (
+        isinstance(transport, _Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    )
+
+
+def shutdown_write_now(transport: Any) -> None:
+    """Send FIN on ``transport`` now if nothing is buffered, else ``loseWriteConnection()``.
+
+    What Twisted does one loop pass later (register for writing, find the buffer empty,
+    ``shutdown(SHUT_WR)``, ``writeConnectionLost``), without the pass and its two
+    ``epoll_ctl`` calls: a relay passes a FIN on per connection."""
+    if _idle(transport):
+        transport._writeDisconnected = True
+        transport._closeWriteConnection()
+        return
+    transport.loseWriteConnection()
+
+
+def close_now(transport: Any) -> None:
+    """:func:`lose_now` that also closes at once a connection whose write side is shut."""
+    if _nothing_queued(transport):
+        transport.stopReading()
+        transport.stopWriting()
+        transport.connectionLost(Failure(main.CONNECTION_DONE))
+        return
+    if getattr(transport, "connected", False):
+        transport.loseConnection()
+
+
 class ClosingProducer:
     """A transport as the streaming producer of the other side of a relay.
 

@@ -67,8 +67,8 @@ from narsuite.logs import LEVELS, Aggregator, logger
 from narsuite.nar import socks
 from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
-from narsuite.nar.fastio import (ClosingProducer, connect_tcp, idle_transport, is_plain_tcp, lose_now,
-                                 write_now)
+from narsuite.nar.fastio import (ClosingProducer, close_now, connect_tcp, idle_transport, is_plain_tcp,
+                                 lose_now, shutdown_write_now, write_now)
 from narsuite.nar.records import SESSION_OWNER_PREFIX
 from narsuite.nar.rules import RuleSet
 from narsuite.nar.splice import AVAILABLE as SPLICE_AVAILABLE
@@ -1017,11 +1017,12 @@ class SocksProtocol(Protocol):
             return
         self._eof_up = True
         if self.state == "relay":
+            if self._eof_down:  # both directions ended: no need to pass the FIN first
+                self._end_relay()
+                return
             out = self.outbound
             if out is not None and out.transport is not None:
-                out.transport.loseWriteConnection()
-            if self._eof_down:
-                self._end_relay()
+                shutdown_write_now(out.transport)
         elif self.state not in ("pending", "bindwait"):
             # Nothing under way that the FIN could be passed on to: the client is done.
             self.state = "done"
@@ -1035,17 +1036,18 @@ class SocksProtocol(Protocol):
         if out is not self.outbound or self.closed:
             return
         self._eof_down = True
-        self.transport.loseWriteConnection()
         if self._eof_up:
             self._end_relay()
+            return
+        shutdown_write_now(self.transport)
 
     def _end_relay(self) -> None:
         """Both directions ended: close both connections once what is queued is sent."""
         self.state = "done"
         out = self.outbound
         if out is not None and out.transport is not None:
-            out.transport.loseConnection()
-        self.transport.loseConnection()
+            close_now(out.transport)
+        close_now(self.transport)
 
     def _outbound_lost(self, out: _Outbound) -> None:
         if out is self.outbound and not self.closed:
