@@ -87,19 +87,25 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+#: One failure for every connection closed here, as Twisted's reactor keeps one per
+#: reason (``_disconnectSelectable``'s ``faildict``): building a Failure walks the
+#: exception's class hierarchy, a dozen calls per connection.
+_DONE = Failure(main.CONNECTION_DONE)
+
+
 def lose_now(transport: Any) -> None:
     """Close ``transport`` now if nothing is buffered to send, else ``loseConnection()``.
 
     The protocol's ``connectionLost`` runs before this returns (with
     ``ConnectionDone``), as it does in Twisted's own ``loseConnection`` once
     the write side is shut; callers must not rely on the transport afterwards.
+    A transport whose write side is already shut (half-close) is closed at once too.
     """
-    if _idle(transport):
-        transport.stopReading()
-        transport.stopWriting()
-        transport.connectionLost(Failure(main.CONNECTION_DONE))
+    if _nothing_queued(transport):
+        transport.connectionLost(_DONE)  # stops reading and writing itself
         return
-    transport.loseConnection()
+    if getattr(transport, "connected", True):
+        transport.loseConnection()
 
 
 @implementer(IPushProducer)
@@ -129,15 +135,8 @@ def shutdown_write_now(transport: Any) -> None:
     transport.loseWriteConnection()
 
 
-def close_now(transport: Any) -> None:
-    """:func:`lose_now` that also closes at once a connection whose write side is shut."""
-    if _nothing_queued(transport):
-        transport.stopReading()
-        transport.stopWriting()
-        transport.connectionLost(Failure(main.CONNECTION_DONE))
-        return
-    if getattr(transport, "connected", False):
-        transport.loseConnection()
+#: Kept for callers that say what they mean: :func:`lose_now` also closes half-closed ones.
+close_now = lose_now
 
 
 class ClosingProducer:
