@@ -1,4 +1,4 @@
-"""An opt-in lean epoll reactor for narsuite's data planes: ``twistd --reactor=narsuite-epoll``.
+"""The lean epoll reactor of narsuite's data planes (``twistd narsuite``'s default, ``narsuite-epoll``).
 
 Twisted's epoll reactor wraps every ready descriptor's event in
 ``log.callWithLogger(selectable, ...)``: a ``logPrefix()`` call, a copy of the
@@ -31,7 +31,9 @@ Install it before anything imports ``twisted.internet.reactor``::
     reactor.install()
 
 or run ``twistd --reactor=narsuite-epoll -n narsuite ...`` (the plugin is
-``twisted/plugins/narsuite_reactor.py``).
+``twisted/plugins/narsuite_reactor.py``).  ``twistd narsuite`` installs it by itself
+unless twistd's ``--reactor`` chose another or ``[daemon] reactor = "twisted"``
+(``narsuite.tap.install_reactor``).
 """
 
 from __future__ import annotations
