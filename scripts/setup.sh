@@ -36,6 +36,7 @@ APT_PACKAGES=(
   libcharon-extauth-plugins # xauth-generic
   redis-server              # the shared store ([store] backend = "redis") and its tests
   redis-sentinel            # Redis primary failover in the cluster tests
+  keepalived                # VRRP: the gateway address follows a live node (cluster failover tests)
 )
 # A machine without /etc/hosts (a debootstrap root, some containers) gets the standard one:
 # `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over it, and fails when it is absent.
