@@ -66,7 +66,7 @@ def test_remote_access_example_loads_with_both_roles(example):
 
 def test_remote_access_policy_is_psk_xauth_mode_config(example):
     ike = example.role("ike")
-    assert [p.name for p in ike.peers] == ["rw"]
+    assert [p.name for p in ike.peers] == ["rw", "rw2"]
     rw = _policy(example, "rw")
     assert rw.auth == "psk" and rw.secret and rw.xauth
     assert rw.aggressive is False  # the file says Main Mode only
@@ -127,7 +127,7 @@ def _uncomment_certificates(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def test_remote_access_commented_certificate_policy_is_valid(tmp_path):
+def test_remote_access_commented_certificate_and_eap_policies_are_valid(tmp_path):
     text = _uncomment_certificates(EXAMPLE.read_text())
     # certificate/private_key/cacerts sit in [ike] (before [ike.users]): elsewhere the loader refuses them
     cfg = cfgmod.loads(text, base=tmp_path)
@@ -136,7 +136,10 @@ def test_remote_access_commented_certificate_policy_is_valid(tmp_path):
     certs = _policy(cfg, "certs")
     assert certs.auth == "rsa" and certs.local_id == "%cert" and not certs.secret
     assert certs.pool in cfg.store.pools and not certs.aggressive
-    assert [p.name for p in ike.peers] == ["rw", "certs"]
+    # the commented IKEv2 EAP policy (it needs the certificate too) comes on with it
+    assert [p.name for p in ike.peers] == ["rw", "rw2", "eap", "certs"]
+    eap = _policy(cfg, "eap")
+    assert eap.auth == "eap-mschapv2" and eap.versions == (2,) and eap.local_id == "%cert"
 
 
 # ------------------------------------------------------------------ etc/narsuite.toml
@@ -240,3 +243,20 @@ def test_guide_client_examples_are_the_lab_ones(guide, example):
     assert "pull = no" in guide
     # (ii): the certificate client authenticates with pubkey and names our DN; we present %cert
     assert "auth = pubkey" in guide and 'local_id = "%cert"' in guide
+
+
+def test_guide_lists_every_ikev2_counter_and_the_client_example_is_the_lab_one(guide, example):
+    from narsuite.ike.v2.engine import COUNTERS as V2
+    from narsuite.lab.strongswan import ikev2_client_conf
+
+    table = guide.split("| IKEv2 counter | meaning |", 1)[1].split("## Where the code is", 1)[0]
+    documented = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            documented.update(re.findall(r"`([a-z_0-9]+)`", line.split("|")[1]))
+    assert set(V2) <= documented, sorted(set(V2) - documented)
+    rw2 = _policy(example, "rw2")
+    assert rw2.versions == (2,) and rw2.pool == "ra" and _policy(example, "rw").versions == (1,)
+    conf = ikev2_client_conf("192.0.2.1", rw2.secret.decode(), local_id="r1.example", remote_id=rw2.local_id,
+                             remote_ts=rw2.local_ts[0])
+    assert "\n".join("    " + x if x else "" for x in conf.strip().splitlines()) in guide
