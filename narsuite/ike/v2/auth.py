@@ -250,13 +250,14 @@ class Auth:
             failed = wants_cp and bool(p.pool) and address is None
             if wants_cp and not failed:
                 out.append(self.cp_reply(sa, address))  # sets sa.address before older SAs go
-            e.established(sa)
+            e.established(sa, publish=False)  # one record write, at the end
             if ns.get(C.INITIAL_CONTACT) is not None:
                 self.initial_contact(sa)
             if failed:
                 out.append(wire.Notify(C.INTERNAL_ADDRESS_FAILURE))
                 log.info("ikev2: {name}: {who} established without a CHILD SA (no address)", name=sa.name,
                          who=sa.peer_id_text)
+                e.publish(sa)
                 return out
             out.extend(self.first_child(sa, payloads, ns))
             log.info("ikev2: {name}: {who} at {addr} established ({alg}){vip}", name=sa.name, who=sa.peer_id_text,
@@ -300,7 +301,7 @@ class Auth:
             e.count("no_proposal")
             return [wire.Notify(C.NO_PROPOSAL_CHOSEN)]
         try:
-            return e.children.install(sa, choice, sa.ni, sa.nr, None, payloads)
+            return e.children.install(sa, choice, sa.ni, sa.nr, None, payloads, publish=False)
         except IKEv2Error as err:
             e.count("child_refused")
             log.warn("ikev2: {name}: CHILD SA refused: {why}", name=sa.name, why=err.detail)

@@ -102,7 +102,7 @@ class Children:
         return f"ike:{sa.policy.name}:{who}:{_networks(remote[0])[0]}"
 
     def install(self, sa: IkeSAv2, choice: EspChoice, ni: bytes, nr: bytes, gir: bytes | None,
-                payloads: tuple[Any, ...], replaces: ChildV2 | None = None) -> list[Any]:
+                payloads: tuple[Any, ...], replaces: ChildV2 | None = None, publish: bool = True) -> list[Any]:
         """Narrow, key and write one CHILD SA; the response's SA, TSi and TSr payloads."""
         e = self.engine
         store = e.store
@@ -161,7 +161,8 @@ class Children:
                  "{peer}){rekey}", name=sa.name, desc=choice.describe(), tsi=child.tsi, tsr=child.tsr,
                  spi_in=spi_in, spi_out=spi_out, encap=encap, peer=f"{sa.remote[0]}:{sa.remote[1]}",
                  rekey=f", rekeying {replaces.spi_in:#010x}" if replaces is not None else "")
-        e.publish(sa)
+        if publish:
+            e.publish(sa)
         return [wire.SA((choice.proposal(spi_in.to_bytes(4, "big")),)), wire.TSi(tuple(map(_ts, remote))),
                 wire.TSr(tuple(map(_ts, local)))]
 

@@ -115,7 +115,7 @@ class CreateChild:
             setattr(new, attr, getattr(sa, attr))
         new.last_rx = e.now()
         e.sas[spi_r] = new
-        e.established(new)
+        e.established(new, publish=False)  # transfer() writes its record
         e.children.transfer(sa, new)
         e.count("ike_rekeyed")
         log.info("ikev2: {old} rekeyed to {new} ({alg})", old=sa.name, new=new.name, alg=choice.describe())

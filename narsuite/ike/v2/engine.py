@@ -361,8 +361,9 @@ class IkeV2Engine:
         self.publish(sa)
 
     # ------------------------------------------------------------------ lifecycle
-    def established(self, sa: IkeSAv2) -> None:
-        """IKE_AUTH completed: the half-open slot goes back, the lifetime starts."""
+    def established(self, sa: IkeSAv2, publish: bool = True) -> None:
+        """IKE_AUTH completed: the half-open slot goes back, the lifetime starts.
+        ``publish`` False: the caller writes the SA's record once it is complete."""
         self.leave_half_open(sa)
         sa.state = "established"
         sa.established = self.now()
@@ -373,7 +374,8 @@ class IkeV2Engine:
             sa.timer.cancel()
         sa.timer = self.clock.callLater(life + grace(life), self._expired, sa)
         self.count("ike_established")
-        self.publish(sa)
+        if publish:
+            self.publish(sa)
 
     def _expired(self, sa: IkeSAv2) -> None:
         if sa.state != "deleted":
