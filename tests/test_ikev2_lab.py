@@ -360,3 +360,64 @@ def test_c_eap_mschapv2_against_ike_users(need_strongswan, ra_topo, tmp_path):
     for x in (c, bad):
         x.stop()
     g.terminate()
+
+
+# ------------------------------------------------------------------------------------- (g)
+FLOOD = r'''
+import os, random, socket, struct, sys, time
+sys.path.insert(0, sys.argv[1])
+import ikev2_peer as P
+dst, rate, seconds = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+msgs = [P.Initiator(b"x", "flood", 19, "10.9.0.1/32", "10.1.0.0/24", force_nat=False).start().data
+        for _ in range(64)]
+sent, t0 = 0, time.monotonic()
+while (now := time.monotonic()) - t0 < seconds:
+    if sent > rate * (now - t0):
+        time.sleep(0.001)
+        continue
+    src = f"203.0.113.{random.randint(10, 250)}"
+    body = bytearray(random.choice(msgs))
+    body[0:8] = os.urandom(8)  # a fresh SPIi each time
+    udp = struct.pack("!HHHH", random.randint(1024, 65000), 500, 8 + len(body), 0) + body
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, socket.inet_aton(src),
+                     socket.inet_aton(dst))
+    s.sendto(ip + udp, (dst, 0))
+    sent += 1
+print(sent)
+'''
+
+
+def test_g_cookie_exchange_under_a_flood(need_strongswan, lab, ra_topo, tmp_path):
+    """(g) A flood of IKE_SA_INIT from ~240 spoofed sources (raw socket on a host linked to
+    G) while a real client connects: beyond ``ikev2_cookie_threshold`` half-open SAs every
+    new IKE_SA_INIT is answered with a stateless COOKIE (no SA, no DH); the strongSwan
+    client returns its cookie and gets in; the flood leaves at most the threshold of
+    half-open SAs behind."""
+    import sys
+
+    t = ra_topo
+    flood = lab.host("flood")
+    lab.link(flood, t.g, "203.0.113.2/24", "203.0.113.1/24", a_if="eth0", b_if="flood0")
+    g = gateway(t, tmp_path, v2_policy(), ike_extra="ikev2_cookie_threshold = 8\nhalf_open_per_source = 4\n")
+    proc = flood.popen([sys.executable, "-c", FLOOD, str(Path(__file__).parent), "203.0.113.1", "1500", "8"],
+                       stdout=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    c = client(t, t.r1, tmp_path, "r1")
+    up(c)
+    log = c.log_text()
+    assert "received COOKIE notify" in log, log[-3000:]
+    assert ping(t.r1, t.h_addr)
+    out, _ = proc.communicate(timeout=30)
+    sent = int(out.strip())
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert sent > 5000, sent
+    assert stats["v2 cookie_sent"] > 0.9 * sent, (sent, stats)
+    assert stats["v2 ike_established"] == 1
+    # Diffie-Hellman work done for the flood: at most the threshold's worth of SAs (plus the
+    # client's one), whatever the flood's size
+    assert stats["v2 sa_init_answered"] <= 8 + 1, stats
+    (row,) = ike_sas(g)
+    assert row["peer id"] == "r1.example"
+    c.stop()
+    g.terminate()

@@ -48,8 +48,8 @@ __all__ = ["IkeV2Engine", "ROUTES", "COUNTERS", "FRAGMENT_SIZE"]
 log = logger()
 
 COUNTERS = (
-    "rx", "tx", "malformed", "unknown_spi", "retransmit_answered", "bad_message_id", "busy", "no_policy",
-    "no_proposal", "invalid_ke_sent", "cookie_sent", "cookie_bad", "half_open_dropped", "auth_failed",
+    "rx", "tx", "sa_init_answered", "malformed", "unknown_spi", "retransmit_answered", "bad_message_id", "busy",
+    "no_policy", "no_proposal", "invalid_ke_sent", "cookie_sent", "cookie_bad", "half_open_dropped", "auth_failed",
     "decrypt_failed", "ike_established", "ike_deleted", "ike_rekeyed", "child_installed", "child_rekeyed",
     "child_deleted", "child_refused", "ts_refused", "address_failed", "liveness_sent", "liveness_answered",
     "peer_dead", "delete_rx", "peer_moved", "mobike_update", "fragments_rx", "fragmented_tx", "unexpected",

@@ -162,6 +162,7 @@ class SaInit:
         e.half_open[key] = sa
         sa.half_open_key = key
         e.budget.take(addr[0])
+        e.count("sa_init_answered")
         sa.timer = e.clock.callLater(e.cfg.half_open_timeout, self._timeout, sa)
         e.send(response, addr, local_port)
         log.debug("ikev2: {name}: IKE_SA_INIT from {addr}: {alg}{nat}", name=sa.name, addr=f"{addr[0]}:{addr[1]}",
