@@ -34,6 +34,7 @@ left them unassigned, so they are configuration, not knowledge.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import hmac
 import json
@@ -42,6 +43,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -164,6 +166,31 @@ def parse_keys(items: list[str]) -> dict[int, bytes]:
     return keys
 
 
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+
+
+def open_tun(name: str, addr: str | None, routes: list[str], mtu: int = 1400) -> tuple[int, str]:
+    """A TUN device (IFF_TUN | IFF_NO_PI), up, with ``addr`` (/32) and ``routes`` into it."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    res = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    ifname = res[:16].rstrip(b"\0").decode()
+    v6 = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
+    if os.path.exists(v6):
+        with open(v6, "w") as f:
+            f.write("1")
+    subprocess.run(["ip", "link", "set", "dev", ifname, "mtu", str(mtu), "up"], check=True)
+    subprocess.run(["sysctl", "-qw", f"net.ipv4.conf.{ifname}.rp_filter=0"], check=False)
+    src = []
+    if addr:
+        subprocess.run(["ip", "addr", "add", f"{addr}/32", "dev", ifname], check=True)
+        src = ["src", addr]
+    for r in routes:
+        subprocess.run(["ip", "route", "replace", r, "dev", ifname, *src], check=True)
+    return fd, ifname
+
+
 # ----------------------------------------------------------------------------- HA
 def run_ha(args: argparse.Namespace) -> None:
     keys = parse_keys(args.sa)
@@ -171,23 +198,40 @@ def run_ha(args: argparse.Namespace) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.listen, args.port))
     tun = None
+    tun_fd = None
     if args.tunnel:
-        tun = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)  # IP-in-IP from the proxy
+        # what an HA does for an MN away from home: packets routed to its home address
+        # (here by a route on the CN, standing in for proxy ARP) are tunnelled IP-in-IP to
+        # the care-of address; reverse-tunnelled packets (T bit) come back IP-in-IP.
+        tun = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+        tun_fd, tun_name = open_tun("hatun%d", None, [])
     bindings: dict[str, str] = {}  # home address -> care-of address
     log = open(args.log, "a", buffering=1) if args.log else None
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     print(json.dumps({"ready": True}), flush=True)
     while not stop:
-        socks = [sock] + ([tun] if tun else [])
+        socks = [sock] + ([tun, tun_fd] if tun else [])
         try:
             readable, _, _ = select.select(socks, [], [], 0.2)
         except InterruptedError:
             continue
         if tun is not None and tun in readable:
+            # reverse tunnel from the proxy: deliver the inner packet (forwarding)
             pkt, _src = tun.recvfrom(65535)
+            inner = pkt[(pkt[0] & 0x0F) * 4:]
+            os.write(tun_fd, inner)
             if log:
-                log.write(json.dumps({"tunnel_rx": pkt.hex()}) + "\n")
+                log.write(json.dumps({"reverse_tunnel_rx": len(inner)}) + "\n")
+        if tun_fd is not None and tun_fd in readable:
+            while True:
+                try:
+                    pkt = os.read(tun_fd, 65535)
+                except BlockingIOError:
+                    break
+                coa = bindings.get(socket.inet_ntoa(pkt[16:20]))
+                if coa is not None:
+                    tun.sendto(pkt, (coa, 0))  # the kernel adds the outer header, protocol 4
         if sock not in readable:
             continue
         data, src = sock.recvfrom(65535)
@@ -216,7 +260,13 @@ def run_ha(args: argparse.Namespace) -> None:
         if req["spi"] in keys:
             msg = with_auth(msg, req["spi"], keys[req["spi"]], corrupt=args.corrupt_reply)
         if code < 64 and lifetime:
+            if tun_fd is not None and home not in bindings:
+                subprocess.run(["ip", "route", "replace", f"{home}/32", "dev", tun_name], check=True)
             bindings[home] = req["coa"]
+        elif code < 64 and home in bindings:
+            del bindings[home]
+            if tun_fd is not None:
+                subprocess.run(["ip", "route", "del", f"{home}/32", "dev", tun_name], check=False)
         sock.sendto(msg, src)
 
 
@@ -260,7 +310,83 @@ def run_mn(args: argparse.Namespace) -> None:
         out["replies"].append(parse(data, keys))
     if args.data:
         out["data"] = tunnel_data(args, sock)
+    if args.tun:
+        print(json.dumps(out), flush=True)
+        run_mn_tunnel(args, sock, key, flags, exts)
+        return
     print(json.dumps(out))
+
+
+def run_mn_tunnel(args: argparse.Namespace, sock: socket.socket, key: bytes, flags: int,
+                  exts: bytes) -> None:
+    """The MN's side of the tunnel, until SIGTERM: packets routed into a TUN holding the home
+    address (``--route``: the VPN gateway) go to the proxy in RFC 3519 tunnel data
+    (``--udp-tunnel``) or IP-in-IP; what the proxy tunnels back is written to the TUN.
+
+    SIGUSR1 moves the MN (draft §5.5): it re-reads ``--move-file`` (JSON: ``bind`` address),
+    opens a new socket from there and registers again with the new care-of address; the
+    tunnel follows the new registration."""
+    fd, _name = open_tun("miptun%d", args.home, args.route)
+    sock.setblocking(False)
+    udp = args.udp_tunnel
+    raw = None if udp else socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+    stop: list[int] = []
+    move: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    signal.signal(signal.SIGUSR1, lambda *a: move.append(1))
+    counts = {"to_proxy": 0, "from_proxy": 0, "registrations": 1}
+    while not stop:
+        if move:
+            move.clear()
+            spec = json.loads(open(args.move_file).read())
+            sock.close()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((spec["bind"], 0))
+            sock.connect((args.proxy, args.port))
+            coa = sock.getsockname()[0]
+            msg = with_auth(request_bytes(flags, args.lifetime, args.home, args.proxy, coa,
+                                          ntp_identification(), exts), args.spi, key)
+            sock.send(msg)
+            sock.settimeout(3)
+            reply = parse(sock.recv(65535), {args.spi: key})
+            sock.setblocking(False)
+            counts["registrations"] += 1
+            counts["last_code"] = reply["code"]
+            print(json.dumps({"moved": coa, "reply": reply}), flush=True)
+        rl = [fd, sock] + ([raw] if raw else [])
+        try:
+            readable, _, _ = select.select(rl, [], [], 0.2)
+        except InterruptedError:
+            continue
+        if fd in readable:
+            while True:
+                try:
+                    pkt = os.read(fd, 65535)
+                except BlockingIOError:
+                    break
+                if pkt[0] >> 4 != 4:
+                    continue
+                counts["to_proxy"] += 1
+                if udp:
+                    sock.send(bytes([4, 4, 0, 0]) + pkt)
+                else:
+                    raw.sendto(pkt, (args.proxy, 0))
+        if sock in readable:
+            try:
+                data = sock.recv(65535)
+            except (BlockingIOError, ConnectionRefusedError):
+                data = b""
+            if data[:2] == b"\x04\x04":
+                counts["from_proxy"] += 1
+                os.write(fd, data[4:])
+        if raw is not None and raw in readable:
+            pkt, (src, _) = raw.recvfrom(65535)
+            if src == args.proxy:
+                counts["from_proxy"] += 1
+                os.write(fd, pkt[(pkt[0] & 0x0F) * 4:])
+    if args.stats_file:
+        with open(args.stats_file, "w") as f:
+            json.dump(counts, f)
 
 
 def esp_packet(src: str, dst: str, spi: int, seq: int, size: int) -> bytes:
@@ -391,6 +517,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--gateway", default="", help="inner destination (the VPN gateway)")
     m.add_argument("--size", type=int, default=56)
     m.add_argument("--interval", type=float, default=0.02)
+    m.add_argument("--tun", action="store_true", help="then run the MN's tunnel until SIGTERM")
+    m.add_argument("--route", action="append", default=[], help="into the tunnel (with --tun)")
+    m.add_argument("--move-file", default="", help="JSON {bind: address} read on SIGUSR1")
+    m.add_argument("--stats-file", default="")
     g = sub.add_parser("gw")
     g.add_argument("--listen", required=True)
     g.add_argument("--log")

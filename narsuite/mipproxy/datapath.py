@@ -19,8 +19,8 @@ the struct codec (narsuite.packet.codec), never scapy.  Four flows:
   encapsulation keeps its inner one) and the packet for MN-Perm goes to the VPN
   gateway: to ``vpn_gateway_next_hop`` (two-box, layer 2) or into the TUN
   (one-box: the kernel routes it to the esp role's TUN).
-* **VPN gateway → MN**: policy rules send ESP and IKE (UDP from 500/4500) for a
-  bound home address into our TUN (table ``route_table``); each packet read is
+* **VPN gateway → MN**: policy rules (priority 900) send ESP and IKE (UDP from
+  500/4500) for a bound home address into our TUN (table ``route_table``); each packet read is
   tunnelled to the binding's care-of address, or to its NAT mapping in RFC 3519
   tunnel data.
 """
@@ -42,7 +42,9 @@ log = logger()
 #: RFC 3519 tunnel data header in front of an IP-in-IP payload (type 4, next header 4).
 UDP_TUNNEL_HEADER = b"\x04\x04\x00\x00"
 _IKE_PORTS = (500, 4500)
-_RULE_PRIORITY = "1434"
+#: Before the esp role's rules (1000/1001), which keep ESP and IKE to a peer in the main
+#: table: for a bound home address those must come to us first (one-box).
+_RULE_PRIORITY = "900"
 
 
 class DataPath:
@@ -96,7 +98,13 @@ class DataPath:
         self._run(["sysctl", "-qw", f"net.ipv4.conf.{self.tun.ifname}.rp_filter=0"])
         route = ["ip", "route", "replace", "default", "dev", self.tun.ifname, "table",
                  str(cfg.route_table)]
-        self._run(route)
+        # one-box: what the local gateway sends an MN leaves from VPNGW-Pub (the TUN has no
+        # address of its own for the kernel to pick)
+        if self.next_hop is None and cfg.vpn_gateways:
+            if not self._run([*route, "src", cfg.vpn_gateways[0]], quiet=True):
+                self._run(route)
+        else:
+            self._run(route)
         for b in self.store.records(BINDING.name):
             self._route_home(b.home_address)
 
@@ -114,9 +122,9 @@ class DataPath:
             return d
         return None
 
-    def _run(self, cmd: list[str]) -> bool:
+    def _run(self, cmd: list[str], quiet: bool = False) -> bool:
         out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
+        if out.returncode and not quiet:
             log.error("mipproxy: {cmd} failed: {err}", cmd=" ".join(cmd), err=out.stderr.strip())
         return out.returncode == 0
 
