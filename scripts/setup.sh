@@ -37,6 +37,8 @@ APT_PACKAGES=(
   redis-server              # the shared store ([store] backend = "redis") and its tests
   redis-sentinel            # Redis primary failover in the cluster tests
   keepalived                # VRRP: the gateway address follows a live node (cluster failover tests)
+  libldns3 libevent-pthreads-2.1-7  # what Libreswan's pluto links against (pluto itself: below)
+  libnss3-tools             # certutil: pluto's NSS database
 )
 # A machine without /etc/hosts (a debootstrap root, some containers) gets the standard one:
 # `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over it, and fails when it is absent.
@@ -52,6 +54,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections 2>/dev/null || true
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Libreswan 4.10, the second independent IKEv2 peer of the lab (tests/test_ikev2_lab.py): it
+# conflicts with strongSwan in apt, so its .deb is unpacked into /opt/libreswan and pluto runs
+# from there (narsuite/lab/libreswan.py binds it over /usr/libexec in a private mount namespace).
+LIBRESWAN=${NARSUITE_LIBRESWAN:-/opt/libreswan}
+if [ ! -x "$LIBRESWAN/usr/libexec/ipsec/pluto" ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -qq libreswan 2>/dev/null && dpkg-deb -x libreswan_*.deb "$LIBRESWAN")
+  rm -rf "$tmp"
 fi
 
 # The interpreter the venv is built from: $PYTHON, else python3 on PATH (Debian's
