@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -421,3 +422,62 @@ def test_g_cookie_exchange_under_a_flood(need_strongswan, lab, ra_topo, tmp_path
     assert row["peer id"] == "r1.example"
     c.stop()
     g.terminate()
+
+
+# ------------------------------------------------------------------------------------- Libreswan
+def test_libreswan_ikev2_psk_completes_sa_init_and_auth(ra_topo, tmp_path):
+    """Libreswan 4.10 (pluto, extracted from its .deb) behind NAT2 completes IKE_SA_INIT and
+    IKE_AUTH against us with a PSK and gets its virtual IP; installing the CHILD SA in its
+    kernel then fails here (no kernel ESP), which is expected."""
+    from narsuite.lab.libreswan import Pluto, libreswan_unavailable_reason
+
+    reason = libreswan_unavailable_reason()
+    if reason:
+        import os
+
+        import pytest
+
+        if os.environ.get("NARSUITE_REQUIRE_LAB"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    t = ra_topo
+    g = gateway(t, tmp_path, v2_policy())
+    cap = Capture(t.g, "wan0", tmp_path / "l.pcap")
+    conf = textwrap.dedent(f"""\
+        config setup
+            logfile={tmp_path}/r2/pluto.log
+        conn gw
+            ikev2=insist
+            authby=secret
+            left=%defaultroute
+            leftid=@r2.example
+            leftmodecfgclient=yes
+            narrowing=yes
+            right={t.g_public}
+            rightid=@gw.example
+            rightsubnet=10.1.0.0/24
+            leftsubnet=0.0.0.0/0
+            ike=aes128-sha2_256;dh19
+            esp=aes128-sha2_256
+            auto=add
+        """)
+    secrets = f'@r2.example @gw.example : PSK "{PSK}"\n'
+    p = Pluto(t.r2, tmp_path / "r2").start(conf, secrets)
+    try:
+        added = p.add("gw")
+        assert added.returncode == 0, added.stdout + added.stderr + p.log_text()[-3000:]
+        res = p.initiate("gw", timeout=30)
+        log = p.log_text()
+        assert "initiator established IKE SA; authenticated peer using authby=secret and ID_FQDN '@gw.example'" \
+            in log, res.stdout + res.stderr + log[-3000:]
+        assert re.search(r"received INTERNAL_IP4_ADDRESS 10\.8\.0\.\d+", log)
+        # then its kernel refuses the ESP SA (no kernel ESP here): pluto drops the IKE SA without
+        # a Delete and connects again, so we hold one or more established SAs of it
+        assert "netlink response for Add SA" in log
+        rows = ike_sas(g)
+        assert rows and all(r["peer id"] == "r2.example" and r["version"] == 2 and r["state"] == "established"
+                            and r["remote"].startswith(t.nat2_public + ":") for r in rows), rows
+        cap.check()
+    finally:
+        p.stop()
+        g.terminate()

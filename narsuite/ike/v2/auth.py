@@ -249,7 +249,8 @@ class Auth:
                 return out
             failed = wants_cp and bool(p.pool) and address is None
             if wants_cp and not failed:
-                out.append(self.cp_reply(sa, address))  # sets sa.address before older SAs go
+                asked = frozenset(a.type for a in cp.attributes) if cp is not None else frozenset()
+                out.append(self.cp_reply(sa, address, asked))  # sets sa.address before older SAs go
             e.established(sa, publish=False)  # one record write, at the end
             if ns.get(C.INITIAL_CONTACT) is not None:
                 self.initial_contact(sa)
@@ -267,7 +268,7 @@ class Auth:
             return out
         return d.addCallback(leased)
 
-    def cp_reply(self, sa: IkeSAv2, address: Any) -> wire.CP:
+    def cp_reply(self, sa: IkeSAv2, address: Any, asked: frozenset[int] = frozenset()) -> wire.CP:
         """CFG_REPLY (§3.15): INTERNAL_IP4_ADDRESS/NETMASK from the pool, DNS and SUBNET from
         the policy."""
         e = self.engine
@@ -278,7 +279,8 @@ class Auth:
             sa.address = str(address)
             attrs_out.append(wire.CfgAttribute(C.INTERNAL_IP4_ADDRESS, ipaddress.IPv4Address(address).packed))
             pool = e.store.pools().get(p.pool)
-            if pool is not None:
+            # only when asked: strongSwan and Libreswan complain about an unrequested netmask
+            if pool is not None and C.INTERNAL_IP4_NETMASK in asked:
                 attrs_out.append(wire.CfgAttribute(C.INTERNAL_IP4_NETMASK, pool.network.netmask.packed))
         for dns in p.dns:
             attrs_out.append(wire.CfgAttribute(C.INTERNAL_IP4_DNS, ipaddress.IPv4Address(dns).packed))
