@@ -481,3 +481,51 @@ def test_libreswan_ikev2_psk_completes_sa_init_and_auth(ra_topo, tmp_path):
     finally:
         p.stop()
         g.terminate()
+
+
+def test_c_eap_tls(need_strongswan, ra_topo, tmp_path):
+    """(c) EAP-TLS (strongSwan's eap-tls plugin, TLS 1.2): the client's certificate from the lab
+    CA names its EAP identity; a virtual IP leased to that identity; traffic to H.  A client
+    whose certificate is from another CA gets EAP-Failure."""
+    from narsuite.lab.pki import make_pki
+
+    t = ra_topo
+    pki = make_pki(tmp_path / "pki")
+    policy = ('[[ike.peers]]\nname = "eaptls"\nversions = [2]\nauth = "eap-tls"\nlocal_id = "%cert"\n'
+              'local_ts = ["10.1.0.0/24"]\npool = "ra"\n')
+    extra = (f'certificate = "{pki.gateway.cert_path}"\nprivate_key = "{pki.gateway.key_path}"\n'
+             f'cacerts = ["{pki.ca_path}"]\n')
+    g = gateway(t, tmp_path, policy, ike_extra=extra)
+    cap = Capture(t.g, "wan0", tmp_path / "tls.pcap")
+    gw_dn = ", ".join(reversed([p.strip() for p in pki.gateway.cert.subject.rfc4514_string().split(",")]))
+    plugins = (*DEFAULT_PLUGINS, "eap-identity", "eap-tls")
+
+    def tls_client(host, name: str, ident) -> Charon:
+        c = Charon(host, tmp_path / name, plugins=plugins, extra_conf="  retransmit_tries = 1\n").start()
+        c.load(ikev2_client_conf(
+            t.g_public, None, local_id=ident.id, remote_id=gw_dn, local_auth="eap-tls", remote_auth="pubkey",
+            local_extra=f"      certs = {ident.cert_path.name}\n      eap_id = {ident.id}\n"),
+            files={f"x509/{ident.cert_path.name}": ident.cert_path.read_bytes(),
+                   f"x509ca/{pki.ca_path.name}": pki.ca_path.read_bytes(),
+                   f"private/{ident.key_path.name}": ident.key_path.read_bytes()})
+        return c
+
+    alice = pki.clients["alice@example.net"]
+    c = tls_client(t.r1, "r1", alice)
+    out = up(c)
+    log = c.log_text()
+    assert "EAP method EAP_TLS succeeded, MSK established" in out + log, log[-3000:]
+    (row,) = ike_sas(g)
+    vip = row["address"]
+    assert row["user"] == "alice@example.net" and vip.startswith("10.8.0.")
+    assert vip in t.r1.run(["ip", "-o", "addr"]).stdout
+    assert ping(t.r1, t.h_addr)
+    assert tcp_transfer(t.h, t.r1, t.h_addr, size=TRANSFER) == TRANSFER
+    bad = tls_client(t.r2, "r2", pki.untrusted)
+    res = bad.initiate(child="net", timeout=15)
+    assert not res.ok and "received EAP_FAILURE" in bad.log_text()
+    assert len(ike_sas(g)) == 1
+    cap.check()
+    for x in (c, bad):
+        x.stop()
+    g.terminate()

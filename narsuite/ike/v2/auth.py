@@ -86,7 +86,7 @@ class Auth:
         candidates = [p for p in sa.candidates if ids.id_matches(p.id, ident)]
         auth = wire.find(payloads, wire.Auth)
         if auth is None:
-            return self.eap_start(sa, payloads, [p for p in candidates if p.auth == "eap-mschapv2"])
+            return self.eap_start(sa, payloads, [p for p in candidates if p.auth in ("eap-mschapv2", "eap-tls")])
         prf = sa.choice.prf_name
         octets = keys.signed_octets(sa.init_request, sa.nr, prf, sa.keys.sk_pi, sa.peer_id_body)
         policy: PeerPolicy | None = None
@@ -173,7 +173,16 @@ class Auth:
         def lookup(user: str) -> bytes | None:
             hashed = users.get(user)
             return nt_hash(hashed) if hashed else None
-        sa.eap = eap.MschapV2Server(lookup)
+
+        def names(cert: Any, identity: str) -> bool:
+            kind = C.ID_RFC822_ADDR if "@" in identity else C.ID_FQDN
+            return certs.match_id(cert, kind, identity.encode())
+        if sa.policy.auth == "eap-tls":
+            if e.trust is None:
+                raise IKEv2Error(C.AUTHENTICATION_FAILED, "EAP-TLS needs cacerts")
+            sa.eap = eap.EapTlsServer(e.credentials, e.trust, names)
+        else:
+            sa.eap = eap.MschapV2Server(lookup)
         sa.auth_request = payloads
         sa.state = "auth"
         out = self.our_auth(sa, sa.policy)
@@ -202,7 +211,8 @@ class Auth:
             if outcome.success:
                 sa.eap_user = outcome.user
                 sa.msk = outcome.msk
-                log.info("ikev2: {name}: EAP-MSCHAPv2 user {user} authenticated", name=sa.name, user=sa.eap_user)
+                log.info("ikev2: {name}: EAP user {user} authenticated ({method})", name=sa.name, user=sa.eap_user,
+                         method=sa.policy.auth)
             return [wire.EAP(outcome.reply)]
         auth = wire.find(payloads, wire.Auth)
         if auth is None or not sa.msk:

@@ -22,6 +22,7 @@ import struct
 from collections.abc import Callable
 
 import attrs
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from narsuite.ike.v2 import constants as C
 
@@ -183,3 +184,145 @@ class MschapV2Server:
             return Outcome(build(C.EAP_SUCCESS, self.ident), done=True, success=True, user=self._user,
                            msk=self._msk)
         raise EapError(f"MSCHAPv2 op {op} in state {self.state}")
+
+
+# ------------------------------------------------------------------------------------- EAP-TLS
+TLS_L, TLS_M, TLS_S = 0x80, 0x40, 0x20
+#: TLS bytes per EAP-Request: an IKE message with it stays under 1280 bytes
+TLS_FRAGMENT = 1000
+#: the most TLS handshake bytes we take from a client (its certificate chain and messages)
+TLS_MAX_IN = 64 * 1024
+
+
+class EapTlsServer:
+    """EAP-Identity, then EAP-TLS (RFC 5216) with TLS 1.2 over memory BIOs (pyOpenSSL):
+    the client's certificate must chain to ``trust`` (OpenSSL checks it during the
+    handshake, :meth:`narsuite.ike.certs.Trust.verify` once more after it, as for IKE
+    certificates) and name the EAP identity; the MSK is the TLS exporter's "client EAP
+    encryption" output (RFC 5216 §2.3), 64 bytes."""
+
+    def __init__(self, credentials: object, trust: object, id_check: Callable[[object, str], bool]) -> None:
+        from OpenSSL import SSL, crypto
+
+        self.trust = trust
+        self.id_check = id_check
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_max_proto_version(SSL.TLS1_2_VERSION)  # RFC 5216 key derivation (TLS 1.3 is RFC 9190)
+        cert = credentials.certificate  # type: ignore[attr-defined]
+        ctx.use_certificate(crypto.X509.from_cryptography(cert))
+        for extra in credentials.intermediates:  # type: ignore[attr-defined]
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(credentials.key))  # type: ignore[attr-defined]
+        store = ctx.get_cert_store()
+        assert store is not None
+        for ca in trust.cas:  # type: ignore[attr-defined]
+            store.add_cert(crypto.X509.from_cryptography(ca))
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *a: bool(a[-1]))
+        self._ssl = SSL
+        self.conn = SSL.Connection(ctx, None)
+        self.conn.set_accept_state()
+        self.ident = secrets.randbelow(256)
+        self.state = "identity"
+        self.identity = ""
+        self._in = b""
+        self._in_total = 0
+        self._out = b""
+        self._finished = False
+
+    def _next(self) -> int:
+        self.ident = (self.ident + 1) % 256
+        return self.ident
+
+    def start(self) -> bytes:
+        return build(C.EAP_REQUEST, self._next(), C.EAP_IDENTITY)
+
+    def _fail(self, why: str) -> Outcome:
+        self.state = "failed"
+        return Outcome(build(C.EAP_FAILURE, self.ident), done=True, success=False, reason=why)
+
+    def _request(self, flags: int, data: bytes = b"") -> Outcome:
+        return Outcome(build(C.EAP_REQUEST, self._next(), C.EAP_TLS, bytes([flags]) + data))
+
+    def _send_fragment(self) -> Outcome:
+        first = not getattr(self, "_sending", False)
+        self._sending = True
+        chunk, self._out = self._out[:TLS_FRAGMENT], self._out[TLS_FRAGMENT:]
+        flags = TLS_M if self._out else 0
+        if first and self._out:
+            flags |= TLS_L
+            chunk = struct.pack("!I", len(chunk) + len(self._out)) + chunk
+        if not self._out:
+            self._sending = False
+        return self._request(flags, chunk)
+
+    def received(self, data: bytes) -> Outcome:
+        code, ident, etype, body = parse(data)
+        if code != C.EAP_RESPONSE or ident != self.ident:
+            raise EapError(f"EAP code {code} id {ident}, expected a response to {self.ident}")
+        if self.state == "identity":
+            if etype != C.EAP_IDENTITY:
+                raise EapError(f"EAP type {etype} where the identity was expected")
+            self.identity = body.decode("utf-8", "replace")
+            self.state = "tls"
+            return self._request(TLS_S)
+        if etype == C.EAP_NAK:
+            return self._fail("the peer refused EAP-TLS (NAK)")
+        if etype != C.EAP_TLS or not body:
+            raise EapError(f"EAP type {etype} where EAP-TLS was expected")
+        flags, payload = body[0], body[1:]
+        if flags & TLS_L:
+            if len(payload) < 4:
+                raise EapError("EAP-TLS length flag without a length")
+            self._in_total = struct.unpack("!I", payload[:4])[0]
+            payload = payload[4:]
+        self._in += payload
+        if len(self._in) > TLS_MAX_IN:
+            return self._fail("EAP-TLS: the client's handshake is too large")
+        if flags & TLS_M:
+            return self._request(0)  # acknowledge the fragment (RFC 5216 §2.1.5)
+        if self._out:
+            if self._in:
+                raise EapError("EAP-TLS data while we are still sending fragments")
+            return self._send_fragment()
+        if not self._in:
+            if self._finished:  # the client acknowledged our last flight
+                return self._success()
+            raise EapError("empty EAP-TLS response out of place")
+        record, self._in = self._in, b""
+        try:
+            self.conn.bio_write(record)
+            try:
+                self.conn.do_handshake()
+                self._finished = True
+            except self._ssl.WantReadError:
+                pass
+        except self._ssl.Error as err:
+            return self._fail(f"TLS handshake: {err}")
+        out = b""
+        while True:
+            try:
+                out += self.conn.bio_read(65536)
+            except self._ssl.WantReadError:
+                break
+        if not out:
+            return self._success() if self._finished else self._fail("TLS produced nothing to send")
+        self._out = out
+        return self._send_fragment()
+
+    def _success(self) -> Outcome:
+        first = self.conn.get_peer_certificate(as_cryptography=True)
+        if first is None:
+            return self._fail("EAP-TLS: the client sent no certificate")
+        # a server's view of the chain leaves the client's own certificate out
+        rest = [c for c in (self.conn.get_peer_cert_chain(as_cryptography=True) or []) if c != first]
+        try:
+            leaf = self.trust.verify([c.public_bytes(Encoding.DER) for c in [first, *rest]])  # type: ignore[attr-defined]
+        except ValueError as err:
+            return self._fail(f"EAP-TLS client certificate: {err}")
+        if not self.id_check(leaf, self.identity):
+            return self._fail(f"EAP identity {self.identity!r} is not in the client's certificate")
+        self.state = "done"
+        msk_bytes = self.conn.export_keying_material(b"client EAP encryption", 128)[:64]
+        return Outcome(build(C.EAP_SUCCESS, self.ident), done=True, success=True, user=self.identity, msk=msk_bytes)
+
