@@ -192,7 +192,9 @@ def test_d_child_and_ike_rekey_while_traffic_flows(need_strongswan, ra_topo, tmp
 
 # ------------------------------------------------------------------------------------- (b)
 def _cert_client(t, host, tmp: Path, name: str, ident, pki, gw_dn: str) -> Charon:
-    c = Charon(host, tmp / name).start()
+    # fragment_size 500: the client's IKE_AUTH (certificate, signature) reaches us as RFC 7383
+    # fragments, each verified before reassembly
+    c = Charon(host, tmp / name, extra_conf="  fragment_size = 500\n").start()
     files = {f"x509/{ident.cert_path.name}": ident.cert_path.read_bytes(),
              f"x509ca/{pki.ca_path.name}": pki.ca_path.read_bytes(),
              f"private/{ident.key_path.name}": ident.key_path.read_bytes()}
@@ -233,6 +235,9 @@ def test_b_rsa_and_ecdsa_certificates(need_strongswan, ra_topo, tmp_path):
     assert "ECDSA_WITH_SHA256_DER successful" in out3 + c3.log_text()
     rows = {r["peer id"]: r for r in ike_sas(g)}
     assert set(rows) == {"alice@example.net", "dave@example.net"}
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert stats["v2 fragments_rx"] >= 4 and "sending packet" in c1.log_text(), stats
+    assert re.search(r"generating IKE_AUTH request 1 \[ EF\(1/\d\) \]", c1.log_text())
     assert ping(t.r1, t.h_addr) and ping(t.r3, t.h_addr)
     # mallory's certificate is from a CA we do not trust
     bad = Charon(t.r2, tmp_path / "r2", extra_conf="  retransmit_tries = 1\n").start()
@@ -528,4 +533,30 @@ def test_c_eap_tls(need_strongswan, ra_topo, tmp_path):
     cap.check()
     for x in (c, bad):
         x.stop()
+    g.terminate()
+
+
+# ------------------------------------------------------------------------------------- both versions
+def test_ikev1_and_ikev2_side_by_side(need_strongswan, ra_topo, tmp_path):
+    """One daemon, the same UDP 500/4500 sockets: an IKEv1 client (Main Mode + XAUTH-less PSK,
+    policy "rw") on R3 and an IKEv2 client (policy "rw2") on R1, both behind NAT1, both with
+    traffic; `narctl ike sas` shows one SA of each version."""
+    from narsuite.lab.strongswan import ikev1_client_conf
+
+    t = ra_topo
+    v1 = ('[[ike.peers]]\nname = "rw"\npsk = "v1-psk-0123456789"\nlocal_id = "gw.example"\n'
+          'trust_client_address = true\nlocal_ts = ["10.1.0.0/24"]\n')
+    g = gateway(t, tmp_path, v1 + v2_policy())
+    c2 = client(t, t.r1, tmp_path, "r1")
+    c1 = Charon(t.r3, tmp_path / "r3").start()
+    c1.load(ikev1_client_conf(t.g_public, "v1-psk-0123456789", local_id="r3.example"))
+    up(c2)
+    up(c1)
+    rows = {r["version"]: r for r in ike_sas(g)}
+    assert set(rows) == {1, 2}
+    assert rows[1]["peer id"] == "r3.example" and rows[1]["policy"] == "rw"
+    assert rows[2]["peer id"] == "r1.example" and rows[2]["policy"] == "rw2"
+    assert ping(t.r1, t.h_addr) and ping(t.r3, t.h_addr)
+    c1.stop()
+    c2.stop()
     g.terminate()
