@@ -78,6 +78,11 @@ class DataPath:
         self.send_raw: Any = None
         self._raw: list[Any] = []
         self._rules: dict[str, list[list[str]]] = {}
+        #: home address (4 bytes) -> its bindings: one dict lookup per packet instead of a
+        #: store index walk and an address conversion.  Filled on use (only for addresses
+        #: that have bindings, so junk cannot grow it), emptied on every binding change.
+        self._by_home: dict[bytes, tuple[Any, ...]] = {}
+        self._coa: dict[str, bytes] = {}  # care-of address -> 4 bytes, for the bindings
         self._droplog = Aggregator(log, "mipproxy data path: dropped", clock=clock)
 
     # ---------------------------------------------------------------- lifecycle
@@ -145,10 +150,20 @@ class DataPath:
         for r in self._rules.pop(home, []):
             self._run(["ip", "rule", "del", *r])
 
+    def _bindings(self, home: bytes) -> tuple[Any, ...]:
+        found = self._by_home.get(home)
+        if found is None:
+            found = tuple(self.store.lookup_all(BINDING.name, "home", socket.inet_ntoa(home)))
+            if found:
+                self._by_home[home] = found
+        return found
+
     def store_changed(self, change: Any) -> None:
         if change.kind != BINDING.name:
             return
         home = change.record.home_address
+        self._by_home.pop(socket.inet_aton(home), None)
+        self._coa.clear()
         if change.op == "put":
             self._route_home(home)
         elif not self.store.lookup_all(BINDING.name, "home", home):
@@ -165,7 +180,10 @@ class DataPath:
         dst = packet[16:20]
         if dst == self.pub:
             try:
-                _proto, _key, inner = codec.decapsulate(packet)
+                if packet[9] == codec.PROTO_IPIP:  # the common case, without the dispatch
+                    inner = codec.ipip_decapsulate(packet)
+                else:
+                    _proto, _key, inner = codec.decapsulate(packet)
             except codec.CodecError as e:
                 self._drop("bad_encapsulation", f"from {src}: {e}")
                 return
@@ -219,15 +237,16 @@ class DataPath:
             if not ike:
                 self._drop("not_esp", f"protocol {proto} from {outer_src}")
                 return
-        home = socket.inet_ntoa(isrc)
-        for b in self.store.lookup_all(BINDING.name, "home", home):
+        bindings = self._bindings(isrc)
+        for b in bindings:
             if udp is not None:
                 if b.encapsulation == "udp" and (b.src_ip, b.src_port) == udp:
                     break
             elif b.src_ip == outer_src and b.encapsulation != "udp":
                 break
         else:
-            if self.store.lookup_all(BINDING.name, "home", home):
+            home = socket.inet_ntoa(isrc)
+            if bindings:
                 self._drop("wrong_tunnel_source", f"{home} tunnelled from {outer_src}")
             else:
                 self._drop("no_binding", f"{home} tunnelled from {outer_src}")
@@ -248,9 +267,9 @@ class DataPath:
         except codec.CodecError as e:
             self._drop("bad_encapsulation", f"from home agent {src}: {e}")
             return
-        home = socket.inet_ntoa(inner[16:20])
-        if not self.store.lookup_all(BINDING.name, "home", home):
-            self._drop("no_binding", f"home agent {src} tunnelled a packet for {home}")
+        if not self._bindings(inner[16:20]):
+            self._drop("no_binding", f"home agent {src} tunnelled a packet for "
+                                     f"{socket.inet_ntoa(inner[16:20])}")
             return
         self.counters["ha_to_gateway"] += 1
         if self.next_hop is not None:
@@ -277,17 +296,18 @@ class DataPath:
             if not ok:
                 self._drop("tun_not_ipsec", f"protocol {proto} for {socket.inet_ntoa(dst)}")
                 return
-        home = socket.inet_ntoa(dst)
-        bindings = self.store.lookup_all(BINDING.name, "home", home)
+        bindings = self._bindings(dst)
         if not bindings:
-            self._drop("no_binding", f"gateway packet for {home}")
+            self._drop("no_binding", f"gateway packet for {socket.inet_ntoa(dst)}")
             return
-        b = max(bindings, key=lambda x: x.registered)
+        b = bindings[0] if len(bindings) == 1 else max(bindings, key=lambda x: x.registered)
         c = self.counters
         if b.encapsulation == "udp":
             ok = self.send_udp(UDP_TUNNEL_HEADER + packet, (b.src_ip, b.src_port))
         else:
-            coa = socket.inet_aton(b.src_ip)
+            coa = self._coa.get(b.src_ip)
+            if coa is None:
+                coa = self._coa[b.src_ip] = socket.inet_aton(b.src_ip)
             try:
                 if b.encapsulation == "gre":
                     out = codec.gre_encapsulate(packet, self.pub, coa)
@@ -296,7 +316,7 @@ class DataPath:
                 else:
                     out = codec.ipip_encapsulate(packet, self.pub, coa)
             except codec.CodecError as e:
-                self._drop("bad_encapsulation", f"for {home}: {e}")
+                self._drop("bad_encapsulation", f"for {socket.inet_ntoa(dst)}: {e}")
                 return
             ok = self.send_raw(out)
         if ok is False:
