@@ -396,15 +396,49 @@ def esp_packet(src: str, dst: str, spi: int, seq: int, size: int) -> bytes:
     return bytes(IP(src=src, dst=dst, proto=50, id=seq) / Raw(body))
 
 
+def ones_complement(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def minimal_forwarding(inner: bytes, outer_src: str) -> bytes:
+    """RFC 2004 §3: the minimal forwarding header (original protocol, S bit, checksum,
+    original destination, original source when it is not the encapsulator) followed by the
+    inner packet's payload; the outer header is the kernel's (a raw socket, protocol 55)."""
+    ihl = (inner[0] & 0x0F) * 4
+    s_bit = inner[12:16] != socket.inet_aton(outer_src)
+    mh = bytes([inner[9], 0x80 if s_bit else 0, 0, 0]) + inner[16:20] + (inner[12:16] if s_bit else b"")
+    c = ones_complement(mh)
+    return mh[:2] + struct.pack("!H", c) + mh[4:] + inner[ihl:]
+
+
+def from_minimal(pkt: bytes) -> dict:
+    hl = (pkt[0] & 0x0F) * 4
+    mh = pkt[hl:]
+    s_bit = bool(mh[1] & 0x80)
+    n = 12 if s_bit else 8
+    assert ones_complement(mh[:n]) == 0, "bad minimal forwarding header checksum"
+    return {"outer": "minimal", "outer_src": socket.inet_ntoa(pkt[12:16]),
+            "outer_dst": socket.inet_ntoa(pkt[16:20]), "proto": mh[0],
+            "dst": socket.inet_ntoa(mh[4:8]),
+            "src": socket.inet_ntoa(mh[8:12]) if s_bit else socket.inet_ntoa(pkt[12:16]),
+            "payload": mh[n:].hex()}
+
+
 def tunnel_data(args: argparse.Namespace, sock: socket.socket) -> dict:
     """Send ``--data`` ESP packets from the home address to ``--gateway`` through the
     tunnel (RFC 3519 UDP tunnel data with ``--udp-tunnel``, else IP-in-IP or GRE with
     ``--flags G`` on a raw socket) and collect what the proxy tunnels back."""
     udp = args.udp_tunnel
     gre = "G" in args.flags
+    minimal = "M" in args.flags
     raw_tx = raw_rx = None
     if not udp:
-        proto = 47 if gre else 4
+        proto = 47 if gre else 55 if minimal else 4
         raw_rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
         raw_tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
     sent = []
@@ -415,6 +449,9 @@ def tunnel_data(args: argparse.Namespace, sock: socket.socket) -> dict:
             sock.send(bytes([4, 4, 0, 0]) + inner)
         elif gre:
             raw_tx.sendto(bytes(GRE(proto=0x0800)) + inner, (args.proxy, 0))
+        elif minimal:
+            coa = args.coa or sock.getsockname()[0]
+            raw_tx.sendto(minimal_forwarding(inner, coa), (args.proxy, 0))
         else:
             raw_tx.sendto(inner, (args.proxy, 0))
         time.sleep(args.interval)
@@ -433,6 +470,8 @@ def tunnel_data(args: argparse.Namespace, sock: socket.socket) -> dict:
             pkt = IP(data[4:])
             got.append({"outer": "udp", "nh": data[1], "src": pkt.src, "dst": pkt.dst,
                         "proto": pkt.proto, "payload": bytes(pkt.payload).hex()})
+        elif minimal:
+            got.append(from_minimal(data))
         else:
             outer = IP(data)
             inner = outer.payload

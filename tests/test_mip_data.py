@@ -96,21 +96,23 @@ def direct(lab):
     return mip_topology(lab, nat=False)
 
 
-@pytest.mark.parametrize("flags", ["T", "GT"])
+@pytest.mark.parametrize("flags", ["T", "GT", "MT"])
 def test_ip_in_ip_and_gre_tunnels_and_the_5_3_checks(direct, tmp_path, flags):
-    """Without a NAT: IP-in-IP (or GRE with the G bit) both ways; then packets failing
+    """Without a NAT: IP-in-IP (GRE with the G bit, minimal encapsulation with the M bit)
+    both ways, tshark reading every tunnel packet without a malformed one; then packets failing
     §5.3 (inner destination not a VPN gateway, not ESP, a home address without a binding)
     and a tunnel from the wrong care-of address are dropped and counted, nothing answered."""
     t = direct
     ha, _ = start_ha(t, tmp_path)
     gw, glog = start_gw(t, tmp_path)
     d = NarsuiteDaemon(t.mipp, two_box_config(t, tmp_path), roles="mipproxy").start()
+    cap, pcap = capture(t.mipp, tmp_path, (t.mipp_external_if,))
     try:
         out = mn(t, "--ha-param", t.ha_addr, "--flags", flags, "--data", "3", "--expect", "3",
                  "--gateway", t.cn_addr)
         assert out["replies"][0]["code"] == 0
         back = out["data"]["received"]
-        want = "gre" if "G" in flags else "ipip"
+        want = "gre" if "G" in flags else "minimal" if "M" in flags else "ipip"
         assert [(b["outer"], b["outer_src"], b["outer_dst"], b["src"], b["dst"]) for b in back] \
             == [(want, t.mipp_external, t.mn_addr, t.cn_addr, t.mn_home_addr)] * 3, (out, stats(d))
         assert len(gw_log(glog)) == 3
@@ -121,7 +123,7 @@ def test_ip_in_ip_and_gre_tunnels_and_the_5_3_checks(direct, tmp_path, flags):
             from scapy.packet import Raw
             s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
             for inner in (IP(src="{t.mn_home_addr}", dst="{t.ha_addr}", proto=50) / Raw(b"x" * 16),
-                          IP(src="{t.mn_home_addr}", dst="{t.cn_addr}") / UDP(dport=9) / Raw(b"y"),
+                          IP(src="{t.mn_home_addr}", dst="{t.cn_addr}") / UDP(sport=9, dport=9) / Raw(b"y"),
                           IP(src="10.2.0.150", dst="{t.cn_addr}", proto=50) / Raw(b"z" * 16)):
                 s.sendto(bytes(inner), ("{t.mipp_external}", 0))
             """)
@@ -133,9 +135,15 @@ def test_ip_in_ip_and_gre_tunnels_and_the_5_3_checks(direct, tmp_path, flags):
         assert s["data.drop_no_binding"] == 1
         assert len(gw_log(glog)) == 3
     finally:
+        t.mipp.stop(cap)
         d.terminate()
         t.ha.stop(ha)
         t.cn.stop(gw)
+    out = t.mipp.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.protocols",
+                      "-e", "_ws.malformed", "-e", "_ws.expert.message"]).stdout
+    assert "malformed" not in out.lower(), out
+    proto = {"T": "ip:ip", "GT": "ip:gre:ip", "MT": "ip"}[flags]
+    assert sum(proto in line.split("\t")[0] for line in out.splitlines()) >= 6, out
 
 
 def test_home_agent_tunnel_reaches_the_gateway_at_layer_2(direct, tmp_path):

@@ -1,6 +1,6 @@
 """The proxy with the narsuite esp role as the VPN gateway.
 
-One-box (draft §4.1): ``twistd -n narsuite --role=mipproxy,esp`` is the MIP proxy and the
+One-box (draft §4.1): ``twistd -n narsuite --role=mipproxy,ike,esp`` is the MIP proxy and the
 VPN gateway.  The MN behind an nftables NAT runs the independent MIP peer's tunnel
 (tests/mip_peer.py mn --tun, RFC 3519 UDP tunnelling) and, inside it, the independent
 ESP peer (tests/esp_peer.py, scapy's SecurityAssociation) whose inner address is its home
@@ -61,7 +61,7 @@ def setup(t, tmp: Path):
     t.cn.ip("route", "replace", f"{t.mn_home_addr}/32", "via", t.ha_addr)
     t.ha.run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"])
     ha, log = start_ha(t, tmp, "--tunnel")
-    d = NarsuiteDaemon(t.mipp, onebox_config(t, tmp), roles="mipproxy,esp").start()
+    d = NarsuiteDaemon(t.mipp, onebox_config(t, tmp), roles="mipproxy,ike,esp").start()
     move = tmp / "move.json"
     mn = t.mn.popen([sys.executable, str(PEER), "mn", "--proxy", t.mipp_external, "--home",
                      t.mn_home_addr, "--spi", str(SPI), "--key", KEY, "--ha-param", t.ha_addr,
