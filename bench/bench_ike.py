@@ -233,6 +233,7 @@ runtime_dir = "{workdir}/run"
 
 [store]
 backend = "{store}"
+{store_extra}
 
 [log]
 level = "{log}"
@@ -267,8 +268,16 @@ def setup_narsuite(lab: Lab, args: argparse.Namespace, workdir: Path) -> Respond
     home = workdir / "narsuite"
     home.mkdir(parents=True)
     cfg = home / "narsuite.toml"
+    store_extra = ""
+    redis_server = None
+    if args.narsuite_store == "redis":
+        # a redis-server on G's own loopback: the shared store's cost, not the network's
+        from narsuite.lab.redis import RedisServer
+
+        redis_server = RedisServer(6379, prefix=["ip", "netns", "exec", g.netns]).start()
+        store_extra = f'[store.redis]\nurl = "redis://127.0.0.1:6379"\n[cluster]\nnode_id = "bench"\n'
     cfg.write_text(NARSUITE_CONF.format(workdir=home, store=args.narsuite_store, log=args.narsuite_log,
-                                        psk=args.psk, client_net=args.client_net))
+                                        psk=args.psk, client_net=args.client_net, store_extra=store_extra))
     daemon = NarsuiteDaemon(g, cfg, roles=args.narsuite_roles).start()
     assert daemon.proc is not None  # `ip netns exec` execs: this PID is twistd itself
 
@@ -280,6 +289,8 @@ def setup_narsuite(lab: Lab, args: argparse.Namespace, workdir: Path) -> Respond
         except (AssertionError, subprocess.TimeoutExpired):
             if daemon.alive():
                 daemon.kill9()
+        if redis_server is not None:
+            redis_server.close()
 
     return Responder("198.51.100.1", args.psk, c, [daemon.proc.pid], stop,
                      f"narsuite {__version__} twistd (roles {args.narsuite_roles}, store {args.narsuite_store}, "
@@ -486,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="charon's half-open IKE SAs per source IP (its default 5 drops most bench MM1s: "
                          "all clients share one address)")
     ap.add_argument("--narsuite-roles", default="ike,esp")
-    ap.add_argument("--narsuite-store", default="sqlite", choices=("sqlite", "memory"))
+    ap.add_argument("--narsuite-store", default="sqlite", choices=("sqlite", "memory", "redis"))
     ap.add_argument("--narsuite-log", default="info", choices=("debug", "info", "warn", "error"))
     ap.add_argument("--json", action="store_true", help="print {settings, runs, summary} as JSON at the end")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
