@@ -43,6 +43,9 @@ class Children:
         self.engine = engine
         #: outbound SPI -> (the ISAKMP SA, the child): Delete payloads name it
         self.by_out: dict[int, tuple[IkeSA, Child]] = {}
+        #: esp.peer name -> the ISAKMP SA whose child it is (the newest): what the esp
+        #: role reports about a peer reaches its SA in one lookup
+        self.by_peer: dict[str, IkeSA] = {}
         #: principal -> a deleted ISAKMP SA whose ESP SAs wait for its successor
         self.orphans: dict[Principal, IkeSA] = {}
         # what the esp role learns from authenticated ESP reaches us through the store only
@@ -136,6 +139,7 @@ class Children:
         sa.children.append(child)
         child.timer = e.clock.callLater(hard, self._expired, sa, child)
         self.by_out[qm.spi_out] = (sa, child)
+        self.by_peer[name] = sa
         e.count("child_installed")
         log.info("ike: {name}: ESP {desc} {rsel} <-> {lsel} in {spi_in:#010x} out {spi_out:#010x} ({encap} to "
                  "{peer})", name=sa.name, desc=ch.describe(), rsel=qm.remote_ts[0], lsel=qm.local_ts[0],
@@ -172,6 +176,8 @@ class Children:
         if child.timer is not None and child.timer.active():
             child.timer.cancel()
         self.by_out.pop(child.spi_out, None)
+        if self.by_peer.get(child.peer) is sa and not any(c.peer == child.peer for c in sa.children):
+            del self.by_peer[child.peer]
         self._delete_records(sa, child)
         e.count("child_deleted")
         if notify_peer and sa.state == "established":
@@ -215,10 +221,10 @@ class Children:
 
     # ------------------------------------------------------------------ what the esp role saw
     def _owner_of(self, peer_name: str) -> IkeSA | None:
-        """The established ISAKMP SA whose child the esp peer is (the newest, after a rekey)."""
-        found = [sa for sa in self.engine.sas.values()
-                 if sa.state == "established" and any(c.peer == peer_name for c in sa.children)]
-        return max(found, key=lambda sa: sa.established) if found else None
+        """The established ISAKMP SA whose child the esp peer is (the newest, after a rekey):
+        one dict lookup, as esp.activity arrives every few seconds per active peer."""
+        sa = self.by_peer.get(peer_name)
+        return sa if sa is not None and sa.state == "established" else None
 
     def _esp_changed(self, change: Any) -> None:
         """Authenticated ESP from a peer, as the esp role reports it in the store.
@@ -298,6 +304,7 @@ class Children:
             child.timer = e.clock.callLater(max(0.0, child.expires - now + grace(child.expires - now)),
                                             self._expired, sa, child)
             self.by_out[child.spi_out] = (sa, child)
+            self.by_peer[child.peer] = sa
             sa.children.append(child)
         log.info("ike: {name} adopts {n} ESP SA pair(s) of {old}", name=sa.name, n=len(old.children), old=old.name)
         adopted, old.children = old.children, []
