@@ -234,11 +234,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.rounds):
-            ours = measure(lambda: run_daemon(Path(d) / f"r{i}"), args.seconds, args.window, True)
+            ours = measure(lambda i=i: run_daemon(Path(d) / f"r{i}"), args.seconds, args.window, True)
             anchor = measure(run_anchor, args.seconds, args.window, False)
             rows.append((ours, anchor))
-    print(f"| round | mipproxy reg/s | p50 ms | p99 ms | CPU µs/reg | bad | bare relay reg/s | "
-          f"p50 ms | p99 ms | CPU µs/reg |")
+    print("| round | mipproxy reg/s | p50 ms | p99 ms | CPU µs/reg | bad | bare relay reg/s | "
+          "p50 ms | p99 ms | CPU µs/reg |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for i, (o, a) in enumerate(rows, 1):
         print(f"| {i} | {o['rate']:,.0f} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | "

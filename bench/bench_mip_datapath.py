@@ -97,7 +97,7 @@ def main() -> None:
         # the ESP step for the same inner packet (what the esp role does with it)
         clear = codec.build_ipv4(A("10.2.0.3"), A(HOME), codec.PROTO_UDP, os.urandom(size - 20 - 40))
         enc = OutboundSA(0x1001, "aes-gcm-16", key, None, None)
-        t_enc = best(lambda p: enc.encapsulate(p, 4), [(clear,)] * n, args.repeat)
+        t_enc = best(lambda p, enc=enc: enc.encapsulate(p, 4), [(clear,)] * n, args.repeat)
         pkts = [(enc.encapsulate(clear, 4),) for _ in range(n)]
         t_dec = min(best(InboundSA(0x1001, "aes-gcm-16", key, None, None).decapsulate, pkts, 1)
                     for _ in range(args.repeat))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_mip_lab import KEY, PEER, SPI, capture, mn, proxy_config, start_ha
+from test_mip_lab import PEER, capture, mn, proxy_config, start_ha
 
 from narsuite.lab.daemon import NarsuiteDaemon
 from narsuite.lab.topologies import mip_topology

@@ -11,10 +11,7 @@ registration message captured on both sides of the proxy.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import struct
 import subprocess
 import sys
 import textwrap
@@ -34,8 +31,8 @@ KEY = "00112233445566778899aabbccddeeff"
 NAI_SPI = 0x1001
 NAI_KEY = "ffeeddccbbaa99887766554433221100"
 NAI = "alice@example.com"
-HA2 = "10.2.0.9"
-INTERNAL_MN = "203.0.113.77"  # a second address of the MN, inside internal_networks  # in the pool for dynamic assignment, not running: unreachable
+HA2 = "10.2.0.9"  # allowed as a home agent, nobody there
+INTERNAL_MN = "203.0.113.77"  # a second address of the MN, inside internal_networks
 
 
 def proxy_config(t, tmp: Path, extra: str = "") -> Path:
