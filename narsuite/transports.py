@@ -33,6 +33,12 @@ class IStreamTransport(ITransport, IConsumer, IPushProducer):
     def abortConnection() -> None:
         """Close now, dropping anything still buffered to send."""
 
+    def startReading() -> None:
+        """Watch the socket for reading again (``abstract.FileDescriptor``)."""
+
+    def stopReading() -> None:
+        """Stop watching the socket for reading (``abstract.FileDescriptor``)."""
+
 
 class ITCPStreamTransport(IStreamTransport, ITCPTransport):
     """A TCP connection's transport: the above with TCP's addresses and options."""

@@ -108,14 +108,13 @@ def lose_now(transport: Any) -> None:
         transport.loseConnection()
 
 
-@implementer(IPushProducer)
 def _nothing_queued(transport: Any) -> bool:
     """A plain TCP connection, open, not closing, with nothing buffered to send (its write
     side may already be shut)."""
     return (
         isinstance(transport, _Connection)
         and not transport.TLS
-        and transport.connected
+        and transport.connected == 1  # Twisted's flag: 0/1 (True on some classes)
         and not transport.disconnecting
         and not transport._tempDataLen
         and transport.offset == len(transport.dataBuffer)
@@ -139,6 +138,7 @@ def shutdown_write_now(transport: Any) -> None:
 close_now = lose_now
 
 
+@implementer(IPushProducer)
 class ClosingProducer:
     """A transport as the streaming producer of the other side of a relay.
 
