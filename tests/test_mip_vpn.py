@@ -219,3 +219,68 @@ def test_two_box_proxy_and_a_separate_esp_gateway(mip_topo, tmp_path):
         t.ha.stop(ha)
         g.terminate()
         d.terminate()
+
+
+def test_strongswan_mn_negotiates_through_the_tunnel_and_gets_its_home_address(
+        need_strongswan, mip_topo, tmp_path):
+    """(f) with a real IPsec client: strongSwan on the MN (IKEv1 Main Mode, PSK, mode-config)
+    reaches the one box's ike role through the proxy's tunnel (IKE from MN-Perm), is handed
+    its home address as its inner address (§5.2: a one-address pool), and its ESP (user-space
+    libipsec) carries ping and a TCP transfer to the CN, the CN's answers coming through the HA."""
+    from narsuite.lab.strongswan import Charon, ikev1_client_conf
+
+    t = mip_topo
+    psk = "mobile-vpn-psk"
+    cfg = proxy_config(t, tmp_path)
+    text = cfg.read_text().replace("data_path = false", "data_path = true")
+    text = text.replace(f'vpn_gateways = ["{t.mipp_external}"]', f'vpn_gateways = ["{VPNGW}"]')
+    text = text.replace("[mipproxy]", textwrap.dedent(f"""
+        [store.pools.home]
+        network = "{t.mn_home_addr}/32"
+        [esp]
+        raw_esp = false
+        [ike]
+        [[ike.peers]]
+        name = "mn"
+        psk = "{psk}"
+        local_id = "gw.example"
+        local_ts = ["{t.cn_addr}/32"]
+        pool = "home"
+        [mipproxy]"""), 1)
+    cfg.write_text(text)
+    t.mipp.ip("addr", "add", f"{VPNGW}/24", "dev", t.mipp_external_if)
+    t.mipp.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
+    # two tunnels' overhead (ESP in UDP inside MIP tunnel data) on 1500-byte links: the CN's
+    # segments to the MN stay small enough (libipsec's TUN on the MN says 1400 otherwise)
+    t.cn.ip("route", "replace", f"{t.mn_home_addr}/32", "via", t.ha_addr, "mtu", "lock", "1300")
+    t.ha.run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"])
+    t.mn.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
+    ha, _ = start_ha(t, tmp_path, "--tunnel")
+    d = NarsuiteDaemon(t.mipp, cfg, roles="mipproxy,ike,esp").start()
+    mn = t.mn.popen([sys.executable, str(PEER), "mn", "--proxy", t.mipp_external, "--home",
+                     t.mn_home_addr, "--spi", str(SPI), "--key", KEY, "--ha-param", t.ha_addr,
+                     "--udp-tunnel", "--tun", "--route", f"{VPNGW}/32", "--lifetime", "600"],
+                    stdout=subprocess.PIPE, stderr=open(tmp_path / "mn.log", "w"), text=True)
+    c = None
+    try:
+        assert json.loads(mn.stdout.readline())["replies"][0]["code"] == 0
+        c = Charon(t.mn, tmp_path / "charon").start()
+        c.load(ikev1_client_conf(VPNGW, psk, local_id="mn.example", remote_id="gw.example",
+                                 remote_ts=f"{t.cn_addr}/32", mode_config=True))
+        res = c.initiate(child="net", timeout=30)
+        assert res.ok, res.output[-3000:] + c.log_text()[-3000:] + d.log_text()[-3000:]
+        (sa,) = c.list_sas()
+        (child,) = sa.children
+        assert child.local_ts == (f"{t.mn_home_addr}/32",), child  # §5.2: the home address
+        assert ping(t.mn, t.cn_addr, count=3), (stats(d), c.log_text()[-2000:])
+        assert tcp_transfer(t.cn, t.mn, t.cn_addr) == 300_000 // 256 * 256
+        (isa,) = d.rows("ike", "sas")
+        assert isa["remote"].startswith(t.mn_home_addr + ":")  # IKE came from MN-Perm
+        s = stats(d)
+        assert s["data.mn_to_gateway"] > 0 and s["data.gateway_to_mn"] > 0 and s["data.ha_to_gateway"] > 0
+    finally:
+        if c is not None:
+            c.stop()
+        t.mn.stop(mn)
+        t.ha.stop(ha)
+        d.terminate()
