@@ -259,3 +259,31 @@ def test_shared_store_unreachable_denies_new_registrations_130_and_counts() -> N
     r.store.backend.available = True  # type: ignore[attr-defined]
     r.request(ident=peer.ntp_identification(offset=1.0))
     assert len(r.to_ha) == 1, r.last_reply()
+
+
+def test_simultaneous_bindings_lifetime_rule_2_6_2() -> None:
+    """With simultaneous bindings on, an S request is relayed without S and with the longest
+    of the remaining lifetimes and its own; the new binding gets the lesser of the accepted
+    and the requested lifetime; the first binding stays."""
+    r = Rig("simultaneous_bindings = true\n")
+    r.request(lifetime=600)
+    r.ha_reply()
+    r.clock.advance(100)
+    second = "198.51.100.8"
+    r.request(flags="ST", lifetime=100, coa=second, src=(second, 434))
+    req = peer.parse(r.to_ha[-1][0], KEYS)
+    assert req["flags"] & peer.FLAGS["S"] == 0
+    assert req["lifetime"] == 500  # max(600 - 100 remaining, 100)
+    r.ha_reply()  # the HA accepts the 500 it was asked for
+    assert r.last_reply()["code"] == 0  # S supported: plain acceptance
+    assert r.store.get(BINDING.name, (HOME, second)).lifetime == 100  # min(500, 100)
+    assert r.store.get(BINDING.name, (HOME, COA)) is not None
+    # without simultaneous bindings the new care-of address replaces the old one, code 1
+    r = Rig()
+    r.request(lifetime=600)
+    r.ha_reply()
+    r.request(flags="ST", lifetime=100, coa=second, src=(second, 434))
+    assert peer.parse(r.to_ha[-1][0], KEYS)["lifetime"] == 100
+    r.ha_reply()
+    assert r.last_reply()["code"] == 1
+    assert [b.care_of_address for b in r.store.records(BINDING.name)] == [second]
