@@ -301,3 +301,27 @@ def test_unreachable_home_agent_gives_202_from_a_real_icmp_error(direct, tmp_pat
     icmp = t.mipp.run(["tshark", "-r", str(pcap), "-Y", "icmp.type == 3 && icmp.code == 3",
                        "-T", "fields", "-e", "ip.src"]).stdout.split()
     assert [line.split(",")[0] for line in icmp] == [t.ha_addr]  # outer source: the HA
+
+
+def test_location_by_receiving_interface(direct, tmp_path):
+    """§2.6.1 #2: with location_detection = "interface", a request reaching MIPP-Pub through
+    the internal interface (an MN at home, on the CN's segment) gets 206 with its HA, while the
+    same MN outside is relayed, though no internal_networks entry covers either address."""
+    t = direct
+    ha, _ = start_ha(t, tmp_path)
+    cfg = proxy_config(t, tmp_path)
+    text = cfg.read_text().replace(f'internal_networks = ["{t.home_net}", "{INTERNAL_MN}/32"]',
+                                   'location_detection = "interface"\n'
+                                   f'internal_interfaces = ["{t.mipp_internal_if}"]')
+    cfg.write_text(text)
+    d = NarsuiteDaemon(t.mipp, cfg, roles="mipproxy").start()
+    try:
+        out = json.loads(t.cn.run([sys.executable, str(PEER), "mn", "--proxy", t.mipp_external,
+                                   "--home", t.mn_home_addr, "--spi", str(SPI), "--key", KEY,
+                                   "--ha-param", t.ha_addr], timeout=30).stdout)
+        assert out["replies"][0]["code"] == 206
+        assert exts(out["replies"][0])[127] == "0000" + "0a020002"
+        assert mn(t, "--ha-param", t.ha_addr)["replies"][0]["code"] == 0
+    finally:
+        d.terminate()
+        t.ha.stop(ha)

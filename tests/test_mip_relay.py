@@ -287,3 +287,18 @@ def test_simultaneous_bindings_lifetime_rule_2_6_2() -> None:
     r.ha_reply()
     assert r.last_reply()["code"] == 1
     assert [b.care_of_address for b in r.store.records(BINDING.name)] == [second]
+
+
+def test_location_detection_by_interface_2_6_1() -> None:
+    """#2: the interface the source is routed through decides, not the addresses."""
+    r = Rig('location_detection = "interface"\ninternal_interfaces = ["int0"]\n')
+    routes = {"10.9.9.9": "int0", COA: "ext0"}
+    r.relay._route_device = routes.get
+    r.request(coa="10.9.9.9", src=("10.9.9.9", 434))  # internal_networks would say internal too
+    assert r.last_reply()["code"] == 206
+    r.request()  # from outside: relayed
+    assert len(r.to_ha) == 1
+    r.request(coa="10.9.9.10", src=(COA, 434))  # NATed behind an outside address: relayed
+    assert len(r.to_ha) == 2
+    with pytest.raises(ConfigError, match="mipproxy.internal_interfaces"):
+        config('location_detection = "interface"\n')

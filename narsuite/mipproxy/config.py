@@ -133,6 +133,11 @@ class MipProxyConfig:
     internal_networks: tuple[str, ...] = setting(
         (), check=_networks,
         doc="Location detection (2.6.1): a care-of (or NATed source) address here is internal: 206.")
+    location_detection: str = setting(
+        "address", check=one_of("address", "interface"),
+        doc="2.6.1: address (#1, internal_networks) or interface (#2, internal_interfaces).")
+    internal_interfaces: tuple[str, ...] = setting(
+        (), doc="2.6.1 #2: a request whose source is routed out of one of these came from inside.")
     vpn_gateways: tuple[str, ...] = setting(
         (), check=_addresses, doc="5.3: inner destinations accepted from MN tunnels (VPNGW-Pub).")
     vpn_gateway_next_hop: str = setting(
@@ -182,6 +187,9 @@ class MipProxyConfig:
         for ha in self.ha_pool:
             if ha == "0.0.0.0":
                 raise ConfigError(f"{key}.ha_pool", "0.0.0.0 is not a home agent")
+        if self.location_detection == "interface" and not self.internal_interfaces:
+            raise ConfigError(f"{key}.internal_interfaces", "location_detection = \"interface\" "
+                                                            "needs the internal interfaces' names")
 
     def allowed_home_agents(self) -> frozenset[str]:
         return frozenset(self.home_agents) | frozenset(self.ha_pool)

@@ -101,12 +101,46 @@ class _SA:
     ha_spi: int
 
 
+class _KernelRoutes:
+    """``ip route get``'s output interface, cached (a netlink round trip costs ~1 ms; the
+    cache is bounded and its entries live a minute)."""
+
+    def __init__(self, size: int = 4096, ttl: float = 60.0) -> None:
+        self._ipr: Any = None
+        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._size = size
+        self._ttl = ttl
+
+    def device(self, address: str) -> str | None:
+        now = time.monotonic()
+        hit = self._cache.get(address)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        name = None
+        try:
+            if self._ipr is None:
+                from pyroute2 import IPRoute
+
+                self._ipr = IPRoute()
+            routes = self._ipr.route("get", dst=address)
+            index = routes[0].get_attr("RTA_OIF") if routes else None
+            if index is not None:
+                name = self._ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
+        except Exception:
+            log.failure("mipproxy: route lookup for {address}", address=address)
+        if len(self._cache) >= self._size:
+            self._cache.clear()
+        self._cache[address] = (now, name)
+        return name
+
+
 class RegistrationRelay:
     """Decides on every registration message and ICMP error the proxy sees."""
 
     def __init__(self, cfg: MipProxyConfig, store: Any, clock: Any, *, send_public: Send,
                  send_private: Send, metrics: Any = None,
-                 wallclock: Callable[[], float] = time.time) -> None:
+                 wallclock: Callable[[], float] = time.time,
+                 route_device: Callable[[str], str | None] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.clock = clock
@@ -121,6 +155,8 @@ class RegistrationRelay:
                                     mn.ha_spi or mn.spi)
         self._allowed_has = cfg.allowed_home_agents()
         self._internal = tuple(ipaddress.IPv4Network(n, strict=False) for n in cfg.internal_networks)
+        self._internal_ifs = frozenset(cfg.internal_interfaces)
+        self._route_device = route_device or _KernelRoutes().device
         #: Bad input and denials are logged through aggregators: an attacker sending
         #: unauthenticated requests gets its 131s counted, not one log line each.
         self._droplog = Aggregator(log, "mipproxy: dropped", clock=clock)
@@ -156,6 +192,15 @@ class RegistrationRelay:
     def is_internal(self, address: str) -> bool:
         ip = ipaddress.IPv4Address(address)
         return any(ip in net for net in self._internal)
+
+    def located_inside(self, where: str, src: str) -> bool:
+        """2.6.1: #1 by address (the CoA, or the source when NATed, in internal_networks);
+        #2 by interface: the one the route back to the source leaves through, which is the
+        receiving interface when routing is symmetric -- what #2 presupposes ("the network
+        design can guarantee" internal traffic arrives inside)."""
+        if self.cfg.location_detection == "interface":
+            return self._route_device(src) in self._internal_ifs
+        return self.is_internal(where)
 
     def _deny(self, code: int, home_address: str, identification: int, addr: tuple[str, int],
               sa: _SA | None, *, home_agent: str | None = None, nai: bytes | None = None,
@@ -297,7 +342,7 @@ class RegistrationRelay:
         # location detection (2.6.1): the CoA, or the source address when NATed
         natted = addr[0] != req.care_of_address
         where = addr[0] if natted else req.care_of_address
-        if self.is_internal(where):
+        if self.located_inside(where, addr[0]):
             deny(self.numbers.assigned_home_agent, f"{where} is internal: register with {ha}",
                  home_agent=ha)
             return
