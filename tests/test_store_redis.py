@@ -15,16 +15,22 @@ import time
 
 import pytest
 
+from narsuite.lab.pytest_plugin import lab_required
 from narsuite.lab.redis import RedisServer, redis_unavailable_reason
 from tests.redis_nodes import NodeError, NodeProc
 
 reason = redis_unavailable_reason()
 if reason is not None:
-    if os.environ.get("NARSUITE_REQUIRE_LAB"):
+    if lab_required():
         raise RuntimeError(f"NARSUITE_REQUIRE_LAB=1 but {reason}")
     pytest.skip(reason, allow_module_level=True)
 
-redis = pytest.importorskip("redis")
+try:
+    import redis
+except ImportError:
+    if lab_required():
+        raise
+    pytest.skip("redis-py is not installed", allow_module_level=True)
 
 
 def store_toml(url: str, extra: str = "") -> str:
