@@ -438,13 +438,9 @@ def test_libreswan_ikev2_psk_completes_sa_init_and_auth(ra_topo, tmp_path):
 
     reason = libreswan_unavailable_reason()
     if reason:
-        import os
+        from narsuite.lab.pytest_plugin import unavailable
 
-        import pytest
-
-        if os.environ.get("NARSUITE_REQUIRE_LAB"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(reason, "Libreswan")
     t = ra_topo
     g = gateway(t, tmp_path, v2_policy())
     cap = Capture(t.g, "wan0", tmp_path / "l.pcap")
