@@ -136,3 +136,21 @@ def test_transport_peer_rules_go_through_pyroute2_off_the_store_callback(monkeyp
     assert {r.to for r in changes[1][1]} == {"198.51.100.9/32"}
     svc._unroute_transport()
     assert changes[2] == (changes[1][1], [], None)
+
+
+def test_static_peer_installs_again_after_a_restart_with_its_lease_on_disk(tmp_path):
+    """esp.sa is never persisted but the static peer's SPI lease is: the next start must
+    find its own lease (same owner) and install the SAs again, not fail with a Conflict."""
+    from narsuite.store import SqliteBackend
+
+    path = tmp_path / "s.sqlite"
+    for run in range(2):
+        svc, store, _ = make(peer("r1", 0x1001, pool="ra"))
+        store.backend = SqliteBackend(path)
+        store.open()
+        failures: list = []
+        svc._install_static(svc.cfg.peers[0]).addErrback(failures.append)
+        assert not failures, (run, failures[0].value if failures else None)
+        assert store.holds("spi", 0x1001) == "esp:peer:r1"
+        assert {(sa.direction, sa.spi) for sa in store.records("esp.sa")} == {("in", 0x1001), ("out", 0x2001)}
+        store.backend._db.close()

@@ -157,7 +157,8 @@ class EspService(service.Service):
                     enc_key=hexbytes(getattr(pc, f"enc_key_{direction}")),
                     integ_key=hexbytes(getattr(pc, f"integ_key_{direction}")),
                     esn=pc.esn, replay_window=window)
-            if direction == "in":
+            if direction == "in" and self.store.holds("spi", spi) != owner:
+                # (after a restart the lease is still ours on disk; esp.sa never is)
                 yield self.store.claim("spi", spi, owner)
             yield self.store.put(sa, owner=owner)
 
