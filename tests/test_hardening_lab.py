@@ -226,30 +226,10 @@ def test_real_client_connects_within_2s_during_a_spoofed_mm1_flood(need_strongsw
 def test_kill_9_drops_a_nar_sessions_spi_and_icmp_leases(nar_topo, tmp_path):
     """The nar role: a NAR session's SPI and ICMP identifier leases outlive a SIGKILL on
     disk; the restarted daemon drops them (the session is never persisted)."""
-    from test_nar_role import PASSWORD, Client
+    from test_nar_role import Client, start_n
 
     t = nar_topo
-    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
-    cfg = tmp_path / "narsuite.toml"
-    cfg.write_text(textwrap.dedent(f"""
-        [daemon]
-        state_dir = "state"
-        runtime_dir = "run"
-        [metrics]
-        enabled = false
-        [nar]
-        listen = "{t.n_private}"
-        methods = ["password"]
-        [nar.users]
-        alice = "{hashed}"
-        [[nar.rules]]
-        action = "pass"
-        clients = ["{t.private_net}"]
-        [nar.nar]
-        enabled = true
-        lent_address = "{t.n_public}"
-        """))
-    n = NarsuiteDaemon(t.n, cfg, roles="nar").start()
+    n = start_n(t, tmp_path, backend="sqlite")
     c = Client(t, "--ipsec", "esp", "--icmp", "0")
     leases = wait_for(lambda: (rows := n.rows("list", "store.lease")) and len(rows) >= 2 and rows, 5,
                       "the session's leases")
@@ -258,7 +238,7 @@ def test_kill_9_drops_a_nar_sessions_spi_and_icmp_leases(nar_topo, tmp_path):
     time.sleep(0.3)  # past the group commit
     n.kill9()
     c.stop()
-    n2 = NarsuiteDaemon(t.n, cfg, roles="nar", log=tmp_path / "daemon2.log").start()
+    n2 = NarsuiteDaemon(t.n, n.config, roles="nar", log=tmp_path / "daemon2.log").start()
     after = {r["key"] for r in n2.rows("list", "store.lease")}
     assert not held & after, (held, after)
     assert "owners that died with the last process" in n2.log_text()

@@ -19,7 +19,7 @@ PASSWORD = "nar secret"
 ESP_KEY = "11" * 16 + "aabbccdd"  # AES-GCM-128 + salt, Y -> X
 
 
-def start_n(t, tmp: Path, extra: str = "") -> NarsuiteDaemon:
+def start_n(t, tmp: Path, extra: str = "", backend: str = "memory") -> NarsuiteDaemon:
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
     cfg = tmp / "narsuite.toml"
     cfg.write_text(textwrap.dedent(f"""
@@ -27,7 +27,7 @@ def start_n(t, tmp: Path, extra: str = "") -> NarsuiteDaemon:
         state_dir = "state"
         runtime_dir = "run"
         [store]
-        backend = "memory"
+        backend = "{backend}"
         [metrics]
         enabled = false
         [nar]
