@@ -385,9 +385,8 @@ class _Factory(ConchFactory):
 class _SessionManhole(ColoredManhole):
     """A manhole with its own variables over the daemon's live namespace."""
 
-    # Twisted's Manhole declares `namespace = None` with no annotation, so mypy takes
-    # None for its type; it is the interpreter's dict once constructed.
-    namespace: dict[str, Any]  # type: ignore[assignment]
+    # Twisted's Manhole starts it as None; ours is the session's dict from __init__ on.
+    namespace: dict[str, Any]
 
     def __init__(self, shared: dict[str, Any]) -> None:
         super().__init__()
@@ -490,7 +489,7 @@ class ManholeService(service.Service):
     ``fingerprint`` its ``SHA256:...`` fingerprint.
     """
 
-    name = "manhole"  # type: ignore[assignment]  # Service has an unannotated `name = None`
+    name = "manhole"
 
     def __init__(self, cfg: Any, host_key_path: Path, namespace: dict[str, Any],
                  reactor: Any = None) -> None:

@@ -58,7 +58,7 @@ class RoleContext:
 class StoreService(service.Service):
     """Starts the store's timers and backend; flushes it on stop."""
 
-    name = "store"  # type: ignore[assignment]  # Service has an unannotated `name = None`
+    name = "store"
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -73,7 +73,7 @@ class StoreService(service.Service):
 
 
 class _LogService(service.Service):
-    name = "log"  # type: ignore[assignment]  # Service has an unannotated `name = None`
+    name = "log"
 
     def __init__(self, json_log: JsonFileLog | None) -> None:
         self.json_log = json_log

@@ -393,7 +393,7 @@ class NarDataPlane(service.Service):
         :class:`~narsuite.nar.nft.PortReservations` on Nb).
     """
 
-    name = "nar-dataplane"  # type: ignore[assignment]  # Service has an unannotated `name = None`
+    name = "nar-dataplane"
 
     def __init__(self, options, store, reactor=None, *,
                  private_address: str | None = None,

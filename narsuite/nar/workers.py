@@ -290,7 +290,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
 class WorkerPool(service.Service):
     """Spawns, watches, restarts and stops the worker processes; adopts their handoffs."""
 
-    name = "workers"  # type: ignore[assignment]  # Service has an unannotated `name = None`
+    name = "workers"
 
     def __init__(self, config: NarConfig, socks: SocksFactory, reactor: Any, count: int,
                  log_level: str = "info") -> None:
