@@ -213,11 +213,14 @@ class ManholeConfig:
         if self.users:
             from narsuite.passwords import check_hash_format  # bcrypt and cryptography: only when used
         for user, hashed in self.users.items():
+            if hashed.startswith("$nt$"):
+                # An admin shell gets no unsalted MD4 (that format exists for EAP-MSCHAPv2).
+                raise ConfigError(f"{key}.users.{user}", "NT hashes are not accepted for the manhole: "
+                                  "use bcrypt or scrypt (`narctl hash-password`)")
             try:
                 check_hash_format(hashed)  # the same hashes as nar's and XAUTH's users
             except ValueError as e:
-                raise ConfigError(f"{key}.users.{user}",
-                                  f"{e} (`narctl hash-password` makes one)") from None
+                raise ConfigError(f"{key}.users.{user}", str(e)) from None
         if self.enabled and not self.users and self.authorized_keys is None:
             raise ConfigError(
                 f"{key}.enabled",
