@@ -266,19 +266,22 @@ port = {port}
 methods = ["none"]
 decision_log_level = "debug"
 workers = {workers}
+splice = {splice}
 [[nar.rules]]
 action = "pass"
 """
 
 
-def start_twistd(tmp: Path, workers: int = 1, reactor: str = "default") -> tuple[subprocess.Popen, int]:
+def start_twistd(tmp: Path, workers: int = 1, reactor: str = "default",
+                 splice: bool = True) -> tuple[subprocess.Popen, int]:
     """The nar role as an operator runs it: ``twistd -n narsuite --config ... --role=nar``
     (``--reactor`` only when asked for; by default ``twistd narsuite`` picks the reactor)."""
     port = load.free_port()
     run = tmp / f"twistd-{port}"
     run.mkdir()
     conf = run / "narsuite.toml"
-    conf.write_text(TWISTD_CONFIG.format(tmp=run, port=port, workers=workers))
+    conf.write_text(TWISTD_CONFIG.format(tmp=run, port=port, workers=workers,
+                                         splice="true" if splice else "false"))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     opts = [] if reactor == "default" else [f"--reactor={reactor}"]
@@ -457,6 +460,8 @@ def main() -> None:
                     help="narsuite's reactor (workers included): default is what `twistd narsuite` "
                          "installs (narsuite-epoll; the script then uses narsuite-epoll too), epoll "
                          "Twisted's epoll reactor, narsuite-epoll the lean one")
+    ap.add_argument("--no-splice", action="store_true",
+                    help="[nar] splice = false: relay streams through Python (twistd server only)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds, each measuring both servers, in alternating order (Dante first "
                          "in odd rounds); the table gives each figure's median over the rounds")
@@ -464,7 +469,7 @@ def main() -> None:
 
     if args.server == "twistd":
         def start_ours(t: Path) -> tuple[subprocess.Popen, int]:
-            return start_twistd(t, args.workers, args.reactor)
+            return start_twistd(t, args.workers, args.reactor, not args.no_splice)
     else:
         def start_ours(t: Path) -> tuple[subprocess.Popen, int]:
             return start_narsuite(t, args.workers,
