@@ -14,8 +14,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from narsuite import config as cfgmod
 from narsuite.lab.daemon import NarsuiteDaemon
 from narsuite.nar import wire

@@ -743,7 +743,7 @@ def test_a_flood_of_bad_connections_is_logged_in_aggregate():
             p.dataReceived(b"\x04\x01")  # SOCKS4: malformed method selection
             assert tr.disconnecting
             p.connectionLost(Failure(error.ConnectionDone()))
-        for i in range(1000):
+        for _ in range(1000):
             p, tr = open_conn(f)
             p.dataReceived(b"\x05\x01\x00")  # only "no auth": no acceptable method
             assert tr.disconnecting

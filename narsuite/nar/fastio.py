@@ -44,7 +44,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["write_now", "lose_now", "close_now", "shutdown_write_now", "is_plain_tcp", "idle_transport", "ClosingProducer", "connect_tcp", "LeanConnector", "OutgoingConnection"]
+__all__ = ["write_now", "lose_now", "close_now", "shutdown_write_now", "is_plain_tcp", "idle_transport",
+           "ClosingProducer", "connect_tcp", "LeanConnector", "OutgoingConnection"]
 
 _Connection = tcp.Connection
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY))

@@ -67,8 +67,16 @@ from narsuite.logs import LEVELS, Aggregator, logger
 from narsuite.nar import socks
 from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
-from narsuite.nar.fastio import (ClosingProducer, close_now, connect_tcp, idle_transport, is_plain_tcp,
-                                 lose_now, shutdown_write_now, write_now)
+from narsuite.nar.fastio import (
+    ClosingProducer,
+    close_now,
+    connect_tcp,
+    idle_transport,
+    is_plain_tcp,
+    lose_now,
+    shutdown_write_now,
+    write_now,
+)
 from narsuite.nar.records import SESSION_OWNER_PREFIX
 from narsuite.nar.rules import RuleSet
 from narsuite.nar.splice import AVAILABLE as SPLICE_AVAILABLE
