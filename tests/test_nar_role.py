@@ -489,3 +489,37 @@ def test_icmp_errors_for_clients_flows_are_delivered(nar_topo, tmp_path):
     c1.stop()
     c2.stop()
     n.terminate()
+
+
+PIPELINER = textwrap.dedent("""
+    import socket, struct, sys
+    server, yb, user, password, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    s = socket.create_connection((server, 1080), timeout=20)
+    u, p = user.encode(), password.encode()
+    cmds = b"\\x01\\x02\\x32\\x00\\x00\\x00\\x00" * n            # n x IPSEC-ASSOCIATE ESP, one write
+    s.sendall(b"\\x05\\x01\\x02" + b"\\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p
+              + b"\\x05\\x80\\x00\\x01" + socket.inet_aton(yb) + b"\\x00\\x00" + cmds)
+    want = 2 + 2 + 10 + 7 * n
+    got = b""
+    while len(got) < want:
+        b = s.recv(65536)
+        if not b:
+            break
+        got += b
+    replies = got[14:]
+    codes = [replies[i + 1] for i in range(0, len(replies) - 6, 7)]
+    print(len(got) == want, got[:4].hex(), got[5], codes.count(0), codes.count(1), len(codes))
+""")
+
+
+def test_pipelined_commands_against_the_daemon(nar_topo, tmp_path):
+    """Issue 12: 3,000 pipelined commands in one write got 01 01 and a close.  A raw client
+    against twistd: every command answered, in order, the session still open."""
+    t = nar_topo
+    n = start_n(t, tmp_path)
+    (tmp_path / "pipeliner.py").write_text(PIPELINER)
+    out = t.x.run([sys.executable, str(tmp_path / "pipeliner.py"), t.n_private, t.y_addr, "alice",
+                   PASSWORD, "3000"], timeout=60).stdout.split()
+    # all bytes, greeting/auth ok, NAR-MODE granted, 64 mappings (the per-session limit), the rest 0x01
+    assert out == ["True", "05020100", "0", "64", "2936", "3000"], out
+    n.terminate()
