@@ -364,6 +364,19 @@ def test_plane_installs_tcp_udp_mappings_and_follows_the_store():
     w = IP(tun.written[-1])
     assert (w.src, w.dst, w[TCP].sport) == (E2E, YB, 20001)
     assert dp.counters["in_tcp"] == 1 and dp.counters["out_tcpudp"] == 1
+    # fragmentation needed about X's segment (Nb:P -> Y), as conntrack hands it to the TUN:
+    # Nb replaced by the TUN address outside and in the quote.  X gets it as Y's side sent it.
+    quoted = bytes(IP(src=E2E, dst=YB, flags="DF") / TCP(sport=20001, dport=5555, flags="A"))
+    err = IP(src="192.0.2.254", dst=E2E) / ICMP(type=3, code=4, nexthopmtu=1400) / quoted
+    tun.sink(bytes(err))
+    out = IP(ports[1].sent[-1])
+    assert (out.src, out.dst, out.proto) == (NA, XA, 4)
+    got = IP(bytes(out.payload))
+    assert (got.dst, got[ICMP].type, got[ICMP].payload.src, got[ICMP].payload.dst) == (NB, 3, NB, YB)
+    want = IP(src="192.0.2.254", dst=NB) / ICMP(type=3, code=4, nexthopmtu=1400) / bytes(
+        IP(src=NB, dst=YB, flags="DF") / TCP(sport=20001, dport=5555, flags="A"))
+    assert bytes(got) == bytes(want)  # checksums (outer, ICMP, quoted IP and TCP) right
+    assert dp.counters["in_icmp_error"] == 1
     # the session goes: its elements are deleted, its ports released
     n = len(runner.scripts)
     store.drop_owner("s1")
