@@ -128,8 +128,10 @@ def _parse_scrypt(hashed: str) -> tuple[int, int, int, bytes, bytes]:
     return ln, r, p, _unb64(parts[3]), _unb64(parts[4])
 
 
-def check_hash_format(hashed: str) -> None:
-    """Raise ValueError (with the fix) unless ``hashed`` is a bcrypt or scrypt hash we can verify."""
+def check_hash_format(hashed: str, allow_nt: bool = False) -> None:
+    """Raise ValueError (with the fix) unless ``hashed`` is a bcrypt or scrypt hash we can verify;
+    ``allow_nt``: an NT hash too (only ``[ike.users]``, where EAP-MSCHAPv2 needs it: elsewhere
+    an unsalted MD4 would only weaken the table)."""
     if hashed.startswith(_BCRYPT_PREFIXES):
         parts = hashed.split("$")
         if len(parts) != 4 or not parts[2].isdigit() or len(parts[3]) != 53:
@@ -141,12 +143,13 @@ def check_hash_format(hashed: str) -> None:
         except (ValueError, KeyError) as exc:
             raise ValueError(f"malformed scrypt hash ({exc})") from None
         return
-    if hashed.startswith("$nt$"):
+    if hashed.startswith("$nt$") and allow_nt:
         if nt_hash(hashed) is None:
             raise ValueError("malformed NT hash: expected $nt$ and 32 hex digits (narctl hash-password --nt)")
         return
-    raise ValueError("expected a bcrypt ($2b$...), scrypt ($scrypt$...) or NT ($nt$...) hash; make one with "
-                     "narctl hash-password")
+    raise ValueError("expected a bcrypt ($2b$...) or scrypt ($scrypt$...) hash; make one with "
+                     "narsuite.passwords.hash_password" + (" (or an NT hash: narctl hash-password --nt)" if allow_nt
+                                                          else ""))
 
 
 def verify_password(hashed: str, password: bytes) -> bool:

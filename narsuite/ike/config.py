@@ -298,6 +298,6 @@ class IkeConfig:
             from narsuite.passwords import check_hash_format
             for name, hashed in self.users.items():
                 try:
-                    check_hash_format(hashed)
+                    check_hash_format(hashed, allow_nt=True)  # NT hashes: EAP-MSCHAPv2 (IKEv2)
                 except ValueError as e:
                     raise ConfigError(f"{key}.users.{name}", str(e)) from None
