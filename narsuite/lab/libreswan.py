@@ -102,7 +102,10 @@ class Pluto:
                               str(self.ctl), conn], check=False, timeout=30)
 
     def initiate(self, conn: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        """``whack --initiate``: returns when pluto has an answer (or gives up)."""
+        """``whack --initiate``: returns when pluto has an answer (or gives up).  ``--listen``
+        first: pluto's control socket exists before it has found its interfaces, and an
+        initiate before that is refused ("need --listen before --initiate")."""
+        self.whack("--listen", timeout=timeout)
         return self.whack("--name", conn, "--initiate", timeout=timeout)
 
     def log_text(self) -> str:

@@ -124,3 +124,13 @@ def need_strongswan():
     reason = strongswan_unavailable_reason()
     if reason:
         unavailable(reason, "strongSwan")
+
+
+@pytest.fixture
+def need_libreswan():
+    """Libreswan's pluto (unpacked by scripts/setup.sh): skip otherwise, fail under NARSUITE_REQUIRE_LAB=1."""
+    from .libreswan import libreswan_unavailable_reason
+
+    reason = libreswan_unavailable_reason()
+    if reason:
+        unavailable(reason, "Libreswan")
