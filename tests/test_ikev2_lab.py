@@ -441,6 +441,7 @@ def test_libreswan_ikev2_psk_completes_sa_init_and_auth(need_libreswan, ra_topo,
     IKE_AUTH against us with a PSK and gets its virtual IP; installing the CHILD SA in its
     kernel then fails here (no kernel ESP), which is expected."""
     from narsuite.lab.libreswan import Pluto
+
     t = ra_topo
     g = gateway(t, tmp_path, v2_policy())
     cap = Capture(t.g, "wan0", tmp_path / "l.pcap")
