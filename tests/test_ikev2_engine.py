@@ -230,3 +230,51 @@ def test_liveness_unanswered_deletes_the_sa():
         h.clock.advance(1.1)
     assert not h.engine.sas and h.engine.counters["peer_dead"] == 1
     assert not list(h.store.records(sadb.SA_KIND.name))
+
+
+def test_a_natted_client_is_followed_to_its_new_mapping_on_authenticated_messages():
+    """§2.23: the client is behind a NAT (its NAT_DETECTION_SOURCE_IP does not match); a
+    protected request from a new port moves the SA and the esp peer there; a forged
+    (undecryptable) one from elsewhere moves nothing."""
+    h = Harness()
+    i = Initiator(h)
+    req = i.init_request()
+    # the client claims a source hash that cannot match: it is behind a NAT
+    h_, ps = wire.parse_message(req)
+    req = wire.build_message(h_, [*ps, wire.Notify(C.NAT_DETECTION_SOURCE_IP, b"\x01" * 20)])
+    i.req1 = req
+    (resp,) = h.deliver(req)
+    i.take_init_response(resp)
+    (resp,) = h.deliver(i.auth_request(), port=4500, addr=("192.0.2.10", 4500))
+    i.mid = 2
+    (sa,) = h.engine.sas.values()
+    assert sa.nat_peer and sa.remote == ("192.0.2.10", 4500)
+    bogus = bytearray(i.protected(C.INFORMATIONAL, []))
+    bogus[-1] ^= 1
+    assert h.deliver(bytes(bogus), addr=("203.0.113.9", 4500), port=4500) == []
+    assert sa.remote == ("192.0.2.10", 4500) and h.engine.counters["decrypt_failed"] == 1
+    (resp,) = h.deliver(i.protected(C.INFORMATIONAL, []), addr=("192.0.2.10", 31000), port=4500)
+    assert sa.remote == ("192.0.2.10", 31000) and h.engine.counters["peer_moved"] == 1
+    (peer,) = list(h.store.records(sadb.PEER.name))
+    assert (peer.remote_ip, peer.remote_port, peer.encap) == ("192.0.2.10", 31000, "udp")
+    assert h.sent[-1][1:] == (("192.0.2.10", 31000), 4500)  # answered where it came from
+
+
+def test_garbage_under_a_live_sa_is_dropped_never_raised():
+    """Random bytes behind a live SA's header (any exchange, flags, message ID): dropped and
+    counted, the SA stays usable."""
+    import random
+
+    h = Harness()
+    i = establish(h)
+    (sa,) = h.engine.sas.values()
+    rnd = random.Random(7)
+    for _n in range(400):
+        body = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 300)))
+        hdr = wire.Header(i.spi_i, i.spi_r, rnd.choice([34, 35, 36, 37, 99]), rnd.choice([0, 8, 0x20, 0x28]),
+                          rnd.choice([0, 1, 2, 3]), rnd.choice([0, 46, 53, 33, 41]))
+        data = wire.build_header(hdr, 28 + len(body)) + body
+        h.engine.received(data, CLIENT, 4500)
+    assert h.engine.counters["internal_error"] == 0
+    (resp,) = h.deliver(i.protected(C.INFORMATIONAL, []))
+    assert i.open(resp)[0].message_id == 2 and sa.state == "established"
