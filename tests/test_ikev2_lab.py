@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from labtraffic import ping, tcp_transfer
 from test_ike_lab import TRANSFER, Capture, gateway
 
@@ -263,16 +264,17 @@ def test_b_rsa_and_ecdsa_certificates(need_strongswan, ra_topo, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- (e)
-def test_e_mobike_address_change_mid_transfer(need_strongswan, ra_topo, tmp_path):
+@pytest.mark.parametrize("check", [False, True], ids=["update", "return-routability"])
+def test_e_mobike_address_change_mid_transfer(need_strongswan, ra_topo, tmp_path, check):
     """(e) MOBIKE (RFC 4555): mid-transfer, R1's address behind NAT1 changes (192.168.1.10 ->
     .20, so NAT1 maps it to another public port); strongSwan sends UPDATE_SA_ADDRESSES and
     the same IKE SA and CHILD SA carry on from the new mapping -- no new IKE_SA_INIT -- and
-    every byte of the TCP stream arrives."""
+    every byte of the TCP stream arrives.  With ``ikev2_mobike_check`` the CHILD SAs move only
+    after the new address answered our COOKIE2 (return routability)."""
     import sys
-    import textwrap
 
     t = ra_topo
-    g = gateway(t, tmp_path, v2_policy())
+    g = gateway(t, tmp_path, v2_policy(), ike_extra=f"ikev2_mobike_check = {'true' if check else 'false'}\n")
     cap = Capture(t.g, "wan0", tmp_path / "e.pcap")
     t.r1.run(["sysctl", "-qw", "net.ipv4.conf.all.promote_secondaries=1",
               f"net.ipv4.conf.{t.r_if}.promote_secondaries=1"])
@@ -318,6 +320,10 @@ def test_e_mobike_address_change_mid_transfer(need_strongswan, ra_topo, tmp_path
     assert row["remote"] != old_remote and row["remote"].startswith(t.nat1_public + ":")
     stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
     assert stats.get("v2 mobike_update", 0) >= 1
+    if check:
+        assert stats.get("v2 mobike_checked", 0) >= 1 and not stats.get("v2 mobike_check_failed"), stats
+        # strongSwan answered our INFORMATIONAL request carrying COOKIE2 from its new address
+        assert re.search(r"parsed INFORMATIONAL request \d+ \[ N\(COOKIE2\) \]", log), log[-3000:]
     assert ping(t.r1, t.h_addr)
     cap.check()
     c.stop()

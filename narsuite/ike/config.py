@@ -261,6 +261,9 @@ class IkeConfig:
         10.0, check=in_range(0, 100000),
         doc="Unprotected error notifications per second to sources not yet authenticated (0: none).")
     unauthenticated_notify_burst: float = setting(20.0, check=in_range(0, 100000))
+    ikev2_mobike_check: bool = setting(
+        False, doc="IKEv2 MOBIKE (RFC 4555 §3.5): check that a client's new address answers (an INFORMATIONAL "
+                   "with COOKIE2) before its CHILD SAs move there.")
     ikev2_cookie_threshold: int = setting(
         64, check=in_range(0, 1000000),
         doc="IKEv2 (RFC 7296 §2.6): with this many IKE_SA_INIT exchanges half open, a new one must "

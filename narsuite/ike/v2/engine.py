@@ -52,8 +52,9 @@ COUNTERS = (
     "no_policy", "no_proposal", "invalid_ke_sent", "cookie_sent", "cookie_bad", "half_open_dropped", "auth_failed",
     "decrypt_failed", "ike_established", "ike_deleted", "ike_rekeyed", "child_installed", "child_rekeyed",
     "child_deleted", "child_refused", "ts_refused", "address_failed", "liveness_sent", "liveness_answered",
-    "peer_dead", "delete_rx", "peer_moved", "mobike_update", "fragments_rx", "fragmented_tx", "unexpected",
-    "internal_error", "store_failed", "error_notify_rx", "notify_rate_limited",
+    "peer_dead", "delete_rx", "peer_moved", "mobike_update", "mobike_checked", "mobike_check_failed",
+    "fragments_rx", "fragmented_tx", "unexpected", "internal_error", "store_failed", "error_notify_rx",
+    "notify_rate_limited",
 )
 
 #: (exchange type, IKE SA state) -> (part, method): the one dispatch table for requests.
@@ -354,8 +355,7 @@ class IkeV2Engine:
 
     def move(self, sa: IkeSAv2, addr: tuple[str, int], local_port: int) -> None:
         self.count("peer_moved")
-        log.info("ikev2: {name} moved from {old} to {new}", name=sa.name, old=f"{sa.remote[0]}:{sa.remote[1]}",
-                 new=f"{addr[0]}:{addr[1]}")
+        log.info("ikev2: {name} moved to {new}", name=sa.name, new=f"{addr[0]}:{addr[1]}")
         sa.remote, sa.local_port = addr, local_port
         self.children.peer_moved(sa)
         self.publish(sa)

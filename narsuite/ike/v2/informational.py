@@ -9,6 +9,7 @@ the SA goes.  The peer's empty requests are answered empty.
 from __future__ import annotations
 
 import hmac
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from narsuite.ike.common import Drop
@@ -90,7 +91,26 @@ class Informational:
         e.count("mobike_update")
         log.info("ikev2: {name}: UPDATE_SA_ADDRESSES from {addr}{nat}", name=sa.name, addr=f"{addr[0]}:{addr[1]}",
                  nat=" (behind NAT)" if sa.nat_peer else "")
-        e.move(sa, addr, local_port)
+        if not e.cfg.ikev2_mobike_check:
+            e.move(sa, addr, local_port)
+            return out
+        # return routability (§3.5): the IKE SA answers the new address now; the CHILD SAs
+        # follow once an INFORMATIONAL with our COOKIE2 came back from it
+        sa.remote, sa.local_port = addr, local_port
+        cookie = secrets.token_bytes(16)
+
+        def checked(sa2: IkeSAv2, answer: tuple[Any, ...]) -> None:
+            echoed = wire.notifies(answer).get(C.COOKIE2)
+            if echoed is None or not hmac.compare_digest(echoed.data, cookie):
+                e.count("mobike_check_failed")
+                log.warn("ikev2: {name}: return routability check of {addr} failed", name=sa2.name,
+                         addr=f"{addr[0]}:{addr[1]}")
+                return
+            if sa2.remote != addr:
+                return  # it moved again meanwhile: that update's own check decides
+            e.count("mobike_checked")
+            e.move(sa2, addr, local_port)
+        e.send_request(sa, C.INFORMATIONAL, [wire.Notify(C.COOKIE2, cookie)], "return routability", checked)
         return out
 
     # ------------------------------------------------------------------ answers to our requests
