@@ -22,11 +22,11 @@ import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twisted.internet import defer, reactor  # noqa: E402
+from twisted.internet import defer, reactor
 
-from narsuite.lab.redis import RedisServer  # noqa: E402
-from narsuite.store import Index, KindSpec, SqliteBackend, Store  # noqa: E402
-from narsuite.store.redis import RedisBackend  # noqa: E402
+from narsuite.lab.redis import RedisServer
+from narsuite.store import Index, KindSpec, SqliteBackend, Store
+from narsuite.store.redis import RedisBackend
 
 
 @attrs.frozen

@@ -32,7 +32,7 @@ class NodeProc:
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
 
-    def start(self, timeout: float = 20.0) -> "NodeProc":
+    def start(self, timeout: float = 20.0) -> NodeProc:
         env = dict(os.environ, PYTHONPATH=str(HERE.parent))
         self.events, self.replies = [], {}
         self.proc = subprocess.Popen([sys.executable, str(HERE / "store_node.py"), "--config", str(self.config)],

@@ -8,7 +8,6 @@ JSON commands on stdin, one per line; answers ``{"id": ..., ...}`` lines on stdo
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import sys
 import time
@@ -20,8 +19,8 @@ from twisted.protocols.basic import LineReceiver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from narsuite.config import loads  # noqa: E402
-from narsuite.store import Conflict, Exhausted, Index, KindSpec, make_store  # noqa: E402
+from narsuite.config import loads
+from narsuite.store import Conflict, Exhausted, Index, KindSpec, make_store
 
 
 @attrs.frozen
@@ -64,7 +63,8 @@ class Node(LineReceiver):
         cmd = json.loads(line)
         d = defer.maybeDeferred(getattr(self, "do_" + cmd["op"]), **cmd.get("args", {}))
         d.addCallbacks(lambda r: out({"id": cmd["id"], "ok": True, "result": r}),
-                       lambda f: out({"id": cmd["id"], "ok": False, "error": f"{f.type.__name__}: {f.getErrorMessage()}"}))
+                       lambda f: out({"id": cmd["id"], "ok": False,
+                                      "error": f"{f.type.__name__}: {f.getErrorMessage()}"}))
 
     def connectionLost(self, reason: object = None) -> None:
         if reactor.running:

@@ -30,5 +30,6 @@ def test_cluster_examples_load_and_differ_only_in_node_id(tmp_path) -> None:
 
 
 def test_secret_files_open_to_others_are_refused_naming_the_key(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"(cluster.key_file|store.redis.password_file): .* is readable by other users \(mode 644\); chmod 600"):
+    with pytest.raises(ConfigError, match=r"(cluster.key_file|store.redis.password_file): .* is readable "
+                                          r"by other users \(mode 644\); chmod 600"):
         load_example(1, tmp_path, mode=0o644)

@@ -1,7 +1,8 @@
 """Gateway failover, level 1 (issue 13, case e): two narsuite nodes (--role=esp,ike) share one
 store on a real redis-server; a strongSwan client (IKEv1, XAUTH + mode-config) behind an nftables
 NAT talks to the public address of the active node.  The active is killed with -9 and keepalived
-(VRRPv3, tracking the daemon) moves the addresses to the standby; the client reconnects to the standby and gets the same pool address;
+(VRRPv3, tracking the daemon) moves the addresses to the standby; the client reconnects to the standby
+and gets the same pool address;
 nothing the dead node's SAs held stays allocated.
 
 ::
@@ -99,7 +100,7 @@ class Keepalived:
         self.host, self.dir, self.priority, self.daemon = host, d, priority, daemon
         self.proc = None
 
-    def start(self) -> "Keepalived":
+    def start(self) -> Keepalived:
         self.dir.mkdir()
         assert self.daemon.proc is not None
         conf = self.dir / "keepalived.conf"
@@ -160,7 +161,8 @@ def check_sealed(db: RedisServer, key_file: Path, node: str) -> None:
         assert row["node"] == node and row["kind"] == "esp.sa"
     assert len(sas) >= 4, sas  # two clients, an inbound and an outbound SA each
     dump = db.cli("--scan").split()
-    everything = "".join(db.cli("dump", k) for k in dump if not k.startswith("c:log")) + db.cli("xrange", "c:log", "-", "+")
+    everything = "".join(db.cli("dump", k) for k in dump if not k.startswith("c:log"))
+    everything += db.cli("xrange", "c:log", "-", "+")
     for sa in sas:
         for f in ("enc_key", "integ_key"):
             raw = base64.b64decode(sa[f]["$b"]) if isinstance(sa[f], dict) else b""

@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from narsuite.store import Index, KindSpec, MemoryBackend, Store, secret
-from narsuite.store.sealed import SEALED, ClusterKey, SealError, Sealer
+from narsuite.store.sealed import SEALED, ClusterKey, Sealer, SealError
 
 
 class Dir(enum.Enum):

@@ -10,14 +10,13 @@ import collections
 import json
 import os
 import signal
-import statistics
 import time
 
 import pytest
 
 from narsuite.lab.pytest_plugin import lab_required
 from narsuite.lab.redis import RedisServer, redis_unavailable_reason
-from tests.redis_nodes import NodeError, NodeProc
+from tests.redis_nodes import NodeProc
 
 reason = redis_unavailable_reason()
 if reason is not None:
@@ -256,8 +255,10 @@ def test_c_sentinel_failover_loses_no_acknowledged_write(tmp_path) -> None:
         toml = ('[store]\nbackend = "redis"\n[store.redis]\nsentinels = [' +
                 ", ".join(f'"{s.address}"' for s in sentinels) +
                 ']\nservice = "narsuite"\nprefix = "t:"\nreplicas_ack = 1\nack_timeout = 0.5\n')
-        a = NodeProc("a", toml); made.append(a); a.start()
-        b = NodeProc("b", toml); made.append(b); b.start()
+        a, b = NodeProc("a", toml), NodeProc("b", toml)
+        made += [a, b]
+        a.start()
+        b.start()
         ia = a.send("load", n=60_000, prefix="a", concurrency=32, deadline=40)
         ib = b.send("load", n=60_000, prefix="b", concurrency=32, deadline=40)
         time.sleep(0.7)
@@ -305,7 +306,6 @@ def test_narctl_cluster_shows_nodes_leader_and_store_health(server, tmp_path) ->
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     from tests.test_daemon import HERE, _wait_socket
 
@@ -319,7 +319,8 @@ def test_narctl_cluster_shows_nodes_leader_and_store_health(server, tmp_path) ->
             f.write_text(f'[daemon]\nstate_dir = "{d}/state"\nruntime_dir = "{d}/run"\n[metrics]\nenabled = false\n'
                          f'[store]\nbackend = "redis"\n[store.redis]\nurl = "redis://{server.address}"\n'
                          f'[cluster]\nnode_id = "{n}"\nheartbeat_interval = 0.2\nheartbeat_timeout = 0.6\n')
-            p = subprocess.Popen([sys.executable, str(HERE / "run_twistd_demo.py"), "--config", str(f), "--role", "demo"],
+            p = subprocess.Popen([sys.executable, str(HERE / "run_twistd_demo.py"), "--config", str(f),
+                                  "--role", "demo"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=d)
             procs.append(p)
             socks[n] = d / "run" / "control.sock"
@@ -370,7 +371,8 @@ def test_acl_user_password_file_and_tls_and_the_password_is_never_logged(tmp_pat
     for who, ids in (("server", ["127.0.0.1"]), ("client", ["gw1.example"])):
         k = pki.new_key()
         cert = pki.issue(pki.name(who), k, ca, ca_key, ids=ids)
-        files[who] = (str(pki.write_cert(tmp_path / f"{who}.pem", cert)), str(pki.write_key(tmp_path / f"{who}.key", k)))
+        files[who] = (str(pki.write_cert(tmp_path / f"{who}.pem", cert)),
+                      str(pki.write_key(tmp_path / f"{who}.key", k)))
     ca_file = str(pki.write_cert(tmp_path / "ca.pem", ca))
     os.chmod(files["client"][1], 0o600)
     secret = "pw-" + os.urandom(8).hex()
@@ -410,7 +412,8 @@ def test_acl_user_password_file_and_tls_and_the_password_is_never_logged(tmp_pat
                 if t["rows"] or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
-            assert "reachable" in t["title"] and "TLS" in t["title"] and [r["node"] for r in t["rows"]] == ["gw1 (this node)"]
+            assert "reachable" in t["title"] and "TLS" in t["title"]
+            assert [r["node"] for r in t["rows"]] == ["gw1 (this node)"]
             assert secret not in out.stdout
             assert "narsuite:gw1:writer" in srv.cli("client", "list")  # connected as the ACL user over TLS
         finally:

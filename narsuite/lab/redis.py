@@ -66,7 +66,7 @@ class _Process:
     def args(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout: float = 10.0) -> "_Process":
+    def start(self, timeout: float = 10.0) -> _Process:
         log = open(self.dir / "log", "ab")
         self.proc = subprocess.Popen(self.prefix + self.args(), cwd=self.dir, stdout=log, stderr=log,
                                      start_new_session=True)
@@ -132,7 +132,7 @@ class _Process:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def __enter__(self) -> "_Process":
+    def __enter__(self) -> _Process:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -85,7 +85,8 @@ while i <= #ARGV do
   local op, kind, key = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local rk = pfx .. 'r:' .. kind .. ':' .. key
   if op == 'I' or op == 'P' then
-    local data, e, ms, owner, vol, nuk = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], tonumber(ARGV[i + 8])
+    local data, e, ms, owner = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+    local vol, nuk = ARGV[i + 7], tonumber(ARGV[i + 8])
     local uks = {}
     for j = 1, nuk do uks[j] = ARGV[i + 8 + j] end
     i = i + 9 + nuk
@@ -137,7 +138,8 @@ while i <= #ARGV do
       if old and old ~= '' then
         for uk in string.gmatch(old, '[^\n]+') do expire(pfx .. 'u:' .. uk, ms) end
       end
-      local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'o', 'T', 'k', kind, 'y', key, 'e', e, 'n', node)
+      local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'o', 'T', 'k', kind, 'y', key,
+                            'e', e, 'n', node)
       out[#out + 1] = {'OK', id}
     else
       out[#out + 1] = {'G'}
