@@ -147,9 +147,11 @@ def check_hash_format(hashed: str, allow_nt: bool = False) -> None:
         if nt_hash(hashed) is None:
             raise ValueError("malformed NT hash: expected $nt$ and 32 hex digits (narctl hash-password --nt)")
         return
-    raise ValueError("expected a bcrypt ($2b$...) or scrypt ($scrypt$...) hash; make one with "
-                     "narsuite.passwords.hash_password" + (" (or an NT hash: narctl hash-password --nt)" if allow_nt
-                                                          else ""))
+    if allow_nt:
+        raise ValueError("expected a bcrypt ($2b$...), scrypt ($scrypt$...) or NT ($nt$...) hash; make one with "
+                         "narctl hash-password (--nt for an NT hash)")
+    raise ValueError("expected a bcrypt ($2b$...), scrypt ($scrypt$...) hash (NT hashes only in [ike.users]); "
+                     "make one with narctl hash-password")
 
 
 def verify_password(hashed: str, password: bytes) -> bool:
