@@ -26,6 +26,7 @@ APT_PACKAGES=(
   netcat-openbsd    # nc -X 5: SOCKS5 client (half-close tests)
   iputils-ping      # ping through TUN devices
   procps            # sysctl
+  netbase           # /etc/protocols and /etc/services: `ip rule ... ipproto udp` resolves names there
   util-linux        # unshare, mount: charon gets its own /run
   kmod
   tshark            # dissector check: what we put on the wire parses without malformed packets
