@@ -84,6 +84,10 @@ class SA:
     integ_key: bytes = secret(default=b"")
     esn: bool = False
     replay_window: int = 128
+    #: the last outbound sequence number already used: 0 for a new SA; a standby adopting a dead
+    #: node's SA jumps ahead by ``[cluster] seq_margin`` (the peer's replay window must see only
+    #: new numbers; docs/cluster.md)
+    seq_start: int = 0
 
 
 @attrs.frozen

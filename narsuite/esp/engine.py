@@ -163,7 +163,7 @@ class EspEngine:
             )
         else:
             self._outbound[sa.peer] = transform.OutboundSA(sa.spi, sa.enc, sa.enc_key, integ,
-                                                           sa.integ_key, esn=sa.esn)
+                                                           sa.integ_key, esn=sa.esn, initial_seq=sa.seq_start)
         state.sas += 1
         state.gone_at = None
         if not state.last_tx:
