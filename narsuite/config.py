@@ -146,7 +146,11 @@ class ClusterConfig:
         None, check=_secret_file,
         doc="32-byte cluster key (AES-256-GCM) sealing what a standby needs; never stored in Redis.")
     sealed_kinds: tuple[str, ...] = setting(
-        ("esp.sa",), doc="Kinds (with key material) kept in the shared store sealed under key_file.")
+        ("esp.sa", "esp.peer"),
+        doc="Kinds kept in the shared store sealed under key_file (what a standby adopts: SAs with their keys).")
+    seq_margin: int = setting(
+        1 << 24, check=in_range(1, 2**31),
+        doc="An adopted outbound SA continues this many sequence numbers past its sealed state.")
 
     def __validate__(self, key: str) -> None:
         if self.node_id and not all(c.isalnum() or c in "-_." for c in self.node_id):

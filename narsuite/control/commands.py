@@ -191,6 +191,15 @@ def _cluster(daemon: NarsuiteService) -> Table:
     return Table(cols, rows, title=f"store {be.where}: {health}")
 
 
+def _adopt(daemon: NarsuiteService, node: str | None = None) -> Table:
+    """Carry on the SAs another node sealed (keepalived's notify_master runs this on the new active)."""
+    sealer = getattr(daemon, "sealer", None)
+    if sealer is None:
+        raise CommandError("nothing to adopt: needs store.backend = \"redis\" and cluster.key_file")
+    done = sealer.adopt(node, daemon.config.cluster.seq_margin)
+    return Table(("kind", "adopted"), tuple(sorted(done.items())), title=f"adopted from {node or 'every other node'}")
+
+
 def _help(daemon: NarsuiteService) -> Table:
     rows = tuple((c.usage(), c.help) for c in daemon.commands.commands())
     return Table(("command", "what it does"), rows)
@@ -204,6 +213,7 @@ def platform_commands() -> list[Command]:
         Command("show", "one record by its key (as `list` prints it)", _show, args=("kind", "key")),
         Command("pools", "address pools and their usage", _pools),
         Command("cluster", "nodes sharing the store, their roles, the leader and the store's health", _cluster),
+        Command("cluster adopt", "carry on the SAs another node sealed (after it died)", _adopt, optional=("node",)),
         Command("udp", "the shared UDP ports' counters (per handler, short, unclaimed, handler errors)", _udp),
         Command("help", "the commands this daemon answers", _help),
     ]

@@ -93,15 +93,17 @@ class Sealed:
 SEALED = KindSpec(
     name="cluster.sealed",
     record=Sealed,
-    key=lambda r: (r.kind, r.key),
+    # one twin per node: a standby that touches a record it heard of (a peer's activity) keeps
+    # its own twin and must not overwrite the one of the node that owns it
+    key=lambda r: (r.node, r.kind, r.key),
     indexes=(Index("node", lambda r: r.node, unique=False),),
     columns=("kind", "key", "node"),
     description="records a standby needs (SAs with their keys), sealed with AES-256-GCM under the cluster key",
 )
 
 
-def _aad(kind: str, key: str) -> bytes:
-    return f"narsuite sealed {kind} {key}".encode()
+def _aad(node: str, kind: str, key: str) -> bytes:
+    return f"narsuite sealed {node} {kind} {key}".encode()
 
 
 def dump_all(spec: KindSpec, record: Any) -> bytes:
@@ -150,14 +152,14 @@ class Sealer:
         spec = self.store.kind(change.kind)
         ktext = key_text(change.key)
         if change.op == "put":
-            blob = self.key.seal(dump_all(spec, change.record), _aad(spec.name, ktext))
+            blob = self.key.seal(dump_all(spec, change.record), _aad(self.node_id, spec.name, ktext))
             expires = self.store.expires(spec.name, change.key)
             now = self.store.clock.seconds()
             ttl = self.max_age if expires is None else max(0.001, expires - now)
             d = self.store.put(Sealed(spec.name, ktext, self.node_id, blob), owner=self.owner, ttl=ttl)
             self.stats["sealed"] += 1
         else:
-            d = self.store.delete(SEALED.name, (spec.name, ktext))
+            d = self.store.delete(SEALED.name, (self.node_id, spec.name, ktext))
 
         def failed(f: Any) -> None:
             self.stats["failed"] += 1
@@ -169,9 +171,53 @@ class Sealer:
     def open(self, sealed: Sealed) -> Any:
         """The record a sealed twin holds (SealError if it is not ours to open)."""
         spec = self.store.kind(sealed.kind)
-        record = load_all(spec, self.key.open(sealed.blob, _aad(sealed.kind, sealed.key)))
+        record = load_all(spec, self.key.open(sealed.blob, _aad(sealed.node, sealed.kind, sealed.key)))
         self.stats["unsealed"] += 1
         return record
+
+    def adopt(self, node: str | None = None, seq_margin: int = 1 << 24) -> dict[str, int]:
+        """Carry on what another node sealed (``node``, or every node but this one).
+
+        The twins' records go into this node's view under the owner ``cluster:adopted:<node>``
+        with the lifetime their twins had left: peers first (the esp role routes their inner
+        addresses), then SAs, an outbound SA's sequence number ``seq_margin`` ahead of where the
+        twin was sealed (the dead node sent an unknown number of packets since), an inbound
+        SA's SPI leased again to the adopter (the dead node's lease is reaped).  Putting them
+        seals them again as this node's twins.  Returns counts by kind (and ``failed``).
+        """
+        from narsuite.store.kinds import LEASE, Lease
+
+        twins = [t for t in self.store.records(SEALED.name)
+                 if t.node != self.node_id and (node is None or t.node == node)]
+        twins.sort(key=lambda t: (t.kind != "esp.peer", t.kind, t.key))
+        now = self.store.clock.seconds()
+        done: dict[str, int] = {}
+
+        def failed(f: Any, what: str) -> None:
+            self.stats["failed"] += 1
+            log.warn("cluster: adopting {what} failed: {e}", what=what, e=f.getErrorMessage())
+
+        for t in twins:
+            try:
+                record = self.open(t)
+            except SealError as e:
+                self.stats["failed"] += 1
+                done["failed"] = done.get("failed", 0) + 1
+                log.warn("cluster: cannot adopt {kind} {key} of {node}: {e}", kind=t.kind, key=t.key,
+                         node=t.node, e=str(e))
+                continue
+            if getattr(record, "direction", None) == "out" and hasattr(record, "seq_start"):
+                record = attrs.evolve(record, seq_start=record.seq_start + seq_margin)
+            expires = self.store.expires(SEALED.name, (t.node, t.kind, t.key))
+            ttl = None if expires is None else max(0.001, expires - now)
+            owner = f"cluster:adopted:{t.node}"
+            self.store.put(record, kind=t.kind, owner=owner, ttl=ttl).addErrback(failed, f"{t.kind} {t.key}")
+            if getattr(record, "direction", None) == "in" and hasattr(record, "spi"):
+                self.store.put(Lease("spi", record.spi, owner), kind=LEASE.name, owner=owner, ttl=ttl).addErrback(
+                    failed, f"the SPI lease {record.spi:#x}")
+            done[t.kind] = done.get(t.kind, 0) + 1
+        log.info("cluster: adopted {done} from {node}", done=done, node=node or "the other nodes")
+        return done
 
     def sealed_of(self, node: str) -> list[Sealed]:
         """The sealed twins a node left (a standby adopts these after the node died)."""
