@@ -100,3 +100,58 @@ def test_sealer_keeps_twins_no_key_material_reaches_the_backend_and_a_standby_op
     # the twin follows its record: deleted with it (drop_owner, expiry, delete)
     st.drop_owner("ike:child:x")
     assert st.count(SEALED.name) == 0 and backend.rows[-1].kind == "cluster.sealed" and backend.rows[-1].data is None
+
+
+@attrs.frozen
+class OutSa:
+    spi: int
+    direction: str
+    peer: str
+    enc_key: bytes = secret(default=b"")
+    seq_start: int = 0
+
+
+OUT = KindSpec("t.osa", OutSa, key=lambda r: (r.direction, r.spi), persist=False)
+
+
+def test_adopt_puts_the_dead_nodes_records_moves_sequence_numbers_and_releases_nothing_twice() -> None:
+    """What `narctl cluster adopt` does on the standby: the other node's twins become records of
+    this node (owner cluster:adopted:<node>), outbound ones seq_margin ahead, inbound SPIs leased to
+    the adopter; its own twins and twins it cannot open are left alone (counted)."""
+    from narsuite.store import LEASE
+
+    key = ClusterKey(os.urandom(32))
+    shared = Capture()  # both "nodes" see one store here: the view is what matters
+    clock = Clock()
+    clock.advance(1000)
+    st = Store(shared, clock, node_id="gw1")
+    st.register(OUT)
+    active = Sealer(st, key, "gw1", [OUT.name])
+    st.open()
+    st.put(OutSa(0x1111, "in", "alice", b"k" * 16), owner="ike:child:a", ttl=600)
+    st.put(OutSa(0x2222, "out", "alice", b"o" * 16, seq_start=5), owner="ike:child:a", ttl=600)
+    twins = list(st.records(SEALED.name))
+    assert len(twins) == 2
+    # the active dies: its view is gone; the standby shares the twins
+    standby = Store(MemoryBackend(), clock, node_id="gw2")
+    standby.register(OUT)
+    sb = Sealer(standby, key, "gw2", [OUT.name])
+    standby.open()
+    for t in twins:  # as the shared store hands them over: with their lifetimes
+        standby.put(t, owner="cluster:sealed:gw1",
+                    ttl=st.expires(SEALED.name, (t.node, t.kind, t.key)) - clock.seconds())
+    bogus = twins[0].__class__("t.osa", '"x"', "gw9", b"\x01" + b"\x00" * 40)
+    standby.put(bogus, owner="cluster:sealed:gw9")
+    clock.advance(100)
+    done = sb.adopt(seq_margin=1 << 20)
+    assert done == {"t.osa": 2, "failed": 1}
+    out = standby.get(OUT.name, ("out", 0x2222))
+    assert out.seq_start == 5 + (1 << 20) and out.enc_key == b"o" * 16
+    assert standby.owner_of(OUT.name, ("in", 0x1111)) == "cluster:adopted:gw1"
+    assert standby.expires(OUT.name, ("in", 0x1111)) - clock.seconds() == pytest.approx(500)  # what was left
+    assert standby.holds("spi", 0x1111) == "cluster:adopted:gw1"
+    # adopted records are sealed again, as the standby's own twins
+    assert {t.node for t in standby.records(SEALED.name)} == {"gw2", "gw9"}  # gw1's consumed
+    assert sb.adopt() == {"failed": 1}  # adopted once: a second adopt does not restart the numbers
+    assert standby.get(OUT.name, ("out", 0x2222)).seq_start == 5 + (1 << 20)
+    active.close()

@@ -183,7 +183,8 @@ class Sealer:
         addresses), then SAs, an outbound SA's sequence number ``seq_margin`` ahead of where the
         twin was sealed (the dead node sent an unknown number of packets since), an inbound
         SA's SPI leased again to the adopter (the dead node's lease is reaped).  Putting them
-        seals them again as this node's twins.  Returns counts by kind (and ``failed``).
+        seals them again as this node's twins; the adopted twins are deleted (adopted once).
+        Returns counts by kind (and ``failed``).
         """
         from narsuite.store.kinds import LEASE, Lease
 
@@ -212,6 +213,8 @@ class Sealer:
             ttl = None if expires is None else max(0.001, expires - now)
             owner = f"cluster:adopted:{t.node}"
             self.store.put(record, kind=t.kind, owner=owner, ttl=ttl).addErrback(failed, f"{t.kind} {t.key}")
+            # consumed: adopting twice (keepalived flapping) must not restart the sequence numbers
+            self.store.delete(SEALED.name, (t.node, t.kind, t.key)).addErrback(failed, f"the twin of {t.key}")
             if getattr(record, "direction", None) == "in" and hasattr(record, "spi"):
                 self.store.put(Lease("spi", record.spi, owner), kind=LEASE.name, owner=owner, ttl=ttl).addErrback(
                     failed, f"the SPI lease {record.spi:#x}")
