@@ -118,7 +118,6 @@ def test_adopt_puts_the_dead_nodes_records_moves_sequence_numbers_and_releases_n
     """What `narctl cluster adopt` does on the standby: the other node's twins become records of
     this node (owner cluster:adopted:<node>), outbound ones seq_margin ahead, inbound SPIs leased to
     the adopter; its own twins and twins it cannot open are left alone (counted)."""
-    from narsuite.store import LEASE
 
     key = ClusterKey(os.urandom(32))
     shared = Capture()  # both "nodes" see one store here: the view is what matters
