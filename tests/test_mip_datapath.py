@@ -129,3 +129,35 @@ def test_home_agent_tunnel_two_box_goes_to_the_gateway_next_hop() -> None:
     assert r.raw == [(inner, GW)] and r.tun == []
     r.dp.raw_received(bytes(IP(src="10.2.0.66", dst=PRIV, proto=4) / Raw(inner)), "10.2.0.66")
     assert r.drops() == {"drop_not_from_home_agent": 1}
+
+
+def test_binding_rules_go_through_policy_routes_not_a_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binding's policy rules follow a store callback on the reactor thread: they must be
+    handed to the netlink worker (numeric protocols, no /etc/protocols), never run as
+    `ip rule` child processes there; and they go when the last binding of the home goes."""
+    import subprocess
+
+    from narsuite.packet.policyroute import Rule
+
+    def no_subprocess(*a, **kw):
+        raise AssertionError(f"subprocess on the reactor thread: {a}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    r = Rig()
+    changes: list[tuple[list, list]] = []
+
+    class Policy:
+        def change(self, remove=(), add=(), default_route=None):
+            changes.append((list(remove), list(add)))
+
+    r.dp.tun = object()  # started (the rules need the TUN's table)
+    r.dp._policy = Policy()
+    r.bind()
+    table = r.dp.cfg.route_table
+    expected = [Rule(900, f"{HOME}/32", table, 50), Rule(900, f"{HOME}/32", table, 17, 500),
+                Rule(900, f"{HOME}/32", table, 17, 4500)]
+    assert changes == [([], expected)]
+    r.bind()  # a re-registration: nothing new
+    assert len(changes) == 1
+    r.store.delete(BINDING.name, (HOME, COA))
+    assert changes[-1] == (expected, [])

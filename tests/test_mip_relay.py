@@ -302,3 +302,27 @@ def test_location_detection_by_interface_2_6_1() -> None:
     assert len(r.to_ha) == 2
     with pytest.raises(ConfigError, match="mipproxy.internal_interfaces"):
         config('location_detection = "interface"\n')
+
+
+def test_an_accepting_reply_waits_until_the_data_path_carries_the_home_address() -> None:
+    """The MN's first packets follow the reply at once: the reply goes out only when the data
+    path says the home address's policy rules are in (a denial goes out at once)."""
+    from twisted.internet import defer
+
+    r = Rig()
+    asked: list[str] = []
+    ready: defer.Deferred = defer.Deferred()
+
+    def before_reply(home: str) -> defer.Deferred:
+        asked.append(home)
+        return ready
+
+    r.relay.before_reply = before_reply
+    r.request()
+    r.ha_reply()
+    assert asked == [HOME] and r.to_mn == []          # held
+    assert r.store.get(BINDING.name, (HOME, COA)) is not None
+    ready.callback(None)
+    assert r.last_reply()["code"] == 0 and r.last_reply()["auth_ok"]
+    r.request(ident=1)  # a stale identification: denied 133, not held
+    assert r.last_reply()["code"] == 133 and asked == [HOME]

@@ -31,9 +31,12 @@ import socket
 import subprocess
 from typing import Any
 
+from twisted.internet import defer
+
 from narsuite.logs import Aggregator, logger
 from narsuite.mipproxy.records import BINDING
 from narsuite.packet import codec
+from narsuite.packet.policyroute import PolicyRoutes, Rule
 
 __all__ = ["DataPath", "UDP_TUNNEL_HEADER"]
 
@@ -44,7 +47,7 @@ UDP_TUNNEL_HEADER = b"\x04\x04\x00\x00"
 _IKE_PORTS = (500, 4500)
 #: Before the esp role's rules (1000/1001), which keep ESP and IKE to a peer in the main
 #: table: for a bound home address those must come to us first (one-box).
-_RULE_PRIORITY = "900"
+_RULE_PRIORITY = 900
 
 
 class DataPath:
@@ -77,7 +80,11 @@ class DataPath:
         self.tun_write: Any = None
         self.send_raw: Any = None
         self._raw: list[Any] = []
-        self._rules: dict[str, list[list[str]]] = {}
+        self._rules: dict[str, list[Rule]] = {}
+        #: ``ip rule`` changes, made with pyroute2 in a worker thread one after another:
+        #: they follow bindings from a store callback, on the reactor thread.
+        self._policy: PolicyRoutes | None = None
+        self._installing: dict[str, defer.Deferred] = {}  # home -> its rules' change, until done
         #: home address (4 bytes) -> its bindings: one dict lookup per packet instead of a
         #: store index walk and an address conversion.  Filled on use (only for addresses
         #: that have bindings, so junk cannot grow it), emptied on every binding change.
@@ -110,22 +117,27 @@ class DataPath:
                 self._run(route)
         else:
             self._run(route)
+        self._policy = PolicyRoutes(reactor=self.clock)
         for b in self.store.records(BINDING.name):
             self._route_home(b.home_address)
 
     def stop(self) -> Any:
         self._droplog.stop()
-        for home in list(self._rules):
-            self._unroute_home(home)
-        self._run(["ip", "route", "flush", "table", str(self.cfg.route_table)])
-        for port in self._raw:
-            port.stop()
-        self._raw = []
-        if self.tun is not None:
-            d = self.tun.stop()
-            self.tun = None
-            return d
-        return None
+        rules = [r for home in list(self._rules) for r in self._rules.pop(home)]
+        done = self._policy.change(remove=rules) if self._policy is not None and rules else defer.succeed(None)
+
+        def rest(_: object) -> Any:
+            self._run(["ip", "route", "flush", "table", str(self.cfg.route_table)])
+            for port in self._raw:
+                port.stop()
+            self._raw = []
+            if self.tun is not None:
+                d = self.tun.stop()
+                self.tun = None
+                return d
+            return None
+
+        return done.addCallback(rest)
 
     def _run(self, cmd: list[str], quiet: bool = False) -> bool:
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -136,19 +148,40 @@ class DataPath:
     # ------------------------------------------------------------------ routing
     def _route_home(self, home: str) -> None:
         """The gateway's ESP and IKE for ``home`` go into our TUN (table route_table)."""
-        if home in self._rules or self.tun is None:
+        if home in self._rules or self.tun is None or self._policy is None:
             return
-        to = ["priority", _RULE_PRIORITY, "to", f"{home}/32"]
-        table = ["lookup", str(self.cfg.route_table)]
-        rules = [[*to, "ipproto", "50", *table]]
-        rules += [[*to, "ipproto", "udp", "sport", str(p), *table] for p in _IKE_PORTS]
-        for r in rules:
-            self._run(["ip", "rule", "add", *r])
+        to, table = f"{home}/32", self.cfg.route_table
+        rules = [Rule(_RULE_PRIORITY, to, table, socket.IPPROTO_ESP)]
+        rules += [Rule(_RULE_PRIORITY, to, table, socket.IPPROTO_UDP, p) for p in _IKE_PORTS]
         self._rules[home] = rules
+        done = self._policy.change(add=rules)
+        self._installing[home] = done
+
+        def installed(result: object) -> object:
+            if self._installing.get(home) is done:
+                del self._installing[home]
+            return result
+
+        done.addBoth(installed)
+
+    def routed(self, home: str) -> defer.Deferred:
+        """Fires once ``home``'s policy rules are installed (at once when nothing is pending)."""
+        done = self._installing.get(home)
+        if done is None:
+            return defer.succeed(None)
+        ready: defer.Deferred = defer.Deferred()
+
+        def fire(result: object) -> object:
+            ready.callback(None)
+            return result
+
+        done.addBoth(fire)
+        return ready
 
     def _unroute_home(self, home: str) -> None:
-        for r in self._rules.pop(home, []):
-            self._run(["ip", "rule", "del", *r])
+        rules = self._rules.pop(home, [])
+        if rules and self._policy is not None:
+            self._policy.change(remove=rules)
 
     def _bindings(self, home: bytes) -> tuple[Any, ...]:
         found = self._by_home.get(home)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 
 from narsuite.logs import Aggregator, logger
 from narsuite.mipproxy import wire
@@ -160,6 +161,10 @@ class RegistrationRelay:
         #: Bad input and denials are logged through aggregators: an attacker sending
         #: unauthenticated requests gets its 131s counted, not one log line each.
         self._droplog = Aggregator(log, "mipproxy: dropped", clock=clock)
+        #: Set by the service when the data path runs: a Deferred that fires once the data
+        #: path can carry a home address's traffic (its policy rules are in).  An accepting
+        #: reply waits for it, so the MN's first packets never meet a half-built path.
+        self.before_reply: Callable[[str], defer.Deferred] | None = None
         self._denylog = Aggregator(log, "mipproxy: denied", clock=clock)
         #: SPI -> the last identification accepted (RFC 5944 5.7); after a restart the
         #: identifications of the persisted bindings are the floor.
@@ -479,7 +484,12 @@ class RegistrationRelay:
         log.debug("mipproxy: {home} via {coa}: home agent {ha} answered {code}, relayed {out} "
                   "lifetime {life}", home=reply.home_address, coa=pending.care_of_address,
                  ha=pending.home_agent, code=reply.code, out=code, life=reply.lifetime)
-        self._send(self.send_public, out, (pending.src_ip, pending.src_port))
+        dst = (pending.src_ip, pending.src_port)
+        if code < 64 and reply.lifetime and self.before_reply is not None:
+            self.before_reply(reply.home_address).addCallback(
+                lambda _: self._send(self.send_public, out, dst))
+        else:
+            self._send(self.send_public, out, dst)
 
     def _bind(self, reply: wire.RegistrationReply, pending: Pending, code: int) -> bool:
         """Record the binding (2.6.6) before the reply goes out; False: cannot serve the MN."""

@@ -62,6 +62,7 @@ class MipProxyService(service.Service):
             self.datapath = DataPath(cfg, ctx.store, ctx.reactor, metrics=ctx.metrics,
                                      send_udp=self.public.write)
             self.public.add_handler("mip-tunnel", is_tunnel_data, self.datapath.udp_received)
+            self.relay.before_reply = self.datapath.routed
         self.icmp: Any = None
         self._unsubscribe: Any = None
         ctx.namespace.update(service=self, relay=self.relay, datapath=self.datapath)
