@@ -38,8 +38,7 @@ APT_PACKAGES=(
   redis-server              # the shared store ([store] backend = "redis") and its tests
   redis-sentinel            # Redis primary failover in the cluster tests
   keepalived                # VRRP: the gateway address follows a live node (cluster failover tests)
-  libldns3 libevent-pthreads-2.1-7  # what Libreswan's pluto links against (pluto itself: below)
-  libnss3-tools             # certutil: pluto's NSS database
+  libnss3-tools             # certutil: Libreswan's NSS database (pluto itself and its libraries: below)
 )
 # A machine without /etc/hosts (a debootstrap root, some containers) gets the standard one:
 # `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over it, and fails when it is absent.
@@ -60,11 +59,17 @@ fi
 # Libreswan 4.10, the second independent IKEv2 peer of the lab (tests/test_ikev2_lab.py): it
 # conflicts with strongSwan in apt, so its .deb is unpacked into /opt/libreswan and pluto runs
 # from there (narsuite/lab/libreswan.py binds it over /usr/libexec in a private mount namespace).
+# The libraries pluto links against are the lib* packages of the .deb's own Depends (read
+# from it, so a new Libreswan build brings its own list): installed, they conflict with nothing.
 LIBRESWAN=${NARSUITE_LIBRESWAN:-/opt/libreswan}
-if [ ! -x "$LIBRESWAN/usr/libexec/ipsec/pluto" ]; then
+if [ ! -x "$LIBRESWAN/usr/libexec/ipsec/pluto" ] || [ ! -e "$LIBRESWAN/.libraries-installed" ]; then
   tmp=$(mktemp -d)
-  (cd "$tmp" && apt-get download -qq libreswan 2>/dev/null && dpkg-deb -x libreswan_*.deb "$LIBRESWAN")
+  (cd "$tmp" && apt-get download -qq libreswan && dpkg-deb -x libreswan_*.deb "$LIBRESWAN" \
+     && dpkg-deb -f libreswan_*.deb Depends >depends)
+  mapfile -t libs < <(tr ',' '\n' <"$tmp/depends" | sed -E 's/\|.*//; s/\(.*\)//; s/[[:space:]]//g' | grep '^lib')
   rm -rf "$tmp"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${libs[@]}" >/dev/null
+  touch "$LIBRESWAN/.libraries-installed"
 fi
 
 # The interpreter the venv is built from: $PYTHON, else python3 on PATH (Debian's
