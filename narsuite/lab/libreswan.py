@@ -42,7 +42,8 @@ def libreswan_unavailable_reason(root: Path = LIBRESWAN_ROOT) -> str | None:
     out = subprocess.run(["ldd", str(pluto)], capture_output=True, text=True).stdout
     missing = [line.split()[0] for line in out.splitlines() if "not found" in line]
     if missing:
-        return f"pluto needs {', '.join(missing)} (scripts/setup.sh installs the lib* packages of the libreswan .deb's Depends)"
+        return (f"pluto needs {', '.join(missing)} "
+                "(scripts/setup.sh installs the lib* packages of the libreswan .deb's Depends)")
     return None
 
 
