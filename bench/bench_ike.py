@@ -275,7 +275,7 @@ def setup_narsuite(lab: Lab, args: argparse.Namespace, workdir: Path) -> Respond
         from narsuite.lab.redis import RedisServer
 
         redis_server = RedisServer(6379, prefix=["ip", "netns", "exec", g.netns]).start()
-        store_extra = f'[store.redis]\nurl = "redis://127.0.0.1:6379"\n[cluster]\nnode_id = "bench"\n'
+        store_extra = '[store.redis]\nurl = "redis://127.0.0.1:6379"\n[cluster]\nnode_id = "bench"\n'
     cfg.write_text(NARSUITE_CONF.format(workdir=home, store=args.narsuite_store, log=args.narsuite_log,
                                         psk=args.psk, client_net=args.client_net, store_extra=store_extra))
     daemon = NarsuiteDaemon(g, cfg, roles=args.narsuite_roles).start()

@@ -212,7 +212,8 @@ def test_real_client_connects_within_2s_during_a_spoofed_mm1_flood(need_strongsw
     cpu = (cpu_seconds(g) - cpu0) / 8.0  # the flood's last ~8 s
     report = json.loads(out.strip().splitlines()[-1])
     print(f"\nflood {report}; client connected (Main Mode + Quick Mode) in {took:.2f} s; "
-          f"gateway CPU {cpu:.0%} of one core during the flood; ike stats before/at connect: cookie_sent {before.get('cookie_sent')}/{during.get('cookie_sent')}")
+          f"gateway CPU {cpu:.0%} of one core during the flood; ike stats before/at connect: "
+          f"cookie_sent {before.get('cookie_sent')}/{during.get('cookie_sent')}")
     assert report["rate"] >= 900 and report["sources"] == 240
     assert took < 2.0, took
     after = ike_stats(g)

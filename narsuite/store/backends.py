@@ -68,7 +68,8 @@ class Write:
     #: the record's owner; for a delete, the owner the writer saw (a shared backend deletes
     #: only if the stored record still has it: another node may have re-taken the key)
     owner: str | None
-    #: "" (a write; "insert": the key must be new), "expired" (the lifetime lapsed: a backend with its own expiry skips it),
+    #: "" (a write; "insert": the key must be new), "expired" (the lifetime lapsed: a backend
+    #: with its own expiry skips it),
     #: "touch" (only the lifetime changed: a shared backend must not resurrect a deleted record)
     reason: str = ""
     #: the writer's owner is declared volatile (lives only in its process): reaped with its node
