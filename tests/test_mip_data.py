@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_mip_lab import PEER, capture, mn, proxy_config, start_ha
+from test_mip_lab import PEER, capture, mn, proxy_config, start_ha, stop_capture
 
 from narsuite.lab.daemon import NarsuiteDaemon
 from narsuite.lab.topologies import mip_topology
@@ -81,7 +81,7 @@ def test_udp_tunnelling_behind_a_nat_both_ways(mip_topo, tmp_path):
         s = stats(d)
         assert s["data.mn_to_gateway"] == 5 and s["data.gateway_to_mn"] == 5
     finally:
-        t.mipp.stop(cap)
+        stop_capture(t.mipp, cap)
         d.terminate()
         t.ha.stop(ha)
         t.cn.stop(gw)
@@ -135,7 +135,7 @@ def test_ip_in_ip_and_gre_tunnels_and_the_5_3_checks(direct, tmp_path, flags):
         assert s["data.drop_no_binding"] == 1
         assert len(gw_log(glog)) == 3
     finally:
-        t.mipp.stop(cap)
+        stop_capture(t.mipp, cap)
         d.terminate()
         t.ha.stop(ha)
         t.cn.stop(gw)
@@ -184,7 +184,7 @@ def test_home_agent_tunnel_reaches_the_gateway_at_layer_2(direct, tmp_path):
         s = stats(d)
         assert s["data.ha_to_gateway"] == 2 and s["data.drop_not_from_home_agent"] == 1, s
     finally:
-        t.cn.stop(cap)
+        stop_capture(t.cn, cap)
         d.terminate()
         t.ha.stop(ha)
     out = t.cn.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "ip.src", "-e", "ip.dst",

@@ -119,6 +119,15 @@ def capture(host, tmp: Path, ifaces: tuple[str, ...]):
     return proc, pcap
 
 
+def stop_capture(host, proc) -> None:
+    """Stop dumpcap once what it has seen is on disk.  libpcap hands packets over a block at a
+    time (a block is delivered when full or when its timeout, up to a second, expires), and
+    a dumpcap stopped right after the last packet loses the block in flight: under load
+    that was the last exchanges of a test, and a frame count came out short."""
+    time.sleep(1.2)
+    host.stop(proc)
+
+
 def tshark_check(host, pcap: Path) -> list[str]:
     """Every Mobile IP message dissected; none malformed.  Returns the frames' protocols."""
     out = host.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.protocols",
@@ -178,7 +187,7 @@ def test_registration_relayed_as_draft_271_and_reply_relayed(direct, tmp_path):
         assert 'narsuite_mipproxy_events_total{event="requests_relayed"} 2.0' in metrics
     finally:
         d.terminate()
-        t.mipp.stop(cap)
+        stop_capture(t.mipp, cap)
         t.ha.stop(ha)
     lines = tshark_check(t.mipp, pcap)
     assert sum("mip" in line.split("\t")[0] for line in lines) == 8, lines
@@ -240,7 +249,7 @@ def test_every_denial_code_200_to_206(direct, tmp_path):
         for c in range(200, 207):
             assert any(k.startswith(f"denied.{c}.") for k in stats), (c, stats)
     finally:
-        t.mipp.stop(cap)
+        stop_capture(t.mipp, cap)
         d.terminate()
         for p in procs:
             t.ha.stop(p)
@@ -296,7 +305,7 @@ def test_unreachable_home_agent_gives_202_from_a_real_icmp_error(direct, tmp_pat
         stats = {r["counter"]: r["value"] for r in d.rows("mip", "stats")}
         assert stats["icmp_errors"] == 1
     finally:
-        t.mipp.stop(cap)
+        stop_capture(t.mipp, cap)
         d.terminate()
     icmp = t.mipp.run(["tshark", "-r", str(pcap), "-Y", "icmp.type == 3 && icmp.code == 3",
                        "-T", "fields", "-e", "ip.src"]).stdout.split()
