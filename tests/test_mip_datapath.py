@@ -159,5 +159,11 @@ def test_binding_rules_go_through_policy_routes_not_a_subprocess(monkeypatch: py
     assert changes == [([], expected)]
     r.bind()  # a re-registration: nothing new
     assert len(changes) == 1
+    # a move: the old binding goes and the new one comes in the same turn -- the rules stay
     r.store.delete(BINDING.name, (HOME, COA))
+    r.store.put(Binding(HOME, "192.168.20.20", HA, 2, 600, 4096, "192.168.20.20", 0), ttl=600)
+    r.clock.advance(0)
+    assert len(changes) == 1
+    r.store.delete(BINDING.name, (HOME, "192.168.20.20"))  # the last binding of the home
+    r.clock.advance(0)
     assert changes[-1] == (expected, [])

@@ -200,6 +200,12 @@ class DataPath:
         if change.op == "put":
             self._route_home(home)
         elif not self.store.lookup_all(BINDING.name, "home", home):
+            # Decided a turn later: a move deletes the old binding before it puts the new one,
+            # and the rules must not be taken down and built again under the MN's traffic.
+            self.clock.callLater(0, self._unroute_if_unbound, home)
+
+    def _unroute_if_unbound(self, home: str) -> None:
+        if not self.store.lookup_all(BINDING.name, "home", home):
             self._unroute_home(home)
 
     # ------------------------------------------------------------- per packet
