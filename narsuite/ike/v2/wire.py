@@ -27,7 +27,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -261,18 +261,8 @@ class Unknown:
 Payload = (SA | KE | IDi | IDr | Cert | CertReq | Auth | Nonce | Notify | Delete | VendorID | TSi | TSr | SK | SKF
            | CP | EAP | Unknown)
 
-P = TypeVar("P")
-
-
-def find(payloads: Iterable[Any], cls: type[P]) -> P | None:
-    for p in payloads:
-        if isinstance(p, cls):
-            return p
-    return None
-
-
-def find_all(payloads: Iterable[Any], cls: type[P]) -> list[P]:
-    return [p for p in payloads if isinstance(p, cls)]
+# The payload lookups are IKEv1's (they only test classes): one copy for both versions.
+from narsuite.ike.isakmp import find, find_all  # noqa: E402
 
 
 def notifies(payloads: Iterable[Any]) -> dict[int, Notify]:
