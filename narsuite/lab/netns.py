@@ -678,6 +678,20 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def scripts_on_path() -> None:
+    """Put the directory of the running interpreter first on PATH.
+
+    The console scripts a lab runs in its namespaces (twistd, narctl, narsuite-lab) live
+    beside the interpreter -- in a virtual environment that is not on PATH unless activated,
+    and the README runs ``.venv/bin/python -m pytest`` (and the benches run as
+    ``.venv/bin/python bench/...``) without activating it.
+    """
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
 class Lab:
     """A set of namespaces, links and switches that is always torn down.
 
@@ -707,6 +721,7 @@ class Lab:
             if not any(n.startswith(stem) for n in existing):
                 break
         self.stem = stem
+        scripts_on_path()
         _install_hooks()
         with _LIVE_LOCK:
             _LIVE_LABS.append(self)

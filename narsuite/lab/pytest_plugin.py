@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import pytest
 
-from .netns import Lab, LabError, lab_unavailable_reason
+from .netns import Lab, LabError, lab_unavailable_reason, scripts_on_path
 from .strongswan import strongswan_unavailable_reason
 from .topologies import mip_topology, nar_topology, remote_access_topology
 
@@ -67,13 +66,8 @@ def need_module(name: str) -> None:
 
 
 def pytest_configure(config):
-    # The console scripts (twistd, narctl, narsuite-lab) live beside the interpreter running
-    # the tests -- in a virtual environment that is not on PATH unless activated, and the
-    # README runs ``.venv/bin/python -m pytest`` without activating it.
-    bindir = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
-    if bindir not in path.split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + path
+    # (tests that run console scripts without a Lab need them on PATH too)
+    scripts_on_path()
     config.addinivalue_line(
         "markers", "lab: needs root, network namespaces and nftables (the network lab)")
 
