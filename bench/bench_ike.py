@@ -440,15 +440,17 @@ def _fmt(v: object, width: int) -> str:
     return f"{'-' if v is None else v:>{width}}"
 
 
-def print_summary(summary: list[dict], args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
+def print_summary(summary: list[dict], args: argparse.Namespace, out: TextIO = sys.stdout,
+                  exchange: str = "MM+QM", suite: str = "aes128-sha1") -> None:
+    """The summary table; ``exchange`` names what one completed unit is (bench_ikev2: INIT+AUTH)."""
     def say(text: str) -> None:
         print(text, file=out, flush=True)
 
-    say(f"\nMM+QM per second, PSK, aes128-sha1; medians of {args.repeat} run(s) of {args.seconds:g} s "
+    say(f"\n{exchange} per second, PSK, {suite}; medians of {args.repeat} run(s) of {args.seconds:g} s "
           f"(+{args.warmup:g} s warm-up), {args.workers}x{args.concurrency} in flight, {os.cpu_count()} CPUs "
           f"shared by load generator and responder")
-    head = (f"{'group':<9} {'responder':<11} {'MM+QM/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
-            f"{'resp CPU':>8} {'CPU ms/ex':>9} {'gen CPU':>7} {'other':>5} {'fail':>5} {'tmo':>4}  runs (MM+QM/s)")
+    head = (f"{'group':<9} {'responder':<11} {exchange + '/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+            f"{'resp CPU':>8} {'CPU ms/ex':>9} {'gen CPU':>7} {'other':>5} {'fail':>5} {'tmo':>4}  runs ({exchange}/s)")
     say(head)
     say("-" * len(head))
     for s in summary:
@@ -471,7 +473,7 @@ def print_summary(summary: list[dict], args: argparse.Namespace, out: TextIO = s
     for d in dict.fromkeys(s["description"] for s in summary):
         say(f"  {d}")
     say("  resp CPU / gen CPU / other: cores busy with the responder, the load generator, and anything else "
-          "(other users, softirqs); CPU ms/ex: responder CPU per completed MM+QM")
+          f"(other users, softirqs); CPU ms/ex: responder CPU per completed {exchange}")
 
 
 def main(argv: list[str] | None = None) -> int:

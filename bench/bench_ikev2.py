@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"settings": vars(args) | {"cpus": os.cpu_count()}, "runs": runs, "summary": summary},
                          indent=2, default=str))
-    B.print_summary(summary, args, out)
+    B.print_summary(summary, args, out, exchange="INIT+AUTH", suite="aes128-sha256")
     return 0
 
 
