@@ -56,13 +56,13 @@ def test_static_peers_lease_and_release_their_pool_address():
 
 
 def test_address_outside_the_free_pool_is_refused():
-    svc, store, _ = make(peer("r1", 0x1001, pool="ra", address="10.8.0.2")
-                         + peer("r2", 0x1002, pool="ra", address="10.8.0.2"))
-    svc._install_static(svc.cfg.peers[0])
+    svc, store, _ = make(peer("r2", 0x1002, pool="ra", address="10.8.0.2"))
+    # someone else (an IKE client's lease) holds the address the static peer names
+    store.lease_address("ra", "ike:sa:other", prefer=ipaddress.IPv4Address("10.8.0.2"))
     failures = []
-    svc._install_static(svc.cfg.peers[1]).addErrback(failures.append)
+    svc._install_static(svc.cfg.peers[0]).addErrback(failures.append)
     assert failures and "not free in pool ra" in str(failures[0].value)
-    assert [p.name for p in store.records("esp.peer")] == ["r1"]
+    assert list(store.records("esp.peer")) == []
 
 
 def test_sequence_exhaustion_raises_a_rekey_event_in_the_store():
@@ -154,3 +154,39 @@ def test_static_peer_installs_again_after_a_restart_with_its_lease_on_disk(tmp_p
         assert store.holds("spi", 0x1001) == "esp:peer:r1"
         assert {(sa.direction, sa.spi) for sa in store.records("esp.sa")} == {("in", 0x1001), ("out", 0x2001)}
         store.backend._db.close()
+
+
+def test_static_tunnel_peers_with_overlapping_spaces_are_a_config_error():
+    """002 §5.1 for static peers: the error names the second peer's key."""
+    import pytest
+
+    with pytest.raises(cfgmod.ConfigError) as e:
+        cfgmod.loads("[esp]\n" + peer("a", 0x1001, policy="space", remote="198.51.100.1")
+                     + 'allowed = ["10.20.0.0/16"]\n'
+                     + peer("b", 0x1002, policy="space", remote="198.51.100.2")
+                     + 'allowed = ["10.30.0.0/16", "10.20.5.0/24"]\n')
+    assert e.value.key == "esp.peers[1].allowed"
+    assert "10.20.5.0/24 overlaps" in str(e.value) and "'a'" in str(e.value)
+    with pytest.raises(cfgmod.ConfigError) as e:
+        cfgmod.loads("[esp]\n" + peer("a", 0x1001, address="10.9.0.5") + peer("b", 0x1002, address="10.9.0.5"))
+    assert e.value.key == "esp.peers[1].address"
+    # disjoint spaces load
+    cfgmod.loads("[esp]\n" + peer("a", 0x1001, policy="space") + 'allowed = ["10.20.0.0/16"]\n'
+                 + peer("b", 0x1002, policy="space") + 'allowed = ["10.21.0.0/16"]\n')
+
+
+def test_static_tunnel_peer_overlapping_a_negotiated_peer_is_refused():
+    """A peer already in the store (here one the ike role negotiated) keeps its space; the
+    static peer is refused, counted, and writes nothing."""
+    from narsuite.esp.records import Peer
+
+    svc, store, _ = make(peer("static", 0x1001, policy="space", remote="198.51.100.1")
+                         + 'allowed = ["10.20.0.0/24"]\n')
+    store.put(Peer(name="ike-client", mode="tunnel", encap="udp", remote_ip="203.0.113.9", remote_port=4500,
+                   policy="space", allowed=("10.20.0.128/25",)), owner="ike:child:x")
+    failures = []
+    svc._install_static(svc.cfg.peers[0]).addErrback(failures.append)
+    assert failures and "overlap those of 'ike-client'" in str(failures[0].value)
+    assert [p.name for p in store.records("esp.peer")] == ["ike-client"]
+    assert store.holds("spi", 0x1001) is None
+    assert svc.engine.counters.values["tunnel_conflict"] == 1

@@ -122,7 +122,26 @@ class EspConfig:
             raise ConfigError(f"{key}.napt_ports", "expected [low, high] within 1..65535")
         names = set()
         spis = set()
+        inner: dict[str, str] = {}  # static inner address -> peer
+        spaces: list[tuple[str, ipaddress.IPv4Network]] = []
         for i, peer in enumerate(self.peers):
+            if peer.mode == "tunnel":
+                # 002 §5.1: two tunnel peers may not receive traffic for the same inner
+                # addresses (the esp role refuses the same thing from IKE at run time)
+                if peer.address and peer.address in inner:
+                    raise ConfigError(f"{key}.peers[{i}].address",
+                                      f"{peer.address} is already peer {inner[peer.address]!r}'s "
+                                      "inner address (002 §5.1); give each peer its own")
+                if peer.address:
+                    inner[peer.address] = peer.name
+                if peer.policy == "space":
+                    for net in peer.allowed:
+                        clash = next((o for o, n in spaces if n.overlaps(net)), None)
+                        if clash is not None:
+                            raise ConfigError(f"{key}.peers[{i}].allowed",
+                                              f"{net} overlaps the allowed networks of peer {clash!r} "
+                                              "(002 §5.1); make the spaces disjoint")
+                    spaces += [(peer.name, n) for n in peer.allowed]
             if peer.name in names:
                 raise ConfigError(f"{key}.peers[{i}].name", f"peer {peer.name!r} is defined twice")
             names.add(peer.name)

@@ -88,7 +88,7 @@ class Counters:
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "keepalives_rx", "keepalives_tx",
         "unknown_spi", "truncated", "replayed", "auth_failed", "bad_padding", "bad_inner",
         "policy_drop", "no_route", "napt_exhausted", "send_failed", "rekey_needed",
-        "seq_exhausted", "transport_conflict", "bad_next_header",
+        "seq_exhausted", "transport_conflict", "tunnel_conflict", "bad_next_header",
     )
 
     def __init__(self, metrics: Any = None) -> None:

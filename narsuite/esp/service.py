@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
+from narsuite import sadb
 from narsuite.esp.config import EspConfig, PeerConfig, hexbytes
 from narsuite.esp.engine import EspEngine
 from narsuite.esp.records import PEER, SA, SA_KIND, Peer, RekeyRequest
@@ -147,8 +148,7 @@ class EspService(service.Service):
             local_ip=pc.local_address, nat_oa_remote=pc.nat_oa_remote, nat_oa_local=pc.nat_oa_local,
             checksum=pc.checksum, selector_proto=pc.selector_proto, selector_port=pc.selector_port,
         )
-        if pc.mode == "transport":
-            self._check_transport_conflict(peer)
+        self._check_conflict(peer)
         yield self.store.put(peer, owner=f"esp:static:{pc.name}")
         integ = None if pc.integ == "none" else pc.integ
         window = self.cfg.replay_window
@@ -162,13 +162,21 @@ class EspService(service.Service):
                 yield self.store.claim("spi", spi, owner)
             yield self.store.put(sa, owner=owner)
 
-    def _check_transport_conflict(self, peer: Peer) -> None:
-        other = self.engine.transport_conflict(peer, peer.remote_ip)
-        if other is not None:
+    def _check_conflict(self, peer: Peer) -> None:
+        """002 §5: a static peer may not sit beside a peer already in the store (one the
+        ike role negotiated, another node's, a persisted one) that would take its traffic."""
+        other = sadb.conflict(self.store, peer)
+        if other is None:
+            return
+        if peer.mode == "transport":
             self.engine.counters.inc("transport_conflict")
             raise ValueError(
                 f"esp: transport peer {peer.name!r} refused: its traffic selector overlaps "
                 f"{other.name!r}, behind the same NAT address {peer.remote_ip} (002 §5.2)")
+        self.engine.counters.inc("tunnel_conflict")
+        raise ValueError(
+            f"esp: tunnel peer {peer.name!r} refused: its inner addresses overlap those of "
+            f"{other.name!r} (002 §5.1)")
 
     # ------------------------------------------------------------- routing
     def _route(self, network: str) -> None:
