@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 from narsuite.logs import logger
 from narsuite.packet.common import RateLimitedLog, as_callback, errno_names
+from narsuite.packet.rtnl import RouteSocket
 
 __all__ = [
     "IPacketSink",
@@ -127,10 +128,13 @@ class NetlinkConfigurator:
     dump, as costly as the route change itself (about 0.3 ms each here) -- is cached;
     a device removed and created again under the same name gets a new index, which
     the kernel's ENODEV reveals: the cache entry is dropped and the call made again.
+    Routes themselves go through :class:`~narsuite.packet.rtnl.RouteSocket` (a request
+    built with ``struct``): through pyroute2 each cost about 0.28 ms of CPU.
     """
 
     def __init__(self) -> None:
         self._ipr = None
+        self._routes = RouteSocket()
         self._indexes: dict[str, int] = {}
 
     @property
@@ -142,6 +146,7 @@ class NetlinkConfigurator:
         return self._ipr
 
     def close(self) -> None:
+        self._routes.close()
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
@@ -192,10 +197,10 @@ class NetlinkConfigurator:
 
     def add_route(self, name: str, dst: str) -> None:
         # "replace": routing a prefix into this device wins over a stale route.
-        self._on_link(name, lambda index: self.ipr.route("replace", dst=dst, oif=index))
+        self._on_link(name, lambda index: self._routes.replace(dst, index))
 
     def remove_route(self, name: str, dst: str) -> None:
-        self._on_link(name, lambda index: self.ipr.route("del", dst=dst, oif=index))
+        self._on_link(name, lambda index: self._routes.delete(dst, index))
 
 
 @implementer(IRawPacketProtocol)
