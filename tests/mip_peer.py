@@ -22,8 +22,9 @@ Commands (each prints JSON on stdout):
         reply, parsed and authenticated.  ``--replay`` sends the very same bytes a
         second time and prints that reply too.  ``--data N`` then sends N ESP packets
         from the home address to ``--gateway`` through the tunnel (RFC 3519 UDP tunnel
-        data with ``--udp-tunnel``, IP-in-IP or GRE on raw sockets otherwise) and reports
-        what comes back through the tunnel.
+        data with ``--udp-tunnel``, carrying IP-in-IP, GRE or minimal encapsulation as
+        ``--udp-encap`` 4/47/55 says; IP-in-IP, GRE or minimal encapsulation on raw sockets
+        otherwise) and reports what comes back through the tunnel.
 ``gw``  a stand-in VPN gateway (two-box tests): echoes every ESP packet it receives
         back to its sender, the MN's home address, routed through the proxy.
 
@@ -288,7 +289,7 @@ def run_mn(args: argparse.Namespace) -> None:
     if args.ha_param is not None:
         exts += ha_parameter(args.ha_param, args.ha_param_type, args.ha_param_subtype)
     if args.udp_tunnel:
-        exts += udp_tunnel_request(force=args.force)
+        exts += udp_tunnel_request(force=args.force, encap=args.udp_encap)
     for raw in args.raw_ext or []:
         exts += bytes.fromhex(raw)
     msg = request_bytes(flags, args.lifetime, args.home, args.proxy if args.ha_field is None
@@ -416,17 +417,53 @@ def minimal_forwarding(inner: bytes, outer_src: str) -> bytes:
     return mh[:2] + struct.pack("!H", c) + mh[4:] + inner[ihl:]
 
 
-def from_minimal(pkt: bytes) -> dict:
-    hl = (pkt[0] & 0x0F) * 4
-    mh = pkt[hl:]
+def minimal_fields(mh: bytes, outer_src: str) -> dict:
+    """RFC 2004 §3 read back: the forwarding header (checksum checked) and the payload after
+    it; the original source is ``outer_src`` unless the S bit carries it."""
     s_bit = bool(mh[1] & 0x80)
     n = 12 if s_bit else 8
     assert ones_complement(mh[:n]) == 0, "bad minimal forwarding header checksum"
-    return {"outer": "minimal", "outer_src": socket.inet_ntoa(pkt[12:16]),
-            "outer_dst": socket.inet_ntoa(pkt[16:20]), "proto": mh[0],
-            "dst": socket.inet_ntoa(mh[4:8]),
-            "src": socket.inet_ntoa(mh[8:12]) if s_bit else socket.inet_ntoa(pkt[12:16]),
+    return {"proto": mh[0], "dst": socket.inet_ntoa(mh[4:8]),
+            "src": socket.inet_ntoa(mh[8:12]) if s_bit else outer_src, "s_bit": s_bit,
             "payload": mh[n:].hex()}
+
+
+def from_minimal(pkt: bytes) -> dict:
+    hl = (pkt[0] & 0x0F) * 4
+    return {"outer": "minimal", "outer_src": socket.inet_ntoa(pkt[12:16]),
+            "outer_dst": socket.inet_ntoa(pkt[16:20]),
+            **minimal_fields(pkt[hl:], socket.inet_ntoa(pkt[12:16]))}
+
+
+def udp_tunnel_body(nh: int, inner: bytes, encapsulator: str) -> bytes:
+    """RFC 3519 tunnel data (type 4, next header ``nh``, reserved 0) carrying ``inner``:
+    the IP packet itself (4), a GRE header first (47), or minimal encapsulation's
+    forwarding header and the payload (55), the UDP datagram's IP header standing for
+    the outer header RFC 2004 would rewrite."""
+    if nh == 4:
+        body = inner
+    elif nh == 47:
+        body = bytes(GRE(proto=0x0800)) + inner
+    elif nh == 55:
+        body = minimal_forwarding(inner, encapsulator)
+    else:
+        body = inner
+    return bytes([4, nh, 0, 0]) + body
+
+
+def from_udp_tunnel(data: bytes, outer_src: str) -> dict:
+    """Tunnel data read back, whatever its next header: the inner packet's fields."""
+    nh = data[1]
+    if nh == 55:
+        return {"outer": "udp", "nh": nh, **minimal_fields(data[4:], outer_src)}
+    body = data[4:]
+    if nh == 47:
+        g = GRE(body)
+        assert g.proto == 0x0800 and g.chksum_present == 0, g.summary()
+        body = bytes(g.payload)
+    pkt = IP(body)
+    return {"outer": "udp", "nh": nh, "src": pkt.src, "dst": pkt.dst, "proto": pkt.proto,
+            "payload": bytes(pkt.payload).hex()}
 
 
 def tunnel_data(args: argparse.Namespace, sock: socket.socket) -> dict:
@@ -446,7 +483,7 @@ def tunnel_data(args: argparse.Namespace, sock: socket.socket) -> dict:
         inner = esp_packet(args.home, args.gateway, 0x5000, seq, args.size)
         sent.append(inner)
         if udp:
-            sock.send(bytes([4, 4, 0, 0]) + inner)
+            sock.send(udp_tunnel_body(args.udp_encap, inner, sock.getsockname()[0]))
         elif gre:
             raw_tx.sendto(bytes(GRE(proto=0x0800)) + inner, (args.proxy, 0))
         elif minimal:
@@ -467,9 +504,7 @@ def tunnel_data(args: argparse.Namespace, sock: socket.socket) -> dict:
         if udp:
             if data[:1] != b"\x04":
                 continue
-            pkt = IP(data[4:])
-            got.append({"outer": "udp", "nh": data[1], "src": pkt.src, "dst": pkt.dst,
-                        "proto": pkt.proto, "payload": bytes(pkt.payload).hex()})
+            got.append(from_udp_tunnel(data, args.proxy))
         elif minimal:
             got.append(from_minimal(data))
         else:
@@ -539,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--nai", default="")
     m.add_argument("--udp-tunnel", action="store_true")
     m.add_argument("--force", action="store_true")
+    m.add_argument("--udp-encap", type=int, default=4,
+                   help="UDP Tunnel Request encapsulation and tunnel data next header (4, 47, 55)")
     m.add_argument("--spi", type=int, required=True)
     m.add_argument("--key", required=True)
     m.add_argument("--flags", default="T")

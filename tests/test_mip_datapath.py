@@ -3,7 +3,9 @@ what it sends read back by scapy."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import GRE, IP, UDP
@@ -14,6 +16,11 @@ from narsuite import config as cfgmod
 from narsuite.mipproxy.datapath import DataPath
 from narsuite.mipproxy.records import BINDING, KINDS, Binding
 from narsuite.store import MemoryBackend, Store
+
+_spec = importlib.util.spec_from_file_location("mip_peer_for_dp_tests",
+                                               Path(__file__).resolve().parent / "mip_peer.py")
+peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peer)  # type: ignore[union-attr]
 
 PUB, PRIV, HA, GW, HOME = "203.0.113.1", "10.2.0.1", "10.2.0.2", "10.2.0.3", "10.2.0.100"
 COA = "192.168.10.10"
@@ -37,9 +44,9 @@ class Rig:
         self.dp.send_raw = lambda p, nh=None: self.raw.append((p, nh))
         self.store.subscribe(self.dp.store_changed)
 
-    def bind(self, encap: str = "ipip", src: tuple[str, int] = (COA, 0)) -> None:
-        self.store.put(Binding(HOME, COA, HA, 1, 600, 4096, src[0], src[1], encapsulation=encap),
-                       ttl=600)
+    def bind(self, encap: str = "ipip", src: tuple[str, int] = (COA, 0), nh: int = 4) -> None:
+        self.store.put(Binding(HOME, COA, HA, 1, 600, 4096, src[0], src[1], encapsulation=encap,
+                               udp_next_header=nh), ttl=600)
 
     def drops(self) -> dict[str, int]:
         return {k: v for k, v in self.dp.counters.items() if k.startswith("drop_") and v}
@@ -67,6 +74,56 @@ def test_udp_tunnel_data_follows_the_binding_when_the_nat_mapping_changes() -> N
     r.store.delete(BINDING.name, (HOME, COA))
     r.dp.from_tun(esp(GW, HOME))
     assert r.drops()["drop_no_binding"] == 1 and len(r.udp) == 1
+
+
+@pytest.mark.parametrize("nh", [4, 47, 55])
+def test_udp_tunnel_data_in_the_registered_next_header_both_ways(nh: int) -> None:
+    """RFC 3519 tunnel data with next header 4, 47 or 55 (built and read back by the
+    independent peer): the MN's ESP reaches the gateway, and the gateway's ESP goes back in
+    the next header the MN registered."""
+    r = Rig()
+    nat = ("203.0.113.2", 40000)
+    r.bind("udp", nat, nh=nh)
+    r.dp.udp_received(peer.udp_tunnel_body(nh, esp(), COA), nat)
+    (got,) = r.tun
+    g = IP(got)
+    # next header 55 lost the original TTL/ID with the outer header: the restored packet has
+    # our defaults, and a right header checksum
+    assert (g.src, g.dst, g.proto, bytes(g.payload)) == (HOME, GW, 50, bytes(IP(esp()).payload))
+    assert peer.ones_complement(got[:20]) == 0 and g.len == len(got)
+    if nh != 55:
+        assert got == esp()
+    assert r.drops() == {}
+    back = esp(GW, HOME)
+    r.dp.from_tun(back)
+    (data, addr), = r.udp
+    assert addr == nat and data[:4] == bytes([4, nh, 0, 0])
+    read = peer.from_udp_tunnel(data, PUB)
+    assert (read["src"], read["dst"], read["proto"]) == (GW, HOME, 50)
+    assert read["payload"] == bytes(IP(back).payload).hex()
+    if nh == 55:
+        assert read["s_bit"]  # the gateway is not the encapsulator: its address travels
+
+
+def test_udp_minimal_without_s_bit_takes_the_datagram_source_and_bad_headers_drop() -> None:
+    """A forwarding header without the S bit names no source: the UDP datagram's (the NAT's
+    address) stands for it -- no binding has that home address, so it is dropped; a broken
+    checksum and a truncated header are bad encapsulation, and an unknown next header unsupported."""
+    r = Rig()
+    nat = ("203.0.113.2", 40000)
+    r.bind("udp", nat, nh=55)
+    body = peer.udp_tunnel_body(55, esp(), HOME)  # encapsulator == inner source: no S bit
+    assert body[5] & 0x80 == 0
+    r.dp.udp_received(body, nat)
+    assert r.drops() == {"drop_no_binding": 1} and r.tun == []
+    good = peer.udp_tunnel_body(55, esp(), COA)
+    r.dp.udp_received(good[:6] + bytes([good[6] ^ 1]) + good[7:], nat)
+    r.dp.udp_received(good[:10], nat)
+    assert r.drops()["drop_bad_encapsulation"] == 2
+    r.dp.udp_received(b"\x04\x29\x00\x00" + esp(), nat)
+    assert r.drops()["drop_unsupported_encapsulation"] == 1 and r.tun == []
+    r.dp.udp_received(good, nat)
+    assert len(r.tun) == 1
 
 
 @pytest.mark.parametrize("encap", ["ipip", "gre", "minimal"])

@@ -326,3 +326,33 @@ def test_an_accepting_reply_waits_until_the_data_path_carries_the_home_address()
     assert r.last_reply()["code"] == 0 and r.last_reply()["auth_ok"]
     r.request(ident=1)  # a stale identification: denied 133, not held
     assert r.last_reply()["code"] == 133 and asked == [HOME]
+
+
+@pytest.mark.parametrize("encap", [4, 47, 55])
+def test_udp_tunnel_request_encapsulation_is_the_binding_s_next_header(encap: int) -> None:
+    """RFC 3519 3.1.4: the UDP Tunnel Request's Encapsulation field is what the MN sends in
+    the tunnel and what it gets back: it lands in the pending entry and the binding."""
+    r = Rig()
+    nat = ("203.0.113.2", 40000)  # not the CoA: NATed
+    r.request(extra=peer.udp_tunnel_request(encap=encap), src=nat)
+    (p,) = r.store.records(PENDING.name)
+    assert p.udp_tunnel and p.udp_next_header == encap
+    r.ha_reply()
+    rep = r.last_reply()
+    assert rep["code"] == 0 and dict(rep["exts"])[44][:4] == "0000"  # UDP Tunnel Reply: accepted
+    b = r.store.get(BINDING.name, (HOME, COA))
+    assert (b.encapsulation, b.udp_next_header, b.src_ip, b.src_port) == ("udp", encap, *nat)
+
+
+def test_udp_tunnel_encapsulation_we_cannot_carry_is_refused_142() -> None:
+    """An Encapsulation other than 4, 47, 55 with UDP tunnelling agreed: RFC 3519's own
+    code 142 (UDP encapsulation unavailable), nothing relayed; without a NAT (and no F bit)
+    the request asks for no UDP tunnel, so the field does not matter."""
+    r = Rig()
+    r.request(extra=peer.udp_tunnel_request(encap=41), src=("203.0.113.2", 40000))
+    assert r.to_ha == [] and r.last_reply()["code"] == 142 and r.last_reply()["auth_ok"]
+    assert r.relay.counters.denied == {142: 1}
+    r.request(extra=peer.udp_tunnel_request(encap=41), src=(COA, 40000))
+    assert len(r.to_ha) == 1
+    (p,) = r.store.records(PENDING.name)
+    assert not p.udp_tunnel

@@ -5,7 +5,7 @@ the struct codec (narsuite.packet.codec), never scapy.  Four flows:
 
 * **MN → VPN gateway** (§5.3, §6.2.1): IP-in-IP (4), GRE (47) or minimal
   encapsulation (55) to MIPP-Pub on raw sockets, or RFC 3519 tunnel data on UDP
-  434 (next header 4 or 47).  The §5.3 checks: a supported encapsulation, the
+  434 (next header 4, 47 or 55).  The §5.3 checks: a supported encapsulation, the
   inner destination one of ``vpn_gateways``, ESP right after the inner header
   (IKE on UDP 500/4500 too: the MN's SA with the gateway is negotiated through
   the same tunnel, Figure 3.a).  We also require the inner source to be a bound
@@ -22,7 +22,8 @@ the struct codec (narsuite.packet.codec), never scapy.  Four flows:
 * **VPN gateway → MN**: policy rules (priority 900) send ESP and IKE (UDP from
   500/4500) for a bound home address into our TUN (table ``route_table``); each packet read is
   tunnelled to the binding's care-of address, or to its NAT mapping in RFC 3519
-  tunnel data.
+  tunnel data with the next header the MN registered (its UDP Tunnel Request's
+  Encapsulation field, RFC 3519 3.1.4).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ log = logger()
 
 #: RFC 3519 tunnel data header in front of an IP-in-IP payload (type 4, next header 4).
 UDP_TUNNEL_HEADER = b"\x04\x04\x00\x00"
+#: ... next header 47 and a 4-byte GRE header (no checksum, key or sequence; IPv4 inside).
+_UDP_GRE_HEADER = b"\x04\x2f\x00\x00" + b"\x00\x00\x08\x00"
+#: ... next header 55: a minimal forwarding header and the payload follow (RFC 2004).
+_UDP_MINIMAL_HEADER = b"\x04\x37\x00\x00"
 _IKE_PORTS = (500, 4500)
 #: Before the esp role's rules (1000/1001), which keep ESP and IKE to a peer in the main
 #: table: for a bound home address those must come to us first (one-box).
@@ -245,6 +250,10 @@ class DataPath:
                 if gre.protocol != codec.ETH_P_IP:
                     raise codec.CodecError("GRE payload is not IPv4")
                 codec.peek_ipv4(inner)
+            elif nh == codec.PROTO_MINIMAL:
+                # the UDP datagram's IP header stands for the outer one (its TTL and ID are
+                # not handed to us: the restored packet gets 64 and 0)
+                inner = codec.minimal_restore(payload, socket.inet_aton(addr[0]), self.pub)
             else:
                 self._drop("unsupported_encapsulation", f"tunnel data next header {nh} from {addr[0]}")
                 return
@@ -342,7 +351,18 @@ class DataPath:
         b = bindings[0] if len(bindings) == 1 else max(bindings, key=lambda x: x.registered)
         c = self.counters
         if b.encapsulation == "udp":
-            ok = self.send_udp(UDP_TUNNEL_HEADER + packet, (b.src_ip, b.src_port))
+            nh = b.udp_next_header
+            if nh == codec.PROTO_IPIP:
+                out = UDP_TUNNEL_HEADER + packet
+            elif nh == codec.PROTO_GRE:
+                out = _UDP_GRE_HEADER + packet
+            else:
+                try:
+                    out = _UDP_MINIMAL_HEADER + codec.minimal_forwarding(packet, self.pub)
+                except codec.CodecError as e:
+                    self._drop("bad_encapsulation", f"for {socket.inet_ntoa(dst)}: {e}")
+                    return
+            ok = self.send_udp(out, (b.src_ip, b.src_port))
         else:
             coa = self._coa.get(b.src_ip)
             if coa is None:

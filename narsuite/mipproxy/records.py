@@ -24,11 +24,14 @@ import attrs
 from narsuite.store import Index, KindSpec
 
 __all__ = ["Pending", "Binding", "PENDING", "BINDING", "KINDS",
-           "ENCAPSULATIONS"]
+           "ENCAPSULATIONS", "UDP_NEXT_HEADERS"]
 
 #: How the proxy tunnels to the MN: IP-in-IP (RFC 2003), GRE (RFC 2784), minimal
-#: encapsulation (RFC 2004), or inside UDP 434 (RFC 3519, with one of the three inside).
+#: encapsulation (RFC 2004), or inside UDP 434 (RFC 3519, with one of the three inside:
+#: ``udp_next_header``).
 ENCAPSULATIONS = ("ipip", "gre", "minimal", "udp")
+#: RFC 3519 tunnel data next headers the proxy carries, by name.
+UDP_NEXT_HEADERS = {4: "ipip", 47: "gre", 55: "minimal"}
 
 
 @attrs.frozen
@@ -49,6 +52,8 @@ class Pending:
     udp_tunnel: bool = False  # RFC 3519 tunnelling agreed with the MN
     udp_forced: bool = False
     encapsulation: str = "ipip"
+    #: RFC 3519 3.1.4: what the MN puts inside the UDP tunnel (4, 47 or 55), and what we send back
+    udp_next_header: int = 4
     dynamic_ha: bool = False  # the HA was picked from the pool (2.6.4)
     created: float = 0.0
 
@@ -65,6 +70,8 @@ class Binding:
     src_port: int
     encapsulation: str = "ipip"
     nai: str = ""
+    #: with encapsulation "udp": the tunnel data next header both ways (4, 47, 55; RFC 3519)
+    udp_next_header: int = 4
     simultaneous: bool = False
     registered: float = 0.0
 

@@ -41,7 +41,7 @@ from twisted.internet import defer
 from narsuite.logs import Aggregator, logger
 from narsuite.mipproxy import wire
 from narsuite.mipproxy.config import MipProxyConfig
-from narsuite.mipproxy.records import BINDING, PENDING, Binding, Pending
+from narsuite.mipproxy.records import BINDING, PENDING, UDP_NEXT_HEADERS, Binding, Pending
 from narsuite.packet import codec
 
 __all__ = ["RegistrationRelay", "Counters", "NTP_EPOCH_OFFSET", "ntp_seconds"]
@@ -353,6 +353,12 @@ class RegistrationRelay:
             return
         utr = next((e for e in exts if isinstance(e, wire.UDPTunnelRequest)), None)
         udp = utr is not None and cfg.udp_tunnelling and (natted or utr.force)
+        if udp and utr is not None and utr.encapsulation not in UDP_NEXT_HEADERS:
+            # RFC 3519 3.1.4: the Encapsulation field is what the MN sends in the tunnel and
+            # what it is sent; one we cannot carry is refused with RFC 3519's own code
+            deny(wire.REG_HA_UDP_ENCAPSULATION_UNAVAILABLE,
+                 f"UDP tunnel encapsulation {utr.encapsulation} (we carry 4, 47, 55)")
+            return
         if self.store.count(PENDING.name) >= cfg.max_pending:
             deny(wire.REG_HA_INSUFFICIENT_RESOURCES, "pending registration list full",
                  home_agent=ha)
@@ -395,7 +401,8 @@ class RegistrationRelay:
             relayed_lifetime=lifetime, spi=sa.spi, src_ip=addr[0], src_port=addr[1],
             home_address=home, nai=nai.decode("utf-8", "backslashreplace") if nai else "",
             flags=req.flags, udp_tunnel=udp, udp_forced=bool(udp and utr is not None and utr.force),
-            encapsulation=encap, dynamic_ha=dynamic, created=self.clock.seconds(),
+            encapsulation=encap, udp_next_header=utr.encapsulation if udp and utr is not None else 4,
+            dynamic_ha=dynamic, created=self.clock.seconds(),
         )
         self._stored(self.store.put(pending, ttl=cfg.pending_timeout, owner=f"mip:{mn}"),
                      "pending registration")
@@ -515,6 +522,7 @@ class RegistrationRelay:
             lifetime=lifetime, spi=pending.spi, src_ip=pending.src_ip if pending.udp_tunnel
             else pending.care_of_address, src_port=pending.src_port if pending.udp_tunnel else 0,
             encapsulation="udp" if pending.udp_tunnel else pending.encapsulation, nai=nai,
+            udp_next_header=pending.udp_next_header,
             simultaneous=simultaneous, registered=self.clock.seconds(),
         )
         try:

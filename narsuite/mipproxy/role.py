@@ -8,7 +8,7 @@ from typing import Any
 from narsuite.control.commands import Command, Table
 from narsuite.mipproxy import wire
 from narsuite.mipproxy.config import MipProxyConfig, check_running
-from narsuite.mipproxy.records import BINDING, KINDS, PENDING
+from narsuite.mipproxy.records import BINDING, KINDS, PENDING, UDP_NEXT_HEADERS
 from narsuite.mipproxy.service import MipProxyService
 from narsuite.roles import RoleSpec
 
@@ -24,12 +24,21 @@ def _remaining(daemon: Any, kind: str, key: Any) -> Any:
     return None if expires is None else max(0, round(expires - daemon.reactor.seconds(), 1))
 
 
+def _encap(encapsulation: str, next_header: int) -> str:
+    """"udp" carries IP-in-IP (the common case, RFC 3519's default); "udp/gre" and
+    "udp/minimal" name the other tunnel data next headers."""
+    if encapsulation != "udp" or next_header == 4:
+        return encapsulation
+    return "udp/" + UDP_NEXT_HEADERS.get(next_header, str(next_header))
+
+
 def _bindings(daemon: Any) -> Table:
     rows = []
     for key, b, _exp, _owner in daemon.store.items(BINDING.name):
         tunnel = f"{b.src_ip}:{b.src_port}" if b.encapsulation == "udp" else b.src_ip
         rows.append((b.home_address, b.nai or "-", b.care_of_address, b.home_agent,
-                     b.encapsulation, tunnel, b.lifetime, _remaining(daemon, BINDING.name, key),
+                     _encap(b.encapsulation, b.udp_next_header), tunnel, b.lifetime,
+                     _remaining(daemon, BINDING.name, key),
                      f"{b.identification:#018x}"))
     rows.sort()
     return Table(("home_address", "nai", "care_of", "home_agent", "encap", "tunnel_to",
@@ -41,7 +50,8 @@ def _pending(daemon: Any) -> Table:
     rows = []
     for key, p, _exp, _owner in daemon.store.items(PENDING.name):
         rows.append((p.mn, p.home_agent, p.care_of_address, f"{p.src_ip}:{p.src_port}",
-                     p.lifetime, p.relayed_lifetime, "udp" if p.udp_tunnel else p.encapsulation,
+                     p.lifetime, p.relayed_lifetime,
+                     _encap("udp" if p.udp_tunnel else p.encapsulation, p.udp_next_header),
                      f"{p.identification:#018x}", _remaining(daemon, PENDING.name, key)))
     rows.sort()
     return Table(("mn", "home_agent", "care_of", "source", "lifetime", "relayed_lifetime",

@@ -67,7 +67,8 @@ __all__ = [
     "peek_ipv4", "peek_ports", "rewrite_ipv4_src", "rewrite_ipv4_dst", "rewrite_icmp_error",
     "napt_rewrite", "decrement_ttl",
     "ipip_encapsulate", "ipip_decapsulate", "gre_encapsulate", "gre_decapsulate",
-    "minimal_encapsulate", "minimal_decapsulate", "decapsulate",
+    "minimal_encapsulate", "minimal_decapsulate", "minimal_forwarding", "minimal_restore",
+    "decapsulate",
 ]
 
 
@@ -1121,6 +1122,21 @@ def decapsulate(packet: Buffer) -> tuple[int, int | None, bytes]:
 _MIN = struct.Struct("!BBH4s")
 
 
+def _minimal_header(inner: Buffer, src: Buffer) -> tuple[int, bytes]:
+    """(inner header length, minimal forwarding header) for ``inner`` encapsulated by
+    ``src``: original protocol, S bit, checksum, original destination and, when the
+    source is not the encapsulator, the original source (RFC 2004 §3)."""
+    if len(src) != 4:
+        raise CodecError("tunnel endpoints must be 4-byte IPv4 addresses")
+    hl, proto, osrc, odst = peek_ipv4(inner)
+    if (inner[6] & 0x3F) | inner[7]:
+        raise CodecError("minimal encapsulation of a fragment (RFC 2004 §3)")
+    keep_src = bytes(src) == osrc
+    mh = _MIN.pack(proto, 0 if keep_src else 0x80, 0, odst) + (b"" if keep_src else osrc)
+    c = internet_checksum(mh)
+    return hl, mh[:2] + _H.pack(c) + mh[4:]
+
+
 def minimal_encapsulate(inner: Buffer, src: Buffer, dst: Buffer) -> bytes:
     """Minimal encapsulation (RFC 2004): the inner header becomes the outer one.
 
@@ -1129,15 +1145,9 @@ def minimal_encapsulate(inner: Buffer, src: Buffer, dst: Buffer) -> bytes:
     when the source changes, original source: 8 or 12 bytes) goes between the header and
     the payload.  RFC 2004 §3 forbids it for fragments (``CodecError``).  TTL and
     identification are the inner packet's; the IP header checksum is recomputed."""
-    if len(src) != 4 or len(dst) != 4:
+    if len(dst) != 4:
         raise CodecError("tunnel endpoints must be 4-byte IPv4 addresses")
-    hl, proto, osrc, odst = peek_ipv4(inner)
-    if (inner[6] & 0x3F) | inner[7]:
-        raise CodecError("minimal encapsulation of a fragment (RFC 2004 §3)")
-    keep_src = bytes(src) == osrc
-    mh = _MIN.pack(proto, 0 if keep_src else 0x80, 0, odst) + (b"" if keep_src else osrc)
-    c = internet_checksum(mh)
-    mh = mh[:2] + _H.pack(c) + mh[4:]
+    hl, mh = _minimal_header(inner, src)
     tl = ((inner[2] << 8) | inner[3]) + len(mh)
     if tl > 0xFFFF:
         raise CodecError(f"encapsulated packet too long: {tl} bytes")
@@ -1151,28 +1161,67 @@ def minimal_encapsulate(inner: Buffer, src: Buffer, dst: Buffer) -> bytes:
     return bytes(hdr) + mh + bytes(inner[hl:])
 
 
+def minimal_forwarding(inner: Buffer, src: Buffer) -> bytes:
+    """What follows the outer IP header of a minimal encapsulation of ``inner`` by ``src``:
+    the forwarding header and the inner payload.  RFC 3519 tunnel data with next header
+    55 carries exactly this, the UDP datagram's IP header standing for the outer one; the
+    inner packet's TTL, TOS and identification are lost with it (the UDP socket sets its
+    own), which RFC 2004 tolerates: the decapsulator rebuilds them from its outer header."""
+    hl, mh = _minimal_header(inner, src)
+    end = (inner[2] << 8) | inner[3]
+    if end < hl or end > len(inner):
+        raise CodecError(f"total length {end} inconsistent with {len(inner)} bytes")
+    return mh + bytes(inner[hl:end])
+
+
+def _minimal_restore(hdr: bytearray, body: Buffer) -> bytes:
+    """The original packet from an outer header template (20+ bytes, any protocol and
+    checksum) and the minimal forwarding header + payload that followed it."""
+    n = len(body)
+    if n < 8:
+        raise CodecError("truncated minimal forwarding header")
+    proto, sbit, _c, odst = _MIN.unpack_from(body)
+    mlen = 12 if sbit & 0x80 else 8
+    if n < mlen:
+        raise CodecError("truncated minimal forwarding header (S bit set)")
+    if internet_checksum(body[:mlen]) != 0:
+        raise CodecError("bad minimal forwarding header checksum")
+    tl = len(hdr) + n - mlen
+    if tl > 0xFFFF:
+        raise CodecError(f"restored packet too long: {tl} bytes")
+    hdr[2:4] = _H.pack(tl)
+    hdr[9] = proto
+    hdr[10:12] = b"\0\0"
+    if mlen == 12:
+        hdr[12:16] = body[8:12]
+    hdr[16:20] = odst
+    hdr[10:12] = _H.pack(internet_checksum(hdr))
+    return bytes(hdr) + bytes(body[mlen:])
+
+
 def minimal_decapsulate(packet: Buffer) -> bytes:
     """The original packet of a minimal-encapsulated one (outer protocol 55): protocol,
     destination and (S bit) source restored from the forwarding header, whose checksum
     must be right; total length and header checksum recomputed."""
     start, end = _outer_payload(packet, PROTO_MINIMAL)
-    if end - start < 8:
-        raise CodecError("truncated minimal forwarding header")
-    proto, sbit, _c, odst = _MIN.unpack_from(packet, start)
-    mlen = 12 if sbit & 0x80 else 8
-    if end - start < mlen:
-        raise CodecError("truncated minimal forwarding header (S bit set)")
-    if internet_checksum(packet[start:start + mlen]) != 0:
-        raise CodecError("bad minimal forwarding header checksum")
-    hdr = bytearray(packet[:start])
-    hdr[2:4] = _H.pack(end - mlen)
-    hdr[9] = proto
-    hdr[10:12] = b"\0\0"
-    if mlen == 12:
-        hdr[12:16] = packet[start + 8:start + 12]
-    hdr[16:20] = odst
-    hdr[10:12] = _H.pack(internet_checksum(hdr))
-    return bytes(hdr) + bytes(packet[start + mlen:end])
+    return _minimal_restore(bytearray(packet[:start]), packet[start:end])
+
+
+def minimal_restore(body: Buffer, outer_src: Buffer, outer_dst: Buffer, *, ttl: int = 64,
+                    ident: int = 0, tos: int = 0) -> bytes:
+    """The original packet of a minimal forwarding header + payload that arrived without
+    its outer IP header (RFC 3519 tunnel data, next header 55: a UDP socket hands over
+    neither TTL, TOS nor identification).  ``outer_src``/``outer_dst`` are the addresses
+    the datagram came from and to; the original source is ``outer_src`` unless the S bit
+    carries it.  TTL, identification and TOS are the given ones, no flags (RFC 2004 §3
+    never carries a fragment)."""
+    if len(outer_src) != 4 or len(outer_dst) != 4:
+        raise CodecError("tunnel endpoints must be 4-byte IPv4 addresses")
+    hdr = bytearray(_MIN_OUTER.pack(0x45, tos, 0, ident, 0, ttl, 0, 0, outer_src, outer_dst))
+    return _minimal_restore(hdr, body)
+
+
+_MIN_OUTER = struct.Struct("!BBHHHBBH4s4s")
 
 
 def napt_rewrite(packet: Buffer, new_addr: Buffer, new_port: int, *, source: bool) -> bytes:
