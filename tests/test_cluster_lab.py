@@ -1,4 +1,4 @@
-"""Gateway failover, level 1 (issue 13, case e): two narsuite nodes (--role=esp,ike) share one
+"""Gateway failover, levels 1 and 2 (issue 13, case e): two narsuite nodes (--role=esp,ike) share one
 store on a real redis-server; a strongSwan client (IKEv1, XAUTH + mode-config) behind an nftables
 NAT talks to the public address of the active node.  The active is killed with -9 and keepalived
 (VRRPv3, tracking the daemon) moves the addresses to the standby; the client reconnects to the standby
@@ -291,10 +291,16 @@ RECEIVER = textwrap.dedent("""
     """)
 
 
-def test_e_level2_failover_the_standby_carries_on_the_esp_sas_ping_survives(need_strongswan, lab, tmp_path):
-    """Level 2: the standby adopts the dead active's sealed ESP SAs (keepalived's notify_master runs
-    `narctl cluster adopt`): no new Main Mode, no new Quick Mode; a ping running through the tunnel
-    across the kill -9 loses only the packets of the outage, which is measured."""
+def ike_stats(node: NarsuiteDaemon) -> dict[str, int]:
+    return {r["counter"]: int(r["value"]) for r in node.rows("ike", "stats")}
+
+
+def test_e_level2_failover_the_standby_carries_on_the_isakmp_and_esp_sas(need_strongswan, lab, tmp_path):
+    """Level 2: the standby adopts the dead active's sealed ISAKMP SA and ESP SAs (keepalived's
+    notify_master runs `narctl cluster adopt`): no new Main Mode, no new Quick Mode; a ping running
+    through the tunnel across the kill -9 loses only the packets of the outage, which is measured;
+    then, under the same ISAKMP SA (same cookies on the client), the standby answers the client's
+    DPD, its Quick Mode rekey of the CHILD SA and its Delete of the old one."""
     r1, nat1 = lab.host("r1"), lab.host("nat1")
     g1, g2 = lab.host("g1", forwarding=True), lab.host("g2", forwarding=True)
     h, dbh = lab.host("h"), lab.host("db")
@@ -320,11 +326,15 @@ def test_e_level2_failover_the_standby_carries_on_the_esp_sas_ping_survives(need
         k1 = Keepalived(g1, tmp_path / "k1", 150, n1, f"{narctl} --socket {n1.socket} cluster adopt").start()
         wait(lambda: k1.has_vip(), 15, "g1 to take the addresses")
         k2 = Keepalived(g2, tmp_path / "k2", 100, n2, f"{narctl} --socket {n2.socket} cluster adopt").start()
-        c = Charon(r1, tmp_path / "r1").start()
-        c.load(ikev1_client_conf(VIP, PSK, local_id="r1.example", xauth_user="alice", xauth_password="alice-pw"))
+        # (IKEv1: the client deletes a rekeyed CHILD SA at once only when told to)
+        c = Charon(r1, tmp_path / "r1", extra_conf="  delete_rekeyed = yes\n").start()
+        c.load(ikev1_client_conf(VIP, PSK, local_id="r1.example", xauth_user="alice", xauth_password="alice-pw",
+                                 dpd_delay="2s"))
         assert c.initiate(child="net", timeout=25).ok
         (before,) = c.list_sas()
         assert ping(r1, "10.1.0.10")
+        # g1 sealed the ISAKMP SA too (adopting it is what keeps the client's DPD and rekeys working)
+        wait(lambda: any("ike.isakmp" in k for k, _o, n in records(db) if n == "g1"), 5, "g1's sealed ISAKMP SA")
         # a ping every 20 ms and a paced TCP transfer (H -> R1, 6 s) through the tunnel, across the kill
         pinger = r1.popen(["ping", "-n", "-i", "0.02", "-c", "400", "-W", "1", "10.1.0.10"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -351,11 +361,43 @@ def test_e_level2_failover_the_standby_carries_on_the_esp_sas_ping_survives(need
         (after,) = c.list_sas()
         assert after.established and after.children and before.children
         assert [ch.spi_in for ch in after.children] == [ch.spi_in for ch in before.children]
-        assert n2.rows("ike", "sas") == []  # no Main Mode on the standby
+        same_ike = (before.uniqueid, before.spi_i, before.spi_r)
+        assert (after.uniqueid, after.spi_i, after.spi_r) == same_ike
+        # the standby carries that ISAKMP SA (same cookies) with alice's address; it ran no Main Mode
+        (row,) = n2.rows("ike", "sas")
+        assert (row["name"], row["user"], row["address"]) == (before.spi_i.hex()[:8] + before.spi_r.hex()[:8],
+                                                              "alice", after.local_vips[0]), row
+        stats = ike_stats(n2)
+        assert stats.get("ike_resumed") == 1 and not stats.get("ike_established"), stats
         assert ping(r1, "10.1.0.10")
+        # DPD: the tunnel idles, the client probes the gateway (R-U-THERE under the ISAKMP SA): the
+        # standby answers (on the old code it dropped the unknown cookies and the client, after its
+        # DPD timeout, would have started a new Main Mode)
+        wait(lambda: ike_stats(n2).get("dpd_answered", 0) >= 1, 20, "the standby to answer the client's DPD")
+        # a Quick Mode rekey of the CHILD SA under the same ISAKMP SA, then the Delete of the old one
+        old_spis = {ch.spi_in for ch in after.children}
+        c.swanctl("--rekey", "--child", "net")
+
+        def rekeyed() -> bool:
+            (sa,) = c.list_sas()
+            return any(ch.spi_in not in old_spis and ch.state == "INSTALLED" for ch in sa.children)
+        try:
+            wait(rekeyed, 20, "the CHILD SA rekey against the standby")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{c.list_sas_text()}\n{c.log_text()[-4000:]}\n{n2.log_text()[-3000:]}") from None
+        wait(lambda: ike_stats(n2).get("delete_rx", 0) >= 1, 20, "the client's Delete of the old CHILD SA")
+        (rekeyed_sa,) = c.list_sas()
+        assert [ch.spi_in not in old_spis for ch in rekeyed_sa.children] == [True], c.list_sas_text()
+        stats = ike_stats(n2)
+        assert stats.get("child_installed") == 1 and stats.get("child_deleted") == 1, stats
+        assert not stats.get("bad_hash") and not stats.get("decrypt_failed") and not stats.get("unknown_cookie"), stats
+        assert ping(r1, "10.1.0.10")  # through the new pair
+        assert (rekeyed_sa.uniqueid, rekeyed_sa.spi_i, rekeyed_sa.spi_r) == same_ike
+        assert c.log_text().count("initiating Main Mode") == 1, c.log_text()[-3000:]
         print(f"\nlevel 2 failover: addresses moved {moved * 1000:.0f} ms after kill -9; ping every 20 ms: "
               f"{lost} of {sent} lost = {lost * 20} ms outage; TCP transfer of {TCP_BYTES} bytes across the kill "
-              f"complete; no new Main Mode or Quick Mode")
+              f"complete; no new Main Mode or Quick Mode; then DPD answered, CHILD SA rekeyed (Quick Mode) and "
+              f"the old one deleted under the same ISAKMP SA on the standby")
         c.stop()
         n2.terminate()
         k1.stop()

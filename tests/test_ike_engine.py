@@ -1835,3 +1835,83 @@ def test_esp_from_a_new_nat_mapping_moves_the_isakmp_sa_and_keeps_it_alive():
     h.engine.dpd_tick()
     assert h.c["dpd_sent"] == 1 and [(a, lp) for _, a, lp in h.sent[n:]] == [(("203.0.113.77", 40001), 4500)]
     esp.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# level 2 failover: a standby carries on the ISAKMP SA from its sealed state
+
+
+def test_a_standby_carries_on_the_isakmp_sa_from_its_sealed_state():
+    """Node g1 negotiates (Main Mode, XAUTH, mode-config, Quick Mode) and seals; it dies; g2
+    adopts the sealed twins (``narctl cluster adopt``) and, with no Main Mode, answers the
+    client's DPD, its Quick Mode rekey and its Delete of the old ESP SA under the same cookies,
+    keys and phase-1 IV; our own DPD sequence continues past the sealed one by the margin."""
+    from narsuite.store.sealed import SEALED, ClusterKey, Sealer
+
+    policy = [{"name": "ra", "psk": PSK.decode(), "xauth": True, "pool": "ra", "local_ts": ["10.1.0.0/16"]}]
+    key = ClusterKey(os.urandom(32))
+    h1 = Harness(policy)
+    s1 = Sealer(h1.store, key, "g1", ["esp.sa", "esp.peer", "ike.isakmp"])
+    p, link = xauth_login(h1)
+    (mid, (status,)), = p.take(C.EXCH_TRANSACTION)
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(C.CFG_ACK, status.identifier,
+                                                                  [M.Attribute(C.XAUTH_STATUS, b"")])], mid=mid))
+    link.send(p.protected(C.EXCH_TRANSACTION, [M.AttributePayload(
+        C.CFG_REQUEST, 0x77, [M.Attribute(C.INTERNAL_IP4_ADDRESS, b"")])]))
+    (_, (rep,)), = p.take(C.EXCH_TRANSACTION)
+    inner = str(ipaddress.IPv4Address({a.type: a.value for a in rep.attributes}[C.INTERNAL_IP4_ADDRESS]))
+    p.hold_quick = False
+    p.config = attrs.evolve(p.config, phase2=Phase2(local_ts=inner, remote_ts="10.1.0.0/24"))
+    link.send(p.quick_mode())
+    first = p.result
+    (sa1,) = h1.established()
+    sa1.dpd_seq = 1000
+    h1.engine.publish(sa1)
+    twins = list(h1.store.records(SEALED.name))
+    assert {t.kind for t in twins} == {"esp.sa", "esp.peer", "ike.isakmp"} and s1.stats["failed"] == 0
+    # what a backend would receive of the SA state: its twin only, no key in the clear
+    (state,) = h1.store.records("ike.isakmp")
+    assert not h1.store.kind("ike.isakmp").persist
+    for t in twins:
+        assert state.skeyid_a not in t.blob and state.skeyid_e not in t.blob and state.phase1_iv not in t.blob
+
+    # g2 shares the store (here: the twins copied into its view, as Redis would bring them)
+    h2 = Harness(policy)
+    s2 = Sealer(h2.store, key, "g2", ["esp.sa", "esp.peer", "ike.isakmp"])
+    for t in twins:
+        h2.store.put(t, owner="cluster:sealed:g1", ttl=3600)
+
+    done = s2.adopt("g1", seq_margin=1 << 24)
+    assert done == {"esp.peer": 1, "esp.sa": 2, "ike.isakmp": 1}, done
+    (sa2,) = h2.established()
+    assert h2.c["ike_resumed"] == 1 and h2.c["ike_established"] == 0
+    assert (sa2.icky, sa2.rcky) == (p.icookie, p.rcookie) and sa2.address == inner and sa2.xauth_user == "alice"
+    assert sa2.dpd_seq == 1000 + (1 << 24) and sa2.keys.skeyid_d == sa1.keys.skeyid_d
+    assert [(c.spi_in, c.spi_out) for c in sa2.children] == [(c.spi_in, c.spi_out) for c in sa1.children]
+    (rec,) = h2.ike_records()
+    assert (rec.name, rec.xauth_user, rec.address, rec.children) == (sa1.name, "alice", inner, 1)
+    # the state is resealed as g2's (a second failover carries it on again)
+    assert {t.node for t in h2.store.records(SEALED.name)} == {"g2"}
+
+    link.h = h2  # the address moved: the client talks to g2 now
+    seq = 0x0BADCAFE
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Notification(C.R_U_THERE, C.PROTO_ISAKMP, p.ike_spi,
+                                                                seq.to_bytes(4, "big"))]))
+    (_, (ack,)), = p.take(C.EXCH_INFORMATIONAL)
+    assert (ack.notify_type, ack.spi, ack.data) == (C.R_U_THERE_ACK, p.ike_spi, seq.to_bytes(4, "big"))
+    # a Quick Mode rekey under the carried-on SA: the new pair has the keys the client derived
+    link.send(p.quick_mode())
+    assert p.result is not first
+    check_keys(h2, p.result)
+    assert h2.c["child_installed"] == 1 and len(sa2.children) == 2
+    # the client deletes the old pair
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_IPSEC_ESP, 4,
+                                                          (first.inbound.spi.to_bytes(4, "big"),))]))
+    assert h2.c["child_deleted"] == 1 and [c.spi_in for c in sa2.children] == [p.result.outbound.spi]
+    assert h2.store.lookup("esp.sa", "in_spi", first.outbound.spi) is None
+    check_keys(h2, p.result)
+    # and deletes the ISAKMP SA: its state and sealed twin go with it
+    link.send(p.protected(C.EXCH_INFORMATIONAL, [M.Delete(C.PROTO_ISAKMP, 16, (p.ike_spi,))]))
+    assert not h2.engine.sas and not list(h2.store.records("ike.isakmp"))
+    assert not [t for t in h2.store.records(SEALED.name) if t.kind == "ike.isakmp"]
+    assert h2.c["bad_hash"] == h2.c["decrypt_failed"] == h2.c["resume_failed"] == 0

@@ -638,6 +638,16 @@ class ISAKMPCrypto:
         bs = self.cipher.block_size
         self.ivs = IVChain(hash_name, bs, initial_iv(hash_name, gxi, gxr, bs))
 
+    @classmethod
+    def resume(cls, cipher_name: str, key: bytes, hash_name: str, phase1_iv: bytes) -> ISAKMPCrypto:
+        """An established SA's crypto from its cipher key and last phase-1 CBC block (a
+        standby carrying on a dead node's SA): every later exchange's IV derives from that
+        block and its message ID (Appendix B), so nothing else of the chain is needed."""
+        self = cls.__new__(cls)
+        self.cipher = CBCCipher(cipher_name, key)
+        self.ivs = IVChain(hash_name, self.cipher.block_size, phase1_iv)
+        return self
+
     def __repr__(self) -> str:
         return f"<ISAKMPCrypto {self.cipher.name} {self.ivs!r}>"
 

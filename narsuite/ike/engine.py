@@ -16,6 +16,8 @@ transport, userauth and connection:
   (:mod:`narsuite.ike.modecfg`).
 * :mod:`narsuite.ike.children` -- the ESP SAs in the store (``esp.peer`` /
   ``esp.sa``, :mod:`narsuite.sadb`), orphans, and what the esp role reports back.
+* :mod:`narsuite.ike.resume` -- an established SA as an ``ike.isakmp`` record and
+  back: a cluster's standby carries on a dead node's SAs (docs/cluster.md, level 2).
 
 Which handler a message reaches is decided in one place, :data:`ROUTES`: (exchange
 type, SA state) -> handler.  Rules that hold everywhere: a retransmitted request is
@@ -49,7 +51,8 @@ from narsuite.ike.informational import Informational
 from narsuite.ike.isakmp import Delete, ISAKMPError, Notification
 from narsuite.ike.phase1 import Phase1
 from narsuite.ike.quick import QuickModeResponder
-from narsuite.ike.records import IKE_SA, IkeSaRecord
+from narsuite.ike.records import IKE_SA, ISAKMP_STATE, IkeSaRecord
+from narsuite.ike.resume import resume, state_of
 from narsuite.ike.sa import IkeSA, Pending
 from narsuite.ike.transaction import Transactions
 from narsuite.logs import Aggregator, logger
@@ -72,6 +75,8 @@ COUNTERS = (
     "notify_rate_limited",
     # a store write failed (Conflict, backend error): logged with what it was
     "store_failed",
+    # a dead node's sealed ISAKMP SA carried on here (cluster adopt), or not
+    "ike_resumed", "resume_failed",
 )
 
 #: kept for callers of the pre-split module
@@ -144,6 +149,8 @@ class IkeEngine:
         self.informational = Informational(self)
         self.transactions = Transactions(self)
         self.children = Children(self)
+        # a dead node's ISAKMP SAs reach this node's view only through the store (cluster adopt)
+        self._unsubscribe_state = store.subscribe(self._state_changed, kinds=[ISAKMP_STATE.name])
         if metrics is not None:
             metrics.watch_counters("ike", "events", "IKE responder events by kind", "event",
                                    lambda: self.counters)
@@ -436,8 +443,10 @@ class IkeEngine:
             log.info("ike: {name} deleted ({reason}){kept}", name=sa.name, reason=reason,
                      kept=f"; its {len(sa.children)} ESP SA pair(s) wait for a new ISAKMP SA" if keep_children else "")
         self.store_write(self.store.delete(IKE_SA.name, sa.name), sa, "removing the ISAKMP SA record")
+        self.store_write(self.store.delete(ISAKMP_STATE.name, sa.key.hex()), sa, "removing the ISAKMP SA state")
 
     def close(self) -> None:
+        self._unsubscribe_state()
         for sa in list(self.sas.values()):
             self.delete_ike(sa, notify_peer=True, reason="shutdown")
         self.children.close()
@@ -474,6 +483,28 @@ class IkeEngine:
             nat=("peer" if sa.nat_peer else "") + ("+local" if sa.nat_local else ""), xauth_user=sa.xauth_user,
             address=sa.address, children=len(sa.children), established=sa.established, expires=sa.expires)
         self.store_write(self.store.put(rec, owner=self.owner(sa)), sa, "the ISAKMP SA record")
+        state = state_of(sa)
+        if state is not None:
+            # what a standby needs to carry the SA on (sealed by a cluster's Sealer; memory only
+            # otherwise); it lives as long as the SA may
+            ttl = max(1.0, sa.expires + grace(sa.choice.lifetime if sa.choice else 0.0) - self.now())
+            self.store_write(self.store.put(state, owner=self.owner(sa), ttl=ttl), sa, "the ISAKMP SA state")
+
+    def _state_changed(self, change: Any) -> None:
+        """An ``ike.isakmp`` record this engine did not write: a dead node's SA that
+        ``narctl cluster adopt`` put into this node's view -- carry it on."""
+        if change.op != "put" or change.reason == "remote":
+            return
+        rec = change.record
+        try:
+            key = bytes.fromhex(rec.cookies)
+        except ValueError:
+            return
+        if key in self.sas:
+            return  # our own SA (publish)
+        owner = self.store.owner_of(ISAKMP_STATE.name, change.key) or ""
+        if owner.startswith("cluster:adopted:"):
+            resume(self, rec)
 
     # ------------------------------------------------------------------ DPD (the service's timer)
     def dpd_tick(self) -> None:

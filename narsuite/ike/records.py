@@ -1,17 +1,22 @@
-"""What the ike role shows in the store: one summary record per ISAKMP SA.
+"""What the ike role keeps in the store: one summary record per ISAKMP SA, and (for a
+cluster's standby) the state that carries an established ISAKMP SA on.
 
-Key material never leaves the engine; this record is for operators (narctl,
-Prometheus, the manhole) and for other processes that want to know who is
-connected.  Not persisted: after a restart peers negotiate again.
+``ike.sa`` is for operators (narctl, Prometheus, the manhole) and for other processes
+that want to know who is connected.  ``ike.isakmp`` holds what a standby needs to
+continue an established IKEv1 SA after its node died (docs/cluster.md, level 2): the
+cookies, SKEYID_d/a/e and the last phase-1 CBC block in ``secret()`` fields.  Neither
+kind is persisted; with ``[cluster] key_file`` the Sealer keeps ``ike.isakmp`` in the
+shared store only sealed (AES-GCM under the cluster key), and ``narctl cluster adopt``
+puts it back into a standby's view, where the engine resumes the SA.
 """
 
 from __future__ import annotations
 
 import attrs
 
-from narsuite.store import Index, KindSpec
+from narsuite.store import Index, KindSpec, secret
 
-__all__ = ["IkeSaRecord", "IKE_SA", "KINDS"]
+__all__ = ["IkeSaRecord", "IKE_SA", "IsakmpState", "ISAKMP_STATE", "KINDS"]
 
 
 @attrs.frozen
@@ -45,4 +50,67 @@ IKE_SA = KindSpec(
     description="IKE (ISAKMP) SAs: peer, state, algorithms, NAT, remote-access user and address",
 )
 
-KINDS = (IKE_SA,)
+
+
+@attrs.frozen
+class IsakmpState:
+    """An established IKEv1 SA as a standby resumes it (:meth:`IkeEngine.resume`).
+
+    What is not here is not needed to go on: SKEYID itself and g^xy (phase 1 is over),
+    the IVs of exchanges in flight (a new exchange's IV is derived from the last phase-1
+    CBC block and its message ID, RFC 2409 Appendix B; one in flight is retransmitted by
+    the peer and fails, as after any lost message)."""
+
+    cookies: str  # CKY-I | CKY-R in hex: the key
+    name: str
+    exchange: int
+    remote_ip: str
+    remote_port: int
+    local_ip: str
+    local_port: int
+    policy: str
+    # the phase-1 choice (RFC 2409 §5): what the HASHes and the cipher of every later exchange use
+    cipher: str
+    key_len: int
+    hash: str
+    group: int
+    auth: int
+    lifetime: float
+    variant: str  # NAT-T variant name, "" without NAT-T
+    nat_peer: bool
+    nat_local: bool
+    peer_dpd: bool
+    peer_unity: bool
+    peer_id_type: int
+    peer_id_data: bytes
+    peer_id_text: str
+    peer_cert_subject: str
+    xauth_user: str
+    xauth_done: bool
+    address: str  # mode-config address
+    established: float
+    expires: float
+    #: our last DPD sequence number (a standby continues past it by ``[cluster] seq_margin``)
+    dpd_seq: int
+    #: the peer's Quick Mode message IDs already used (a replayed QM1 is refused); the newest 64
+    used_mids: tuple[int, ...]
+    #: the ESP SA pairs (esp.peer name, SPI in, SPI out, expiry, description): their records
+    #: are in the store (sealed esp.sa / esp.peer); Deletes and rekeys name them
+    children: tuple[tuple[str, int, int, float, str], ...]
+    skeyid_d: bytes = secret(default=b"")
+    skeyid_a: bytes = secret(default=b"")
+    skeyid_e: bytes = secret(default=b"")
+    #: the last phase-1 CBC output block (IV state after MM6/AM3)
+    phase1_iv: bytes = secret(default=b"")
+
+
+ISAKMP_STATE = KindSpec(
+    name="ike.isakmp",
+    record=IsakmpState,
+    key=lambda r: r.cookies,
+    persist=False,
+    columns=("name", "remote_ip", "remote_port", "policy", "xauth_user", "address"),
+    description="established IKEv1 SAs as a standby resumes them (keys in memory; in Redis only sealed)",
+)
+
+KINDS = (IKE_SA, ISAKMP_STATE)

@@ -42,7 +42,8 @@ class Transactions:
         client gets its address back), else the identity at its NAT mapping."""
         assert sa.policy is not None
         t = sa.transaction
-        user = t.user if t is not None and t.user else ""
+        # (an SA resumed on a standby has no transaction left: its user is the SA's)
+        user = (t.user if t is not None and t.user else "") or sa.xauth_user
         if user:
             return f"ike:lease:{sa.policy.name}:user:{user}"
         return f"ike:lease:{sa.policy.name}:{sa.peer_id_text}@{sa.remote[0]}:{sa.remote[1]}"

@@ -603,11 +603,13 @@ def ikev1_client_conf(
     aggressive: bool = False,
     proposals: str = "aes128-sha1-modp2048,aes256-sha256-modp2048,aes128-sha1-ecp256",
     esp_proposals: str = "aes128-sha1,aes128gcm16",
+    dpd_delay: str | None = None,
 ) -> str:
     """swanctl.conf of an IKEv1 remote-access client: Main Mode PSK, optional XAUTH round
     (``xauth_user``/``xauth_password``, xauth-generic) and mode-config (``vips = 0.0.0.0``,
     on by default with XAUTH), tunnel to ``remote_ts``.  ``name``/``child`` are what
-    :meth:`Charon.initiate` takes.
+    :meth:`Charon.initiate` takes; ``dpd_delay`` (``"2s"``) makes the client probe an idle
+    gateway (RFC 3706 R-U-THERE).
     """
     if mode_config is None:
         mode_config = xauth_user is not None
@@ -624,6 +626,7 @@ def ikev1_client_conf(
         f"    aggressive = {'yes' if aggressive else 'no'}\n"
         f"    proposals = {proposals}\n"
         f"    remote_addrs = {gateway}\n"
+        + (f"    dpd_delay = {dpd_delay}\n" if dpd_delay else "")
         + ("    vips = 0.0.0.0\n" if mode_config else "")
         + "    local-1 {\n      auth = psk\n"
         f"      id = {_quote(local_id)}\n    }}\n"

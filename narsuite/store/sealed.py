@@ -182,7 +182,9 @@ class Sealer:
         with the lifetime their twins had left: peers first (the esp role routes their inner
         addresses), then SAs, an outbound SA's sequence number ``seq_margin`` ahead of where the
         twin was sealed (the dead node sent an unknown number of packets since), an inbound
-        SA's SPI leased again to the adopter (the dead node's lease is reaped).  Putting them
+        SA's SPI leased again to the adopter (the dead node's lease is reaped), then ISAKMP
+        SAs (``ike.isakmp``: the ike role resumes them when it sees them put), their DPD
+        sequence ``seq_margin`` ahead too.  Putting them
         seals them again as this node's twins; the adopted twins are deleted (adopted once).
         Returns counts by kind (and ``failed``).
         """
@@ -209,6 +211,9 @@ class Sealer:
                 continue
             if getattr(record, "direction", None) == "out" and hasattr(record, "seq_start"):
                 record = attrs.evolve(record, seq_start=record.seq_start + seq_margin)
+            if getattr(record, "dpd_seq", 0):
+                # an ISAKMP SA's DPD (RFC 3706) sequence: 32 bits, never 0, past what was sent
+                record = attrs.evolve(record, dpd_seq=(record.dpd_seq + seq_margin - 1) % 0xFFFFFFFF + 1)
             expires = self.store.expires(SEALED.name, (t.node, t.kind, t.key))
             ttl = None if expires is None else max(0.001, expires - now)
             owner = f"cluster:adopted:{t.node}"
