@@ -61,15 +61,17 @@ class _NotStarted:
     """Stands in for the backend's thread pool: writes queue until we commit them."""
 
 
-def build(args: argparse.Namespace, workdir: Path):  # type: ignore[no-untyped-def]
-    from bench_ike import NARSUITE_CONF  # the daemon's config in the bench, verbatim
+def build(args: argparse.Namespace, workdir: Path, conf: str | None = None):  # type: ignore[no-untyped-def]
+    """The daemon's engine parts for ``conf`` (default: bench_ike's config, verbatim)."""
+    if conf is None:
+        from bench_ike import NARSUITE_CONF as conf
 
     from narsuite.esp.engine import EspEngine
     from narsuite.esp.role import ROLE as ESP_ROLE
     from narsuite.ike.role import ROLE as IKE_ROLE
 
-    text = NARSUITE_CONF.format(workdir=workdir, store=args.store, log=args.log, psk=args.psk,
-                                client_net=args.client_net)
+    text = conf.format(workdir=workdir, store=args.store, log=args.log, psk=args.psk,
+                       client_net=args.client_net, store_extra="")
     cfg = loads(text, base=workdir)
     ike_cfg = cfg.roles["ike"]
     # the real reactor as the clock (never run): a heap of timers, as in the daemon --
@@ -262,7 +264,13 @@ def _category_of(func: tuple) -> str:
         return "hash/PRF (HMAC, SHA)"
     if f.endswith(("/secrets.py", "/random.py")):
         return "random"
-    if "narsuite/ike/isakmp.py" in f or f.endswith("/struct.py"):
+    if "narsuite/ike/v2/keys.py" in f:
+        if name in ("generate", "shared", "group"):
+            return "Diffie-Hellman (cryptography/OpenSSL)"
+        if name in ("seal", "open", "open_encrypted", "seal_fragments", "__init__", "overhead"):
+            return "AES-CBC + IV chain"
+        return "hash/PRF (HMAC, SHA)"
+    if "narsuite/ike/isakmp.py" in f or "narsuite/ike/v2/wire.py" in f or f.endswith("/struct.py"):
         return "ISAKMP codec"
     if "narsuite/store/" in f or "/sqlite3/" in f:
         return "store (records, indexes, subscribers)"
@@ -300,14 +308,14 @@ def _charge(func: tuple, amount: float, stats: dict, out: dict[str, float], dept
         _charge(caller, amount * edge[2] / total, stats, out, depth + 1)
 
 
-def report_categories(st: pstats.Stats, n: int) -> None:
+def report_categories(st: pstats.Stats, n: int, unit: str = "MM+QM") -> None:
     stats = st.stats  # type: ignore[attr-defined]
     out: dict[str, float] = defaultdict(float)
     for func, (_cc, _nc, tt, _ct, _callers) in stats.items():
         if tt > 0:
             _charge(func, tt, stats, out)
     total = sum(out.values())
-    print(f"\n  exclusive time by category (profiled: {1000 * total / n:.3f} ms per MM+QM, incl. profiler overhead)")
+    print(f"\n  exclusive time by category (profiled: {1000 * total / n:.3f} ms per {unit}, incl. profiler overhead)")
     for cat, t in sorted(out.items(), key=lambda kv: -kv[1]):
         print(f"    {cat:<42} {1000 * t / n:8.3f} ms  {100 * t / total:5.1f} %")
 
@@ -324,14 +332,14 @@ def _label(func: tuple) -> str:
     return f"{f}:{line}({name})"
 
 
-def report_top(st: pstats.Stats, n: int, top: int) -> None:
+def report_top(st: pstats.Stats, n: int, top: int, unit: str = "MM+QM") -> None:
     stats = st.stats  # type: ignore[attr-defined]
     rows = [(func, nc, tt, ct) for func, (_cc, nc, tt, ct, _callers) in stats.items()]
-    print(f"\n  top {top} by cumulative time (per MM+QM)")
+    print(f"\n  top {top} by cumulative time (per {unit})")
     print(f"    {'cum ms':>8} {'own ms':>8} {'calls':>7}  function")
     for func, nc, tt, ct in sorted(rows, key=lambda r: -r[3])[:top]:
         print(f"    {1000 * ct / n:8.3f} {1000 * tt / n:8.3f} {nc / n:7.1f}  {_label(func)}")
-    print(f"\n  top {top} by own time (per MM+QM)")
+    print(f"\n  top {top} by own time (per {unit})")
     print(f"    {'own ms':>8} {'cum ms':>8} {'calls':>7}  function")
     for func, nc, tt, ct in sorted(rows, key=lambda r: -r[2])[:top]:
         print(f"    {1000 * tt / n:8.3f} {1000 * ct / n:8.3f} {nc / n:7.1f}  {_label(func)}")

@@ -11,6 +11,8 @@ import secrets
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from narsuite import sadb
@@ -278,3 +280,17 @@ def test_garbage_under_a_live_sa_is_dropped_never_raised():
     assert h.engine.counters["internal_error"] == 0
     (resp,) = h.deliver(i.protected(C.INFORMATIONAL, []))
     assert i.open(resp)[0].message_id == 2 and sa.state == "established"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_child_networks_are_the_summarized_range(a: int, b: int) -> None:
+    """children._networks (integers) names the same networks as ipaddress's summarize."""
+    from ipaddress import summarize_address_range
+
+    from narsuite.ike.v2.children import _networks
+
+    lo, hi = min(a, b), max(a, b)
+    for r in ((lo, hi), (lo, lo), (0, hi), (lo, 2**32 - 1)):
+        want = [str(n) for n in summarize_address_range(IPv4Address(r[0]), IPv4Address(r[1]))]
+        assert _networks(r) == want
