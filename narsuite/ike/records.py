@@ -92,7 +92,7 @@ class IsakmpState:
     expires: float
     #: our last DPD sequence number (a standby continues past it by ``[cluster] seq_margin``)
     dpd_seq: int
-    #: the peer's Quick Mode message IDs already used (a replayed QM1 is refused); the newest 64
+    #: message IDs already used, at most 256 of them (a replayed QM1 of these is refused)
     used_mids: tuple[int, ...]
     #: the ESP SA pairs (esp.peer name, SPI in, SPI out, expiry, description): their records
     #: are in the store (sealed esp.sa / esp.peer); Deletes and rekeys name them
