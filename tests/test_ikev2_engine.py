@@ -294,3 +294,26 @@ def test_child_networks_are_the_summarized_range(a: int, b: int) -> None:
     for r in ((lo, hi), (lo, lo), (0, hi), (lo, 2**32 - 1)):
         want = [str(n) for n in summarize_address_range(IPv4Address(r[0]), IPv4Address(r[1]))]
         assert _networks(r) == want
+
+
+def test_ike_auth_logs_one_line_with_the_ike_sa_and_its_first_child():
+    """One info line per client (the IKE SA and its CHILD SA's SPIs), not one per SA."""
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace", "").startswith("narsuite.ike.v2") and event["log_level"] >= LogLevel.info:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = Harness()
+        establish(h)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    (spi_in,) = {s.spi for s in h.store.records(sadb.SA_KIND.name) if s.direction == "in"}
+    assert len(events) == 1, [formatEvent(e) for e in events]
+    text = formatEvent(events[0])
+    assert "client.example at 192.0.2.10:500 established" in text and "virtual IP 10.8.0." in text
+    assert "; ESP aes-gcm-16-128 10.8.0." in text and f"in {spi_in:#010x}" in text

@@ -31,6 +31,9 @@ log = logger()
 
 Range = tuple[int, int]
 
+#: how a CHILD SA shows in the log (fields: :meth:`Children.log_fields`)
+CHILD_LOG = "ESP {desc} {tsi} <-> {tsr} in {spi_in} out {spi_out} ({encap} to {peer})"
+
 
 def _ranges(selectors: tuple[TrafficSelector, ...]) -> list[Range]:
     return [(int.from_bytes(s.start, "big"), int.from_bytes(s.end, "big")) for s in selectors
@@ -114,8 +117,10 @@ class Children:
         return f"ike:{sa.policy.name}:{who}:{_networks(remote[0])[0]}"
 
     def install(self, sa: IkeSAv2, choice: EspChoice, ni: bytes, nr: bytes, gir: bytes | None,
-                payloads: tuple[Any, ...], replaces: ChildV2 | None = None, publish: bool = True) -> list[Any]:
-        """Narrow, key and write one CHILD SA; the response's SA, TSi and TSr payloads."""
+                payloads: tuple[Any, ...], replaces: ChildV2 | None = None, publish: bool = True,
+                log_it: bool = True) -> list[Any]:
+        """Narrow, key and write one CHILD SA; the response's SA, TSi and TSr payloads.
+        ``log_it`` False: the caller logs it (IKE_AUTH's one line per client)."""
         e = self.engine
         store = e.store
         assert sa.policy is not None and sa.keys is not None and sa.choice is not None
@@ -169,14 +174,21 @@ class Children:
             replaces.rekeyed = True
             e.count("child_rekeyed")
         e.count("child_installed")
-        log.info("ikev2: {name}: ESP {desc} {tsi} <-> {tsr} in {spi_in:#010x} out {spi_out:#010x} ({encap} to "
-                 "{peer}){rekey}", name=sa.name, desc=choice.describe(), tsi=child.tsi, tsr=child.tsr,
-                 spi_in=spi_in, spi_out=spi_out, encap=encap, peer=f"{sa.remote[0]}:{sa.remote[1]}",
-                 rekey=f", rekeying {replaces.spi_in:#010x}" if replaces is not None else "")
+        if log_it:
+            log.info("ikev2: {name}: " + CHILD_LOG + "{rekey}", name=sa.name, **self.log_fields(sa, child),
+                     rekey=f", rekeying {replaces.spi_in:#010x}" if replaces is not None else "")
         if publish:
             e.publish(sa)
         return [wire.SA((choice.proposal(spi_in.to_bytes(4, "big")),)), wire.TSi(tuple(map(_ts, remote))),
                 wire.TSr(tuple(map(_ts, local)))]
+
+    @staticmethod
+    def log_fields(sa: IkeSAv2, child: ChildV2) -> dict[str, str]:
+        """:data:`CHILD_LOG`'s fields, as text (twisted's formatter parses a format spec such
+        as ``#010x`` in Python, for every line)."""
+        return {"desc": child.choice.describe(), "tsi": child.tsi, "tsr": child.tsr, "spi_in": f"{child.spi_in:#010x}",
+                "spi_out": f"{child.spi_out:#010x}", "encap": "udp" if sa.natted else "esp",
+                "peer": f"{sa.remote[0]}:{sa.remote[1]}"}
 
     # ------------------------------------------------------------------ remove
     def _expired(self, sa: IkeSAv2, child: ChildV2) -> None:
