@@ -259,7 +259,8 @@ class TunDevice(service.Service):
         self._sink = sink
         self.addresses = [ipaddress.IPv4Interface(a) for a in addresses]
         self.mtu = mtu
-        self.routes = [_network(r) for r in routes]
+        # a dict, not a list: a route per peer made membership tests O(peers) each
+        self._routes: dict[str, None] = dict.fromkeys(_network(r) for r in routes)
         self.disable_ipv6 = disable_ipv6
         self.configure = configure
         self.netlink = netlink
@@ -388,20 +389,23 @@ class TunDevice(service.Service):
         nl.set_mtu(ifname, mtu)
         self.mtu = mtu
 
+    @property
+    def routes(self) -> list[str]:
+        """The prefixes routed into the device, in the order they were added."""
+        return list(self._routes)
+
     def add_route(self, dst: str) -> None:
         """Route the IPv4 prefix *dst* into this device (replacing any route to it)."""
         dst = _network(dst)
         nl, ifname = self._nl()
         nl.add_route(ifname, dst)
-        if dst not in self.routes:
-            self.routes.append(dst)
+        self._routes[dst] = None
 
     def remove_route(self, dst: str) -> None:
         dst = _network(dst)
         nl, ifname = self._nl()
         nl.remove_route(ifname, dst)
-        if dst in self.routes:
-            self.routes.remove(dst)
+        self._routes.pop(dst, None)
 
     # -- data path -------------------------------------------------------------
 
