@@ -30,6 +30,11 @@ REQUIRED: tuple[tuple[str, str, str], ...] = (
     ("twisted.internet.abstract", "FileDescriptor", "_writeDisconnected"),
     ("twisted.internet.abstract", "FileDescriptor", "offset"),
     ("twisted.internet.abstract", "FileDescriptor", "dataBuffer"),
+    # narsuite.nar.fastio.LeanServer / OutgoingConnection / lean_accepts, nar.role.SocksTCPServer
+    ("twisted.internet.tcp", "_SocketCloser", "_shouldShutdown"),
+    ("twisted.internet.tcp", "Port", "transport"),
+    ("twisted.internet.tcp", "Port", "_realPortNumber"),
+    ("twisted.application.internet", "_AbstractServer", "_getPort"),
 )
 
 #: Attributes a ``tcp.Connection`` instance must have (``_tempDataLen`` is set in ``__init__``).

@@ -7,7 +7,10 @@
 * the UDP fast path (IPv4, FRAG 0) relays like the codec path;
 * ``lose_now`` closes at once only when nothing is left to send;
 * ``connect_tcp`` connects, fails and is abandoned the way ``connectTCP`` does,
-  on a real epoll reactor and real sockets.
+  on a real epoll reactor and real sockets;
+* the lean transports (``LeanServer`` for accepted connections, ``OutgoingConnection``)
+  carry what Twisted's do, close with a FIN or RST without a ``shutdown`` call first,
+  and the outbound socket is non-blocking from creation.
 """
 
 from __future__ import annotations
@@ -18,13 +21,26 @@ import pytest
 from twisted.internet import error, protocol, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from narsuite import logs
 from narsuite.nar import socks
 from narsuite.nar.config import NarConfig, NarOptions, Rule
-from narsuite.nar.fastio import ClosingProducer, LeanConnector, OutgoingConnection, connect_tcp, lose_now, write_now
+from narsuite.nar.fastio import (
+    ClosingProducer,
+    LeanConnector,
+    LeanServer,
+    OutgoingConnection,
+    connect_tcp,
+    lean_accepts,
+    lose_now,
+    shutdown_write_now,
+    write_now,
+)
 from narsuite.nar.rules import RuleSet
 from narsuite.nar.server import SocksFactory, _Decisions
 
@@ -366,7 +382,8 @@ def _socks_server_thread(config: NarConfig):
 
     r = EPollReactor()
     f = SocksFactory(config, reactor=r)
-    port = r.listenTCP(0, f, interface="127.0.0.1").getHost().port
+    # as the role listens (SocksTCPServer / ReusePortServer): accepted connections are LeanServers
+    port = lean_accepts(r.listenTCP(0, f, interface="127.0.0.1")).getHost().port
     t = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
     t.start()
     return r, f, port, t
@@ -516,7 +533,8 @@ def test_bulk_relay_goes_over_to_splice_with_flow_control_and_half_close(reactor
     cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
     r = EPollReactor() if reactor_cls == "epoll" else lean.NarsuiteEPollReactor()
     f = SocksFactory(cfg, reactor=r)
-    port = r.listenTCP(0, f, interface="127.0.0.1").getHost().port
+    # as the role listens (SocksTCPServer / ReusePortServer): accepted connections are LeanServers
+    port = lean_accepts(r.listenTCP(0, f, interface="127.0.0.1")).getHost().port
     t = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
     t.start()
     up = os.urandom(3 * 1024 * 1024)
@@ -601,3 +619,178 @@ def test_shutdown_write_now_and_close_now_on_a_real_connection():
     conn2.dataBuffer, conn2.offset = b"queued", 0
     shutdown_write_now(conn2)
     assert conn2._writeDisconnecting and r2.writers == [conn2]
+
+
+# ---------------------------------------------------------------- lean transports
+
+
+class _CountingSocket(socket.socket):
+    """A socket that counts shutdown() calls (the system call the lean transports save)."""
+
+    shutdowns = 0
+
+    def shutdown(self, how):
+        type(self).shutdowns += 1
+        return super().shutdown(how)
+
+
+def _counting_pair():
+    a, b = socket.socketpair()
+    ca = _CountingSocket(a.family, a.type, a.proto, fileno=a.detach())
+    ca.setblocking(False)
+    b.settimeout(5)
+    return ca, b
+
+
+class _Port:
+    _realPortNumber = 1080
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfClose(protocol.Protocol):
+    def readConnectionLost(self):
+        pass
+
+    def writeConnectionLost(self):
+        pass
+
+
+def _tcp_pair():
+    """(accepted, client) TCP sockets on loopback."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    cli = socket.create_connection(srv.getsockname(), timeout=5)
+    acc, _ = srv.accept()
+    srv.close()
+    return acc, cli
+
+
+def test_lean_server_has_every_attribute_twisteds_server_sets():
+    """LeanServer re-does tcp.Server.__init__ minus two strings: a Twisted that adds an
+    attribute there must fail here, not in a relay."""
+    a, b = _tcp_pair()
+    c, d = _tcp_pair()
+    try:
+        theirs = tcp.Server(a, protocol.Protocol(), ("10.0.0.10", 40000), _Port(), 7, _Reactor())
+        ours = LeanServer(c, protocol.Protocol(), ("10.0.0.10", 40000), _Port(), 7, _Reactor())
+        assert set(vars(theirs)) - {"logstr", "repstr"} <= set(vars(ours))
+        assert ours.logPrefix() == theirs.logPrefix() == "Protocol,7,10.0.0.10"
+        assert repr(ours) == repr(theirs) == "<Protocol #7 on 1080>"
+        assert ours.getPeer() == theirs.getPeer() == IPv4Address("TCP", "10.0.0.10", 40000)
+        assert ours.getHost() == IPv4Address("TCP", *c.getsockname())
+        assert ours.connected and ours._addressType is IPv4Address
+    finally:
+        for s in (a, b, c, d):
+            s.close()
+
+
+def _eof(tr):
+    """What the reactor does when a half-closeable connection reads EOF."""
+    why = tr.doRead()
+    assert why is not None and why.__class__.__name__ == "ConnectionDone"
+    tr.readConnectionLost(Failure(why))
+
+
+def test_lean_transports_close_without_shutdown_once_the_fin_is_read():
+    """After the peer's FIN was read (how relayed connections end) close() alone sends our
+    FIN: the peer reads the last bytes and EOF, and no shutdown() call was made."""
+    _CountingSocket.shutdowns = 0
+    a, peer_a = _counting_pair()
+    b, peer_b = _counting_pair()
+    try:
+        server = LeanServer(a, _HalfClose(), ("127.0.0.1", 1), None, 0, _Reactor())
+        server.protocol.makeConnection(server)
+        out = OutgoingConnection(b, _HalfClose(), _Reactor(), ("127.0.0.1", 2))
+        out.protocol.makeConnection(out)
+        for tr, peer in ((server, peer_a), (out, peer_b)):
+            peer.shutdown(socket.SHUT_WR)
+            _eof(tr)
+            write_now(tr, b"bye")
+            lose_now(tr)
+            assert peer.recv(10) == b"bye" and peer.recv(10) == b""
+        assert _CountingSocket.shutdowns == 0
+    finally:
+        for s in (peer_a, peer_b):
+            s.close()
+
+
+def test_lean_transports_close_without_shutdown_after_their_own_fin():
+    _CountingSocket.shutdowns = 0
+    a, peer_a = _counting_pair()
+    try:
+        server = LeanServer(a, _HalfClose(), ("127.0.0.1", 1), None, 0, _Reactor())
+        server.protocol.makeConnection(server)
+        shutdown_write_now(server)  # the relay passes a FIN on: the one shutdown(SHUT_WR)
+        assert peer_a.recv(10) == b""
+        lose_now(server)
+        assert _CountingSocket.shutdowns == 1
+    finally:
+        peer_a.close()
+
+
+def test_a_lean_close_before_any_fin_keeps_twisteds_order_fin_then_reset():
+    """Unread bytes and no FIN either way: shutdown() first as Twisted does, so the peer reads
+    EOF before the reset (close() alone would reset at once)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    cli = socket.create_connection(srv.getsockname(), timeout=5)
+    acc, _ = srv.accept()
+    acc.setblocking(False)
+    try:
+        server = LeanServer(acc, protocol.Protocol(), ("127.0.0.1", 1), None, 0, _Reactor())
+        server.protocol.makeConnection(server)
+        cli.sendall(b"never read")
+        import time
+
+        time.sleep(0.05)
+        lose_now(server)
+        assert cli.recv(10) == b""
+    finally:
+        cli.close()
+        srv.close()
+
+
+def test_lean_accepts_only_changes_twisteds_tcp_ports():
+    r = EPollReactor()
+    port = r.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1")
+    try:
+        assert lean_accepts(port) is port and port.transport is LeanServer
+        fake = object()
+        assert lean_accepts(fake) is fake
+    finally:
+        port.stopListening()
+        r._poller.close()
+
+
+def test_the_outbound_socket_is_non_blocking_from_creation():
+    """No setblocking() ioctl: the socket is made with SOCK_NONBLOCK (and Python knows it)."""
+    import os
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    r = EPollReactor()
+    try:
+        c = LeanConnector(r, "127.0.0.1", srv.getsockname()[1], _Recorder(r, lambda p: None))
+        assert c.socket is not None
+        assert c.socket.gettimeout() == 0.0 and not os.get_blocking(c.socket.fileno())
+        c.stopConnecting()
+    finally:
+        srv.close()
+        r._poller.close()
+
+
+def test_the_role_listens_with_lean_transports():
+    from narsuite.nar.role import SocksTCPServer
+
+    r = EPollReactor()
+    svc = SocksTCPServer(0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1",
+                         reactor=r)
+    svc.startService()
+    try:
+        assert svc._port.transport is LeanServer
+    finally:
+        svc.stopService()
+        r._poller.close()

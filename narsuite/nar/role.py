@@ -8,12 +8,20 @@ from twisted.application import internet, service
 
 from narsuite.control.commands import Command, Table
 from narsuite.nar.config import NarConfig
+from narsuite.nar.fastio import lean_accepts
 from narsuite.nar.records import KINDS, MAPPING, SESSION, SESSION_OWNER_PREFIX
 from narsuite.nar.server import SocksFactory
 from narsuite.nar.workers import ReusePortServer, WorkerPool, worker_count
 from narsuite.roles import RoleSpec
 
 __all__ = ["ROLE", "NarService"]
+
+
+class SocksTCPServer(internet.TCPServer):
+    """``internet.TCPServer`` whose port makes lean transports (narsuite.nar.fastio.LeanServer)."""
+
+    def _getPort(self) -> Any:
+        return lean_accepts(super()._getPort())
 
 
 class NarService(service.MultiService):
@@ -45,7 +53,7 @@ class NarService(service.MultiService):
             # Several reactor processes on the port (narsuite/nar/workers.py): ours and N-1 workers.
             port: service.Service = ReusePortServer(ctx.reactor, cfg.listen, cfg.port, self.factory)
         else:
-            port = internet.TCPServer(cfg.port, self.factory, interface=cfg.listen)
+            port = SocksTCPServer(cfg.port, self.factory, interface=cfg.listen)
         port.setName("socks")
         port.setServiceParent(self)
         if processes > 1:

@@ -69,6 +69,7 @@ from narsuite.nar.auth import PasswordChecker, check_hash_format
 from narsuite.nar.config import NarConfig
 from narsuite.nar.fastio import (
     ClosingProducer,
+    LeanServer,
     close_now,
     connect_tcp,
     idle_transport,
@@ -689,9 +690,13 @@ class SocksProtocol(Protocol):
         f = self.factory
         f.active += 1
         f.count(self.connection_counter)
-        peer = self.transport.getPeer()
-        self.client = getattr(peer, "host", "") or ""
-        self.client_port = getattr(peer, "port", 0) or 0
+        t = self.transport
+        if type(t) is LeanServer:  # the peer's (host, port) as accepted, without an address object
+            self.client, self.client_port = t.client[0], t.client[1]
+        else:
+            peer = t.getPeer()
+            self.client = getattr(peer, "host", "") or ""
+            self.client_port = getattr(peer, "port", 0) or 0
         self._set_timer(f.config.negotiation_timeout, "negotiation")
 
     def dataReceived(self, data: bytes) -> None:

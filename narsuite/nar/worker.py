@@ -26,6 +26,7 @@ from narsuite import logs, schema
 from narsuite.logs import logger
 from narsuite.nar import socks
 from narsuite.nar.config import NarConfig
+from narsuite.nar.fastio import lean_accepts
 from narsuite.nar.server import SocksFactory, SocksProtocol
 from narsuite.nar.workers import COUNTERS_INTERVAL, ChannelCodec, reuseport_socket
 
@@ -137,7 +138,7 @@ def main() -> None:
         try:
             # Twisted types the factory as ServerFactory[_ProtoWithFactory], and Factory's
             # parameter is invariant, so no ServerFactory[SomeProtocol] matches.
-            IReactorSocket(reactor).adoptStreamPort(s.fileno(), s.family, factory)  # type: ignore[arg-type]
+            lean_accepts(IReactorSocket(reactor).adoptStreamPort(s.fileno(), s.family, factory))  # type: ignore[arg-type]
         finally:
             s.close()  # the reactor holds its own descriptor
 

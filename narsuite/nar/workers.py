@@ -55,6 +55,7 @@ from zope.interface import implementer
 
 from narsuite.logs import logger
 from narsuite.nar.config import NarConfig
+from narsuite.nar.fastio import lean_accepts
 from narsuite.nar.server import SocksFactory, SocksProtocol
 from narsuite.transports import IStreamTransport
 
@@ -143,7 +144,7 @@ class ReusePortServer(service.Service):
     def startService(self) -> None:
         s = reuseport_socket(self.host, self.portnum)
         try:
-            self.port = self.reactor.adoptStreamPort(s.fileno(), s.family, self.factory)
+            self.port = lean_accepts(self.reactor.adoptStreamPort(s.fileno(), s.family, self.factory))
         finally:
             s.close()  # the reactor holds its own descriptor
         super().startService()
