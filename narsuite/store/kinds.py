@@ -74,11 +74,10 @@ class KindSpec:
 
     # -- persistence -------------------------------------------------------
     def dump(self, record: Any) -> str:
-        out = {}
-        for f in attrs.fields(self.record):
-            if f.metadata.get("persist", True):
-                out[f.name] = encode_value(getattr(record, f.name))
-        return json.dumps(out, separators=(",", ":"), sort_keys=True)
+        # (every store write of a persisted kind comes through here: the field list is cached
+        # and one encoder reused; json.dumps with options builds a new encoder per call)
+        return _ENCODER.encode({name: encode_value(getattr(record, name))
+                                for name, _enum in _persisted_fields(self.record)})
 
     def load(self, text: str) -> Any:
         data = json.loads(text)
@@ -181,9 +180,13 @@ def _persisted_fields(cls: type) -> tuple[tuple[str, type | None], ...]:
     return tuple(out)
 
 
+#: the stored JSON's one form (compact, sorted keys): :meth:`KindSpec.dump` and :func:`key_text`
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def key_text(key: Any) -> str:
     """Stable text form of a primary key, used as the SQLite row key."""
-    return json.dumps(encode_value(key), separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode(encode_value(key))
 
 
 def key_from_text(text: str) -> Any:

@@ -60,14 +60,16 @@ class NotReplicated(StoreBackendError):
 
 
 #: One call applies a batch of writes; each one is atomic and checked on its own.
-#: ARGV: prefix, node, maxlen, then per write: op, kind, key, ... (see RedisBackend._encode).
+#: ARGV: prefix, node, maxlen, and the batch as one JSON array (Redis's cjson decodes it: one
+#: argument for redis-py to pack instead of ten per write), each write an array of strings:
+#: op, kind, key, ... (see RedisBackend._encode).
 #: Record hash fields: k kind, y key, d data, e expires (store clock, text), w owner, n node,
 #: x "1" if the owner is volatile, u unique-index keys (newline separated), v stream id.
 WRITE_LUA = r"""
 local pfx, node, maxlen = ARGV[1], ARGV[2], ARGV[3]
 local stream = pfx .. 'log'
 local out = {}
-local i = 4
+local batch = cjson.decode(ARGV[4])
 local function drop_indexes(rk)
   local old = redis.call('HGET', rk, 'u')
   if old and old ~= '' then
@@ -81,15 +83,14 @@ end
 local function expire(key, ms)
   if ms ~= '' then redis.call('PEXPIREAT', key, ms) else redis.call('PERSIST', key) end
 end
-while i <= #ARGV do
-  local op, kind, key = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+for _, w in ipairs(batch) do
+  local op, kind, key = w[1], w[2], w[3]
   local rk = pfx .. 'r:' .. kind .. ':' .. key
   if op == 'I' or op == 'P' then
-    local data, e, ms, owner = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-    local vol, nuk = ARGV[i + 7], tonumber(ARGV[i + 8])
+    local data, e, ms, owner, vol = w[4], w[5], w[6], w[7], w[8]
     local uks = {}
-    for j = 1, nuk do uks[j] = ARGV[i + 8 + j] end
-    i = i + 9 + nuk
+    for j = 9, #w do uks[#uks + 1] = w[j] end
+    local nuk = #uks
     local exists = redis.call('EXISTS', rk) == 1
     local res = nil
     if op == 'I' and exists then res = {'C', 'key', redis.call('HGET', rk, 'w') or ''} end
@@ -118,8 +119,7 @@ while i <= #ARGV do
       out[#out + 1] = {'OK', id}
     end
   elseif op == 'D' then
-    local owner = ARGV[i + 3]
-    i = i + 4
+    local owner = w[4]
     if redis.call('EXISTS', rk) == 1 and (redis.call('HGET', rk, 'w') or '') == owner then
       drop_indexes(rk)
       redis.call('DEL', rk)
@@ -129,8 +129,7 @@ while i <= #ARGV do
       out[#out + 1] = {'N'}
     end
   elseif op == 'T' then
-    local e, ms, owner = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-    i = i + 6
+    local e, ms, owner = w[4], w[5], w[6]
     if redis.call('EXISTS', rk) == 1 and (redis.call('HGET', rk, 'w') or '') == owner then
       redis.call('HSET', rk, 'e', e)
       expire(rk, ms)
@@ -258,6 +257,9 @@ def describe(cfg: Any) -> str:
 
 _Batch = list[tuple[Sequence[Write], defer.Deferred]]
 
+#: a batch's JSON (plain json.dumps with options would build an encoder per call)
+_BATCH_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
 
 @implementer(IStoreBackend)
 class RedisBackend:
@@ -297,7 +299,8 @@ class RedisBackend:
         self._applied_id = "0-0"  # the last stream entry applied to the view (reactor)
         self._inflight: dict[tuple[str, Hashable], int] = {}
         self._clobbered: dict[tuple[str, Hashable], str] = {}
-        self._own_floor: dict[tuple[str, Hashable], str] = {}
+        #: (kind, key text) -> the stream id of our own latest write to it not yet read back
+        self._own_floor: dict[tuple[str, str], str] = {}
         self._snapshot: dict[tuple[str, str], str] = {}
         self._snapshot_end = "0-0"
         self.nodes: dict[str, dict[str, Any]] = {}
@@ -436,24 +439,24 @@ class RedisBackend:
             pass
         return d
 
-    def _encode(self, w: Write, args: list[str]) -> None:
-        kind, key = w.spec.name, key_text(w.key)
+    @staticmethod
+    def _encode(w: Write, key: str) -> list[str]:
+        """One write as the script reads it (``key`` is the key's text)."""
+        kind = w.spec.name
         if w.record is None:
-            args += ["D", kind, key, w.owner or ""]
-            return
+            return ["D", kind, key, w.owner or ""]
         e = "" if w.expires is None else repr(w.expires)
         ms = "" if w.expires is None else str(int(w.expires * 1000))
         if w.reason == "touch":
-            args += ["T", kind, key, e, ms, w.owner or ""]
-            return
-        uks = []
+            return ["T", kind, key, e, ms, w.owner or ""]
+        out = ["I" if w.reason == "insert" else "P", kind, key, w.spec.dump(w.record), e, ms,
+               w.owner or "", "1" if w.volatile else "0"]
         for ix in w.spec.indexes:
             if ix.unique:
                 v = ix.key(w.record)
                 if v is not None:
-                    uks.append(f"{kind}:{ix.name}:{key_text(v)}")
-        args += ["I" if w.reason == "insert" else "P", kind, key, w.spec.dump(w.record), e, ms,
-                 w.owner or "", "1" if w.volatile else "0", str(len(uks)), *uks]
+                    out.append(f"{kind}:{ix.name}:{key_text(v)}")
+        return out
 
     def _write_loop(self) -> None:
         c = None
@@ -476,10 +479,9 @@ class RedisBackend:
                 n += len(more[0])
             started = time.perf_counter()
             try:
-                args = [self.prefix, self.node_id, str(self.maxlen)]
-                for writes, _d in batch:
-                    for w in writes:
-                        self._encode(w, args)
+                texts = [key_text(w.key) for writes, _d in batch for w in writes]
+                rows = [self._encode(w, t) for w, t in zip((w for ws, _d in batch for w in ws), texts)]
+                args = [self.prefix, self.node_id, str(self.maxlen), _BATCH_ENCODER.encode(rows)]
                 if c is None:
                     c = self._client("writer")
                 res = self._write_script(args=args, client=c)
@@ -493,7 +495,7 @@ class RedisBackend:
                 self._reactor.callFromThread(self._batch_failed, batch, e)
                 continue
             elapsed = time.perf_counter() - started
-            self._reactor.callFromThread(self._batch_done, batch, res, acked, elapsed)
+            self._reactor.callFromThread(self._batch_done, batch, res, acked, elapsed, texts)
         if c is not None:
             c.close()
         done = self._writer_done
@@ -533,18 +535,23 @@ class RedisBackend:
             else:
                 self._inflight[ident] = n
 
-    def _batch_done(self, batch: _Batch, res: list, acked: int | None, elapsed: float) -> None:
+    def _batch_done(self, batch: _Batch, res: list, acked: int | None, elapsed: float,
+                    texts: Sequence[str]) -> None:
         from narsuite.store.core import Conflict
 
         self._stats["batches"] += 1
         self._stats["last_batch_seconds"] = elapsed
         self._set_connected(True)
         results = iter(res)
+        ktexts = iter(texts)
         short = acked is not None and acked < self.replicas_ack
+        applied = _sid(self._applied_id)
+        own_floor = self._own_floor
         for writes, d in batch:
             failure: Exception | None = None
             for w in writes:
                 r = next(results)
+                ktext = next(ktexts)
                 self._stats["writes"] += 1
                 ident = (w.spec.name, w.key)
                 if r[0] == "C":
@@ -561,8 +568,11 @@ class RedisBackend:
                         # Another node's older change overwrote ours in the view while ours
                         # was on its way; Redis ordered ours last: the view shows ours again.
                         self.store.restore_local(w.spec.name, w.key, w.record, w.expires, w.owner)
-                    if _sid(wid) > _sid(self._applied_id):
-                        self._own_floor[ident] = max(wid, self._own_floor.get(ident, "0-0"), key=_sid)
+                    if _sid(wid) > applied:
+                        fk = (w.spec.name, ktext)
+                        prev = own_floor.get(fk)
+                        if prev is None or _sid(prev) < _sid(wid):
+                            own_floor[fk] = wid
                 elif r[0] == "G" and w.reason == "touch":
                     # Deleted (or expired) in the shared store while we touched it: so here too.
                     self.store.apply_remote(Row(w.spec.name, key_text(w.key), None, None, None))
@@ -700,20 +710,22 @@ class RedisBackend:
                 if v is not None and _sid(eid) <= _sid(v):
                     self._stats["remote_skipped"] += 1
                     continue  # the loaded snapshot already holds this change
+            fk = (kind, keyt)
+            if node == self.node_id and op != "R":
+                # our own write: in the view since we made it (no key to parse)
+                floor = self._own_floor.get(fk)
+                if floor is not None and _sid(eid) >= _sid(floor):
+                    del self._own_floor[fk]
+                continue
+            floor = self._own_floor.get(fk)
+            if floor is not None and _sid(eid) < _sid(floor):
+                self._stats["remote_skipped"] += 1
+                continue  # older than our own later write to the same key
             try:
                 key = key_from_text(keyt)
             except ValueError:
                 continue
             ident = (kind, key)
-            if node == self.node_id and op != "R":
-                floor = self._own_floor.get(ident)
-                if floor is not None and _sid(eid) >= _sid(floor):
-                    del self._own_floor[ident]
-                continue  # our own write: in the view since we made it
-            floor = self._own_floor.get(ident)
-            if floor is not None and _sid(eid) < _sid(floor):
-                self._stats["remote_skipped"] += 1
-                continue  # older than our own later write to the same key
             if self._inflight.get(ident):
                 self._clobbered[ident] = eid
             self._stats["remote_applied"] += 1
