@@ -9,23 +9,28 @@ shipped to a log pipeline as is.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
     jsonFileLogObserver,
+    timeFormatRFC3339,
 )
 
 __all__ = ["logger", "set_level", "JsonFileLog", "LEVELS", "Aggregator", "capped_file",
-           "twistd_observer", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_FILES"]
+           "twistd_observer", "text_observer", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_FILES"]
 
 #: Log files rotate at this size and keep this many rotated files unless ``[log]`` says otherwise:
 #: a flood of bad input can then cost at most (max_files + 1) * max_bytes of disk.
@@ -70,6 +75,76 @@ def capped_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
                    defaultMode=0o640)
 
 
+_FIELD = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+class _ClassicText:
+    """``twisted.logger.textFileLogObserver``'s line for an event, byte for byte, faster.
+
+    Twisted formats every event with ``string.Formatter`` written in Python (it supports
+    ``{method()}`` calls) and builds a ``datetime`` for its timestamp: about 25 us a line,
+    a twentieth of what an IKEv2 exchange costs its responder.  A format made only of
+    ``{name}`` fields means the same to ``str.format_map`` (C), and the timestamp changes
+    once a second; anything else (calls, format specs, failures, flattened or legacy
+    events, a missing key) goes to Twisted's own formatter.
+    """
+
+    def __init__(self, time_format: str | None = timeFormatRFC3339) -> None:
+        self.time_format = time_format
+        self._simple: dict[str, bool] = {}
+        self._second: int | None = None
+        self._stamp = "-"
+        self._systems: dict[tuple[str, Any], str] = {}
+
+    def _is_simple(self, fmt: str) -> bool:
+        simple = self._simple.get(fmt)
+        if simple is None:
+            rest = _FIELD.sub("", fmt)
+            simple = "{" not in rest and "}" not in rest
+            if len(self._simple) < 4096:  # formats are the code's constants; bounded anyway
+                self._simple[fmt] = simple
+        return simple
+
+    def _time(self, when: float | None) -> str:
+        if when is None or self.time_format is None:
+            return "-"
+        if "%f" in self.time_format:
+            return formatTime(when, self.time_format)
+        second = int(when // 1)
+        if second != self._second:
+            self._stamp = formatTime(second, self.time_format)
+            self._second = second
+        return self._stamp
+
+    def __call__(self, event: dict) -> str | None:
+        fmt = event.get("log_format")
+        if (type(fmt) is not str or "log_failure" in event or "log_flattened" in event
+                or "log_system" in event or not self._is_simple(fmt)):
+            return self._twisted(event)
+        try:
+            text = fmt.format_map(event)
+        except Exception:  # a missing key: Twisted says so its own way
+            return self._twisted(event)
+        if not text:
+            return None
+        level = event.get("log_level")
+        key = (event.get("log_namespace", "-"), level)
+        system = self._systems.get(key)
+        if system is None:
+            system = f"{key[0]}#{'-' if level is None else level.name}"
+            if len(self._systems) < 4096:
+                self._systems[key] = system
+        return f"{self._time(event.get('log_time'))} [{system}] {text}".replace("\n", "\n\t") + "\n"
+
+    def _twisted(self, event: dict) -> str | None:
+        return formatEventAsClassicLogText(event, formatTime=lambda e: formatTime(e, self.time_format))
+
+
+def text_observer(out: IO[Any], time_format: str | None = timeFormatRFC3339) -> FileLogObserver:
+    """What ``twisted.logger.textFileLogObserver(out)`` writes, formatted faster (:class:`_ClassicText`)."""
+    return FileLogObserver(out, _ClassicText(time_format))
+
+
 def twistd_observer(twistd_options: Any, max_bytes: int, max_files: int) -> ILogObserver | None:
     """The observer twistd would have made from its options, with its file capped.
 
@@ -78,13 +153,14 @@ def twistd_observer(twistd_options: Any, max_bytes: int, max_files: int) -> ILog
     which rotates at 1 MB but never deletes a rotated file.  For the file case this
     returns a text observer on :func:`capped_file` (SIGUSR1 still rotates it); for the
     others None: twistd's own choice stands.
+    Both text observers format with :func:`text_observer` (Twisted's lines, faster).
     """
-    from twisted.logger import textFileLogObserver
-
     opts = twistd_options
     filename = opts.get("logfile")
-    if opts.get("syslog") or filename == "-" or (opts.get("nodaemon") and not filename):
+    if opts.get("syslog"):
         return None
+    if filename == "-" or (opts.get("nodaemon") and not filename):
+        return text_observer(sys.stdout)
     log_file = capped_file(filename or "twistd.log", max_bytes, max_files)
     try:
         import signal
@@ -99,7 +175,7 @@ def twistd_observer(twistd_options: Any, max_bytes: int, max_files: int) -> ILog
             signal.signal(signal.SIGUSR1, rotate)
     except ValueError:  # not the main thread (tests)
         pass
-    return textFileLogObserver(log_file)
+    return text_observer(log_file)
 
 
 class Aggregator:

@@ -81,7 +81,7 @@ def test_capped_file_rotates_and_keeps_max_files(tmp_path) -> None:
     assert all((tmp_path / "logs" / n).stat().st_size <= 10_000 + len(line) for n in files)
 
 
-def test_twistd_observer_caps_the_file_twistd_would_write(tmp_path) -> None:
+def test_twistd_observer_caps_the_file_twistd_would_write(tmp_path, monkeypatch) -> None:
     path = tmp_path / "twistd.log"
     obs = twistd_observer({"logfile": str(path), "nodaemon": False}, max_bytes=10_000, max_files=1)
     assert obs is not None
@@ -89,9 +89,16 @@ def test_twistd_observer_caps_the_file_twistd_would_write(tmp_path) -> None:
         obs({"log_format": "line {i} " + "y" * 80, "i": i, "log_level": LogLevel.info, "log_time": 0.0,
              "log_namespace": "t"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["twistd.log", "twistd.log.1"]
-    # where twistd writes to stdout or syslog it keeps its own observer
-    assert twistd_observer({"logfile": None, "nodaemon": True}, 10_000, 1) is None
-    assert twistd_observer({"logfile": "-", "nodaemon": True}, 10_000, 1) is None
+    # where twistd writes to stdout: the same (faster) text lines there; syslog is twistd's own
+    import io
+
+    for opts in ({"logfile": None, "nodaemon": True}, {"logfile": "-", "nodaemon": True}):
+        monkeypatch.setattr("sys.stdout", io.StringIO())
+        obs = twistd_observer(opts, 10_000, 1)
+        assert obs is not None
+        obs({"log_format": "to stdout {i}", "i": 1, "log_level": LogLevel.info, "log_time": 0.0,
+             "log_namespace": "t"})
+        assert "[t#info] to stdout 1\n" in __import__("sys").stdout.getvalue()
     assert twistd_observer({"syslog": True, "logfile": None}, 10_000, 1) is None
 
 
@@ -108,3 +115,56 @@ def test_json_log_is_capped(tmp_path) -> None:
         j.stop()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["j.jsonl", "j.jsonl.1"]
     assert globalLogPublisher  # the observer was removed in stop (no error on later events)
+
+
+def test_text_observer_writes_what_twisteds_text_observer_writes() -> None:
+    """narsuite.logs.text_observer (the fast path) against twisted's textFileLogObserver,
+    over the kinds of events there are: simple fields, format specs, calls, missing keys,
+    failures, multi-line text, no time, an explicit system, bytes formats, legacy events."""
+    import io
+
+    from twisted.logger import eventAsJSON, eventFromJSON, textFileLogObserver
+    from twisted.python.failure import Failure
+
+    from narsuite.logs import text_observer
+
+    class Thing:
+        def __str__(self) -> str:
+            return "thing"
+
+        def name(self) -> str:
+            return "called"
+
+    try:
+        raise ZeroDivisionError("for the traceback")
+    except ZeroDivisionError:
+        failure = Failure()
+    base = {"log_level": LogLevel.info, "log_namespace": "narsuite.x", "log_time": 1_765_000_000.75}
+    events = [
+        {"log_format": "ikev2: {name}: {who} at {addr} established", "name": "ab12", "who": "c.example",
+         "addr": "192.0.2.1:4500"},
+        {"log_format": "spi {spi:#010x} n {n:.2f}", "spi": 0x1234, "n": 2.0},
+        {"log_format": "call {t.name()} and {t}", "t": Thing()},
+        {"log_format": "missing {nope}"},
+        {"log_format": "two\nlines {x}", "x": "and\na third"},
+        {"log_format": "{x}", "x": ""},
+        {"log_format": "no time {x}", "x": 1, "log_time": None},
+        {"log_format": "system {x}", "x": 1, "log_system": "-"},
+        {"log_format": b"bytes {x}", "x": 1},
+        {"log_format": "failed {x}", "x": 1, "log_failure": failure},
+        {"log_format": "braces {{literal}} {x}", "x": 1},
+        {"log_format": "unicode \u00e9 {x}", "x": "\u2603", "log_level": LogLevel.warn},
+        {"log_format": None},
+        {"log_text": "legacy", "log_format": "{log_text}", "log_system": "legacy-system"},
+        {"log_format": "no level {x}", "x": 1, "log_level": None},
+        {"log_format": "next second {x}", "x": 2, "log_time": 1_765_000_001.01},
+    ]
+    flat = eventFromJSON(eventAsJSON({**base, "log_format": "flat {x!r}", "x": [1]}))
+    ours, theirs = io.StringIO(), io.StringIO()
+    fast, reference = text_observer(ours), textFileLogObserver(theirs)
+    for e in events + [flat] + events:  # twice: the cached formats and times must agree too
+        event = {**base, **e}
+        fast(event)
+        reference(event)
+    assert ours.getvalue() == theirs.getvalue()
+    assert "ikev2: ab12: c.example at 192.0.2.1:4500 established" in ours.getvalue()
