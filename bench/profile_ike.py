@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import ike_peer as P  # noqa: E402
-from twisted.logger import globalLogBeginner, textFileLogObserver  # noqa: E402
+from twisted.logger import globalLogBeginner  # noqa: E402
 
 from narsuite import logs  # noqa: E402
 from narsuite.config import loads  # noqa: E402
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="profile_ike_"))
     # twistd's log file observer, writing to /dev/null: the formatting is the cost
     devnull = open(os.devnull, "w")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(devnull)], redirectStandardIO=False,
+    globalLogBeginner.beginLoggingTo([logs.text_observer(devnull)], redirectStandardIO=False,
                                      discardBuffer=True)
     logs.set_level(args.log)
     ike_cfg, clock, store, backend, esp, flush_interval = build(args, workdir)

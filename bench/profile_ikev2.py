@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ikev2_peer as P  # noqa: E402
 import profile_ike as PI  # noqa: E402
-from twisted.logger import globalLogBeginner, textFileLogObserver  # noqa: E402
+from twisted.logger import globalLogBeginner  # noqa: E402
 
 from narsuite import logs  # noqa: E402
 from narsuite.ike.v2.engine import IkeV2Engine  # noqa: E402
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="profile_ikev2_"))
     devnull = open(os.devnull, "w")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(devnull)], redirectStandardIO=False,
+    globalLogBeginner.beginLoggingTo([logs.text_observer(devnull)], redirectStandardIO=False,
                                      discardBuffer=True)
     logs.set_level(args.log)
     ike_cfg, clock, store, backend, _esp, flush_interval = PI.build(args, workdir, NARSUITE_CONF)
