@@ -794,3 +794,18 @@ def test_the_role_listens_with_lean_transports():
     finally:
         svc.stopService()
         r._poller.close()
+
+
+def test_the_shared_close_failure_checks_like_twisteds():
+    """lose_now's Failure answers check() as Failure.check does (classes by isinstance,
+    names as strings by Twisted's own rule), without building qualified names."""
+    from twisted.internet import main
+
+    from narsuite.nar import fastio
+
+    ours, theirs = fastio._DONE, Failure(main.CONNECTION_DONE)
+    asked = [(error.ConnectionAborted,), (error.ConnectionDone,), (error.ConnectionClosed,),
+             (Exception,), (KeyError, error.ConnectionDone), (ValueError,),
+             ("twisted.internet.error.ConnectionDone",), ("builtins.ValueError",), ()]
+    for types in asked:
+        assert ours.check(*types) == theirs.check(*types), types

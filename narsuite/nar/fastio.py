@@ -102,7 +102,27 @@ def write_now(transport: Any, data: bytes) -> None:
 #: One failure for every connection closed here, as Twisted's reactor keeps one per
 #: reason (``_disconnectSelectable``'s ``faildict``): building a Failure walks the
 #: exception's class hierarchy, a dozen calls per connection.
-_DONE = Failure(main.CONNECTION_DONE)
+class _KnownFailure(Failure):
+    """A Failure whose ``check`` of exception classes is ``isinstance``.
+
+    ``Failure.check`` compares qualified names: an ``inspect.isclass``, an
+    ``issubclass`` and a ``reflect.qual`` string per class asked about.  Twisted's
+    ``tcp.Connection.connectionLost`` asks once per closed connection (is it
+    ``ConnectionAborted``?).  Same answers: a class matches when the value is an
+    instance of it; anything else (a name given as a string) goes to ``Failure.check``.
+    """
+
+    def check(self, *errorTypes: Any) -> Any:
+        for t in errorTypes:
+            if isinstance(t, type):
+                if isinstance(self.value, t):
+                    return t
+            elif super().check(t) is not None:
+                return t
+        return None
+
+
+_DONE = _KnownFailure(main.CONNECTION_DONE)
 
 
 def lose_now(transport: Any) -> None:

@@ -951,8 +951,13 @@ class SocksProtocol(Protocol):
             out.transport.loseConnection()
             return
         self._start_relay(out)
-        local = out.transport.getHost()
-        self._reply(socks.SUCCEEDED, local.host, local.port)
+        sock = getattr(out.transport, "socket", None)
+        if sock is not None:  # BND.ADDR/PORT straight from the socket, no address object
+            host, port = sock.getsockname()[:2]
+        else:
+            local = out.transport.getHost()
+            host, port = local.host, local.port
+        self._reply(socks.SUCCEEDED, host, port)
         self._flush_early()
 
     def _start_relay(self, out: _Outbound) -> None:
