@@ -356,3 +356,29 @@ def test_udp_tunnel_encapsulation_we_cannot_carry_is_refused_142() -> None:
     assert len(r.to_ha) == 1
     (p,) = r.store.records(PENDING.name)
     assert not p.udp_tunnel
+
+
+def test_a_store_write_failing_later_is_counted_and_an_answered_one_costs_no_errback() -> None:
+    """A write the backend answers later (a persistent or shared store) keeps its errback:
+    its failure is counted as store_errors, never left unhandled; a write already answered
+    (the memory store) needs none."""
+    from twisted.internet import defer
+
+    r = Rig()
+    pending: list[defer.Deferred] = []
+    real_put = r.store.put
+
+    def slow_put(record, **kw):
+        real_put(record, **kw)
+        d: defer.Deferred = defer.Deferred()
+        pending.append(d)
+        return d
+
+    r.store.put = slow_put  # type: ignore[method-assign]
+    r.request()
+    (d,) = pending
+    d.errback(RuntimeError("disk full"))
+    assert r.relay.counters.values["store_errors"] == 1
+    done = defer.succeed(None)
+    r.relay._stored(done, "x")
+    assert done.called and r.relay.counters.values["store_errors"] == 1

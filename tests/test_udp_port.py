@@ -99,3 +99,33 @@ def test_a_real_port_gets_a_large_receive_buffer() -> None:
         assert got >= want
     finally:
         port.stopService()
+
+
+def test_a_real_port_sends_to_ipv4_literals_itself_and_leaves_the_rest_to_twisted() -> None:
+    """write()'s fast path: an IPv4 literal goes to the socket directly (no Twisted address
+    checks); a name is refused by Twisted's write, never resolved; refusals are False."""
+    import socket
+
+    import pytest
+    from twisted.internet import error, reactor
+
+    port = SharedUDPPort(0, "127.0.0.1", reactor=reactor)
+    port.startService()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(2)
+    try:
+        calls: list[tuple] = []
+        twisted_write = port.port.write
+        port.port.write = lambda d, a: calls.append(a) or twisted_write(d, a)  # type: ignore[method-assign]
+        assert port.write(b"fast", rx.getsockname()) is True
+        assert rx.recvfrom(100) == (b"fast", port.port.socket.getsockname())
+        assert calls == []  # not through Twisted
+        with pytest.raises(error.InvalidAddressError):
+            port.write(b"name", ("localhost", rx.getsockname()[1]))
+        assert calls == [("localhost", rx.getsockname()[1])]
+        assert port.write(b"x" * 70000, rx.getsockname()) is False  # EMSGSIZE: counted, not raised
+    finally:
+        rx.close()
+        port.stopService()
+    assert port.write(b"late", ("127.0.0.1", 9)) is False

@@ -37,7 +37,10 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
 
+from narsuite import logs
 from narsuite.logs import Aggregator, logger
 from narsuite.mipproxy import wire
 from narsuite.mipproxy.config import MipProxyConfig
@@ -55,6 +58,8 @@ _LOW32 = 0xFFFFFFFF
 _Q = struct.Struct("!Q")
 _ntoa = socket.inet_ntoa
 _ZERO = "0.0.0.0"
+_DEBUG = LogLevel.debug
+_U32 = struct.Struct("!I")
 
 Send = Callable[[bytes, tuple[str, int]], Any]
 
@@ -155,7 +160,10 @@ class RegistrationRelay:
             self._sas[mn.spi] = _SA(mn.spi, mn.secret(), mn.home_address, mn.nai.encode(),
                                     mn.ha_spi or mn.spi)
         self._allowed_has = cfg.allowed_home_agents()
-        self._internal = tuple(ipaddress.IPv4Network(n, strict=False) for n in cfg.internal_networks)
+        #: (network, netmask) as integers: every request is located (2.6.1), and an
+        #: ``ipaddress`` object per request cost more than the rest of the check
+        self._internal = tuple((int(net.network_address), int(net.netmask)) for net in (
+            ipaddress.IPv4Network(n, strict=False) for n in cfg.internal_networks))
         self._internal_ifs = frozenset(cfg.internal_interfaces)
         self._route_device = route_device or _KernelRoutes().device
         #: Bad input and denials are logged through aggregators: an attacker sending
@@ -169,6 +177,7 @@ class RegistrationRelay:
         #: SPI -> the last identification accepted (RFC 5944 5.7); after a restart the
         #: identifications of the persisted bindings are the floor.
         self._last_ident: dict[int, int] = {}
+        self._hap: dict[str, wire.HAParameterExtension] = {}
 
     # ------------------------------------------------------------------ helpers
     def _key_for_mn(self, spi: int) -> bytes | None:
@@ -183,8 +192,14 @@ class RegistrationRelay:
         self._droplog.stop()
         self._denylog.stop()
 
-    def _stored(self, d: Any, what: str) -> None:
-        def failed(f: Any) -> None:
+    def _stored(self, d: defer.Deferred, what: str) -> None:
+        if d.called and not d.paused and not isinstance(d.result, (Failure, defer.Deferred)):
+            # Already durable (a memory store answers at once): it can no longer fail, and
+            # an errback on a fired Deferred costs a callback run per write, three per
+            # registration.
+            return
+
+        def failed(f: Failure) -> None:
             self.counters.inc("store_errors")
             log.failure("mipproxy: store write ({what}) failed", f, what=what)
 
@@ -195,8 +210,11 @@ class RegistrationRelay:
             self.counters.inc("send_failed")
 
     def is_internal(self, address: str) -> bool:
-        ip = ipaddress.IPv4Address(address)
-        return any(ip in net for net in self._internal)
+        ip = _U32.unpack(socket.inet_aton(address))[0]
+        for net, mask in self._internal:
+            if ip & mask == net:
+                return True
+        return False
 
     def located_inside(self, where: str, src: str) -> bool:
         """2.6.1: #1 by address (the CoA, or the source when NATed, in internal_networks);
@@ -318,16 +336,27 @@ class RegistrationRelay:
         if req.home_agent != cfg.public_address:
             deny(wire.REG_HA_UNKNOWN_HA_ADDRESS, f"home agent field {req.home_agent} is not MIPP-Pub")
             return
-        if not req.t:
+        rflags = req.flags
+        if not rflags & wire.FLAG_T:
             deny(wire.REG_HA_REVERSE_TUNNEL_MANDATORY, "T bit not set (2.2.4)")
             return
-        if req.m and req.g:
+        if rflags & wire.FLAG_M and rflags & wire.FLAG_G:
             deny(wire.REG_HA_ENCAPSULATION_UNAVAILABLE, "both M and G set")
             return
         if req.lifetime and req.care_of_address == _ZERO:
             deny(wire.REG_HA_POORLY_FORMED_REQUEST, "care-of address 0.0.0.0")
             return
-        hap = next((e for e in exts if isinstance(e, wire.HAParameterExtension)), None)
+        # one pass over the authenticated extensions: the two we read, the rest relayed
+        hap: wire.HAParameterExtension | None = None
+        utr: wire.UDPTunnelRequest | None = None
+        relayed: list[wire.Extension] = []
+        for e in exts:
+            if isinstance(e, wire.HAParameterExtension):
+                hap = hap or e
+            elif isinstance(e, wire.UDPTunnelRequest):
+                utr = utr or e
+            elif not isinstance(e, wire.AuthExtension):
+                relayed.append(e)
         if hap is None:
             deny(self.numbers.missing_ha_parameter, "no HA Parameter extension (2.5.3)")
             return
@@ -351,7 +380,6 @@ class RegistrationRelay:
             deny(self.numbers.assigned_home_agent, f"{where} is internal: register with {ha}",
                  home_agent=ha)
             return
-        utr = next((e for e in exts if isinstance(e, wire.UDPTunnelRequest)), None)
         udp = utr is not None and cfg.udp_tunnelling and (natted or utr.force)
         if udp and utr is not None and utr.encapsulation not in UDP_NEXT_HEADERS:
             # RFC 3519 3.1.4: the Encapsulation field is what the MN sends in the tunnel and
@@ -372,29 +400,27 @@ class RegistrationRelay:
         # 7. the new request (2.2.1 - 2.2.3)
         lifetime = min(req.lifetime, cfg.max_lifetime)
         home = req.home_address
-        if req.s and cfg.simultaneous_bindings and home != _ZERO and lifetime:
+        if rflags & wire.FLAG_S and cfg.simultaneous_bindings and home != _ZERO and lifetime:
             now = self.clock.seconds()
             for b in self.store.lookup_all(BINDING.name, "home", home):
                 expires = self.store.expires(BINDING.name, b.key)
                 if expires is not None:
                     lifetime = max(lifetime, min(int(expires - now), cfg.max_lifetime))
-        flags = req.flags & (wire.FLAG_M | wire.FLAG_G)
-        if req.b and cfg.broadcast:
+        flags = rflags & (wire.FLAG_M | wire.FLAG_G)
+        if rflags & wire.FLAG_B and cfg.broadcast:
             flags |= wire.FLAG_B
         else:
             flags |= wire.FLAG_D  # co-located CoA (MIPP-Priv); never with B (2.2.1)
         flags |= wire.FLAG_T
-        relayed = tuple(e for e in exts if not isinstance(
-            e, (wire.AuthExtension, wire.HAParameterExtension, wire.UDPTunnelRequest)))
         new = wire.RegistrationRequest(flags, lifetime, home, ha, cfg.private_address,
-                                       req.identification, relayed)
+                                       req.identification, tuple(relayed))
         out = wire.add_mn_ha_auth(wire.encode_request(new, self.numbers), sa.ha_spi, sa.key)
         if home != _ZERO:
             mn = home
         else:
             assert nai is not None  # step 4 dropped a zero home address without an NAI
             mn = "nai:" + nai.decode("utf-8", "backslashreplace")
-        encap = "gre" if req.g else "minimal" if req.m else "ipip"
+        encap = "gre" if rflags & wire.FLAG_G else "minimal" if rflags & wire.FLAG_M else "ipip"
         pending = Pending(
             mn=mn, ident_low=req.identification & _LOW32, identification=req.identification,
             home_agent=ha, care_of_address=req.care_of_address, lifetime=req.lifetime,
@@ -476,7 +502,10 @@ class RegistrationRelay:
                          pending)
         relayed: list[wire.Extension] = [e for e in exts if not isinstance(
             e, (wire.AuthExtension, wire.HAParameterExtension, wire.UDPTunnelReply))]
-        relayed.append(wire.HAParameterExtension(pending.home_agent))
+        hap = self._hap.get(pending.home_agent)
+        if hap is None:  # one immutable record per home agent, not one per reply
+            hap = self._hap[pending.home_agent] = wire.HAParameterExtension(pending.home_agent)
+        relayed.append(hap)
         if pending.udp_tunnel:
             relayed.append(wire.UDPTunnelReply(wire.UDP_TUNNEL_ACCEPTED, cfg.udp_keepalive,
                                                pending.udp_forced))
@@ -488,9 +517,11 @@ class RegistrationRelay:
             self.counters.inc("denied")
             self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
         self.counters.inc("replies_relayed")
-        log.debug("mipproxy: {home} via {coa}: home agent {ha} answered {code}, relayed {out} "
-                  "lifetime {life}", home=reply.home_address, coa=pending.care_of_address,
-                 ha=pending.home_agent, code=reply.code, out=code, life=reply.lifetime)
+        if logs.enabled(_DEBUG):  # an event per registration costs more than the test
+            log.debug("mipproxy: {home} via {coa}: home agent {ha} answered {code}, relayed "
+                      "{out} lifetime {life}", home=reply.home_address,
+                      coa=pending.care_of_address, ha=pending.home_agent, code=reply.code,
+                      out=code, life=reply.lifetime)
         dst = (pending.src_ip, pending.src_port)
         if code < 64 and reply.lifetime and self.before_reply is not None:
             self.before_reply(reply.home_address).addCallback(

@@ -33,7 +33,6 @@ docs/mip-wire.md) and are passed in, never hard-wired.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import socket
 import struct
@@ -205,6 +204,8 @@ def _uint(bits: int) -> Callable[[object, attrs.Attribute, int], None]:
     limit = 1 << bits
 
     def check(_inst: object, attr: attrs.Attribute, value: int) -> None:
+        if type(value) is int and 0 <= value < limit:  # the common case, one test
+            return
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
             raise ValueError(f"{attr.name} must be an integer in 0..{limit - 1}, not {value!r}")
 
@@ -671,7 +672,7 @@ def authenticated_extensions(msg: RegistrationRequest | RegistrationReply) -> tu
 def compute_authenticator(key: bytes, covered: bytes) -> bytes:
     """HMAC-MD5 (RFC 2104), the default Mobile IP algorithm (RFC 5944 3.5.1), over
     ``covered``: the UDP payload up to and including this extension's SPI."""
-    return hmac.new(key, covered, hashlib.md5).digest()
+    return hmac.digest(key, covered, "md5")  # one-shot, in C: a third of hmac.new's cost
 
 
 def add_auth(message: bytes, ext_type: int, spi: int, key: bytes) -> bytes:

@@ -345,7 +345,10 @@ class Store:
             return defer.succeed(False)
         owner = e.owner
         self._apply_delete(k, key, reason="")
-        return self._submit([self._row(k, key, None, owner)]).addCallback(lambda _: True)
+        row = self._row(k, key, None, owner)
+        if row is None:  # nothing for the backend to make durable (memory, or not persisted)
+            return defer.succeed(True)
+        return self.backend.submit([row]).addCallback(lambda _: True)
 
     def touch(self, kind: str, key: Hashable, ttl: float) -> bool:
         """Extend a record's lifetime to now+ttl. Cheap: for the packet path.
@@ -573,7 +576,13 @@ class Store:
         previous = None if old is None else (old.record, old.expires, old.owner, old.node)
         self._apply_put(k, key, record, expires, owner, notify=True, node=self.node_id)
         self.stats["inserts"] += 1
-        d = self._submit([self._row(k, key, record, reason="" if replace else "insert")])
+        row = self._row(k, key, record, reason="" if replace else "insert")
+        if row is None:
+            # Nothing for the backend (memory, or a kind that is not persisted): the view is
+            # all there is, nothing can be refused, nothing rolled back -- and a registration
+            # or an SA pays no callback chain for it.
+            return defer.succeed(record)
+        d = self.backend.submit([row])
 
         def rollback(f):
             # The backend refused (a networked conflict, a disk error): undo
