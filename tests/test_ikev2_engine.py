@@ -317,3 +317,45 @@ def test_ike_auth_logs_one_line_with_the_ike_sa_and_its_first_child():
     text = formatEvent(events[0])
     assert "client.example at 192.0.2.10:500 established" in text and "virtual IP 10.8.0." in text
     assert "; ESP aes-gcm-16-128 10.8.0." in text and f"in {spi_in:#010x}" in text
+
+
+def _init_ke(h: Harness, i: Initiator) -> bytes:
+    (resp,) = h.deliver(i.init_request(), addr=("192.0.2.10", 500 + len(h.sent)))
+    i.take_init_response(resp)
+    _hdr, ps = wire.parse_message(resp)
+    return wire.find(ps, wire.KE).data
+
+
+def test_dh_value_is_reused_within_the_window_and_forgotten_after_it():
+    """RFC 7296 §2.12: one IKE_SA_INIT value for [ike] ikev2_dh_reuse seconds, then a fresh
+    one; the timer drops it even when no exchange comes; each SA's keys still work."""
+    h = Harness(ikev2_dh_reuse=1.0)
+    a, b, c = Initiator(h), Initiator(h), Initiator(h)
+    ke_a, ke_b = _init_ke(h, a), _init_ke(h, b)
+    assert ke_a == ke_b and h.engine.sa_init.dh.generated == 1
+    assert a.k.sk_ei != b.k.sk_ei  # own nonces and SPIs: own keys
+    h.clock.advance(1.0)
+    assert not h.engine.sa_init.dh._values  # forgotten without waiting for the next exchange
+    assert _init_ke(h, c) != ke_a and h.engine.sa_init.dh.generated == 2
+    for i, port in ((a, 500 + 0), (b, 500 + 1), (c, 500 + 3)):
+        (resp,) = h.deliver(i.auth_request(), addr=("192.0.2.10", port))
+        hdr, ps = i.open(resp)
+        assert wire.find(ps, wire.Auth) is not None, ps
+    assert h.engine.counters["ike_established"] == 3
+
+
+def test_dh_reuse_zero_draws_a_fresh_value_per_exchange_and_bad_values_are_refused_anyway():
+    h = Harness(ikev2_dh_reuse=0)
+    assert _init_ke(h, Initiator(h)) != _init_ke(h, Initiator(h))
+    assert h.engine.sa_init.dh.generated == 2 and not h.engine.sa_init.dh._values
+    # with a value held for reuse, a peer value that is not a point on the curve is still refused
+    h = Harness(ikev2_dh_reuse=1.0)
+    _init_ke(h, Initiator(h))
+    bad = Initiator(h)
+    bad.init_request()
+    hdr, ps = wire.parse_message(bad.req1)
+    ps = tuple(wire.KE(19, b"\x01" * 64) if isinstance(p, wire.KE) else p for p in ps)
+    (resp,) = h.deliver(wire.build_message(hdr, list(ps)), addr=("192.0.2.11", 500))
+    _hdr, out = wire.parse_message(resp)
+    assert [n.type for n in out if isinstance(n, wire.Notify)] == [C.INVALID_SYNTAX]
+    assert h.engine.counters["malformed"] == 1

@@ -268,6 +268,10 @@ class IkeConfig:
         64, check=in_range(0, 1000000),
         doc="IKEv2 (RFC 7296 §2.6): with this many IKE_SA_INIT exchanges half open, a new one must "
             "first return our COOKIE (0: always).")
+    ikev2_dh_reuse: float = setting(
+        1.0, check=in_range(0, 10),
+        doc="IKEv2 (RFC 7296 §2.12): seconds our IKE_SA_INIT Diffie-Hellman value serves new exchanges "
+            "before a fresh one replaces it and it is forgotten (0: a fresh value for every exchange).")
     certificate: Path | None = setting(None, doc="Our certificate (PEM, may hold the chain).")
     private_key: Path | None = setting(None, doc="Our private key (PEM).")
     cacerts: tuple[Path, ...] = setting((), doc="CA certificates (PEM files or directories) peers must chain to.")

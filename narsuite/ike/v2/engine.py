@@ -429,6 +429,7 @@ class IkeV2Engine:
     def close(self) -> None:
         for sa in list(self.sas.values()):
             self.delete_ike(sa, notify_peer=True, reason="shutdown")
+        self.sa_init.dh.clear()
         self.drops.stop()
 
     # ------------------------------------------------------------------ the store

@@ -33,7 +33,7 @@ from narsuite.logs import logger
 if TYPE_CHECKING:
     from narsuite.ike.v2.engine import IkeV2Engine
 
-__all__ = ["SaInit", "allowed_proposals"]
+__all__ = ["SaInit", "DhValues", "allowed_proposals"]
 
 log = logger()
 
@@ -46,9 +46,62 @@ def allowed_proposals(policies: tuple[PeerPolicy, ...]) -> tuple[IkeProposal, ..
     return tuple(parse_ike(p) for pol in policies for p in pol.ikev2_proposals)
 
 
+class DhValues:
+    """Our Diffie-Hellman value for IKE_SA_INIT, one per group, serving new exchanges for at
+    most ``[ike] ikev2_dh_reuse`` seconds (RFC 7296 §2.12), then forgotten.
+
+    Why: a modp2048 key pair costs about 0.24 ms, a sixth of what an exchange costs us; under
+    load one pair then serves hundreds of exchanges.  Why it stays safe:
+
+    * every peer value is checked before use, reuse or not (``keys.group(n).shared``): the
+      tests RFC 6989 makes mandatory for reused values -- the point on the curve for ECP, and
+      for the safe-prime MODP groups nothing beyond 1 < y < p-1 -- and RFC 8031's non-zero
+      result for curve25519; so a peer learns nothing about our exponent from its own
+      exchange, and each IKE SA's keys still come from its own fresh nonces and SPIs;
+    * forward secrecy is lost only inside the window: the value is dropped by a timer when
+      its seconds are up, even if no exchange comes (an IKE SA lives for hours; one deleted
+      within a second of its creation stays recoverable from our memory for at most that
+      second);
+    * rekeys and PFS in CREATE_CHILD_SA always draw a fresh value (they are not under load).
+
+    ``0`` draws a fresh value for every exchange, as strongSwan does.
+    """
+
+    def __init__(self, clock: Any, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self._values: dict[int, tuple[Any, bytes]] = {}
+        self._timers: dict[int, Any] = {}
+        #: fresh key pairs drawn (the rest of the exchanges reused one)
+        self.generated = 0
+
+    def take(self, number: int) -> tuple[Any, bytes]:
+        """(private, public) for group ``number``."""
+        value = self._values.get(number)
+        if value is None:
+            value = keys.group(number).generate()
+            self.generated += 1
+            if self.seconds > 0:
+                self._values[number] = value
+                self._timers[number] = self.clock.callLater(self.seconds, self._forget, number)
+        return value
+
+    def _forget(self, number: int) -> None:
+        self._values.pop(number, None)
+        self._timers.pop(number, None)
+
+    def clear(self) -> None:
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._values.clear()
+        self._timers.clear()
+
+
 class SaInit:
     def __init__(self, engine: IkeV2Engine) -> None:
         self.engine = engine
+        self.dh = DhValues(engine.clock, engine.cfg.ikev2_dh_reuse)
 
     def unprotected(self, header: wire.Header, payloads: list[Any], addr: tuple[str, int], local_port: int,
                     limited: bool = True) -> None:
@@ -124,7 +177,7 @@ class SaInit:
                              local_port)
             return
         group = keys.group(choice.dh)
-        private, public = group.generate()
+        private, public = self.dh.take(choice.dh)
         try:
             gir = group.shared(private, ke.data)
         except CryptoError as err:
