@@ -29,6 +29,7 @@ import queue
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
@@ -103,17 +104,19 @@ for _, w in ipairs(batch) do
     if res then
       out[#out + 1] = res
     else
-      if exists then drop_indexes(rk) end
+      if exists then
+        drop_indexes(rk)
+        redis.call('DEL', rk)
+      end
       local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'o', 'P', 'k', kind, 'y', key,
                             'd', data, 'e', e, 'w', owner, 'n', node)
-      redis.call('DEL', rk)
       redis.call('HSET', rk, 'k', kind, 'y', key, 'd', data, 'e', e, 'w', owner, 'n', node, 'x', vol,
                  'u', table.concat(uks, '\n'), 'v', id)
-      expire(rk, ms)
+      -- (a new hash and a plain SET carry no expiry: only a lifetime needs a call)
+      if ms ~= '' then redis.call('PEXPIREAT', rk, ms) end
       for j = 1, nuk do
         local uk = pfx .. 'u:' .. uks[j]
-        redis.call('SET', uk, rk)
-        expire(uk, ms)
+        if ms ~= '' then redis.call('SET', uk, rk, 'PXAT', ms) else redis.call('SET', uk, rk) end
       end
       if vol == '1' then redis.call('SADD', pfx .. 'eph:' .. node, rk) end
       out[#out + 1] = {'OK', id}
@@ -299,8 +302,9 @@ class RedisBackend:
         self._applied_id = "0-0"  # the last stream entry applied to the view (reactor)
         self._inflight: dict[tuple[str, Hashable], int] = {}
         self._clobbered: dict[tuple[str, Hashable], str] = {}
-        #: (kind, key text) -> the stream id of our own latest write to it not yet read back
-        self._own_floor: dict[tuple[str, str], str] = {}
+        #: (kind, key text) -> the stream id of our own latest write to it not yet read back,
+        #: oldest first (dropped once the reader has passed it)
+        self._own_floor: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._snapshot: dict[tuple[str, str], str] = {}
         self._snapshot_end = "0-0"
         self.nodes: dict[str, dict[str, Any]] = {}
@@ -573,6 +577,7 @@ class RedisBackend:
                         prev = own_floor.get(fk)
                         if prev is None or _sid(prev) < _sid(wid):
                             own_floor[fk] = wid
+                            own_floor.move_to_end(fk)
                 elif r[0] == "G" and w.reason == "touch":
                     # Deleted (or expired) in the shared store while we touched it: so here too.
                     self.store.apply_remote(Row(w.spec.name, key_text(w.key), None, None, None))
@@ -608,6 +613,9 @@ class RedisBackend:
             try:
                 if c is None:
                     c = self._client("reader")
+                    # entries as Redis sends them ([id, [field, value, ...]]): our own are
+                    # passed over here without building a dict each
+                    c.set_response_callback("XREAD", lambda r, **_kw: r)
                 if check:
                     self._check_position(c)
                     check = False
@@ -639,9 +647,13 @@ class RedisBackend:
                 time.sleep(0.2)
                 continue
             if resp:
-                entries = resp[0][1]
-                self._last_id = entries[-1][0]
-                self._reactor.callFromThread(self._apply, entries)
+                # RESP2: [[stream, entries]]; RESP3 (from_url may pick it): {stream: entries}
+                entries = next(iter(resp.values())) if isinstance(resp, dict) else resp[0][1]
+                last = self._last_id = entries[-1][0]
+                # every entry ends with its node; ours (but for reaping) are in the view already
+                node = self.node_id
+                others = [e for e in entries if e[1][-1] != node or e[1][1] == "R"]
+                self._reactor.callFromThread(self._apply, others, last)
         if c is not None:
             c.close()
 
@@ -697,11 +709,16 @@ class RedisBackend:
         log.info("store: resynchronised with the shared store ({where}): {n} records, {c} changed",
                  where=self.where, n=len(rows), c=changed)
 
-    def _apply(self, entries: list) -> None:
-        """Apply other nodes' changes, in Redis's order, each exactly once."""
+    def _apply(self, entries: list, last: str | None = None) -> None:
+        """Apply other nodes' changes, in Redis's order, each exactly once.
+
+        ``entries`` are [id, [field, value, ...]] of the stream up to ``last``, our own
+        writes left out by the reader (except reaping): once they are passed, the floors
+        our writes set are dropped."""
         st = self.store
-        for eid, f in entries:
+        for eid, raw in entries:
             self._applied_id = eid
+            f: Any = dict(zip(raw[::2], raw[1::2]))
             op, kind, keyt, node = f.get("o"), f.get("k"), f.get("y"), f.get("n")
             if self._snapshot:
                 v = self._snapshot.get((kind, keyt))
@@ -740,6 +757,17 @@ class RedisBackend:
             except Exception:
                 log.failure("store: applying a change from {node} failed ({kind} {key})", node=node,
                             kind=kind, key=keyt)
+        if last is not None:
+            self._applied_id = last
+            passed = _sid(last)
+            if self._snapshot and passed >= _sid(self._snapshot_end):
+                self._snapshot = {}
+            floors = self._own_floor
+            while floors:
+                fk, wid = next(iter(floors.items()))
+                if _sid(wid) > passed:
+                    break
+                floors.popitem(last=False)
 
     # ------------------------------------------------------ nodes and reaping
     def _heartbeat_sync(self, c: Any) -> None:
