@@ -447,6 +447,29 @@ def test_ipip_roundtrip_vs_scapy(isrc, idst, osrc, odst, opts, payload, tos, ide
     assert (outer.protocol, outer.src, outer.dst, body) == (4, osrc, odst, inner)
 
 
+@PROPS
+@given(addrs, addrs, addrs, addrs, ip_options, payloads, st.integers(0, 255), st.integers(1, 255),
+       st.booleans())
+def test_tunnel_header_is_ipip_encapsulate_with_its_constants_summed_once(
+        isrc, idst, osrc, odst, opts, payload, tos, ttl, df):
+    """TunnelHeader.ipip (the mipproxy's per-care-of-address header) builds the very bytes
+    ipip_encapsulate builds with identification 0, and scapy agrees on the checksum."""
+    inner = C.build_ipv4(isrc, idst, C.PROTO_UDP, C.build_udp(7, 9, payload, src=isrc, dst=idst),
+                         options=C.build_options(opts), tos=tos, flags=C.IP_DF if df else 0)
+    ours = C.TunnelHeader(osrc, odst, ttl=ttl).ipip(inner)
+    assert ours == C.ipip_encapsulate(inner, osrc, odst, ttl=ttl)
+    assert ours == bytes(IP(src=ntoa(osrc), dst=ntoa(odst), proto=4, tos=tos, id=0, ttl=ttl,
+                            flags="DF" if df else 0) / Raw(inner))
+
+
+def test_tunnel_header_refuses_what_ipip_encapsulate_refuses():
+    src, dst = b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02"
+    with pytest.raises(C.CodecError, match="4-byte"):
+        C.TunnelHeader(src[:3], dst)
+    with pytest.raises(C.CodecError, match="too long"):
+        C.TunnelHeader(src, dst).ipip(C.build_ipv4(src, dst, 17, b"\x00" * 65500))
+
+
 def test_ipip_explicit_tos_df_and_errors():
     src, dst = b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02"
     inner = C.build_ipv4(src, dst, 17, b"x" * 8, tos=0xB8, flags=C.IP_DF)

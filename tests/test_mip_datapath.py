@@ -164,6 +164,13 @@ def test_5_3_checks_drop_and_count() -> None:
         (bytes(IP(src="198.51.100.9", dst=PUB, proto=4) / IP(src=HOME, dst=GW, proto=50)),
          "drop_wrong_tunnel_source"),
         (bytes(IP(src=COA, dst=PUB, proto=4) / Raw(b"\x45\x00")), "drop_bad_encapsulation"),
+        # the outer header checked inline: a fragment, a total length past the end, IHL < 5
+        (bytes(IP(src=COA, dst=PUB, proto=4, flags="MF") / IP(src=HOME, dst=GW, proto=50)),
+         "drop_bad_encapsulation"),
+        (bytes(IP(src=COA, dst=PUB, proto=4, len=200) / IP(src=HOME, dst=GW, proto=50)),
+         "drop_bad_encapsulation"),
+        (b"\x44" + bytes(IP(src=COA, dst=PUB, proto=4) / IP(src=HOME, dst=GW, proto=50))[1:],
+         "drop_bad_encapsulation"),
     ]
     for pkt, reason in cases:
         before = r.dp.counters[reason]
@@ -224,3 +231,24 @@ def test_binding_rules_go_through_policy_routes_not_a_subprocess(monkeypatch: py
     r.store.delete(BINDING.name, (HOME, "192.168.20.20"))  # the last binding of the home
     r.clock.advance(0)
     assert changes[-1] == (expected, [])
+
+
+def test_gateway_side_refuses_what_is_not_ipv4_ipsec_and_tunnels_by_cached_header() -> None:
+    """from_tun's inline header checks: IPv6, a truncated header, an IHL past the end are not
+    the gateway's IPsec; the IP-in-IP header built from the per-CoA cache is the codec's own
+    (scapy reads it), and a new binding for the home address takes a new care-of address."""
+    from narsuite.packet import codec
+
+    r = Rig()
+    r.bind()
+    for bad in (b"\x60" + bytes(39), esp(GW, HOME)[:19], b"\x4f" + esp(GW, HOME)[1:40]):
+        r.dp.from_tun(bad)
+    assert r.drops() == {"drop_tun_not_ipsec": 3} and r.raw == []
+    inner = esp(GW, HOME)
+    r.dp.from_tun(inner)
+    assert r.raw[-1][0] == codec.ipip_encapsulate(inner, socket.inet_aton(PUB), socket.inet_aton(COA))
+    r.store.delete(BINDING.name, (HOME, COA))
+    r.store.put(Binding(HOME, "192.168.20.20", HA, 2, 600, 4096, "192.168.20.20", 0), ttl=600)
+    r.dp.from_tun(inner)
+    o = IP(r.raw[-1][0])
+    assert (o.src, o.dst, bytes(o.payload)) == (PUB, "192.168.20.20", inner)
