@@ -190,3 +190,35 @@ def test_static_tunnel_peer_overlapping_a_negotiated_peer_is_refused():
     assert [p.name for p in store.records("esp.peer")] == ["ike-client"]
     assert store.holds("spi", 0x1001) is None
     assert svc.engine.counters.values["tunnel_conflict"] == 1
+
+
+def test_tunnel_conflict_is_ipaddress_overlap():
+    """sadb.tunnel_conflict (integers, networks parsed once) finds exactly the peers whose
+    space networks ipaddress says overlap, host bits ignored."""
+    import ipaddress
+    import random
+
+    from narsuite import sadb
+    from narsuite.esp.records import Peer
+
+    rng = random.Random(7)
+
+    def net() -> str:
+        plen = rng.choice((8, 16, 20, 24, 28, 32))
+        return f"10.{rng.randrange(4)}.{rng.randrange(256)}.{rng.randrange(256)}/{plen}"
+
+    others = [Peer(name=f"p{i}", mode="tunnel", policy="space", allowed=(net(), net())) for i in range(40)]
+
+    class Store:
+        def records(self, kind):
+            return iter(others)
+
+        def lookup(self, *a):
+            return None
+
+    for _ in range(300):
+        mine = Peer(name="me", mode="tunnel", policy="space", allowed=(net(),))
+        want = next((o for o in others if any(
+            ipaddress.IPv4Network(a, strict=False).overlaps(ipaddress.IPv4Network(b, strict=False))
+            for a in mine.allowed for b in o.allowed)), None)
+        assert sadb.tunnel_conflict(Store(), mine) is want
