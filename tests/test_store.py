@@ -147,6 +147,25 @@ def test_touch_extends_and_shortens(store: Store, clock: Clock) -> None:
     assert store.get("test.mapping", "m3") is None
 
 
+def test_replacing_keeps_the_new_lifetime_without_growing_the_heap(store: Store, clock: Clock) -> None:
+    """A put over a record with a later expiry adds no heap entry (the old one comes due and
+    re-pushes), yet the record lives exactly its new lifetime; a shorter one is honoured."""
+    ok(store.put(mk(), ttl=10))
+    heap = len(store._heap)
+    for _ in range(100):
+        clock.advance(1)
+        ok(store.put(mk(), ttl=10))  # a refresh, as a re-registration does
+    assert len(store._heap) <= heap + 1
+    clock.advance(9.9)
+    assert store.get("test.mapping", "m1") is not None
+    clock.advance(0.2)
+    assert store.get("test.mapping", "m1") is None
+    ok(store.put(mk("m4", spi=8000), ttl=100))
+    ok(store.put(mk("m4", spi=8000), ttl=2))  # shorter: its own entry
+    clock.advance(2.1)
+    assert store.get("test.mapping", "m4") is None
+
+
 def test_subscribers_hear_every_change(store: Store, clock: Clock) -> None:
     seen = []
     unsubscribe = store.subscribe(lambda c: seen.append((c.op, c.key, c.reason)), kinds=["test.mapping"])

@@ -57,6 +57,7 @@ NTP_EPOCH_OFFSET = 2208988800
 _LOW32 = 0xFFFFFFFF
 _Q = struct.Struct("!Q")
 _ntoa = socket.inet_ntoa
+_aton = socket.inet_aton
 _ZERO = "0.0.0.0"
 _DEBUG = LogLevel.debug
 _U32 = struct.Struct("!I")
@@ -178,8 +179,18 @@ class RegistrationRelay:
         #: identifications of the persisted bindings are the floor.
         self._last_ident: dict[int, int] = {}
         self._hap: dict[str, wire.HAParameterExtension] = {}
+        self._pub = socket.inet_aton(cfg.public_address) if cfg.public_address else bytes(4)
+        self._priv = socket.inet_aton(cfg.private_address) if cfg.private_address else bytes(4)
+        self._ha_bytes: dict[str, bytes] = {}  # configured HAs only: bounded
 
     # ------------------------------------------------------------------ helpers
+    def _aton(self, ha: str) -> bytes:
+        """A home agent's address as bytes (HAs come from the config: the cache is bounded)."""
+        b = self._ha_bytes.get(ha)
+        if b is None:
+            b = self._ha_bytes[ha] = socket.inet_aton(ha)
+        return b
+
     def _key_for_mn(self, spi: int) -> bytes | None:
         sa = self._sas.get(spi)
         return None if sa is None else sa.key
@@ -412,9 +423,12 @@ class RegistrationRelay:
         else:
             flags |= wire.FLAG_D  # co-located CoA (MIPP-Priv); never with B (2.2.1)
         flags |= wire.FLAG_T
-        new = wire.RegistrationRequest(flags, lifetime, home, ha, cfg.private_address,
-                                       req.identification, tuple(relayed))
-        out = wire.add_mn_ha_auth(wire.encode_request(new, self.numbers), sa.ha_spi, sa.key)
+        # the relayed request from the fields: home address and identification as the MN sent
+        # them, CoA = MIPP-Priv (2.2.1 - 2.2.3)
+        out = wire.add_mn_ha_auth(
+            wire.pack_request(flags, lifetime, _aton(home), self._aton(ha), self._priv,
+                              req.identification, tuple(relayed), self.numbers),
+            sa.ha_spi, sa.key)
         if home != _ZERO:
             mn = home
         else:
@@ -509,9 +523,10 @@ class RegistrationRelay:
         if pending.udp_tunnel:
             relayed.append(wire.UDPTunnelReply(wire.UDP_TUNNEL_ACCEPTED, cfg.udp_keepalive,
                                                pending.udp_forced))
-        new = wire.RegistrationReply(code, reply.lifetime, reply.home_address, cfg.public_address,
-                                     reply.identification, tuple(relayed))
-        out = wire.add_mn_ha_auth(wire.encode_reply(new, n), sa.spi, sa.key)
+        out = wire.add_mn_ha_auth(
+            wire.pack_reply(code, reply.lifetime, _aton(reply.home_address), self._pub,
+                            reply.identification, tuple(relayed), n),
+            sa.spi, sa.key)
         self._stored(self.store.delete(PENDING.name, (pending.mn, pending.ident_low)), "pending")
         if code != reply.code and code >= 64:
             self.counters.inc("denied")

@@ -58,7 +58,7 @@ __all__ = [
     "RegistrationRequest", "RegistrationReply", "TunnelData", "Message",
     "decode_message", "decode_request", "decode_reply", "decode_tunnel_data",
     "encode_message", "encode_request", "encode_reply", "encode_tunnel_data",
-    "encode_extension", "encode_extensions",
+    "encode_extension", "encode_extensions", "pack_request", "pack_reply",
     "authenticated_extensions", "compute_authenticator",
     "add_auth", "add_mn_ha_auth", "verify_auth", "verify_mn_ha_auth",
 ]
@@ -562,6 +562,32 @@ def encode_reply(msg: RegistrationReply, numbers: DraftNumbers = DEFAULT_NUMBERS
         MSG_REGISTRATION_REPLY, msg.code, msg.lifetime, _addr_to_bytes(msg.home_address),
         _addr_to_bytes(msg.home_agent), msg.identification,
     ) + encode_extensions(msg.extensions, numbers)
+
+
+def _four(*addrs: bytes) -> None:
+    for a in addrs:
+        if len(a) != 4:
+            raise ValueError(f"an IPv4 address is 4 bytes, not {len(a)}")
+
+
+def pack_request(flags: int, lifetime: int, home: bytes, ha: bytes, coa: bytes,
+                 identification: int, extensions: tuple[Extension, ...] = (),
+                 numbers: DraftNumbers = DEFAULT_NUMBERS) -> bytes:
+    """:func:`encode_request` from the fields, addresses as 4 bytes: a relay that has them
+    as bytes already (the message it answers, its own addresses) builds no record and
+    converts no address.  ``struct`` refuses an integer out of its field's range."""
+    _four(home, ha, coa)
+    return _REQ.pack(MSG_REGISTRATION_REQUEST, flags, lifetime, home, ha, coa,
+                     identification) + encode_extensions(extensions, numbers)
+
+
+def pack_reply(code: int, lifetime: int, home: bytes, ha: bytes, identification: int,
+               extensions: tuple[Extension, ...] = (),
+               numbers: DraftNumbers = DEFAULT_NUMBERS) -> bytes:
+    """:func:`encode_reply` from the fields, addresses as 4 bytes (see :func:`pack_request`)."""
+    _four(home, ha)
+    return _REP.pack(MSG_REGISTRATION_REPLY, code, lifetime, home, ha,
+                     identification) + encode_extensions(extensions, numbers)
 
 
 def encode_tunnel_data(msg: TunnelData) -> bytes:

@@ -627,7 +627,11 @@ class Store:
                 k.multi[ix.name].setdefault(value, {})[key] = record
         if owner is not None:
             self._owners.setdefault(owner, set()).add((spec.name, key))
-        if expires is not None:
+        if expires is not None and (old is None or old.expires is None or expires < old.expires):
+            # A replacement that lives longer needs no heap entry of its own: the old one
+            # comes due first and re-pushes the later time (as for touch).  A binding
+            # refreshed thousands of times a second would otherwise grow the heap by one
+            # entry per refresh, each kept for a whole lifetime.
             self._push(expires, spec.name, key)
         if notify:
             self._notify(Change("put", spec.name, key, record, None if old is None else old.record))
