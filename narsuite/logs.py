@@ -163,9 +163,9 @@ def twistd_observer(twistd_options: Any, max_bytes: int, max_files: int) -> ILog
     twistd writes to stdout under ``-n`` (or ``--logfile=-``), to syslog with
     ``--syslog``, else to a file (``twistd.log`` by default) through ``LogFile``,
     which rotates at 1 MB but never deletes a rotated file.  For the file case this
-    returns a text observer on :func:`capped_file` (SIGUSR1 still rotates it); for the
-    others None: twistd's own choice stands.
-    Both text observers format with :func:`text_observer` (Twisted's lines, faster).
+    returns a text observer on :func:`capped_file` (SIGUSR1 still rotates it), for stdout
+    one on stdout -- both :func:`text_observer`, Twisted's lines formatted faster; for
+    syslog None: twistd's own choice stands.
     """
     opts = twistd_options
     filename = opts.get("logfile")
