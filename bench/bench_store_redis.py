@@ -5,7 +5,9 @@ same rows (the floor for any client of this Redis), plus the packet path's looku
 Run: python bench/bench_store_redis.py [--writes N] [--inflight C]
 
 A real redis-server is started on loopback for the run (persistence off) and killed after it.
-Latency is from ``store.insert`` to its Deferred firing (what a role waits for).
+Latency is from ``store.insert`` to its Deferred firing (what a role waits for).  CPU per write
+(this process: reactor, writer and reader threads; and the redis-server) is printed too: on a
+shared machine it moves far less than writes/s.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ class Mapping:
 
 KIND = KindSpec("bench.mapping", Mapping, key=lambda r: r.ident,
                 indexes=(Index("spi", lambda r: (r.proto, r.spi)),))
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -111,7 +122,10 @@ def main(args):  # type: ignore[no-untyped-def]
         st.open()
         st.start()
         yield run_store(st, 2000, args.inflight, 10**8)  # warm-up
+        c0, r0 = cpu_seconds(), cpu_seconds(srv.pid or "self")
         results["redis backend"] = yield run_store(st, args.writes, args.inflight, 0)
+        results["redis cpu"] = ((cpu_seconds() - c0) / args.writes * 1e6,
+                                (cpu_seconds(srv.pid or "self") - r0) / args.writes * 1e6)
         results["redis lookup ns"] = lookup_ns(st, min(args.writes, 100_000))
         yield st.stop()
         results["raw redis-py pipelined SET"] = raw_pipelined(srv, args.writes)
@@ -128,6 +142,7 @@ def main(args):  # type: ignore[no-untyped-def]
         w, p50, p99 = results[name]
         print(f"{name:28s} {w:10.0f} writes/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms")
     print(f"{'raw redis-py pipelined SET':28s} {results['raw redis-py pipelined SET']:10.0f} writes/s (anchor)")
+    print("redis backend CPU per write: this process {:.1f} us, redis-server {:.1f} us".format(*results["redis cpu"]))
     print(f"lookup index.get: redis view {results['redis lookup ns']:.0f} ns, "
           f"sqlite view {results['sqlite lookup ns']:.0f} ns")
 
