@@ -104,8 +104,9 @@ class _ClassicText:
     def __init__(self, time_format: str | None = timeFormatRFC3339) -> None:
         self.time_format = time_format
         self._simple: dict[str, bool] = {}
-        self._second: int | None = None
-        self._stamp = "-"
+        #: (second, its text): one attribute, so a thread logging at the same time never
+        #: pairs one second with another's text
+        self._stamp: tuple[int | None, str] = (None, "")
         self._systems: dict[tuple[str, Any], str] = {}
 
     def _is_simple(self, fmt: str) -> bool:
@@ -123,10 +124,10 @@ class _ClassicText:
         if "%f" in self.time_format:
             return formatTime(when, self.time_format)
         second = int(when // 1)
-        if second != self._second:
-            self._stamp = formatTime(second, self.time_format)
-            self._second = second
-        return self._stamp
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = self._stamp = (second, formatTime(second, self.time_format))
+        return stamp[1]
 
     def __call__(self, event: dict) -> str | None:
         fmt = event.get("log_format")
