@@ -8,6 +8,7 @@ encapsulation) with the I/O calls stubbed out, best of ``--repeat`` passes:
 
 * MN -> gateway: RFC 3519 UDP tunnel data (``udp_received``) and IP-in-IP (``raw_received``);
 * gateway -> MN: ``from_tun`` to a UDP-tunnelled and an IP-in-IP binding;
+* then RFC 3519 tunnel data with next header 47 (GRE) and 55 (minimal encapsulation), both ways;
 
 and, as the anchor, the esp role's own step for the same packet (narsuite.esp.transform,
 AES-GCM-128 tunnel mode: ``OutboundSA.encapsulate`` / ``InboundSA.decapsulate`` of the inner
@@ -51,7 +52,7 @@ def best(fn: Any, args: list, repeat: int) -> float:
     return t / len(args)
 
 
-def datapath(encap: str) -> DataPath:
+def datapath(encap: str, nh: int = 4) -> DataPath:
     cfg = cfgmod.loads(f'[mipproxy]\npublic_address = "{PUB}"\nprivate_address = "{PRIV}"\n'
                        f'home_agents = ["{HA}"]\nvpn_gateways = ["{GW}"]\n').role("mipproxy")
     clock = Clock()
@@ -61,7 +62,7 @@ def datapath(encap: str) -> DataPath:
     store.open()
     udp = encap == "udp"
     store.put(Binding(HOME, COA, HA, 1, 600, 4096, NAT[0] if udp else COA, NAT[1] if udp else 0,
-                      encapsulation=encap), ttl=600)
+                      encapsulation=encap, udp_next_header=nh), ttl=600)
     dp = DataPath(cfg, store, clock, send_udp=lambda d, a: True)
     store.subscribe(dp.store_changed)  # as the service does
     dp.tun_write = lambda p: True
@@ -79,6 +80,7 @@ def main() -> None:
     print("| inner B | MN→GW UDP µs | MN→GW IP-in-IP µs | ESP decap µs (what the gateway does "
           "next) | GW→MN UDP µs | GW→MN IP-in-IP µs | ESP encap µs (what the gateway did before) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
+    rows: list[tuple[int, bytes, bytes, float, float]] = []
     for size in (64, 1400):
         payload = os.urandom(size - 28)
         esp_body = os.urandom(8) + payload  # SPI, seq, "ciphertext"
@@ -103,6 +105,22 @@ def main() -> None:
                     for _ in range(args.repeat))
         print(f"| {size} | {t_udp_in * 1e6:.2f} | {t_ipip_in * 1e6:.2f} | {t_dec * 1e6:.2f} | "
               f"{t_udp_out * 1e6:.2f} | {t_ipip_out * 1e6:.2f} | {t_enc * 1e6:.2f} |")
+        rows.append((size, inner, to_mn, t_dec, t_enc))
+    # RFC 3519 tunnel data with the other next headers the MN may register (47 GRE, 55
+    # minimal encapsulation): the same steps, the same anchors
+    print("\n| inner B | next header | MN→GW UDP µs | ESP decap µs | GW→MN UDP µs | ESP encap µs |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for size, inner, to_mn, t_dec, t_enc in rows:
+        for nh, body in ((47, b"\x00\x00\x08\x00" + inner),
+                         (55, codec.minimal_forwarding(inner, A(COA)))):
+            dp = datapath("udp", nh)
+            tdata = bytes([4, nh, 0, 0]) + body
+            t_in = best(dp.udp_received, [(tdata, NAT)] * args.count, args.repeat)
+            t_out = best(dp.from_tun, [(to_mn,)] * args.count, args.repeat)
+            assert dp.counters["mn_to_gateway"] and dp.counters["gateway_to_mn"]
+            assert not any(v for k, v in dp.counters.items() if k.startswith("drop_"))
+            print(f"| {size} | {nh} | {t_in * 1e6:.2f} | {t_dec * 1e6:.2f} | {t_out * 1e6:.2f} | "
+                  f"{t_enc * 1e6:.2f} |")
 
 
 if __name__ == "__main__":

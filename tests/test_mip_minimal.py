@@ -71,3 +71,34 @@ def test_scapy_reads_the_restored_packet() -> None:
     assert back[UDP].sport == 500 and bytes(back)[back.ihl * 4 + 8:] == b"x" * 40
     assert back.chksum == IP(inner).chksum
     assert struct.unpack("!H", bytes(back)[2:4])[0] == len(inner)
+
+
+def test_cached_forwarding_and_restore_are_the_plain_functions_bytes() -> None:
+    """The data path's caches (RFC 3519 next header 55) change no byte: forwarding headers
+    by source/destination, restored headers by a forwarding header already checked; a
+    fragment is refused on the cached path too; a corrupted header is not a cached one and
+    fails its checksum; the caches stay bounded whatever arrives."""
+    pub, nat = A("203.0.113.1"), A("203.0.113.2")
+    fwd_cache: dict = {}
+    rst_cache: dict = {}
+    for i in range(3):
+        inner = bytes(IP(src="10.2.0.3", dst="10.2.0.100", proto=50, id=i) / Raw(b"e" * (40 + i)))
+        plain = C.minimal_forwarding(inner, pub)
+        assert C.minimal_forwarding_cached(inner, pub, fwd_cache, b"\x04\x37\0\0") == b"\x04\x37\0\0" + plain
+        back = C.minimal_restore(plain, nat, pub)
+        assert C.minimal_restore_cached(plain, "203.0.113.2", pub, rst_cache) == back
+        assert IP(back).src == "10.2.0.3" and bytes(IP(back).payload) == b"e" * (40 + i)
+    assert len(fwd_cache) == 1 and len(rst_cache) == 1
+    frag = bytes(IP(src="10.2.0.3", dst="10.2.0.100", proto=50, flags="MF") / Raw(b"e" * 40))
+    with pytest.raises(C.CodecError, match="fragment"):
+        C.minimal_forwarding_cached(frag, pub, fwd_cache)
+    bad = bytearray(C.minimal_forwarding(
+        bytes(IP(src="10.2.0.3", dst="10.2.0.100", proto=50) / Raw(b"e" * 40)), pub))
+    bad[4] ^= 1  # the original destination, under the checksum
+    with pytest.raises(C.CodecError, match="checksum"):
+        C.minimal_restore_cached(bytes(bad), "203.0.113.2", pub, rst_cache)
+    for n in range(C.MINIMAL_CACHE_SIZE + 10):
+        inner = bytes(IP(src="10.2.0.3", dst=f"10.{n >> 8}.{n & 255}.1", proto=50) / Raw(b"e" * 8))
+        C.minimal_restore_cached(C.minimal_forwarding(inner, pub), "203.0.113.2", pub, rst_cache)
+        C.minimal_forwarding_cached(inner, pub, fwd_cache)
+    assert len(rst_cache) <= C.MINIMAL_CACHE_SIZE and len(fwd_cache) <= C.MINIMAL_CACHE_SIZE

@@ -46,7 +46,8 @@ log = logger()
 #: RFC 3519 tunnel data header in front of an IP-in-IP payload (type 4, next header 4).
 UDP_TUNNEL_HEADER = b"\x04\x04\x00\x00"
 #: ... next header 47 and a 4-byte GRE header (no checksum, key or sequence; IPv4 inside).
-_UDP_GRE_HEADER = b"\x04\x2f\x00\x00" + b"\x00\x00\x08\x00"
+_GRE_PLAIN_IPV4 = b"\x00\x00\x08\x00"
+_UDP_GRE_HEADER = b"\x04\x2f\x00\x00" + _GRE_PLAIN_IPV4
 #: ... next header 55: a minimal forwarding header and the payload follow (RFC 2004).
 _UDP_MINIMAL_HEADER = b"\x04\x37\x00\x00"
 _IKE_PORTS = (500, 4500)
@@ -99,6 +100,10 @@ class DataPath:
         #: one pack and a checksum fold, where building and summing a header was a third of
         #: the step); emptied with ``_coa``
         self._ipip: dict[str, codec.TunnelHeader] = {}
+        #: RFC 3519 next header 55: forwarding headers by (protocol, source, destination),
+        #: and restored headers' sums by forwarding header (bounded by the codec)
+        self._minimal: dict[bytes, tuple[int, bytes]] = {}
+        self._unminimal: dict[bytes, tuple[int, int, bytes, bytes]] = {}
         self._droplog = Aggregator(log, "mipproxy data path: dropped", clock=clock)
 
     # ---------------------------------------------------------------- lifecycle
@@ -259,14 +264,17 @@ class DataPath:
                 codec.peek_ipv4(payload)
                 inner = payload
             elif nh == codec.PROTO_GRE:
-                gre, inner = codec.parse_gre(payload)
-                if gre.protocol != codec.ETH_P_IP:
-                    raise codec.CodecError("GRE payload is not IPv4")
+                if payload[:4] == _GRE_PLAIN_IPV4:  # no checksum, key or sequence: nothing to check
+                    inner = payload[4:]
+                else:
+                    gre, inner = codec.parse_gre(payload)
+                    if gre.protocol != codec.ETH_P_IP:
+                        raise codec.CodecError("GRE payload is not IPv4")
                 codec.peek_ipv4(inner)
             elif nh == codec.PROTO_MINIMAL:
                 # the UDP datagram's IP header stands for the outer one (its TTL and ID are
                 # not handed to us: the restored packet gets 64 and 0)
-                inner = codec.minimal_restore(payload, socket.inet_aton(addr[0]), self.pub)
+                inner = codec.minimal_restore_cached(payload, addr[0], self.pub, self._unminimal)
             else:
                 self._drop("unsupported_encapsulation", f"tunnel data next header {nh} from {addr[0]}")
                 return
@@ -373,7 +381,8 @@ class DataPath:
                 out = _UDP_GRE_HEADER + packet
             else:
                 try:
-                    out = _UDP_MINIMAL_HEADER + codec.minimal_forwarding(packet, self.pub)
+                    out = codec.minimal_forwarding_cached(packet, self.pub, self._minimal,
+                                                          _UDP_MINIMAL_HEADER)
                 except codec.CodecError as e:
                     self._drop("bad_encapsulation", f"for {socket.inet_ntoa(dst)}: {e}")
                     return

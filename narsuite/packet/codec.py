@@ -68,6 +68,7 @@ __all__ = [
     "napt_rewrite", "decrement_ttl",
     "ipip_encapsulate", "ipip_decapsulate", "gre_encapsulate", "gre_decapsulate", "TunnelHeader",
     "minimal_encapsulate", "minimal_decapsulate", "minimal_forwarding", "minimal_restore",
+    "minimal_forwarding_cached", "minimal_restore_cached", "MINIMAL_CACHE_SIZE",
     "decapsulate",
 ]
 
@@ -1198,17 +1199,36 @@ def minimal_encapsulate(inner: Buffer, src: Buffer, dst: Buffer) -> bytes:
     return bytes(hdr) + mh + bytes(inner[hl:])
 
 
+def _fold(s: int) -> int:
+    """The ones'-complement checksum of a word sum (internet_checksum's last step)."""
+    r = s % 0xFFFF
+    if r == 0 and s:
+        r = 0xFFFF
+    return r ^ 0xFFFF
+
+
 def minimal_forwarding(inner: Buffer, src: Buffer) -> bytes:
     """What follows the outer IP header of a minimal encapsulation of ``inner`` by ``src``:
     the forwarding header and the inner payload.  RFC 3519 tunnel data with next header
     55 carries exactly this, the UDP datagram's IP header standing for the outer one; the
     inner packet's TTL, TOS and identification are lost with it (the UDP socket sets its
-    own), which RFC 2004 tolerates: the decapsulator rebuilds them from its outer header."""
-    hl, mh = _minimal_header(inner, src)
+    own), which RFC 2004 tolerates: the decapsulator rebuilds them from its outer header.
+
+    The same header as :func:`minimal_encapsulate`'s, packed once with its checksum summed
+    from the fields (a per-packet step of the mipproxy data path)."""
+    if len(src) != 4:
+        raise CodecError("tunnel endpoints must be 4-byte IPv4 addresses")
+    hl, proto, osrc, odst = peek_ipv4(inner)
+    if (inner[6] & 0x3F) | inner[7]:
+        raise CodecError("minimal encapsulation of a fragment (RFC 2004 §3)")
     end = (inner[2] << 8) | inner[3]
     if end < hl or end > len(inner):
         raise CodecError(f"total length {end} inconsistent with {len(inner)} bytes")
-    return mh + bytes(inner[hl:end])
+    if bytes(src) == osrc:
+        return _MIN.pack(proto, 0, _fold((proto << 8) + int.from_bytes(odst, "big")),
+                         odst) + bytes(inner[hl:end])
+    c = _fold((proto << 8) + 0x80 + int.from_bytes(odst, "big") + int.from_bytes(osrc, "big"))
+    return _MIN_S.pack(proto, 0x80, c, odst, osrc) + bytes(inner[hl:end])
 
 
 def _minimal_restore(hdr: bytearray, body: Buffer) -> bytes:
@@ -1254,11 +1274,85 @@ def minimal_restore(body: Buffer, outer_src: Buffer, outer_dst: Buffer, *, ttl: 
     never carries a fragment)."""
     if len(outer_src) != 4 or len(outer_dst) != 4:
         raise CodecError("tunnel endpoints must be 4-byte IPv4 addresses")
-    hdr = bytearray(_MIN_OUTER.pack(0x45, tos, 0, ident, 0, ttl, 0, 0, outer_src, outer_dst))
-    return _minimal_restore(hdr, body)
+    n = len(body)
+    if n < 8:
+        raise CodecError("truncated minimal forwarding header")
+    proto, sbit, _c, odst = _MIN.unpack_from(body)
+    if sbit & 0x80:
+        if n < 12:
+            raise CodecError("truncated minimal forwarding header (S bit set)")
+        mlen = 12
+        src = body[8:12]
+        if _fold((proto << 8) + sbit + _c + int.from_bytes(odst, "big")
+                 + int.from_bytes(src, "big")) != 0:
+            raise CodecError("bad minimal forwarding header checksum")
+    else:
+        mlen = 8
+        src = outer_src
+        if _fold((proto << 8) + sbit + _c + int.from_bytes(odst, "big")) != 0:
+            raise CodecError("bad minimal forwarding header checksum")
+    tl = 20 + n - mlen
+    if tl > 0xFFFF:
+        raise CodecError(f"restored packet too long: {tl} bytes")
+    c = _fold(0x4500 + tos + tl + ident + (ttl << 8) + proto + int.from_bytes(src, "big")
+              + int.from_bytes(odst, "big"))
+    return _MIN_OUTER.pack(0x45, tos, tl, ident, 0, ttl, proto, c, src, odst) + bytes(body[mlen:])
 
 
 _MIN_OUTER = struct.Struct("!BBHHHBBH4s4s")
+_MIN_S = struct.Struct("!BBH4s4s")
+#: entries a caller's minimal-encapsulation cache holds before it is emptied (the keys come
+#: from the wire: bounded, whatever a peer sends)
+MINIMAL_CACHE_SIZE = 1024
+
+
+def minimal_forwarding_cached(inner: Buffer, src: Buffer, cache: dict[bytes, tuple[int, bytes]],
+                              prefix: bytes = b"") -> bytes:
+    """``prefix`` + :func:`minimal_forwarding`, the forwarding header looked up in ``cache``
+    by the inner packet's source and destination (one tunnel's packets share them): per
+    packet, the header and fragment checks and one copy.  ``cache`` belongs to one ``src``."""
+    key = bytes(inner[12:20])
+    hit = cache.get(key)
+    if hit is None or len(inner) < 20 or hit[0] != inner[9]:
+        mh_payload = minimal_forwarding(inner, src)
+        if len(cache) >= MINIMAL_CACHE_SIZE:
+            cache.clear()
+        cache[key] = (inner[9], mh_payload[:12 if mh_payload[1] & 0x80 else 8])
+        return prefix + mh_payload
+    hl = (inner[0] & 0x0F) << 2
+    end = (inner[2] << 8) | inner[3]
+    if inner[0] >> 4 != 4 or hl < 20 or end < hl or end > len(inner):
+        raise CodecError("bad IPv4 header")
+    if (inner[6] & 0x3F) | inner[7]:
+        raise CodecError("minimal encapsulation of a fragment (RFC 2004 §3)")
+    return b"".join((prefix, hit[1], memoryview(inner)[hl:end]))
+
+
+def minimal_restore_cached(body: Buffer, outer_src: bytes | str, outer_dst: Buffer,
+                           cache: dict[bytes, tuple[int, int, bytes, bytes]]) -> bytes:
+    """:func:`minimal_restore` (TTL 64, ID 0, TOS 0) with a forwarding header that carries
+    its source (S bit) remembered in ``cache``: a header byte-equal to one already checked
+    needs no checksum and its restored header's constant words are summed.  Without the S
+    bit the source is the datagram's, and it goes the long way.  ``cache`` belongs to one
+    ``outer_dst``; ``outer_src`` may be the dotted quad (converted only when needed)."""
+    if len(body) >= 12 and body[1] & 0x80:
+        key = bytes(body[:12])
+        hit = cache.get(key)
+        if hit is None:
+            out = minimal_restore(body, addr_to_bytes(outer_src), outer_dst)
+            if len(cache) >= MINIMAL_CACHE_SIZE:
+                cache.clear()
+            proto = body[0]
+            cache[key] = (0x4500 + (64 << 8) + proto + int.from_bytes(body[8:12], "big")
+                          + int.from_bytes(body[4:8], "big"), proto, key[8:12], key[4:8])
+            return out
+        base, proto, src, dst = hit
+        tl = 8 + len(body)  # 20 + len(body) - 12
+        if tl > 0xFFFF:
+            raise CodecError(f"restored packet too long: {tl} bytes")
+        return b"".join((_MIN_OUTER.pack(0x45, 0, tl, 0, 0, 64, proto, _fold(base + tl), src, dst),
+                         memoryview(body)[12:]))
+    return minimal_restore(body, addr_to_bytes(outer_src), outer_dst)
 
 
 def napt_rewrite(packet: Buffer, new_addr: Buffer, new_port: int, *, source: bool) -> bytes:
