@@ -506,3 +506,23 @@ def test_fuzz_truncations_and_flips(msg, data):
     if i < len(raw) - 22 and ok:
         # Only a flip that left the covered bytes identical could still verify: impossible.
         pytest.fail(f"flip at {i} not detected")
+
+
+def test_pack_request_and_reply_are_the_encoders_bytes_from_fields():
+    """The relay's field-level encoders: byte-equal to encode_request/encode_reply (read by
+    scapy too), addresses must be 4 bytes, integers out of range refused by struct."""
+    import socket
+    import struct
+
+    a = socket.inet_aton
+    exts = (wire.NAIExtension(b"mn@example.com"), wire.HAParameterExtension("10.2.0.2"))
+    req = wire.RegistrationRequest(0x22, 600, "10.2.0.100", "10.2.0.2", "10.2.0.1", 7 << 32, exts)
+    packed = wire.pack_request(0x22, 600, a("10.2.0.100"), a("10.2.0.2"), a("10.2.0.1"), 7 << 32, exts)
+    assert packed == wire.encode_request(req)
+    assert MobileIP(packed)[MobileIPRRQ].coaddr == "10.2.0.1"
+    rep = wire.RegistrationReply(1, 300, "10.2.0.100", "203.0.113.1", 9, exts)
+    assert wire.pack_reply(1, 300, a("10.2.0.100"), a("203.0.113.1"), 9, exts) == wire.encode_reply(rep)
+    with pytest.raises(ValueError, match="4 bytes"):
+        wire.pack_reply(1, 300, b"\x0a\x02\x00", a("203.0.113.1"), 9)
+    with pytest.raises(struct.error):
+        wire.pack_request(0x22, 70000, a("10.2.0.100"), a("10.2.0.2"), a("10.2.0.1"), 1)
