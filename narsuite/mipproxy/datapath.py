@@ -258,23 +258,23 @@ class DataPath:
     def udp_received(self, data: bytes, addr: tuple[str, int]) -> None:
         """RFC 3519 tunnel data (type 4) on MIPP-Pub:434."""
         nh = data[1] if len(data) > 1 else -1
-        payload = data[4:]
         try:
             if nh == codec.PROTO_IPIP:
-                codec.peek_ipv4(payload)
-                inner = payload
+                inner = data[4:]
+                codec.peek_ipv4(inner)
             elif nh == codec.PROTO_GRE:
-                if payload[:4] == _GRE_PLAIN_IPV4:  # no checksum, key or sequence: nothing to check
-                    inner = payload[4:]
+                if data[4:8] == _GRE_PLAIN_IPV4:  # no checksum, key or sequence: nothing to check
+                    inner = data[8:]
                 else:
-                    gre, inner = codec.parse_gre(payload)
+                    gre, inner = codec.parse_gre(data[4:])
                     if gre.protocol != codec.ETH_P_IP:
                         raise codec.CodecError("GRE payload is not IPv4")
                 codec.peek_ipv4(inner)
             elif nh == codec.PROTO_MINIMAL:
                 # the UDP datagram's IP header stands for the outer one (its TTL and ID are
                 # not handed to us: the restored packet gets 64 and 0)
-                inner = codec.minimal_restore_cached(payload, addr[0], self.pub, self._unminimal)
+                inner = codec.minimal_restore_cached(memoryview(data)[4:], addr[0], self.pub,
+                                                     self._unminimal)
             else:
                 self._drop("unsupported_encapsulation", f"tunnel data next header {nh} from {addr[0]}")
                 return

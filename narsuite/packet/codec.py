@@ -1282,13 +1282,13 @@ def minimal_restore(body: Buffer, outer_src: Buffer, outer_dst: Buffer, *, ttl: 
         if n < 12:
             raise CodecError("truncated minimal forwarding header (S bit set)")
         mlen = 12
-        src = body[8:12]
+        src = bytes(body[8:12])
         if _fold((proto << 8) + sbit + _c + int.from_bytes(odst, "big")
                  + int.from_bytes(src, "big")) != 0:
             raise CodecError("bad minimal forwarding header checksum")
     else:
         mlen = 8
-        src = outer_src
+        src = bytes(outer_src)
         if _fold((proto << 8) + sbit + _c + int.from_bytes(odst, "big")) != 0:
             raise CodecError("bad minimal forwarding header checksum")
     tl = 20 + n - mlen
@@ -1350,8 +1350,9 @@ def minimal_restore_cached(body: Buffer, outer_src: bytes | str, outer_dst: Buff
         tl = 8 + len(body)  # 20 + len(body) - 12
         if tl > 0xFFFF:
             raise CodecError(f"restored packet too long: {tl} bytes")
-        return b"".join((_MIN_OUTER.pack(0x45, 0, tl, 0, 0, 64, proto, _fold(base + tl), src, dst),
-                         memoryview(body)[12:]))
+        c = (base + tl) % 0xFFFF  # _fold inline: base + tl is never 0
+        return b"".join((_MIN_OUTER.pack(0x45, 0, tl, 0, 0, 64, proto, (c or 0xFFFF) ^ 0xFFFF,
+                                         src, dst), memoryview(body)[12:]))
     return minimal_restore(body, addr_to_bytes(outer_src), outer_dst)
 
 
