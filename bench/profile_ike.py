@@ -363,10 +363,11 @@ def report_floor(group_number: int, rounds: int = 300) -> None:
           f"of which generate {1000 * gen:.3f} ms")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--group", type=int, default=19, choices=(19, 14))
-    ap.add_argument("-n", type=int, default=1000, help="MM+QM exchanges in all")
+def parser(description: str, unit: str, n: int, groups: tuple[int, ...]) -> argparse.ArgumentParser:
+    """The options every in-process IKE profile takes (this one and profile_ikev2.py)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--group", type=int, default=19, choices=groups)
+    ap.add_argument("-n", type=int, default=n, help=f"{unit} exchanges in all")
     ap.add_argument("--concurrency", type=int, default=32, help="exchanges in flight")
     ap.add_argument("--store", default="sqlite", choices=("sqlite", "memory"))
     ap.add_argument("--log", default="info", choices=("debug", "info", "warn", "error"))
@@ -376,8 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="timings only, without cProfile's overhead")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--dump", help="write the pstats here")
-    args = ap.parse_args(argv)
-    run(args)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parser(__doc__.split("\n\n")[0], "MM+QM", 1000, (19, 14)).parse_args(argv))
     return 0
 
 

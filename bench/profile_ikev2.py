@@ -169,20 +169,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--group", type=int, default=19, choices=(19, 14, 31))
-    ap.add_argument("-n", type=int, default=2000, help="INIT+AUTH exchanges in all")
-    ap.add_argument("--concurrency", type=int, default=32, help="exchanges in flight")
-    ap.add_argument("--store", default="sqlite", choices=("sqlite", "memory"))
-    ap.add_argument("--log", default="info", choices=("debug", "info", "warn", "error"))
-    ap.add_argument("--no-esp", action="store_true", help="no ESP engine subscribed to the store")
-    ap.add_argument("--psk", default="bench-psk-0123456789")
-    ap.add_argument("--client-net", default="10.128.0.0/9")
-    ap.add_argument("--no-profile", action="store_true", help="timings only, without cProfile's overhead")
-    ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--dump", help="write the pstats here")
-    args = ap.parse_args(argv)
-    run(args)
+    run(PI.parser(__doc__.split("\n\n")[0], UNIT, 2000, (19, 14, 31)).parse_args(argv))
     return 0
 
 
