@@ -54,6 +54,8 @@ from scapy.packet import Raw
 
 NTP_OFFSET = 2208988800
 EXT_MN_HA = 32
+EXT_MN_FA = 33
+EXT_FA_HA = 34
 EXT_NAI = 131
 EXT_UDP_TUNNEL_REQUEST = 144
 EXT_UDP_TUNNEL_REPLY = 44
@@ -97,6 +99,47 @@ def with_auth(message: bytes, spi: int, key: bytes, corrupt: bool = False) -> by
     if corrupt:
         mac = bytes([mac[0] ^ 1]) + mac[1:]
     return covered + mac
+
+
+def with_fa_ha(message: bytes, spi: int, key: bytes, corrupt: bool = False) -> bytes:
+    """What a foreign agent appends to a request it relays, or a home agent to its reply
+    to the FA (RFC 5944 3.5.4): the Foreign-Home Authentication extension, HMAC-MD5 over
+    the message and every extension before it (the MN-HA one included), its type,
+    length and SPI."""
+    covered = message + bytes([EXT_FA_HA, 20]) + struct.pack("!I", spi)
+    mac = hmac.new(key, covered, hashlib.md5).digest()
+    if corrupt:
+        mac = bytes([mac[0] ^ 1]) + mac[1:]
+    return covered + mac
+
+
+def fa_relay_request(data: bytes, fa_spi: int | None, fa_key: bytes, *,
+                     corrupt: bool = False) -> bytes:
+    """A foreign agent's relay of an MN's request (RFC 5944 3.7.2.2): extensions after
+    the MN-HA one are the FA's (an MN-FA extension) and stop at the FA; the FA-HA
+    authentication is appended when the FA shares an SA with the home agent."""
+    out = data
+    for t, off, _body in split_extensions(data, 24):
+        if t == EXT_MN_HA:
+            out = data[: off + 22]
+            break
+    return with_fa_ha(out, fa_spi, fa_key, corrupt) if fa_spi is not None else out
+
+
+def fa_check_reply(data: bytes, fa_spi: int, fa_key: bytes) -> tuple[bool, bytes]:
+    """What an FA does with a reply from the home agent (RFC 5944 3.7.3.1): check the
+    FA-HA authenticator that follows the MN-HA one, then relay the reply without it.
+    Returns (authenticated, the reply for the MN)."""
+    seen_mn_ha = False
+    for t, off, body in split_extensions(data, 20):
+        if t == EXT_MN_HA:
+            seen_mn_ha = True
+        elif t == EXT_FA_HA and seen_mn_ha:
+            spi = struct.unpack("!I", body[:4])[0]
+            mac = hmac.new(fa_key, data[: off + 6], hashlib.md5).digest()
+            ok = spi == fa_spi and len(body) == 20 and hmac.compare_digest(mac, body[4:])
+            return ok, data[:off]
+    return False, data
 
 
 def request_bytes(flags: int, lifetime: int, home: str, ha: str, coa: str, ident: int,

@@ -22,7 +22,7 @@ from narsuite.config import _secret_file
 from narsuite.mipproxy import wire
 from narsuite.schema import ConfigError, in_range, ip_address, one_of, setting
 
-__all__ = ["MipProxyConfig", "MobileNodeConfig", "NumbersConfig", "check_running", "hexbytes"]
+__all__ = ["ForeignAgentConfig", "MipProxyConfig", "MobileNodeConfig", "NumbersConfig", "check_running", "hexbytes"]
 
 _HEX = re.compile(r"^(0x)?[0-9a-fA-F]*$")
 
@@ -75,6 +75,41 @@ class MobileNodeConfig:
         if self.key_file is not None:
             return hexbytes(self.key_file.read_text().strip())
         return hexbytes(self.key)
+
+
+@attrs.frozen
+class ForeignAgentConfig:
+    """A foreign agent's FA-HA mobility security association (RFC 5944 3.5.4): the proxy,
+    as the MNs' home agent, checks the FA-HA authenticator of every request that FA relays
+    (132 otherwise, RFC 5944 3.8.2) and adds one to every reply it sends the FA.  The key
+    lives only in ``key_file`` (mode 600) and in memory."""
+
+    address: str = setting("", check=ip_address(4),
+                           doc="The FA's address: the source of the requests it relays.")
+    spi: int = setting(0, check=in_range(0, 2**32 - 1), doc="SPI of the FA-HA SA (256..2**32-1).")
+    key_file: Path | None = setting(None, doc="File holding the HMAC-MD5 key (hex, one line, mode 600).")
+
+    def __validate__(self, key: str) -> None:
+        if not self.address:
+            raise ConfigError(f"{key}.address", "set the foreign agent's address")
+        if self.spi <= wire.RESERVED_SPI_MAX:
+            raise ConfigError(f"{key}.spi", f"got {self.spi}; SPIs 0..255 are reserved "
+                                            "(RFC 5944 3.5.1): use the SPI the FA is configured with")
+        if self.key_file is None:
+            raise ConfigError(f"{key}.key_file", "set the file holding the FA-HA key (hex, mode 600)")
+        _secret_file(f"{key}.key_file", self.key_file)
+        try:
+            text = self.key_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{key}.key_file", f"cannot read {self.key_file}: {e.strerror}") from None
+        _hex(f"{key}.key_file", text)
+        if not text:
+            raise ConfigError(f"{key}.key_file", f"{self.key_file} holds no key")
+
+    def secret(self) -> bytes:
+        """The key bytes (read from key_file when the relay is built; kept in memory only)."""
+        assert self.key_file is not None
+        return hexbytes(self.key_file.read_text().strip())
 
 
 @attrs.frozen
@@ -167,6 +202,11 @@ class MipProxyConfig:
                                doc="Policy table that sends the gateway's ESP for MNs to the proxy.")
     data_path: bool = setting(True, doc="Tunnel data (raw 4/47/55, UDP 434 type 4, TUN, routes).")
     mobile_nodes: tuple[MobileNodeConfig, ...] = setting(())
+    foreign_agents: tuple[ForeignAgentConfig, ...] = setting(
+        (), doc="FA-HA SAs (RFC 5944 3.5.4), one per foreign agent that relays requests.")
+    require_fa_sa: bool = setting(
+        True, doc="Refuse (132) a request relayed by a foreign agent that has no FA-HA SA "
+                  "here; false: accept it on the MN-HA authentication alone.")
     numbers: NumbersConfig = setting(factory=NumbersConfig)
 
     def __validate__(self, key: str) -> None:
@@ -184,6 +224,12 @@ class MipProxyConfig:
             elif not mn.nai:
                 raise ConfigError(f"{key}.mobile_nodes[{i}].home_address",
                                   "set the MN's home_address or its nai (or both)")
+        fas: set[str] = set()
+        for i, fa in enumerate(self.foreign_agents):
+            if fa.address in fas:
+                raise ConfigError(f"{key}.foreign_agents[{i}].address",
+                                  f"{fa.address} has two FA-HA SAs; keep one")
+            fas.add(fa.address)
         for ha in self.ha_pool:
             if ha == "0.0.0.0":
                 raise ConfigError(f"{key}.ha_pool", "0.0.0.0 is not a home agent")

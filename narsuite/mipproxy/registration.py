@@ -10,7 +10,10 @@ A request from an MN, in order (§2.1: authentication before any processing):
 
 1. the fixed part is read, so that a denial can be addressed;
 2. MN-HA authentication (HMAC-MD5, the SA found by SPI, constant-time compare):
-   131 if missing or wrong;
+   131 if missing or wrong; then, for a request a foreign agent relayed (its source
+   is a configured FA, or it carries FA extensions after the MN-HA one), the FA-HA
+   authentication (RFC 5944 3.8.2): 132 if that FA has an SA here and the
+   authenticator is missing or wrong, or if it has none and ``require_fa_sa``;
 3. the whole message is decoded (134 for a broken extension chain or an unknown
    non-skippable extension, as an HA answers);
 4. the SA must belong to this MN (home address / NAI), else 131; home address 0
@@ -22,7 +25,11 @@ A request from an MN, in order (§2.1: authentication before any processing):
 7. the new request (§2.2.1-2.2.3) goes to the actual HA; a pending entry is stored.
 
 Only *authenticated* extensions (those before the MN-HA authentication extension)
-are read or relayed: an extension appended after it could come from anyone.
+are read or relayed: an extension appended after it could come from anyone, and the
+FA's own (MN-FA, FA-HA) stop at the proxy, whose leg to the HA is that of a
+co-located MN.  A request relayed by an FA is answered to the FA's address and port
+(RFC 5944 3.8.3) with an FA-HA authenticator when that FA has an SA; its source
+differing from its care-of address is then the FA, not a NAT (2.6.1, RFC 3519).
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ class Counters:
         "drop_reply_wrong_source", "drop_reply_auth_failed", "drop_reply_malformed",
         "drop_not_registration",
         # refusals counted by cause in addition to their code
-        "auth_failed", "replay_refused",
+        "auth_failed", "replay_refused", "fa_auth_failed", "fa_relayed",
     )
 
     def __init__(self, metrics: Any = None) -> None:
@@ -106,6 +113,13 @@ class _SA:
     home_address: str
     nai: bytes
     ha_spi: int
+
+
+@attrs.frozen
+class _FASA:
+    address: str
+    spi: int
+    key: bytes = attrs.field(repr=False)
 
 
 class _KernelRoutes:
@@ -161,6 +175,9 @@ class RegistrationRelay:
             self._sas[mn.spi] = _SA(mn.spi, mn.secret(), mn.home_address, mn.nai.encode(),
                                     mn.ha_spi or mn.spi)
         self._allowed_has = cfg.allowed_home_agents()
+        #: FA address -> its FA-HA SA (RFC 5944 3.5.4); empty: no lookup per request
+        self._fas: dict[str, _FASA] = {
+            fa.address: _FASA(fa.address, fa.spi, fa.secret()) for fa in cfg.foreign_agents}
         #: (network, netmask) as integers: every request is located (2.6.1), and an
         #: ``ipaddress`` object per request cost more than the rest of the check
         self._internal = tuple((int(net.network_address), int(net.netmask)) for net in (
@@ -236,6 +253,12 @@ class RegistrationRelay:
             return self._route_device(src) in self._internal_ifs
         return self.is_internal(where)
 
+    def _with_fa_ha(self, data: bytes, dst: str) -> bytes:
+        """A reply to a foreign agent with an FA-HA SA carries its FA-HA authenticator
+        after the MN-HA one (RFC 5944 3.5.4, 3.8.3.1); any other reply goes as it is."""
+        fa = self._fas.get(dst)
+        return data if fa is None else wire.add_auth(data, wire.EXT_FA_HA_AUTH, fa.spi, fa.key)
+
     def _deny(self, code: int, home_address: str, identification: int, addr: tuple[str, int],
               sa: _SA | None, *, home_agent: str | None = None, nai: bytes | None = None,
               reason: str = "") -> None:
@@ -250,6 +273,8 @@ class RegistrationRelay:
         data = wire.encode_reply(reply, self.numbers)
         if sa is not None:
             data = wire.add_mn_ha_auth(data, sa.spi, sa.key)
+        if self._fas:
+            data = self._with_fa_ha(data, addr[0])
         self.counters.inc("denied")
         self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
         name = wire.reply_code_name(code, self.numbers)
@@ -283,6 +308,10 @@ class RegistrationRelay:
                        reason="no MN-HA authentication extension" if spi is None
                        else f"MN-HA authentication failed (SPI {spi})")
             return
+        # 2b. the foreign agent that relayed it, if one did (RFC 5944 3.8.2)
+        fa = self._fas.get(addr[0]) if self._fas else None
+        if fa is not None and not self._fa_ok(data, fa, home_address, identification, addr, sa):
+            return
         # 3. the whole message
         try:
             req = wire.decode_request(data, self.numbers)
@@ -293,6 +322,20 @@ class RegistrationRelay:
             self._deny(e.code, home_address, identification, addr, sa, reason=e.reason)
             return
         exts = wire.authenticated_extensions(req)
+        via_fa = fa is not None
+        if not via_fa and len(exts) + 1 < len(req.extensions):
+            # extensions after the MN-HA one: an FA's (MN-FA 33 / FA-HA 34) mark a request
+            # relayed by a foreign agent we share no SA with
+            tail = req.extensions[len(exts) + 1:]
+            if any(isinstance(e, wire.AuthExtension) and e.type != wire.EXT_MN_HA_AUTH
+                   for e in tail):
+                if self.cfg.require_fa_sa:
+                    c.inc("fa_auth_failed")
+                    self._deny(wire.REG_HA_FA_FAILED_AUTH, home_address, identification, addr,
+                               sa, reason=f"foreign agent {addr[0]} has no FA-HA SA "
+                                          "(mipproxy.foreign_agents; require_fa_sa = true)")
+                    return
+                via_fa = True
         nai_ext = next((e for e in exts if isinstance(e, wire.NAIExtension)), None)
         nai = nai_ext.nai if nai_ext is not None else None
         # 4. the SA belongs to this MN
@@ -322,7 +365,27 @@ class RegistrationRelay:
                        nai=nai, reason="identification is not a fresh timestamp")
             return
         self._last_ident[sa.spi] = req.identification
-        self._relay_request(req, exts, nai, sa, addr)
+        if via_fa:
+            c.inc("fa_relayed")
+        self._relay_request(req, exts, nai, sa, addr, via_fa)
+
+    def _fa_ok(self, data: bytes, fa: _FASA, home_address: str, identification: int,
+               addr: tuple[str, int], sa: _SA) -> bool:
+        """RFC 5944 3.8.2: a home agent sharing an SA with the FA checks its FA-HA
+        authenticator after the MN-HA one, and answers a missing or wrong one 132."""
+        try:
+            spi, ok = wire.verify_fa_ha_auth(data, lambda s: fa.key if s == fa.spi else None)
+        except wire.MIPError as e:
+            self._deny(wire.REG_HA_POORLY_FORMED_REQUEST, home_address, identification, addr,
+                       sa, reason=e.reason)
+            return False
+        if not ok:
+            self.counters.inc("fa_auth_failed")
+            self._deny(wire.REG_HA_FA_FAILED_AUTH, home_address, identification, addr, sa,
+                       reason="no FA-HA authentication extension after the MN-HA one"
+                       if spi is None else f"FA-HA authentication failed (SPI {spi})")
+            return False
+        return True
 
     def _identification_ok(self, sa: _SA, identification: int) -> bool:
         """RFC 5944 §5.7 timestamps: close to our clock, and newer than the last accepted."""
@@ -339,7 +402,8 @@ class RegistrationRelay:
         return last is None or identification > last
 
     def _relay_request(self, req: wire.RegistrationRequest, exts: tuple[wire.Extension, ...],
-                       nai: bytes | None, sa: _SA, addr: tuple[str, int]) -> None:
+                       nai: bytes | None, sa: _SA, addr: tuple[str, int],
+                       via_fa: bool = False) -> None:
         cfg = self.cfg
         deny = lambda code, why, **kw: self._deny(  # noqa: E731
             code, req.home_address, req.identification, addr, sa, nai=nai, reason=why, **kw)
@@ -384,8 +448,9 @@ class RegistrationRelay:
             if ha not in self._allowed_has:
                 deny(wire.REG_HA_UNKNOWN_HA_ADDRESS, f"home agent {ha} is not configured")
                 return
-        # location detection (2.6.1): the CoA, or the source address when NATed
-        natted = addr[0] != req.care_of_address
+        # location detection (2.6.1): the CoA, or the source address when NATed; a request
+        # a foreign agent relayed comes from the FA, not a NAT: located by its CoA (FA-COA)
+        natted = addr[0] != req.care_of_address and not via_fa
         where = addr[0] if natted else req.care_of_address
         if self.located_inside(where, addr[0]):
             deny(self.numbers.assigned_home_agent, f"{where} is internal: register with {ha}",
@@ -527,6 +592,8 @@ class RegistrationRelay:
             wire.pack_reply(code, reply.lifetime, _aton(reply.home_address), self._pub,
                             reply.identification, tuple(relayed), n),
             sa.spi, sa.key)
+        if self._fas:
+            out = self._with_fa_ha(out, pending.src_ip)
         self._stored(self.store.delete(PENDING.name, (pending.mn, pending.ident_low)), "pending")
         if code != reply.code and code >= 64:
             self.counters.inc("denied")

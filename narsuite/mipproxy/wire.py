@@ -60,7 +60,7 @@ __all__ = [
     "encode_message", "encode_request", "encode_reply", "encode_tunnel_data",
     "encode_extension", "encode_extensions", "pack_request", "pack_reply",
     "authenticated_extensions", "compute_authenticator",
-    "add_auth", "add_mn_ha_auth", "verify_auth", "verify_mn_ha_auth",
+    "add_auth", "add_mn_ha_auth", "verify_auth", "verify_mn_ha_auth", "verify_fa_ha_auth",
 ]
 
 #: Well-known port of Mobile IP signalling, and of RFC 3519 UDP-tunnelled data.
@@ -760,3 +760,38 @@ def verify_mn_ha_auth(
     """:func:`verify_auth` for the Mobile-Home Authentication extension (32); a
     failure is answered 131 (mobile node failed authentication) by a home agent."""
     return verify_auth(message, EXT_MN_HA_AUTH, key_lookup)
+
+
+def verify_fa_ha_auth(
+    message: bytes, key_lookup: Callable[[int], bytes | None]
+) -> tuple[int | None, bool]:
+    """The Foreign-Home Authentication extension (34, RFC 5944 3.5.4) of a request a
+    foreign agent relayed: the first one *after* the Mobile-Home Authentication
+    extension, whose authenticator (3.5.1) covers the message, the MN-HA extension and
+    whatever the MN and the FA put between them (an MN-FA extension, 3.5.3), up to its
+    own SPI.  An FA-HA extension before the MN-HA one would not cover the MN's
+    authenticator and is refused, as is a missing one: ``(None, False)``.  A home
+    agent answers a failure with 132 (foreign agent failed authentication)."""
+    data = bytes(message)
+    if not data or data[0] not in (MSG_REGISTRATION_REQUEST, MSG_REGISTRATION_REPLY):
+        raise MIPError("not a registration request or reply")
+    start = REQUEST_LEN if data[0] == MSG_REGISTRATION_REQUEST else REPLY_LEN
+    if len(data) < start:
+        raise MIPError(f"registration message of {len(data)} bytes, need {start}")
+    chain = _split_extensions(data, start)
+    if isinstance(chain, str):
+        raise MIPError(chain)
+    after_mn_ha = False
+    for t, off, body in chain:
+        if t == EXT_MN_HA_AUTH:
+            after_mn_ha = True
+        elif t == EXT_FA_HA_AUTH and after_mn_ha:
+            if len(body) != 4 + HMAC_MD5_LEN:
+                return (_I.unpack_from(body)[0] if len(body) >= 4 else None), False
+            spi = _I.unpack_from(body)[0]
+            key = None if spi <= RESERVED_SPI_MAX else key_lookup(spi)
+            if key is None:
+                return spi, False
+            expected = compute_authenticator(key, data[: off + 6])
+            return spi, hmac.compare_digest(expected, body[4:])
+    return None, False
