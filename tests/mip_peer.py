@@ -509,10 +509,34 @@ def from_udp_tunnel(data: bytes, outer_src: str) -> dict:
             "payload": bytes(pkt.payload).hex()}
 
 
+def plain_data(args: argparse.Namespace) -> dict:
+    """An MN behind a foreign agent (home address on one of its interfaces): ESP packets
+    from the home address to ``--gateway``, sent plainly to the default router (the FA
+    reverse-tunnels them), and the ESP that comes back to the home address."""
+    tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 50)
+    for seq in range(1, args.data + 1):
+        tx.sendto(esp_packet(args.home, args.gateway, 0x5000, seq, args.size), (args.gateway, 0))
+        time.sleep(args.interval)
+    got = []
+    deadline = time.monotonic() + args.timeout
+    while len(got) < args.expect and time.monotonic() < deadline:
+        rx.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            pkt = IP(rx.recv(65535))
+        except TimeoutError:
+            break
+        got.append({"outer": "plain", "src": pkt.src, "dst": pkt.dst, "proto": pkt.proto,
+                    "payload": bytes(pkt.payload).hex()})
+    return {"sent": args.data, "received": got}
+
+
 def tunnel_data(args: argparse.Namespace, sock: socket.socket) -> dict:
     """Send ``--data`` ESP packets from the home address to ``--gateway`` through the
     tunnel (RFC 3519 UDP tunnel data with ``--udp-tunnel``, else IP-in-IP or GRE with
     ``--flags G`` on a raw socket) and collect what the proxy tunnels back."""
+    if args.via_fa:
+        return plain_data(args)
     udp = args.udp_tunnel
     gre = "G" in args.flags
     minimal = "M" in args.flags
@@ -586,6 +610,87 @@ def run_gw(args: argparse.Namespace) -> None:
         rx.sendto(pkt[hl:], (src, 0))
 
 
+# ----------------------------------------------------------------------------- FA
+def run_fa(args: argparse.Namespace) -> None:
+    """A foreign agent (RFC 5944 3.7, RFC 3024 direct delivery), until SIGTERM.
+
+    Requests from visiting MNs on ``--mn-side``:434 are relayed to the home agent field's
+    address from ``--source``:434 (not the care-of address: the HA must not take the
+    difference for a NAT), cut after the MN-HA extension and with the FA-HA authenticator
+    appended (``--sa``); replies are checked for the FA-HA authenticator after the MN-HA
+    one, relayed without it to the MN, and an accepted one adds the MN to the visitor list
+    (a host route to its home address on ``--mn-if``).  IP-in-IP to the care-of address is
+    decapsulated and delivered to visitors; what a visitor sends from its home address is
+    reverse-tunnelled from the care-of address to the home agent field (RFC 3024 5.2).
+    One JSON line per event on ``--log``."""
+    fa_spi, fa_key = int(args.spi), bytes.fromhex(args.key.removeprefix("0x"))
+    mn_side = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    mn_side.bind((args.mn_side, 434))
+    ha_side = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    ha_side.bind((args.source, 434))
+    ipip_rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+    ipip_tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+    ipip_tx.bind((args.coa, 0))
+    deliver = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    sniff = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+    sniff.bind((args.mn_if, 0x0800))
+    log = open(args.log, "a", buffering=1) if args.log else None
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    pending: dict[int, tuple[str, int]] = {}  # identification -> the MN's address
+    visitors: dict[str, str] = {}  # home address -> home agent field (tunnel endpoint)
+    counts = {"tunnelled_to_ha": 0, "delivered_to_mn": 0}
+
+    def note(**kw: object) -> None:
+        if log:
+            log.write(json.dumps(kw) + "\n")
+
+    print("ready", flush=True)
+    while not stop:
+        try:
+            readable, _, _ = select.select([mn_side, ha_side, ipip_rx, sniff], [], [], 0.2)
+        except InterruptedError:
+            continue
+        if mn_side in readable:
+            data, src = mn_side.recvfrom(65535)
+            if data[:1] == b"\x01" and len(data) >= 24:
+                r = MobileIP(data)[MobileIPRRQ]
+                pending[r.id] = src
+                out = fa_relay_request(data, fa_spi if not args.no_fa_ha else None, fa_key,
+                                       corrupt=args.corrupt)
+                ha_side.sendto(out, (r.haaddr, 434))
+                note(relayed=out.hex(), mn=src[0], ha=r.haaddr)
+        if ha_side in readable:
+            data, src = ha_side.recvfrom(65535)
+            if data[:1] == b"\x03" and len(data) >= 20:
+                ok, for_mn = fa_check_reply(data, fa_spi, fa_key)
+                r = MobileIP(data)[MobileIPRRP]
+                note(reply=data.hex(), fa_ha_ok=ok, code=r.code, src=src[0])
+                dst = pending.pop(r.id, None)
+                if ok and dst is not None:
+                    if r.code < 64 and r.lifetime:
+                        visitors[r.homeaddr] = src[0]
+                        subprocess.run(["ip", "route", "replace", f"{r.homeaddr}/32", "dev",
+                                        args.mn_if], check=True)
+                    mn_side.sendto(for_mn, dst)
+        if ipip_rx in readable:
+            pkt, (src, _) = ipip_rx.recvfrom(65535)
+            hl = (pkt[0] & 0x0F) * 4
+            inner = pkt[hl:]
+            if pkt[16:20] == socket.inet_aton(args.coa) and len(inner) >= 20 \
+                    and socket.inet_ntoa(inner[16:20]) in visitors:
+                deliver.sendto(inner, (socket.inet_ntoa(inner[16:20]), 0))
+                counts["delivered_to_mn"] += 1
+        if sniff in readable:
+            pkt, addr = sniff.recvfrom(65535)
+            if addr[2] != socket.PACKET_OUTGOING and len(pkt) >= 20:
+                home = socket.inet_ntoa(pkt[12:16])
+                if home in visitors:
+                    ipip_tx.sendto(pkt, (visitors[home], 0))
+                    counts["tunnelled_to_ha"] += 1
+    note(**counts)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -640,6 +745,18 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--route", action="append", default=[], help="into the tunnel (with --tun)")
     m.add_argument("--move-file", default="", help="JSON {bind: address} read on SIGUSR1")
     m.add_argument("--stats-file", default="")
+    m.add_argument("--via-fa", action="store_true",
+                   help="--data sent plainly from the home address (the FA tunnels it)")
+    f = sub.add_parser("fa")
+    f.add_argument("--mn-side", required=True, help="the FA's address on the MNs' link")
+    f.add_argument("--mn-if", required=True)
+    f.add_argument("--source", required=True, help="address the FA relays requests from")
+    f.add_argument("--coa", required=True, help="the FA's care-of address (tunnel endpoint)")
+    f.add_argument("--spi", required=True)
+    f.add_argument("--key", required=True)
+    f.add_argument("--no-fa-ha", action="store_true")
+    f.add_argument("--corrupt", action="store_true")
+    f.add_argument("--log")
     g = sub.add_parser("gw")
     g.add_argument("--listen", required=True)
     g.add_argument("--log")
@@ -648,6 +765,8 @@ def main(argv: list[str] | None = None) -> None:
         run_ha(args)
     elif args.cmd == "gw":
         run_gw(args)
+    elif args.cmd == "fa":
+        run_fa(args)
     else:
         run_mn(args)
 

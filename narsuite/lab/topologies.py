@@ -202,7 +202,7 @@ class MipTopology:
         return self.nat_public
 
 
-def mip_topology(lab: Lab, nat: bool = True) -> MipTopology:
+def mip_topology(lab: Lab, nat: bool = True, foreign_agent: bool = False) -> MipTopology:
     """Mobile IP through a NAT to a Mobile IP proxy guarding a home network.
 
     With ``nat=True``::
@@ -224,6 +224,12 @@ def mip_topology(lab: Lab, nat: bool = True) -> MipTopology:
     reaches the home network only through what the MIPP itself does.
     ``mn_home_addr`` (10.2.0.100) is the MN's home address for the tests;
     no interface carries it.
+
+    With ``foreign_agent=True`` (and ``nat``) the host between the foreign
+    network and the external one is a foreign agent instead of a NAT: the
+    same addresses and links, no masquerade and no forwarding (the FA, a user
+    space program, relays and tunnels itself; its care-of address is
+    ``nat_public``).
     """
     p = "/24"
     d = _string_defaults(MipTopology)
@@ -233,12 +239,13 @@ def mip_topology(lab: Lab, nat: bool = True) -> MipTopology:
     nat_host: Host | None = None
     direct_addr = "203.0.113.10"  # the MN's address when it is linked to MIPP directly
     if nat:
-        nat_host = lab.host("nat")
+        nat_host = lab.host("fa" if foreign_agent else "nat")
         lab.link(mn, nat_host, d["mn_addr"] + p, d["nat_private"] + p,
                  a_if=d["mn_if"], b_if=d["nat_private_if"])
         lab.link(nat_host, mipp, d["nat_public"] + p, d["mipp_external"] + p,
                  a_if=d["nat_public_if"], b_if=d["mipp_external_if"])
-        nat_host.masquerade(d["nat_public_if"])
+        if not foreign_agent:
+            nat_host.masquerade(d["nat_public_if"])
         mn.default_route(d["nat_private"])
     else:
         lab.link(mn, mipp, direct_addr + p, d["mipp_external"] + p,

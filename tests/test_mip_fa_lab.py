@@ -1,0 +1,119 @@
+"""An MN registering through a foreign agent, in the lab (RFC 5944 3.7-3.8, RFC 3024).
+
+MN — FA — MIPP — {HA, CN}: ``mip_topology(foreign_agent=True)`` puts a foreign agent where
+the NAT was.  The FA is the independent peer's (tests/mip_peer.py fa: scapy headers, its own
+HMAC, raw and packet sockets, no narsuite import): it relays the MN's request from an address
+that is not its care-of address, with its FA-HA authenticator; it checks the proxy's FA-HA
+authenticator on the reply; it decapsulates the proxy's IP-in-IP to its care-of address for
+the MN and reverse-tunnels what the MN sends from its home address.  The MN's data reaches
+the stand-in VPN gateway on CN and the gateway's answer comes back through the proxy and the
+FA.  tshark reads every message on the proxy's external side without a malformed one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_mip_data import gw_log, start_gw, stats, two_box_config
+from test_mip_lab import KEY, PEER, SPI, capture, start_ha, stop_capture, tshark_check
+
+from narsuite.lab.daemon import NarsuiteDaemon
+from narsuite.lab.topologies import mip_topology
+
+FA_SPI = 0x2000
+FA_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+FA_SOURCE = "203.0.113.20"  # where the FA relays from; its care-of address is t.nat_public
+
+
+@pytest.fixture
+def fa_topo(lab):
+    t = mip_topology(lab, foreign_agent=True)
+    t.nat.ip("addr", "add", FA_SOURCE + "/24", "dev", t.nat_public_if)
+    t.mn.ip("addr", "add", t.mn_home_addr + "/32", "dev", "lo")
+    return t
+
+
+def fa_config(t, tmp: Path, *, sa: bool = True) -> Path:
+    cfg = two_box_config(t, tmp)
+    if sa:
+        key = tmp / "fa.key"
+        key.write_text(FA_KEY + "\n")
+        key.chmod(0o600)
+        cfg.write_text(cfg.read_text() + f'\n[[mipproxy.foreign_agents]]\naddress = "{FA_SOURCE}"\n'
+                                         f'spi = {FA_SPI}\nkey_file = "{key}"\n')
+    return cfg
+
+
+def start_fa(t, tmp: Path, *args: str):
+    log = tmp / "fa.jsonl"
+    proc = t.nat.popen([sys.executable, str(PEER), "fa", "--mn-side", t.nat_private,
+                        "--mn-if", t.nat_private_if, "--source", FA_SOURCE, "--coa", t.nat_public,
+                        "--spi", str(FA_SPI), "--key", FA_KEY, "--log", str(log), *args],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    assert "ready" in line, line + proc.stdout.read()
+    return proc, log
+
+
+def fa_log(log: Path) -> list[dict]:
+    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+
+
+def mn_via_fa(t, *args: str) -> dict:
+    """The MN's request sent to the FA: HA field MIPP-Pub, care-of address the FA's."""
+    return json.loads(t.mn.run([sys.executable, str(PEER), "mn", "--proxy", t.nat_private,
+                                "--ha-field", t.mipp_external, "--coa", t.nat_public,
+                                "--home", t.mn_home_addr, "--spi", str(SPI), "--key", KEY,
+                                "--ha-param", t.ha_addr, *args], timeout=30).stdout)
+
+
+def test_registration_and_data_through_a_foreign_agent(fa_topo, tmp_path):
+    t = fa_topo
+    ha, ha_log = start_ha(t, tmp_path)
+    gw, glog = start_gw(t, tmp_path)
+    fa, flog = start_fa(t, tmp_path)
+    d = NarsuiteDaemon(t.mipp, fa_config(t, tmp_path), roles="mipproxy").start()
+    cap, pcap = capture(t.mipp, tmp_path, (t.mipp_external_if,))
+    try:
+        out = mn_via_fa(t, "--udp-tunnel", "--via-fa", "--data", "5", "--expect", "5",
+                        "--gateway", t.cn_addr)
+        reply = out["replies"][0]
+        assert reply["code"] == 0 and reply["auth_ok"], (out, fa_log(flog), d.log_text())
+        events = fa_log(flog)
+        answered = [e for e in events if "reply" in e]
+        assert answered and answered[0]["fa_ha_ok"] and answered[0]["src"] == t.mipp_external
+        # the FA's extensions stop at the proxy: the HA sees only the MN-HA authentication
+        relayed = json.loads(ha_log.read_text().splitlines()[0])
+        assert [e[0] for e in relayed["exts"]] == [32], relayed
+        rows = d.rows("mip", "bindings")
+        # the FA relayed from another address than its CoA: not a NAT, no UDP tunnel
+        assert rows[0]["care_of"] == t.nat_public and rows[0]["encap"] == "ipip", rows
+        got = gw_log(glog)
+        assert [g["esp_from"] for g in got] == [t.mn_home_addr] * 5, (got, stats(d))
+        back = out["data"]["received"]
+        assert len(back) == 5 and {(b["src"], b["dst"], b["proto"]) for b in back} == {
+            (t.cn_addr, t.mn_home_addr, 50)}
+        assert sorted(b["payload"] for b in back) == sorted(g["payload"] for g in got)
+        s = stats(d)
+        assert s["fa_relayed"] == 1, s
+        assert s["data.mn_to_gateway"] == 5 and s["data.gateway_to_mn"] == 5, s
+        # a request the FA signs with a wrong key: 132, answered to the FA, nothing to the HA
+        t.nat.stop(fa)
+        fa, _ = start_fa(t, tmp_path, "--corrupt")
+        out = mn_via_fa(t)
+        assert out["replies"][0]["code"] == 132 and out["replies"][0]["auth_ok"], out
+        assert stats(d)["fa_auth_failed"] == 1
+        assert len(ha_log.read_text().splitlines()) == 1
+    finally:
+        stop_capture(t.mipp, cap)
+        d.terminate()
+        t.nat.stop(fa)
+        t.ha.stop(ha)
+        t.cn.stop(gw)
+    lines = tshark_check(t.mipp, pcap)
+    assert sum("mip" in line for line in lines) >= 4, lines
+    assert sum(line.split("\t")[0].startswith("eth:ethertype:ip:ip") for line in lines) >= 10, lines
