@@ -238,13 +238,14 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 def test_example_config_loads(tmp_path: Path) -> None:
     example = (HERE.parent / "etc" / "mipproxy.toml").read_text()
-    for name in ("mn-alice.key", "mn-bob.key"):
+    for name in ("mn-alice.key", "mn-bob.key", "fa-visited.key"):
         (tmp_path / name).write_text("00112233445566778899aabbccddeeff\n")
         (tmp_path / name).chmod(0o600)
         example = example.replace(f"/etc/narsuite/{name}", str(tmp_path / name))
     cfg = cfgmod.loads(example).role("mipproxy")
     check_running(cfg)
     assert cfg.numbers.draft_numbers().assigned_home_agent == 206
+    assert cfg.require_fa_sa and cfg.foreign_agents[0].spi == 8192
 
 
 def test_shared_store_unreachable_denies_new_registrations_130_and_counts() -> None:
