@@ -2,7 +2,7 @@
 its anchors: the SQLite backend (the one-machine default) and raw redis-py pipelined SETs of the
 same rows (the floor for any client of this Redis), plus the packet path's lookup on each.
 
-Run: python bench/bench_store_redis.py [--writes N] [--inflight C]
+Run: python bench/bench_store_redis.py [--writes N] [--inflight C[,C...]] [--sqlite-writes N]
 
 A real redis-server is started on loopback for the run (persistence off) and killed after it.
 Latency is from ``store.insert`` to its Deferred firing (what a role waits for).  CPU per write
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -46,8 +47,6 @@ KIND = KindSpec("bench.mapping", Mapping, key=lambda r: r.ident,
 
 def cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU of a process so far (Linux /proc)."""
-    import os
-
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
@@ -110,7 +109,8 @@ def raw_pipelined(srv: RedisServer, n: int) -> float:
 
 @defer.inlineCallbacks
 def main(args):  # type: ignore[no-untyped-def]
-    results = {}
+    levels = [int(x) for x in str(args.inflight).split(",")]
+    results: dict = {}
     with RedisServer() as srv:
         import redis
 
@@ -121,36 +121,56 @@ def main(args):  # type: ignore[no-untyped-def]
         st.register(KIND)
         st.open()
         st.start()
-        yield run_store(st, 2000, args.inflight, 10**8)  # warm-up
-        c0, r0 = cpu_seconds(), cpu_seconds(srv.pid or "self")
-        results["redis backend"] = yield run_store(st, args.writes, args.inflight, 0)
-        results["redis cpu"] = ((cpu_seconds() - c0) / args.writes * 1e6,
-                                (cpu_seconds(srv.pid or "self") - r0) / args.writes * 1e6)
+        yield run_store(st, 2000, levels[0], 10**8)  # warm-up
+        base = 0
+        for c in levels:
+            c0, r0 = cpu_seconds(), cpu_seconds(srv.pid or "self")
+            results[("redis", c)] = yield run_store(st, args.writes, c, base)
+            results[("redis cpu", c)] = ((cpu_seconds() - c0) / args.writes * 1e6,
+                                         (cpu_seconds(srv.pid or "self") - r0) / args.writes * 1e6)
+            base += args.writes
         results["redis lookup ns"] = lookup_ns(st, min(args.writes, 100_000))
         yield st.stop()
-        results["raw redis-py pipelined SET"] = raw_pipelined(srv, args.writes)
-    with tempfile.TemporaryDirectory() as d:
-        st = Store(SqliteBackend(Path(d) / "s.sqlite"), reactor)
-        st.register(KIND)
-        st.open()
-        st.start()
-        results["sqlite backend"] = yield run_store(st, args.writes, args.inflight, 0)
-        results["sqlite lookup ns"] = lookup_ns(st, min(args.writes, 100_000))
-        yield st.stop()
-    print(f"writes={args.writes} inflight={args.inflight}")
-    for name in ("redis backend", "sqlite backend"):
-        w, p50, p99 = results[name]
-        print(f"{name:28s} {w:10.0f} writes/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms")
-    print(f"{'raw redis-py pipelined SET':28s} {results['raw redis-py pipelined SET']:10.0f} writes/s (anchor)")
-    print("redis backend CPU per write: this process {:.1f} us, redis-server {:.1f} us".format(*results["redis cpu"]))
-    print(f"lookup index.get: redis view {results['redis lookup ns']:.0f} ns, "
-          f"sqlite view {results['sqlite lookup ns']:.0f} ns")
+        if not args.no_anchor:
+            results["raw redis-py pipelined SET"] = raw_pipelined(srv, args.writes)
+    if args.sqlite_writes:
+        with tempfile.TemporaryDirectory() as d:
+            st = Store(SqliteBackend(Path(d) / "s.sqlite"), reactor)
+            st.register(KIND)
+            st.open()
+            st.start()
+            base = 0
+            for c in levels:
+                results[("sqlite", c)] = yield run_store(st, args.sqlite_writes, c, base)
+                base += args.sqlite_writes
+            results["sqlite lookup ns"] = lookup_ns(st, min(args.sqlite_writes, 100_000))
+            yield st.stop()
+    print(f"writes={args.writes} (sqlite {args.sqlite_writes}) load={os.getloadavg()[0]:.1f}")
+    for c in levels:
+        for name in ("redis", "sqlite"):
+            if (name, c) not in results:
+                continue
+            w, p50, p99 = results[(name, c)]
+            extra = ""
+            if name == "redis":
+                extra = "   CPU per write: process {:.1f} us, redis-server {:.1f} us".format(
+                    *results[("redis cpu", c)])
+            print(f"inflight {c:3d} {name + ' backend':15s} {w:8.0f} writes/s   p50 {p50:6.2f} ms   "
+                  f"p99 {p99:6.2f} ms{extra}")
+    if "raw redis-py pipelined SET" in results:
+        print(f"{'raw redis-py pipelined SET':28s} {results['raw redis-py pipelined SET']:10.0f} writes/s (anchor)")
+    print(f"lookup index.get: redis view {results['redis lookup ns']:.0f} ns"
+          + (f", sqlite view {results['sqlite lookup ns']:.0f} ns" if "sqlite lookup ns" in results else ""))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--writes", type=int, default=50_000)
-    ap.add_argument("--inflight", type=int, default=64)
+    ap.add_argument("--inflight", default="64",
+                    help="writes in flight; a comma list (8,16,32,64) runs each level in turn on one node")
+    ap.add_argument("--sqlite-writes", type=int, default=5000,
+                    help="writes per level for the SQLite anchor (0: none; it does ~400/s at 8 in flight)")
+    ap.add_argument("--no-anchor", action="store_true", help="leave out the raw pipelined-SET anchor")
     ap.add_argument("--switchinterval", type=float, default=None,
                     help="sys.setswitchinterval (the GIL hand-over between reactor and client threads)")
     a = ap.parse_args()
