@@ -94,7 +94,7 @@ class Initiator:
         flags = C.FLAG_INITIATOR | (C.FLAG_RESPONSE if response else 0)
         return keys.seal(wire.Header(self.spi_i, self.spi_r, exchange, flags, m), payloads, self.tx)
 
-    def auth_request(self, psk: str = PSK) -> bytes:
+    def auth_request(self, psk: str = PSK, tsi: str = "0.0.0.0/0") -> bytes:
         idi = wire.IDi(C.ID_FQDN, b"client.example")
         body = bytes([idi.id_type, 0, 0, 0]) + idi.data
         octets = keys.signed_octets(self.req1, self.nr, "sha256", self.k.sk_pi, body)
@@ -104,18 +104,29 @@ class Initiator:
             wire.CP(C.CFG_REQUEST, (wire.CfgAttribute(C.INTERNAL_IP4_ADDRESS),)),
             wire.SA((wire.Proposal(1, C.PROTO_ESP, self.spi_child, (
                 wire.Transform(C.TRANS_ENCR, C.ENCR_AES_GCM_16, 128), wire.Transform(C.TRANS_ESN, 0))),)),
-            wire.TSi((wire.ts_range("0.0.0.0/0"),)), wire.TSr((wire.ts_range("0.0.0.0/0"),))])
+            wire.TSi((wire.ts_range(tsi),)), wire.TSr((wire.ts_range("0.0.0.0/0"),))])
+
+    def child_request(self, tsi: str, rekey_spi: bytes | None = None) -> bytes:
+        """CREATE_CHILD_SA for a new CHILD SA (or a rekey of ``rekey_spi``), no PFS."""
+        ps: list[Any] = [wire.Notify(C.REKEY_SA, b"", C.PROTO_ESP, rekey_spi)] if rekey_spi else []
+        ps += [wire.SA((wire.Proposal(1, C.PROTO_ESP, secrets.token_bytes(4), (
+                   wire.Transform(C.TRANS_ENCR, C.ENCR_AES_GCM_16, 128), wire.Transform(C.TRANS_ESN, 0))),)),
+               wire.Nonce(secrets.token_bytes(32)),
+               wire.TSi((wire.ts_range(tsi),)), wire.TSr((wire.ts_range("0.0.0.0/0"),))]
+        data = self.protected(C.CREATE_CHILD_SA, ps)
+        self.mid += 1
+        return data
 
     def open(self, data: bytes) -> tuple[wire.Header, tuple[Any, ...]]:
         hdr, outer = wire.parse_message(data)
         return hdr, wire.parse_payloads(outer[-1].first, keys.open_encrypted(data, hdr.length, outer[-1], self.rx))
 
 
-def establish(h: Harness) -> Initiator:
+def establish(h: Harness, tsi: str = "0.0.0.0/0", addr: tuple[str, int] = CLIENT) -> Initiator:
     i = Initiator(h)
-    (resp,) = h.deliver(i.init_request())
+    (resp,) = h.deliver(i.init_request(), addr)
     i.take_init_response(resp)
-    (resp,) = h.deliver(i.auth_request())
+    (resp,) = h.deliver(i.auth_request(tsi=tsi), addr)
     hdr, ps = i.open(resp)
     assert hdr.response and hdr.message_id == 1 and wire.find(ps, wire.Auth) is not None
     i.mid = 2
@@ -359,3 +370,41 @@ def test_dh_reuse_zero_draws_a_fresh_value_per_exchange_and_bad_values_are_refus
     _hdr, out = wire.parse_message(resp)
     assert [n.type for n in out if isinstance(n, wire.Notify)] == [C.INVALID_SYNTAX]
     assert h.engine.counters["malformed"] == 1
+
+
+def _notifies(ps: tuple[Any, ...]) -> set[int]:
+    return {p.type for p in ps if isinstance(p, wire.Notify)}
+
+
+def test_overlapping_space_children_are_refused_with_ts_unacceptable():
+    """002 §5.1 for IKEv2: a CHILD SA whose (space) traffic selectors overlap another
+    client's is refused with TS_UNACCEPTABLE -- in IKE_AUTH (the IKE SA stays, childless)
+    and in CREATE_CHILD_SA -- counted, and nothing of it reaches the store; disjoint
+    networks and a rekey of one's own CHILD SA are accepted."""
+    h = Harness(peer={"pool": "", "remote_ts": ["10.50.0.0/16"]})
+    a = establish(h, tsi="10.50.1.0/24", addr=("192.0.2.10", 500))
+    assert wire.find(a.auth_response, wire.TSi) is not None
+    (first,) = list(h.store.records(sadb.PEER.name))
+    assert first.policy == "space" and first.allowed == ("10.50.1.0/24",)
+    # a second client asks for a network inside the first one's
+    b = establish(h, tsi="10.50.1.128/25", addr=("192.0.2.11", 500))
+    assert C.TS_UNACCEPTABLE in _notifies(b.auth_response)
+    assert wire.find(b.auth_response, wire.TSi) is None
+    assert [p.name for p in h.store.records(sadb.PEER.name)] == [first.name]
+    assert h.engine.counters["ts_conflict"] == 1 and h.engine.counters["ike_established"] == 2
+    # the same client, with a CREATE_CHILD_SA, for a network containing the first one's
+    addr_b = ("192.0.2.11", 500)
+    (resp,) = h.deliver(b.child_request("10.50.0.0/20"), addr_b)
+    hdr, ps = b.open(resp)
+    assert hdr.response and C.TS_UNACCEPTABLE in _notifies(ps)
+    assert h.engine.counters["ts_conflict"] == 2
+    assert len(list(h.store.records(sadb.SA_KIND.name))) == 2  # only the first client's pair
+    # a disjoint network is fine
+    (resp,) = h.deliver(b.child_request("10.50.2.0/24"), addr_b)
+    hdr, ps = b.open(resp)
+    assert wire.find(ps, wire.TSi) is not None and C.TS_UNACCEPTABLE not in _notifies(ps)
+    # and the first client rekeys its own CHILD SA (its own networks do not conflict)
+    (resp,) = h.deliver(a.child_request("10.50.1.0/24", rekey_spi=a.spi_child), ("192.0.2.10", 500))
+    hdr, ps = a.open(resp)
+    assert wire.find(ps, wire.TSi) is not None, _notifies(ps)
+    assert h.engine.counters["child_rekeyed"] == 1 and h.engine.counters["ts_conflict"] == 2

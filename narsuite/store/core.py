@@ -279,6 +279,11 @@ class Store:
     def lookup_all(self, kind: str, index: str, value: Hashable) -> list[Any]:
         return list(self._kind(kind).multi[index].get(value, {}).values())
 
+    def multi_index(self, kind: str, index: str) -> Mapping[Hashable, Mapping[Hashable, Any]]:
+        """The live dict behind a non-unique index (value -> {key: record}), for lookups
+        many at a time (:func:`narsuite.sadb.space_overlap`).  Read-only: the store's own."""
+        return self._kind(kind).multi[index]
+
     def index(self, kind: str, index: str) -> Mapping[Hashable, Any]:
         """The live dict behind a unique index, for the packet path's ``.get``.
 
@@ -623,6 +628,10 @@ class Store:
                 continue
             if ix.unique:
                 k.unique[ix.name][value] = record
+            elif ix.many:
+                multi = k.multi[ix.name]
+                for v in value:
+                    multi.setdefault(v, {})[key] = record
             else:
                 k.multi[ix.name].setdefault(value, {})[key] = record
         if owner is not None:
@@ -644,12 +653,14 @@ class Store:
             if ix.unique:
                 if k.unique[ix.name].get(value) is e.record:
                     del k.unique[ix.name][value]
-            else:
-                bucket = k.multi[ix.name].get(value)
+                continue
+            multi = k.multi[ix.name]
+            for v in (value if ix.many else (value,)):
+                bucket = multi.get(v)
                 if bucket is not None:
                     bucket.pop(key, None)
                     if not bucket:
-                        del k.multi[ix.name][value]
+                        del multi[v]
         if e.owner is not None:
             owned = self._owners.get(e.owner)
             if owned is not None:

@@ -47,11 +47,20 @@ def secret(**kw: Any) -> Any:
 
 @attrs.frozen
 class Index:
-    """A lookup path into a kind: ``key(record)`` -> value (None: not indexed)."""
+    """A lookup path into a kind: ``key(record)`` -> value (None: not indexed).
+
+    ``many``: ``key(record)`` returns an iterable of values and the record is found under
+    each (non-unique only): how a record with several networks is indexed by all of them
+    (:mod:`narsuite.sadb`'s space networks)."""
 
     name: str
-    key: Callable[[Any], Hashable | None]
+    key: Callable[[Any], Any]
     unique: bool = True
+    many: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.many and self.unique:
+            raise ValueError(f"index {self.name!r}: many=True needs unique=False")
 
 
 @attrs.frozen

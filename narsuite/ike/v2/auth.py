@@ -321,7 +321,8 @@ class Auth:
             return e.children.install(sa, choice, sa.ni, sa.nr, None, payloads, publish=False, log_it=False)
         except IKEv2Error as err:
             e.count("child_refused")
-            log.warn("ikev2: {name}: CHILD SA refused: {why}", name=sa.name, why=err.detail)
+            # aggregated: an authenticated client can ask again and again
+            e.drops.event("child_refused", "ikev2: {name}: CHILD SA refused: {why}", name=sa.name, why=err.detail)
             return [wire.Notify(err.notify, err.data)]
 
     def initial_contact(self, sa: IkeSAv2) -> None:

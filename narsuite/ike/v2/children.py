@@ -13,6 +13,7 @@ import ipaddress
 import socket
 from typing import TYPE_CHECKING, Any
 
+from narsuite import sadb
 from narsuite.ike.common import grace
 from narsuite.ike.v2 import constants as C
 from narsuite.ike.v2 import keys, wire
@@ -152,13 +153,17 @@ class Children:
                    integ_key=ai, esn=choice.esn)
         sa_out = SA(spi=spi_out, direction="out", peer=name, enc=choice.enc, integ=choice.integ, enc_key=er,
                     integ_key=ar, esn=choice.esn)
-        existing = store.get(PEER.name, name)
-        if existing is None and inner:
-            conflict = store.lookup(PEER.name, "inner", socket.inet_aton(inner))
-            if conflict:
-                store.release("spi", spi_in)
-                e.count("child_refused")
-                raise IKEv2Error(C.TS_UNACCEPTABLE, f"inner address {inner} is already used by {conflict.name}")
+        other = sadb.tunnel_conflict(store, peer)
+        if other is not None:
+            # 002 §5.1: the same inner address or space networks that overlap another
+            # peer's (outbound would go to whichever the esp role finds first): the first stays
+            store.release("spi", spi_in)
+            e.count("ts_conflict")
+            why = (f"inner address {inner} is already used by {other.name}" if inner else
+                   f"traffic selectors {', '.join(allowed)} overlap those of {other.name}")
+            e.drops.event("ts_conflict", "ikev2: {name}: CHILD SA refused (TS_UNACCEPTABLE): {why}",
+                          name=sa.name, why=why)
+            raise IKEv2Error(C.TS_UNACCEPTABLE, why)
         e.store_write(store.put(peer, owner=owner), sa, "the ESP peer record")
         old_out = store.lookup(SA_KIND.name, "out_peer", name)
         if old_out is not None:
