@@ -124,6 +124,21 @@ def test_unknown_fa_refused_by_default_accepted_when_configured(tmp_path: Path) 
     assert r.store.get(BINDING.name, (HOME, FA_COA)).encapsulation == "ipip"
 
 
+def test_unknown_fa_marked_by_mn_fa_unless_from_the_coa(tmp_path: Path) -> None:
+    """An MN-FA extension after the MN-HA one from a source that is not the CoA: an FA we
+    have no SA with (132); from the CoA itself: a co-located MN, relayed (without it)."""
+    mn_fa = peer.ext(peer.EXT_MN_FA, bytes(20))
+    r = fa_rig(tmp_path, sa=False)
+    msg, _ = mn_request()
+    from_fa(r, msg + mn_fa)
+    assert r.to_ha == [] and peer.parse(r.to_mn[-1][0], KEYS)["code"] == 132
+    r = fa_rig(tmp_path, sa=False)
+    msg, _ = mn_request()
+    r.relay.request_received(msg + mn_fa, (FA_COA, 434))
+    (data, _), = r.to_ha
+    assert [e[0] for e in peer.parse(data, KEYS)["exts"]] == [32]
+
+
 def test_co_located_replies_carry_no_fa_ha(tmp_path: Path) -> None:
     r = fa_rig(tmp_path)
     r.request()

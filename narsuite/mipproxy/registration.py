@@ -324,11 +324,14 @@ class RegistrationRelay:
         exts = wire.authenticated_extensions(req)
         via_fa = fa is not None
         if not via_fa and len(exts) + 1 < len(req.extensions):
-            # extensions after the MN-HA one: an FA's (MN-FA 33 / FA-HA 34) mark a request
-            # relayed by a foreign agent we share no SA with
-            tail = req.extensions[len(exts) + 1:]
-            if any(isinstance(e, wire.AuthExtension) and e.type != wire.EXT_MN_HA_AUTH
-                   for e in tail):
+            # extensions after the MN-HA one mark a request relayed by a foreign agent we
+            # share no SA with: its FA-HA extension (34), or an MN-FA one (33) in a request
+            # that does not come from its CoA (an MN talking to us directly has no use for
+            # MN-FA; from its CoA it is a co-located MN that added one anyway)
+            fa_types = (wire.EXT_FA_HA_AUTH,) if addr[0] == req.care_of_address else (
+                wire.EXT_FA_HA_AUTH, wire.EXT_MN_FA_AUTH)
+            if any(isinstance(e, wire.AuthExtension) and e.type in fa_types
+                   for e in req.extensions[len(exts) + 1:]):
                 if self.cfg.require_fa_sa:
                     c.inc("fa_auth_failed")
                     self._deny(wire.REG_HA_FA_FAILED_AUTH, home_address, identification, addr,
