@@ -6,6 +6,12 @@ check of them: that is what strongSwan does in ``tests/test_ikev2_lab.py``.  It 
 COOKIE and INVALID_KE_PAYLOAD as RFC 7296 says, and with ``force_nat`` sends a NAT
 detection hash that cannot match, so both sides float to UDP 4500 as a remote-access
 client behind a NAT would.
+
+Once established it answers the responder's own requests (:meth:`Initiator.request`): a
+CREATE_CHILD_SA rekeying a CHILD SA (new SPI, nonce, KE of the asked group; the keys kept
+in ``child_keys`` for the test to compare with the store), INFORMATIONAL Deletes (answered
+with its own SPIs of those pairs) and liveness checks; and can start its own CHILD SA rekey
+(:meth:`Initiator.rekey_child`) to collide with the responder's (RFC 7296 §2.8.1).
 """
 
 from __future__ import annotations
@@ -50,6 +56,17 @@ class Initiator:
         self.port = IKE_PORT
         self.done = False
         self.last: Outgoing | None = None
+        #: our inbound SPI of each CHILD SA -> the responder's inbound SPI of it
+        self.children: dict[bytes, bytes] = {}
+        #: our inbound SPI -> KEYMAT (enc i->r, integ i->r, enc r->i, integ r->i) and who initiated
+        self.child_keys: dict[bytes, tuple[tuple[bytes, bytes, bytes, bytes], str]] = {}
+        #: the responder's requests (exchange, payloads) and its answers to ours, in order
+        self.requests: list[tuple[int, tuple]] = []
+        self.answers: list[tuple[int, tuple]] = []
+        self.mid = 2  # our next request's message ID (after IKE_AUTH)
+        #: answer the responder's CREATE_CHILD_SA with this error notify instead (tests)
+        self.refuse_child: int | None = None
+        self.nonce = lambda: secrets.token_bytes(32)
 
     def _out(self, data: bytes) -> Outgoing:
         self.last = Outgoing(MARKER + data if self.port == NATT_PORT else data, self.port)
@@ -79,7 +96,12 @@ class Initiator:
             hdr = wire.parse_header(data)
         except wire.IKEv2Error:
             return None
-        if hdr.spi_i != self.spi_i or not hdr.response:
+        if hdr.spi_i != self.spi_i:
+            return None
+        if not hdr.response:
+            return self.request(hdr, data)
+        if self.done and hdr.exchange in (C.CREATE_CHILD_SA, C.INFORMATIONAL):
+            self.answers.append((hdr.exchange, self._open(hdr, data)))
             return None
         if hdr.exchange == C.IKE_SA_INIT:
             return self._init_response(hdr, data)
@@ -93,6 +115,10 @@ class Initiator:
             if errors or wire.find(ps, wire.Auth) is None:
                 raise PeerError(f"IKE_AUTH refused: {errors}")
             self.done = True
+            sa = wire.find(ps, wire.SA)
+            if sa is not None:
+                self.children[self.child_spi] = sa.proposals[0].spi
+                self.child_ts = (wire.find(ps, wire.TSi), wire.find(ps, wire.TSr))
         return None
 
     def _init_response(self, hdr: wire.Header, data: bytes) -> Outgoing | None:
@@ -124,11 +150,93 @@ class Initiator:
         idi = wire.IDi(C.ID_FQDN, self.identity)
         octets = keys.signed_octets(self.req1, self.nr, "sha256", k.sk_pi, bytes([idi.id_type, 0, 0, 0]) + idi.data)
         net_l, net_r = ipaddress.IPv4Network(self.local_ts), ipaddress.IPv4Network(self.remote_ts)
+        self.child_spi = secrets.token_bytes(4)
         inner = [idi, wire.Auth(C.AUTH_SHARED_KEY, keys.psk_auth("sha256", self.psk, octets)),
-                 wire.SA((wire.Proposal(1, C.PROTO_ESP, secrets.token_bytes(4), (
+                 wire.SA((wire.Proposal(1, C.PROTO_ESP, self.child_spi, (
                      wire.Transform(C.TRANS_ENCR, C.ENCR_AES_CBC, 128),
                      wire.Transform(C.TRANS_INTEG, C.AUTH_HMAC_SHA2_256_128),
                      wire.Transform(C.TRANS_ESN, C.ESN_NO))),)),
                  wire.TSi((wire.ts_range(str(net_l)),)), wire.TSr((wire.ts_range(str(net_r)),))]
         msg = keys.seal(wire.Header(self.spi_i, self.spi_r, C.IKE_AUTH, C.FLAG_INITIATOR, 1), inner, self.tx)
         return self._out(msg)
+
+    # ------------------------------------------------------------------ once established
+    def _open(self, hdr: wire.Header, data: bytes) -> tuple:
+        outer = wire.parse_payloads(hdr.next_payload, data[C.HEADER_LEN:])
+        try:
+            return wire.parse_payloads(outer[-1].first, keys.open_encrypted(data, hdr.length, outer[-1], self.rx))
+        except (keys.CryptoError, wire.IKEv2Error, AttributeError) as e:
+            raise PeerError(f"cannot open: {e}") from None
+
+    def _send(self, exchange: int, payloads: list, mid: int, response: bool) -> Outgoing:
+        flags = C.FLAG_INITIATOR | (C.FLAG_RESPONSE if response else 0)
+        data = keys.seal(wire.Header(self.spi_i, self.spi_r, exchange, flags, mid), payloads, self.tx)
+        return Outgoing(MARKER + data if self.port == NATT_PORT else data, self.port)
+
+    def request(self, hdr: wire.Header, data: bytes) -> Outgoing | None:
+        """The responder's request: answered (a retransmission too: nothing is kept, the
+        answer is made again -- enough for a test peer)."""
+        if not self.done:
+            return None
+        ps = self._open(hdr, data)
+        self.requests.append((hdr.exchange, ps))
+        out: list = []
+        if hdr.exchange == C.CREATE_CHILD_SA:
+            out = self._answer_child(ps)
+        elif hdr.exchange == C.INFORMATIONAL:
+            back = []
+            for p in ps:
+                if isinstance(p, wire.Delete) and p.protocol == C.PROTO_ESP:
+                    for spi in p.spis:  # the responder's inbound SPI: ours of that pair goes
+                        mine = next((m for m, theirs in self.children.items() if theirs == spi), None)
+                        if mine is not None:
+                            del self.children[mine]
+                            back.append(mine)
+            if back:
+                out = [wire.Delete(C.PROTO_ESP, tuple(back))]
+        return self._send(hdr.exchange, out, hdr.message_id, response=True)
+
+    def _answer_child(self, ps: tuple) -> list:
+        if self.refuse_child is not None:
+            return [wire.Notify(self.refuse_child)]
+        ns = wire.notifies(ps)
+        sa, ni, ke = wire.find(ps, wire.SA), wire.find(ps, wire.Nonce), wire.find(ps, wire.KE)
+        prop = sa.proposals[0]
+        out_ke: list = []
+        gir = None
+        if ke is not None:
+            priv, pub = keys.group(ke.group).generate()
+            gir = keys.group(ke.group).shared(priv, ke.data)
+            out_ke = [wire.KE(ke.group, pub)]
+        mine, nr = secrets.token_bytes(4), self.nonce()
+        enc_len, integ_len = self._lengths(prop)
+        self.child_keys[mine] = (keys.child_keymat("sha256", self.k.sk_d, ni.data, nr, enc_len, integ_len, gir),
+                                 "responder")
+        self.children[mine] = prop.spi
+        self.rekeyed = ns.get(C.REKEY_SA)
+        self.last_child_nonces = (ni.data, nr)
+        return [wire.SA((wire.Proposal(prop.number, C.PROTO_ESP, mine, prop.transforms),)), wire.Nonce(nr),
+                *out_ke, wire.find(ps, wire.TSi), wire.find(ps, wire.TSr)]
+
+    @staticmethod
+    def _lengths(prop: wire.Proposal) -> tuple[int, int]:
+        enc = next(t for t in prop.transforms if t.type == C.TRANS_ENCR)
+        integ = next((t for t in prop.transforms if t.type == C.TRANS_INTEG), None)
+        gcm = enc.id == C.ENCR_AES_GCM_16
+        return (enc.key_length or 128) // 8 + (4 if gcm else 0), 0 if integ is None else {C.AUTH_HMAC_SHA2_256_128: 32,
+                                                                          C.AUTH_HMAC_SHA1_96: 20}[integ.id]
+
+    def rekey_child(self, spi: bytes | None = None) -> Outgoing:
+        """Our own CREATE_CHILD_SA rekeying our inbound ``spi`` (default: the first CHILD SA),
+        AES-CBC-128/HMAC-SHA2-256 as in IKE_AUTH, no PFS."""
+        spi = spi or self.child_spi
+        self.my_rekey = (secrets.token_bytes(4), self.nonce())
+        tsi, tsr = self.child_ts
+        ps = [wire.Notify(C.REKEY_SA, b"", C.PROTO_ESP, spi),
+              wire.SA((wire.Proposal(1, C.PROTO_ESP, self.my_rekey[0], (
+                  wire.Transform(C.TRANS_ENCR, C.ENCR_AES_CBC, 128),
+                  wire.Transform(C.TRANS_INTEG, C.AUTH_HMAC_SHA2_256_128),
+                  wire.Transform(C.TRANS_ESN, C.ESN_NO))),)),
+              wire.Nonce(self.my_rekey[1]), tsi, tsr]
+        mid, self.mid = self.mid, self.mid + 1
+        return self._send(C.CREATE_CHILD_SA, ps, mid, response=False)

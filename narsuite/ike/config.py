@@ -120,6 +120,14 @@ class PeerPolicy:
                                           doc="Quick Mode DH groups accepted (2 and 5 only when listed).")
     ike_lifetime: float = setting(28800.0, check=in_range(60, 86400 * 7), doc="Upper bound, seconds.")
     esp_lifetime: float = setting(3600.0, check=in_range(30, 86400 * 2), doc="Upper bound, seconds.")
+    rekey: bool = setting(True, doc="IKEv2: rekey a CHILD SA ourselves (CREATE_CHILD_SA with REKEY_SA) when "
+                                    "esp_lifetime less the jitter has passed and the client has not; it "
+                                    "expires at esp_lifetime plus grace.  False: the client's to do, as "
+                                    "in IKEv1.")
+    rekey_jitter: float = setting(0.1, check=in_range(0, 0.5),
+                                  doc="IKEv2: our rekey happens at the lifetime times (1 - a random fraction "
+                                      "up to this), so that many SAs made together are not rekeyed "
+                                      "together (strongSwan's rand_time).")
 
     def __validate__(self, key: str) -> None:
         if self.auth == "psk" and not (self.psk or self.psk_file):

@@ -119,22 +119,33 @@ class Children:
 
     def install(self, sa: IkeSAv2, choice: EspChoice, ni: bytes, nr: bytes, gir: bytes | None,
                 payloads: tuple[Any, ...], replaces: ChildV2 | None = None, publish: bool = True,
-                log_it: bool = True) -> list[Any]:
+                log_it: bool = True, ours: tuple[int, list[Range], list[Range], str] | None = None) -> list[Any]:
         """Narrow, key and write one CHILD SA; the response's SA, TSi and TSr payloads.
-        ``log_it`` False: the caller logs it (IKE_AUTH's one line per client)."""
+        ``log_it`` False: the caller logs it (IKE_AUTH's one line per client).  ``ours``: we
+        initiated the exchange (our rekey, :mod:`narsuite.ike.v2.rekey`): (our SPI, reserved
+        with the request; the client-side and our ranges; the esp.peer name), and the
+        initiator's keys are ours to send with (§2.17)."""
         e = self.engine
         store = e.store
         assert sa.policy is not None and sa.keys is not None and sa.choice is not None
-        remote, local = self.selectors(sa, payloads)
-        name = replaces.peer if replaces is not None else self.name(sa, remote)
+        if ours is None:
+            remote, local = self.selectors(sa, payloads)
+            name = replaces.peer if replaces is not None else self.name(sa, remote)
+        else:
+            remote, local, name = ours[1], ours[2], ours[3]
         owner = f"ike:child:{name}"
-        try:
-            spi_in = store.reserve_spi(owner)
-        except Exception as err:
-            raise IKEv2Error(C.NO_PROPOSAL_CHOSEN, f"no SPI: {err}") from None
+        if ours is None:
+            try:
+                spi_in = store.reserve_spi(owner)
+            except Exception as err:
+                raise IKEv2Error(C.NO_PROPOSAL_CHOSEN, f"no SPI: {err}") from None
+        else:
+            spi_in = ours[0]
         spi_out = int.from_bytes(choice.peer_spi, "big")
         ei, ai, er, ar = keys.child_keymat(sa.choice.prf_name, sa.keys.sk_d, ni, nr, choice.enc_len,
                                            choice.integ_len, gir)
+        if ours is not None:
+            ei, ai, er, ar = er, ar, ei, ai  # we are the initiator: i->r is our outbound
         encap = "udp" if sa.natted else "esp"
         allowed: tuple[str, ...] = ()
         if sa.address:
@@ -172,8 +183,10 @@ class Children:
         e.store_write(store.put(sa_in, ttl=hard + 5.0, owner=owner), sa, "the inbound ESP SA")
         e.store_write(store.put(sa_out, ttl=hard + 5.0, owner=owner), sa, "the outbound ESP SA")
         child = ChildV2(name, spi_in, spi_out, e.now() + life, choice, ", ".join(_networks(remote[0])),
-                        ", ".join(n for r in local for n in _networks(r)))
+                        ", ".join(n for r in local for n in _networks(r)), remote=remote, local=local,
+                        nonces=(ni, nr))
         child.timer = e.clock.callLater(hard, self._expired, sa, child)
+        e.rekey.schedule(sa, child)
         sa.children.append(child)
         if replaces is not None:
             replaces.rekeyed = True
@@ -212,8 +225,9 @@ class Children:
         store = e.store
         if child in sa.children:
             sa.children.remove(child)
-        if child.timer is not None and child.timer.active():
-            child.timer.cancel()
+        for timer in (child.timer, child.rekey_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         e.store_write(store.delete(SA_KIND.name, ("in", child.spi_in, child.peer)), sa, "removing an ESP SA")
         if store.get(SA_KIND.name, ("out", child.spi_out, child.peer)) is not None:
             e.store_write(store.delete(SA_KIND.name, ("out", child.spi_out, child.peer)), sa, "removing an ESP SA")
@@ -240,6 +254,7 @@ class Children:
             child.timer = self.engine.clock.callLater(max(0.0, child.expires - self.engine.now())
                                                       + grace(new.policy.esp_lifetime if new.policy else 3600),
                                                       self._expired, new, child)
+            self.engine.rekey.schedule(new, child, at=child.rekey_at)
             new.children.append(child)
         old.children = []
         e = self.engine

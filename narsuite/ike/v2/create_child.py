@@ -72,6 +72,9 @@ class CreateChild:
             replaces = e.children.by_out(sa, int.from_bytes(rekey.spi, "big")) if len(rekey.spi) == 4 else None
             if replaces is None:
                 raise IKEv2Error(C.CHILD_SA_NOT_FOUND, f"REKEY_SA for unknown SPI {rekey.spi.hex()}",)
+            if replaces.deleting or replaces.rekeyed:
+                # §2.25: we are closing it (our own rekey replaced it): the client's would be redundant
+                raise IKEv2Error(C.TEMPORARY_FAILURE, f"REKEY_SA for {rekey.spi.hex()}, which is being deleted")
         groups = () if p.pfs == "never" else tuple(p.pfs_groups) + (31,)
         choice = choose_esp(sa_p, tuple(parse_esp(x) for x in p.esp), pfs_groups=groups)
         if choice is None or (p.pfs == "required" and not choice.dh):
@@ -85,6 +88,10 @@ class CreateChild:
             out_ke = [ke_out]
         nr = secrets.token_bytes(32)
         made = e.children.install(sa, choice, ni, nr, gir, payloads, replaces=replaces)
+        if replaces is not None and replaces.rekeying is not None:
+            # our own rekey of it is on its way: a collision, settled by the nonces when its
+            # answer comes (rekey.py, §2.8.1)
+            replaces.collided = sa.children[-1]
         return [made[0], wire.Nonce(nr), *out_ke, *made[1:]]
 
     def rekey_ike(self, sa: IkeSAv2, sa_p: wire.SA, ni: bytes, ke: wire.KE | None) -> list[Any]:

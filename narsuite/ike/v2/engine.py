@@ -37,6 +37,7 @@ from narsuite.ike.crypto import CryptoError
 from narsuite.ike.records import IKE_SA, IkeSaRecord
 from narsuite.ike.v2 import constants as C
 from narsuite.ike.v2 import keys, wire
+from narsuite.ike.v2.rekey import Rekey
 from narsuite.ike.v2.sa import IkeSAv2, Request
 from narsuite.ike.v2.wire import IKEv2Error
 from narsuite.logs import Aggregator, logger
@@ -55,7 +56,7 @@ COUNTERS = (
     "liveness_answered",
     "peer_dead", "delete_rx", "peer_moved", "mobike_update", "mobike_checked", "mobike_check_failed",
     "fragments_rx", "fragmented_tx", "unexpected", "internal_error", "store_failed", "error_notify_rx",
-    "notify_rate_limited",
+    "notify_rate_limited", "rekey_sent", "rekey_failed", "rekey_collision_won", "rekey_collision_lost",
 )
 
 #: (exchange type, IKE SA state) -> (part, method): the one dispatch table for requests.
@@ -117,6 +118,7 @@ class IkeV2Engine:
         self.create_child = CreateChild(self)
         self.informational = Informational(self)
         self.children = Children(self)
+        self.rekey = Rekey(self)
         if metrics is not None:
             metrics.watch_counters("ikev2", "events", "IKEv2 responder events by kind", "event",
                                    lambda: self.counters)

@@ -30,6 +30,18 @@ class ChildV2:
     tsr: str
     timer: Any = None
     rekeyed: bool = False  # a newer pair replaced it; the peer's Delete is due
+    #: the narrowed selectors (client side, our side) as integer ranges: what our rekey asks for
+    remote: list[tuple[int, int]] = attrs.field(factory=list, repr=False)
+    local: list[tuple[int, int]] = attrs.field(factory=list, repr=False)
+    #: the nonces of the exchange that made it (§2.8.1 compares them in a rekey collision)
+    nonces: tuple[bytes, bytes] = attrs.field(default=(b"", b""), repr=False)
+    rekey_timer: Any = None  # our soft lifetime (ike/v2/rekey.py)
+    rekey_at: float = 0.0  # when it fires (the clock's seconds)
+    #: our CREATE_CHILD_SA rekeying it is outstanding (its state: rekey.Pending)
+    rekeying: Any = None
+    #: the client rekeyed it while ours was outstanding: the child that made (§2.8.1)
+    collided: ChildV2 | None = None
+    deleting: bool = False  # our Delete for it is on its way
 
     @property
     def description(self) -> str:
