@@ -236,6 +236,26 @@ def test_d_redis_down_reads_go_on_writes_refused_and_counted_then_recovery(nodes
         assert a.call("view") == ["after|604|", "before|601|"]
 
 
+def test_d_writer_connection_lost_alone_the_node_recovers_by_itself(server, nodes) -> None:
+    """(d) Only the writer's connection breaks (the reader's is fine, as when Redis came back
+    before a write went out on an old socket): the node takes writes again by itself.
+    (Regression: the reader alone declares Redis reachable, and it only did so after an error
+    of its own: the node refused every write for good.)"""
+    a = nodes("a")
+    a.call("insert", name="before", spi=611)
+    r = redis.Redis(host=server.host, port=server.port, decode_responses=True)
+    for c in r.client_list():
+        if c.get("name", "") == "narsuite:a:writer":
+            r.client_kill_filter(_id=c["id"])
+    res = a.try_call("insert", name="on-a-dead-socket", spi=612)
+    # (the writer holds its connection: within a second of its last batch it sends on the dead
+    # socket without checking it, and that write is refused)
+    assert res["ok"] or "StoreUnavailable" in res["error"], res
+    a.until(lambda: a.try_call("insert", name="after", spi=613)["ok"], 5, "writes resume")
+    assert a.call("stats")["backend"]["available"] == 1
+    assert a.call("view") == ["after|613|", "before|611|"]
+
+
 def test_c_sentinel_failover_loses_no_acknowledged_write(tmp_path) -> None:
     """(c) Primary + replica + three Sentinels; two nodes with replicas_ack = 1 follow the
     primary through Sentinel.  The primary is killed -9 mid-load: after the failover every
@@ -270,6 +290,15 @@ def test_c_sentinel_failover_loses_no_acknowledged_write(tmp_path) -> None:
             assert time.monotonic() - t_kill < 20, "no failover"
             time.sleep(0.05)
         failover = time.monotonic() - t_kill
+        # Every Sentinel must know the new primary before the old one comes back: one that has
+        # not heard yet still takes the old address for the primary and, seeing it up again,
+        # turns the new primary back into its replica (an empty one: everything lost).  An
+        # operator restarting a dead primary waits for the same thing.
+        for s in sentinels[1:]:
+            sc = redis.Redis(host=s.host, port=s.port, decode_responses=True)
+            while sc.sentinel_get_master_addr_by_name("narsuite")[1] != replica.port:
+                assert time.monotonic() - t_kill < 20, "a Sentinel did not learn the new primary"
+                time.sleep(0.05)
         # the old primary comes back empty; Sentinel makes it a replica of the new one
         primary = RedisServer(port=primary.port).start()
         ra, rb = a.reply(ia, 90), b.reply(ib, 90)

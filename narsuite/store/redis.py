@@ -258,6 +258,9 @@ def describe(cfg: Any) -> str:
     return f"redis {where} ({auth}{', TLS' if cfg.tls or cfg.url.startswith('rediss://') else ''})"
 
 
+#: the writer checks its connection before a batch after this long without one (seconds)
+_IDLE_CHECK = 1.0
+
 #: stream entries per XREAD at most
 _READ_COUNT = 1000
 
@@ -297,6 +300,8 @@ class RedisBackend:
         self._reactor: Any = None
         self._connected = False
         self._stopping = False
+        #: a write found Redis unreachable: the reader checks and says when it is back
+        self._recheck = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._reader: threading.Thread | None = None
@@ -468,8 +473,29 @@ class RedisBackend:
                     out.append(f"{kind}:{ix.name}:{key_text(v)}")
         return out
 
+    def _call(self, conn: Any, *command: Any) -> Any:
+        """One command on the writer's own connection (writer thread).
+
+        The writer holds one connection for its life instead of taking it from redis-py's pool
+        for every batch: the pool's checks (a poll() of the socket, its bookkeeping) cost the
+        writer a system call and a GIL hand-over per batch.  WAIT goes on this connection too:
+        it counts the replicas that have this connection's writes."""
+        import redis
+
+        try:
+            conn.send_command(*command)
+            return conn.read_response()
+        except redis.exceptions.NoScriptError:
+            # a restarted or failed-over Redis has an empty script cache
+            conn.send_command("SCRIPT", "LOAD", WRITE_LUA)
+            self._write_script.sha = conn.read_response()
+            conn.send_command(command[0], self._write_script.sha, *command[2:])
+            return conn.read_response()
+
     def _write_loop(self) -> None:
         c = None
+        conn: Any = None
+        last_used = 0.0
         stop = False
         while not stop:
             item = self._queue.get()
@@ -491,34 +517,49 @@ class RedisBackend:
             try:
                 texts = [key_text(w.key) for writes, _d in batch for w in writes]
                 rows = [self._encode(w, t) for w, t in zip((w for ws, _d in batch for w in ws), texts)]
-                args = [self.prefix, self.node_id, str(self.maxlen), _BATCH_ENCODER.encode(rows)]
-                if c is None:
+                batch_json = _BATCH_ENCODER.encode(rows)
+                if conn is None:
                     c = self._client("writer")
-                res = self._write_script(args=args, client=c)
+                    conn = c.connection_pool.get_connection()
+                elif started - last_used > _IDLE_CHECK:
+                    # Redis may have gone and come back while we had nothing to write: a dead
+                    # socket would fail this batch (the pool checked this for every command).
+                    try:
+                        if conn.can_read():
+                            conn.disconnect()  # stray data or EOF: the next send reconnects
+                    except Exception:
+                        conn.disconnect()
+                res = self._call(conn, "EVALSHA", self._write_script.sha, 0, self.prefix, self.node_id,
+                                 str(self.maxlen), batch_json)
                 acked = None
                 if self.replicas_ack:
-                    acked = self._wait_replicas(c)
+                    acked = self._wait_replicas(conn)
             except Exception as e:
+                if conn is not None:
+                    conn.disconnect()
                 if c is not None:
                     c.close()
-                c = None
+                c = conn = None
+                last_used = 0.0
                 self._reactor.callFromThread(self._batch_failed, batch, e)
                 continue
-            elapsed = time.perf_counter() - started
-            self._reactor.callFromThread(self._batch_done, batch, res, acked, elapsed, texts)
+            last_used = time.perf_counter()
+            self._reactor.callFromThread(self._batch_done, batch, res, acked, last_used - started, texts)
+        if conn is not None:
+            conn.disconnect()
         if c is not None:
             c.close()
         done = self._writer_done
         assert done is not None  # start() makes it before it starts this thread
         self._reactor.callFromThread(done.callback, None)
 
-    def _wait_replicas(self, c: Any) -> int:
+    def _wait_replicas(self, conn: Any) -> int:
         """WAIT until ``replicas_ack`` replicas have every write so far, or ack_timeout passes."""
         deadline = time.monotonic() + self.ack_timeout
         acked = 0
         while True:
             left = deadline - time.monotonic()
-            acked = int(c.wait(self.replicas_ack, max(1, int(left * 1000))))
+            acked = int(self._call(conn, "WAIT", self.replicas_ack, max(1, int(left * 1000))))
             if acked >= self.replicas_ack or time.monotonic() >= deadline:
                 return acked
 
@@ -527,6 +568,11 @@ class RedisBackend:
 
         if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)) or "READONLY" in str(e):
             self._set_connected(False, f"{type(e).__name__}: {e}")
+            # Only the reader declares Redis reachable again (after checking its position);
+            # its own connection may be fine (Redis was back before this batch failed on an old
+            # socket, or only the writer's path broke): ask it to check now, or the node would
+            # refuse writes for good.
+            self._recheck = True
             err: Exception = StoreUnavailable(f"the shared store ({self.where}) is unreachable: {e}")
         else:
             log.error("store: redis: a write batch failed: {e}", e=f"{type(e).__name__}: {e}")
@@ -622,6 +668,9 @@ class RedisBackend:
                     # entries as Redis sends them ([id, [field, value, ...]]): our own are
                     # passed over here without building a dict each
                     c.set_response_callback("XREAD", lambda r, **_kw: r)
+                if self._recheck:
+                    self._recheck = False
+                    check = True
                 if check:
                     self._check_position(c)
                     check = False
