@@ -66,6 +66,9 @@ class Initiator:
         self.mid = 2  # our next request's message ID (after IKE_AUTH)
         #: answer the responder's CREATE_CHILD_SA with this error notify instead (tests)
         self.refuse_child: int | None = None
+        #: the PFS group our config wants in CHILD SA rekeys (None: any offered; 0: none,
+        #: the first proposal without a DH transform is chosen); another KE gets INVALID_KE_PAYLOAD
+        self.child_pfs: int | None = None
         self.nonce = lambda: secrets.token_bytes(32)
 
     def _out(self, data: bytes) -> Outgoing:
@@ -201,10 +204,20 @@ class Initiator:
             return [wire.Notify(self.refuse_child)]
         ns = wire.notifies(ps)
         sa, ni, ke = wire.find(ps, wire.SA), wire.find(ps, wire.Nonce), wire.find(ps, wire.KE)
-        prop = sa.proposals[0]
+
+        def group(p: wire.Proposal) -> int:
+            return next((t.id for t in p.transforms if t.type == C.TRANS_DH), 0)
+        if self.child_pfs is None:
+            prop = sa.proposals[0]
+        else:
+            prop = next((p for p in sa.proposals if group(p) == self.child_pfs), None)
+            if prop is None:
+                return [wire.Notify(C.NO_PROPOSAL_CHOSEN)]
+            if self.child_pfs and (ke is None or ke.group != self.child_pfs):  # §1.3: it offered ours
+                return [wire.Notify(C.INVALID_KE_PAYLOAD, self.child_pfs.to_bytes(2, "big"))]
         out_ke: list = []
         gir = None
-        if ke is not None:
+        if ke is not None and group(prop):
             priv, pub = keys.group(ke.group).generate()
             gir = keys.group(ke.group).shared(priv, ke.data)
             out_ke = [wire.KE(ke.group, pub)]

@@ -197,6 +197,54 @@ def test_d_child_and_ike_rekey_while_traffic_flows(need_strongswan, ra_topo, tmp
     g.terminate()
 
 
+# ------------------------------------------------------------------------------------- (d) ours
+def test_d_the_gateway_rekeys_the_child_at_its_own_lifetime(need_strongswan, ra_topo, tmp_path):
+    """(d) The CHILD SA rekey started by us: our esp_lifetime is 30 s (no jitter), the
+    client's rekey_time 1 h, so we rekey first (CREATE_CHILD_SA with REKEY_SA, PFS with the
+    child's group, then a Delete of the old pair).  Pings flow across it; strongSwan lists
+    the new CHILD SA with the SPIs we hold and no other; the IKE SA is the same one (no
+    reauthentication, no new IKE_SA_INIT)."""
+    import threading
+
+    t = ra_topo
+    g = gateway(t, tmp_path, v2_policy(esp_lifetime="30", rekey_jitter="0.0"))
+    cap = Capture(t.g, "wan0", tmp_path / "d-ours.pcap")
+    c = client(t, t.r1, tmp_path, "r1", esp_proposals="aes128gcm16-ecp256",
+               connection_extra="    rekey_time = 4h\n    reauth_time = 0\n",
+               child_extra="        rekey_time = 1h\n        life_time = 2h\n")
+    up(c)
+    (csa,) = c.list_sas()
+    (old_child,) = csa.children
+    result: dict[str, str] = {}
+
+    def pings() -> None:  # 4 per second for 40 s: before, across and after our rekey at 30 s
+        out = t.r1.run(["ping", "-c", "160", "-i", "0.25", "-W", "1", t.h_addr], check=False, timeout=90)
+        result["ping"] = out.stdout
+
+    th = threading.Thread(target=pings)
+    th.start()
+    new = c.wait_sa(lambda sa: sa.established and len(sa.children) == 1 and sa.children[0].spi_in != old_child.spi_in
+                    and sa.children[0].state == "INSTALLED", timeout=50)
+    th.join(90)
+    received = int(re.search(r"(\d+) received", result["ping"]).group(1))
+    assert received >= 156, result["ping"]  # a rekey may cost a packet in flight, not the tunnel
+    (cur,) = new.children
+    assert cur.dh_group == "ECP_256"  # the child's PFS group, asked again by us
+    assert (new.spi_i, new.spi_r) == (csa.spi_i, csa.spi_r)  # the same IKE SA: no reauthentication
+    log = c.log_text()
+    assert "parsed CREATE_CHILD_SA request" in log and "N(REKEY_SA)" in log, log[-3000:]
+    assert "IKE_SA_INIT request" not in log.split("CREATE_CHILD_SA")[-1]
+    spis = {(r["dir"], int(r["spi"], 16)) for r in esp_sas(g)}
+    assert spis == {("in", cur.spi_out), ("out", cur.spi_in)}, spis
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert stats.get("v2 rekey_sent", 0) >= 1 and stats.get("v2 child_rekeyed", 0) >= 1, stats
+    assert stats.get("v2 rekey_failed", 0) == 0, stats
+    assert ping(t.r1, t.h_addr)
+    cap.check()
+    c.stop()
+    g.terminate()
+
+
 # ------------------------------------------------------------------------------------- (b)
 def _cert_client(t, host, tmp: Path, name: str, ident, pki, gw_dn: str) -> Charon:
     # fragment_size 500: the client's IKE_AUTH (certificate, signature) reaches us as RFC 7383

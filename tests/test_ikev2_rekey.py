@@ -78,7 +78,11 @@ def test_gateway_rekeys_a_child_at_its_soft_lifetime_and_deletes_the_old_one():
     assert ex == C.CREATE_CHILD_SA
     assert _int(wire.notifies(ps)[C.REKEY_SA].spi) == old.spi_in
     new_spi = _int(wire.find(ps, wire.SA).proposals[0].spi)
-    assert new_spi != old.spi_in and wire.find(ps, wire.KE) is None
+    assert new_spi != old.spi_in
+    # the IKE_AUTH child had no PFS group: the IKE SA's (ecp256) is offered, and the same without
+    assert wire.find(ps, wire.KE).group == 19
+    assert [[t.id for t in p.transforms if t.type == C.TRANS_DH] for p in wire.find(ps, wire.SA).proposals] == [
+        [19], [14], [15], [16], [20], [21], []]
     tsr = wire.find(ps, wire.TSr).selectors[0]
     assert (tsr.start, tsr.end) == (bytes([10, 50, 1, 0]), bytes([10, 50, 1, 255]))
     # ... then a Delete for the old pair, answered; only the new pair is left
@@ -113,6 +117,29 @@ def test_our_rekey_with_pfs_sends_a_ke_and_the_keys_include_the_dh_secret():
     assert new.choice.dh == 19
     (ei, ai, er, ar), _ = i.child_keys[new.spi_out.to_bytes(4, "big")]
     assert h.store.get(sadb.SA_KIND.name, ("out", new.spi_out, new.peer)).enc_key == ei
+
+
+def test_a_client_without_pfs_picks_the_proposal_without_and_pfs_never_offers_none():
+    h, i = make()
+    i.child_pfs = 0
+    advance(h, i, LIFE)
+    (new,) = h.engine.sas[i.spi_r].children
+    assert new.choice.dh == 0 and h.engine.counters["child_rekeyed"] == 1
+    (ei, _ai, _er, _ar), _ = i.child_keys[new.spi_out.to_bytes(4, "big")]
+    assert h.store.get(sadb.SA_KIND.name, ("out", new.spi_out, new.peer)).enc_key == ei
+    h, i = make(pfs="never")
+    advance(h, i, LIFE)
+    _ex, ps = i.requests[0]
+    assert wire.find(ps, wire.KE) is None and len(wire.find(ps, wire.SA).proposals) == 1
+
+
+def test_invalid_ke_payload_is_answered_with_a_rekey_in_the_asked_group():
+    h, i = make(pfs_groups=[14, 19, 20])
+    i.child_pfs = 20
+    advance(h, i, LIFE)
+    assert [wire.find(ps, wire.KE).group for ex, ps in i.requests if ex == C.CREATE_CHILD_SA] == [19, 20]
+    (new,) = h.engine.sas[i.spi_r].children
+    assert new.choice.dh == 20 and h.engine.counters["child_rekeyed"] == 1
 
 
 def test_our_rekey_request_is_resent_with_backoff_and_the_same_bytes():

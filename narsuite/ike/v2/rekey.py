@@ -30,6 +30,7 @@ from narsuite.ike.crypto import CryptoError
 from narsuite.ike.v2 import constants as C
 from narsuite.ike.v2 import keys, wire
 from narsuite.ike.v2.children import _ts
+from narsuite.ike.v2.proposals import EspChoice
 from narsuite.ike.v2.sa import ChildV2, IkeSAv2
 from narsuite.logs import logger
 
@@ -50,8 +51,11 @@ class Pending:
 
     spi_in: int
     ni: bytes
-    dh: int
+    dh: int  # the group of our KE, 0 without
+    #: what we offered, by proposal number
+    offered: dict[int, EspChoice] = attrs.field(factory=dict, repr=False)
     private: Any = attrs.field(default=None, repr=False)
+    ke_retried: bool = False
 
 
 class Rekey:
@@ -76,7 +80,22 @@ class Rekey:
         child.rekey_timer = e.clock.callLater(max(0.0, at - e.now()), self.start, sa, child)
 
     # ------------------------------------------------------------------ the request
-    def start(self, sa: IkeSAv2, child: ChildV2) -> None:
+    def pfs_group(self, sa: IkeSAv2, child: ChildV2) -> int:
+        """The group of our KE: the child's own PFS group; for a child without one (made in
+        IKE_AUTH, §1.3.3 allows PFS in its rekey) the IKE SA's group if the policy accepts it,
+        else the policy's first; 0 with ``pfs = "never"``."""
+        p = sa.policy
+        assert p is not None
+        if p.pfs == "never":
+            return 0
+        if child.choice.dh:
+            return child.choice.dh
+        ike = sa.choice.dh if sa.choice is not None else 0
+        groups = tuple(p.pfs_groups) + (31,)
+        return ike if ike in groups else (p.pfs_groups[0] if p.pfs_groups else 0)
+
+    def start(self, sa: IkeSAv2, child: ChildV2, dh: int | None = None) -> None:
+        """Send the rekey (``dh``: the group the client asked for with INVALID_KE_PAYLOAD)."""
         e = self.engine
         child.rekey_timer = None
         if (sa.state != "established" or child not in sa.children or child.rekeyed or child.deleting
@@ -90,11 +109,23 @@ class Rekey:
                      spi=f"{child.spi_in:#010x}", why=str(err))
             self._retry(sa, child)
             return
-        dh = child.choice.dh or (p.pfs_groups[0] if p.pfs == "required" and p.pfs_groups else 0)
-        pending = Pending(spi_in, secrets.token_bytes(32), dh)
-        choice = attrs.evolve(child.choice, dh=dh, number=1)
+        group = self.pfs_group(sa, child) if dh is None else dh
+        pending = Pending(spi_in, secrets.token_bytes(32), group, ke_retried=dh is not None)
+        # the child's algorithms with our KE's group first; for a child made without PFS the
+        # policy's other groups (a client wanting one of those answers INVALID_KE_PAYLOAD and
+        # we send again with it) and, unless PFS is required, none (a client without PFS)
+        groups = [group]
+        if group and not child.choice.dh:
+            groups += [g for g in p.pfs_groups if g != group]
+            if p.pfs != "required":
+                groups.append(0)
+        for n, g in enumerate(groups, 1):
+            pending.offered[n] = attrs.evolve(child.choice, dh=g, number=n)
+        spi = spi_in.to_bytes(4, "big")
         payloads: list[Any] = [wire.Notify(C.REKEY_SA, b"", C.PROTO_ESP, child.spi_in.to_bytes(4, "big")),
-                               wire.SA((choice.proposal(spi_in.to_bytes(4, "big")),)), wire.Nonce(pending.ni)]
+                               wire.SA(tuple(c.proposal(spi) for c in pending.offered.values())),
+                               wire.Nonce(pending.ni)]
+        dh = group
         if dh:
             pending.private, public = keys.group(dh).generate()
             payloads.append(wire.KE(dh, public))
@@ -128,6 +159,9 @@ class Rekey:
                      spi=f"{child.spi_in:#010x}", why=str(err))
             if err.notify == C.TEMPORARY_FAILURE and child in sa.children and not child.rekeyed:
                 self._retry(sa, child)
+            elif err.notify == C.INVALID_KE_PAYLOAD and err.group and not pending.ke_retried and \
+                    sa.policy is not None and err.group in tuple(sa.policy.pfs_groups) + (31,):
+                self.start(sa, child, dh=err.group)  # §1.3.3: again, with the group it asks for
             elif err.notify == C.CHILD_SA_NOT_FOUND and child in sa.children:
                 e.children.remove(sa, child)
 
@@ -135,17 +169,19 @@ class Rekey:
         e = self.engine
         errors = [p for p in answer if isinstance(p, wire.Notify) and p.error]
         if errors:
-            raise _Refused(errors[0].type, f"the client answered with error notify {errors[0].type}")
+            group = int.from_bytes(errors[0].data[:2], "big") if errors[0].type == C.INVALID_KE_PAYLOAD else 0
+            raise _Refused(errors[0].type, f"the client answered with error notify {errors[0].type}"
+                           + (f" (group {group})" if group else ""), group)
         sa_p, nonce = wire.find(answer, wire.SA), wire.find(answer, wire.Nonce)
         if sa_p is None or nonce is None or len(sa_p.proposals) != 1 or not 16 <= len(nonce.data) <= 256:
             raise _Refused(0, "an answer without one SA proposal and a nonce")
         prop = sa_p.proposals[0]
-        offered = attrs.evolve(child.choice, dh=pending.dh, number=1)
-        if prop.protocol != C.PROTO_ESP or len(prop.spi) != 4 or \
+        offered = pending.offered.get(prop.number)
+        if offered is None or prop.protocol != C.PROTO_ESP or len(prop.spi) != 4 or \
                 prop.transforms != offered.proposal(prop.spi).transforms:
             raise _Refused(0, "the client chose what we did not offer")
         gir = None
-        if pending.dh:
+        if offered.dh:
             ke = wire.find(answer, wire.KE)
             if ke is None or ke.group != pending.dh:
                 raise _Refused(0, f"no KE of group {pending.dh} in the answer")
@@ -197,6 +233,7 @@ class Rekey:
 
 
 class _Refused(Exception):
-    def __init__(self, notify: int, detail: str) -> None:
+    def __init__(self, notify: int, detail: str, group: int = 0) -> None:
         super().__init__(detail)
         self.notify = notify
+        self.group = group
