@@ -254,3 +254,24 @@ def test_rekey_jitter_is_checked_naming_the_key():
         build(IkeConfig, {"address": SERVER, "peers": [{"name": "x", "versions": [2], "psk": "k",
                                                          "rekey_jitter": 0.9}]}, "ike")
     assert e.value.key == "ike.peers[0].rekey_jitter"
+
+
+def test_a_rekey_outstanding_when_the_client_rekeys_the_ike_sa_is_asked_again_on_the_new_one():
+    """The children move to the new IKE SA (§2.18); our rekey request died with the old SA:
+    its SPI goes back and the new SA asks again a second later."""
+    import attrs
+
+    h, i = make()
+    old_sa = h.engine.sas[i.spi_r]
+    (child,) = old_sa.children
+    advance(h, i, LIFE, answer=False)
+    pending = child.rekeying
+    assert pending is not None and h.store.holds("spi", pending.spi_in)
+    new_sa = attrs.evolve(old_sa, spi_r=b"\x01" * 8, children=[], my_mid=0, outstanding=None, queue=[])
+    h.engine.sas[new_sa.spi_r] = new_sa
+    h.engine.delete_ike(old_sa, notify_peer=False, reason="rekeyed", children_to=new_sa)
+    assert child.rekeying is None and h.store.holds("spi", pending.spi_in) is None
+    assert child.rekey_timer is not None and child.rekey_timer.getTime() == h.clock.seconds() + 1.0
+    h.clock.advance(1.0)
+    assert new_sa.outstanding is not None and new_sa.outstanding.kind == "child rekey"
+    assert h.engine.counters["rekey_sent"] == 2

@@ -254,7 +254,14 @@ class Children:
             child.timer = self.engine.clock.callLater(max(0.0, child.expires - self.engine.now())
                                                       + grace(new.policy.esp_lifetime if new.policy else 3600),
                                                       self._expired, new, child)
-            self.engine.rekey.schedule(new, child, at=child.rekey_at)
+            at = child.rekey_at
+            if child.rekeying is not None:
+                # our rekey of it was a request of the old IKE SA, which is gone unanswered:
+                # ask again on the new one (§2.18: the children are the new SA's now)
+                e0 = self.engine
+                e0.store_write(e0.store.release("spi", child.rekeying.spi_in), new, "releasing an SPI")
+                child.rekeying, at = None, self.engine.now() + 1.0
+            self.engine.rekey.schedule(new, child, at=at)
             new.children.append(child)
         old.children = []
         e = self.engine

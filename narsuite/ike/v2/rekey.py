@@ -50,7 +50,7 @@ class Pending:
     """Our CREATE_CHILD_SA rekeying a CHILD SA, until its answer."""
 
     spi_in: int
-    ni: bytes
+    ni: bytes = attrs.field(repr=False)
     dh: int  # the group of our KE, 0 without
     #: what we offered, by proposal number
     offered: dict[int, EspChoice] = attrs.field(factory=dict, repr=False)
