@@ -10,7 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_plain_pip_install_gives_plugin_and_scripts(tmp_path: Path) -> None:
+def test_plain_pip_install_gives_plugin_and_scripts(tmp_path: Path, monkeypatch) -> None:
+    # The installed copy must be what imports: a PYTHONPATH naming a checkout (as when the
+    # suite runs from a worktree) would put that first.
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     env_dir = tmp_path / "venv"
     # The running interpreter's site-packages supply the dependencies (no network needed),
     # as plain path entries: their .pth files -- the checkout's editable install among
