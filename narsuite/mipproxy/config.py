@@ -39,6 +39,18 @@ def _hex(key: str, value: str) -> None:
                                "digits, e.g. \"0x00112233445566778899aabbccddeeff\"")
 
 
+def _read_key_file(key: str, path: Path) -> str:
+    """The hex key text in ``path``, checked: private (mode 600), readable, hexadecimal;
+    errors name ``key``."""
+    _secret_file(key, path)
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    _hex(key, text)
+    return text
+
+
 @attrs.frozen
 class MobileNodeConfig:
     """One mobile node's MN-HA security association (draft 2.1: the MN and the proxy share
@@ -59,12 +71,7 @@ class MobileNodeConfig:
         if bool(self.key) == (self.key_file is not None):
             raise ConfigError(f"{key}.key", "set exactly one of key (hex) and key_file")
         if self.key_file is not None:
-            _secret_file(f"{key}.key_file", self.key_file)
-            try:
-                text = self.key_file.read_text().strip()
-            except OSError as e:
-                raise ConfigError(f"{key}.key_file", f"cannot read {self.key_file}: {e.strerror}") from None
-            _hex(f"{key}.key_file", text)
+            _read_key_file(f"{key}.key_file", self.key_file)
         if not self.secret():
             raise ConfigError(f"{key}.key", "the key is empty")
         if self.ha_spi and self.ha_spi <= wire.RESERVED_SPI_MAX:
@@ -97,12 +104,7 @@ class ForeignAgentConfig:
                                             "(RFC 5944 3.5.1): use the SPI the FA is configured with")
         if self.key_file is None:
             raise ConfigError(f"{key}.key_file", "set the file holding the FA-HA key (hex, mode 600)")
-        _secret_file(f"{key}.key_file", self.key_file)
-        try:
-            text = self.key_file.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"{key}.key_file", f"cannot read {self.key_file}: {e.strerror}") from None
-        _hex(f"{key}.key_file", text)
+        text = _read_key_file(f"{key}.key_file", self.key_file)
         if not text:
             raise ConfigError(f"{key}.key_file", f"{self.key_file} holds no key")
 

@@ -717,6 +717,22 @@ def add_mn_ha_auth(message: bytes, spi: int, key: bytes) -> bytes:
     return add_auth(message, EXT_MN_HA_AUTH, spi, key)
 
 
+def _auth_chain(message: bytes) -> tuple[bytes, list[tuple[int, int, bytes]]]:
+    """The bytes of a registration request or reply and its extension chain
+    (``(type, offset, body)`` each), for the authenticator checks; MIPError (code None)
+    if it is neither or its chain does not walk."""
+    data = bytes(message)
+    if not data or data[0] not in (MSG_REGISTRATION_REQUEST, MSG_REGISTRATION_REPLY):
+        raise MIPError("not a registration request or reply")
+    start = REQUEST_LEN if data[0] == MSG_REGISTRATION_REQUEST else REPLY_LEN
+    if len(data) < start:
+        raise MIPError(f"registration message of {len(data)} bytes, need {start}")
+    chain = _split_extensions(data, start)
+    if isinstance(chain, str):
+        raise MIPError(chain)
+    return data, chain
+
+
 def verify_auth(
     message: bytes, ext_type: int, key_lookup: Callable[[int], bytes | None]
 ) -> tuple[int | None, bool]:
@@ -729,15 +745,7 @@ def verify_auth(
     a request or reply with a walkable extension chain; decode it first to learn
     the reply code for that.
     """
-    data = bytes(message)
-    if not data or data[0] not in (MSG_REGISTRATION_REQUEST, MSG_REGISTRATION_REPLY):
-        raise MIPError("not a registration request or reply")
-    start = REQUEST_LEN if data[0] == MSG_REGISTRATION_REQUEST else REPLY_LEN
-    if len(data) < start:
-        raise MIPError(f"registration message of {len(data)} bytes, need {start}")
-    chain = _split_extensions(data, start)
-    if isinstance(chain, str):
-        raise MIPError(chain)
+    data, chain = _auth_chain(message)
     for t, off, body in chain:
         if t != ext_type:
             continue
@@ -772,15 +780,7 @@ def verify_fa_ha_auth(
     own SPI.  An FA-HA extension before the MN-HA one would not cover the MN's
     authenticator and is refused, as is a missing one: ``(None, False)``.  A home
     agent answers a failure with 132 (foreign agent failed authentication)."""
-    data = bytes(message)
-    if not data or data[0] not in (MSG_REGISTRATION_REQUEST, MSG_REGISTRATION_REPLY):
-        raise MIPError("not a registration request or reply")
-    start = REQUEST_LEN if data[0] == MSG_REGISTRATION_REQUEST else REPLY_LEN
-    if len(data) < start:
-        raise MIPError(f"registration message of {len(data)} bytes, need {start}")
-    chain = _split_extensions(data, start)
-    if isinstance(chain, str):
-        raise MIPError(chain)
+    data, chain = _auth_chain(message)
     after_mn_ha = False
     for t, off, body in chain:
         if t == EXT_MN_HA_AUTH:
