@@ -753,6 +753,8 @@ ipv4ish = st.one_of(
 @FUZZ
 @given(ipv4ish)
 def test_random_bytes_only_raise_codec_error(data):
+    """Fails on any exception but CodecError, or a checksum check that is not a bool
+    (the assertions are _every_entry_point's)."""
     _every_entry_point(data)
 
 
@@ -785,6 +787,7 @@ def test_truncated_packets_raise_codec_error(payload, opts, which, data):
 @FUZZ
 @given(payloads, ip_options, st.integers(0, 4), st.data())
 def test_corrupted_packets_only_raise_codec_error(payload, opts, which, data):
+    """Valid packets with 1-3 bytes changed: as above, only CodecError may escape."""
     pkt = bytearray(_valid_packets(payload, C.build_options(opts))[which])
     for _ in range(data.draw(st.integers(1, 3))):
         i = data.draw(st.integers(0, len(pkt) - 1))

@@ -474,6 +474,8 @@ def _only_mip_errors(fn, *args):
 @settings(max_examples=1500, deadline=None)
 @given(st.binary(max_size=80))
 def test_fuzz_random_bytes(data):
+    """Fails on any exception but MIPError, or a MIPError with a code outside 0-255
+    (the assertion is _only_mip_errors')."""
     _only_mip_errors(wire.decode_message, data)
     _only_mip_errors(wire.verify_mn_ha_auth, data, {SPI: KEY}.get)
 
@@ -481,6 +483,7 @@ def test_fuzz_random_bytes(data):
 @settings(max_examples=1500, deadline=None)
 @given(st.sampled_from([1, 3, 4]), st.binary(min_size=19, max_size=80))
 def test_fuzz_valid_type_byte(msg_type, rest):
+    """As above, past the type byte: every decoder and the authenticator check."""
     data = bytes([msg_type]) + rest
     _only_mip_errors(wire.decode_message, data)
     _only_mip_errors(wire.decode_request, data)
