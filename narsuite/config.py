@@ -146,9 +146,9 @@ class ClusterConfig:
         None, check=_secret_file,
         doc="32-byte cluster key (AES-256-GCM) sealing what a standby needs; never stored in Redis.")
     sealed_kinds: tuple[str, ...] = setting(
-        ("esp.sa", "esp.peer", "ike.isakmp"),
+        ("esp.sa", "esp.peer", "ike.isakmp", "ike.v2sa"),
         doc="Kinds kept in the shared store sealed under key_file (what a standby adopts: ESP SAs with their "
-            "keys, ESP peers, established IKEv1 SAs with theirs).")
+            "keys, ESP peers, established IKEv1 and IKEv2 SAs with theirs).")
     seq_margin: int = setting(
         1 << 24, check=in_range(1, 2**31),
         doc="An adopted outbound SA continues this many sequence numbers past its sealed state.")

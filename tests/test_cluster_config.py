@@ -27,7 +27,8 @@ def test_cluster_examples_load_and_differ_only_in_node_id(tmp_path) -> None:
     assert (c1.cluster.node_id, c2.cluster.node_id) == ("gw1", "gw2")
     assert c1.store == c2.store and c1.store.backend == "redis" and c1.store.redis.replicas_ack == 1
     assert c1.cluster.key_file == c2.cluster.key_file
-    assert c1.cluster.sealed_kinds == ("esp.sa", "esp.peer", "ike.isakmp")
+    assert c1.cluster.sealed_kinds == ("esp.sa", "esp.peer", "ike.isakmp",
+                                                                                          "ike.v2sa")
 
 
 def test_secret_files_open_to_others_are_refused_naming_the_key(tmp_path) -> None:

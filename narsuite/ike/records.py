@@ -4,19 +4,22 @@ cluster's standby) the state that carries an established ISAKMP SA on.
 ``ike.sa`` is for operators (narctl, Prometheus, the manhole) and for other processes
 that want to know who is connected.  ``ike.isakmp`` holds what a standby needs to
 continue an established IKEv1 SA after its node died (docs/cluster.md, level 2): the
-cookies, SKEYID_d/a/e and the last phase-1 CBC block in ``secret()`` fields.  Neither
-kind is persisted; with ``[cluster] key_file`` the Sealer keeps ``ike.isakmp`` in the
+cookies, SKEYID_d/a/e and the last phase-1 CBC block in ``secret()`` fields;
+``ike.v2sa`` the same for an established IKEv2 SA (SPIs, SK_d/a/e/p, message IDs).  Neither
+kind is persisted; with ``[cluster] key_file`` the Sealer keeps both in the
 shared store only sealed (AES-GCM under the cluster key), and ``narctl cluster adopt``
 puts it back into a standby's view, where the engine resumes the SA.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from narsuite.store import Index, KindSpec, secret
 
-__all__ = ["IkeSaRecord", "IKE_SA", "IsakmpState", "ISAKMP_STATE", "KINDS"]
+__all__ = ["IkeSaRecord", "IKE_SA", "IsakmpState", "ISAKMP_STATE", "IkeV2State", "IKEV2_STATE", "KINDS"]
 
 
 @attrs.frozen
@@ -113,4 +116,68 @@ ISAKMP_STATE = KindSpec(
     description="established IKEv1 SAs as a standby resumes them (keys in memory; in Redis only sealed)",
 )
 
-KINDS = (IKE_SA, ISAKMP_STATE)
+
+@attrs.frozen
+class IkeV2State:
+    """An established IKEv2 SA as a standby resumes it (:mod:`narsuite.ike.v2.resume`).
+
+    What is not here is not needed to go on: SKEYSEED and g^ir (SK_d and the six others are
+    what every later exchange uses: SK_e/SK_a protect the messages, SK_d keys new CHILD SAs
+    and an IKE SA rekey, SK_p is only for IKE_AUTH), the nonces and IKE_SA_INIT messages
+    (only IKE_AUTH signs them), an exchange in flight (the peer retransmits it).  The message
+    IDs are those of the last write: the standby resynchronises them with the peer (RFC 6311)
+    when the peer announced that it can, or accepts the peer's next request a little ahead."""
+
+    spis: str  # SPIi | SPIr in hex: the key
+    name: str
+    remote_ip: str
+    remote_port: int
+    local_ip: str
+    local_port: int
+    policy: str
+    # the IKE SA's transforms (IkeChoice)
+    encr: int
+    key_bits: int
+    integ: int
+    prf: int
+    dh: int
+    we_initiated: bool
+    nat_peer: bool
+    nat_local: bool
+    frag_ok: bool
+    mobike: bool
+    #: the peer announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED (RFC 6311) and we answered it
+    mid_sync: bool
+    peer_id_text: str
+    peer_id_body: bytes
+    peer_cert_subject: str
+    eap_user: str
+    address: str  # the virtual IP from the pool
+    established: float
+    expires: float
+    #: the next request message ID we expect from the peer / we would send (§2.3)
+    peer_mid: int
+    my_mid: int
+    #: the CHILD SAs: (esp.peer name, SPI in, SPI out, expiry, (enc, key bits, integ, esn, PFS
+    #: group, proposal number), TSi text, TSr text, client-side ranges, our ranges, rekey due,
+    #: rekeyed); their esp.sa/esp.peer records are in the store (sealed too)
+    children: tuple[tuple[Any, ...], ...]
+    sk_d: bytes = secret(default=b"")
+    sk_ai: bytes = secret(default=b"")
+    sk_ar: bytes = secret(default=b"")
+    sk_ei: bytes = secret(default=b"")
+    sk_er: bytes = secret(default=b"")
+    sk_pi: bytes = secret(default=b"")
+    sk_pr: bytes = secret(default=b"")
+
+
+IKEV2_STATE = KindSpec(
+    name="ike.v2sa",
+    record=IkeV2State,
+    key=lambda r: r.spis,
+    persist=False,
+    columns=("name", "remote_ip", "remote_port", "policy", "eap_user", "address", "peer_mid", "my_mid"),
+    description="established IKEv2 SAs as a standby resumes them (keys in memory; in Redis only sealed)",
+)
+
+KINDS = (IKE_SA, ISAKMP_STATE, IKEV2_STATE)

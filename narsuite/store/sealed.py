@@ -183,8 +183,9 @@ class Sealer:
         addresses), then SAs, an outbound SA's sequence number ``seq_margin`` ahead of where the
         twin was sealed (the dead node sent an unknown number of packets since), an inbound
         SA's SPI leased again to the adopter (the dead node's lease is reaped), then ISAKMP
-        SAs (``ike.isakmp``: the ike role resumes them when it sees them put), their DPD
-        sequence ``seq_margin`` ahead too.  Putting them
+        SAs (``ike.isakmp``, ``ike.v2sa``: the ike role resumes them when it sees them put), an
+        IKEv1 SA's DPD sequence ``seq_margin`` ahead too (an IKEv2 SA's message IDs are
+        resynchronised with its peer by the ike role).  Putting them
         seals them again as this node's twins; the adopted twins are deleted (adopted once).
         Returns counts by kind (and ``failed``).
         """

@@ -238,6 +238,11 @@ class Auth:
         e = self.engine
         assert sa.policy is not None
         p = sa.policy
+        if C.IKEV2_MESSAGE_ID_SYNC_SUPPORTED in ns:
+            # RFC 6311: both announce it; a cluster's standby that carries this SA on
+            # resynchronises the message IDs with the peer (v2/resume.py)
+            sa.mid_sync = True
+            out.append(wire.Notify(C.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
         cp = wire.find(payloads, wire.CP)
         wants_cp = cp is not None and cp.cfg_type == C.CFG_REQUEST
         d: defer.Deferred = defer.succeed(None)

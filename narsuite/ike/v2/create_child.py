@@ -117,8 +117,9 @@ class CreateChild:
                       policy=sa.policy, choice=choice, keys=k, ni=ni, nr=nr)
         new.rx = keys.SKCipher(choice.encr, k.sk_ei, choice.integ, k.sk_ai)
         new.tx = keys.SKCipher(choice.encr, k.sk_er, choice.integ, k.sk_ar)
-        for attr in ("nat_peer", "nat_local", "frag_ok", "mobike", "peer_id_text", "peer_id_body", "eap_user",
-                     "address"):
+        # (RFC 6311 support too: strongSwan's rekeyed SA inherits the extensions it had)
+        for attr in ("nat_peer", "nat_local", "frag_ok", "mobike", "mid_sync", "peer_id_text", "peer_id_body",
+                     "eap_user", "address"):
             setattr(new, attr, getattr(sa, attr))
         new.last_rx = e.now()
         e.sas[spi_r] = new

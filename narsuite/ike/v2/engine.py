@@ -15,6 +15,8 @@ request, in one table, :data:`ROUTES`:
 * :mod:`.create_child` -- CREATE_CHILD_SA: new children, child rekey, IKE SA rekey.
 * :mod:`.informational` -- INFORMATIONAL: liveness both ways, Delete, MOBIKE.
 * :mod:`.children` -- the esp role's records.
+* :mod:`.resume` -- an established SA as an ``ike.v2sa`` record and back: a cluster's
+  standby carries on a dead node's SAs, message IDs resynchronised (docs/cluster.md).
 
 Every drop is counted by reason and logged; peer-controlled input raises only
 :class:`~narsuite.ike.v2.wire.IKEv2Error` (answered with its notify when the message
@@ -34,10 +36,11 @@ from narsuite.ike.common import Drop, grace
 from narsuite.ike.config import IkeConfig, PeerPolicy
 from narsuite.ike.cookies import CookieJar, HalfOpenBudget
 from narsuite.ike.crypto import CryptoError
-from narsuite.ike.records import IKE_SA, IkeSaRecord
+from narsuite.ike.records import IKE_SA, IKEV2_STATE, IkeSaRecord
 from narsuite.ike.v2 import constants as C
 from narsuite.ike.v2 import keys, wire
 from narsuite.ike.v2.rekey import Rekey
+from narsuite.ike.v2.resume import MID_WINDOW, STATE_INTERVAL, resume, state_of
 from narsuite.ike.v2.sa import IkeSAv2, Request
 from narsuite.ike.v2.wire import IKEv2Error
 from narsuite.logs import Aggregator, logger
@@ -57,6 +60,9 @@ COUNTERS = (
     "peer_dead", "delete_rx", "peer_moved", "mobike_update", "mobike_checked", "mobike_check_failed",
     "fragments_rx", "fragmented_tx", "unexpected", "internal_error", "store_failed", "error_notify_rx",
     "notify_rate_limited", "rekey_sent", "rekey_failed", "rekey_collision_won", "rekey_collision_lost",
+    # a dead node's sealed IKE SA carried on here (cluster adopt), or not; its message IDs
+    # resynchronised (RFC 6311), or not; the peer's requests dropped while they are
+    "ike_resumed", "resume_failed", "mid_synced", "mid_sync_failed", "resyncing",
 )
 
 #: (exchange type, IKE SA state) -> (part, method): the one dispatch table for requests.
@@ -119,6 +125,8 @@ class IkeV2Engine:
         self.informational = Informational(self)
         self.children = Children(self)
         self.rekey = Rekey(self)
+        # a dead node's IKE SAs reach this node's view only through the store (cluster adopt)
+        self._unsubscribe_state = store.subscribe(self._state_changed, kinds=[IKEV2_STATE.name])
         if metrics is not None:
             metrics.watch_counters("ikev2", "events", "IKEv2 responder events by kind", "event",
                                    lambda: self.counters)
@@ -201,7 +209,14 @@ class IkeV2Engine:
             for datagram in sa.last_response:
                 self.send(datagram, addr, local_port)
             return
-        if mid != sa.peer_mid:
+        if sa.resync == "sync":
+            # carried on from a dead node, our RFC 6311 sync outstanding: the peer sends this
+            # again under the ID it agrees to
+            raise Drop("resyncing", f"message ID {mid} before the message ID sync completed")
+        # carried on without RFC 6311: the peer's first request may be a little ahead of the
+        # sealed ID (accepted once it authenticates)
+        ahead = sa.resync == "window" and sa.peer_mid < mid < sa.peer_mid + MID_WINDOW
+        if mid != sa.peer_mid and not ahead:
             raise Drop("bad_message_id", f"message ID {mid}, expected {sa.peer_mid}")
         if sa.busy:
             raise Drop("busy", f"message ID {mid} arrived again while it is being processed")
@@ -212,6 +227,8 @@ class IkeV2Engine:
         payloads = self.open(sa, header, data)
         if payloads is None:
             return  # more fragments to come
+        if sa.resync:
+            sa.peer_mid, sa.resync = mid, ""
         sa.last_rx = self.now()
         if sa.state == "established" and not sa.mobike:
             self.follow(sa, addr, local_port)
@@ -298,24 +315,29 @@ class IkeV2Engine:
         sa.peer_mid = header.message_id + 1
         for d in datagrams:
             self.send(d, addr, local_port)
+        self.mids_moved(sa)
 
     # ------------------------------------------------------------------ our requests
     def send_request(self, sa: IkeSAv2, exchange: int, payloads: list[Any], kind: str,
-                     on_answer: Callable[[IkeSAv2, tuple[Any, ...]], None] | None = None) -> None:
+                     on_answer: Callable[[IkeSAv2, tuple[Any, ...]], None] | None = None,
+                     mid: int | None = None) -> None:
         """A request of ours; one at a time (window 1), resent on the configured schedule,
-        and the SA deleted when it is never answered."""
+        and the SA deleted when it is never answered.  ``mid``: outside the sequence (RFC
+        6311's sync is message ID 0 and does not move ours)."""
         if sa.state == "deleted":
             return
         if sa.outstanding is not None:
-            sa.queue.append((exchange, payloads, kind, on_answer))
+            sa.queue.append((exchange, payloads, kind, on_answer, mid))
             return
-        mid = sa.my_mid
-        sa.my_mid += 1
+        if mid is None:
+            mid = sa.my_mid
+            sa.my_mid += 1
         req = Request(mid, self.seal(sa, exchange, mid, payloads, response=False), kind, on_answer=on_answer)
         sa.outstanding = req
         for d in req.datagrams:
             self.send(d, sa.remote, sa.local_port)
         self._arm(sa, req)
+        self.mids_moved(sa)
 
     def _arm(self, sa: IkeSAv2, req: Request) -> None:
         delays = self.cfg.retransmit
@@ -345,8 +367,8 @@ class IkeV2Engine:
         if req.on_answer is not None:
             req.on_answer(sa, payloads)
         if sa.queue and sa.state != "deleted":
-            exchange, ps, kind, on_answer = sa.queue.pop(0)
-            self.send_request(sa, exchange, ps, kind, on_answer)
+            exchange, ps, kind, on_answer, mid = sa.queue.pop(0)
+            self.send_request(sa, exchange, ps, kind, on_answer, mid)
 
     # ------------------------------------------------------------------ the peer's address
     def follow(self, sa: IkeSAv2, addr: tuple[str, int], local_port: int) -> None:
@@ -413,8 +435,9 @@ class IkeV2Engine:
                 self.send(d, sa.remote, sa.local_port)
         sa.state = "deleted"
         self.leave_half_open(sa)
-        if sa.timer is not None and sa.timer.active():
-            sa.timer.cancel()
+        for timer in (sa.timer, sa.state_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         if sa.outstanding is not None and sa.outstanding.timer is not None and sa.outstanding.timer.active():
             sa.outstanding.timer.cancel()
         if children_to is None:
@@ -428,8 +451,12 @@ class IkeV2Engine:
             self.count("ike_deleted")
             log.info("ikev2: {name} deleted ({reason})", name=sa.name, reason=reason)
         self.store_write(self.store.delete(IKE_SA.name, sa.name), sa, "removing the IKE SA record")
+        if self.store.get(IKEV2_STATE.name, (sa.spi_i + sa.spi_r).hex()) is not None:
+            self.store_write(self.store.delete(IKEV2_STATE.name, (sa.spi_i + sa.spi_r).hex()), sa,
+                             "removing the IKE SA state")
 
     def close(self) -> None:
+        self._unsubscribe_state()
         for sa in list(self.sas.values()):
             self.delete_ike(sa, notify_peer=True, reason="shutdown")
         self.sa_init.dh.clear()
@@ -466,6 +493,48 @@ class IkeV2Engine:
             nat=("peer" if sa.nat_peer else "") + ("+local" if sa.nat_local else ""), xauth_user=sa.eap_user,
             address=sa.address, children=len(sa.children), established=sa.established, expires=sa.expires)
         self.store_write(self.store.put(rec, owner=self.owner(sa)), sa, "the IKE SA record")
+        self.write_state(sa)
+
+    def write_state(self, sa: IkeSAv2) -> None:
+        """What a standby needs to carry the SA on (sealed by a cluster's Sealer; memory only
+        otherwise); it lives as long as the SA may."""
+        if sa.state_timer is not None and sa.state_timer.active():
+            sa.state_timer.cancel()
+        sa.state_timer = None
+        state = state_of(sa)
+        if state is None or sa.state == "deleted":
+            return
+        sa.state_written = self.now()
+        life = sa.policy.ike_lifetime if sa.policy else 0.0
+        ttl = max(1.0, sa.expires + grace(life) - sa.state_written)
+        self.store_write(self.store.put(state, owner=self.owner(sa), ttl=ttl), sa, "the IKE SA state")
+
+    def mids_moved(self, sa: IkeSAv2) -> None:
+        """The message IDs moved (a request answered, one of ours sent): the state is written
+        again, at most once per :data:`STATE_INTERVAL` (the standby resynchronises whatever
+        moved since, see :mod:`.resume`)."""
+        if sa.state != "established" or (sa.state_timer is not None and sa.state_timer.active()):
+            return
+        wait = sa.state_written + STATE_INTERVAL - self.now()
+        if wait <= 0:
+            self.write_state(sa)
+        else:
+            sa.state_timer = self.clock.callLater(wait, self.write_state, sa)
+
+    def _state_changed(self, change: Any) -> None:
+        """An ``ike.v2sa`` record this engine did not write: a dead node's SA that ``narctl
+        cluster adopt`` put into this node's view -- carry it on."""
+        if change.op != "put" or change.reason == "remote":
+            return
+        try:
+            spi_r = bytes.fromhex(change.record.spis[16:])
+        except ValueError:
+            return
+        if spi_r in self.sas:
+            return  # our own SA (publish)
+        owner = self.store.owner_of(IKEV2_STATE.name, change.key) or ""
+        if owner.startswith("cluster:adopted:"):
+            resume(self, change.record)
 
     # ------------------------------------------------------------------ liveness (the service's timer)
     def dpd_tick(self) -> None:

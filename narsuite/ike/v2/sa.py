@@ -112,6 +112,15 @@ class IkeSAv2:
     timer: Any = None  # half-open timeout, then lifetime
     half_open_key: tuple[bytes, str, int] | None = None
     deleted_by: str = ""
+    #: the peer announced RFC 6311 message ID sync and we answered it (a standby can resync)
+    mid_sync: bool = False
+    #: carried on from a dead node's sealed state (:mod:`.resume`): "sync" while our RFC 6311
+    #: sync is outstanding (the peer's requests are dropped), "window" until the peer's first
+    #: request (accepted a little ahead of the sealed ID), "" otherwise
+    resync: str = ""
+    #: when its ``ike.v2sa`` state was last written, and the write waiting for the interval
+    state_written: float = 0.0
+    state_timer: Any = attrs.field(default=None, repr=False)
 
     @property
     def name(self) -> str:
