@@ -31,14 +31,14 @@ from labtraffic import ping
 
 from narsuite.lab.daemon import NarsuiteDaemon
 from narsuite.lab.redis import RedisServer
-from narsuite.lab.strongswan import Charon, ikev1_client_conf
+from narsuite.lab.strongswan import Charon, ikev1_client_conf, ikev2_client_conf
 from narsuite.store.sealed import ClusterKey
 
 PSK = "lab-psk-0123456789"
 VIP, VIP_INT = "198.51.100.1", "10.1.0.1"
 
 
-def node_config(tmp: Path, node: str, redis_url: str, key_file: Path) -> Path:
+def node_config(tmp: Path, node: str, redis_url: str, key_file: Path, extra: str = "") -> Path:
     d = tmp / node
     d.mkdir()
     cfg = d / "narsuite.toml"
@@ -75,7 +75,7 @@ def node_config(tmp: Path, node: str, redis_url: str, key_file: Path) -> Path:
         local_ts = ["10.1.0.0/24"]
         xauth = true
         pool = "ra"
-        """))
+        """) + textwrap.dedent(extra))
     return cfg
 
 
@@ -398,6 +398,148 @@ def test_e_level2_failover_the_standby_carries_on_the_isakmp_and_esp_sas(need_st
               f"{lost} of {sent} lost = {lost * 20} ms outage; TCP transfer of {TCP_BYTES} bytes across the kill "
               f"complete; no new Main Mode or Quick Mode; then DPD answered, CHILD SA rekeyed (Quick Mode) and "
               f"the old one deleted under the same ISAKMP SA on the standby")
+        c.stop()
+        n2.terminate()
+        k1.stop()
+        k2.stop()
+    finally:
+        db.close()
+
+
+PSK2 = "lab-psk-v2-0123456789"
+IKEV2_POLICY = f"""
+    [[ike.peers]]
+    name = "rw2"
+    versions = [2]
+    psk = "{PSK2}"
+    local_id = "gw.example"
+    local_ts = ["10.1.0.0/24"]
+    pool = "ra"
+    """
+
+
+def v2_stats(node: NarsuiteDaemon) -> dict[str, int]:
+    return {k[3:]: v for k, v in ike_stats(node).items() if k.startswith("v2 ")}
+
+
+def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas(need_strongswan, lab, tmp_path):
+    """Level 2 for IKEv2: the standby adopts the dead active's sealed IKE SA (``ike.v2sa``) and
+    CHILD SAs: no new IKE_SA_INIT or IKE_AUTH; it resynchronises the message IDs with the client
+    (RFC 6311, which strongSwan supports); a ping and a TCP transfer through the tunnel survive the
+    kill -9, the outage is measured; then, under the same IKE SA (same unique id and SPIs on the
+    client), the standby's own liveness check is answered, the client's DPD is answered and its
+    CHILD SA rekey completes (and the old CHILD SA is deleted)."""
+    r1, nat1 = lab.host("r1"), lab.host("nat1")
+    g1, g2 = lab.host("g1", forwarding=True), lab.host("g2", forwarding=True)
+    h, dbh = lab.host("h"), lab.host("db")
+    lab.link(nat1, r1, "192.168.1.1/24", "192.168.1.10/24", a_if="lan0", b_if="eth0")
+    lab.switch("pub", [(nat1, "198.51.100.101/24", "wan0"), (g1, "203.0.113.2/24", "wan0"),
+                       (g2, "203.0.113.3/24", "wan0")])
+    lab.switch("int", [(g1, "10.1.0.2/24", "lan0"), (g2, "10.1.0.3/24", "lan0"),
+                       (h, "10.1.0.10/24", "eth0"), (dbh, "10.1.0.20/24", "eth0")])
+    nat1.masquerade("wan0")
+    r1.default_route("192.168.1.1")
+    h.default_route(VIP_INT)
+    for g in (g1, g2):
+        g.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
+    db = RedisServer(6379, host="10.1.0.20", prefix=["ip", "netns", "exec", dbh.netns]).start()
+    try:
+        url = f"redis://10.1.0.20:{db.port}"
+        key_file = tmp_path / "cluster.key"
+        key_file.write_bytes(os.urandom(32))
+        key_file.chmod(0o600)
+        # the gateway probes an idle client after 4 s (its own INFORMATIONAL requests: the message
+        # ID direction a standby cannot guess)
+        cfgs = [node_config(tmp_path, n, url, key_file, IKEV2_POLICY) for n in ("g1", "g2")]
+        for cfg in cfgs:
+            text = cfg.read_text().replace("[ike]\n", "[ike]\ndpd_delay = 4\n", 1)
+            cfg.write_text(text)
+        n1 = NarsuiteDaemon(g1, cfgs[0], roles="esp,ike").start()
+        n2 = NarsuiteDaemon(g2, cfgs[1], roles="esp,ike").start()
+        narctl = shutil.which("narctl")
+        k1 = Keepalived(g1, tmp_path / "k1", 150, n1, f"{narctl} --socket {n1.socket} cluster adopt").start()
+        wait(lambda: k1.has_vip(), 15, "g1 to take the addresses")
+        k2 = Keepalived(g2, tmp_path / "k2", 100, n2, f"{narctl} --socket {n2.socket} cluster adopt").start()
+        c = Charon(r1, tmp_path / "r1").start()
+        c.load(ikev2_client_conf(VIP, PSK2, local_id="r1.example", connection_extra="    dpd_delay = 3s\n"))
+        res = c.initiate(child="net", timeout=25)
+        assert res.ok, res.output[-3000:] + c.log_text()[-3000:]
+        (before,) = c.list_sas()
+        assert ping(r1, "10.1.0.10")
+        wait(lambda: any("ike.v2sa" in k for k, _o, n in records(db) if n == "g1"), 5, "g1's sealed IKE SA")
+        # a ping every 20 ms and a paced TCP transfer (H -> R1, 6 s) through the tunnel, across the kill
+        pinger = r1.popen(["ping", "-n", "-i", "0.02", "-c", "400", "-W", "1", "10.1.0.10"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = h.popen([sys.executable, "-c", PACED_SERVER])
+        h.wait_port(5001)
+        receiver = r1.popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+        time.sleep(2)
+        t0 = time.monotonic()
+        n1.kill9()
+        wait(lambda: k2.has_vip() and not k1.has_vip(), 15, "the addresses to move to g2")
+        moved = time.monotonic() - t0
+        out, _ = pinger.communicate(timeout=60)
+        tcp, _ = receiver.communicate(timeout=60)
+        h.stop(server)
+        sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
+        received = int(re.search(r"(\d+) received", out).group(1))
+        lost = sent - received
+        adopt_log = (tmp_path / "k2" / "log").read_text()
+        assert received > sent - 100, out[-2000:] + adopt_log[-2000:] + n2.log_text()[-3000:]
+        assert tcp.split() == ["OK", str(TCP_BYTES)], tcp  # every byte, in order, one connection
+        # the same IKE SA and CHILD SA on the client: nothing was renegotiated
+        (after,) = c.list_sas()
+        assert after.established and after.children and before.children
+        assert [ch.spi_in for ch in after.children] == [ch.spi_in for ch in before.children]
+        same_ike = (before.uniqueid, before.spi_i, before.spi_r)
+        assert (after.uniqueid, after.spi_i, after.spi_r) == same_ike
+        (row,) = n2.rows("ike", "sas")
+        assert (row["name"], row["address"]) == (before.spi_i.hex()[:8] + before.spi_r.hex()[:8],
+                                                 after.local_vips[0]), row
+        # the message IDs were resynchronised with the client (RFC 6311) and no SA was made anew
+        stats = v2_stats(n2)
+        assert stats.get("ike_resumed") == 1 and stats.get("mid_synced") == 1, stats
+        assert not stats.get("ike_established") and not stats.get("sa_init_answered"), stats
+        assert ping(r1, "10.1.0.10")
+        # idle: the standby's own liveness check (under the synced ID) and the client's DPD
+        # (strongSwan: an empty INFORMATIONAL after 3 s idle) are answered
+        wait(lambda: v2_stats(n2).get("liveness_answered", 0) >= 1, 20, "the client to answer our liveness check")
+
+        def client_dpd_answered() -> bool:
+            log = c.log_text()
+            cut = log.rfind("requested MID sync")
+            return "sending DPD request" in log[cut:] and "parsed INFORMATIONAL response" in log[cut:]
+        try:
+            wait(client_dpd_answered, 20, "the client's DPD answered by the standby")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{c.log_text()[-4000:]}") from None
+        # a CHILD SA rekey by the client under the same IKE SA; strongSwan deletes the old one
+        old_spis = {ch.spi_in for ch in after.children}
+        c.swanctl("--rekey", "--child", "net")
+
+        def rekeyed() -> bool:
+            (sa,) = c.list_sas()
+            return [ch.spi_in not in old_spis and ch.state == "INSTALLED" for ch in sa.children] == [True]
+        try:
+            wait(rekeyed, 20, "the CHILD SA rekey against the standby")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{c.list_sas_text()}\n{c.log_text()[-4000:]}\n{n2.log_text()[-3000:]}") \
+                from None
+        stats = v2_stats(n2)
+        assert stats.get("child_installed") == 1 and stats.get("child_deleted", 0) >= 1, stats
+        assert not stats.get("decrypt_failed") and not stats.get("unknown_spi") and not stats.get("resume_failed"), \
+            stats
+        assert ping(r1, "10.1.0.10")  # through the new pair
+        (rekeyed_sa,) = c.list_sas()
+        assert (rekeyed_sa.uniqueid, rekeyed_sa.spi_i, rekeyed_sa.spi_r) == same_ike
+        log = c.log_text()
+        assert log.count("initiating IKE_SA") == 1 and "authentication of 'gw.example'" in log, log[-3000:]
+        assert log.count("sending DPD request") >= 1
+        print(f"\nlevel 2 failover (IKEv2): addresses moved {moved * 1000:.0f} ms after kill -9; ping every 20 ms: "
+              f"{lost} of {sent} lost = {lost * 20} ms outage; TCP transfer of {TCP_BYTES} bytes across the kill "
+              f"complete; no new IKE_SA_INIT or IKE_AUTH; message IDs synchronised (RFC 6311); then our "
+              f"liveness check and the client's DPD answered and the CHILD SA rekeyed under the same IKE SA")
         c.stop()
         n2.terminate()
         k1.stop()
