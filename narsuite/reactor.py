@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import select
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
@@ -48,7 +49,7 @@ from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
 from twisted.python import log as legacy_log
 
-__all__ = ["NAME", "NarsuiteEPollReactor", "install"]
+__all__ = ["NAME", "NarsuiteEPollReactor", "install", "RawHandler"]
 
 #: The name twistd knows this reactor by (``--reactor=narsuite-epoll``).
 NAME = "narsuite-epoll"
@@ -57,15 +58,56 @@ _log = Logger(namespace="narsuite.reactor")
 #: An event that is only "readable" (no hang-up, no error, no writability).
 _READABLE = select.EPOLLIN
 
+#: What a raw descriptor registers: called with the epoll event mask of each event.
+RawHandler = Callable[[int], Any]
+
 
 class NarsuiteEPollReactor(EPollReactor):
-    """Twisted's epoll reactor without the per-event log context."""
+    """Twisted's epoll reactor without the per-event log context, plus raw descriptors.
+
+    Raw descriptors (:meth:`add_fd`) are for code that drives its sockets
+    itself (narsuite.nar.lean, the SOCKS CONNECT relay): one callable per
+    descriptor gets the epoll event mask, with no selectable object, no
+    ``fileno()``/``doRead``/``doWrite`` indirection and no reader/writer
+    bookkeeping.  The owner says what it waits for (``EPOLLIN``/``EPOLLOUT``;
+    errors and hang-ups are always reported) and must :meth:`remove_fd` or
+    :meth:`forget_fd` before it closes the descriptor.  Raw descriptors are
+    not part of ``removeAll()``/``getReaders()``: their owner's service closes
+    them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._raw: dict[int, RawHandler] = {}
+
+    def add_fd(self, fd: int, handler: RawHandler, events: int) -> None:
+        """Register ``fd`` (not a selectable's) for ``events``; ``handler(mask)`` per event."""
+        self._poller.register(fd, events)
+        self._raw[fd] = handler
+
+    def modify_fd(self, fd: int, events: int) -> None:
+        """Wait for other ``events`` on a raw descriptor."""
+        self._poller.modify(fd, events)
+
+    def remove_fd(self, fd: int) -> None:
+        """Stop watching a raw descriptor that stays open."""
+        if self._raw.pop(fd, None) is not None:
+            try:
+                self._poller.unregister(fd)
+            except OSError:
+                pass
+
+    def forget_fd(self, fd: int) -> None:
+        """Drop a raw descriptor about to be closed (``close()`` takes it out of epoll
+        without an ``epoll_ctl``: the socket is this process's only reference)."""
+        self._raw.pop(fd, None)
 
     def doPoll(self, timeout: float | None) -> None:
         """Waits for events, then dispatches each ready selectable without ``callWithLogger``."""
         try:
             # As Twisted: at most one event per registered descriptor, -1 blocks.
-            events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+            events = self._poller.poll(-1 if timeout is None else timeout,
+                                       len(self._selectables) + len(self._raw))
         except OSError as e:
             if e.errno == errno.EINTR:
                 return
@@ -73,8 +115,18 @@ class NarsuiteEPollReactor(EPollReactor):
         if not events:
             return
         get = self._selectables.get
+        raw = self._raw.get
         dispatch = self._doReadOrWrite
         for fd, event in events:
+            handler = raw(fd)
+            if handler is not None:
+                try:
+                    handler(event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    _log.failure("Unhandled error while handling an event of raw descriptor {fd}", fd=fd)
+                continue
             selectable = get(fd)
             if selectable is None:  # removed by an earlier event of this batch
                 continue

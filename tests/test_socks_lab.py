@@ -25,16 +25,24 @@ from narsuite.nar.auth import hash_password
 
 SERVER_SCRIPT = textwrap.dedent("""
     import json, sys
+    lean = sys.argv[2] == "lean"
+    if lean:  # what the role runs by default: narsuite's reactor and narsuite.nar.lean's port
+        import narsuite.reactor
+        narsuite.reactor.install()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from narsuite.nar.config import NarConfig
+    from narsuite.nar.lean import LeanSocksPort
     from narsuite.nar.server import SocksFactory
     from narsuite.schema import build
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     config = build(NarConfig, json.load(open(sys.argv[1])), "nar")
     factory = SocksFactory(config, None, None, reactor)
-    reactor.listenTCP(config.port, factory, interface=config.listen)
+    if lean:
+        LeanSocksPort(reactor, factory, config.listen, config.port).startListening()
+    else:  # Twisted's transports (the role with several workers, or another reactor)
+        reactor.listenTCP(config.port, factory, interface=config.listen)
     reactor.run()
 """)
 
@@ -62,9 +70,10 @@ UDP_CLIENT = textwrap.dedent("""
 
 
 class SocksInN:
-    def __init__(self, topo, tmp: Path) -> None:
+    def __init__(self, topo, tmp: Path, path: str = "lean") -> None:
         self.t = topo
         self.tmp = tmp
+        self.path = path  # "lean": narsuite.nar.lean's CONNECT relay; "twisted": the protocol's
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "socks.log"
 
@@ -72,7 +81,8 @@ class SocksInN:
         table = {"listen": "0.0.0.0", "port": 1080, "rules": [{"action": "pass"}], **nar}
         (self.tmp / "nar.json").write_text(json.dumps(table))
         (self.tmp / "server.py").write_text(SERVER_SCRIPT)
-        self.proc = self.t.n.popen([sys.executable, str(self.tmp / "server.py"), str(self.tmp / "nar.json")],
+        self.proc = self.t.n.popen([sys.executable, str(self.tmp / "server.py"), str(self.tmp / "nar.json"),
+                                    self.path],
                                    stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                    cwd=str(Path(__file__).resolve().parent.parent))
         try:
@@ -108,9 +118,10 @@ def y_http(nar_topo, tmp_path):
     return f"{nar_topo.y_addr}:8000"
 
 
-@pytest.fixture
-def server(nar_topo, tmp_path):
-    s = SocksInN(nar_topo, tmp_path)
+@pytest.fixture(params=["lean", "twisted"])
+def server(nar_topo, tmp_path, request):
+    """The server in N, on each CONNECT path: the role's default (lean) and Twisted's."""
+    s = SocksInN(nar_topo, tmp_path, request.param)
     yield s
     if s.proc is not None:
         nar_topo.n.stop(s.proc)

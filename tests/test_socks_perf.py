@@ -376,14 +376,32 @@ def test_udp_fast_path_and_codec_path_agree():
 
 # ---------------------------------------------------------------- the CONNECT path on a real reactor
 
-def _socks_server_thread(config: NarConfig):
-    """The SOCKS server on a fresh epoll reactor in a thread; returns (reactor, factory, port, thread)."""
+#: The two CONNECT paths: Twisted's transports (other reactors, several workers) and
+#: narsuite.nar.lean's (the role's default under narsuite's reactor).
+PATHS = ["twisted", "lean"]
+
+
+def _socks_server_thread(config: NarConfig, path: str = "twisted"):
+    """The SOCKS server on a fresh epoll reactor in a thread; returns (reactor, factory, port, thread).
+
+    ``path`` "twisted": Twisted's epoll reactor and port, as the role listens with several
+    workers (accepted connections are LeanServers); "lean": narsuite's reactor and the
+    lean CONNECT relay's port, as the role listens by default."""
     import threading
 
-    r = EPollReactor()
-    f = SocksFactory(config, reactor=r)
-    # as the role listens (SocksTCPServer / ReusePortServer): accepted connections are LeanServers
-    port = lean_accepts(r.listenTCP(0, f, interface="127.0.0.1")).getHost().port
+    from narsuite import reactor as lean_reactor
+    from narsuite.nar.lean import LeanSocksPort
+
+    if path == "lean":
+        r = lean_reactor.NarsuiteEPollReactor()
+        f = SocksFactory(config, reactor=r)
+        lp = LeanSocksPort(r, f, "127.0.0.1", 0)
+        lp.startListening()
+        port = lp.getHost().port
+    else:
+        r = EPollReactor()
+        f = SocksFactory(config, reactor=r)
+        port = lean_accepts(r.listenTCP(0, f, interface="127.0.0.1")).getHost().port
     t = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
     t.start()
     return r, f, port, t
@@ -409,15 +427,25 @@ def _socks_connect(port: int, host: str, dport: int) -> tuple[socket.socket, int
     return s, head[1], socket.inet_ntop(fam, rest[:alen]), int.from_bytes(rest[alen:alen + 2], "big")
 
 
+def _settle(f, seconds: float = 5.0) -> None:
+    """Wait until the server has closed every connection (it reads the last FIN after the client's close)."""
+    import time as _time
+
+    deadline = _time.monotonic() + seconds
+    while f.active and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_socks_connect_relays_and_passes_the_close_on_a_real_reactor(host):
+def test_socks_connect_relays_and_passes_the_close_on_a_real_reactor(host, path):
     """CONNECT through the lean connector: reply with the outbound socket's address, bytes both
     ways, the target's close passed on at once (lose_now), no connection left behind."""
     target = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     target.bind((host, 0))
     target.listen(4)
     cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
-    r, f, port, t = _socks_server_thread(cfg)
+    r, f, port, t = _socks_server_thread(cfg, path)
     try:
         s, rep, bnd_host, bnd_port = _socks_connect(port, host, target.getsockname()[1])
         conn, from_addr = target.accept()
@@ -430,14 +458,17 @@ def test_socks_connect_relays_and_passes_the_close_on_a_real_reactor(host):
         conn.close()  # the target closes: the client must see the close
         assert s.recv(100) == b""
         s.close()
+        _settle(f)
     finally:
         r.callFromThread(r.stop)
         t.join(10)
         target.close()
     assert f.active == 0 and f.counters["reply_succeeded"] == 1 and f.counters["connections"] == 1
+    assert "lean_handovers" not in f.counters  # the lean path relayed it itself
 
 
-def test_socks_connect_refused_and_fallback_to_the_next_address_on_a_real_reactor():
+@pytest.mark.parametrize("path", PATHS)
+def test_socks_connect_refused_and_fallback_to_the_next_address_on_a_real_reactor(path):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     dead = closed.getsockname()[1]
@@ -446,7 +477,7 @@ def test_socks_connect_refused_and_fallback_to_the_next_address_on_a_real_reacto
     live.bind(("127.0.0.1", 0))
     live.listen(1)
     cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
-    r, f, port, t = _socks_server_thread(cfg)
+    r, f, port, t = _socks_server_thread(cfg, path)
     tries = []
 
     def resolve(name, p):  # a name with a dead address first (nothing on 127.0.0.2), then a live one
@@ -473,16 +504,19 @@ def test_socks_connect_refused_and_fallback_to_the_next_address_on_a_real_reacto
         live.close()
     assert tries == ["example"] and f.counters["reply_connection_refused"] == 1
     assert f.counters["reply_succeeded"] == 1
+    # the lean path refuses an address literal itself and hands a name over to the protocol
+    assert f.counters.get("lean_handovers", 0) == (1 if path == "lean" else 0)
 
 
-def test_udp_associate_on_a_real_reactor_relays_both_ways_without_truncating():
+@pytest.mark.parametrize("path", PATHS)
+def test_udp_associate_on_a_real_reactor_relays_both_ways_without_truncating(path):
     """The relay socket (_RelayPort, one datagram per event): small and 60,000-byte datagrams
     both ways, intact (Twisted's listenUDP default would truncate at 8192 bytes)."""
     echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     echo.bind(("127.0.0.1", 0))
     echo.settimeout(5)
     cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
-    r, f, port, t = _socks_server_thread(cfg)
+    r, f, port, t = _socks_server_thread(cfg, path)
     try:
         ctrl = socket.create_connection(("127.0.0.1", port), timeout=5)
         ctrl.sendall(b"\x05\x01\x00")
@@ -511,11 +545,12 @@ def test_udp_associate_on_a_real_reactor_relays_both_ways_without_truncating():
         echo.close()
     assert f.counters["udp_datagrams_out"] == 3 and f.counters["udp_datagrams_in"] == 3
     assert f.counters["bytes_up"] == f.counters["bytes_down"] == 60008
+    assert f.counters.get("lean_handovers", 0) == (1 if path == "lean" else 0)
 
 
 # ---------------------------------------------------------------- splice(2) bulk relay
 
-@pytest.mark.parametrize("reactor_cls", ["epoll", "lean"])
+@pytest.mark.parametrize("reactor_cls", ["epoll", "lean", "lean-path"])
 def test_bulk_relay_goes_over_to_splice_with_flow_control_and_half_close(reactor_cls):
     """A stream past SPLICE_AFTER is relayed by splice(2): every byte both ways in order, a
     slow reader holds the sender back (bounded pipes), a FIN passes on with the other
@@ -531,12 +566,15 @@ def test_bulk_relay_goes_over_to_splice_with_flow_control_and_half_close(reactor
     target.bind(("127.0.0.1", 0))
     target.listen(4)
     cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
-    r = EPollReactor() if reactor_cls == "epoll" else lean.NarsuiteEPollReactor()
-    f = SocksFactory(cfg, reactor=r)
-    # as the role listens (SocksTCPServer / ReusePortServer): accepted connections are LeanServers
-    port = lean_accepts(r.listenTCP(0, f, interface="127.0.0.1")).getHost().port
-    t = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
-    t.start()
+    if reactor_cls == "lean-path":  # the role's default: narsuite.nar.lean's relay
+        r, f, port, t = _socks_server_thread(cfg, "lean")
+    else:
+        r = EPollReactor() if reactor_cls == "epoll" else lean.NarsuiteEPollReactor()
+        f = SocksFactory(cfg, reactor=r)
+        # as the role listens (SocksTCPServer / ReusePortServer): accepted connections are LeanServers
+        port = lean_accepts(r.listenTCP(0, f, interface="127.0.0.1")).getHost().port
+        t = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
+        t.start()
     up = os.urandom(3 * 1024 * 1024)
     down = os.urandom(5 * 1024 * 1024)
     try:

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.application import internet, service
 
 from narsuite.control.commands import Command, Table
+from narsuite.nar import lean
 from narsuite.nar.config import NarConfig
 from narsuite.nar.fastio import lean_accepts
 from narsuite.nar.records import KINDS, MAPPING, SESSION, SESSION_OWNER_PREFIX
@@ -52,6 +53,10 @@ class NarService(service.MultiService):
         if processes > 1:
             # Several reactor processes on the port (narsuite/nar/workers.py): ours and N-1 workers.
             port: service.Service = ReusePortServer(ctx.reactor, cfg.listen, cfg.port, self.factory)
+        elif lean.supported(ctx.reactor):
+            # narsuite's lean reactor (twistd narsuite's default): CONNECTs relayed without
+            # Twisted's TCP transports, everything else handed to the protocol (narsuite.nar.lean).
+            port = lean.LeanSocksServer(ctx.reactor, cfg.listen, cfg.port, self.factory)
         else:
             port = SocksTCPServer(cfg.port, self.factory, interface=cfg.listen)
         port.setName("socks")

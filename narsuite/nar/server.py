@@ -886,11 +886,9 @@ class SocksProtocol(Protocol):
         if code == socks.GENERAL_FAILURE and not failure.check(_Refuse, error.ConnectError):
             log.failure("socks {what}: unexpected failure", failure, what=what)
         else:
-            self.factory.events.event(
-                f"{what}_{socks.reply_name(code)}", "socks {what} {dest}:{port} for {client}: {code} ({e})", what=what,
-                     dest=self.request.host if self.request else "?",
-                     port=self.request.port if self.request else 0, client=self.client,
-                     code=socks.reply_name(code), e=failure.value)
+            self.factory.request_failed(what, self.request.host if self.request else "?",
+                                        self.request.port if self.request else 0, self.client, code,
+                                        failure.value)
         self._reply(code)
 
     # CONNECT
@@ -1296,6 +1294,12 @@ class SocksFactory(ServerFactory[SocksProtocol]):
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+    def request_failed(self, what: str, dest: str, port: int, client: str, code: int, why: Any) -> None:
+        """A request refused or failed with reply ``code``: an aggregated event, one reason
+        per command and code (both CONNECT paths, narsuite.nar.lean's and the protocol's)."""
+        self.events.event(f"{what}_{socks.reply_name(code)}", "socks {what} {dest}:{port} for {client}: {code} ({e})",
+                          what=what, dest=dest, port=port, client=client, code=socks.reply_name(code), e=why)
 
     def external_address(self, here: str) -> str:
         """BND.ADDR of a BIND with DST.ADDR 0.0.0.0: the address an unnamed peer reaches us
