@@ -155,24 +155,26 @@ class Keepalived:
             self.host.stop(self.proc)
 
 
-def check_sealed(db: RedisServer, key_file: Path, node: str) -> None:
-    """The node's ESP SAs are in Redis only sealed: each twin opens with the key file into an SA
-    with its keys, and those keys appear nowhere in Redis in the clear (raw, hex or base64)."""
+def check_sealed(db: RedisServer, key_file: Path, node: str, kind: str = "esp.sa", at_least: int = 4,
+                 fields: tuple[str, ...] = ("enc_key", "integ_key")) -> None:
+    """The node's records of ``kind`` (ESP SAs) are in Redis only sealed: each twin opens with the
+    key file into a record with its keys, and those keys appear nowhere in Redis in the clear (raw,
+    hex or base64)."""
     key = ClusterKey.from_file(key_file)
     twins = db.cli("--scan", "--pattern", "c:r:cluster.sealed:*").split()
     sas = []
     for t in twins:
         row = json.loads(db.cli("hget", t, "d"))
-        if row["node"] != node or row["kind"] != "esp.sa":
+        if row["node"] != node or row["kind"] != kind:
             continue
         blob = base64.b64decode(row["blob"]["$b"])
         sas.append(json.loads(key.open(blob, f"narsuite sealed {node} {row['kind']} {row['key']}".encode())))
-    assert len(sas) >= 4, sas  # two clients, an inbound and an outbound SA each
+    assert len(sas) >= at_least, sas  # (ESP: two clients, an inbound and an outbound SA each)
     dump = db.cli("--scan").split()
     everything = "".join(db.cli("dump", k) for k in dump if not k.startswith("c:log"))
     everything += db.cli("xrange", "c:log", "-", "+")
     for sa in sas:
-        for f in ("enc_key", "integ_key"):
+        for f in fields:
             raw = base64.b64decode(sa[f]["$b"]) if isinstance(sa[f], dict) else b""
             if raw:
                 assert raw.hex() not in everything and base64.b64encode(raw).decode() not in everything
@@ -467,6 +469,8 @@ def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas
         (before,) = c.list_sas()
         assert ping(r1, "10.1.0.10")
         wait(lambda: any("ike.v2sa" in k for k, _o, n in records(db) if n == "g1"), 5, "g1's sealed IKE SA")
+        # its keys (SK_d, SK_a*, SK_e*, SK_p*) only sealed, nowhere in Redis in the clear
+        check_sealed(db, key_file, "g1", "ike.v2sa", 1, ("sk_d", "sk_ai", "sk_ar", "sk_ei", "sk_er", "sk_pi", "sk_pr"))
         # a ping every 20 ms and a paced TCP transfer (H -> R1, 6 s) through the tunnel, across the kill
         pinger = r1.popen(["ping", "-n", "-i", "0.02", "-c", "400", "-W", "1", "10.1.0.10"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -500,6 +504,9 @@ def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas
         # the message IDs were resynchronised with the client (RFC 6311) and no SA was made anew
         stats = v2_stats(n2)
         assert stats.get("ike_resumed") == 1 and stats.get("mid_synced") == 1, stats
+        # its pool address is still the client's (the lease is durable, now held for the standby's SA)
+        leases = {o for _k, o, _n in records(db) if o.startswith("ike:lease:rw2:")}
+        assert leases == {"ike:lease:rw2:r1.example@198.51.100.101:4500"}, leases
         assert not stats.get("ike_established") and not stats.get("sa_init_answered"), stats
         assert ping(r1, "10.1.0.10")
         # idle: the standby's own liveness check (under the synced ID) and the client's DPD

@@ -109,6 +109,12 @@ def test_the_standby_resyncs_message_ids_by_rfc6311_and_carries_the_sa_on():
     assert sa2.keys == sa1.keys and sa2.choice == sa1.choice
     assert [(c.spi_in, c.spi_out, c.choice) for c in sa2.children] == [(c.spi_in, c.spi_out, c.choice)
                                                                        for c in sa1.children]
+    # its ESP SAs: outbound sequence numbers continue seq_margin past the sealed ones (the esp role
+    # starts its inbound replay window empty), the inbound SPI leased to g2's adoption
+    (out1,) = [x for x in h1.store.records(sadb.SA_KIND.name) if x.direction == "out"]
+    (out2,) = [x for x in h2.store.records(sadb.SA_KIND.name) if x.direction == "out"]
+    assert (out2.spi, out2.enc_key, out2.seq_start) == (out1.spi, out1.enc_key, out1.seq_start + (1 << 24))
+    assert sa2.children[0].rekey_timer is not None or not sa2.policy.rekey  # our own rekey stays due
     # its first act: INFORMATIONAL, message ID 0, IKEV2_MESSAGE_ID_SYNC(nonce, M1, P1)
     hdr, ps = i.open(h2.sent[-1][0])
     assert (hdr.exchange, hdr.message_id, hdr.response) == (C.INFORMATIONAL, 0, False)
