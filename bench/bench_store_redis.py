@@ -52,6 +52,11 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(tid: int) -> float:
+    """User + system CPU of one thread of this process so far."""
+    return cpu_seconds(f"self/task/{tid}")
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(len(xs) * p))]
@@ -116,18 +121,25 @@ def main(args):  # type: ignore[no-untyped-def]
 
         backend = RedisBackend(lambda name: redis.Redis(host=srv.host, port=srv.port, decode_responses=True,
                                                         client_name=name),
-                               "bench1", prefix="b:")
+                               "bench1", prefix="b:", writer=args.writer, pipeline=args.pipeline,
+                               read_pause=args.read_pause)
         st = Store(backend, reactor, node_id="bench1")
         st.register(KIND)
         st.open()
         st.start()
         yield run_store(st, 2000, levels[0], 10**8)  # warm-up
         base = 0
+        tids = {"reactor": threading.get_native_id(), "reader": backend._reader.native_id}
+        if backend._writer is not None:
+            tids["writer"] = backend._writer.native_id
         for c in levels:
             c0, r0 = cpu_seconds(), cpu_seconds(srv.pid or "self")
+            t0 = {k: thread_cpu(t) for k, t in tids.items()}
             results[("redis", c)] = yield run_store(st, args.writes, c, base)
             results[("redis cpu", c)] = ((cpu_seconds() - c0) / args.writes * 1e6,
                                          (cpu_seconds(srv.pid or "self") - r0) / args.writes * 1e6)
+            results[("threads", c)] = ", ".join(f"{k} {(thread_cpu(t) - t0[k]) / args.writes * 1e6:.1f}"
+                                                for k, t in tids.items())
             base += args.writes
         results["redis lookup ns"] = lookup_ns(st, min(args.writes, 100_000))
         yield st.stop()
@@ -154,7 +166,7 @@ def main(args):  # type: ignore[no-untyped-def]
             extra = ""
             if name == "redis":
                 extra = "   CPU per write: process {:.1f} us, redis-server {:.1f} us".format(
-                    *results[("redis cpu", c)])
+                    *results[("redis cpu", c)]) + f" (threads, us: {results[('threads', c)]})"
             print(f"inflight {c:3d} {name + ' backend':15s} {w:8.0f} writes/s   p50 {p50:6.2f} ms   "
                   f"p99 {p99:6.2f} ms{extra}")
     if "raw redis-py pipelined SET" in results:
@@ -173,6 +185,12 @@ if __name__ == "__main__":
     ap.add_argument("--no-anchor", action="store_true", help="leave out the raw pipelined-SET anchor")
     ap.add_argument("--switchinterval", type=float, default=None,
                     help="sys.setswitchinterval (the GIL hand-over between reactor and client threads)")
+    ap.add_argument("--writer", choices=("reactor", "thread"), default="reactor",
+                    help="the write connection: a protocol on the reactor thread, or redis-py in a thread")
+    ap.add_argument("--pipeline", type=int, default=2,
+                    help="batches on the reactor's write connection at once")
+    ap.add_argument("--read-pause", type=float, default=0.005,
+                    help="the stream reader's pause after a read that emptied the stream (seconds)")
     a = ap.parse_args()
     if a.switchinterval:
         sys.setswitchinterval(a.switchinterval)

@@ -24,7 +24,10 @@ def make_store(config, clock=None) -> Store:
         backend = RedisBackend(make_redis_client(rc), cc.node_id, prefix=rc.prefix,
                                replicas_ack=rc.replicas_ack, ack_timeout=rc.ack_timeout,
                                stream_maxlen=rc.stream_maxlen, heartbeat_interval=cc.heartbeat_interval,
-                               heartbeat_timeout=cc.heartbeat_timeout, where=describe(rc))
+                               heartbeat_timeout=cc.heartbeat_timeout, where=describe(rc),
+                               # TLS is redis-py's (its socket cannot be handed to the reactor)
+                               writer="thread" if rc.tls or rc.url.startswith("rediss://") else "reactor",
+                               io_timeout=rc.connect_timeout + 1.0)
     else:
         backend = MemoryBackend()
     store = Store(backend, clock, node_id=config.cluster.node_id or None)

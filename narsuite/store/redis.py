@@ -29,11 +29,11 @@ import queue
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -270,6 +270,48 @@ _Batch = list[tuple[Sequence[Write], defer.Deferred]]
 _BATCH_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
+def _resp(*args: str | bytes) -> bytes:
+    """A command as RESP (an array of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _RespWriter(protocol.Protocol):
+    """The write connection on the reactor thread: frames RESP replies, nothing more.
+
+    Commands are written by the backend; every reply (hiredis parses them, in C) goes to
+    ``backend._reply`` in order, and a lost connection to ``backend._writer_lost``."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        import hiredis
+
+        self.backend = backend
+        self.reader = hiredis.Reader(encoding="utf-8")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reader.feed(data)
+        self.backend._replies(self.reader)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.backend._writer_lost(self, reason)
+
+    def send(self, data: bytes) -> None:
+        t: Any = self.transport
+        t.write(data)
+
+    def abort(self) -> None:
+        """Drop the connection now (what was sent on it is in doubt)."""
+        t: Any = self.transport
+        t.abortConnection()
+
+    def close(self) -> None:
+        t: Any = self.transport
+        t.loseConnection()
+
+
 @implementer(IStoreBackend)
 class RedisBackend:
     """The ``redis`` store backend (module docstring; docs/store.md)."""
@@ -279,7 +321,8 @@ class RedisBackend:
     def __init__(self, connect: Callable[[str], Any], node_id: str, *, prefix: str = "narsuite:",
                  replicas_ack: int = 0, ack_timeout: float = 1.0, stream_maxlen: int = 1_000_000,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 3.0,
-                 where: str = "redis", max_batch: int = 2000, read_pause: float = 0.005) -> None:
+                 where: str = "redis", max_batch: int = 2000, read_pause: float = 0.005,
+                 writer: str = "reactor", pipeline: int = 2, io_timeout: float = 3.0) -> None:
         self.connect = connect
         self.node_id = node_id
         self.prefix = prefix
@@ -294,6 +337,24 @@ class RedisBackend:
         #: (see _read_loop)
         self.read_pause = read_pause
         self.stream = prefix + "log"
+        #: "reactor": the write connection is a protocol on the reactor thread (see _RespWriter);
+        #: "thread": redis-py in a writer thread (measured against each other: docs/store.md)
+        self.writer_mode = writer
+        #: batches sent on the reactor's write connection before the first is answered
+        self.pipeline = pipeline
+        #: a batch unanswered this long (plus ack_timeout with replicas_ack) drops the connection
+        self.io_timeout = io_timeout
+        self._wproto: _RespWriter | None = None
+        self._wconnecting = False
+        self._pending: _Batch = []
+        self._pending_n = 0
+        self._flush_call: Any = None
+        self._replying = False
+        self._timeout_call: Any = None
+        #: batches sent on the write connection, oldest first:
+        #: [batch, key texts, perf_counter at encoding, the script's reply, WAIT's, reactor time sent]
+        self._sent: deque[list] = deque()
+        self._evalsha_head = b""
         #: what ``narctl cluster`` shows of this node (the daemon fills in its roles)
         self.node_info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
         self.store: Any = None
@@ -395,12 +456,17 @@ class RedisBackend:
         log.info("store: node {node} shares {where} (prefix {prefix!r}, replicas_ack {n})", node=self.node_id,
                  where=self.where, prefix=self.prefix, n=self.replicas_ack)
         self._writer_done = defer.Deferred()
-        self._writer = threading.Thread(target=self._write_loop, name="narsuite-redis-writer", daemon=True)
-        self._writer.start()
         self._reader = threading.Thread(target=self._read_loop, name="narsuite-redis-reader", daemon=True)
         self._reader.start()
         self._control = ThreadPool(1, 1, name="narsuite-redis-control")
         self._control.start()
+        if self.writer_mode == "thread":
+            self._writer = threading.Thread(target=self._write_loop, name="narsuite-redis-writer", daemon=True)
+            self._writer.start()
+        else:
+            self._writer = None
+            if self._pending:
+                self._flush()
         self._beat_loop = LoopingCall(self._heartbeat)
         self._beat_loop.clock = reactor
         self._beat_loop.start(self.heartbeat_interval, now=True)
@@ -409,11 +475,15 @@ class RedisBackend:
         self._stopping = True
         if self._beat_loop is not None and self._beat_loop.running:
             self._beat_loop.stop()
-        if self._writer is None:
-            return defer.succeed(None)
-        self._queue.put(None)
         d = self._writer_done
-        assert d is not None
+        if d is None:
+            return defer.succeed(None)
+        if self.writer_mode == "thread":
+            if self._writer is None:
+                return defer.succeed(None)
+            self._queue.put(None)
+        else:
+            self._writer_idle()
 
         def goodbye(_: object) -> defer.Deferred:
             pool = self._control
@@ -439,7 +509,7 @@ class RedisBackend:
         writes = [w for w in writes if w.reason != "expired"]  # Redis expires them itself
         if not writes:
             return defer.succeed(None)
-        if not self._connected or self._stopping and self._writer is None:
+        if not self._connected or self._stopping and self._writer_done is None:
             self._stats["refused_unavailable"] += 1
             return defer.fail(StoreUnavailable(f"the shared store ({self.where}) is unreachable: "
                                                f"{self.last_error or 'not connected'}"))
@@ -447,11 +517,17 @@ class RedisBackend:
             ident = (w.spec.name, w.key)
             self._inflight[ident] = self._inflight.get(ident, 0) + 1
         d: defer.Deferred = defer.Deferred()
-        self._queue.put((writes, d))
         self._stats["queued"] += 1
-        if self._writer is None:
+        if self.writer_mode == "thread":
             # Before start (Store.open's own clean-up): written by the writer once it runs.
-            pass
+            self._queue.put((writes, d))
+            return d
+        self._pending.append((writes, d))
+        self._pending_n += len(writes)
+        if (self._flush_call is None and not self._replying and self._reactor is not None
+                and len(self._sent) < self.pipeline):
+            # the rest of this reactor turn's writes go in the same batch
+            self._flush_call = self._reactor.callLater(0, self._flush)
         return d
 
     @staticmethod
@@ -552,6 +628,196 @@ class RedisBackend:
         done = self._writer_done
         assert done is not None  # start() makes it before it starts this thread
         self._reactor.callFromThread(done.callback, None)
+
+    # ------------------------------------------------- the write connection on the reactor
+    # The reactor thread writes the batches itself: no hand-over to a writer thread and back,
+    # no GIL contention between the two (measured against the writer thread: docs/store.md).
+    # One connection keeps Redis's order of our writes; up to ``pipeline`` batches are on it
+    # at once, so Redis runs one while the reactor answers the other's callers.
+
+    def _open_writer_socket(self) -> tuple[int, int, str]:
+        """Connect as redis-py does (Sentinel discovery, AUTH, client name, database), load the
+        script, and hand the socket over (control thread).  Returns (fd, family, script sha)."""
+        c = self._client("writer")
+        conn = c.connection_pool.get_connection()
+        try:
+            conn.send_command("SCRIPT", "LOAD", WRITE_LUA)
+            sha = conn.read_response()
+            sock = conn._get_socket()
+            if sock is None or not isinstance(sock, socket.socket) or hasattr(sock, "do_handshake"):
+                raise StoreBackendError("store.redis: the reactor's write connection needs a plain TCP socket")
+            family = sock.family
+            fd = sock.detach()  # ours now: redis-py's disconnect below leaves it alone
+        finally:
+            conn.disconnect()
+            c.close()
+        return fd, family, sha
+
+    def _writer_connect(self) -> None:
+        if self._wconnecting or self._control is None:
+            return
+        self._wconnecting = True
+        d = deferToThreadPool(self._reactor, self._control, self._open_writer_socket)
+
+        def connected(res: tuple[int, int, str]) -> None:
+            fd, family, sha = res
+            self._wconnecting = False
+            try:
+                if self._stopping and not self._pending:
+                    return
+                proto = _RespWriter(self)
+                factory = protocol.Factory.forProtocol(lambda: proto)
+                self._reactor.adoptStreamConnection(fd, family, factory)
+            finally:
+                os.close(fd)  # the reactor holds its own duplicate
+            self._wproto = proto
+            self._evalsha_head = (_resp("EVALSHA", sha, "0", self.prefix, self.node_id, str(self.maxlen))
+                                  .replace(b"*6\r\n", b"*7\r\n", 1))
+            self._flush()
+
+        def failed(f: Any) -> None:
+            self._wconnecting = False
+            batch, self._pending, self._pending_n = self._pending, [], 0
+            self._batch_failed(batch, f.value)
+            self._writer_idle()
+
+        d.addCallback(connected)
+        d.addErrback(failed)
+
+    def _flush(self) -> None:
+        """Send what is pending, in batches of up to max_batch writes (reactor)."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._pending:
+            return
+        proto = self._wproto
+        if proto is None:
+            self._writer_connect()
+            return
+        sent = self._sent
+        while self._pending and len(sent) < self.pipeline:
+            if self._pending_n <= self.max_batch:
+                batch, self._pending, self._pending_n = self._pending, [], 0
+            else:
+                batch, n = [], 0
+                while self._pending and n < self.max_batch:
+                    item = self._pending.pop(0)
+                    batch.append(item)
+                    n += len(item[0])
+                self._pending_n -= n
+            started = time.perf_counter()
+            try:
+                texts = [key_text(w.key) for writes, _d in batch for w in writes]
+                rows = [self._encode(w, t) for w, t in zip((w for ws, _d in batch for w in ws), texts)]
+                arg = _BATCH_ENCODER.encode(rows).encode()
+            except Exception as e:
+                self._batch_failed(batch, e)
+                continue
+            data = self._evalsha_head + b"$%d\r\n%s\r\n" % (len(arg), arg)
+            if self.replicas_ack:
+                data += _resp("WAIT", str(self.replicas_ack), str(max(1, int(self.ack_timeout * 1000))))
+            sent.append([batch, texts, started, None, 2 if self.replicas_ack else 1, self._reactor.seconds()])
+            proto.send(data)
+        if self._timeout_call is None and sent:
+            self._timeout_call = self._reactor.callLater(self._io_deadline(), self._check_timeout)
+
+    def _io_deadline(self) -> float:
+        return self.io_timeout + (self.ack_timeout if self.replicas_ack else 0.0)
+
+    def _check_timeout(self) -> None:
+        self._timeout_call = None
+        if not self._sent or self._wproto is None:
+            return
+        late = self._reactor.seconds() - self._sent[0][5]
+        if late >= self._io_deadline():
+            # Redis stopped answering (a hung server, a path that drops everything): give up on
+            # this connection; its batches are in doubt (docs/store.md, "Redis unreachable").
+            self._wproto.abort()
+            return
+        self._timeout_call = self._reactor.callLater(self._io_deadline() - late, self._check_timeout)
+
+    def _reply(self, r: Any) -> None:
+        """One reply on the write connection, in the order of the commands (reactor)."""
+        import hiredis
+
+        entry = self._sent[0]
+        if isinstance(r, hiredis.ReplyError):
+            import redis
+
+            # NOSCRIPT (a Redis that lost its script cache without dropping us) and READONLY
+            # (a demoted primary) mean this connection is done: the next one loads the script
+            # on the new primary.
+            msg = str(r)
+            if msg.startswith(("NOSCRIPT", "READONLY")):
+                if self._wproto is not None:
+                    self._wproto.abort()
+                err: Exception = redis.ConnectionError(msg)
+            else:
+                err = redis.ResponseError(msg)
+            if entry[3] is None:
+                entry[3] = err
+        elif entry[3] is None:
+            entry[3] = r
+        else:
+            entry[4] = r  # WAIT's count
+        if entry[4] == 2:
+            entry[4] = -1  # the script's reply came; WAIT's comes next
+            return
+        self._sent.popleft()
+        res = entry[3]
+        if isinstance(res, Exception):
+            self._batch_failed(entry[0], res)
+            return
+        acked = entry[4] if self.replicas_ack else None
+        self._batch_done(entry[0], res, acked, time.perf_counter() - entry[2], entry[1])
+
+    def _replies(self, reader: Any) -> None:
+        """Every complete reply that arrived; then send what their callers wrote meanwhile."""
+        self._replying = True
+        try:
+            while True:
+                r = reader.gets()
+                if r is False:
+                    break
+                self._reply(r)
+        finally:
+            self._replying = False
+        if self._pending:
+            self._flush()
+        elif not self._sent:
+            self._writer_idle()
+
+    def _writer_lost(self, proto: _RespWriter, reason: Any) -> None:
+        import redis
+
+        if proto is not self._wproto:
+            return
+        self._wproto = None
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+        sent, self._sent = self._sent, deque()
+        err = redis.ConnectionError(f"the write connection was lost: {reason.getErrorMessage() if reason else ''}")
+        for entry in sent:
+            # In doubt: Redis may have run it (docs/store.md, "Redis unreachable").
+            self._batch_failed(entry[0], entry[3] if isinstance(entry[3], Exception) else err)
+        if self._pending and not self._stopping:
+            self._writer_connect()
+        else:
+            self._writer_idle()
+
+    def _writer_idle(self) -> None:
+        """At stop: once nothing is pending or unanswered, close and say the writer is done."""
+        if not self._stopping or self._pending or self._sent or self._wconnecting:
+            return
+        if self._wproto is not None:
+            proto, self._wproto = self._wproto, None
+            proto.close()
+        done, self._writer_done = self._writer_done, None
+        if done is not None:
+            done.callback(None)
 
     def _wait_replicas(self, conn: Any) -> int:
         """WAIT until ``replicas_ack`` replicas have every write so far, or ack_timeout passes."""
