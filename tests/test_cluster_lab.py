@@ -541,12 +541,34 @@ def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas
         (rekeyed_sa,) = c.list_sas()
         assert (rekeyed_sa.uniqueid, rekeyed_sa.spi_i, rekeyed_sa.spi_r) == same_ike
         log = c.log_text()
-        assert log.count("initiating IKE_SA") == 1 and "authentication of 'gw.example'" in log, log[-3000:]
+        # one IKE_SA_INIT and one IKE_AUTH in the client's whole life: those of the first connection
+        assert log.count("generating IKE_SA_INIT request") == 1, log[-3000:]
+        assert log.count("generating IKE_AUTH request") == 1, log[-3000:]
         assert log.count("sending DPD request") >= 1
+        # and an IKE SA rekey by the client: the standby derives the new SA from the carried-on SK_d,
+        # the CHILD SA moves to it, and the new SA's state is sealed as the standby's own
+        c.swanctl("--rekey", "--ike", "home")
+
+        def ike_rekeyed() -> bool:
+            sas = c.list_sas()
+            return len(sas) == 1 and sas[0].spi_i != before.spi_i and sas[0].established and bool(sas[0].children)
+        try:
+            wait(ike_rekeyed, 20, "the IKE SA rekey against the standby")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{c.list_sas_text()}\n{c.log_text()[-4000:]}\n{n2.log_text()[-3000:]}") \
+                from None
+        (new_ike,) = c.list_sas()
+        assert v2_stats(n2).get("ike_rekeyed") == 1 and ping(r1, "10.1.0.10")
+        spis = (new_ike.spi_i + new_ike.spi_r).hex()
+        wait(lambda: any("ike.v2sa" in k and spis in k for k, _o, n in records(db) if n == "g2"), 5,
+             "the rekeyed IKE SA sealed by g2")
+        log = c.log_text()
+        assert log.count("generating IKE_SA_INIT request") == 1 and log.count("generating IKE_AUTH request") == 1
         print(f"\nlevel 2 failover (IKEv2): addresses moved {moved * 1000:.0f} ms after kill -9; ping every 20 ms: "
               f"{lost} of {sent} lost = {lost * 20} ms outage; TCP transfer of {TCP_BYTES} bytes across the kill "
               f"complete; no new IKE_SA_INIT or IKE_AUTH; message IDs synchronised (RFC 6311); then our "
-              f"liveness check and the client's DPD answered and the CHILD SA rekeyed under the same IKE SA")
+              f"liveness check and the client's DPD answered, the CHILD SA rekeyed under the same IKE SA, then the "
+              f"IKE SA rekeyed")
         c.stop()
         n2.terminate()
         k1.stop()
