@@ -128,6 +128,15 @@ def main(args):  # type: ignore[no-untyped-def]
         st.open()
         st.start()
         yield run_store(st, 2000, levels[0], 10**8)  # warm-up
+        if args.preload:
+            # a daemon's view after start-up (loaded records), then optionally frozen out of
+            # the garbage collector's reach, as a daemon would after start-up
+            yield run_store(st, args.preload, 64, 2 * 10**8)
+        if args.gc_freeze:
+            import gc
+
+            gc.collect()
+            gc.freeze()
         base = 0
         tids = {"reactor": threading.get_native_id(), "reader": backend._reader.native_id}
         if backend._writer is not None:
@@ -189,6 +198,8 @@ if __name__ == "__main__":
                     help="the write connection: a protocol on the reactor thread, or redis-py in a thread")
     ap.add_argument("--pipeline", type=int, default=2,
                     help="batches on the reactor's write connection at once")
+    ap.add_argument("--preload", type=int, default=0, help="records written before the measured levels")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the warm-up (and preload)")
     ap.add_argument("--read-pause", type=float, default=0.005,
                     help="the stream reader's pause after a read that emptied the stream (seconds)")
     a = ap.parse_args()

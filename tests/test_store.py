@@ -467,3 +467,34 @@ def test_reserve_spi_is_refused_while_a_shared_store_is_unreachable(clock: Clock
         s.reserve_spi("ike:x")
     backend.available = True  # type: ignore[attr-defined]
     assert s.reserve_spi("ike:x") > 255
+
+
+def test_key_text_and_dump_fast_paths_write_exactly_what_the_json_encoder_writes() -> None:
+    """key_text writes ints, strings and tuples of them directly and dump reuses json's C encoder
+    (the Redis backend's writes pass here on the reactor): the text must stay byte for byte what
+    the plain encoder writes, or keys stored before would no longer be found."""
+    import json as _json
+
+    from narsuite.store.kinds import encode_value, key_text
+
+    reference = _json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+    keys = [0, 1, -7, 2**64 + 3, "", "plain", 'quo"te\\', "ünïcode ☃ \x00\n", True, False, None, 1.5,
+            (50, 13345), ("spi", 4096), ("ns", "é", -1), (), (1, (2, 3)), (1, b"\x01"), (Proto.ESP, 5),
+            b"\x00\xff", ipaddress.ip_address("10.0.0.1"), Proto.ESP, frozenset({1}), [1, "a"]]
+    for key in keys:
+        assert key_text(key) == reference.encode(encode_value(key)), key
+
+    @attrs.frozen
+    class R:
+        a: int
+        b: str
+        c: Proto
+        d: bytes
+        e: tuple
+        f: float | None = None
+
+    spec = KindSpec("t.fast", R, key=lambda r: r.a)
+    for rec in (R(1, "x", Proto.ESP, b"\x01\x02", (1, "y")), R(-2, 'é"\\', Proto.AH, b"", (), 2.5)):
+        assert spec.dump(rec) == reference.encode({f.name: encode_value(getattr(rec, f.name))
+                                                   for f in attrs.fields(R)})
+        assert spec.load(spec.dump(rec)) == rec
