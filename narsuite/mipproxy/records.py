@@ -56,6 +56,9 @@ class Pending:
     udp_next_header: int = 4
     dynamic_ha: bool = False  # the HA was picked from the pool (2.6.4)
     created: float = 0.0
+    #: the foreign agent the request came through (RFC 5944 3.8.2; its source address),
+    #: "" for a co-located MN
+    foreign_agent: str = ""
 
 
 @attrs.frozen
@@ -74,6 +77,9 @@ class Binding:
     udp_next_header: int = 4
     simultaneous: bool = False
     registered: float = 0.0
+    #: the foreign agent the MN registered through (its address, where the proxy sends
+    #: the MN's replies and tunnels its traffic: RFC 5944 3.8.3, 4.2.3), "" if co-located
+    foreign_agent: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -100,7 +106,7 @@ BINDING = KindSpec(
         Index("tunnel_src", lambda r: (r.src_ip, r.src_port), unique=False),
     ),
     columns=("home_address", "care_of_address", "home_agent", "lifetime", "src_ip", "src_port",
-             "encapsulation", "nai"),
+             "encapsulation", "nai", "foreign_agent"),
     description="Mobile IP mobility bindings: where each mobile node is (2.6.6)",
 )
 

@@ -40,7 +40,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from twisted.internet import defer
@@ -69,7 +69,41 @@ _ZERO = "0.0.0.0"
 _DEBUG = LogLevel.debug
 _U32 = struct.Struct("!I")
 
+_REQ = struct.Struct("!BBH4s4s4sQ")
+_REP = struct.Struct("!BBH4s4sQ")
+_ZERO_B = bytes(4)
+_PENDING = PENDING.name
+_BINDING = BINDING.name
+_authenticator = wire.compute_authenticator
+#: authenticated reply extensions the proxy does not pass on to the MN: its own HA
+#: Parameter and UDP Tunnel Reply go instead (the authentication ones decode as None)
+_NOT_RELAYED = (wire.HAParameterExtension, wire.UDPTunnelReply, type(None))
+
 Send = Callable[[bytes, tuple[str, int]], Any]
+
+
+class _Request(NamedTuple):
+    """The fixed part of a Registration Request as the relay reads it (addresses the
+    relay copies stay bytes)."""
+
+    flags: int
+    lifetime: int
+    home_address: str
+    home: bytes
+    home_agent: bytes
+    care_of_address: str
+    identification: int
+
+
+class _Reply(NamedTuple):
+    """The fixed part of a Registration Reply, as ``struct`` unpacks it."""
+
+    type: int
+    code: int
+    lifetime: int
+    home: bytes
+    home_agent: bytes
+    identification: int
 
 
 def ntp_seconds(unix: float) -> int:
@@ -113,6 +147,21 @@ class _SA:
     home_address: str
     nai: bytes
     ha_spi: int
+    #: Type, Length, SPI of the MN-HA extension towards the MN and towards the HA
+    mn_auth_header: bytes = attrs.field(init=False, repr=False)
+    ha_auth_header: bytes = attrs.field(init=False, repr=False)
+    #: the key with its HMAC state prepared (what every authenticator here is computed with)
+    auth_key: wire.AuthKey = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "mn_auth_header", wire.auth_header(wire.EXT_MN_HA_AUTH, self.spi))
+        object.__setattr__(self, "ha_auth_header",
+                           wire.auth_header(wire.EXT_MN_HA_AUTH, self.ha_spi))
+        object.__setattr__(self, "auth_key", wire.AuthKey(self.key))
+
+    def key_for_ha(self, spi: int) -> wire.AuthKey | None:
+        """The key of a reply's MN-HA extension: the HA knows this SA by ``ha_spi``."""
+        return self.auth_key if spi == self.ha_spi else None
 
 
 @attrs.frozen
@@ -195,8 +244,15 @@ class RegistrationRelay:
         #: SPI -> the last identification accepted (RFC 5944 5.7); after a restart the
         #: identifications of the persisted bindings are the floor.
         self._last_ident: dict[int, int] = {}
-        self._hap: dict[str, wire.HAParameterExtension] = {}
+        #: home agent -> its HA Parameter extension's bytes (configured HAs only: bounded)
+        self._hap: dict[str, bytes] = {}
+        #: the UDP Tunnel Reply extension's bytes, by its F bit (RFC 3519 3.2)
+        self._udp_tunnel_reply = {forced: wire.encode_extension(wire.UDPTunnelReply(
+            wire.UDP_TUNNEL_ACCEPTED, cfg.udp_keepalive, forced)) for forced in (False, True)}
+        self._timestamps = cfg.replay == "timestamp"
         self._pub = socket.inet_aton(cfg.public_address) if cfg.public_address else bytes(4)
+        #: what a request's home agent field must be (None: no MIPP-Pub, nothing matches)
+        self._pub_field = self._pub if cfg.public_address else None
         self._priv = socket.inet_aton(cfg.private_address) if cfg.private_address else bytes(4)
         self._ha_bytes: dict[str, bytes] = {}  # configured HAs only: bounded
 
@@ -208,9 +264,9 @@ class RegistrationRelay:
             b = self._ha_bytes[ha] = socket.inet_aton(ha)
         return b
 
-    def _key_for_mn(self, spi: int) -> bytes | None:
+    def _key_for_mn(self, spi: int) -> wire.AuthKey | None:
         sa = self._sas.get(spi)
-        return None if sa is None else sa.key
+        return None if sa is None else sa.auth_key
 
     def _drop(self, reason: str, detail: str) -> None:
         self.counters.inc("drop_" + reason)
@@ -221,7 +277,8 @@ class RegistrationRelay:
         self._denylog.stop()
 
     def _stored(self, d: defer.Deferred, what: str) -> None:
-        if d.called and not d.paused and not isinstance(d.result, (Failure, defer.Deferred)):
+        # (not paused: its result is no Deferred; no isinstance of Deferred, an ABC check)
+        if d.called and not d.paused and not isinstance(d.result, Failure):
             # Already durable (a memory store answers at once): it can no longer fail, and
             # an errback on a fired Deferred costs a callback run per write, three per
             # registration.
@@ -285,25 +342,30 @@ class RegistrationRelay:
 
     # ----------------------------------------------------------------- requests
     def request_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        """A datagram of type 1 on MIPP-Pub:434."""
-        c = self.counters
-        c.inc("requests_rx")
+        """A datagram of type 1 on MIPP-Pub:434.
+
+        One walk over the message: the extension chain is split once, the MN-HA
+        authenticator is checked on that chain, then its entries are decoded (records for
+        what the relay reads, none for the authentication extensions), and the relayed
+        request copies the extensions it passes on as they came."""
+        cv = self.counters.values
+        cv["requests_rx"] += 1
         if len(data) < wire.REQUEST_LEN:
             self._drop("short", f"request of {len(data)} bytes from {addr[0]}")
             return
         # 1. what a denial is addressed with: home address and identification
-        home_address = _ntoa(data[4:8])
-        identification = _Q.unpack_from(data, 16)[0]
+        _t, rflags, lifetime, home_b, ha_b, coa_b, identification = _REQ.unpack_from(data)
+        home_address = _ntoa(home_b)
         # 2. authentication first (§2.1)
-        try:
-            spi, ok = wire.verify_mn_ha_auth(data, self._key_for_mn)
-        except wire.MIPError as e:
+        chain = wire.split_extensions(data, wire.REQUEST_LEN)
+        if isinstance(chain, str):
             self._deny(wire.REG_HA_POORLY_FORMED_REQUEST, home_address, identification, addr,
-                       None, reason=e.reason)
+                       None, reason=chain)
             return
+        spi, ok, auth_at = wire.find_auth(data, chain, wire.EXT_MN_HA_AUTH, self._key_for_mn)
         sa = self._sas.get(spi) if spi is not None else None
         if not ok or sa is None:
-            c.inc("auth_failed")
+            cv["auth_failed"] += 1
             self._deny(wire.REG_HA_MN_FAILED_AUTH, home_address, identification, addr, sa,
                        reason="no MN-HA authentication extension" if spi is None
                        else f"MN-HA authentication failed (SPI {spi})")
@@ -312,65 +374,83 @@ class RegistrationRelay:
         fa = self._fas.get(addr[0]) if self._fas else None
         if fa is not None and not self._fa_ok(data, fa, home_address, identification, addr, sa):
             return
-        # 3. the whole message
+        # 3. the whole message (134 for what an HA cannot process, as decode_request says)
         try:
-            req = wire.decode_request(data, self.numbers)
+            exts = wire.decode_extensions(chain, self.numbers, wire.REG_HA_POORLY_FORMED_REQUEST,
+                                          auth_records=False)
         except wire.MIPError as e:
-            if e.code is None:
-                self._drop("undecodable", f"from {addr[0]}: {e.reason}")
-                return
-            self._deny(e.code, home_address, identification, addr, sa, reason=e.reason)
+            self._deny(wire.REG_HA_POORLY_FORMED_REQUEST, home_address, identification, addr,
+                       sa, reason=e.reason)
             return
-        exts = wire.authenticated_extensions(req)
+        coa = _ntoa(coa_b)
         via_fa = fa is not None
-        if not via_fa and len(exts) + 1 < len(req.extensions):
+        if not via_fa and auth_at + 1 < len(chain):
             # extensions after the MN-HA one mark a request relayed by a foreign agent we
             # share no SA with: its FA-HA extension (34), or an MN-FA one (33) in a request
             # that does not come from its CoA (an MN talking to us directly has no use for
             # MN-FA; from its CoA it is a co-located MN that added one anyway)
-            fa_types = (wire.EXT_FA_HA_AUTH,) if addr[0] == req.care_of_address else (
+            fa_types = (wire.EXT_FA_HA_AUTH,) if addr[0] == coa else (
                 wire.EXT_FA_HA_AUTH, wire.EXT_MN_FA_AUTH)
-            if any(isinstance(e, wire.AuthExtension) and e.type in fa_types
-                   for e in req.extensions[len(exts) + 1:]):
+            if any(t in fa_types for t, _off, _body in chain[auth_at + 1:]):
                 if self.cfg.require_fa_sa:
-                    c.inc("fa_auth_failed")
+                    cv["fa_auth_failed"] += 1
                     self._deny(wire.REG_HA_FA_FAILED_AUTH, home_address, identification, addr,
                                sa, reason=f"foreign agent {addr[0]} has no FA-HA SA "
                                           "(mipproxy.foreign_agents; require_fa_sa = true)")
                     return
                 via_fa = True
-        nai_ext = next((e for e in exts if isinstance(e, wire.NAIExtension)), None)
-        nai = nai_ext.nai if nai_ext is not None else None
+        # one pass over the authenticated extensions (those before MN-HA): the NAI, the two
+        # the proxy consumes, and the rest relayed as the MN sent them (2.2.1); the
+        # authentication extensions (None here) stop at the proxy
+        nai: bytes | None = None
+        hap: wire.HAParameterExtension | None = None
+        utr: wire.UDPTunnelRequest | None = None
+        relayed: list[bytes] = []
+        for n in range(auth_at):
+            ext = exts[n]
+            if ext is None:
+                continue
+            if type(ext) is wire.HAParameterExtension:
+                hap = hap or ext
+                continue
+            if type(ext) is wire.UDPTunnelRequest:
+                utr = utr or ext
+                continue
+            if type(ext) is wire.NAIExtension and nai is None:
+                nai = ext.nai
+            relayed.append(wire.raw_extension(data, chain[n]))
         # 4. the SA belongs to this MN
-        if req.home_address == _ZERO:
+        if home_address == _ZERO:
             if nai is None:
                 self._drop("zero_home_no_nai", f"from {addr[0]}: home address 0 and no NAI")
                 return
-        elif sa.home_address and req.home_address != sa.home_address:
-            c.inc("auth_failed")
-            self._deny(wire.REG_HA_MN_FAILED_AUTH, req.home_address, req.identification, addr,
-                       sa, nai=nai, reason=f"SPI {spi} is not the SA of {req.home_address}")
+        elif sa.home_address and home_address != sa.home_address:
+            cv["auth_failed"] += 1
+            self._deny(wire.REG_HA_MN_FAILED_AUTH, home_address, identification, addr,
+                       sa, nai=nai, reason=f"SPI {spi} is not the SA of {home_address}")
             return
         if sa.nai and nai is not None and nai != sa.nai:
-            c.inc("auth_failed")
-            self._deny(wire.REG_HA_MN_FAILED_AUTH, req.home_address, req.identification, addr,
+            cv["auth_failed"] += 1
+            self._deny(wire.REG_HA_MN_FAILED_AUTH, home_address, identification, addr,
                        sa, nai=nai, reason=f"SPI {spi} is not the SA of that NAI")
             return
         if not sa.home_address and nai is None:
-            self._deny(wire.REG_HA_MN_FAILED_AUTH, req.home_address, req.identification, addr,
+            self._deny(wire.REG_HA_MN_FAILED_AUTH, home_address, identification, addr,
                        sa, reason=f"SPI {spi} is an NAI SA; the request has no NAI")
             return
         # 5. replay protection
-        if self.cfg.replay == "timestamp" and not self._identification_ok(sa, req.identification):
-            c.inc("replay_refused")
-            ours = (ntp_seconds(self.wallclock()) << 32) | (req.identification & _LOW32)
-            self._deny(wire.REG_HA_IDENTIFICATION_MISMATCH, req.home_address, ours, addr, sa,
+        if self._timestamps and not self._identification_ok(sa, identification):
+            cv["replay_refused"] += 1
+            ours = (ntp_seconds(self.wallclock()) << 32) | (identification & _LOW32)
+            self._deny(wire.REG_HA_IDENTIFICATION_MISMATCH, home_address, ours, addr, sa,
                        nai=nai, reason="identification is not a fresh timestamp")
             return
-        self._last_ident[sa.spi] = req.identification
+        self._last_ident[sa.spi] = identification
         if via_fa:
-            c.inc("fa_relayed")
-        self._relay_request(req, exts, nai, sa, addr, via_fa)
+            cv["fa_relayed"] += 1
+        self._relay_request(_Request(rflags, lifetime, home_address, home_b, ha_b, coa,
+                                     identification), hap, utr, relayed, nai, sa, addr,
+                            fa=addr[0] if via_fa else "")
 
     def _fa_ok(self, data: bytes, fa: _FASA, home_address: str, identification: int,
                addr: tuple[str, int], sa: _SA) -> bool:
@@ -404,15 +484,18 @@ class RegistrationRelay:
                         if b.spi == sa.spi), default=None)
         return last is None or identification > last
 
-    def _relay_request(self, req: wire.RegistrationRequest, exts: tuple[wire.Extension, ...],
-                       nai: bytes | None, sa: _SA, addr: tuple[str, int],
-                       via_fa: bool = False) -> None:
+    def _relay_request(self, req: _Request, hap: wire.HAParameterExtension | None,
+                       utr: wire.UDPTunnelRequest | None, relayed: list[bytes],
+                       nai: bytes | None, sa: _SA, addr: tuple[str, int], fa: str = "") -> None:
+        """Steps 6 and 7 for an authenticated request; ``relayed``: the extensions passed
+        on to the HA, as bytes; ``fa``: the foreign agent it came through ("" if none)."""
         cfg = self.cfg
         deny = lambda code, why, **kw: self._deny(  # noqa: E731
             code, req.home_address, req.identification, addr, sa, nai=nai, reason=why, **kw)
         # 6. validity checks, as an HA (RFC 5944 §3.8.2, RFC 3024 §4.2)
-        if req.home_agent != cfg.public_address:
-            deny(wire.REG_HA_UNKNOWN_HA_ADDRESS, f"home agent field {req.home_agent} is not MIPP-Pub")
+        if req.home_agent != self._pub_field:
+            deny(wire.REG_HA_UNKNOWN_HA_ADDRESS,
+                 f"home agent field {_ntoa(req.home_agent)} is not MIPP-Pub")
             return
         rflags = req.flags
         if not rflags & wire.FLAG_T:
@@ -424,17 +507,6 @@ class RegistrationRelay:
         if req.lifetime and req.care_of_address == _ZERO:
             deny(wire.REG_HA_POORLY_FORMED_REQUEST, "care-of address 0.0.0.0")
             return
-        # one pass over the authenticated extensions: the two we read, the rest relayed
-        hap: wire.HAParameterExtension | None = None
-        utr: wire.UDPTunnelRequest | None = None
-        relayed: list[wire.Extension] = []
-        for e in exts:
-            if isinstance(e, wire.HAParameterExtension):
-                hap = hap or e
-            elif isinstance(e, wire.UDPTunnelRequest):
-                utr = utr or e
-            elif not isinstance(e, wire.AuthExtension):
-                relayed.append(e)
         if hap is None:
             deny(self.numbers.missing_ha_parameter, "no HA Parameter extension (2.5.3)")
             return
@@ -453,7 +525,7 @@ class RegistrationRelay:
                 return
         # location detection (2.6.1): the CoA, or the source address when NATed; a request
         # a foreign agent relayed comes from the FA, not a NAT: located by its CoA (FA-COA)
-        natted = addr[0] != req.care_of_address and not via_fa
+        natted = addr[0] != req.care_of_address and not fa
         where = addr[0] if natted else req.care_of_address
         if self.located_inside(where, addr[0]):
             deny(self.numbers.assigned_home_agent, f"{where} is internal: register with {ha}",
@@ -466,11 +538,12 @@ class RegistrationRelay:
             deny(wire.REG_HA_UDP_ENCAPSULATION_UNAVAILABLE,
                  f"UDP tunnel encapsulation {utr.encapsulation} (we carry 4, 47, 55)")
             return
-        if self.store.count(PENDING.name) >= cfg.max_pending:
+        store = self.store
+        if store.count(_PENDING) >= cfg.max_pending:
             deny(wire.REG_HA_INSUFFICIENT_RESOURCES, "pending registration list full",
                  home_agent=ha)
             return
-        if not self.store.available:
+        if not store.available:
             # store.backend = "redis" and Redis away: the registration could not be recorded
             # for the other nodes; existing bindings keep forwarding.
             self.counters.inc("store_unavailable")
@@ -479,10 +552,10 @@ class RegistrationRelay:
         # 7. the new request (2.2.1 - 2.2.3)
         lifetime = min(req.lifetime, cfg.max_lifetime)
         home = req.home_address
+        now = self.clock.seconds()
         if rflags & wire.FLAG_S and cfg.simultaneous_bindings and home != _ZERO and lifetime:
-            now = self.clock.seconds()
-            for b in self.store.lookup_all(BINDING.name, "home", home):
-                expires = self.store.expires(BINDING.name, b.key)
+            for b in store.lookup_all(_BINDING, "home", home):
+                expires = store.expires(_BINDING, b.key)
                 if expires is not None:
                     lifetime = max(lifetime, min(int(expires - now), cfg.max_lifetime))
         flags = rflags & (wire.FLAG_M | wire.FLAG_G)
@@ -492,60 +565,73 @@ class RegistrationRelay:
             flags |= wire.FLAG_D  # co-located CoA (MIPP-Priv); never with B (2.2.1)
         flags |= wire.FLAG_T
         # the relayed request from the fields: home address and identification as the MN sent
-        # them, CoA = MIPP-Priv (2.2.1 - 2.2.3)
-        out = wire.add_mn_ha_auth(
-            wire.pack_request(flags, lifetime, _aton(home), self._aton(ha), self._priv,
-                              req.identification, tuple(relayed), self.numbers),
-            sa.ha_spi, sa.key)
+        # them, CoA = MIPP-Priv (2.2.1 - 2.2.3), the MN's extensions as it sent them, then
+        # MN-HA under the SPI the HA knows
+        covered = b"".join((_REQ.pack(wire.MSG_REGISTRATION_REQUEST, flags, lifetime, req.home,
+                                      self._aton(ha), self._priv, req.identification),
+                            *relayed, sa.ha_auth_header))
+        out = covered + _authenticator(sa.auth_key, covered)
+        nai_text = nai.decode("utf-8", "backslashreplace") if nai else ""
         if home != _ZERO:
             mn = home
         else:
-            assert nai is not None  # step 4 dropped a zero home address without an NAI
-            mn = "nai:" + nai.decode("utf-8", "backslashreplace")
-        encap = "gre" if rflags & wire.FLAG_G else "minimal" if rflags & wire.FLAG_M else "ipip"
+            mn = "nai:" + nai_text
+        udp_forced = bool(udp and utr is not None and utr.force)
         pending = Pending(
-            mn=mn, ident_low=req.identification & _LOW32, identification=req.identification,
-            home_agent=ha, care_of_address=req.care_of_address, lifetime=req.lifetime,
-            relayed_lifetime=lifetime, spi=sa.spi, src_ip=addr[0], src_port=addr[1],
-            home_address=home, nai=nai.decode("utf-8", "backslashreplace") if nai else "",
-            flags=req.flags, udp_tunnel=udp, udp_forced=bool(udp and utr is not None and utr.force),
-            encapsulation=encap, udp_next_header=utr.encapsulation if udp and utr is not None else 4,
-            dynamic_ha=dynamic, created=self.clock.seconds(),
-        )
-        self._stored(self.store.put(pending, ttl=cfg.pending_timeout, owner=f"mip:{mn}"),
-                     "pending registration")
-        self.counters.inc("requests_relayed")
+            mn, req.identification & _LOW32, req.identification, ha, req.care_of_address,
+            req.lifetime, lifetime, sa.spi, addr[0], addr[1], home, nai_text, rflags,
+            bool(udp), udp_forced,
+            "gre" if rflags & wire.FLAG_G else "minimal" if rflags & wire.FLAG_M else "ipip",
+            utr.encapsulation if udp and utr is not None else 4, dynamic, now, fa)
+        # no owner: pending entries go by their reply or their timeout, never by an owner
+        self._stored(store.put(pending, ttl=cfg.pending_timeout), "pending registration")
+        self.counters.values["requests_relayed"] += 1
         self._send(self.send_private, out, (ha, cfg.port))
 
     # ------------------------------------------------------------------ replies
-    def _find_pending(self, reply: wire.RegistrationReply, src: str) -> Pending | None:
-        low = reply.identification & _LOW32
-        p = self.store.get(PENDING.name, (reply.home_address, low))
+    def _find_pending(self, home: str, identification: int, exts: list[wire.Extension | None],
+                      src: str) -> Pending | None:
+        low = identification & _LOW32
+        get = self.store.get
+        p = get(_PENDING, (home, low))
         if p is not None:
             return p
-        for e in reply.extensions:
-            if isinstance(e, wire.NAIExtension):
-                p = self.store.get(PENDING.name, ("nai:" + e.nai.decode("utf-8", "backslashreplace"), low))
+        for e in exts:
+            if type(e) is wire.NAIExtension:
+                p = get(_PENDING, ("nai:" + e.nai.decode("utf-8", "backslashreplace"), low))
                 if p is not None:
                     return p
         # an HA that left out the NAI (203) or the home address (204): the one pending
         # entry for this HA and identification
-        cands = [p for p in self.store.lookup_all(PENDING.name, "home_agent", src)
+        cands = [p for p in self.store.lookup_all(_PENDING, "home_agent", src)
                  if p.ident_low == low]
         return cands[0] if len(cands) == 1 else None
 
     def reply_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        """A datagram of type 3 on MIPP-Priv:434, from an actual home agent."""
-        c = self.counters
-        c.inc("replies_rx")
+        """A datagram of type 3 on MIPP-Priv:434, from an actual home agent.
+
+        As for requests, one walk: the chain is split once, checked whole (what
+        ``decode_reply`` refuses is dropped), the pending entry found, the MN-HA
+        authenticator checked on the same chain."""
+        cv = self.counters.values
+        cv["replies_rx"] += 1
+        if len(data) < wire.REPLY_LEN or data[0] != wire.MSG_REGISTRATION_REPLY:
+            self._drop("reply_malformed", f"from {addr[0]}: not a registration reply of "
+                                          f"{wire.REPLY_LEN} bytes or more")
+            return
+        chain = wire.split_extensions(data, wire.REPLY_LEN)
         try:
-            reply = wire.decode_reply(data, self.numbers)
+            if isinstance(chain, str):
+                raise wire.MIPError(chain)
+            exts = wire.decode_extensions(chain, self.numbers, auth_records=False)
         except wire.MIPError as e:
             self._drop("reply_malformed", f"from {addr[0]}: {e.reason}")
             return
-        pending = self._find_pending(reply, addr[0])
+        rep = _Reply(*_REP.unpack_from(data))
+        home = _ntoa(rep.home)
+        pending = self._find_pending(home, rep.identification, exts, addr[0])
         if pending is None:
-            self._drop("unexpected_reply", f"from {addr[0]} for {reply.home_address}")
+            self._drop("unexpected_reply", f"from {addr[0]} for {home}")
             return
         if addr[0] != pending.home_agent:
             self._drop("reply_wrong_source", f"reply for {pending.mn} from {addr[0]}, "
@@ -555,100 +641,113 @@ class RegistrationRelay:
         if sa is None:  # the SA went away with a config reload
             self._drop("reply_auth_failed", f"no SA {pending.spi}")
             return
-        spi, ok = wire.verify_mn_ha_auth(data, lambda s: sa.key if s == sa.ha_spi else None)
+        spi, ok, auth_at = wire.find_auth(data, chain, wire.EXT_MN_HA_AUTH, sa.key_for_ha)
         if not ok:
             self._drop("reply_auth_failed", f"reply for {pending.mn} from {addr[0]} (SPI {spi})")
             return
-        self._relay_reply(reply, pending, sa)
+        self._relay_reply(data, rep, home, chain, exts, auth_at, pending, sa)
 
-    def _relay_reply(self, reply: wire.RegistrationReply, pending: Pending, sa: _SA) -> None:
+    def _relay_reply(self, data: bytes, rep: _Reply, home: str,
+                     chain: list[tuple[int, int, bytes]], exts: list[wire.Extension | None],
+                     auth_at: int, pending: Pending, sa: _SA) -> None:
         cfg = self.cfg
         n = self.numbers
-        exts = wire.authenticated_extensions(reply)
-        code = reply.code
-        nai_ext = next((e for e in exts if isinstance(e, wire.NAIExtension)), None)
-        if reply.accepted:
-            if pending.nai and nai_ext is None:
+        code = rep.code
+        lifetime = rep.lifetime
+        # the authenticated extensions (before MN-HA) are relayed as the HA sent them, but
+        # for the HA Parameter and UDP Tunnel Reply ones, which are the proxy's own to send
+        # (its HA Parameter names the actual HA, 2.5.3), and the authentication ones
+        relayed: list[bytes] = [_REP.pack(wire.MSG_REGISTRATION_REPLY, 0, 0, rep.home,
+                                          self._pub, rep.identification)]
+        has_nai = False
+        for i in range(auth_at):
+            cls = type(exts[i])
+            if cls is wire.NAIExtension:
+                has_nai = True
+            elif cls in _NOT_RELAYED:
+                continue
+            relayed.append(wire.raw_extension(data, chain[i]))
+        if code < 64:
+            if pending.nai and not has_nai:
                 code = n.missing_nai
-            elif reply.home_address == _ZERO:
+            elif rep.home == _ZERO_B:
                 code = n.missing_home_address
-            elif reply.home_agent == _ZERO:
+            elif rep.home_agent == _ZERO_B:
                 code = n.missing_home_agent
             elif code == wire.REG_ACCEPTED and pending.flags & wire.FLAG_S and \
                     not cfg.simultaneous_bindings:
                 code = wire.REG_ACCEPTED_NO_SIMULTANEOUS
-        if code < 64 and reply.lifetime and not self._bind(reply, pending, code):
+        if code < 64 and lifetime and not self._bind(home, rep.identification, lifetime,
+                                                     pending):
             code = wire.REG_HA_INSUFFICIENT_RESOURCES
-        if code < 64 and not reply.lifetime:
-            self._retire(reply.home_address if reply.home_address != _ZERO else pending.home_address,
-                         pending)
-        relayed: list[wire.Extension] = [e for e in exts if not isinstance(
-            e, (wire.AuthExtension, wire.HAParameterExtension, wire.UDPTunnelReply))]
+        if code < 64 and not lifetime:
+            self._retire(home if home != _ZERO else pending.home_address, pending)
         hap = self._hap.get(pending.home_agent)
-        if hap is None:  # one immutable record per home agent, not one per reply
-            hap = self._hap[pending.home_agent] = wire.HAParameterExtension(pending.home_agent)
+        if hap is None:  # one encoding per home agent, not one per reply
+            hap = self._hap[pending.home_agent] = wire.encode_extension(
+                wire.HAParameterExtension(pending.home_agent), n)
         relayed.append(hap)
         if pending.udp_tunnel:
-            relayed.append(wire.UDPTunnelReply(wire.UDP_TUNNEL_ACCEPTED, cfg.udp_keepalive,
-                                               pending.udp_forced))
-        out = wire.add_mn_ha_auth(
-            wire.pack_reply(code, reply.lifetime, _aton(reply.home_address), self._pub,
-                            reply.identification, tuple(relayed), n),
-            sa.spi, sa.key)
+            relayed.append(self._udp_tunnel_reply[pending.udp_forced])
+        relayed.append(sa.mn_auth_header)
+        relayed[0] = _REP.pack(wire.MSG_REGISTRATION_REPLY, code, lifetime, rep.home, self._pub,
+                               rep.identification)
+        covered = b"".join(relayed)
+        out = covered + _authenticator(sa.auth_key, covered)
         if self._fas:
             out = self._with_fa_ha(out, pending.src_ip)
-        self._stored(self.store.delete(PENDING.name, (pending.mn, pending.ident_low)), "pending")
-        if code != reply.code and code >= 64:
-            self.counters.inc("denied")
+        self._stored(self.store.delete(_PENDING, (pending.mn, pending.ident_low)), "pending")
+        cv = self.counters.values
+        if code != rep.code and code >= 64:
+            cv["denied"] += 1
             self.counters.denied[code] = self.counters.denied.get(code, 0) + 1
-        self.counters.inc("replies_relayed")
+        cv["replies_relayed"] += 1
         if logs.enabled(_DEBUG):  # an event per registration costs more than the test
             log.debug("mipproxy: {home} via {coa}: home agent {ha} answered {code}, relayed "
-                      "{out} lifetime {life}", home=reply.home_address,
-                      coa=pending.care_of_address, ha=pending.home_agent, code=reply.code,
-                      out=code, life=reply.lifetime)
+                      "{out} lifetime {life}", home=home,
+                      coa=pending.care_of_address, ha=pending.home_agent, code=rep.code,
+                      out=code, life=lifetime)
         dst = (pending.src_ip, pending.src_port)
-        if code < 64 and reply.lifetime and self.before_reply is not None:
-            self.before_reply(reply.home_address).addCallback(
+        if code < 64 and lifetime and self.before_reply is not None:
+            self.before_reply(home).addCallback(
                 lambda _: self._send(self.send_public, out, dst))
         else:
             self._send(self.send_public, out, dst)
 
-    def _bind(self, reply: wire.RegistrationReply, pending: Pending, code: int) -> bool:
-        """Record the binding (2.6.6) before the reply goes out; False: cannot serve the MN."""
-        home = reply.home_address
+    def _bind(self, home: str, identification: int, accepted: int, pending: Pending) -> bool:
+        """Record the binding (2.6.6) before the reply goes out; False: cannot serve the MN.
+        ``accepted``: the lifetime the HA granted."""
+        store = self.store
         key = (home, pending.care_of_address)
-        existing = self.store.get(BINDING.name, key)
-        if existing is None and self.store.count(BINDING.name) >= self.cfg.max_bindings:
+        existing = store.get(_BINDING, key)
+        if existing is None and store.count(_BINDING) >= self.cfg.max_bindings:
             return False
-        lifetime = min(reply.lifetime, pending.relayed_lifetime or reply.lifetime)
-        if pending.flags & wire.FLAG_S and self.cfg.simultaneous_bindings:
-            # 2.6.2: the lesser of the accepted and the requested lifetime
-            lifetime = min(reply.lifetime, pending.lifetime)
         simultaneous = bool(pending.flags & wire.FLAG_S) and self.cfg.simultaneous_bindings
-        if not simultaneous:
-            for old in self.store.lookup_all(BINDING.name, "home", home):
+        if simultaneous:
+            # 2.6.2: the lesser of the accepted and the requested lifetime
+            lifetime = min(accepted, pending.lifetime)
+        else:
+            lifetime = min(accepted, pending.relayed_lifetime or accepted)
+            for old in store.lookup_all(_BINDING, "home", home):
                 if old.key != key:
-                    self._stored(self.store.delete(BINDING.name, old.key), "binding")
-                    self.counters.inc("bindings_retired")
-        nai = pending.nai
+                    self._stored(store.delete(_BINDING, old.key), "binding")
+                    self.counters.values["bindings_retired"] += 1
+        udp = pending.udp_tunnel
         binding = Binding(
-            home_address=home, care_of_address=pending.care_of_address,
-            home_agent=pending.home_agent, identification=reply.identification,
-            lifetime=lifetime, spi=pending.spi, src_ip=pending.src_ip if pending.udp_tunnel
-            else pending.care_of_address, src_port=pending.src_port if pending.udp_tunnel else 0,
-            encapsulation="udp" if pending.udp_tunnel else pending.encapsulation, nai=nai,
-            udp_next_header=pending.udp_next_header,
-            simultaneous=simultaneous, registered=self.clock.seconds(),
+            home, pending.care_of_address, pending.home_agent, identification, lifetime,
+            pending.spi, pending.src_ip if udp else pending.care_of_address,
+            pending.src_port if udp else 0, "udp" if udp else pending.encapsulation,
+            pending.nai, pending.udp_next_header, simultaneous, self.clock.seconds(),
+            pending.foreign_agent,
         )
         try:
-            d = self.store.put(binding, ttl=lifetime, owner=f"mip:{home}")
+            d = store.put(binding, ttl=lifetime, owner=f"mip:{home}")
         except Exception:
             log.failure("mipproxy: binding for {home}", home=home)
             return False
         self._stored(d, "binding")
         if existing is None:
-            self.counters.inc("bindings_created")
+            self.counters.values["bindings_created"] += 1
         return True
 
     def _retire(self, home: str, pending: Pending) -> None:
