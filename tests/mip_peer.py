@@ -622,23 +622,28 @@ def run_fa(args: argparse.Namespace) -> None:
     (a host route to its home address on ``--mn-if``).  IP-in-IP to the care-of address is
     decapsulated and delivered to visitors; what a visitor sends from its home address is
     reverse-tunnelled from the care-of address to the home agent field (RFC 3024 5.2).
+    The tunnel both ways is the one the MN asked for in its request's flags (RFC 5944
+    3.3, 4.1): IP-in-IP, GRE (G) or minimal encapsulation (M, RFC 2004).
     One JSON line per event on ``--log``."""
     fa_spi, fa_key = int(args.spi), bytes.fromhex(args.key.removeprefix("0x"))
     mn_side = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     mn_side.bind((args.mn_side, 434))
     ha_side = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     ha_side.bind((args.source, 434))
-    ipip_rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
-    ipip_tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
-    ipip_tx.bind((args.coa, 0))
+    # one raw socket per tunnel protocol each way: IP-in-IP 4, GRE 47, minimal 55
+    rx = {proto: socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) for proto in (4, 47, 55)}
+    tx = {proto: socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) for proto in (4, 47, 55)}
+    for t in tx.values():
+        t.bind((args.coa, 0))
     deliver = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     sniff = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
     sniff.bind((args.mn_if, 0x0800))
     log = open(args.log, "a", buffering=1) if args.log else None
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-    pending: dict[int, tuple[str, int]] = {}  # identification -> the MN's address
-    visitors: dict[str, str] = {}  # home address -> home agent field (tunnel endpoint)
+    pending: dict[int, tuple[tuple[str, int], int]] = {}  # identification -> (MN, its flags)
+    #: home address -> (home agent field: the tunnel's other end, tunnel protocol)
+    visitors: dict[str, tuple[str, int]] = {}
     counts = {"tunnelled_to_ha": 0, "delivered_to_mn": 0}
 
     def note(**kw: object) -> None:
@@ -648,14 +653,14 @@ def run_fa(args: argparse.Namespace) -> None:
     print("ready", flush=True)
     while not stop:
         try:
-            readable, _, _ = select.select([mn_side, ha_side, ipip_rx, sniff], [], [], 0.2)
+            readable, _, _ = select.select([mn_side, ha_side, *rx.values(), sniff], [], [], 0.2)
         except InterruptedError:
             continue
         if mn_side in readable:
             data, src = mn_side.recvfrom(65535)
             if data[:1] == b"\x01" and len(data) >= 24:
                 r = MobileIP(data)[MobileIPRRQ]
-                pending[r.id] = src
+                pending[r.id] = (src, data[1])
                 out = fa_relay_request(data, fa_spi if not args.no_fa_ha else None, fa_key,
                                        corrupt=args.corrupt)
                 ha_side.sendto(out, (r.haaddr, 434))
@@ -666,29 +671,58 @@ def run_fa(args: argparse.Namespace) -> None:
                 ok, for_mn = fa_check_reply(data, fa_spi, fa_key)
                 r = MobileIP(data)[MobileIPRRP]
                 note(reply=data.hex(), fa_ha_ok=ok, code=r.code, src=src[0])
-                dst = pending.pop(r.id, None)
-                if ok and dst is not None:
+                mn = pending.pop(r.id, None)
+                if ok and mn is not None:
+                    dst, flags = mn
                     if r.code < 64 and r.lifetime:
-                        visitors[r.homeaddr] = src[0]
+                        visitors[r.homeaddr] = (src[0], 47 if flags & FLAGS["G"] else
+                                                55 if flags & FLAGS["M"] else 4)
                         subprocess.run(["ip", "route", "replace", f"{r.homeaddr}/32", "dev",
                                         args.mn_if], check=True)
                     mn_side.sendto(for_mn, dst)
-        if ipip_rx in readable:
-            pkt, (src, _) = ipip_rx.recvfrom(65535)
-            hl = (pkt[0] & 0x0F) * 4
-            inner = pkt[hl:]
-            if pkt[16:20] == socket.inet_aton(args.coa) and len(inner) >= 20 \
-                    and socket.inet_ntoa(inner[16:20]) in visitors:
-                deliver.sendto(inner, (socket.inet_ntoa(inner[16:20]), 0))
+        for proto, sock in rx.items():
+            if sock not in readable:
+                continue
+            pkt, (src, _) = sock.recvfrom(65535)
+            if pkt[16:20] != socket.inet_aton(args.coa):
+                continue
+            inner = fa_decapsulate(proto, pkt)
+            if inner is None or len(inner) < 20:
+                continue
+            home = socket.inet_ntoa(inner[16:20])
+            if home in visitors and visitors[home][1] == proto:
+                deliver.sendto(inner, (home, 0))
                 counts["delivered_to_mn"] += 1
+                counts[f"delivered_proto_{proto}"] = counts.get(f"delivered_proto_{proto}", 0) + 1
         if sniff in readable:
             pkt, addr = sniff.recvfrom(65535)
             if addr[2] != socket.PACKET_OUTGOING and len(pkt) >= 20:
                 home = socket.inet_ntoa(pkt[12:16])
                 if home in visitors:
-                    ipip_tx.sendto(pkt, (visitors[home], 0))
+                    ha, proto = visitors[home]
+                    body = (bytes(GRE(proto=0x0800)) + pkt if proto == 47 else
+                            minimal_forwarding(pkt, args.coa) if proto == 55 else pkt)
+                    tx[proto].sendto(body, (ha, 0))
                     counts["tunnelled_to_ha"] += 1
     note(**counts)
+
+
+def fa_decapsulate(proto: int, pkt: bytes) -> bytes | None:
+    """The inner packet of what the home agent's side tunnelled to the FA's care-of
+    address: IP-in-IP (RFC 2003), GRE (RFC 2784, IPv4 payload only), or minimal
+    encapsulation (RFC 2004 §3: the inner header rebuilt from the outer one and the
+    forwarding header, its checksum recomputed by scapy)."""
+    hl = (pkt[0] & 0x0F) * 4
+    if proto == 4:
+        return pkt[hl:]
+    if proto == 47:
+        g = GRE(pkt[hl:])
+        return bytes(g.payload) if g.proto == 0x0800 else None
+    outer = IP(pkt)
+    f = minimal_fields(pkt[hl:], outer.src)
+    inner = IP(src=f["src"], dst=f["dst"], proto=f["proto"], ttl=outer.ttl, id=outer.id) / \
+        Raw(bytes.fromhex(f["payload"]))
+    return bytes(inner)
 
 
 def main(argv: list[str] | None = None) -> None:

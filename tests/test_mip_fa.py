@@ -69,6 +69,17 @@ def test_fa_relayed_request_is_checked_relayed_and_answered_to_the_fa(tmp_path: 
     b = r.store.get(BINDING.name, (HOME, FA_COA))
     assert b.src_ip == FA_COA and b.encapsulation == "ipip" and b.src_port == 0
     assert [e[0] for e in rep["exts"]] == [127, 32]
+    # the binding records the FA the registration came through (its source address)
+    assert b.foreign_agent == FA
+
+
+def test_co_located_binding_names_no_foreign_agent(tmp_path: Path) -> None:
+    r = fa_rig(tmp_path)
+    r.request()  # from the CoA itself, no FA extensions: a co-located MN
+    assert r.store.records(PENDING.name).__next__().foreign_agent == ""
+    r.ha_reply()
+    b = r.store.get(BINDING.name, (HOME, COA))
+    assert b is not None and b.foreign_agent == ""
 
 
 @pytest.mark.parametrize("how", ["missing", "corrupt", "wrong_spi", "before_mn_ha"])
@@ -121,7 +132,8 @@ def test_unknown_fa_refused_by_default_accepted_when_configured(tmp_path: Path) 
     assert dst == (FA, 434)
     # no SA with this FA: nothing to authenticate the reply with
     assert [t for t, _o, _b in peer.split_extensions(out, 20)][-1] == 32
-    assert r.store.get(BINDING.name, (HOME, FA_COA)).encapsulation == "ipip"
+    b = r.store.get(BINDING.name, (HOME, FA_COA))
+    assert b.encapsulation == "ipip" and b.foreign_agent == FA
 
 
 def test_unknown_fa_marked_by_mn_fa_unless_from_the_coa(tmp_path: Path) -> None:

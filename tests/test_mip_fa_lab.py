@@ -90,8 +90,10 @@ def test_registration_and_data_through_a_foreign_agent(fa_topo, tmp_path):
         relayed = json.loads(ha_log.read_text().splitlines()[0])
         assert [e[0] for e in relayed["exts"]] == [32], relayed
         rows = d.rows("mip", "bindings")
-        # the FA relayed from another address than its CoA: not a NAT, no UDP tunnel
+        # the FA relayed from another address than its CoA: not a NAT, no UDP tunnel; the
+        # binding names the FA it came through
         assert rows[0]["care_of"] == t.nat_public and rows[0]["encap"] == "ipip", rows
+        assert rows[0]["foreign_agent"] == FA_SOURCE, rows
         got = gw_log(glog)
         assert [g["esp_from"] for g in got] == [t.mn_home_addr] * 5, (got, stats(d))
         back = out["data"]["received"]
@@ -117,3 +119,55 @@ def test_registration_and_data_through_a_foreign_agent(fa_topo, tmp_path):
     lines = tshark_check(t.mipp, pcap)
     assert sum("mip" in line for line in lines) >= 4, lines
     assert sum(line.split("\t")[0].startswith("eth:ethertype:ip:ip") for line in lines) >= 10, lines
+
+
+@pytest.mark.parametrize("flags,proto,encap", [("TG", 47, "gre"), ("TM", 55, "minimal")])
+def test_gre_and_minimal_encapsulation_through_a_foreign_agent(fa_topo, tmp_path, flags, proto,
+                                                               encap):
+    """The MN asks for GRE (G) or minimal encapsulation (M) in its request; the FA relays it
+    and tunnels both ways with what the MN asked (the peer decapsulates by the protocol
+    the proxy used, so IP-in-IP from the proxy would be counted under 4 and fail the
+    check); the proxy tunnels to the FA's care-of address with it and takes the FA's
+    reverse tunnel in it.  ESP from the MN's home address reaches the gateway and comes
+    back, five packets each way."""
+    t = fa_topo
+    ha, _ha_log = start_ha(t, tmp_path)
+    gw, glog = start_gw(t, tmp_path)
+    fa, flog = start_fa(t, tmp_path)
+    d = NarsuiteDaemon(t.mipp, fa_config(t, tmp_path), roles="mipproxy").start()
+    cap, pcap = capture(t.mipp, tmp_path, (t.mipp_external_if,))
+    try:
+        out = mn_via_fa(t, "--flags", flags, "--via-fa", "--data", "5", "--expect", "5",
+                        "--gateway", t.cn_addr)
+        reply = out["replies"][0]
+        assert reply["code"] == 0 and reply["auth_ok"], (out, fa_log(flog), d.log_text())
+        rows = d.rows("mip", "bindings")
+        assert len(rows) == 1, rows
+        assert rows[0]["encap"] == encap and rows[0]["care_of"] == t.nat_public, rows
+        assert rows[0]["foreign_agent"] == FA_SOURCE and rows[0]["tunnel_to"] == t.nat_public
+        got = gw_log(glog)
+        assert [g["esp_from"] for g in got] == [t.mn_home_addr] * 5, (got, stats(d))
+        back = out["data"]["received"]
+        assert len(back) == 5 and {(b["src"], b["dst"], b["proto"]) for b in back} == {
+            (t.cn_addr, t.mn_home_addr, 50)}, back
+        assert sorted(b["payload"] for b in back) == sorted(g["payload"] for g in got)
+        s = stats(d)
+        assert s["data.mn_to_gateway"] == 5 and s["data.gateway_to_mn"] == 5, s
+    finally:
+        stop_capture(t.mipp, cap)
+        d.terminate()
+        t.nat.stop(fa)
+        t.ha.stop(ha)
+        t.cn.stop(gw)
+    counts = [e for e in fa_log(flog) if "delivered_to_mn" in e][-1]
+    assert counts["delivered_to_mn"] == 5 and counts.get(f"delivered_proto_{proto}") == 5, counts
+    assert counts["tunnelled_to_ha"] == 5, counts
+    tshark_check(t.mipp, pcap)
+    # on the proxy's external side: the five packets each way in the MN's encapsulation,
+    # between the FA's care-of address and MIPP-Pub
+    tunnelled = t.mipp.run(["tshark", "-r", str(pcap), "-Y", f"ip.proto == {proto}", "-T",
+                            "fields", "-E", "occurrence=f", "-e", "ip.src", "-e", "ip.dst"]).stdout.split("\n")
+    pairs = [tuple(x.split("\t")) for x in tunnelled if x.strip()]
+    assert sorted(set(pairs)) == sorted({(t.nat_public, t.mipp_external),
+                                         (t.mipp_external, t.nat_public)}), pairs
+    assert len(pairs) == 10, pairs

@@ -36,13 +36,13 @@ def _bindings(daemon: Any) -> Table:
     rows = []
     for key, b, _exp, _owner in daemon.store.items(BINDING.name):
         tunnel = f"{b.src_ip}:{b.src_port}" if b.encapsulation == "udp" else b.src_ip
-        rows.append((b.home_address, b.nai or "-", b.care_of_address, b.home_agent,
-                     _encap(b.encapsulation, b.udp_next_header), tunnel, b.lifetime,
-                     _remaining(daemon, BINDING.name, key),
+        rows.append((b.home_address, b.nai or "-", b.care_of_address, b.foreign_agent or "-",
+                     b.home_agent, _encap(b.encapsulation, b.udp_next_header), tunnel,
+                     b.lifetime, _remaining(daemon, BINDING.name, key),
                      f"{b.identification:#018x}"))
     rows.sort()
-    return Table(("home_address", "nai", "care_of", "home_agent", "encap", "tunnel_to",
-                  "lifetime", "remaining_s", "identification"), tuple(rows),
+    return Table(("home_address", "nai", "care_of", "foreign_agent", "home_agent", "encap",
+                  "tunnel_to", "lifetime", "remaining_s", "identification"), tuple(rows),
                  title="mobility bindings (2.6.6)")
 
 
@@ -82,8 +82,8 @@ ROLE = RoleSpec(
     make_service=MipProxyService,
     kinds=KINDS,
     commands=(
-        Command("mip bindings", "mobility bindings: home address, care-of, home agent, tunnel, "
-                "remaining lifetime", _bindings),
+        Command("mip bindings", "mobility bindings: home address, care-of, foreign agent, "
+                "home agent, tunnel, remaining lifetime", _bindings),
         Command("mip pending", "registrations relayed to a home agent, waiting for its reply",
                 _pending),
         Command("mip stats", "relay and data-path counters: drops by reason, denials by code",
