@@ -17,6 +17,7 @@ import time
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from narsuite import reactor as lean_reactor
 from narsuite.nar import socks
@@ -338,6 +339,44 @@ def test_a_reset_from_the_target_closes_the_client(target):
     assert srv.factory.active == 0
 
 
+def test_a_bug_on_one_connection_closes_it_and_only_it(target, monkeypatch):
+    """An exception in the lean path is logged and counted, its connection closed, and the
+    server goes on serving (it must not reach the reactor or leave the connection open)."""
+    from narsuite.nar import lean
+
+    real = lean._Conn._connect
+    calls = []
+
+    def buggy(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(self)
+
+    monkeypatch.setattr(lean._Conn, "_connect", buggy)
+    srv = Server()
+    seen = []
+    observer = lambda e: seen.append(e) if "log_failure" in e else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        s = _client(srv)
+        s.sendall(b"\x05\x01\x00" + _connect_request(target.getsockname()[1]))
+        assert _recv_exact(s, 2) == b"\x05\x00" and s.recv(10) == b""  # closed, nothing more
+        s.close()
+        s = _client(srv)  # the next one is served
+        s.sendall(b"\x05\x01\x00" + _connect_request(target.getsockname()[1]))
+        assert _recv_exact(s, 12)[3] == socks.SUCCEEDED
+        target.accept()[0].close()
+        assert s.recv(10) == b""
+        s.close()
+        srv.settle()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        srv.stop()
+    assert srv.counters["errors"] == 1 and srv.factory.active == 0
+    assert len(seen) == 1 and "injected" in str(seen[0]["log_failure"].value)
+
+
 def test_deadlines_fire_once_due_and_follow_a_moved_deadline():
     clock = Clock()
     d = _Deadlines(clock)
@@ -371,3 +410,123 @@ def test_deadlines_fire_once_due_and_follow_a_moved_deadline():
     assert [n for n, _ in fired] == ["b", "a"] and not clock.getDelayedCalls()
     assert ka  # keys are opaque but non-zero
 
+
+
+# ---------------------------------------------------------------- fuzz, over real sockets
+
+def _well_formed(out: bytes) -> None:
+    """What the server wrote is a method reply, then (optionally) one request reply; a refusal
+    ends it (the connection is closed after it: the caller read up to EOF)."""
+    if not out:
+        return
+    assert out[0] == 5 and len(out) >= 2, out
+    method, rest = out[1], out[2:]
+    if method == socks.METHOD_NO_ACCEPTABLE:
+        assert not rest, out
+        return
+    if rest:
+        r = socks.parse_reply(rest)
+        assert r is not None and r[0].rep in socks.REPLY_NAMES, out
+
+
+@pytest.fixture(scope="module")
+def fuzz_server():
+    """One lean server for every example: a live target that answers and closes, names resolved
+    to 127.0.0.1, short limits so that nothing an example leaves behind outlives it for long."""
+    from twisted.internet import defer
+
+    live = socket.socket()
+    live.bind(("127.0.0.1", 0))
+    live.listen(64)
+
+    def serve():
+        while True:
+            try:
+                c, _ = live.accept()
+            except OSError:
+                return
+            c.sendall(b"hello")
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    srv = Server(negotiation_timeout=0.5, connect_timeout=0.5, idle_timeout=1.0)
+    srv.factory.resolve = lambda name, port: defer.succeed(["127.0.0.1"])
+    srv.failures = []  # type: ignore[attr-defined]
+    observer = lambda e: srv.failures.append(e) if "log_failure" in e else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    yield srv, live.getsockname()[1]
+    globalLogPublisher.removeObserver(observer)
+    srv.stop()
+    live.close()
+
+
+def _exchange(port: int, chunks: list[bytes]) -> bytes:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        try:
+            for c in chunks:
+                s.sendall(c)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server already refused and closed (a reset, with bytes it never read)
+        out = b""
+        while True:
+            try:
+                b = s.recv(4096)
+            except ConnectionResetError:
+                break
+            if not b:
+                break
+            out += b
+        return out
+    finally:
+        s.close()
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=40), max_size=6))
+def test_fuzz_random_bytes_after_the_version(fuzz_server, chunks):
+    """Never an unhandled error, only well-formed answers, nothing left open."""
+    srv, _ = fuzz_server
+    out = _exchange(srv.port, [b"\x05" + chunks[0]] + chunks[1:] if chunks else [b"\x05"])
+    _well_formed(out)
+    srv.settle(3.0)
+    assert srv.factory.active == 0 and srv.counters["errors"] == 0
+    assert not srv.failures, srv.failures[:1]  # nothing escaped to the reactor's log
+
+
+def _streams(live: int) -> list[bytes]:
+    p = live.to_bytes(2, "big")
+    return [
+        b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + p + b"data",
+        b"\x05\x02\x00\x02" + b"\x05\x01\x00\x04" + socket.inet_pton(socket.AF_INET6, "::1") + b"\x00\x01",
+        b"\x05\x01\x00" + b"\x05\x01\x00\x03\x07example" + p,
+        b"\x05\x01\x00" + b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00",
+        b"\x05\x01\x00" + b"\x05\x09\x00\x01\x7f\x00\x00\x01" + p,
+    ]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 4), st.lists(st.integers(0, 40), max_size=5), st.binary(max_size=4),
+       st.integers(0, 40))
+def test_fuzz_splits_of_valid_streams(fuzz_server, which, cuts, garbage, at):
+    """Valid requests (CONNECT v4 with data, v6, by name, UDP ASSOCIATE, an unknown command),
+    split anywhere and sometimes with garbage inserted: well-formed answers, nothing left open;
+    an intact stream always gets its method reply and a request reply."""
+    srv, live = fuzz_server
+    stream = _streams(live)[which]
+    at = min(at, len(stream))
+    stream = stream[:at] + garbage + stream[at:] if garbage else stream
+    cuts = sorted({min(c, len(stream)) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    out = _exchange(srv.port, [c for c in chunks if c])
+    _well_formed(out)
+    if not garbage:
+        assert out[:2] == b"\x05\x00" and len(out) >= 12, out
+    srv.settle(3.0)
+    assert srv.factory.active == 0 and srv.counters["errors"] == 0
+    assert not srv.failures, srv.failures[:1]  # nothing escaped to the reactor's log

@@ -279,46 +279,59 @@ class _Conn:
 
     def on_client(self, ev: int) -> None:
         """An event on the client's socket."""
-        if self.stage == RELAY:
-            if ev & (_OUT | _ERR) and self.down_buf:
-                self._flush(False)
-            if ev & (_IN | _ERR) and self.stage == RELAY and not (self.eof_up or self.up_buf):
-                self._relay(True)
-            return
-        if self.stage == DONE:
-            return
         try:
-            data = self.sock.recv(_NEGOTIATE_READ, _DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close()
-            return
-        if not data:
-            if self.stage == CONNECTING:
-                # A FIN while connecting (ncat -N style): passed on once the relay starts.
-                self.eof_up = True
-                self._set_cmask(0)
+            if self.stage == RELAY:
+                if ev & (_OUT | _ERR) and self.down_buf:
+                    self._flush(False)
+                if ev & (_IN | _ERR) and self.stage == RELAY and not (self.eof_up or self.up_buf):
+                    self._relay(True)
                 return
-            self._close()  # the client gave up before its request was complete
-            return
-        self.buf += data
-        if self.stage == CONNECTING:
-            if len(self.buf) > MAX_EARLY:
-                self._set_cmask(0)  # early bytes enough: the client waits for the relay
-            return
-        self._negotiate()
+            if self.stage == DONE:
+                return
+            try:
+                data = self.sock.recv(_NEGOTIATE_READ, _DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close()
+                return
+            if not data:
+                if self.stage == CONNECTING:
+                    # A FIN while connecting (ncat -N style): passed on once the relay starts.
+                    self.eof_up = True
+                    self._set_cmask(0)
+                    return
+                self._close()  # the client gave up before its request was complete
+                return
+            self.buf += data
+            if self.stage == CONNECTING:
+                if len(self.buf) > MAX_EARLY:
+                    self._set_cmask(0)  # early bytes enough: the client waits for the relay
+                return
+            self._negotiate()
+        except Exception:
+            self._failed()
 
     def on_out(self, ev: int) -> None:
         """An event on the destination's socket."""
-        st = self.stage
-        if st == RELAY:
-            if ev & (_OUT | _ERR) and self.up_buf:
-                self._flush(True)
-            if ev & (_IN | _ERR) and self.stage == RELAY and not (self.eof_down or self.down_buf):
-                self._relay(False)
-        elif st == CONNECTING:
-            self._connect_done(ev)
+        try:
+            st = self.stage
+            if st == RELAY:
+                if ev & (_OUT | _ERR) and self.up_buf:
+                    self._flush(True)
+                if ev & (_IN | _ERR) and self.stage == RELAY and not (self.eof_down or self.down_buf):
+                    self._relay(False)
+            elif st == CONNECTING:
+                self._connect_done(ev)
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        """A bug met on this connection: logged and counted, the connection closed; the
+        reactor and every other connection go on."""
+        self.f.count("errors")
+        log.failure("socks: unexpected error from {client}", client=self.client)
+        self._close()
 
     # ---------------------------------------------------------------- negotiation (framing)
 
@@ -698,7 +711,15 @@ class LeanSocksPort:
                                  "socks: {n} connections open (max_connections); refusing {addr}",
                                  n=f.active, addr=addr[0])
                 continue
-            conns.add(_Conn(self, fd, addr))
+            try:
+                conns.add(_Conn(self, fd, addr))
+            except Exception:  # a bug, or epoll refusing the descriptor: this connection only
+                f.count("errors")
+                log.failure("socks: cannot start a connection from {addr}", addr=addr[0])
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # the half-built socket object already closed it
 
     def getHost(self) -> IPv4Address | IPv6Address:
         assert self.sock is not None
