@@ -16,6 +16,7 @@ nothing the dead node's SAs held stays allocated.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -424,13 +427,11 @@ def v2_stats(node: NarsuiteDaemon) -> dict[str, int]:
     return {k[3:]: v for k, v in ike_stats(node).items() if k.startswith("v2 ")}
 
 
-def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas(need_strongswan, lab, tmp_path):
-    """Level 2 for IKEv2: the standby adopts the dead active's sealed IKE SA (``ike.v2sa``) and
-    CHILD SAs: no new IKE_SA_INIT or IKE_AUTH; it resynchronises the message IDs with the client
-    (RFC 6311, which strongSwan supports); a ping and a TCP transfer through the tunnel survive the
-    kill -9, the outage is measured; then, under the same IKE SA (same unique id and SPIs on the
-    client), the standby's own liveness check is answered, the client's DPD is answered and its
-    CHILD SA rekey completes (and the old CHILD SA is deleted)."""
+@contextlib.contextmanager
+def ikev2_cluster(lab, tmp_path: Path) -> Iterator[types.SimpleNamespace]:  # type: ignore[no-untyped-def]
+    """Two nodes (IKEv2 policy "rw2", gateway liveness after 4 idle seconds), Redis, keepalived with
+    ``narctl cluster adopt`` on becoming master, and a strongSwan IKEv2 client (PSK, virtual IP,
+    DPD after 3 idle seconds) behind NAT1 connected to g1, whose IKE SA g1 has sealed."""
     r1, nat1 = lab.host("r1"), lab.host("nat1")
     g1, g2 = lab.host("g1", forwarding=True), lab.host("g2", forwarding=True)
     h, dbh = lab.host("h"), lab.host("db")
@@ -469,6 +470,22 @@ def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas
         (before,) = c.list_sas()
         assert ping(r1, "10.1.0.10")
         wait(lambda: any("ike.v2sa" in k for k, _o, n in records(db) if n == "g1"), 5, "g1's sealed IKE SA")
+        yield types.SimpleNamespace(r1=r1, h=h, db=db, key_file=key_file, n1=n1, n2=n2, k1=k1, k2=k2, c=c,
+                                    before=before)
+    finally:
+        db.close()
+
+
+def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas(need_strongswan, lab, tmp_path):
+    """Level 2 for IKEv2: the standby adopts the dead active's sealed IKE SA (``ike.v2sa``) and
+    CHILD SAs: no new IKE_SA_INIT or IKE_AUTH; it resynchronises the message IDs with the client
+    (RFC 6311, which strongSwan supports); a ping and a TCP transfer through the tunnel survive the
+    kill -9, the outage is measured; then, under the same IKE SA (same unique id and SPIs on the
+    client), the standby's own liveness check is answered, the client's DPD is answered and its
+    CHILD SA rekey completes (and the old CHILD SA is deleted)."""
+    with ikev2_cluster(lab, tmp_path) as t:
+        r1, h, db, key_file, n1, n2, k1, k2, c, before = (t.r1, t.h, t.db, t.key_file, t.n1, t.n2, t.k1, t.k2, t.c,
+                                                           t.before)
         # its keys (SK_d, SK_a*, SK_e*, SK_p*) only sealed, nowhere in Redis in the clear
         check_sealed(db, key_file, "g1", "ike.v2sa", 1, ("sk_d", "sk_ai", "sk_ar", "sk_ei", "sk_er", "sk_pi", "sk_pr"))
         # a ping every 20 ms and a paced TCP transfer (H -> R1, 6 s) through the tunnel, across the kill
@@ -573,5 +590,47 @@ def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas
         n2.terminate()
         k1.stop()
         k2.stop()
-    finally:
-        db.close()
+
+
+def test_e_level2_failover_ikev2_a_client_request_in_flight_at_the_kill_completes_on_the_standby(
+        need_strongswan, lab, tmp_path):
+    """The client starts a CHILD SA rekey just as the active dies: its CREATE_CHILD_SA goes to a dead
+    node and is never answered there.  The standby's RFC 6311 sync tells the client to go on past
+    that message ID; strongSwan resends the rekey under the agreed ID and the standby completes it,
+    under the same IKE SA, instead of the client giving up on the gateway after its retransmits."""
+    with ikev2_cluster(lab, tmp_path) as t:
+        c, n2, before = t.c, t.n2, t.before
+        old_spis = {ch.spi_in for ch in before.children}
+        t.n1.kill9()
+        c.swanctl("--rekey", "--child", "net")  # in flight to the dead active
+        t0 = time.monotonic()
+        wait(lambda: t.k2.has_vip() and not t.k1.has_vip(), 15, "the addresses to move to g2")
+
+        def installed() -> bool:
+            (sa,) = c.list_sas()
+            return any(ch.spi_in not in old_spis and ch.state == "INSTALLED" for ch in sa.children)
+
+        def old_gone() -> bool:  # (strongSwan removes the old pair delete_rekeyed_delay, 5 s, later)
+            (sa,) = c.list_sas()
+            return [ch.spi_in not in old_spis and ch.state == "INSTALLED" for ch in sa.children] == [True]
+        try:
+            wait(installed, 30, "the client's rekey to complete against the standby")
+            took = time.monotonic() - t0
+            wait(old_gone, 30, "the old CHILD SA to go")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{c.list_sas_text()}\n{c.log_text()[-5000:]}\n{n2.log_text()[-3000:]}") \
+                from None
+        (after,) = c.list_sas()
+        assert (after.uniqueid, after.spi_i, after.spi_r) == (before.uniqueid, before.spi_i, before.spi_r)
+        stats = v2_stats(n2)
+        assert stats.get("ike_resumed") == 1 and stats.get("mid_synced") == 1 and stats.get("child_installed") == 1, \
+            stats
+        log = c.log_text()
+        assert "requested MID sync" in log and log.count("generating IKE_SA_INIT request") == 1, log[-3000:]
+        assert ping(t.r1, "10.1.0.10")  # through the new pair
+        print(f"\nlevel 2 failover (IKEv2), a client rekey in flight at the kill: the new CHILD SA installed on the "
+              f"client {took * 1000:.0f} ms after the kill, same IKE SA")
+        c.stop()
+        n2.terminate()
+        t.k1.stop()
+        t.k2.stop()
