@@ -18,7 +18,8 @@ def test_first_matching_handler_gets_the_datagram() -> None:
     port.dispatch(b"\x01\x02\x03\x04esp", ("192.0.2.1", 4500))
     assert got == [("esp", b"\xff"), ("ike", b"\0\0\0\0ike"), ("esp", b"\x01\x02\x03\x04esp")]
     assert port.stats() == {"keepalive-and-esp_packets": 2, "ike_packets": 1,
-                            "short": 0, "unclaimed": 0, "handler_errors": 0}
+                            "short": 0, "unclaimed": 0, "handler_errors": 0,
+                            "deferred_send_failed": 0}
 
 
 def test_unclaimed_and_failing_handlers_are_counted_not_raised() -> None:
@@ -42,7 +43,7 @@ def test_short_datagrams_are_counted_apart_from_unclaimed() -> None:
     for data in (b"\xff", b"12345678", b"x" * 20, bytes(8) + b"esp", b"i" * 28):
         port.dispatch(data, ("192.0.2.1", 500))
     assert port.stats() == {"ike_packets": 1, "esp-draft_packets": 1, "short": 2, "unclaimed": 1,
-                            "handler_errors": 0}
+                            "handler_errors": 0, "deferred_send_failed": 0}
 
 
 class _UDPReactor:
@@ -129,3 +130,40 @@ def test_a_real_port_sends_to_ipv4_literals_itself_and_leaves_the_rest_to_twiste
         rx.close()
         port.stopService()
     assert port.write(b"late", ("127.0.0.1", 9)) is False
+
+
+def test_write_soon_sends_after_the_turn_in_order_and_counts_refusals() -> None:
+    """write_soon() holds datagrams until the reactor runs its next timed calls (after the
+    turn's reads), then sends them in order; one the socket refuses is counted and the
+    rest still leave; nothing queued is lost at stop."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.task import Clock
+
+    port = SharedUDPPort(0, "127.0.0.1", reactor=reactor)
+    port.startService()
+    clock = Clock()
+    port.reactor = clock  # the queue's timer on a clock this test turns
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    try:
+        assert port.write_soon(b"one", rx.getsockname()) is True
+        assert port.write_soon(b"x" * 70000, rx.getsockname()) is True  # EMSGSIZE later
+        assert port.write_soon(b"two", rx.getsockname()) is True
+        assert len(clock.getDelayedCalls()) == 1  # one flush per turn, not per datagram
+        try:
+            rx.recv(100)
+            raise AssertionError("sent before the turn ended")
+        except BlockingIOError:
+            pass
+        clock.advance(0)
+        rx.settimeout(2)
+        assert [rx.recv(100), rx.recv(100)] == [b"one", b"two"]
+        assert port.deferred_send_failed == 1
+        port.write_soon(b"at stop", rx.getsockname())
+    finally:
+        port.stopService()
+    assert rx.recv(100) == b"at stop"
+    rx.close()

@@ -50,9 +50,11 @@ class MipProxyService(service.Service):
         cfg = self.cfg
         self.public = ctx.udp_port(cfg.port, cfg.public_address)
         self.private = ctx.udp_port(cfg.port, cfg.private_address)
+        # the relay's answers leave at the end of the reactor turn, together (write_soon: a
+        # burst wakes the peer once, not once per datagram); the data path sends at once
         self.relay = RegistrationRelay(
             cfg, ctx.store, ctx.reactor, metrics=ctx.metrics,
-            send_public=self.public.write, send_private=self.private.write)
+            send_public=self.public.write_soon, send_private=self.private.write_soon)
         self.public.add_handler("mip-request", is_request, self.relay.request_received)
         self.private.add_handler("mip-reply", is_reply, self.relay.reply_received)
         self.datapath: Any = None
