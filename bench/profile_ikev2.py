@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> None:
         queue.append(("i", by_addr[addr], data, local_port))
 
     engine = IkeV2Engine(ike_cfg, store, clock, send=send, local_address=lambda ip: RESPONDER)
+    # the standby state (ike.v2sa) is written only where a cluster seals it, as the ike service decides
+    engine.keep_state = args.sealed_state
     base_inner = int.from_bytes(bytes([10, 128, 0, 0]), "big")
     prof = cProfile.Profile()
     if args.no_profile:
@@ -150,6 +152,7 @@ def run(args: argparse.Namespace) -> None:
     name = {19: "ecp256", 14: "modp2048", 31: "curve25519"}.get(args.group, str(args.group))
     print(f"narsuite IKEv2 responder in-process: {n} {UNIT}, group {args.group} ({name}), {args.concurrency} "
           f"in flight, store {args.store}, log {args.log}, esp engine {'off' if args.no_esp else 'on'}, "
+          f"ike.v2sa state {'on' if args.sealed_state else 'off'}, "
           f"Python {sys.version.split()[0]}")
     print(f"  wall {wall:.2f} s; responder CPU {1000 * responder / n:.3f} ms per {UNIT} "
           f"(= {n / responder:.0f} {UNIT}/s on one core, profiler {'off' if args.no_profile else 'on'})")
@@ -169,7 +172,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(PI.parser(__doc__.split("\n\n")[0], UNIT, 2000, (19, 14, 31)).parse_args(argv))
+    ap = PI.parser(__doc__.split("\n\n")[0], UNIT, 2000, (19, 14, 31))
+    ap.add_argument("--sealed-state", action="store_true",
+                    help="write each SA's ike.v2sa state, as a cluster node that seals it does")
+    run(ap.parse_args(argv))
     return 0
 
 

@@ -54,6 +54,16 @@ class RoleContext:
         """The shared socket for ``port``; roles add handlers for what they claim."""
         return self.udp.get(port, interface)
 
+    def sealed(self, kind: str) -> bool:
+        """Whether this node keeps sealed twins of ``kind`` for a standby (a role need not
+        write state that only a standby reads when nobody seals it)."""
+        return sealing(self.config) and kind in self.config.cluster.sealed_kinds
+
+
+def sealing(config: Config) -> bool:
+    """A shared store and ``[cluster] key_file``: the node seals what a standby needs."""
+    return config.cluster.key_file is not None and config.store.backend == "redis"
+
 
 class StoreService(service.Service):
     """Starts the store's timers and backend; flushes it on stop."""
@@ -137,7 +147,7 @@ class NarsuiteService(service.MultiService):
     def _create_sealer(self, config: Config) -> Any:
         """With a shared store and ``[cluster] key_file``: sealed twins of the kinds a standby needs."""
         cc = config.cluster
-        if cc.key_file is None or config.store.backend != "redis":
+        if not sealing(config) or cc.key_file is None:
             return None
         from narsuite.config import ConfigError
         from narsuite.store.sealed import ClusterKey, Sealer

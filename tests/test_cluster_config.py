@@ -35,3 +35,29 @@ def test_secret_files_open_to_others_are_refused_naming_the_key(tmp_path) -> Non
     with pytest.raises(ConfigError, match=r"(cluster.key_file|store.redis.password_file): .* is readable "
                                           r"by other users \(mode 644\); chmod 600"):
         load_example(1, tmp_path, mode=0o644)
+
+
+def test_the_ikev2_standby_state_is_written_only_where_a_cluster_seals_it(tmp_path) -> None:
+    """The ike service writes each IKEv2 SA's ``ike.v2sa`` state (a record and a timer per
+    exchange) only on a node that keeps sealed twins of it: a cluster node with the key file and
+    the kind in ``sealed_kinds``; not on a single node, nor where an operator left the kind out."""
+    import attrs
+    from twisted.internet.task import Clock
+
+    from narsuite.ike.service import IkeService
+    from narsuite.metrics import Metrics
+    from narsuite.packet.udp import UDPPorts
+    from narsuite.service import RoleContext
+    from narsuite.store import MemoryBackend, Store
+
+    def keeps_state(cfg) -> bool:  # type: ignore[no-untyped-def]
+        clock = Clock()
+        ctx = RoleContext("ike", cfg, cfg.role("ike"), Store(MemoryBackend(), clock), Metrics(), clock, {},
+                          UDPPorts(clock))
+        return IkeService(ctx).engine2.keep_state
+
+    cluster = load_example(1, tmp_path)
+    assert keeps_state(cluster)
+    assert not keeps_state(attrs.evolve(cluster, cluster=attrs.evolve(cluster.cluster, sealed_kinds=("esp.sa",))))
+    assert not keeps_state(attrs.evolve(cluster, cluster=attrs.evolve(cluster.cluster, key_file=None)))
+    assert not keeps_state(loads("[ike]\n"))

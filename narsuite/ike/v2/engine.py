@@ -125,6 +125,9 @@ class IkeV2Engine:
         self.informational = Informational(self)
         self.children = Children(self)
         self.rekey = Rekey(self)
+        #: write each established SA's ``ike.v2sa`` state (what a standby resumes); the ike
+        #: service turns it off where no cluster seals that kind
+        self.keep_state = True
         # a dead node's IKE SAs reach this node's view only through the store (cluster adopt)
         self._unsubscribe_state = store.subscribe(self._state_changed, kinds=[IKEV2_STATE.name])
         if metrics is not None:
@@ -501,7 +504,7 @@ class IkeV2Engine:
         if sa.state_timer is not None and sa.state_timer.active():
             sa.state_timer.cancel()
         sa.state_timer = None
-        state = state_of(sa)
+        state = state_of(sa) if self.keep_state else None
         if state is None or sa.state == "deleted":
             return
         sa.state_written = self.now()
@@ -513,7 +516,8 @@ class IkeV2Engine:
         """The message IDs moved (a request answered, one of ours sent): the state is written
         again, at most once per :data:`STATE_INTERVAL` (the standby resynchronises whatever
         moved since, see :mod:`.resume`)."""
-        if sa.state != "established" or (sa.state_timer is not None and sa.state_timer.active()):
+        if not self.keep_state or sa.state != "established" or (
+                sa.state_timer is not None and sa.state_timer.active()):
             return
         wait = sa.state_written + STATE_INTERVAL - self.now()
         if wait <= 0:
