@@ -236,6 +236,32 @@ def test_d_redis_down_reads_go_on_writes_refused_and_counted_then_recovery(nodes
         assert a.call("view") == ["after|604|", "before|601|"]
 
 
+def test_d_redis_that_stops_answering_refuses_the_write_within_the_timeout_then_recovers(nodes) -> None:
+    """(d) Redis hangs (SIGSTOP: the connections stay open, nothing answers): a write fails with
+    StoreUnavailable within connect_timeout + 1 s instead of waiting for ever, later writes are
+    refused at once, and when Redis answers again the node takes writes by itself."""
+    with RedisServer() as srv:
+        a = nodes("a", url=f"redis://{srv.address}")
+        a.call("insert", name="before", spi=621)
+        assert srv.pid
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = a.try_call("insert", name="hung", spi=622, timeout=30)
+            took = time.monotonic() - t0
+            assert not r["ok"] and "StoreUnavailable" in r["error"], r
+            assert took < 4.0, took  # connect_timeout (1 s) + 1 s, and some slack for a loaded machine
+            r = a.try_call("insert", name="during", spi=623)
+            assert not r["ok"] and "StoreUnavailable" in r["error"], r
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+        a.until(lambda: a.try_call("insert", name="after", spi=624)["ok"], 10, "writes resume")
+        assert a.call("stats")["backend"]["available"] == 1
+        # ("hung" is in doubt: Redis may have run it after it woke, as with any broken connection)
+        assert {"after|624|", "before|621|"} <= set(a.call("view"))
+        assert "during|623|" not in a.call("view")
+
+
 def test_d_writer_connection_lost_alone_the_node_recovers_by_itself(server, nodes) -> None:
     """(d) Only the writer's connection breaks (the reader's is fine, as when Redis came back
     before a write went out on an old socket): the node takes writes again by itself.
