@@ -25,8 +25,6 @@ def make_store(config, clock=None) -> Store:
                                replicas_ack=rc.replicas_ack, ack_timeout=rc.ack_timeout,
                                stream_maxlen=rc.stream_maxlen, heartbeat_interval=cc.heartbeat_interval,
                                heartbeat_timeout=cc.heartbeat_timeout, where=describe(rc),
-                               # TLS is redis-py's (its socket cannot be handed to the reactor)
-                               writer="thread" if rc.tls or rc.url.startswith("rediss://") else "reactor",
                                io_timeout=rc.connect_timeout + 1.0)
     else:
         backend = MemoryBackend()

@@ -17,8 +17,10 @@ this backend makes it shared:
   roles answer with their protocol's refusal); reads go on from the view; the reader reconnects,
   resyncs and the node takes writes again by itself.
 
-redis-py runs off the reactor thread (a writer, a reader and a control thread, each with its own
-connection): it was measured against txredisapi on the reactor (docs/store.md, "Choosing the client").
+The write connection is a protocol on the reactor thread (:class:`_RespWriter`: the reactor sends
+each batch itself, no hand-over to a thread and back); the stream reader and the control thread
+(heartbeats, reaping, finding the primary) are redis-py threads, each with its own connection.
+Measured against txredisapi and against a redis-py writer thread: docs/store.md, "Choosing the client".
 """
 
 from __future__ import annotations
@@ -258,7 +260,7 @@ def describe(cfg: Any) -> str:
     return f"redis {where} ({auth}{', TLS' if cfg.tls or cfg.url.startswith('rediss://') else ''})"
 
 
-#: the writer checks its connection before a batch after this long without one (seconds)
+#: the writer thread checks its connection before a batch after this long without one (seconds)
 _IDLE_CHECK = 1.0
 
 #: stream entries per XREAD at most
@@ -290,12 +292,39 @@ class _RespWriter(protocol.Protocol):
 
         self.backend = backend
         self.reader = hiredis.Reader(encoding="utf-8")
+        #: while logging in: (replies expected, replies so far, their Deferred)
+        self._setup: tuple[int, list, defer.Deferred] | None = None
+
+    def expect(self, n: int) -> defer.Deferred:
+        """The next ``n`` replies, together (the login's), before the backend takes over."""
+        d: defer.Deferred = defer.Deferred(self._cancel_setup)
+        self._setup = (n, [], d)
+        return d
+
+    def _cancel_setup(self, d: defer.Deferred) -> None:
+        self._setup = None  # (the Deferred fails as cancelled; connectionLost must not fire it)
+        self.abort()
 
     def dataReceived(self, data: bytes) -> None:
         self.reader.feed(data)
+        if self._setup is not None:
+            n, got, d = self._setup
+            while len(got) < n:
+                r = self.reader.gets()
+                if r is False:
+                    return
+                got.append(r)
+            self._setup = None
+            d.callback(got)
+            return
         self.backend._replies(self.reader)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._setup is not None:
+            d = self._setup[2]
+            self._setup = None
+            d.errback(reason)
+            return
         self.backend._writer_lost(self, reason)
 
     def send(self, data: bytes) -> None:
@@ -635,41 +664,102 @@ class RedisBackend:
     # One connection keeps Redis's order of our writes; up to ``pipeline`` batches are on it
     # at once, so Redis runs one while the reactor answers the other's callers.
 
-    def _open_writer_socket(self) -> tuple[int, int, str]:
-        """Connect as redis-py does (Sentinel discovery, AUTH, client name, database), load the
-        script, and hand the socket over (control thread).  Returns (fd, family, script sha)."""
+    def _writer_target(self) -> tuple[Any, dict[str, Any], bool, bool]:
+        """Where the primary is and how to log in, as redis-py sees it (control thread: asking
+        the Sentinels blocks).  Returns (address, redis-py's connection settings, Sentinel?, TLS?)."""
+        import redis
+
         c = self._client("writer")
-        conn = c.connection_pool.get_connection()
         try:
-            conn.send_command("SCRIPT", "LOAD", WRITE_LUA)
-            sha = conn.read_response()
-            sock = conn._get_socket()
-            if sock is None or not isinstance(sock, socket.socket) or hasattr(sock, "do_handshake"):
-                raise StoreBackendError("store.redis: the reactor's write connection needs a plain TCP socket")
-            family = sock.family
-            fd = sock.detach()  # ours now: redis-py's disconnect below leaves it alone
+            pool = c.connection_pool
+            kw = dict(pool.connection_kwargs)
+            sentinel = hasattr(pool, "get_master_address")
+            if sentinel:
+                addr: Any = tuple(pool.get_master_address())
+            elif kw.get("path"):
+                addr = kw["path"]
+            else:
+                addr = (kw.get("host") or "localhost", int(kw.get("port") or 6379))
+            tls = issubclass(pool.connection_class, redis.connection.SSLConnection)
         finally:
-            conn.disconnect()
             c.close()
-        return fd, family, sha
+        return addr, kw, sentinel, tls
+
+    def _writer_endpoint(self, addr: Any, kw: dict[str, Any], tls: bool) -> Any:
+        """A Twisted endpoint to the primary: TCP (or a Unix socket), with TLS as redis-py
+        would do it (the CA file, the client certificate, the server's name checked)."""
+        from twisted.internet import endpoints
+
+        if isinstance(addr, str):
+            return endpoints.UNIXClientEndpoint(self._reactor, addr, timeout=self.io_timeout)
+        ep = endpoints.HostnameEndpoint(self._reactor, addr[0], addr[1], timeout=self.io_timeout)
+        if not tls:
+            return ep
+        from twisted.internet import ssl as tssl
+
+        ca = kw.get("ssl_ca_certs")
+        if ca:
+            pems = open(ca, "rb").read().split(b"-----END CERTIFICATE-----")
+            trust: Any = tssl.trustRootFromCertificates(
+                [tssl.Certificate.loadPEM(p + b"-----END CERTIFICATE-----") for p in pems if b"-----BEGIN" in p])
+        else:
+            trust = tssl.platformTrust()
+        client = None
+        if kw.get("ssl_certfile"):
+            cert = open(kw["ssl_certfile"], "rb").read()
+            key = open(kw.get("ssl_keyfile") or kw["ssl_certfile"], "rb").read()
+            client = tssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
+        return endpoints.wrapClientTLS(tssl.optionsForClientTLS(addr[0], trustRoot=trust,
+                                                                clientCertificate=client), ep)
+
+    @defer.inlineCallbacks
+    def _open_writer(self) -> Any:
+        """Connect the reactor's write connection and log in (AUTH with the ACL user, client name,
+        database; on a Sentinel-found primary check that it still is one), load the script."""
+        import hiredis
+        import redis
+
+        pool = self._control
+        assert pool is not None  # (started)
+        addr, kw, sentinel, tls = yield deferToThreadPool(self._reactor, pool, self._writer_target)
+        proto = _RespWriter(self)
+        yield self._writer_endpoint(addr, kw, tls).connect(protocol.Factory.forProtocol(lambda: proto))
+        cmds: list[tuple[str, ...]] = []
+        if kw.get("password") is not None:
+            cmds.append(("AUTH", kw["username"], kw["password"]) if kw.get("username") else ("AUTH", kw["password"]))
+        if kw.get("client_name"):
+            cmds.append(("CLIENT", "SETNAME", kw["client_name"]))
+        if int(kw.get("db") or 0):
+            cmds.append(("SELECT", str(kw["db"])))
+        if sentinel:
+            cmds.append(("ROLE",))
+        cmds.append(("SCRIPT", "LOAD", WRITE_LUA))
+        d = proto.expect(len(cmds))
+        proto.send(b"".join(_resp(*c) for c in cmds))
+        replies = yield d
+        for r in replies:
+            if isinstance(r, hiredis.ReplyError):
+                proto.abort()
+                raise redis.ConnectionError(str(r))  # (Redis's errors never repeat a password)
+        if sentinel and replies[-2][0] != "master":
+            proto.abort()
+            raise redis.ConnectionError(f"{addr[0]}:{addr[1]} is no longer the primary ({replies[-2][0]})")
+        return proto, replies[-1]
 
     def _writer_connect(self) -> None:
         if self._wconnecting or self._control is None:
             return
         self._wconnecting = True
-        d = deferToThreadPool(self._reactor, self._control, self._open_writer_socket)
+        d = self._open_writer()
+        d.addTimeout(self.io_timeout + 1.0, self._reactor)
 
-        def connected(res: tuple[int, int, str]) -> None:
-            fd, family, sha = res
+        def connected(res: tuple[_RespWriter, str]) -> None:
+            proto, sha = res
             self._wconnecting = False
-            try:
-                if self._stopping and not self._pending:
-                    return
-                proto = _RespWriter(self)
-                factory = protocol.Factory.forProtocol(lambda: proto)
-                self._reactor.adoptStreamConnection(fd, family, factory)
-            finally:
-                os.close(fd)  # the reactor holds its own duplicate
+            if self._stopping and not self._pending:
+                proto.close()
+                self._writer_idle()
+                return
             self._wproto = proto
             self._evalsha_head = (_resp("EVALSHA", sha, "0", self.prefix, self.node_id, str(self.maxlen))
                                   .replace(b"*6\r\n", b"*7\r\n", 1))
@@ -678,7 +768,12 @@ class RedisBackend:
         def failed(f: Any) -> None:
             self._wconnecting = False
             batch, self._pending, self._pending_n = self._pending, [], 0
-            self._batch_failed(batch, f.value)
+            e = f.value
+            if isinstance(e, (defer.TimeoutError, defer.CancelledError)):
+                import redis
+
+                e = redis.TimeoutError(f"no answer within {self.io_timeout + 1.0:.1f}s while connecting")
+            self._batch_failed(batch, e)
             self._writer_idle()
 
         d.addCallback(connected)
