@@ -114,32 +114,48 @@ def with_fa_ha(message: bytes, spi: int, key: bytes, corrupt: bool = False) -> b
 
 
 def fa_relay_request(data: bytes, fa_spi: int | None, fa_key: bytes, *,
-                     corrupt: bool = False) -> bytes:
+                     corrupt: bool = False, fa_exts: bytes = b"") -> bytes:
     """A foreign agent's relay of an MN's request (RFC 5944 3.7.2.2): extensions after
-    the MN-HA one are the FA's (an MN-FA extension) and stop at the FA; the FA-HA
-    authentication is appended when the FA shares an SA with the home agent."""
+    the MN-HA one are the FA's (an MN-FA extension) and stop at the FA; ``fa_exts`` (the
+    FA's own, e.g. its UDP Tunnel Request, RFC 3519 3.1) follow the MN-HA extension; the
+    FA-HA authentication is appended when the FA shares an SA with the home agent."""
     out = data
     for t, off, _body in split_extensions(data, 24):
         if t == EXT_MN_HA:
             out = data[: off + 22]
             break
+    out += fa_exts
     return with_fa_ha(out, fa_spi, fa_key, corrupt) if fa_spi is not None else out
 
 
 def fa_check_reply(data: bytes, fa_spi: int, fa_key: bytes) -> tuple[bool, bytes]:
     """What an FA does with a reply from the home agent (RFC 5944 3.7.3.1): check the
-    FA-HA authenticator that follows the MN-HA one, then relay the reply without it.
+    FA-HA authenticator that follows the MN-HA one, then relay the reply up to the end of
+    the MN-HA extension (what follows it is for the FA: its FA-HA, a UDP Tunnel Reply).
     Returns (authenticated, the reply for the MN)."""
-    seen_mn_ha = False
+    mn_ha_end = None
     for t, off, body in split_extensions(data, 20):
-        if t == EXT_MN_HA:
-            seen_mn_ha = True
-        elif t == EXT_FA_HA and seen_mn_ha:
+        if t == EXT_MN_HA and mn_ha_end is None:
+            mn_ha_end = off + 2 + len(body)
+        elif t == EXT_FA_HA and mn_ha_end is not None:
             spi = struct.unpack("!I", body[:4])[0]
             mac = hmac.new(fa_key, data[: off + 6], hashlib.md5).digest()
             ok = spi == fa_spi and len(body) == 20 and hmac.compare_digest(mac, body[4:])
-            return ok, data[:off]
+            return ok, data[:mn_ha_end]
     return False, data
+
+
+def fa_udp_tunnel_reply(data: bytes) -> dict | None:
+    """The UDP Tunnel Reply (RFC 3519 3.2) a home agent put after the MN-HA extension of a
+    reply, for the FA that asked: code, keepalive interval, F bit; None if there is none."""
+    seen_mn_ha = False
+    for t, _off, body in split_extensions(data, 20):
+        if t == EXT_MN_HA:
+            seen_mn_ha = True
+        elif t == 44 and seen_mn_ha and len(body) == 6:
+            flags, keepalive = struct.unpack("!HH", body[2:6])
+            return {"code": body[1], "keepalive": keepalive, "forced": bool(flags & 0x8000)}
+    return None
 
 
 def request_bytes(flags: int, lifetime: int, home: str, ha: str, coa: str, ident: int,
@@ -642,8 +658,10 @@ def run_fa(args: argparse.Namespace) -> None:
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     pending: dict[int, tuple[tuple[str, int], int]] = {}  # identification -> (MN, its flags)
-    #: home address -> (home agent field: the tunnel's other end, tunnel protocol)
-    visitors: dict[str, tuple[str, int]] = {}
+    #: home address -> (home agent field: the tunnel's other end, tunnel protocol, inside
+    #: RFC 3519 UDP tunnel data on the relaying socket rather than on a raw socket)
+    visitors: dict[str, tuple[str, int, bool]] = {}
+    fa_exts = udp_tunnel_request(force=args.force, encap=args.udp_encap) if args.udp_tunnel else b""
     counts = {"tunnelled_to_ha": 0, "delivered_to_mn": 0}
 
     def note(**kw: object) -> None:
@@ -662,7 +680,7 @@ def run_fa(args: argparse.Namespace) -> None:
                 r = MobileIP(data)[MobileIPRRQ]
                 pending[r.id] = (src, data[1])
                 out = fa_relay_request(data, fa_spi if not args.no_fa_ha else None, fa_key,
-                                       corrupt=args.corrupt)
+                                       corrupt=args.corrupt, fa_exts=fa_exts)
                 ha_side.sendto(out, (r.haaddr, 434))
                 note(relayed=out.hex(), mn=src[0], ha=r.haaddr)
         if ha_side in readable:
@@ -670,16 +688,28 @@ def run_fa(args: argparse.Namespace) -> None:
             if data[:1] == b"\x03" and len(data) >= 20:
                 ok, for_mn = fa_check_reply(data, fa_spi, fa_key)
                 r = MobileIP(data)[MobileIPRRP]
-                note(reply=data.hex(), fa_ha_ok=ok, code=r.code, src=src[0])
+                utr = fa_udp_tunnel_reply(data) if ok else None
+                note(reply=data.hex(), fa_ha_ok=ok, code=r.code, src=src[0], udp_tunnel_reply=utr)
                 mn = pending.pop(r.id, None)
                 if ok and mn is not None:
                     dst, flags = mn
                     if r.code < 64 and r.lifetime:
-                        visitors[r.homeaddr] = (src[0], 47 if flags & FLAGS["G"] else
-                                                55 if flags & FLAGS["M"] else 4)
+                        if utr is not None and utr["code"] == 0:  # RFC 3519: UDP, our encap
+                            visitors[r.homeaddr] = (src[0], args.udp_encap, True)
+                        else:
+                            visitors[r.homeaddr] = (src[0], 47 if flags & FLAGS["G"] else
+                                                    55 if flags & FLAGS["M"] else 4, False)
                         subprocess.run(["ip", "route", "replace", f"{r.homeaddr}/32", "dev",
                                         args.mn_if], check=True)
                     mn_side.sendto(for_mn, dst)
+            elif data[:1] == b"\x04" and len(data) > 4:  # RFC 3519 tunnel data for a visitor
+                inner = fa_decapsulate_udp(data, src[0])
+                home = socket.inet_ntoa(inner[16:20]) if inner and len(inner) >= 20 else ""
+                if home in visitors and visitors[home][2] and visitors[home][1] == data[1]:
+                    deliver.sendto(inner, (home, 0))
+                    counts["delivered_to_mn"] += 1
+                    key = f"delivered_udp_{data[1]}"
+                    counts[key] = counts.get(key, 0) + 1
         for proto, sock in rx.items():
             if sock not in readable:
                 continue
@@ -690,7 +720,7 @@ def run_fa(args: argparse.Namespace) -> None:
             if inner is None or len(inner) < 20:
                 continue
             home = socket.inet_ntoa(inner[16:20])
-            if home in visitors and visitors[home][1] == proto:
+            if home in visitors and visitors[home][1:] == (proto, False):
                 deliver.sendto(inner, (home, 0))
                 counts["delivered_to_mn"] += 1
                 counts[f"delivered_proto_{proto}"] = counts.get(f"delivered_proto_{proto}", 0) + 1
@@ -699,12 +729,33 @@ def run_fa(args: argparse.Namespace) -> None:
             if addr[2] != socket.PACKET_OUTGOING and len(pkt) >= 20:
                 home = socket.inet_ntoa(pkt[12:16])
                 if home in visitors:
-                    ha, proto = visitors[home]
-                    body = (bytes(GRE(proto=0x0800)) + pkt if proto == 47 else
-                            minimal_forwarding(pkt, args.coa) if proto == 55 else pkt)
-                    tx[proto].sendto(body, (ha, 0))
+                    ha, proto, udp = visitors[home]
+                    if udp:
+                        ha_side.sendto(udp_tunnel_body(proto, pkt, args.source), (ha, 434))
+                    else:
+                        body = (bytes(GRE(proto=0x0800)) + pkt if proto == 47 else
+                                minimal_forwarding(pkt, args.coa) if proto == 55 else pkt)
+                        tx[proto].sendto(body, (ha, 0))
                     counts["tunnelled_to_ha"] += 1
     note(**counts)
+
+
+def fa_decapsulate_udp(data: bytes, sender: str) -> bytes | None:
+    """The inner packet of RFC 3519 tunnel data (type 4): next header 4 is the packet
+    itself, 47 a GRE header first, 55 minimal encapsulation's forwarding header, whose
+    outer header is the UDP datagram's (the sender's address is the original source
+    unless the S bit carries one)."""
+    nh, body = data[1], data[4:]
+    if nh == 4:
+        return body
+    if nh == 47:
+        g = GRE(body)
+        return bytes(g.payload) if g.proto == 0x0800 else None
+    if nh == 55:
+        f = minimal_fields(body, sender)
+        return bytes(IP(src=f["src"], dst=f["dst"], proto=f["proto"]) /
+                     Raw(bytes.fromhex(f["payload"])))
+    return None
 
 
 def fa_decapsulate(proto: int, pkt: bytes) -> bytes | None:
@@ -789,6 +840,10 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--spi", required=True)
     f.add_argument("--key", required=True)
     f.add_argument("--no-fa-ha", action="store_true")
+    f.add_argument("--udp-tunnel", action="store_true",
+                   help="add the FA's own UDP Tunnel Request (RFC 3519 3.1) to what it relays")
+    f.add_argument("--force", action="store_true", help="with --udp-tunnel: the F bit")
+    f.add_argument("--udp-encap", type=int, default=4, help="with --udp-tunnel: 4, 47 or 55")
     f.add_argument("--corrupt", action="store_true")
     f.add_argument("--log")
     g = sub.add_parser("gw")

@@ -189,3 +189,54 @@ def test_verify_fa_ha_auth_wants_it_after_mn_ha() -> None:
     assert wire.verify_fa_ha_auth(peer.with_auth(peer.with_fa_ha(body, FA_SPI, FA_KEY), SPI, KEY),
                                   keys) == (None, False)
     assert wire.verify_fa_ha_auth(peer.with_auth(body, SPI, KEY), keys) == (None, False)
+
+
+def test_fa_udp_tunnel_request_tunnels_to_the_fa(tmp_path: Path) -> None:
+    """RFC 3519 3.1: an FA (with an SA here) adds its own UDP Tunnel Request after the MN-HA
+    extension; relaying from another address than its care-of address (a NAT's mapping
+    as far as the proxy can tell) it gets UDP tunnelling to where its request came from,
+    and the UDP Tunnel Reply after the MN-HA extension, under its FA-HA authenticator;
+    the MN's part of the reply carries none."""
+    r = fa_rig(tmp_path)
+    msg, ident = mn_request()
+    from_fa(r, peer.fa_relay_request(msg, FA_SPI, FA_KEY,
+                                     fa_exts=peer.udp_tunnel_request(encap=47)))
+    (data, _), = r.to_ha
+    assert [e[0] for e in peer.parse(data, KEYS)["exts"]] == [32]
+    r.ha_reply()
+    out, dst = r.to_mn[-1]
+    assert dst == (FA, 434)
+    assert [t for t, _o, _b in peer.split_extensions(out, 20)][-3:] == [32, 44, 34]
+    ok, for_mn = peer.fa_check_reply(out, FA_SPI, FA_KEY)
+    assert ok and peer.fa_udp_tunnel_reply(out) == {"code": 0, "keepalive": 110, "forced": False}
+    rep = peer.parse(for_mn, KEYS)
+    assert rep["auth_ok"] and rep["code"] == 0 and [e[0] for e in rep["exts"]] == [127, 32]
+    b = r.store.get(BINDING.name, (HOME, FA_COA))
+    assert (b.encapsulation, b.udp_next_header, b.src_ip, b.src_port, b.foreign_agent) == (
+        "udp", 47, FA, 434, FA)
+
+
+def test_fa_udp_tunnel_request_ignored_without_an_fa_sa_or_a_reason(tmp_path: Path) -> None:
+    """Without an FA-HA SA here (require_fa_sa = false) the FA's extensions are anyone's:
+    its UDP Tunnel Request is not taken; from its care-of address and unforced there is no
+    NAT to cross: IP-in-IP to the care-of address, and no UDP Tunnel Reply."""
+    r = fa_rig(tmp_path, "require_fa_sa = false\n", sa=False)
+    msg, _ = mn_request()
+    from_fa(r, peer.fa_relay_request(msg, FA_SPI, FA_KEY, fa_exts=peer.udp_tunnel_request()))
+    r.ha_reply()
+    assert r.store.get(BINDING.name, (HOME, FA_COA)).encapsulation == "ipip"
+
+    key = tmp_path / "coa-fa.key"
+    key.write_text(FA_KEY.hex() + "\n")
+    os.chmod(key, 0o600)
+    r = Rig(f'\n[[mipproxy.foreign_agents]]\naddress = "{FA_COA}"\nspi = {FA_SPI}\n'
+            f'key_file = "{key}"\n')  # an FA that relays from its care-of address
+    msg, _ = mn_request()
+    r.relay.request_received(peer.fa_relay_request(msg, FA_SPI, FA_KEY,
+                                                   fa_exts=peer.udp_tunnel_request()),
+                             (FA_COA, 434))
+    assert r.relay.counters.values["fa_relayed"] == 1
+    r.ha_reply()
+    b = r.store.get(BINDING.name, (HOME, FA_COA))
+    assert b.encapsulation == "ipip" and 44 not in [
+        t for t, _o, _b in peer.split_extensions(r.to_mn[-1][0], 20)]

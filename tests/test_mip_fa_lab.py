@@ -171,3 +171,53 @@ def test_gre_and_minimal_encapsulation_through_a_foreign_agent(fa_topo, tmp_path
     assert sorted(set(pairs)) == sorted({(t.nat_public, t.mipp_external),
                                          (t.mipp_external, t.nat_public)}), pairs
     assert len(pairs) == 10, pairs
+
+
+@pytest.mark.parametrize("nh", [4, 47, 55])
+def test_udp_tunnelling_asked_by_the_foreign_agent(fa_topo, tmp_path, nh):
+    """RFC 3519 through a foreign agent: the FA adds its own UDP Tunnel Request (next
+    header 4, 47 or 55) after the MN-HA extension, under its FA-HA authenticator, and
+    relays from an address that is not its care-of address (what a NAT in front of it
+    would show).  The proxy answers with a UDP Tunnel Reply for the FA (after the MN-HA
+    extension: the MN's part carries none) and tunnels the MN's traffic inside UDP 434
+    to where the FA's requests come from; the FA's tunnel data comes back the same way.
+    The peer delivers only UDP tunnel data with its own next header (raw IP-in-IP from
+    the proxy would not count)."""
+    t = fa_topo
+    ha, _ha_log = start_ha(t, tmp_path)
+    gw, glog = start_gw(t, tmp_path)
+    fa, flog = start_fa(t, tmp_path, "--udp-tunnel", "--udp-encap", str(nh))
+    d = NarsuiteDaemon(t.mipp, fa_config(t, tmp_path), roles="mipproxy").start()
+    cap, pcap = capture(t.mipp, tmp_path, (t.mipp_external_if,))
+    try:
+        out = mn_via_fa(t, "--via-fa", "--data", "5", "--expect", "5", "--gateway", t.cn_addr)
+        reply = out["replies"][0]
+        assert reply["code"] == 0 and reply["auth_ok"], (out, fa_log(flog), d.log_text())
+        assert 44 not in [e[0] for e in reply["exts"]], reply
+        fa_reply = [e for e in fa_log(flog) if "reply" in e][0]
+        assert fa_reply["fa_ha_ok"] and fa_reply["udp_tunnel_reply"] == {
+            "code": 0, "keepalive": 110, "forced": False}, fa_reply
+        rows = d.rows("mip", "bindings")
+        assert len(rows) == 1, rows
+        want = "udp" if nh == 4 else "udp/" + {47: "gre", 55: "minimal"}[nh]
+        assert rows[0]["encap"] == want and rows[0]["tunnel_to"] == f"{FA_SOURCE}:434", rows
+        assert rows[0]["foreign_agent"] == FA_SOURCE and rows[0]["care_of"] == t.nat_public
+        got = gw_log(glog)
+        assert [g["esp_from"] for g in got] == [t.mn_home_addr] * 5, (got, stats(d))
+        back = out["data"]["received"]
+        assert len(back) == 5 and {(b["src"], b["dst"], b["proto"]) for b in back} == {
+            (t.cn_addr, t.mn_home_addr, 50)}, back
+        assert sorted(b["payload"] for b in back) == sorted(g["payload"] for g in got)
+        s = stats(d)
+        assert s["data.mn_to_gateway"] == 5 and s["data.gateway_to_mn"] == 5, s
+    finally:
+        stop_capture(t.mipp, cap)
+        d.terminate()
+        t.nat.stop(fa)
+        t.ha.stop(ha)
+        t.cn.stop(gw)
+    counts = [e for e in fa_log(flog) if "delivered_to_mn" in e][-1]
+    assert counts.get(f"delivered_udp_{nh}") == 5 and counts["tunnelled_to_ha"] == 5, counts
+    lines = tshark_check(t.mipp, pcap)
+    # tshark reads RFC 3519 tunnel data as Mobile IP (type 4), none malformed
+    assert sum(line.split("\t")[1:2] == ["4"] for line in lines) >= 10, lines

@@ -59,6 +59,9 @@ class Pending:
     #: the foreign agent the request came through (RFC 5944 3.8.2; its source address),
     #: "" for a co-located MN
     foreign_agent: str = ""
+    #: UDP tunnelling asked by that FA (its own UDP Tunnel Request, RFC 3519 3.1): the
+    #: tunnel ends at the FA, and the UDP Tunnel Reply goes to it after the MN-HA extension
+    udp_for_fa: bool = False
 
 
 @attrs.frozen

@@ -446,11 +446,18 @@ class RegistrationRelay:
                        nai=nai, reason="identification is not a fresh timestamp")
             return
         self._last_ident[sa.spi] = identification
+        fa_utr: wire.UDPTunnelRequest | None = None
         if via_fa:
             cv["fa_relayed"] += 1
+            if fa is not None:
+                # RFC 3519 3.1: an FA that wants UDP tunnelling (it sits behind a NAT, or
+                # forces it) adds its UDP Tunnel Request after the MN-HA extension, under
+                # its FA-HA authenticator: honoured only from an FA whose SA checked out
+                fa_utr = next((e for e in exts[auth_at + 1:]
+                               if type(e) is wire.UDPTunnelRequest), None)
         self._relay_request(_Request(rflags, lifetime, home_address, home_b, ha_b, coa,
-                                     identification), hap, utr, relayed, nai, sa, addr,
-                            fa=addr[0] if via_fa else "")
+                                     identification), hap, fa_utr or utr, relayed, nai, sa,
+                            addr, fa=addr[0] if via_fa else "", utr_by_fa=fa_utr is not None)
 
     def _fa_ok(self, data: bytes, fa: _FASA, home_address: str, identification: int,
                addr: tuple[str, int], sa: _SA) -> bool:
@@ -486,9 +493,11 @@ class RegistrationRelay:
 
     def _relay_request(self, req: _Request, hap: wire.HAParameterExtension | None,
                        utr: wire.UDPTunnelRequest | None, relayed: list[bytes],
-                       nai: bytes | None, sa: _SA, addr: tuple[str, int], fa: str = "") -> None:
+                       nai: bytes | None, sa: _SA, addr: tuple[str, int], fa: str = "",
+                       utr_by_fa: bool = False) -> None:
         """Steps 6 and 7 for an authenticated request; ``relayed``: the extensions passed
-        on to the HA, as bytes; ``fa``: the foreign agent it came through ("" if none)."""
+        on to the HA, as bytes; ``fa``: the foreign agent it came through ("" if none);
+        ``utr_by_fa``: ``utr`` is the FA's own (RFC 3519 3.1), not the MN's."""
         cfg = self.cfg
         deny = lambda code, why, **kw: self._deny(  # noqa: E731
             code, req.home_address, req.identification, addr, sa, nai=nai, reason=why, **kw)
@@ -526,12 +535,16 @@ class RegistrationRelay:
         # location detection (2.6.1): the CoA, or the source address when NATed; a request
         # a foreign agent relayed comes from the FA, not a NAT: located by its CoA (FA-COA)
         natted = addr[0] != req.care_of_address and not fa
+        # an FA asking for UDP tunnelling is taken at its word as RFC 3519 4.1 has an HA
+        # detect a NAT: its source (where its requests come from, a NAT's mapping if it sits
+        # behind one) differs from its care-of address, or it forces the tunnel
+        fa_natted = utr_by_fa and addr[0] != req.care_of_address
         where = addr[0] if natted else req.care_of_address
         if self.located_inside(where, addr[0]):
             deny(self.numbers.assigned_home_agent, f"{where} is internal: register with {ha}",
                  home_agent=ha)
             return
-        udp = utr is not None and cfg.udp_tunnelling and (natted or utr.force)
+        udp = utr is not None and cfg.udp_tunnelling and (natted or fa_natted or utr.force)
         if udp and utr is not None and utr.encapsulation not in UDP_NEXT_HEADERS:
             # RFC 3519 3.1.4: the Encapsulation field is what the MN sends in the tunnel and
             # what it is sent; one we cannot carry is refused with RFC 3519's own code
@@ -582,7 +595,8 @@ class RegistrationRelay:
             req.lifetime, lifetime, sa.spi, addr[0], addr[1], home, nai_text, rflags,
             bool(udp), udp_forced,
             "gre" if rflags & wire.FLAG_G else "minimal" if rflags & wire.FLAG_M else "ipip",
-            utr.encapsulation if udp and utr is not None else 4, dynamic, now, fa)
+            utr.encapsulation if udp and utr is not None else 4, dynamic, now, fa,
+            bool(udp and utr_by_fa))
         # no owner: pending entries go by their reply or their timeout, never by an owner
         self._stored(store.put(pending, ttl=cfg.pending_timeout), "pending registration")
         self.counters.values["requests_relayed"] += 1
@@ -687,13 +701,17 @@ class RegistrationRelay:
             hap = self._hap[pending.home_agent] = wire.encode_extension(
                 wire.HAParameterExtension(pending.home_agent), n)
         relayed.append(hap)
-        if pending.udp_tunnel:
+        if pending.udp_tunnel and not pending.udp_for_fa:
             relayed.append(self._udp_tunnel_reply[pending.udp_forced])
         relayed.append(sa.mn_auth_header)
         relayed[0] = _REP.pack(wire.MSG_REGISTRATION_REPLY, code, lifetime, rep.home, self._pub,
                                rep.identification)
         covered = b"".join(relayed)
         out = covered + _authenticator(sa.auth_key, covered)
+        if pending.udp_for_fa:
+            # the answer to the FA's own request goes where it was: after the MN-HA
+            # extension, for the FA, under its FA-HA authenticator (RFC 3519 3.2)
+            out += self._udp_tunnel_reply[pending.udp_forced]
         if self._fas:
             out = self._with_fa_ha(out, pending.src_ip)
         self._stored(self.store.delete(_PENDING, (pending.mn, pending.ident_low)), "pending")
