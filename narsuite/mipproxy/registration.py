@@ -591,12 +591,16 @@ class RegistrationRelay:
             mn = "nai:" + nai_text
         udp_forced = bool(udp and utr is not None and utr.force)
         pending = Pending(
-            mn, req.identification & _LOW32, req.identification, ha, req.care_of_address,
-            req.lifetime, lifetime, sa.spi, addr[0], addr[1], home, nai_text, rflags,
-            bool(udp), udp_forced,
-            "gre" if rflags & wire.FLAG_G else "minimal" if rflags & wire.FLAG_M else "ipip",
-            utr.encapsulation if udp and utr is not None else 4, dynamic, now, fa,
-            bool(udp and utr_by_fa))
+            mn=mn, ident_low=req.identification & _LOW32, identification=req.identification,
+            home_agent=ha, care_of_address=req.care_of_address, lifetime=req.lifetime,
+            relayed_lifetime=lifetime, spi=sa.spi, src_ip=addr[0], src_port=addr[1],
+            home_address=home, nai=nai_text, flags=rflags, udp_tunnel=bool(udp),
+            udp_forced=udp_forced,
+            encapsulation="gre" if rflags & wire.FLAG_G else "minimal" if rflags & wire.FLAG_M
+            else "ipip",
+            udp_next_header=utr.encapsulation if udp and utr is not None else 4,
+            dynamic_ha=dynamic, created=now, foreign_agent=fa,
+            udp_for_fa=bool(udp and utr_by_fa))
         # no owner: pending entries go by their reply or their timeout, never by an owner
         self._stored(store.put(pending, ttl=cfg.pending_timeout), "pending registration")
         self.counters.values["requests_relayed"] += 1
@@ -752,11 +756,13 @@ class RegistrationRelay:
                     self.counters.values["bindings_retired"] += 1
         udp = pending.udp_tunnel
         binding = Binding(
-            home, pending.care_of_address, pending.home_agent, identification, lifetime,
-            pending.spi, pending.src_ip if udp else pending.care_of_address,
-            pending.src_port if udp else 0, "udp" if udp else pending.encapsulation,
-            pending.nai, pending.udp_next_header, simultaneous, self.clock.seconds(),
-            pending.foreign_agent,
+            home_address=home, care_of_address=pending.care_of_address,
+            home_agent=pending.home_agent, identification=identification, lifetime=lifetime,
+            spi=pending.spi, src_ip=pending.src_ip if udp else pending.care_of_address,
+            src_port=pending.src_port if udp else 0,
+            encapsulation="udp" if udp else pending.encapsulation, nai=pending.nai,
+            udp_next_header=pending.udp_next_header, simultaneous=simultaneous,
+            registered=self.clock.seconds(), foreign_agent=pending.foreign_agent,
         )
         try:
             d = store.put(binding, ttl=lifetime, owner=f"mip:{home}")
