@@ -188,3 +188,18 @@ def test_a_state_that_cannot_be_carried_on_is_counted_and_left():
     (state,) = h2.store.records(IKEV2_STATE.name)
     h3.store.put(state, owner="cluster:adopted:g1", ttl=60)
     assert h3.engine.counters["resume_failed"] == 1 and not h3.engine.sas
+
+
+def test_a_sync_answer_without_the_notify_falls_back_to_the_window():
+    """The client answers our message ID sync with an empty INFORMATIONAL (or a wrong nonce): its
+    IDs did not move, so ours stay at the sealed one and its next request is accepted a little ahead."""
+    h1, h2, i, sa1, sealed_peer_mid = g1_then_g2(mid_sync=True)
+    e = h2.engine
+    (sa2,) = e.sas.values()
+    hdr, (n,) = i.open(h2.sent[-1][0])
+    wrong = bytes(b ^ 0xFF for b in n.data[:4]) + n.data[4:]
+    h2.deliver(i.protected(C.INFORMATIONAL, [wire.Notify(C.IKEV2_MESSAGE_ID_SYNC, wrong)], mid=0, response=True))
+    assert e.counters["mid_sync_failed"] == 1 and e.counters["mid_synced"] == 0
+    assert (sa2.resync, sa2.my_mid, sa2.peer_mid) == ("window", 1, sealed_peer_mid)
+    (resp,) = liveness(h2, i, 7)
+    assert i.open(resp)[0].message_id == 7 and sa2.peer_mid == 8 and sa2.resync == ""

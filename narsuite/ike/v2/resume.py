@@ -164,11 +164,12 @@ def sync(engine: IkeV2Engine, sa: IkeSAv2) -> None:
     def answered(sa2: IkeSAv2, payloads: tuple[Any, ...]) -> None:
         n = wire.notifies(payloads).get(C.IKEV2_MESSAGE_ID_SYNC)
         if n is None or len(n.data) != 12 or not hmac.compare_digest(n.data[:4], nonce):
-            # not understood after all: carry on as a peer without RFC 6311 would
+            # not understood after all (its IDs did not move): carry on as with a peer without
+            # RFC 6311 -- our next request at the sealed ID, its next one accepted a little ahead
             e.count("mid_sync_failed")
             log.warn("ikev2: {name}: the peer's answer to our message ID sync has no matching "
                      "IKEV2_MESSAGE_ID_SYNC; accepting its next request a little ahead", name=sa2.name)
-            sa2.my_mid, sa2.resync = m1, "window"
+            sa2.resync = "window"
             return
         # the peer's answer (RFC 6311 §4.2): M2 the ID of its next request, P2 of ours
         m2, p2 = struct.unpack("!II", n.data[4:])
