@@ -203,3 +203,40 @@ def test_a_sync_answer_without_the_notify_falls_back_to_the_window():
     assert (sa2.resync, sa2.my_mid, sa2.peer_mid) == ("window", 1, sealed_peer_mid)
     (resp,) = liveness(h2, i, 7)
     assert i.open(resp)[0].message_id == 7 and sa2.peer_mid == 8 and sa2.resync == ""
+
+
+def test_the_standby_rekeys_a_carried_on_child_at_its_soft_lifetime():
+    """Our own CHILD SA rekey (policy ``rekey``) is due at the time the dead node set: the
+    standby sends it then, under the carried-on SA, to the independent peer of
+    tests/ikev2_peer.py (which did not announce RFC 6311: our IDs continue at the sealed one),
+    and deletes the old pair when it is answered."""
+    import ikev2_peer as P
+    from test_ikev2_rekey import LIFE, advance, pump
+
+    peer = {"pool": "", "remote_ts": ["10.50.0.0/16"], "esp_lifetime": LIFE, "rekey_jitter": 0.0,
+            "esp": ["aes128-sha256"]}
+    key = ClusterKey(os.urandom(32))
+    h1 = Harness(peer=peer, retransmit=[2.0, 4.0, 8.0])
+    Sealer(h1.store, key, "g1", KINDS)
+    i = P.Initiator(PSK.encode(), "client.example", 19, "10.50.1.0/24", "10.1.0.0/24")
+    pump(h1, i, i.start())
+    assert i.done
+    (old,) = h1.engine.sas[i.spi_r].children
+    advance(h1, i, 10)
+    h2 = Harness(peer=peer, retransmit=[2.0, 4.0, 8.0])
+    s2 = Sealer(h2.store, key, "g2", KINDS)
+    for t in h1.store.records(SEALED.name):
+        h2.store.put(t, owner="cluster:sealed:g1", ttl=3600)
+    h2.clock.advance(10)  # the same time on both nodes
+    assert s2.adopt("g1")["ike.v2sa"] == 1
+    (sa2,) = h2.engine.sas.values()
+    assert sa2.resync == "window" and sa2.children[0].rekey_at == old.rekey_at
+    assert advance(h2, i, LIFE - 10 - 1) == []  # nothing before the soft lifetime g1 set
+    advance(h2, i, 1)
+    assert [e for e, _ in i.requests] == [C.CREATE_CHILD_SA, C.INFORMATIONAL]
+    assert int.from_bytes(wire.notifies(i.requests[0][1])[C.REKEY_SA].spi, "big") == old.spi_in
+    (new,) = sa2.children
+    assert new.spi_in != old.spi_in and new.peer == old.peer
+    c = h2.engine.counters
+    assert (c["rekey_sent"], c["child_rekeyed"], c["child_deleted"], c["rekey_failed"]) == (1, 1, 1, 0)
+    assert {s.spi for s in h2.store.records(sadb.SA_KIND.name) if s.direction == "in"} == {new.spi_in}
