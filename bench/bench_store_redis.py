@@ -6,8 +6,8 @@ Run: python bench/bench_store_redis.py [--writes N] [--inflight C[,C...]] [--sql
 
 A real redis-server is started on loopback for the run (persistence off) and killed after it.
 Latency is from ``store.insert`` to its Deferred firing (what a role waits for).  CPU per write
-(this process: reactor, writer and reader threads; and the redis-server) is printed too: on a
-shared machine it moves far less than writes/s.
+(this process, and per thread: the reactor, which writes, and the stream reader; and the
+redis-server) is printed too: on a shared machine it moves far less than writes/s.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main(args):  # type: ignore[no-untyped-def]
 
         backend = RedisBackend(lambda name: redis.Redis(host=srv.host, port=srv.port, decode_responses=True,
                                                         client_name=name),
-                               "bench1", prefix="b:", writer=args.writer, pipeline=args.pipeline,
+                               "bench1", prefix="b:", pipeline=args.pipeline,
                                read_pause=args.read_pause)
         st = Store(backend, reactor, node_id="bench1")
         st.register(KIND)
@@ -139,8 +139,6 @@ def main(args):  # type: ignore[no-untyped-def]
             gc.freeze()
         base = 0
         tids = {"reactor": threading.get_native_id(), "reader": backend._reader.native_id}
-        if backend._writer is not None:
-            tids["writer"] = backend._writer.native_id
         for c in levels:
             c0, r0 = cpu_seconds(), cpu_seconds(srv.pid or "self")
             t0 = {k: thread_cpu(t) for k, t in tids.items()}
@@ -194,8 +192,6 @@ if __name__ == "__main__":
     ap.add_argument("--no-anchor", action="store_true", help="leave out the raw pipelined-SET anchor")
     ap.add_argument("--switchinterval", type=float, default=None,
                     help="sys.setswitchinterval (the GIL hand-over between reactor and client threads)")
-    ap.add_argument("--writer", choices=("reactor", "thread"), default="reactor",
-                    help="the write connection: a protocol on the reactor thread, or redis-py in a thread")
     ap.add_argument("--pipeline", type=int, default=2,
                     help="batches on the reactor's write connection at once")
     ap.add_argument("--preload", type=int, default=0, help="records written before the measured levels")

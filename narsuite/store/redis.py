@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import socket
 import threading
 import time
@@ -260,9 +259,6 @@ def describe(cfg: Any) -> str:
     return f"redis {where} ({auth}{', TLS' if cfg.tls or cfg.url.startswith('rediss://') else ''})"
 
 
-#: the writer thread checks its connection before a batch after this long without one (seconds)
-_IDLE_CHECK = 1.0
-
 #: stream entries per XREAD at most
 _READ_COUNT = 1000
 
@@ -351,7 +347,7 @@ class RedisBackend:
                  replicas_ack: int = 0, ack_timeout: float = 1.0, stream_maxlen: int = 1_000_000,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 3.0,
                  where: str = "redis", max_batch: int = 2000, read_pause: float = 0.005,
-                 writer: str = "reactor", pipeline: int = 2, io_timeout: float = 3.0) -> None:
+                 pipeline: int = 2, io_timeout: float = 3.0) -> None:
         self.connect = connect
         self.node_id = node_id
         self.prefix = prefix
@@ -366,9 +362,6 @@ class RedisBackend:
         #: (see _read_loop)
         self.read_pause = read_pause
         self.stream = prefix + "log"
-        #: "reactor": the write connection is a protocol on the reactor thread (see _RespWriter);
-        #: "thread": redis-py in a writer thread (measured against each other: docs/store.md)
-        self.writer_mode = writer
         #: batches sent on the reactor's write connection before the first is answered
         self.pipeline = pipeline
         #: a batch unanswered this long (plus ack_timeout with replicas_ack) drops the connection
@@ -392,8 +385,6 @@ class RedisBackend:
         self._stopping = False
         #: a write found Redis unreachable: the reader checks and says when it is back
         self._recheck = False
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
         self._reader: threading.Thread | None = None
         self._control: ThreadPool | None = None
         self._beat_loop: Any = None
@@ -416,7 +407,6 @@ class RedisBackend:
             "remote_applied": 0, "remote_skipped": 0, "resyncs": 0, "reaped": 0, "disconnects": 0,
             "last_batch_seconds": 0.0, "queued": 0,
         }
-        self._write_script: Any = None
         self._reap_script: Any = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -430,7 +420,6 @@ class RedisBackend:
 
     def _client(self, role: str) -> Any:
         c = self.connect(f"narsuite:{self.node_id}:{role}")
-        self._write_script = self._write_script or c.register_script(WRITE_LUA)
         self._reap_script = self._reap_script or c.register_script(REAP_LUA)
         return c
 
@@ -489,13 +478,8 @@ class RedisBackend:
         self._reader.start()
         self._control = ThreadPool(1, 1, name="narsuite-redis-control")
         self._control.start()
-        if self.writer_mode == "thread":
-            self._writer = threading.Thread(target=self._write_loop, name="narsuite-redis-writer", daemon=True)
-            self._writer.start()
-        else:
-            self._writer = None
-            if self._pending:
-                self._flush()
+        if self._pending:  # (Store.open's own clean-up, submitted before start)
+            self._flush()
         self._beat_loop = LoopingCall(self._heartbeat)
         self._beat_loop.clock = reactor
         self._beat_loop.start(self.heartbeat_interval, now=True)
@@ -507,12 +491,7 @@ class RedisBackend:
         d = self._writer_done
         if d is None:
             return defer.succeed(None)
-        if self.writer_mode == "thread":
-            if self._writer is None:
-                return defer.succeed(None)
-            self._queue.put(None)
-        else:
-            self._writer_idle()
+        self._writer_idle()
 
         def goodbye(_: object) -> defer.Deferred:
             pool = self._control
@@ -547,10 +526,6 @@ class RedisBackend:
             self._inflight[ident] = self._inflight.get(ident, 0) + 1
         d: defer.Deferred = defer.Deferred()
         self._stats["queued"] += 1
-        if self.writer_mode == "thread":
-            # Before start (Store.open's own clean-up): written by the writer once it runs.
-            self._queue.put((writes, d))
-            return d
         self._pending.append((writes, d))
         self._pending_n += len(writes)
         if (self._flush_call is None and not self._replying and self._reactor is not None
@@ -578,89 +553,10 @@ class RedisBackend:
                     out.append(f"{kind}:{ix.name}:{key_text(v)}")
         return out
 
-    def _call(self, conn: Any, *command: Any) -> Any:
-        """One command on the writer's own connection (writer thread).
-
-        The writer holds one connection for its life instead of taking it from redis-py's pool
-        for every batch: the pool's checks (a poll() of the socket, its bookkeeping) cost the
-        writer a system call and a GIL hand-over per batch.  WAIT goes on this connection too:
-        it counts the replicas that have this connection's writes."""
-        import redis
-
-        try:
-            conn.send_command(*command)
-            return conn.read_response()
-        except redis.exceptions.NoScriptError:
-            # a restarted or failed-over Redis has an empty script cache
-            conn.send_command("SCRIPT", "LOAD", WRITE_LUA)
-            self._write_script.sha = conn.read_response()
-            conn.send_command(command[0], self._write_script.sha, *command[2:])
-            return conn.read_response()
-
-    def _write_loop(self) -> None:
-        c = None
-        conn: Any = None
-        last_used = 0.0
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch: _Batch = [item]
-            n = len(item[0])
-            while n < self.max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-                n += len(more[0])
-            started = time.perf_counter()
-            try:
-                texts = [key_text(w.key) for writes, _d in batch for w in writes]
-                rows = [self._encode(w, t) for w, t in zip((w for ws, _d in batch for w in ws), texts)]
-                batch_json = _BATCH_ENCODER.encode(rows)
-                if conn is None:
-                    c = self._client("writer")
-                    conn = c.connection_pool.get_connection()
-                elif started - last_used > _IDLE_CHECK:
-                    # Redis may have gone and come back while we had nothing to write: a dead
-                    # socket would fail this batch (the pool checked this for every command).
-                    try:
-                        if conn.can_read():
-                            conn.disconnect()  # stray data or EOF: the next send reconnects
-                    except Exception:
-                        conn.disconnect()
-                res = self._call(conn, "EVALSHA", self._write_script.sha, 0, self.prefix, self.node_id,
-                                 str(self.maxlen), batch_json)
-                acked = None
-                if self.replicas_ack:
-                    acked = self._wait_replicas(conn)
-            except Exception as e:
-                if conn is not None:
-                    conn.disconnect()
-                if c is not None:
-                    c.close()
-                c = conn = None
-                last_used = 0.0
-                self._reactor.callFromThread(self._batch_failed, batch, e)
-                continue
-            last_used = time.perf_counter()
-            self._reactor.callFromThread(self._batch_done, batch, res, acked, last_used - started, texts)
-        if conn is not None:
-            conn.disconnect()
-        if c is not None:
-            c.close()
-        done = self._writer_done
-        assert done is not None  # start() makes it before it starts this thread
-        self._reactor.callFromThread(done.callback, None)
-
     # ------------------------------------------------- the write connection on the reactor
     # The reactor thread writes the batches itself: no hand-over to a writer thread and back,
-    # no GIL contention between the two (measured against the writer thread: docs/store.md).
+    # no GIL contention between the two (measured against a redis-py writer thread, which this
+    # replaced: docs/store.md, "Choosing the client").
     # One connection keeps Redis's order of our writes; up to ``pipeline`` batches are on it
     # at once, so Redis runs one while the reactor answers the other's callers.
 
@@ -913,16 +809,6 @@ class RedisBackend:
         done, self._writer_done = self._writer_done, None
         if done is not None:
             done.callback(None)
-
-    def _wait_replicas(self, conn: Any) -> int:
-        """WAIT until ``replicas_ack`` replicas have every write so far, or ack_timeout passes."""
-        deadline = time.monotonic() + self.ack_timeout
-        acked = 0
-        while True:
-            left = deadline - time.monotonic()
-            acked = int(self._call(conn, "WAIT", self.replicas_ack, max(1, int(left * 1000))))
-            if acked >= self.replicas_ack or time.monotonic() >= deadline:
-                return acked
 
     def _batch_failed(self, batch: _Batch, e: Exception) -> None:
         import redis
