@@ -211,15 +211,15 @@ class _Conn:
 
     __slots__ = ("port", "f", "reactor", "sock", "fd", "addr", "client", "stage", "buf",
                  "out", "ofd", "cmask", "omask", "up_buf", "down_buf", "eof_up", "eof_down",
-                 "fin_up", "fin_down", "last", "dkey", "deadline", "what", "relayed", "splice",
-                 "host", "dport")
+                 "last", "dkey", "deadline", "what", "relayed", "splice", "host", "dport")
 
-    def __init__(self, port: LeanSocksPort, fd: int, addr: tuple[Any, ...]) -> None:
+    def __init__(self, port: LeanSocksPort, sock: socket.socket, addr: tuple[Any, ...]) -> None:
         self.port = port
         f = self.f = port.factory
         reactor = self.reactor = port.reactor
-        self.sock = socket.socket(port.family, socket.SOCK_STREAM, 0, fd)
-        self.fd = fd
+        self.sock = sock
+        fd = self.fd = sock.fileno()
+        reactor.add_fd(fd, self.on_client, _IN)  # first: if epoll refuses it, nothing to undo
         self.addr = addr
         self.client: str = addr[0]
         self.stage = METHODS
@@ -230,7 +230,6 @@ class _Conn:
         self.omask = 0
         self.up_buf = self.down_buf = b""
         self.eof_up = self.eof_down = False  # FIN read from the client / the destination
-        self.fin_up = self.fin_down = False  # that FIN passed on
         self.relayed = 0
         self.splice: SpliceRelay | None = None
         self.host = ""
@@ -241,7 +240,6 @@ class _Conn:
         self.what = "negotiation"
         self.deadline = now + f.config.negotiation_timeout
         self.dkey = port.deadlines.put(self, self.deadline)
-        reactor.add_fd(fd, self.on_client, _IN)
 
     # ---------------------------------------------------------------- epoll plumbing
 
@@ -570,10 +568,6 @@ class _Conn:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the peer has gone: its own events say so
-        if up:
-            self.fin_up = True
-        else:
-            self.fin_down = True
 
     def _start_splice(self) -> None:
         """Past SPLICE_AFTER bytes, with nothing pending and no FIN: splice(2) takes over."""
@@ -712,14 +706,17 @@ class LeanSocksPort:
                                  n=f.active, addr=addr[0])
                 continue
             try:
-                conns.add(_Conn(self, fd, addr))
+                # A socket object for the descriptor: Python checks it with getsockname().
+                sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                conns.add(_Conn(self, sock, addr))
             except Exception:  # a bug, or epoll refusing the descriptor: this connection only
                 f.count("errors")
                 log.failure("socks: cannot start a connection from {addr}", addr=addr[0])
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # the half-built socket object already closed it
+                sock.close()
 
     def getHost(self) -> IPv4Address | IPv6Address:
         assert self.sock is not None
