@@ -244,3 +244,52 @@ def test_twistd_runs_narsuite_under_the_lean_reactor(tmp_path: Path, args, daemo
         output = proc.communicate(timeout=30)[0]
     assert f"reactor class: {want}" in output, output
     assert "Server Shut Down." in output
+
+
+def test_raw_descriptors_get_their_event_masks_and_a_failing_handler_is_logged() -> None:
+    """add_fd: a handler per descriptor gets the epoll mask (readable, then writable after
+    modify_fd); an exception in one handler is logged and the loop goes on; remove_fd stops
+    the events; forget_fd before close leaves nothing registered; selectables still work."""
+    import select
+
+    r = lean.NarsuiteEPollReactor()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    a.setblocking(False)
+    seen: list[int] = []
+    boom: list[int] = []
+
+    def on_a(mask: int) -> None:
+        seen.append(mask)
+        if len(seen) == 1:
+            assert mask == select.EPOLLIN
+            a.recv(10)
+            r.modify_fd(a.fileno(), select.EPOLLOUT)
+        else:
+            assert mask & select.EPOLLOUT
+            r.remove_fd(a.fileno())
+            r.callLater(0.1, r.stop)
+
+    def on_c(mask: int) -> None:
+        boom.append(mask)
+        r.forget_fd(c.fileno())
+        c.close()
+        raise RuntimeError("raw handler bug")
+
+    try:
+        r.add_fd(a.fileno(), on_a, select.EPOLLIN)
+        r.add_fd(c.fileno(), on_c, select.EPOLLIN)
+        b.sendall(b"x")
+        d.sendall(b"y")
+        r.callLater(10, r.stop)
+        r.run(installSignalHandlers=False)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        for s in (a, b, d):
+            s.close()
+    assert len(seen) == 2 and len(boom) == 1  # no event after remove_fd / forget_fd + close
+    assert not r._raw
+    failures = [e for e in events if "log_failure" in e]
+    assert len(failures) == 1 and "raw handler bug" in str(failures[0]["log_failure"].value)
