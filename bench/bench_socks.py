@@ -31,7 +31,8 @@ CPU and the machine's idle share are printed too, to show who the bottleneck was
 memory store, metrics off, ``[log] level = "warn"``, ``decision_log_level = "debug"``
 (neither server logs per session), ``[nar] workers`` from ``--workers`` (default 1, the
 config default), and no ``--reactor`` unless ``--reactor`` asks for one: what runs is
-what ``twistd narsuite`` installs by itself.  Streams past 256 KiB are relayed with
+what ``twistd narsuite`` installs by itself: narsuite's lean reactor and, with one worker,
+the lean CONNECT relay (narsuite/nar/lean.py).  Streams past 256 KiB are relayed with
 splice(2) (``[nar] splice``, on by default).
 
 Dante runs from a config this script writes into a temporary directory
@@ -46,6 +47,8 @@ what the role does, an SO_REUSEPORT port in its process plus a WorkerPool of
 imported or started its column reads "not available" and Dante is still measured.
 ``--reactor narsuite-epoll`` runs narsuite's server (and its worker processes)
 under narsuite's lean epoll reactor (narsuite/reactor.py) instead of Twisted's.
+The script always listens with ``listenTCP``: every connection takes the protocol's
+Twisted-transport path, never the role's lean CONNECT relay (use ``--server twistd``).
 """
 
 from __future__ import annotations
