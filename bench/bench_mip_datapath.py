@@ -9,6 +9,9 @@ encapsulation) with the I/O calls stubbed out, best of ``--repeat`` passes:
 * MN -> gateway: RFC 3519 UDP tunnel data (``udp_received``) and IP-in-IP (``raw_received``);
 * gateway -> MN: ``from_tun`` to a UDP-tunnelled and an IP-in-IP binding;
 * then RFC 3519 tunnel data with next header 47 (GRE) and 55 (minimal encapsulation), both ways;
+* then plain GRE (protocol 47, RFC 2784) and plain minimal encapsulation (protocol 55,
+  RFC 2004) on the raw sockets, both ways: with IP-in-IP, every encapsulation the role
+  accepts from an MN and sends to it;
 
 and, as the anchor, the esp role's own step for the same packet (narsuite.esp.transform,
 AES-GCM-128 tunnel mode: ``OutboundSA.encapsulate`` / ``InboundSA.decapsulate`` of the inner
@@ -120,6 +123,19 @@ def main() -> None:
             assert dp.counters["mn_to_gateway"] and dp.counters["gateway_to_mn"]
             assert not any(v for k, v in dp.counters.items() if k.startswith("drop_"))
             print(f"| {size} | {nh} | {t_in * 1e6:.2f} | {t_dec * 1e6:.2f} | {t_out * 1e6:.2f} | "
+                  f"{t_enc * 1e6:.2f} |")
+    # plain GRE and minimal encapsulation to MIPP-Pub (raw sockets), both ways
+    print("\n| inner B | encapsulation | MN→GW µs | ESP decap µs | GW→MN µs | ESP encap µs |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for size, inner, to_mn, t_dec, t_enc in rows:
+        for encap, outer in (("gre", codec.gre_encapsulate(inner, A(COA), A(PUB))),
+                             ("minimal", codec.minimal_encapsulate(inner, A(COA), A(PUB)))):
+            dp = datapath(encap)
+            t_in = best(dp.raw_received, [(outer, COA)] * args.count, args.repeat)
+            t_out = best(dp.from_tun, [(to_mn,)] * args.count, args.repeat)
+            assert dp.counters["mn_to_gateway"] and dp.counters["gateway_to_mn"]
+            assert not any(v for k, v in dp.counters.items() if k.startswith("drop_"))
+            print(f"| {size} | {encap} | {t_in * 1e6:.2f} | {t_dec * 1e6:.2f} | {t_out * 1e6:.2f} | "
                   f"{t_enc * 1e6:.2f} |")
 
 
