@@ -29,6 +29,7 @@ the struct codec (narsuite.packet.codec), never scapy.  Four flows:
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 from typing import Any
 
@@ -50,6 +51,14 @@ _GRE_PLAIN_IPV4 = b"\x00\x00\x08\x00"
 _UDP_GRE_HEADER = b"\x04\x2f\x00\x00" + _GRE_PLAIN_IPV4
 #: ... next header 55: a minimal forwarding header and the payload follow (RFC 2004).
 _UDP_MINIMAL_HEADER = b"\x04\x37\x00\x00"
+_ESP = codec.PROTO_ESP  # a module global, not an attribute lookup per packet
+#: the header restored from one with the S bit (codec.minimal_restore: TTL 64, ID 0, TOS 0)
+_RESTORED = struct.Struct("!BBHHHBBH4s4s")
+#: a header made from another one (codec.minimal_decapsulate_cached): first byte, TOS,
+#: total length, ID + flags + TTL as they were, protocol, checksum, addresses
+_MIN_HDR = struct.Struct("!BBH5sBH4s4s")
+#: how a home address's packets leave (DataPath._route_for): the UDP kinds first
+_OUT_UDP_IPIP, _OUT_UDP_GRE, _OUT_UDP_MINIMAL, _OUT_IPIP, _OUT_GRE, _OUT_MINIMAL = range(6)
 _IKE_PORTS = (500, 4500)
 #: Before the esp role's rules (1000/1001), which keep ESP and IKE to a peer in the main
 #: table: for a bound home address those must come to us first (one-box).
@@ -95,15 +104,24 @@ class DataPath:
         #: store index walk and an address conversion.  Filled on use (only for addresses
         #: that have bindings, so junk cannot grow it), emptied on every binding change.
         self._by_home: dict[bytes, tuple[Any, ...]] = {}
-        self._coa: dict[str, bytes] = {}  # care-of address -> 4 bytes, for the bindings
+        #: home address (4 bytes) -> how its packets leave (_route_for), emptied likewise
+        self._out: dict[bytes, tuple[int, Any, Any]] = {}
         #: care-of address -> its IP-in-IP header, constant words summed once (per packet:
         #: one pack and a checksum fold, where building and summing a header was a third of
-        #: the step); emptied with ``_coa``
+        #: the step); emptied on every binding change
         self._ipip: dict[str, codec.TunnelHeader] = {}
-        #: RFC 3519 next header 55: forwarding headers by (protocol, source, destination),
-        #: and restored headers' sums by forwarding header (bounded by the codec)
-        self._minimal: dict[bytes, tuple[int, bytes]] = {}
+        #: the same for plain GRE (protocol 47) and minimal encapsulation (protocol 55, its
+        #: forwarding headers and checksum changes per inner source/destination inside)
+        self._gre: dict[str, codec.TunnelHeader] = {}
+        self._mintun: dict[str, codec.MinimalTunnel] = {}
+        #: protocol 55 from MNs: restored headers' checksum changes by outer addresses and
+        #: forwarding header (bounded by the codec)
+        self._unminimal_raw: dict[bytes, tuple[int, int, bytes, bytes, int]] = {}
+        #: RFC 3519 next header 55: restored headers' sums by forwarding header (bounded by
+        #: the codec; its hits read inline), and the tunnel data header + forwarding header
+        #: per inner source/destination with the inner protocol it was made for (bounded)
         self._unminimal: dict[bytes, tuple[int, int, bytes, bytes]] = {}
+        self._udp_minimal: dict[bytes, tuple[int, bytes]] = {}
         self._droplog = Aggregator(log, "mipproxy data path: dropped", clock=clock)
 
     # ---------------------------------------------------------------- lifecycle
@@ -210,8 +228,10 @@ class DataPath:
             return
         home = change.record.home_address
         self._by_home.pop(socket.inet_aton(home), None)
-        self._coa.clear()
+        self._out.clear()  # a care-of address's tunnel header may be another home's too
         self._ipip.clear()
+        self._gre.clear()
+        self._mintun.clear()
         if change.op == "put":
             self._route_home(home)
         elif not self.store.lookup_all(BINDING.name, "home", home):
@@ -233,19 +253,48 @@ class DataPath:
         """IP-in-IP, GRE or minimal encapsulation addressed to this host."""
         dst = packet[16:20]
         if dst == self.pub:
-            if packet[9] == codec.PROTO_IPIP:
-                # The common case inline: codec.ipip_decapsulate's checks of the outer header
-                # (IPv4, IHL, total length, not a fragment); _from_mn checks the inner one.
+            proto = packet[9]
+            if proto == codec.PROTO_IPIP or proto == codec.PROTO_GRE:
+                # The common cases inline: codec.ipip_decapsulate's checks of the outer
+                # header (IPv4, IHL, total length, not a fragment); _from_mn checks the inner
+                # one.  GRE with a checksum, key or sequence goes through the codec.
                 hl = (packet[0] & 0x0F) << 2
                 tl = (packet[2] << 8) | packet[3]
                 if packet[0] >> 4 != 4 or hl < 20 or tl < hl or tl > len(packet) \
                         or (packet[6] & 0x3F) | packet[7]:
                     self._drop("bad_encapsulation", f"from {src}: bad outer header or a fragment")
                     return
-                self._from_mn(packet[hl:tl], src, None)
-                return
+                if proto == codec.PROTO_IPIP:
+                    self._from_mn(packet[hl:tl], src, None)
+                    return
+                if packet[hl:hl + 4] == _GRE_PLAIN_IPV4:
+                    self._from_mn(packet[hl + 4:tl], src, None)
+                    return
+            elif proto == codec.PROTO_MINIMAL and len(packet) >= 32 and packet[0] == 0x45:
+                # codec.minimal_decapsulate_cached's hit inline (no options, a forwarding
+                # header already checked, for this outer source): the header checksum
+                # updated by the change remembered for it (RFC 1624), the §5.3 checks of an
+                # ESP packet for a gateway read from the remembered header
+                tl = (packet[2] << 8) | packet[3]
+                mlen = 12 if packet[21] & 0x80 else 8
+                hit = self._unminimal_raw.get(packet[12:20 + mlen])
+                if hit is not None and 20 + mlen <= tl <= len(packet) \
+                        and not (packet[6] & 0x3F) | packet[7]:
+                    delta, iproto, isrc, idst, _m = hit
+                    inner = _MIN_HDR.pack(0x45, packet[1], tl - mlen, packet[4:9], iproto,
+                                          (((packet[10] << 8) | packet[11]) - delta) % 0xFFFF,
+                                          isrc, idst) \
+                        + packet[20 + mlen:tl]
+                    if iproto == codec.PROTO_ESP and idst in self.gateways:
+                        self._to_gateway(inner, isrc, src, None)
+                    else:
+                        self._from_mn(inner, src, None)
+                    return
             try:
-                _proto, _key, inner = codec.decapsulate(packet)
+                if proto == codec.PROTO_MINIMAL:
+                    inner = codec.minimal_decapsulate_cached(packet, self._unminimal_raw)
+                else:
+                    _proto, _key, inner = codec.decapsulate(packet)
             except codec.CodecError as e:
                 self._drop("bad_encapsulation", f"from {src}: {e}")
                 return
@@ -273,8 +322,22 @@ class DataPath:
             elif nh == codec.PROTO_MINIMAL:
                 # the UDP datagram's IP header stands for the outer one (its TTL and ID are
                 # not handed to us: the restored packet gets 64 and 0)
-                inner = codec.minimal_restore_cached(memoryview(data)[4:], addr[0], self.pub,
-                                                     self._unminimal)
+                hit = self._unminimal.get(data[4:16])
+                if hit is not None:
+                    # codec.minimal_restore_cached's hit inline (a header with the S bit,
+                    # already checked): the restored header's constant words are summed
+                    base, proto, isrc, idst = hit
+                    tl = len(data) + 4  # 20 + len(data) - 4 - 12: a UDP payload is < 64 KiB
+                    c = (base + tl) % 0xFFFF
+                    inner = _RESTORED.pack(0x45, 0, tl, 0, 0, 64, proto, (c or 0xFFFF) ^ 0xFFFF,
+                                           isrc, idst) + data[16:]
+                    if proto == codec.PROTO_ESP and idst in self.gateways:
+                        # _from_mn's checks passed by the header just built
+                        self._to_gateway(inner, isrc, addr[0], addr)
+                        return
+                else:
+                    inner = codec.minimal_restore_cached(memoryview(data)[4:], addr[0], self.pub,
+                                                         self._unminimal)
             else:
                 self._drop("unsupported_encapsulation", f"tunnel data next header {nh} from {addr[0]}")
                 return
@@ -306,7 +369,13 @@ class DataPath:
             if not ike:
                 self._drop("not_esp", f"protocol {proto} from {outer_src}")
                 return
-        bindings = self._bindings(isrc)
+        self._to_gateway(inner, isrc, outer_src, udp)
+
+    def _to_gateway(self, inner: bytes, isrc: bytes, outer_src: str,
+                    udp: tuple[str, int] | None) -> None:
+        """The §5.3-checked inner packet to the gateway if ``isrc`` is bound to where it
+        came from."""
+        bindings = self._by_home.get(isrc) or self._bindings(isrc)
         for b in bindings:
             if udp is not None:
                 if b.encapsulation == "udp" and (b.src_ip, b.src_port) == udp:
@@ -352,12 +421,14 @@ class DataPath:
         """The VPN gateway's ESP (or IKE) for a bound MN: tunnel it to where the MN is."""
         # codec.peek_ipv4's checks inline (a call was a fifth of the step)
         n = len(packet)
-        if n < 20 or packet[0] >> 4 != 4 or not 20 <= (packet[0] & 0x0F) << 2 <= n:
+        b0 = packet[0] if n >= 20 else 0
+        hl = (b0 & 0x0F) << 2
+        if b0 >> 4 != 4 or hl < 20 or hl > n:
             self._drop("tun_not_ipsec", "not IPv4")
             return
         proto = packet[9]
         dst = packet[16:20]
-        if proto != codec.PROTO_ESP:
+        if proto != _ESP:
             ok = False
             if proto == codec.PROTO_UDP:
                 try:
@@ -367,48 +438,88 @@ class DataPath:
             if not ok:
                 self._drop("tun_not_ipsec", f"protocol {proto} for {socket.inet_ntoa(dst)}")
                 return
-        bindings = self._bindings(dst)
-        if not bindings:
-            self._drop("no_binding", f"gateway packet for {socket.inet_ntoa(dst)}")
-            return
-        b = bindings[0] if len(bindings) == 1 else max(bindings, key=lambda x: x.registered)
-        c = self.counters
-        if b.encapsulation == "udp":
-            nh = b.udp_next_header
-            if nh == codec.PROTO_IPIP:
+        route = self._out.get(dst)
+        if route is None:
+            bindings = self._bindings(dst)
+            if not bindings:
+                self._drop("no_binding", f"gateway packet for {socket.inet_ntoa(dst)}")
+                return
+            route = self._out[dst] = self._route_for(bindings)
+        kind, tunnel, addr = route
+        try:
+            if kind == _OUT_MINIMAL:
+                # MinimalTunnel.encapsulate's hit inline for a header without options
+                # (checked above): the forwarding header and the checksum's change
+                # remembered per inner source/destination/protocol (RFC 1624); a total
+                # length over 0xFFFF fails the pack (struct.error)
+                mhit = tunnel.cache.get(packet[12:20])
+                if mhit is not None and mhit[0] == proto and b0 == 0x45 \
+                        and not (packet[6] & 0x3F) | packet[7]:
+                    _p, mh, delta, pack = mhit
+                    out = pack(0x45, packet[1], ((packet[2] << 8) | packet[3]) + len(mh),
+                               packet[4:9], 55,
+                               (((packet[10] << 8) | packet[11]) - delta) % 0xFFFF,
+                               tunnel.addresses, mh) + packet[20:]
+                else:
+                    out = tunnel.encapsulate(packet)
+            elif kind == _OUT_IPIP:
+                out = tunnel.ipip(packet)
+            elif kind == _OUT_UDP_IPIP:
                 out = UDP_TUNNEL_HEADER + packet
-            elif nh == codec.PROTO_GRE:
+            elif kind == _OUT_GRE:
+                out = tunnel.gre(packet)
+            elif kind == _OUT_UDP_GRE:
                 out = _UDP_GRE_HEADER + packet
             else:
-                try:
-                    out = codec.minimal_forwarding_cached(packet, self.pub, self._minimal,
-                                                          _UDP_MINIMAL_HEADER)
-                except codec.CodecError as e:
-                    self._drop("bad_encapsulation", f"for {socket.inet_ntoa(dst)}: {e}")
-                    return
-            ok = self.send_udp(out, (b.src_ip, b.src_port))
-        else:
-            try:
-                if b.encapsulation == "ipip":
-                    tunnel = self._ipip.get(b.src_ip)
-                    if tunnel is None:
-                        tunnel = self._ipip[b.src_ip] = codec.TunnelHeader(
-                            self.pub, socket.inet_aton(b.src_ip))
-                    out = tunnel.ipip(packet)
+                # RFC 3519 next header 55: the tunnel data header + forwarding header per
+                # inner source/destination; per packet codec.minimal_forwarding's checks
+                # (fragment, total length) and one copy
+                fhit = self._udp_minimal.get(packet[12:20])
+                end = (packet[2] << 8) | packet[3]
+                if fhit is not None and fhit[0] == proto and not (packet[6] & 0x3F) | packet[7] \
+                        and hl <= end <= n:
+                    out = fhit[1] + packet[hl:end]
                 else:
-                    coa = self._coa.get(b.src_ip)
-                    if coa is None:
-                        coa = self._coa[b.src_ip] = socket.inet_aton(b.src_ip)
-                    if b.encapsulation == "gre":
-                        out = codec.gre_encapsulate(packet, self.pub, coa)
-                    else:
-                        out = codec.minimal_encapsulate(packet, self.pub, coa)
-            except codec.CodecError as e:
-                self._drop("bad_encapsulation", f"for {socket.inet_ntoa(dst)}: {e}")
-                return
-            ok = self.send_raw(out)
+                    fwd = codec.minimal_forwarding(packet, self.pub)
+                    if len(self._udp_minimal) >= codec.MINIMAL_CACHE_SIZE:
+                        self._udp_minimal.clear()
+                    head = _UDP_MINIMAL_HEADER + fwd[:12 if fwd[1] & 0x80 else 8]
+                    self._udp_minimal[packet[12:20]] = (proto, head)
+                    out = _UDP_MINIMAL_HEADER + fwd
+        except (codec.CodecError, struct.error) as e:
+            self._drop("bad_encapsulation", f"for {socket.inet_ntoa(dst)}: {e}")
+            return
+        ok = self.send_udp(out, addr) if kind <= _OUT_UDP_MINIMAL else self.send_raw(out)
+        c = self.counters
         if ok is False:
             c["drop_send_failed"] += 1
             return
         c["gateway_to_mn"] += 1
         c["bytes_gateway_to_mn"] += len(packet)
+
+    def _route_for(self, bindings: tuple[Any, ...]) -> tuple[int, Any, Any]:
+        """How packets for a home address leave: (kind, tunnel header, UDP address) of its
+        newest binding, kept in ``_out`` until its bindings change (per packet one lookup
+        instead of choosing the binding and comparing encapsulation names)."""
+        b = bindings[0] if len(bindings) == 1 else max(bindings, key=lambda x: x.registered)
+        if b.encapsulation == "udp":
+            nh = b.udp_next_header
+            kind = _OUT_UDP_IPIP if nh == codec.PROTO_IPIP else \
+                _OUT_UDP_GRE if nh == codec.PROTO_GRE else _OUT_UDP_MINIMAL
+            return kind, None, (b.src_ip, b.src_port)
+        coa = socket.inet_aton(b.src_ip)
+        if b.encapsulation == "ipip":
+            tunnel = self._ipip.get(b.src_ip)
+            if tunnel is None:
+                tunnel = self._ipip[b.src_ip] = codec.TunnelHeader(self.pub, coa)
+            return _OUT_IPIP, tunnel, None
+        if b.encapsulation == "gre":
+            tunnel = self._gre.get(b.src_ip)
+            if tunnel is None:
+                tunnel = self._gre[b.src_ip] = codec.TunnelHeader(self.pub, coa,
+                                                                  protocol=codec.PROTO_GRE)
+            return _OUT_GRE, tunnel, None
+        mt = self._mintun.get(b.src_ip)
+        if mt is None:
+            mt = self._mintun[b.src_ip] = codec.MinimalTunnel(self.pub, coa)
+        return _OUT_MINIMAL, mt, None

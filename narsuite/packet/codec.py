@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Union
 
 import attrs
@@ -1041,6 +1041,24 @@ class TunnelHeader:
                                  (s % 0xFFFF or 0xFFFF) ^ 0xFFFF, self._tail) + inner
 
 
+    def gre(self, inner: Buffer) -> bytes:
+        """``inner`` (a checked IPv4 packet) behind this tunnel's header and a plain 4-byte
+        GRE header (no checksum, key or sequence; protocol type IPv4): the same bytes as
+        :func:`gre_encapsulate` with its defaults, for a tunnel made with protocol 47."""
+        tos = inner[1]
+        frag = 0x4000 if inner[6] & 0x40 else 0
+        tl = 24 + len(inner)
+        if tl > 0xFFFF:
+            raise CodecError(f"encapsulated packet too long: {tl} bytes")
+        s = self._base + tos + tl + frag
+        return b"".join((_OUTER_FIXED.pack(0x45, tos, tl, 0, frag, self._ttl, self._protocol,
+                                           (s % 0xFFFF or 0xFFFF) ^ 0xFFFF, self._tail),
+                         _GRE_PLAIN_IPV4, inner))
+
+
+_GRE_PLAIN_IPV4 = b"\x00\x00\x08\x00"
+
+
 def ipip_encapsulate(
     inner: Buffer,
     src: Buffer,
@@ -1354,6 +1372,139 @@ def minimal_restore_cached(body: Buffer, outer_src: bytes | str, outer_dst: Buff
         return b"".join((_MIN_OUTER.pack(0x45, 0, tl, 0, 0, 64, proto, (c or 0xFFFF) ^ 0xFFFF,
                                          src, dst), memoryview(body)[12:]))
     return minimal_restore(body, addr_to_bytes(outer_src), outer_dst)
+
+
+
+#: The incremental updates below (RFC 1624 eqn. 3) add up the changed words' ``~m + m'``
+#: once per tunnel into a ``delta``; per packet the new checksum ``~((~HC + delta) folded)``
+#: is computed as ``(HC - delta) % 0xFFFF``: the same value, since both are congruent to
+#: ``HC - delta`` modulo 0xFFFF, lie in 0..0xFFFE, and are 0 together (eqn. 3 never yields
+#: 0xFFFF).  Checked against full recomputation in tests/test_mip_minimal.py.
+
+
+#: the restored or encapsulating header: first byte, TOS, total length, identification +
+#: flags/offset + TTL (5 bytes as they were), protocol, checksum, source, destination
+_MIN_HDR = struct.Struct("!BBH5sBH4s4s")
+#: ... without options, with the addresses as one field and the forwarding header after it
+_MIN_ENC8 = struct.Struct("!BBH5sBH8s8s")
+_MIN_ENC12 = struct.Struct("!BBH5sBH8s12s")
+
+
+def minimal_decapsulate_cached(packet: Buffer,
+                               cache: dict[bytes, tuple[int, int, bytes, bytes, int]]) -> bytes:
+    """:func:`minimal_decapsulate` with the header checksum updated incrementally (RFC 1624
+    eqn. 3) from the outer one, not summed again: the outer header becomes the original
+    one by a constant change per tunnel (total length minus the forwarding header,
+    protocol 55 -> the original, destination and, with the S bit, source), remembered in
+    ``cache`` by outer source, destination and forwarding header.  A forwarding header
+    byte-equal to one already checked needs no checksum.  Same bytes as
+    :func:`minimal_decapsulate` when the outer header checksum is right, which the kernel
+    has checked for a raw socket (``ip_rcv`` drops the rest); a wrong one stays wrong by
+    the same amount, as a forwarding device leaves it.  ``cache`` is bounded."""
+    if type(packet) is not bytes:
+        packet = bytes(packet)
+    n = len(packet)
+    if n < 20:
+        raise CodecError(f"truncated IPv4 header: {n} bytes, need at least 20")
+    b0 = packet[0]
+    hl = (b0 & 0x0F) << 2
+    tl = (packet[2] << 8) | packet[3]
+    if b0 >> 4 != 4 or hl < 20 or tl < hl or tl > n:
+        raise CodecError("bad outer IPv4 header")
+    if packet[9] != PROTO_MINIMAL:
+        raise CodecError(f"outer protocol {packet[9]}, expected {PROTO_MINIMAL}")
+    if (packet[6] & 0x3F) | packet[7]:
+        raise CodecError("outer packet is a fragment; reassemble before decapsulating")
+    if tl - hl < 8:
+        raise CodecError("truncated minimal forwarding header")
+    mlen = 12 if packet[hl + 1] & 0x80 else 8
+    if tl - hl < mlen:
+        raise CodecError("truncated minimal forwarding header (S bit set)")
+    # outer source, destination and the forwarding header: one slice without options
+    key = packet[12:20 + mlen] if hl == 20 else packet[12:20] + packet[hl:hl + mlen]
+    hit = cache.get(key)
+    if hit is None:
+        mh = key[8:]
+        if internet_checksum(mh) != 0:
+            raise CodecError("bad minimal forwarding header checksum")
+        proto = mh[0]
+        src = mh[8:12] if mlen == 12 else key[:4]
+        dst = mh[4:8]
+        # ~m + m' per changed word: total length (-mlen), protocol (55 -> proto), addresses
+        delta = (0xFFFF - mlen) + (0xFFFF - PROTO_MINIMAL + proto) \
+            + (int.from_bytes(key[4:8], "big") ^ 0xFFFFFFFF) + int.from_bytes(dst, "big")
+        if mlen == 12:
+            delta += (int.from_bytes(key[:4], "big") ^ 0xFFFFFFFF) + int.from_bytes(src, "big")
+        if len(cache) >= MINIMAL_CACHE_SIZE:
+            cache.clear()
+        hit = cache[key] = (delta, proto, src, dst, mlen)
+    delta, proto, src, dst, mlen = hit
+    # RFC 1624 eqn. 3, ~(~HC + delta) folded, is (HC - delta) mod 0xFFFF (see above _MIN_HDR)
+    hdr = _MIN_HDR.pack(b0, packet[1], tl - mlen, packet[4:9], proto,
+                        (((packet[10] << 8) | packet[11]) - delta) % 0xFFFF, src, dst)
+    if hl == 20:
+        return hdr + packet[20 + mlen:tl]
+    return b"".join((hdr, packet[20:hl], packet[hl + mlen:tl]))
+
+
+class MinimalTunnel:
+    """Minimal encapsulation (RFC 2004) from ``src`` to ``dst`` with the inner header's
+    checksum updated incrementally (RFC 1624 eqn. 3), not summed again: the forwarding
+    header and the checksum's change are remembered per inner source, destination and
+    protocol (one tunnel's packets share them; bounded).  Same bytes as
+    :func:`minimal_encapsulate` when the inner header checksum is right -- the mipproxy's
+    inner packets come from the kernel's TUN, which has checked it (``ip_rcv``)."""
+
+    __slots__ = ("_src", "_tail", "cache", "addresses")
+
+    def __init__(self, src: Buffer, dst: Buffer) -> None:
+        if len(src) != 4 or len(dst) != 4:
+            raise CodecError("tunnel endpoints must be 4-byte IPv4 addresses")
+        self._src = bytes(src)
+        self._tail = (int.from_bytes(src, "big"), int.from_bytes(dst, "big"), bytes(src), bytes(dst))
+        #: inner source + destination -> (inner protocol, forwarding header, checksum
+        #: change, pack of a header without options + addresses + forwarding header): read
+        #: by the mipproxy's inline copy of :meth:`encapsulate`'s hit
+        self.cache: dict[bytes, tuple[int, bytes, int, Callable[..., bytes]]] = {}
+        self.addresses = bytes(src) + bytes(dst)
+
+    def encapsulate(self, inner: Buffer) -> bytes:
+        """``inner`` minimal-encapsulated: :func:`minimal_encapsulate` (``src``, ``dst``)."""
+        if type(inner) is not bytes:
+            inner = bytes(inner)
+        n = len(inner)
+        if n < 20:
+            raise CodecError(f"truncated IPv4 header: {n} bytes, need at least 20")
+        b0 = inner[0]
+        hl = (b0 & 0x0F) << 2
+        if b0 >> 4 != 4 or hl < 20 or hl > n:
+            raise CodecError("bad IPv4 header")
+        if (inner[6] & 0x3F) | inner[7]:
+            raise CodecError("minimal encapsulation of a fragment (RFC 2004 §3)")
+        key = inner[12:20]
+        hit = self.cache.get(key)
+        if hit is None or hit[0] != inner[9]:
+            _hl, mh = _minimal_header(inner, self._src)
+            src32, dst32, _s, _d = self._tail
+            proto = inner[9]
+            delta = len(mh) + (0xFFFF - proto + PROTO_MINIMAL) \
+                + (int.from_bytes(key[:4], "big") ^ 0xFFFFFFFF) + src32 \
+                + (int.from_bytes(key[4:], "big") ^ 0xFFFFFFFF) + dst32
+            if len(self.cache) >= MINIMAL_CACHE_SIZE:
+                self.cache.clear()
+            hit = self.cache[key] = (proto, mh, delta, _MIN_ENC8.pack if len(mh) == 8
+                                     else _MIN_ENC12.pack)
+        _p, mh, delta, pack = hit
+        tl = ((inner[2] << 8) | inner[3]) + len(mh)
+        if tl > 0xFFFF:
+            raise CodecError(f"encapsulated packet too long: {tl} bytes")
+        c = (((inner[10] << 8) | inner[11]) - delta) % 0xFFFF  # RFC 1624 (see above _MIN_HDR)
+        if hl == 20:
+            return pack(0x45, inner[1], tl, inner[4:9], PROTO_MINIMAL, c, self.addresses,
+                        mh) + inner[20:]
+        _s32, _d32, src, dst = self._tail
+        hdr = _MIN_HDR.pack(b0, inner[1], tl, inner[4:9], PROTO_MINIMAL, c, src, dst)
+        return b"".join((hdr, inner[20:hl], mh, inner[hl:]))
 
 
 def napt_rewrite(packet: Buffer, new_addr: Buffer, new_port: int, *, source: bool) -> bytes:
