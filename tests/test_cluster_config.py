@@ -37,10 +37,12 @@ def test_secret_files_open_to_others_are_refused_naming_the_key(tmp_path) -> Non
         load_example(1, tmp_path, mode=0o644)
 
 
-def test_the_ikev2_standby_state_is_written_only_where_a_cluster_seals_it(tmp_path) -> None:
-    """The ike service writes each IKEv2 SA's ``ike.v2sa`` state (a record and a timer per
-    exchange) only on a node that keeps sealed twins of it: a cluster node with the key file and
-    the kind in ``sealed_kinds``; not on a single node, nor where an operator left the kind out."""
+@pytest.mark.parametrize("engine,kind", [("engine", "ike.isakmp"), ("engine2", "ike.v2sa")])
+def test_the_ike_standby_state_is_written_only_where_a_cluster_seals_it(tmp_path, engine, kind) -> None:
+    """The ike service writes each SA's standby state (IKEv1 ``ike.isakmp``, IKEv2 ``ike.v2sa``:
+    a record per change, and for IKEv2 a timer per exchange) only on a node that keeps sealed
+    twins of it: a cluster node with the key file and the kind in ``sealed_kinds``; not on a
+    single node, nor where an operator left the kind out."""
     import attrs
     from twisted.internet.task import Clock
 
@@ -54,10 +56,12 @@ def test_the_ikev2_standby_state_is_written_only_where_a_cluster_seals_it(tmp_pa
         clock = Clock()
         ctx = RoleContext("ike", cfg, cfg.role("ike"), Store(MemoryBackend(), clock), Metrics(), clock, {},
                           UDPPorts(clock))
-        return IkeService(ctx).engine2.keep_state
+        return getattr(IkeService(ctx), engine).keep_state
 
     cluster = load_example(1, tmp_path)
     assert keeps_state(cluster)
     assert not keeps_state(attrs.evolve(cluster, cluster=attrs.evolve(cluster.cluster, sealed_kinds=("esp.sa",))))
+    others = tuple(k for k in cluster.cluster.sealed_kinds if k != kind)
+    assert not keeps_state(attrs.evolve(cluster, cluster=attrs.evolve(cluster.cluster, sealed_kinds=others)))
     assert not keeps_state(attrs.evolve(cluster, cluster=attrs.evolve(cluster.cluster, key_file=None)))
     assert not keeps_state(loads("[ike]\n"))

@@ -1915,3 +1915,14 @@ def test_a_standby_carries_on_the_isakmp_sa_from_its_sealed_state():
     assert not h2.engine.sas and not list(h2.store.records("ike.isakmp"))
     assert not [t for t in h2.store.records(SEALED.name) if t.kind == "ike.isakmp"]
     assert h2.c["bad_hash"] == h2.c["decrypt_failed"] == h2.c["resume_failed"] == 0
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_isakmp_state_is_kept_only_when_asked(keep):
+    """``keep_state`` off (the ike service's choice where no cluster seals ``ike.isakmp``):
+    an established ISAKMP SA leaves no state record, which only a standby would read."""
+    h = Harness()
+    h.engine.keep_state = keep
+    p, link = connect(h)
+    assert p.result is not None and len(h.established()) == 1
+    assert len(list(h.store.records("ike.isakmp"))) == (1 if keep else 0)

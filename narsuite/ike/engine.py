@@ -149,6 +149,9 @@ class IkeEngine:
         self.informational = Informational(self)
         self.transactions = Transactions(self)
         self.children = Children(self)
+        #: write each established SA's ``ike.isakmp`` state (what a standby resumes); the ike
+        #: service turns it off where no cluster seals that kind: nobody else reads it
+        self.keep_state = True
         # a dead node's ISAKMP SAs reach this node's view only through the store (cluster adopt)
         self._unsubscribe_state = store.subscribe(self._state_changed, kinds=[ISAKMP_STATE.name])
         if metrics is not None:
@@ -483,7 +486,7 @@ class IkeEngine:
             nat=("peer" if sa.nat_peer else "") + ("+local" if sa.nat_local else ""), xauth_user=sa.xauth_user,
             address=sa.address, children=len(sa.children), established=sa.established, expires=sa.expires)
         self.store_write(self.store.put(rec, owner=self.owner(sa)), sa, "the ISAKMP SA record")
-        state = state_of(sa)
+        state = state_of(sa) if self.keep_state else None
         if state is not None:
             # what a standby needs to carry the SA on (sealed by a cluster's Sealer; memory only
             # otherwise); it lives as long as the SA may

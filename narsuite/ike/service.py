@@ -51,8 +51,9 @@ class IkeService(service.Service):
             cfg, ctx.store, ctx.reactor, send=self._send, credentials=credentials, trust=trust,
             check_password=(lambda u, p: checker.check(u.encode(), p)) if checker else None,
             metrics=ctx.metrics)
-        # the IKEv2 SAs' standby state (``ike.v2sa``) only where a cluster seals it: a record and
+        # the SAs' standby state (``ike.isakmp``, ``ike.v2sa``) only where a cluster seals it: a record and
         # a timer per exchange cost ~7 % of an INIT+AUTH (docs/benchmarks.md)
+        self.engine.keep_state = ctx.sealed("ike.isakmp")
         self.engine2.keep_state = ctx.sealed("ike.v2sa")
         ctx.namespace.update(service=self, engine=self.engine, engine2=self.engine2)
         self.udp500 = ctx.udp_port(cfg.port, cfg.listen)
