@@ -452,14 +452,13 @@ class DataPath:
                 # (checked above): the forwarding header and the checksum's change
                 # remembered per inner source/destination/protocol (RFC 1624); a total
                 # length over 0xFFFF fails the pack (struct.error)
-                mhit = tunnel.cache.get(packet[12:20])
+                mhit = addr.get(packet[12:20])  # addr: the tunnel's cache (_route_for)
                 if mhit is not None and mhit[0] == proto and b0 == 0x45 \
                         and not (packet[6] & 0x3F) | packet[7]:
-                    _p, mh, delta, pack = mhit
-                    out = pack(0x45, packet[1], ((packet[2] << 8) | packet[3]) + len(mh),
-                               packet[4:9], 55,
-                               (((packet[10] << 8) | packet[11]) - delta) % 0xFFFF,
-                               tunnel.addresses, mh) + packet[20:]
+                    _p, _mh, delta, mlen, tail, pack = mhit
+                    out = pack(0x45, packet[1], ((packet[2] << 8) | packet[3]) + mlen,
+                               packet[4:9], 55, (((packet[10] << 8) | packet[11]) - delta) % 0xFFFF,
+                               tail) + packet[20:]
                 else:
                     out = tunnel.encapsulate(packet)
             elif kind == _OUT_IPIP:
@@ -498,9 +497,10 @@ class DataPath:
         c["bytes_gateway_to_mn"] += len(packet)
 
     def _route_for(self, bindings: tuple[Any, ...]) -> tuple[int, Any, Any]:
-        """How packets for a home address leave: (kind, tunnel header, UDP address) of its
-        newest binding, kept in ``_out`` until its bindings change (per packet one lookup
-        instead of choosing the binding and comparing encapsulation names)."""
+        """How packets for a home address leave: (kind, tunnel header, UDP address or the
+        minimal tunnel's cache) of its newest binding, kept in ``_out`` until its bindings
+        change (per packet one lookup instead of choosing the binding and comparing
+        encapsulation names)."""
         b = bindings[0] if len(bindings) == 1 else max(bindings, key=lambda x: x.registered)
         if b.encapsulation == "udp":
             nh = b.udp_next_header
@@ -522,4 +522,4 @@ class DataPath:
         mt = self._mintun.get(b.src_ip)
         if mt is None:
             mt = self._mintun[b.src_ip] = codec.MinimalTunnel(self.pub, coa)
-        return _OUT_MINIMAL, mt, None
+        return _OUT_MINIMAL, mt, mt.cache

@@ -1385,9 +1385,9 @@ def minimal_restore_cached(body: Buffer, outer_src: bytes | str, outer_dst: Buff
 #: the restored or encapsulating header: first byte, TOS, total length, identification +
 #: flags/offset + TTL (5 bytes as they were), protocol, checksum, source, destination
 _MIN_HDR = struct.Struct("!BBH5sBH4s4s")
-#: ... without options, with the addresses as one field and the forwarding header after it
-_MIN_ENC8 = struct.Struct("!BBH5sBH8s8s")
-_MIN_ENC12 = struct.Struct("!BBH5sBH8s12s")
+#: ... without options, the addresses and the forwarding header after them as one field
+_MIN_ENC8 = struct.Struct("!BBH5sBH16s")
+_MIN_ENC12 = struct.Struct("!BBH5sBH20s")
 
 
 def minimal_decapsulate_cached(packet: Buffer,
@@ -1463,9 +1463,10 @@ class MinimalTunnel:
         self._src = bytes(src)
         self._tail = (int.from_bytes(src, "big"), int.from_bytes(dst, "big"), bytes(src), bytes(dst))
         #: inner source + destination -> (inner protocol, forwarding header, checksum
-        #: change, pack of a header without options + addresses + forwarding header): read
-        #: by the mipproxy's inline copy of :meth:`encapsulate`'s hit
-        self.cache: dict[bytes, tuple[int, bytes, int, Callable[..., bytes]]] = {}
+        #: change, its length, the outer addresses + forwarding header, the pack of a header
+        #: without options ending with them): read by the mipproxy's inline copy of
+        #: :meth:`encapsulate`'s hit
+        self.cache: dict[bytes, tuple[int, bytes, int, int, bytes, Callable[..., bytes]]] = {}
         self.addresses = bytes(src) + bytes(dst)
 
     def encapsulate(self, inner: Buffer) -> bytes:
@@ -1492,16 +1493,15 @@ class MinimalTunnel:
                 + (int.from_bytes(key[4:], "big") ^ 0xFFFFFFFF) + dst32
             if len(self.cache) >= MINIMAL_CACHE_SIZE:
                 self.cache.clear()
-            hit = self.cache[key] = (proto, mh, delta, _MIN_ENC8.pack if len(mh) == 8
-                                     else _MIN_ENC12.pack)
-        _p, mh, delta, pack = hit
-        tl = ((inner[2] << 8) | inner[3]) + len(mh)
+            hit = self.cache[key] = (proto, mh, delta, len(mh), self.addresses + mh,
+                                     _MIN_ENC8.pack if len(mh) == 8 else _MIN_ENC12.pack)
+        _p, mh, delta, mlen, tail, pack = hit
+        tl = ((inner[2] << 8) | inner[3]) + mlen
         if tl > 0xFFFF:
             raise CodecError(f"encapsulated packet too long: {tl} bytes")
         c = (((inner[10] << 8) | inner[11]) - delta) % 0xFFFF  # RFC 1624 (see above _MIN_HDR)
         if hl == 20:
-            return pack(0x45, inner[1], tl, inner[4:9], PROTO_MINIMAL, c, self.addresses,
-                        mh) + inner[20:]
+            return pack(0x45, inner[1], tl, inner[4:9], PROTO_MINIMAL, c, tail) + inner[20:]
         _s32, _d32, src, dst = self._tail
         hdr = _MIN_HDR.pack(b0, inner[1], tl, inner[4:9], PROTO_MINIMAL, c, src, dst)
         return b"".join((hdr, inner[20:hl], mh, inner[hl:]))
