@@ -421,11 +421,14 @@ class DataPath:
         """The VPN gateway's ESP (or IKE) for a bound MN: tunnel it to where the MN is."""
         # codec.peek_ipv4's checks inline (a call was a fifth of the step)
         n = len(packet)
-        b0 = packet[0] if n >= 20 else 0
-        hl = (b0 & 0x0F) << 2
-        if b0 >> 4 != 4 or hl < 20 or hl > n:
-            self._drop("tun_not_ipsec", "not IPv4")
-            return
+        if n >= 20 and packet[0] == 0x45:  # the usual header, no options
+            hl = 20
+        else:
+            b0 = packet[0] if n >= 20 else 0
+            hl = (b0 & 0x0F) << 2
+            if b0 >> 4 != 4 or hl < 20 or hl > n:
+                self._drop("tun_not_ipsec", "not IPv4")
+                return
         proto = packet[9]
         dst = packet[16:20]
         if proto != _ESP:
@@ -453,7 +456,7 @@ class DataPath:
                 # remembered per inner source/destination/protocol (RFC 1624); a total
                 # length over 0xFFFF fails the pack (struct.error)
                 mhit = addr.get(packet[12:20])  # addr: the tunnel's cache (_route_for)
-                if mhit is not None and mhit[0] == proto and b0 == 0x45 \
+                if mhit is not None and mhit[0] == proto and hl == 20 \
                         and not (packet[6] & 0x3F) | packet[7]:
                     _p, _mh, delta, mlen, tail, pack = mhit
                     out = pack(0x45, packet[1], ((packet[2] << 8) | packet[3]) + mlen,
