@@ -198,7 +198,13 @@ if __name__ == "__main__":
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the warm-up (and preload)")
     ap.add_argument("--read-pause", type=float, default=0.005,
                     help="the stream reader's pause after a read that emptied the stream (seconds)")
+    ap.add_argument("--gc-threshold", default=None,
+                    help="gc.set_threshold(a,b,c) for the run, e.g. 10000,10,10 (CPython's default: 700,10,10)")
     a = ap.parse_args()
+    if a.gc_threshold:
+        import gc
+
+        gc.set_threshold(*(int(x) for x in a.gc_threshold.split(",")))
     if a.switchinterval:
         sys.setswitchinterval(a.switchinterval)
     d = main(a)
