@@ -148,3 +148,23 @@ def test_a_script_error_fails_the_batch_and_keeps_the_connection() -> None:
     f = outcome(d)
     assert isinstance(f.value, StoreBackendError) and not isinstance(f.value, StoreUnavailable)
     assert not tr.disconnecting and b.available
+
+
+def test_replies_on_a_connection_given_up_are_not_taken_for_the_new_ones() -> None:
+    """After a NOSCRIPT the connection is aborted and its batches fail; bytes it still delivers
+    must not be matched with batches sent on the next connection."""
+    b, old, tr, clock = backend()
+    d1 = b.submit([write("a", 1)])
+    clock.advance(0)
+    old.dataReceived(b"-NOSCRIPT No matching script.\r\n")
+    old.connectionLost(Failure(ConnectionError("aborted")))
+    assert isinstance(outcome(d1).value, StoreUnavailable)
+    new = _RespWriter(b)
+    new.makeConnection(StringTransport())
+    b._wproto, b._connected = new, True
+    d2 = b.submit([write("b", 2)])
+    clock.advance(0)
+    old.dataReceived(b"*1\r\n*3\r\n$1\r\nC\r\n$11\r\nt.rec:spi:2\r\n$9\r\nr:t.rec:x\r\n")  # stale
+    assert not d2.called
+    new.dataReceived(b"*1\r\n*2\r\n$2\r\nOK\r\n$3\r\n5-3\r\n")
+    assert d2.called and outcome(d2) is None

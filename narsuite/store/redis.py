@@ -313,6 +313,8 @@ class _RespWriter(protocol.Protocol):
             self._setup = None
             d.callback(got)
             return
+        if self.backend._wproto is not self:
+            return  # a connection the backend gave up on (aborted, its batches already failed)
         self.backend._replies(self.reader)
 
     def connectionLost(self, reason: Any = None) -> None:
