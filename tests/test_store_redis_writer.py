@@ -168,3 +168,16 @@ def test_replies_on_a_connection_given_up_are_not_taken_for_the_new_ones() -> No
     assert not d2.called
     new.dataReceived(b"*1\r\n*2\r\n$2\r\nOK\r\n$3\r\n5-3\r\n")
     assert d2.called and outcome(d2) is None
+
+
+def test_a_burst_beyond_max_batch_goes_in_batches_in_order() -> None:
+    b, proto, tr, clock = backend(max_batch=3, pipeline=2)
+    ds = [b.submit([write(f"k{i}", 100 + i)]) for i in range(7)]
+    clock.advance(0)
+    cmds = commands(tr.value())
+    assert [[w[2] for w in json.loads(c[6])] for c in cmds] == [['"k0"', '"k1"', '"k2"'], ['"k3"', '"k4"', '"k5"']]
+    tr.clear()
+    proto.dataReceived(b"*3\r\n" + b"*2\r\n$2\r\nOK\r\n$3\r\n5-1\r\n" * 3)
+    (cmd,) = commands(tr.value())  # the rest goes once a place on the connection is free
+    assert [w[2] for w in json.loads(cmd[6])] == ['"k6"']
+    assert [d.called for d in ds] == [True] * 3 + [False] * 4

@@ -693,12 +693,13 @@ class RedisBackend:
         while self._pending and len(sent) < self.pipeline:
             if self._pending_n <= self.max_batch:
                 batch, self._pending, self._pending_n = self._pending, [], 0
-            else:
-                batch, n = [], 0
-                while self._pending and n < self.max_batch:
-                    item = self._pending.pop(0)
-                    batch.append(item)
-                    n += len(item[0])
+            else:  # (a burst: cut it once, not item by item from the front of the list)
+                k = n = 0
+                pending = self._pending
+                while k < len(pending) and n < self.max_batch:
+                    n += len(pending[k][0])
+                    k += 1
+                batch, self._pending = pending[:k], pending[k:]
                 self._pending_n -= n
             started = time.perf_counter()
             try:
