@@ -29,9 +29,11 @@ are read or relayed: an extension appended after it could come from anyone, and 
 FA's own (MN-FA, FA-HA) stop at the proxy, whose leg to the HA is that of a
 co-located MN.  The one exception is read, not relayed: the UDP Tunnel Request an FA
 with an FA-HA SA here adds after the MN-HA extension (RFC 3519 3.1), which its FA-HA
-authenticator covers; the binding then tunnels to that FA in UDP and records it.  A request relayed by an FA is answered to the FA's address and port
-(RFC 5944 3.8.3) with an FA-HA authenticator when that FA has an SA; its source
-differing from its care-of address is then the FA, not a NAT (2.6.1, RFC 3519).
+authenticator covers; the binding then tunnels to that FA in UDP and records it.
+A request relayed by an FA is answered to the FA's address and port (RFC 5944
+3.8.3) with an FA-HA authenticator when that FA has an SA; its source differing from
+its care-of address is then the FA, not a NAT (2.6.1, RFC 3519), unless the FA asks
+for UDP tunnelling itself.
 """
 
 from __future__ import annotations
