@@ -5,6 +5,7 @@ Run (root, Dante installed: ``apt-get install dante-server``):
     python bench/bench_socks.py [--seconds 4] [--connect-workers 16] [--udp-workers 8] [--streams 1]
                                 [--only dante|narsuite] [--server twistd|script] [--workers 1]
                                 [--reactor default|epoll|narsuite-epoll] [--rounds 1]
+                                [--store memory|sqlite|redis] [--compare-store]
 
 ``--rounds N`` measures both servers N times, in alternating order, and reports each
 figure's median and every round's ratios: on this shared 2-core machine Dante's own
@@ -34,6 +35,15 @@ config default), and no ``--reactor`` unless ``--reactor`` asks for one: what ru
 what ``twistd narsuite`` installs by itself: narsuite's lean reactor and, with one worker,
 the lean CONNECT relay (narsuite/nar/lean.py).  Streams past 256 KiB are relayed with
 splice(2) (``[nar] splice``, on by default).
+
+``--store`` is the twistd server's ``[store] backend`` (default memory; sqlite: the file in
+its state_dir, the daemon's default; redis: a redis-server this script starts on loopback for the
+run, persistence off, killed by PID afterwards, ``[cluster] node_id = "bench"``).
+``--compare-store`` measures narsuite on SQLite against narsuite on Redis instead of Dante
+against narsuite, in the same alternating rounds (ratios are redis/sqlite): the CONNECT path
+(narsuite/nar/lean.py) writes nothing to the store, so this measures what a node on Redis
+adds beside it -- the stream reader, writer and heartbeat threads sharing the GIL.  The
+per-window table then also gives redis-server's own CPU.
 
 Dante runs from a config this script writes into a temporary directory
 (method none, pass from 127.0.0.0/8, no per-session logging), in the
@@ -258,7 +268,8 @@ TWISTD_CONFIG = """\
 state_dir = "{tmp}/state"
 runtime_dir = "{tmp}/run"
 [store]
-backend = "memory"
+backend = "{store}"
+{store_extra}
 [metrics]
 enabled = false
 [log]
@@ -275,16 +286,23 @@ action = "pass"
 """
 
 
-def start_twistd(tmp: Path, workers: int = 1, reactor: str = "default",
-                 splice: bool = True) -> tuple[subprocess.Popen, int]:
+def start_twistd(tmp: Path, workers: int = 1, reactor: str = "default", splice: bool = True,
+                 store: str = "memory", redis_url: str | None = None) -> tuple[subprocess.Popen, int]:
     """The nar role as an operator runs it: ``twistd -n narsuite --config ... --role=nar``
-    (``--reactor`` only when asked for; by default ``twistd narsuite`` picks the reactor)."""
+    (``--reactor`` only when asked for; by default ``twistd narsuite`` picks the reactor);
+    ``store`` is ``[store] backend``, ``redis_url`` the redis-server of ``store = "redis"``."""
     port = load.free_port()
     run = tmp / f"twistd-{port}"
     run.mkdir()
     conf = run / "narsuite.toml"
+    store_extra = ""
+    if store == "redis":
+        if redis_url is None:
+            raise RuntimeError("store redis needs a redis-server (redis_url)")
+        store_extra = f'[store.redis]\nurl = "{redis_url}"\n[cluster]\nnode_id = "bench"'
     conf.write_text(TWISTD_CONFIG.format(tmp=run, port=port, workers=workers,
-                                         splice="true" if splice else "false"))
+                                         splice="true" if splice else "false",
+                                         store=store, store_extra=store_extra))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     opts = [] if reactor == "default" else [f"--reactor={reactor}"]
@@ -332,41 +350,47 @@ def start_narsuite(tmp: Path, workers: int = 1, reactor: str = "epoll") -> tuple
 
 # ---------------------------------------------------------------- measurements
 
-def measure(server_pid: int, fn, n: int, proxy, target, seconds: float, tg: load.Targets) -> dict:
-    """Runs n workers of fn for `seconds`, sampling the server's CPU at the window's edges."""
+def measure(server_pid: int, fn, n: int, proxy, target, seconds: float, tg: load.Targets,
+            store_pid: int | None = None) -> dict:
+    """Runs n workers of fn for `seconds`, sampling the server's CPU (and the redis-server's,
+    ``store_pid``, when there is one) at the window's edges."""
     warm = 0.5
     t_start = time.monotonic() + 0.3 + warm
     t_end = t_start + seconds
     procs, q = load.run_workers(fn, n, proxy, target, t_start, t_end)
     time.sleep(max(0.0, t_start - time.monotonic()))
     cpu0, idle0 = tree_cpu(server_pid), machine_idle()
+    store0 = tree_cpu(store_pid) if store_pid else 0.0
     targets0 = sum(tree_cpu(pid) for pid in tg.pids())
     time.sleep(max(0.0, t_end - time.monotonic()))
     cpu1, idle1 = tree_cpu(server_pid), machine_idle()
+    store1 = tree_cpu(store_pid) if store_pid else 0.0
     targets1 = sum(tree_cpu(pid) for pid in tg.pids())
     r = load.collect(procs, q, 30)
     r["server_cpu"] = cpu1 - cpu0
     r["targets_cpu"] = targets1 - targets0
+    r["store_cpu"] = store1 - store0 if store_pid else None
     r["seconds"] = seconds
     r["idle"] = (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1])
     return r
 
 
-def run_server(name: str, proc: subprocess.Popen, port: int, tg: load.Targets, args) -> dict:
+def run_server(name: str, proc: subprocess.Popen, port: int, tg: load.Targets, args,
+               store_pid: int | None = None) -> dict:
     proxy = ("127.0.0.1", port)
     out = {}
     print(f"[{name}] CONNECT rate, {args.connect_workers} workers, {args.seconds}s ...", file=sys.stderr)
     out["connect"] = measure(proc.pid, load.connect_worker, args.connect_workers, proxy,
-                             ("127.0.0.1", tg.echo), args.seconds, tg)
+                             ("127.0.0.1", tg.echo), args.seconds, tg, store_pid)
     print(f"[{name}] bulk upload ...", file=sys.stderr)
     out["upload"] = measure(proc.pid, load.upload_worker, args.streams, proxy,
-                            ("127.0.0.1", tg.sink), args.bulk_seconds, tg)
+                            ("127.0.0.1", tg.sink), args.bulk_seconds, tg, store_pid)
     print(f"[{name}] bulk download ...", file=sys.stderr)
     out["download"] = measure(proc.pid, load.download_worker, args.streams, proxy,
-                              ("127.0.0.1", tg.source), args.bulk_seconds, tg)
+                              ("127.0.0.1", tg.source), args.bulk_seconds, tg, store_pid)
     print(f"[{name}] UDP ASSOCIATE round trips, {args.udp_workers} workers ...", file=sys.stderr)
     out["udp"] = measure(proc.pid, load.udp_worker, args.udp_workers, proxy,
-                         ("127.0.0.1", tg.udp_echo), args.bulk_seconds, tg)
+                         ("127.0.0.1", tg.udp_echo), args.bulk_seconds, tg, store_pid)
     for k, r in out.items():
         if r["errors"]:
             print(f"[{name}] {k}: {r['errors']} errors, last: {r['last_error']}", file=sys.stderr)
@@ -400,10 +424,15 @@ ROWS = [
 ]
 
 
-def median_figures(rounds: list[dict[str, dict | str]]) -> dict[str, dict | str]:
+#: (name, column label) of the anchor and of the server compared with it
+PAIR = (("dante", "Dante"), ("narsuite", "narsuite"))
+STORE_PAIR = (("sqlite", "narsuite on SQLite"), ("redis", "narsuite on Redis"))
+
+
+def median_figures(rounds: list[dict[str, dict | str]], pair=PAIR) -> dict[str, dict | str]:
     """Per server, the median of each figure over the rounds it completed."""
     out: dict[str, dict | str] = {}
-    for name in ("dante", "narsuite"):
+    for name, _ in pair:
         done = [figures(r[name]) for r in rounds if isinstance(r.get(name), dict)]
         if done:
             out[name] = {k: statistics.median(f[k] for f in done) for k in done[0]}
@@ -412,10 +441,12 @@ def median_figures(rounds: list[dict[str, dict | str]]) -> dict[str, dict | str]
     return out
 
 
-def figure_table(figs: dict[str, dict | str], args) -> str:
-    """Dante against narsuite, one row per figure (``figs``: per server, figures() or why not)."""
-    d, n = figs.get("dante"), figs.get("narsuite")
-    lines = ["| figure | Dante | narsuite | ratio (narsuite/Dante) |", "|---|---:|---:|---:|"]
+def figure_table(figs: dict[str, dict | str], args, pair=PAIR) -> str:
+    """The anchor (Dante) against the other server (narsuite), one row per figure
+    (``figs``: per server, figures() or why not)."""
+    (a, a_label), (b, b_label) = pair
+    d, n = figs.get(a), figs.get(b)
+    lines = [f"| figure | {a_label} | {b_label} | ratio ({b}/{a}) |", "|---|---:|---:|---:|"]
     for key, label, fmt, better in ROWS:
         label = label.format(cw=args.connect_workers, st=args.streams, uw=args.udp_workers)
         dv = fmt.format(d[key]) if isinstance(d, dict) else (d or "not run")
@@ -427,21 +458,22 @@ def figure_table(figs: dict[str, dict | str], args) -> str:
     return "\n".join(lines)
 
 
-def table(results: dict[str, dict | str], args) -> str:
+def table(results: dict[str, dict | str], args, pair=PAIR) -> str:
     """One round: the figure table, then who used the CPU in each window."""
     figs = {k: figures(v) if isinstance(v, dict) else v for k, v in results.items()}
-    lines = [figure_table(figs, args),
+    lines = [figure_table(figs, args, pair),
              "", "Load generator and machine during each window (who was the bottleneck):", "",
              "| server | figure | server CPU (cores) | clients CPU (cores) | targets CPU (cores) "
-             "| machine idle | errors |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| redis-server CPU (cores) | machine idle | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, v in results.items():
         if not isinstance(v, dict):
             continue
         for k, r in v.items():
             s = r["seconds"]
+            store = "–" if r.get("store_cpu") is None else f"{r['store_cpu'] / s:.2f}"
             lines.append(f"| {name} | {k} | {r['server_cpu'] / s:.2f} | {r['cpu'] / s:.2f} | "
-                         f"{r['targets_cpu'] / s:.2f} | {r['idle']:.0%} | {r['errors']} |")
+                         f"{r['targets_cpu'] / s:.2f} | {store} | {r['idle']:.0%} | {r['errors']} |")
     return "\n".join(lines)
 
 
@@ -452,7 +484,7 @@ def main() -> None:
     ap.add_argument("--connect-workers", type=int, default=16)
     ap.add_argument("--udp-workers", type=int, default=8)
     ap.add_argument("--streams", type=int, default=1, help="parallel bulk streams")
-    ap.add_argument("--only", choices=("dante", "narsuite"))
+    ap.add_argument("--only", choices=("dante", "narsuite", "sqlite", "redis"))
     ap.add_argument("--workers", type=int, default=1,
                     help="narsuite's [nar] workers: reactor processes on the port (0: one per CPU, "
                          "1: the single-process server, the default of [nar] workers)")
@@ -465,19 +497,46 @@ def main() -> None:
                          "Twisted's epoll reactor, narsuite-epoll the lean one")
     ap.add_argument("--no-splice", action="store_true",
                     help="[nar] splice = false: relay streams through Python (twistd server only)")
+    ap.add_argument("--store", choices=("memory", "sqlite", "redis"), default="memory",
+                    help="the twistd server's [store] backend (redis: a redis-server the bench "
+                         "starts on loopback)")
+    ap.add_argument("--compare-store", action="store_true",
+                    help="narsuite on SQLite against narsuite on Redis (twistd), instead of Dante "
+                         "against narsuite")
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds, each measuring both servers, in alternating order (Dante first "
                          "in odd rounds); the table gives each figure's median over the rounds")
     args = ap.parse_args()
+    if args.server == "script" and (args.store != "memory" or args.compare_store):
+        ap.error("--store and --compare-store need --server twistd (the script runs a memory store)")
+
+    redis_server = None
+    if args.compare_store or args.store == "redis":
+        from narsuite.lab.redis import RedisServer, redis_unavailable_reason
+
+        why = redis_unavailable_reason()
+        if why:
+            ap.error(f"--store redis: {why}")
+        redis_server = RedisServer().start()  # loopback, persistence off; closed (by PID) below
+    redis_url = None if redis_server is None else f"redis://{redis_server.host}:{redis_server.port}"
+    store_pid = None if redis_server is None else redis_server.pid
+
+    def start_store(store: str):  # type: ignore[no-untyped-def]
+        def start(t: Path) -> tuple[subprocess.Popen, int]:
+            return start_twistd(t, args.workers, args.reactor, not args.no_splice, store, redis_url)
+        return start
 
     if args.server == "twistd":
-        def start_ours(t: Path) -> tuple[subprocess.Popen, int]:
-            return start_twistd(t, args.workers, args.reactor, not args.no_splice)
+        start_ours = start_store(args.store)
     else:
         def start_ours(t: Path) -> tuple[subprocess.Popen, int]:
             return start_narsuite(t, args.workers,
                                   "narsuite-epoll" if args.reactor == "default" else args.reactor)
-    servers = [("dante", start_dante), ("narsuite", start_ours)]
+    pair = STORE_PAIR if args.compare_store else PAIR
+    if args.compare_store:
+        servers = [("sqlite", start_store("sqlite")), ("redis", start_store("redis"))]
+    else:
+        servers = [("dante", start_dante), ("narsuite", start_ours)]
     rounds: list[dict[str, dict | str]] = []
     tg = load.Targets()
     try:
@@ -497,8 +556,10 @@ def main() -> None:
                         print(f"[{name}] not available: {e}", file=sys.stderr)
                         results[name] = "not available"
                         continue
+                    on_redis = name == "redis" or (name == "narsuite" and args.store == "redis")
                     try:
-                        results[name] = run_server(name, proc, port, tg, args)
+                        results[name] = run_server(name, proc, port, tg, args,
+                                                   store_pid if on_redis else None)
                     except Exception as e:
                         print(f"[{name}] failed: {e!r}", file=sys.stderr)
                         results[name] = "failed"
@@ -507,25 +568,31 @@ def main() -> None:
                     time.sleep(1.0)  # let TIME_WAIT and helper exits settle between servers
     finally:
         tg.close()
+        if redis_server is not None:
+            redis_server.close()
+    load1, load5, _ = os.getloadavg()
+    what = "--compare-store" if args.compare_store else f"--store {args.store}"
     print(f"\n## SOCKS5 — `python bench/bench_socks.py --server {args.server} --workers {args.workers} "
-          f"--reactor {args.reactor} --rounds {args.rounds}` — "
-          f"{time.strftime('%Y-%m-%d')}\n")
+          f"--reactor {args.reactor} {what} --rounds {args.rounds}` — "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, load average at the end {load1:.2f} (1 min), "
+          f"{load5:.2f} (5 min)\n")
     if args.rounds == 1:
-        print(table(rounds[0], args))
+        print(table(rounds[0], args, pair))
         return
+    (a, _), (b, _) = pair
     print(f"Medians over {args.rounds} rounds:\n")
-    print(figure_table(median_figures(rounds), args))
-    print("\nEach round (narsuite/Dante):\n")
+    print(figure_table(median_figures(rounds, pair), args, pair))
+    print(f"\nEach round ({b}/{a}):\n")
     print("| round | " + " | ".join(k for k, *_ in ROWS) + " |")
     print("|---|" + "---:|" * len(ROWS))
     for i, r in enumerate(rounds, 1):
-        d, n = r.get("dante"), r.get("narsuite")
+        d, n = r.get(a), r.get(b)
         if isinstance(d, dict) and isinstance(n, dict):
             fd, fn = figures(d), figures(n)
             print(f"| {i} | " + " | ".join(f"{fn[k] / fd[k]:.2f}×" if fd[k] else "–" for k, *_ in ROWS) + " |")
     for i, r in enumerate(rounds, 1):
         print(f"\nRound {i}:\n")
-        print(table(r, args))
+        print(table(r, args, pair))
 
 
 if __name__ == "__main__":
