@@ -477,3 +477,44 @@ def test_acl_user_password_file_and_tls_and_the_password_is_never_logged(tmp_pat
             out, _ = p.communicate(timeout=30)
         logs = out + (d / "log.jsonl").read_text()
         assert "store: node gw1 shares redis rediss://127.0.0.1" in logs and secret not in logs
+
+
+def test_a_server_dies_with_its_owner_killed_without_teardown(tmp_path) -> None:
+    """A test run killed by ``kill -9`` (or a timeout) runs no teardown: the Redis server it
+    started on the host's loopback must not outlive it (the kernel's parent-death signal)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, time
+        from narsuite.lab.redis import RedisServer
+        srv = RedisServer().start()
+        print(srv.proc.pid, flush=True)
+        time.sleep(60)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        pid = int(owner.stdout.readline())
+        os.kill(pid, 0)  # the server runs
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        # the orphan is reparented; a zombie would still answer kill(0): reap check by /proc
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"redis-server {pid} outlived its owner, killed with SIGKILL")

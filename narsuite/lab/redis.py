@@ -3,7 +3,8 @@
 Debian's ``redis-server`` and ``redis-sentinel`` run as child processes of the test on loopback
 (or inside a lab namespace through ``Host.popen``-style wrappers), each in its own private
 directory, with persistence off unless asked.  They are killed by PID, never by name: several
-engineers' test runs share the machine.
+engineers' test runs share the machine, and the kernel kills them if their owner dies
+without stopping them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def _ping(host: str, port: int, password: str | None = None, timeout: float = 0.
         return False
 
 
+#: A server outlives its owner only by mistake: a test run killed by a timeout or ``kill -9``
+#: cannot run its teardown, and a server left on the host's loopback (no namespace for the
+#: lab's sweep to find) would keep its port and CPU until someone notices.  util-linux's
+#: ``setpriv`` (scripts/setup.sh installs it) sets the kernel's parent-death signal and execs
+#: the server in the same process, so the kernel kills it when its owner dies.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
 class _Process:
     exe = "redis-server"
 
@@ -68,8 +77,8 @@ class _Process:
 
     def start(self, timeout: float = 10.0) -> _Process:
         log = open(self.dir / "log", "ab")
-        self.proc = subprocess.Popen(self.prefix + self.args(), cwd=self.dir, stdout=log, stderr=log,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(self.prefix + _DIE_WITH_PARENT + self.args(), cwd=self.dir, stdout=log,
+                                     stderr=log, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
