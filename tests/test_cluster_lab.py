@@ -183,12 +183,14 @@ def check_sealed(db: RedisServer, key_file: Path, node: str, kind: str = "esp.sa
                 assert raw.hex() not in everything and base64.b64encode(raw).decode() not in everything
 
 
-def test_e_level1_failover_kill_active_client_reconnects_to_standby_same_address(need_strongswan, lab, tmp_path):
-    r1, r3, nat1 = lab.host("r1"), lab.host("r3"), lab.host("nat1")
+def failover_lab(lab):  # type: ignore[no-untyped-def]
+    """The failover topology every gateway test here shares: NAT1 (masquerading its wan0) on the
+    public subnet with the two gateways G1 and G2, which share the internal subnet with H and
+    the Redis host DB; rp_filter off on the gateways (the public address moves between them).
+    The client side of NAT1 (its lan0) is each test's own."""
+    nat1 = lab.host("nat1")
     g1, g2 = lab.host("g1", forwarding=True), lab.host("g2", forwarding=True)
     h, dbh = lab.host("h"), lab.host("db")
-    lab.switch("lan", [(nat1, "192.168.1.1/24", "lan0"), (r1, "192.168.1.10/24", "eth0"),
-                       (r3, "192.168.1.11/24", "eth0")])
     # G1 and G2 have their own addresses in another subnet on wan0 (VRRP adverts go from there);
     # the public address, the only one of its subnet on a gateway, is what replies come from
     lab.switch("pub", [(nat1, "198.51.100.101/24", "wan0"), (g1, "203.0.113.2/24", "wan0"),
@@ -196,17 +198,31 @@ def test_e_level1_failover_kill_active_client_reconnects_to_standby_same_address
     lab.switch("int", [(g1, "10.1.0.2/24", "lan0"), (g2, "10.1.0.3/24", "lan0"),
                        (h, "10.1.0.10/24", "eth0"), (dbh, "10.1.0.20/24", "eth0")])
     nat1.masquerade("wan0")
-    r1.default_route("192.168.1.1")
-    r3.default_route("192.168.1.1")
     h.default_route(VIP_INT)
     for g in (g1, g2):
         g.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
+    return types.SimpleNamespace(nat1=nat1, g1=g1, g2=g2, h=h, dbh=dbh)
+
+
+def cluster_store(dbh, tmp_path: Path) -> tuple[RedisServer, str, Path]:  # type: ignore[no-untyped-def]
+    """The cluster key file (0600) and the shared Redis on DB; the caller closes the server."""
+    key_file = tmp_path / "cluster.key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
     db = RedisServer(6379, host="10.1.0.20", prefix=["ip", "netns", "exec", dbh.netns]).start()
+    return db, f"redis://10.1.0.20:{db.port}", key_file
+
+
+def test_e_level1_failover_kill_active_client_reconnects_to_standby_same_address(need_strongswan, lab, tmp_path):
+    t = failover_lab(lab)
+    nat1, g1, g2 = t.nat1, t.g1, t.g2
+    r1, r3 = lab.host("r1"), lab.host("r3")
+    lab.switch("lan", [(nat1, "192.168.1.1/24", "lan0"), (r1, "192.168.1.10/24", "eth0"),
+                       (r3, "192.168.1.11/24", "eth0")])
+    r1.default_route("192.168.1.1")
+    r3.default_route("192.168.1.1")
+    db, url, key_file = cluster_store(t.dbh, tmp_path)
     try:
-        url = f"redis://10.1.0.20:{db.port}"
-        key_file = tmp_path / "cluster.key"
-        key_file.write_bytes(os.urandom(32))
-        key_file.chmod(0o600)
         n1 = NarsuiteDaemon(g1, node_config(tmp_path, "g1", url, key_file), roles="esp,ike").start()
         n2 = NarsuiteDaemon(g2, node_config(tmp_path, "g2", url, key_file), roles="esp,ike").start()
         # keepalived (VRRPv3) on both: the addresses follow a live narsuite daemon
@@ -300,31 +316,43 @@ def ike_stats(node: NarsuiteDaemon) -> dict[str, int]:
     return {r["counter"]: int(r["value"]) for r in node.rows("ike", "stats")}
 
 
+def kill_active_under_traffic(r1, h, n1, k1, k2) -> tuple[str, str, float, int, int]:  # type: ignore[no-untyped-def]
+    """``kill -9`` the active node N1 while R1 pings H every 20 ms (400 pings) and H sends R1 a
+    paced TCP transfer (6 s), both through the tunnel; waits for keepalived to move the
+    addresses to the standby.  Returns the ping's output, the receiver's, the seconds from the
+    kill until the addresses moved, and the pings sent and answered."""
+    pinger = r1.popen(["ping", "-n", "-i", "0.02", "-c", "400", "-W", "1", "10.1.0.10"],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = h.popen([sys.executable, "-c", PACED_SERVER])
+    h.wait_port(5001)
+    receiver = r1.popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True)
+    time.sleep(2)
+    t0 = time.monotonic()
+    n1.kill9()
+    wait(lambda: k2.has_vip() and not k1.has_vip(), 15, "the addresses to move to g2")
+    moved = time.monotonic() - t0
+    out, _ = pinger.communicate(timeout=60)
+    tcp, _ = receiver.communicate(timeout=60)
+    h.stop(server)
+    sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
+    received = int(re.search(r"(\d+) received", out).group(1))
+    return out, tcp, moved, sent, received
+
+
 def test_e_level2_failover_the_standby_carries_on_the_isakmp_and_esp_sas(need_strongswan, lab, tmp_path):
     """Level 2: the standby adopts the dead active's sealed ISAKMP SA and ESP SAs (keepalived's
     notify_master runs `narctl cluster adopt`): no new Main Mode, no new Quick Mode; a ping running
     through the tunnel across the kill -9 loses only the packets of the outage, which is measured;
     then, under the same ISAKMP SA (same cookies on the client), the standby answers the client's
     DPD, its Quick Mode rekey of the CHILD SA and its Delete of the old one."""
-    r1, nat1 = lab.host("r1"), lab.host("nat1")
-    g1, g2 = lab.host("g1", forwarding=True), lab.host("g2", forwarding=True)
-    h, dbh = lab.host("h"), lab.host("db")
-    lab.link(nat1, r1, "192.168.1.1/24", "192.168.1.10/24", a_if="lan0", b_if="eth0")
-    lab.switch("pub", [(nat1, "198.51.100.101/24", "wan0"), (g1, "203.0.113.2/24", "wan0"),
-                       (g2, "203.0.113.3/24", "wan0")])
-    lab.switch("int", [(g1, "10.1.0.2/24", "lan0"), (g2, "10.1.0.3/24", "lan0"),
-                       (h, "10.1.0.10/24", "eth0"), (dbh, "10.1.0.20/24", "eth0")])
-    nat1.masquerade("wan0")
+    t = failover_lab(lab)
+    g1, g2, h = t.g1, t.g2, t.h
+    r1 = lab.host("r1")
+    lab.link(t.nat1, r1, "192.168.1.1/24", "192.168.1.10/24", a_if="lan0", b_if="eth0")
     r1.default_route("192.168.1.1")
-    h.default_route(VIP_INT)
-    for g in (g1, g2):
-        g.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
-    db = RedisServer(6379, host="10.1.0.20", prefix=["ip", "netns", "exec", dbh.netns]).start()
+    db, url, key_file = cluster_store(t.dbh, tmp_path)
     try:
-        url = f"redis://10.1.0.20:{db.port}"
-        key_file = tmp_path / "cluster.key"
-        key_file.write_bytes(os.urandom(32))
-        key_file.chmod(0o600)
         n1 = NarsuiteDaemon(g1, node_config(tmp_path, "g1", url, key_file), roles="esp,ike").start()
         n2 = NarsuiteDaemon(g2, node_config(tmp_path, "g2", url, key_file), roles="esp,ike").start()
         narctl = shutil.which("narctl")
@@ -341,22 +369,7 @@ def test_e_level2_failover_the_standby_carries_on_the_isakmp_and_esp_sas(need_st
         # g1 sealed the ISAKMP SA too (adopting it is what keeps the client's DPD and rekeys working)
         wait(lambda: any("ike.isakmp" in k for k, _o, n in records(db) if n == "g1"), 5, "g1's sealed ISAKMP SA")
         # a ping every 20 ms and a paced TCP transfer (H -> R1, 6 s) through the tunnel, across the kill
-        pinger = r1.popen(["ping", "-n", "-i", "0.02", "-c", "400", "-W", "1", "10.1.0.10"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        server = h.popen([sys.executable, "-c", PACED_SERVER])
-        h.wait_port(5001)
-        receiver = r1.popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-        time.sleep(2)
-        t0 = time.monotonic()
-        n1.kill9()
-        wait(lambda: k2.has_vip() and not k1.has_vip(), 15, "the addresses to move to g2")
-        moved = time.monotonic() - t0
-        out, _ = pinger.communicate(timeout=60)
-        tcp, _ = receiver.communicate(timeout=60)
-        h.stop(server)
-        sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
-        received = int(re.search(r"(\d+) received", out).group(1))
+        out, tcp, moved, sent, received = kill_active_under_traffic(r1, h, n1, k1, k2)
         lost = sent - received
         adopt_log = (tmp_path / "k2" / "log").read_text()
         assert received > sent - 100, out[-2000:] + adopt_log[-2000:] + n2.log_text()[-3000:]
@@ -432,25 +445,13 @@ def ikev2_cluster(lab, tmp_path: Path) -> Iterator[types.SimpleNamespace]:  # ty
     """Two nodes (IKEv2 policy "rw2", gateway liveness after 4 idle seconds), Redis, keepalived with
     ``narctl cluster adopt`` on becoming master, and a strongSwan IKEv2 client (PSK, virtual IP,
     DPD after 3 idle seconds) behind NAT1 connected to g1, whose IKE SA g1 has sealed."""
-    r1, nat1 = lab.host("r1"), lab.host("nat1")
-    g1, g2 = lab.host("g1", forwarding=True), lab.host("g2", forwarding=True)
-    h, dbh = lab.host("h"), lab.host("db")
-    lab.link(nat1, r1, "192.168.1.1/24", "192.168.1.10/24", a_if="lan0", b_if="eth0")
-    lab.switch("pub", [(nat1, "198.51.100.101/24", "wan0"), (g1, "203.0.113.2/24", "wan0"),
-                       (g2, "203.0.113.3/24", "wan0")])
-    lab.switch("int", [(g1, "10.1.0.2/24", "lan0"), (g2, "10.1.0.3/24", "lan0"),
-                       (h, "10.1.0.10/24", "eth0"), (dbh, "10.1.0.20/24", "eth0")])
-    nat1.masquerade("wan0")
+    t = failover_lab(lab)
+    g1, g2, h = t.g1, t.g2, t.h
+    r1 = lab.host("r1")
+    lab.link(t.nat1, r1, "192.168.1.1/24", "192.168.1.10/24", a_if="lan0", b_if="eth0")
     r1.default_route("192.168.1.1")
-    h.default_route(VIP_INT)
-    for g in (g1, g2):
-        g.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
-    db = RedisServer(6379, host="10.1.0.20", prefix=["ip", "netns", "exec", dbh.netns]).start()
+    db, url, key_file = cluster_store(t.dbh, tmp_path)
     try:
-        url = f"redis://10.1.0.20:{db.port}"
-        key_file = tmp_path / "cluster.key"
-        key_file.write_bytes(os.urandom(32))
-        key_file.chmod(0o600)
         # the gateway probes an idle client after 4 s (its own INFORMATIONAL requests: the message
         # ID direction a standby cannot guess)
         cfgs = [node_config(tmp_path, n, url, key_file, IKEV2_POLICY) for n in ("g1", "g2")]
@@ -489,22 +490,7 @@ def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas
         # its keys (SK_d, SK_a*, SK_e*, SK_p*) only sealed, nowhere in Redis in the clear
         check_sealed(db, key_file, "g1", "ike.v2sa", 1, ("sk_d", "sk_ai", "sk_ar", "sk_ei", "sk_er", "sk_pi", "sk_pr"))
         # a ping every 20 ms and a paced TCP transfer (H -> R1, 6 s) through the tunnel, across the kill
-        pinger = r1.popen(["ping", "-n", "-i", "0.02", "-c", "400", "-W", "1", "10.1.0.10"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        server = h.popen([sys.executable, "-c", PACED_SERVER])
-        h.wait_port(5001)
-        receiver = r1.popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-        time.sleep(2)
-        t0 = time.monotonic()
-        n1.kill9()
-        wait(lambda: k2.has_vip() and not k1.has_vip(), 15, "the addresses to move to g2")
-        moved = time.monotonic() - t0
-        out, _ = pinger.communicate(timeout=60)
-        tcp, _ = receiver.communicate(timeout=60)
-        h.stop(server)
-        sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
-        received = int(re.search(r"(\d+) received", out).group(1))
+        out, tcp, moved, sent, received = kill_active_under_traffic(r1, h, n1, k1, k2)
         lost = sent - received
         adopt_log = (tmp_path / "k2" / "log").read_text()
         assert received > sent - 100, out[-2000:] + adopt_log[-2000:] + n2.log_text()[-3000:]

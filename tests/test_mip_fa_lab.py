@@ -71,6 +71,30 @@ def mn_via_fa(t, *args: str) -> dict:
                                 "--ha-param", t.ha_addr, *args], timeout=30).stdout)
 
 
+def check_esp_both_ways(t, out: dict, glog: Path, d: NarsuiteDaemon) -> dict:
+    """Five ESP packets each way between the MN and the CN's gateway went through the proxy:
+    the gateway saw them from the MN's home address, the MN got back what the gateway sent.
+    Returns the proxy's counters."""
+    got = gw_log(glog)
+    assert [g["esp_from"] for g in got] == [t.mn_home_addr] * 5, (got, stats(d))
+    back = out["data"]["received"]
+    assert len(back) == 5 and {(b["src"], b["dst"], b["proto"]) for b in back} == {
+        (t.cn_addr, t.mn_home_addr, 50)}, back
+    assert sorted(b["payload"] for b in back) == sorted(g["payload"] for g in got)
+    s = stats(d)
+    assert s["data.mn_to_gateway"] == 5 and s["data.gateway_to_mn"] == 5, s
+    return s
+
+
+def stop_peers(t, d: NarsuiteDaemon, cap, fa, ha, gw) -> None:  # type: ignore[no-untyped-def]
+    """Teardown of a test's capture, daemon and peers (whatever the test's outcome)."""
+    stop_capture(t.mipp, cap)
+    d.terminate()
+    t.nat.stop(fa)
+    t.ha.stop(ha)
+    t.cn.stop(gw)
+
+
 def test_registration_and_data_through_a_foreign_agent(fa_topo, tmp_path):
     t = fa_topo
     ha, ha_log = start_ha(t, tmp_path)
@@ -94,15 +118,8 @@ def test_registration_and_data_through_a_foreign_agent(fa_topo, tmp_path):
         # binding names the FA it came through
         assert rows[0]["care_of"] == t.nat_public and rows[0]["encap"] == "ipip", rows
         assert rows[0]["foreign_agent"] == FA_SOURCE, rows
-        got = gw_log(glog)
-        assert [g["esp_from"] for g in got] == [t.mn_home_addr] * 5, (got, stats(d))
-        back = out["data"]["received"]
-        assert len(back) == 5 and {(b["src"], b["dst"], b["proto"]) for b in back} == {
-            (t.cn_addr, t.mn_home_addr, 50)}
-        assert sorted(b["payload"] for b in back) == sorted(g["payload"] for g in got)
-        s = stats(d)
+        s = check_esp_both_ways(t, out, glog, d)
         assert s["fa_relayed"] == 1, s
-        assert s["data.mn_to_gateway"] == 5 and s["data.gateway_to_mn"] == 5, s
         # a request the FA signs with a wrong key: 132, answered to the FA, nothing to the HA
         t.nat.stop(fa)
         fa, _ = start_fa(t, tmp_path, "--corrupt")
@@ -111,11 +128,7 @@ def test_registration_and_data_through_a_foreign_agent(fa_topo, tmp_path):
         assert stats(d)["fa_auth_failed"] == 1
         assert len(ha_log.read_text().splitlines()) == 1
     finally:
-        stop_capture(t.mipp, cap)
-        d.terminate()
-        t.nat.stop(fa)
-        t.ha.stop(ha)
-        t.cn.stop(gw)
+        stop_peers(t, d, cap, fa, ha, gw)
     lines = tshark_check(t.mipp, pcap)
     assert sum("mip" in line for line in lines) >= 4, lines
     assert sum(line.split("\t")[0].startswith("eth:ethertype:ip:ip") for line in lines) >= 10, lines
@@ -145,20 +158,9 @@ def test_gre_and_minimal_encapsulation_through_a_foreign_agent(fa_topo, tmp_path
         assert len(rows) == 1, rows
         assert rows[0]["encap"] == encap and rows[0]["care_of"] == t.nat_public, rows
         assert rows[0]["foreign_agent"] == FA_SOURCE and rows[0]["tunnel_to"] == t.nat_public
-        got = gw_log(glog)
-        assert [g["esp_from"] for g in got] == [t.mn_home_addr] * 5, (got, stats(d))
-        back = out["data"]["received"]
-        assert len(back) == 5 and {(b["src"], b["dst"], b["proto"]) for b in back} == {
-            (t.cn_addr, t.mn_home_addr, 50)}, back
-        assert sorted(b["payload"] for b in back) == sorted(g["payload"] for g in got)
-        s = stats(d)
-        assert s["data.mn_to_gateway"] == 5 and s["data.gateway_to_mn"] == 5, s
+        check_esp_both_ways(t, out, glog, d)
     finally:
-        stop_capture(t.mipp, cap)
-        d.terminate()
-        t.nat.stop(fa)
-        t.ha.stop(ha)
-        t.cn.stop(gw)
+        stop_peers(t, d, cap, fa, ha, gw)
     counts = [e for e in fa_log(flog) if "delivered_to_mn" in e][-1]
     assert counts["delivered_to_mn"] == 5 and counts.get(f"delivered_proto_{proto}") == 5, counts
     assert counts["tunnelled_to_ha"] == 5, counts
@@ -202,20 +204,9 @@ def test_udp_tunnelling_asked_by_the_foreign_agent(fa_topo, tmp_path, nh):
         want = "udp" if nh == 4 else "udp/" + {47: "gre", 55: "minimal"}[nh]
         assert rows[0]["encap"] == want and rows[0]["tunnel_to"] == f"{FA_SOURCE}:434", rows
         assert rows[0]["foreign_agent"] == FA_SOURCE and rows[0]["care_of"] == t.nat_public
-        got = gw_log(glog)
-        assert [g["esp_from"] for g in got] == [t.mn_home_addr] * 5, (got, stats(d))
-        back = out["data"]["received"]
-        assert len(back) == 5 and {(b["src"], b["dst"], b["proto"]) for b in back} == {
-            (t.cn_addr, t.mn_home_addr, 50)}, back
-        assert sorted(b["payload"] for b in back) == sorted(g["payload"] for g in got)
-        s = stats(d)
-        assert s["data.mn_to_gateway"] == 5 and s["data.gateway_to_mn"] == 5, s
+        check_esp_both_ways(t, out, glog, d)
     finally:
-        stop_capture(t.mipp, cap)
-        d.terminate()
-        t.nat.stop(fa)
-        t.ha.stop(ha)
-        t.cn.stop(gw)
+        stop_peers(t, d, cap, fa, ha, gw)
     counts = [e for e in fa_log(flog) if "delivered_to_mn" in e][-1]
     assert counts.get(f"delivered_udp_{nh}") == 5 and counts["tunnelled_to_ha"] == 5, counts
     lines = tshark_check(t.mipp, pcap)

@@ -85,6 +85,16 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return out
 
 
+def _relayed(server: Server, target: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """A client through ``server`` to ``target``: greeting, CONNECT, SUCCEEDED; returns the
+    client's socket and the target's side of the relayed connection."""
+    s = _client(server)
+    s.sendall(b"\x05\x01\x00" + _connect_request(target.getsockname()[1]))
+    assert _recv_exact(s, 12)[3] == socks.SUCCEEDED
+    conn, _ = target.accept()
+    return s, conn
+
+
 def test_pipelined_greeting_request_and_data_in_one_write(target):
     """A client that does not wait for the replies: its early bytes reach the target after the relay starts."""
     srv = Server()
@@ -120,10 +130,7 @@ def test_back_pressure_holds_the_sender_and_loses_nothing(target, splice):
     srv = Server(splice=splice)
     data = os.urandom(24 * 1024 * 1024)
     try:
-        s = _client(srv)
-        s.sendall(b"\x05\x01\x00" + _connect_request(target.getsockname()[1]))
-        assert _recv_exact(s, 12)[3] == socks.SUCCEEDED
-        conn, _ = target.accept()
+        s, conn = _relayed(srv, target)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sent = [0]
 
@@ -218,14 +225,8 @@ def test_connect_timeout_answers_ttl_expired():
 def test_idle_timeout_closes_a_silent_relay_but_not_a_busy_one(target):
     srv = Server(idle_timeout=1.0)
     try:
-        quiet = _client(srv)
-        quiet.sendall(b"\x05\x01\x00" + _connect_request(target.getsockname()[1]))
-        assert _recv_exact(quiet, 12)[3] == socks.SUCCEEDED
-        qc, _ = target.accept()
-        busy = _client(srv)
-        busy.sendall(b"\x05\x01\x00" + _connect_request(target.getsockname()[1]))
-        assert _recv_exact(busy, 12)[3] == socks.SUCCEEDED
-        bc, _ = target.accept()
+        quiet, qc = _relayed(srv, target)
+        busy, bc = _relayed(srv, target)
         bc.settimeout(5)
         for _ in range(8):  # 1.6 s of traffic every 0.2 s: never idle for a second
             busy.sendall(b"x")
@@ -321,10 +322,7 @@ def test_max_connections_refuses_at_accept(target):
 def test_a_reset_from_the_target_closes_the_client(target):
     srv = Server()
     try:
-        s = _client(srv)
-        s.sendall(b"\x05\x01\x00" + _connect_request(target.getsockname()[1]))
-        assert _recv_exact(s, 12)[3] == socks.SUCCEEDED
-        conn, _ = target.accept()
+        s, conn = _relayed(srv, target)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         conn.close()  # RST
         s.settimeout(5)
