@@ -221,17 +221,15 @@ def test_two_box_proxy_and_a_separate_esp_gateway(mip_topo, tmp_path):
         d.terminate()
 
 
-def test_strongswan_mn_negotiates_through_the_tunnel_and_gets_its_home_address(
-        need_strongswan, mip_topo, tmp_path):
-    """(f) with a real IPsec client: strongSwan on the MN (IKEv1 Main Mode, PSK, mode-config)
-    reaches the one box's ike role through the proxy's tunnel (IKE from MN-Perm), is handed
-    its home address as its inner address (§5.2: a one-address pool), and its ESP (user-space
-    libipsec) carries ping and a TCP transfer to the CN, the CN's answers coming through the HA."""
+def strongswan_setup(t, tmp: Path):
+    """The one box with the ike role as the MN's gateway (IKEv1 Main Mode, PSK, mode-config
+    handing out the home address from a one-address pool), the HA, the MIP peer registered
+    (RFC 3519 UDP tunnelling, ``--move-file`` for SIGUSR1) and strongSwan on the MN with its
+    IKE and CHILD SA up through the proxy's tunnel."""
     from narsuite.lab.strongswan import Charon, ikev1_client_conf
 
-    t = mip_topo
     psk = "mobile-vpn-psk"
-    cfg = proxy_config(t, tmp_path)
+    cfg = proxy_config(t, tmp)
     text = cfg.read_text().replace("data_path = false", "data_path = true")
     text = text.replace(f'vpn_gateways = ["{t.mipp_external}"]', f'vpn_gateways = ["{VPNGW}"]')
     text = text.replace("[mipproxy]", textwrap.dedent(f"""
@@ -255,20 +253,45 @@ def test_strongswan_mn_negotiates_through_the_tunnel_and_gets_its_home_address(
     t.cn.ip("route", "replace", f"{t.mn_home_addr}/32", "via", t.ha_addr, "mtu", "lock", "1300")
     t.ha.run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"])
     t.mn.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
-    ha, _ = start_ha(t, tmp_path, "--tunnel")
+    ha, _ = start_ha(t, tmp, "--tunnel")
     d = NarsuiteDaemon(t.mipp, cfg, roles="mipproxy,ike,esp").start()
+    move = tmp / "move.json"
     mn = t.mn.popen([sys.executable, str(PEER), "mn", "--proxy", t.mipp_external, "--home",
                      t.mn_home_addr, "--spi", str(SPI), "--key", KEY, "--ha-param", t.ha_addr,
-                     "--udp-tunnel", "--tun", "--route", f"{VPNGW}/32", "--lifetime", "600"],
-                    stdout=subprocess.PIPE, stderr=open(tmp_path / "mn.log", "w"), text=True)
+                     "--udp-tunnel", "--tun", "--route", f"{VPNGW}/32", "--move-file", str(move),
+                     "--lifetime", "600"],
+                    stdout=subprocess.PIPE, stderr=open(tmp / "mn.log", "w"), text=True)
     c = None
     try:
         assert json.loads(mn.stdout.readline())["replies"][0]["code"] == 0
-        c = Charon(t.mn, tmp_path / "charon").start()
+        c = Charon(t.mn, tmp / "charon").start()
         c.load(ikev1_client_conf(VPNGW, psk, local_id="mn.example", remote_id="gw.example",
                                  remote_ts=f"{t.cn_addr}/32", mode_config=True))
         res = c.initiate(child="net", timeout=30)
         assert res.ok, res.output[-3000:] + c.log_text()[-3000:] + d.log_text()[-3000:]
+    except BaseException:
+        strongswan_teardown(t, d, ha, mn, c)
+        raise
+    return d, ha, mn, c, move
+
+
+def strongswan_teardown(t, d, ha, mn, c) -> None:
+    if c is not None:
+        c.stop()
+    t.mn.stop(mn)
+    t.ha.stop(ha)
+    d.terminate()
+
+
+def test_strongswan_mn_negotiates_through_the_tunnel_and_gets_its_home_address(
+        need_strongswan, mip_topo, tmp_path):
+    """(f) with a real IPsec client: strongSwan on the MN (IKEv1 Main Mode, PSK, mode-config)
+    reaches the one box's ike role through the proxy's tunnel (IKE from MN-Perm), is handed
+    its home address as its inner address (§5.2: a one-address pool), and its ESP (user-space
+    libipsec) carries ping and a TCP transfer to the CN, the CN's answers coming through the HA."""
+    t = mip_topo
+    d, ha, mn, c, _ = strongswan_setup(t, tmp_path)
+    try:
         (sa,) = c.list_sas()
         (child,) = sa.children
         assert child.local_ts == (f"{t.mn_home_addr}/32",), child  # §5.2: the home address
@@ -279,8 +302,66 @@ def test_strongswan_mn_negotiates_through_the_tunnel_and_gets_its_home_address(
         s = stats(d)
         assert s["data.mn_to_gateway"] > 0 and s["data.gateway_to_mn"] > 0 and s["data.ha_to_gateway"] > 0
     finally:
-        if c is not None:
-            c.stop()
-        t.mn.stop(mn)
-        t.ha.stop(ha)
-        d.terminate()
+        strongswan_teardown(t, d, ha, mn, c)
+
+
+def _sa_ids(sa) -> tuple:
+    """strongSwan's view of one IKE SA: its endpoints (MN-Perm and VPNGW-Pub), its cookies and
+    each CHILD SA's SPIs, the identity a renegotiation, rekey or roam would change."""
+    return (sa.uniqueid, sa.local_host, sa.remote_host, sa.spi_i, sa.spi_r,
+            tuple((ch.uniqueid, ch.spi_in, ch.spi_out, ch.state) for ch in sa.children))
+
+
+def gw_ike(d) -> list[tuple]:
+    """The gateway's view of its IKE SAs: name, remote (MN-Perm), state, CHILD SA count."""
+    return [(r["name"], r["remote"], r["state"], r["children"]) for r in d.rows("ike", "sas")]
+
+
+def test_strongswan_mn_moves_mid_transfer_and_keeps_its_sas(need_strongswan, mip_topo, tmp_path):
+    """(g) with a real IPsec client: strongSwan on the MN has its IKE and CHILD SA through
+    the proxy's tunnel; halfway through a TCP transfer from the CN the MN takes a new
+    care-of address (and so a new NAT mapping) and re-registers through the proxy.  The
+    binding follows, the transfer completes, pings go on, and strongSwan shows the same
+    IKE SA (cookies) and CHILD SA (SPIs) before and after: the move is below IPsec (§5.5),
+    nothing is renegotiated.  The gateway's side agrees (the same IKE SA, the same ESP SAs)."""
+    t = mip_topo
+    d, ha, mn, c, move = strongswan_setup(t, tmp_path)
+    try:
+        assert ping(t.mn, t.cn_addr, count=2), (stats(d), c.log_text()[-2000:])
+        (sa,) = c.list_sas()
+        ids_before = _sa_ids(sa)
+        assert len(sa.children) == 1 and sa.children[0].state == "INSTALLED", sa
+        gw_ike_before = gw_ike(d)
+        gw_esp_before = {(r["spi"], r["dir"]) for r in d.rows("esp", "sas")}
+        old = d.rows("mip", "bindings")[0]
+        t.mn.ip("addr", "add", f"{SECOND_MN_ADDR}/24", "dev", t.mn_if)
+        move.write_text(json.dumps({"bind": SECOND_MN_ADDR}))
+        result: dict = {}
+        size = 20_000_000  # libipsec here moves a few MB/s: the move lands in the middle
+        start = stats(d)["data.gateway_to_mn"]
+
+        def transfer() -> None:
+            result["n"] = tcp_transfer(t.cn, t.mn, t.cn_addr, size=size)
+
+        th = threading.Thread(target=transfer)
+        th.start()
+        deadline = time.monotonic() + 20
+        while (before := stats(d)["data.gateway_to_mn"]) < start + 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert th.is_alive() and before >= start + 200, (result, start, before)  # under way
+        mn.send_signal(10)  # SIGUSR1: move and re-register
+        moved = json.loads(mn.stdout.readline())
+        assert moved["moved"] == SECOND_MN_ADDR and moved["reply"]["code"] == 0, moved
+        th.join(90)
+        assert result.get("n") == size // 256 * 256, (result, stats(d), c.log_text()[-2000:])
+        new = d.rows("mip", "bindings")
+        assert len(new) == 1 and new[0]["care_of"] == SECOND_MN_ADDR
+        assert new[0]["tunnel_to"] != old["tunnel_to"]  # a new NAT mapping
+        assert stats(d)["data.gateway_to_mn"] > before + 100  # it went on after the move
+        assert ping(t.mn, t.cn_addr, count=3), (stats(d), c.log_text()[-2000:])
+        (sa,) = c.list_sas()
+        assert _sa_ids(sa) == ids_before, (ids_before, c.list_sas_text())  # no renegotiation
+        assert gw_ike(d) == gw_ike_before
+        assert {(r["spi"], r["dir"]) for r in d.rows("esp", "sas")} == gw_esp_before
+    finally:
+        strongswan_teardown(t, d, ha, mn, c)
