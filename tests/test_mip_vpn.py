@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from labtraffic import ping, tcp_transfer
 from test_mip_lab import KEY, PEER, SPI, proxy_config, start_ha
 
@@ -221,12 +222,13 @@ def test_two_box_proxy_and_a_separate_esp_gateway(mip_topo, tmp_path):
         d.terminate()
 
 
-def strongswan_setup(t, tmp: Path):
-    """The one box with the ike role as the MN's gateway (IKEv1 Main Mode, PSK, mode-config
-    handing out the home address from a one-address pool), the HA, the MIP peer registered
-    (RFC 3519 UDP tunnelling, ``--move-file`` for SIGUSR1) and strongSwan on the MN with its
-    IKE and CHILD SA up through the proxy's tunnel."""
-    from narsuite.lab.strongswan import Charon, ikev1_client_conf
+def strongswan_setup(t, tmp: Path, version: int = 1):
+    """The one box with the ike role as the MN's gateway (PSK; IKEv1 Main Mode with
+    mode-config, or IKEv2 with a configuration payload, handing out the home address from a
+    one-address pool), the HA, the MIP peer registered (RFC 3519 UDP tunnelling,
+    ``--move-file`` for SIGUSR1) and strongSwan on the MN with its IKE and CHILD SA up
+    through the proxy's tunnel."""
+    from narsuite.lab.strongswan import Charon, ikev1_client_conf, ikev2_client_conf
 
     psk = "mobile-vpn-psk"
     cfg = proxy_config(t, tmp)
@@ -240,6 +242,7 @@ def strongswan_setup(t, tmp: Path):
         [ike]
         [[ike.peers]]
         name = "mn"
+        versions = [{version}]
         psk = "{psk}"
         local_id = "gw.example"
         local_ts = ["{t.cn_addr}/32"]
@@ -265,8 +268,10 @@ def strongswan_setup(t, tmp: Path):
     try:
         assert json.loads(mn.stdout.readline())["replies"][0]["code"] == 0
         c = Charon(t.mn, tmp / "charon").start()
-        c.load(ikev1_client_conf(VPNGW, psk, local_id="mn.example", remote_id="gw.example",
-                                 remote_ts=f"{t.cn_addr}/32", mode_config=True))
+        conf = ikev1_client_conf if version == 1 else ikev2_client_conf
+        kw = {"mode_config": True} if version == 1 else {}  # IKEv2: vips = 0.0.0.0 by default
+        c.load(conf(VPNGW, psk, local_id="mn.example", remote_id="gw.example",
+                    remote_ts=f"{t.cn_addr}/32", **kw))
         res = c.initiate(child="net", timeout=30)
         assert res.ok, res.output[-3000:] + c.log_text()[-3000:] + d.log_text()[-3000:]
     except BaseException:
@@ -283,22 +288,28 @@ def strongswan_teardown(t, d, ha, mn, c) -> None:
     d.terminate()
 
 
+@pytest.mark.parametrize("version", [1, 2], ids=["ikev1", "ikev2"])
 def test_strongswan_mn_negotiates_through_the_tunnel_and_gets_its_home_address(
-        need_strongswan, mip_topo, tmp_path):
-    """(f) with a real IPsec client: strongSwan on the MN (IKEv1 Main Mode, PSK, mode-config)
-    reaches the one box's ike role through the proxy's tunnel (IKE from MN-Perm), is handed
-    its home address as its inner address (§5.2: a one-address pool), and its ESP (user-space
-    libipsec) carries ping and a TCP transfer to the CN, the CN's answers coming through the HA."""
+        need_strongswan, mip_topo, tmp_path, version):
+    """(f) with a real IPsec client: strongSwan on the MN (PSK; IKEv1 Main Mode with
+    mode-config, or IKEv2 with a configuration payload for its virtual IP) reaches the one
+    box's ike role through the proxy's tunnel (IKE from MN-Perm), is handed its home address
+    as its inner address (§5.2: a one-address pool), and its ESP (user-space libipsec)
+    carries ping and a TCP transfer each way between MN and CN (the CN connecting to the
+    home address for the second), the CN's packets coming through the HA."""
     t = mip_topo
-    d, ha, mn, c, _ = strongswan_setup(t, tmp_path)
+    d, ha, mn, c, _ = strongswan_setup(t, tmp_path, version)
     try:
         (sa,) = c.list_sas()
+        assert sa.version == version, sa
         (child,) = sa.children
         assert child.local_ts == (f"{t.mn_home_addr}/32",), child  # §5.2: the home address
         assert ping(t.mn, t.cn_addr, count=3), (stats(d), c.log_text()[-2000:])
-        assert tcp_transfer(t.cn, t.mn, t.cn_addr) == 300_000 // 256 * 256
+        assert tcp_transfer(t.cn, t.mn, t.cn_addr) == 300_000 // 256 * 256  # CN -> MN
+        assert tcp_transfer(t.mn, t.cn, t.mn_home_addr) == 300_000 // 256 * 256  # MN -> CN
         (isa,) = d.rows("ike", "sas")
         assert isa["remote"].startswith(t.mn_home_addr + ":")  # IKE came from MN-Perm
+        assert isa["version"] == version and isa["address"] == t.mn_home_addr, isa
         s = stats(d)
         assert s["data.mn_to_gateway"] > 0 and s["data.gateway_to_mn"] > 0 and s["data.ha_to_gateway"] > 0
     finally:
@@ -317,18 +328,21 @@ def gw_ike(d) -> list[tuple]:
     return [(r["name"], r["remote"], r["state"], r["children"]) for r in d.rows("ike", "sas")]
 
 
-def test_strongswan_mn_moves_mid_transfer_and_keeps_its_sas(need_strongswan, mip_topo, tmp_path):
-    """(g) with a real IPsec client: strongSwan on the MN has its IKE and CHILD SA through
-    the proxy's tunnel; halfway through a TCP transfer from the CN the MN takes a new
-    care-of address (and so a new NAT mapping) and re-registers through the proxy.  The
-    binding follows, the transfer completes, pings go on, and strongSwan shows the same
-    IKE SA (cookies) and CHILD SA (SPIs) before and after: the move is below IPsec (§5.5),
-    nothing is renegotiated.  The gateway's side agrees (the same IKE SA, the same ESP SAs)."""
+@pytest.mark.parametrize("version", [1, 2], ids=["ikev1", "ikev2"])
+def test_strongswan_mn_moves_mid_transfer_and_keeps_its_sas(need_strongswan, mip_topo, tmp_path, version):
+    """(g) with a real IPsec client: strongSwan on the MN (IKEv1 or IKEv2) has its IKE and
+    CHILD SA through the proxy's tunnel; halfway through a TCP transfer from the CN the MN
+    takes a new care-of address (and so a new NAT mapping) and re-registers through the
+    proxy.  The binding follows, the transfer completes, pings go on, and strongSwan shows
+    the same IKE SA (cookies) and CHILD SA (SPIs) before and after: the move is below IPsec
+    (§5.5), nothing is renegotiated.  The gateway's side agrees (the same IKE SA, the same
+    ESP SAs)."""
     t = mip_topo
-    d, ha, mn, c, move = strongswan_setup(t, tmp_path)
+    d, ha, mn, c, move = strongswan_setup(t, tmp_path, version)
     try:
         assert ping(t.mn, t.cn_addr, count=2), (stats(d), c.log_text()[-2000:])
         (sa,) = c.list_sas()
+        assert sa.version == version, sa
         ids_before = _sa_ids(sa)
         assert len(sa.children) == 1 and sa.children[0].state == "INSTALLED", sa
         gw_ike_before = gw_ike(d)
