@@ -93,7 +93,8 @@ def test_onebox_ping_and_tcp_both_ways(mip_topo, tmp_path):
     d, ha, mn, esp, _ = setup(t, tmp_path)
     try:
         assert ping(t.mn, t.cn_addr, count=3), (stats(d), d.log_text()[-3000:])
-        assert tcp_transfer(t.cn, t.mn, t.cn_addr) == 300_000 // 256 * 256
+        assert tcp_transfer(t.cn, t.mn, t.cn_addr) == 300_000 // 256 * 256  # CN -> MN
+        assert tcp_transfer(t.mn, t.cn, t.mn_home_addr) == 300_000 // 256 * 256  # MN -> CN
         s = stats(d)
         assert s["data.mn_to_gateway"] > 0 and s["data.gateway_to_mn"] > 0
         assert s["data.ha_to_gateway"] > 0  # CN -> MN went through the HA's tunnel
