@@ -24,7 +24,8 @@ from narsuite.nar import socks
 from narsuite.nar.auth import hash_password
 from narsuite.nar.config import NarConfig, Rule
 from narsuite.nar.lean import LeanSocksPort, _Deadlines
-from narsuite.nar.server import SocksFactory
+from narsuite.nar.server import RELAY_READ_SIZE, SocksFactory
+from narsuite.nar.splice import PIPE_SIZE
 
 
 class Server:
@@ -122,13 +123,26 @@ def test_pipelined_greeting_request_and_data_in_one_write(target):
     assert "lean_handovers" not in c
 
 
+def _kernel_buffering() -> int:
+    """The most the kernel can hold between a client's ``send`` and a target that does not
+    read, through the relay: the client's send buffer, the server's receive buffer on the
+    client socket, its pipe (splice) and one read, its send buffer towards the target and the
+    target's (small, set by the test) receive buffer.  The TCP buffers autotune up to the
+    ``tcp_rmem``/``tcp_wmem`` maxima (32 MiB of receive buffer on this machine kind), so a
+    fixed amount of data cannot tell a stalled relay from a deep kernel queue."""
+    rmem = int(open("/proc/sys/net/ipv4/tcp_rmem").read().split()[2])
+    wmem = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
+    return wmem + rmem + PIPE_SIZE + RELAY_READ_SIZE + wmem + 2 * 64 * 1024
+
+
 @pytest.mark.parametrize("splice", [False, True])
 def test_back_pressure_holds_the_sender_and_loses_nothing(target, splice):
     """A target that does not read: the server stops reading the client (it holds at most one
-    read) and stops polling it, the client's sendall stalls; once the target reads, every byte
-    arrives in order."""
+    read) and stops polling it, the client's sendall stalls with no more in flight than the
+    kernel's buffers hold; once the target reads, every byte arrives in order."""
     srv = Server(splice=splice)
-    data = os.urandom(24 * 1024 * 1024)
+    bound = _kernel_buffering()
+    data = os.urandom(bound + 8 * 1024 * 1024)
     try:
         s, conn = _relayed(srv, target)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -145,12 +159,17 @@ def test_back_pressure_holds_the_sender_and_loses_nothing(target, splice):
         s.settimeout(30)
         sender = threading.Thread(target=send)
         sender.start()
-        time.sleep(0.3)
+        # the buffers fill (autotuning grows them as they do), then nothing moves
+        deadline, last = time.monotonic() + 10, -1
+        while sent[0] != last and time.monotonic() < deadline:
+            last = sent[0]
+            time.sleep(0.3)
         cpu0 = time.process_time()
         time.sleep(1.0)
         stalled_cpu = time.process_time() - cpu0
         held = sent[0]
-        assert held < len(data) // 2, held  # stalled: the server does not buffer without bound
+        assert held == last and sender.is_alive(), (held, last)  # stalled
+        assert held <= bound, (held, bound)  # the server does not buffer without bound
         # ... and waits meanwhile: the stalled sockets are not polled in a busy loop
         assert stalled_cpu < 0.3, stalled_cpu
         conn.settimeout(30)
