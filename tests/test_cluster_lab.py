@@ -340,6 +340,16 @@ def kill_active_under_traffic(r1, h, n1, k1, k2) -> tuple[str, str, float, int, 
     return out, tcp, moved, sent, received
 
 
+def same_sas_on_the_client(c, before):  # type: ignore[no-untyped-def]
+    """The client's IKE SA (unique id, SPIs) and CHILD SAs (inbound SPIs) are the ones it had
+    ``before``: nothing was renegotiated.  Returns its SA now."""
+    (after,) = c.list_sas()
+    assert after.established and after.children and before.children
+    assert [ch.spi_in for ch in after.children] == [ch.spi_in for ch in before.children]
+    assert (after.uniqueid, after.spi_i, after.spi_r) == (before.uniqueid, before.spi_i, before.spi_r)
+    return after
+
+
 def test_e_level2_failover_the_standby_carries_on_the_isakmp_and_esp_sas(need_strongswan, lab, tmp_path):
     """Level 2: the standby adopts the dead active's sealed ISAKMP SA and ESP SAs (keepalived's
     notify_master runs `narctl cluster adopt`): no new Main Mode, no new Quick Mode; a ping running
@@ -376,11 +386,8 @@ def test_e_level2_failover_the_standby_carries_on_the_isakmp_and_esp_sas(need_st
         assert " 399 " in out or "icmp_seq=400 " in out or "icmp_seq=399 " in out  # still answered at the end
         assert tcp.split() == ["OK", str(TCP_BYTES)], tcp  # every byte, in order, one connection
         # the same ISAKMP SA and CHILD SA on the client: nothing was renegotiated
-        (after,) = c.list_sas()
-        assert after.established and after.children and before.children
-        assert [ch.spi_in for ch in after.children] == [ch.spi_in for ch in before.children]
+        after = same_sas_on_the_client(c, before)
         same_ike = (before.uniqueid, before.spi_i, before.spi_r)
-        assert (after.uniqueid, after.spi_i, after.spi_r) == same_ike
         # the standby carries that ISAKMP SA (same cookies) with alice's address; it ran no Main Mode
         (row,) = n2.rows("ike", "sas")
         assert (row["name"], row["user"], row["address"]) == (before.spi_i.hex()[:8] + before.spi_r.hex()[:8],
@@ -496,11 +503,8 @@ def test_e_level2_failover_ikev2_the_standby_carries_on_the_ike_sa_and_child_sas
         assert received > sent - 100, out[-2000:] + adopt_log[-2000:] + n2.log_text()[-3000:]
         assert tcp.split() == ["OK", str(TCP_BYTES)], tcp  # every byte, in order, one connection
         # the same IKE SA and CHILD SA on the client: nothing was renegotiated
-        (after,) = c.list_sas()
-        assert after.established and after.children and before.children
-        assert [ch.spi_in for ch in after.children] == [ch.spi_in for ch in before.children]
+        after = same_sas_on_the_client(c, before)
         same_ike = (before.uniqueid, before.spi_i, before.spi_r)
-        assert (after.uniqueid, after.spi_i, after.spi_r) == same_ike
         (row,) = n2.rows("ike", "sas")
         assert (row["name"], row["address"]) == (before.spi_i.hex()[:8] + before.spi_r.hex()[:8],
                                                  after.local_vips[0]), row
