@@ -192,6 +192,21 @@ def load(seconds: float, window: int, check: bool) -> dict:
             "p99_ms": 1000 * lat[min(n - 1, int(n * 0.99))] if n else None}
 
 
+#: the relay's configuration, shared with bench/profile_mip.py (the same relay in one process)
+MIPPROXY_TOML = f"""
+[mipproxy]
+public_address = "{PUB}"
+private_address = "{PRIV}"
+home_agents = ["{HA}"]
+data_path = false
+max_pending = 100000
+[[mipproxy.mobile_nodes]]
+spi = {SPI}
+key = "{KEY.hex()}"
+home_address = "{HOME}"
+"""
+
+
 def run_daemon(tmp: Path) -> subprocess.Popen:
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = tmp / "bench.toml"
@@ -207,17 +222,7 @@ def run_daemon(tmp: Path) -> subprocess.Popen:
         enabled = false
         [log]
         level = "warn"
-        [mipproxy]
-        public_address = "{PUB}"
-        private_address = "{PRIV}"
-        home_agents = ["{HA}"]
-        data_path = false
-        max_pending = 100000
-        [[mipproxy.mobile_nodes]]
-        spi = {SPI}
-        key = "{KEY.hex()}"
-        home_address = "{HOME}"
-        """))
+        """) + MIPPROXY_TOML)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", TWISTD, "--pidfile=", "-n", "narsuite",
                              "--config", str(cfg), "--role=mipproxy"], env=env, cwd=tmp,

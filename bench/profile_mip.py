@@ -40,18 +40,7 @@ from narsuite.mipproxy.records import KINDS  # noqa: E402
 from narsuite.mipproxy.registration import RegistrationRelay  # noqa: E402
 from narsuite.store import MemoryBackend, Store  # noqa: E402
 
-CONFIG = f"""
-[mipproxy]
-public_address = "{B.PUB}"
-private_address = "{B.PRIV}"
-home_agents = ["{B.HA}"]
-data_path = false
-max_pending = 100000
-[[mipproxy.mobile_nodes]]
-spi = {B.SPI}
-key = "{B.KEY.hex()}"
-home_address = "{B.HOME}"
-"""
+CONFIG = B.MIPPROXY_TOML
 
 
 def ha_reply(relayed: bytes) -> bytes:
