@@ -94,9 +94,10 @@ ECHO = textwrap.dedent("""
 
 # The client: one association, driven by JSON lines on stdin, one JSON answer line per command.
 #   {"op": "info"}                                   relay address, own address
-#   {"op": "run", "dst": [ip, port], "n": N, "seed": S, "interval": 0,
+#   {"op": "run", "dst": [ip, port], "n": N, "seed": S, "interval": 0, "sizes": [1, 1400],
 #    "send_header": hex|None, "expect_header": hex|None}
-#       lockstep round trips with random payloads (1 and 1400 bytes first, then 1..1400); with
+#       lockstep round trips with random payloads (the smallest and largest size first, then
+#       random sizes in between); with
 #       send_header the datagram is sent raw with that header, else by the library; each reply is
 #       read raw and compared whole with expect_header (default: ATYP 1/4 of dst) + b"R" + reversed
 #       payload; every 50th round trip is read by the library's own recvfrom instead.
@@ -172,7 +173,8 @@ CLIENT = textwrap.dedent("""
         res = {"sent": 0, "ok": 0, "lost": 0, "bad": [], "digests": [], "bytes_up": 0, "bytes_down": 0}
         streak = 0
         for i in range(c["n"]):
-            size = (1, 1400)[i] if i < 2 else rng.randint(1, 1400)
+            lo, hi = c.get("sizes", (1, 1400))
+            size = (lo, hi)[i] if i < 2 else rng.randint(lo, hi)
             p = rng.randbytes(size)
             try:
                 if send_hdr is not None:
@@ -408,10 +410,11 @@ def assert_intact(res: dict[str, Any], n: int, what: str) -> None:
         what, {k: v for k, v in res.items() if k != "digests"})
 
 
-def assert_target_got(echo_rows: list[list[Any]], res: dict[str, Any], port: int, src: tuple[str, int]
-                      ) -> None:
-    """The target received exactly what the client sent, in order, from the relay's address and port."""
-    rows = [r for r in echo_rows if r[0] == port]
+def assert_target_got(echo_rows: list[list[Any]], res: dict[str, Any], port: int, src: tuple[str, int],
+                      only_src: bool = False) -> None:
+    """The target received exactly what the client sent, in order, from the relay's address and port
+    (``only_src``: of what reached ``port`` from ``src``, when several associations share the echo)."""
+    rows = [r for r in echo_rows if r[0] == port and (not only_src or (r[1], r[2]) == src)]
     assert [r[3:] for r in rows] == res["digests"], (
         f"target got {len(rows)} datagrams, client sent {len(res['digests'])}; first differences: "
         + repr([(i, a, b) for i, (a, b) in enumerate(zip((r[3:] for r in rows), res["digests"])) if a != b][:3]))
@@ -479,6 +482,43 @@ def test_loopback_2000_datagrams_intact_and_offloaded(solo, tmp_path, mode, reac
     progs = attached(h, tmp_path, "lo")
     assert progs["lo/ingress"] == (1 if mode == "auto" else 0), progs
     c.do(op="close")
+    d.terminate()
+
+
+def test_workers_each_offload_their_own_associations(solo, tmp_path):
+    """Case 1 with ``[nar] workers = 2``: each process has its own program on ``lo`` (tcx runs them in
+    turn, so one's miss must fall through to the next).  Six associations, open at once, land on
+    either process; each carries 300 round trips, then 100 more interleaved: all intact, all but
+    the first few of each offloaded, totals right."""
+    h = solo
+    echo = Echo(h, tmp_path, "127.0.0.2")
+    d = start_nar(h, tmp_path, "127.0.0.1", "auto", extra="workers = 2\n")
+    dst = ("127.0.0.2", ECHO_PORT)
+    clients = [Client(h, tmp_path, "127.0.0.1", "127.0.0.1") for _ in range(6)]
+    results: list[list[dict[str, Any]]] = [[] for _ in clients]
+    for rnd, n in enumerate((300, 100)):
+        for i, c in enumerate(clients):
+            res = c.run(dst, n, seed=100 * rnd + i)
+            assert_intact(res, n, f"association {i} round {rnd}")
+            results[i].append(res)
+    total = sum(r["sent"] for rs in results for r in rs)
+    s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= total, seconds=10)
+    rows = echo.settled()
+    for c, rs in zip(clients, results):
+        both = {"digests": rs[0]["digests"] + rs[1]["digests"]}
+        assert_target_got(rows, both, ECHO_PORT, ("127.0.0.1", c.relay[1]), only_src=True)
+    assert s["udp_datagrams_out"] == total and s["udp_datagrams_in"] == total, s
+    assert s["bytes_up"] == sum(r["bytes_up"] for rs in results for r in rs), s
+    assert s["bytes_down"] == sum(r["bytes_down"] for rs in results for r in rs), s
+    assert s["udp_offload_datagrams_out"] >= total - FEW * len(clients), s
+    assert s["udp_offload_datagrams_in"] >= total - FEW * len(clients), s
+    assert s["udp_offload_flows"] == len(clients) and s["udp_offload_errors"] == 0, s
+    busy = [r for r in d.rows("nar", "stats")
+            if r["counter"].startswith("workers.pid.") and int(r["value"]) > 0]
+    progs = attached(h, tmp_path, "lo")
+    assert progs["lo/ingress"] == len(busy), (progs, busy)  # one program per process with flows
+    for c in clients:
+        c.do(op="close")
     d.terminate()
 
 
@@ -683,8 +723,10 @@ def ybox_in_n(xny):
 def test_fall_through_domain_frag_and_strangers_behave_as_without_offload(xny, tmp_path, ybox_in_n, mode):
     """Case 5 (IPv4 part), the same assertions with and without the offload, after the flow to
     Y:7777 is installed (auto): ATYP 3 datagrams are relayed and answered (replies labelled with
-    Y's IPv4 address); FRAG 1 datagrams are dropped and counted; datagrams from a source the client
-    never sent to (Y:7778) are dropped and counted, and the client gets nothing of them."""
+    Y's IPv4 address); datagrams IP-fragmented on the way, and replies too big for the client's link
+    once the header is added, arrive intact; FRAG 1 datagrams are dropped and counted; datagrams
+    from a source the client never sent to (Y:7778) are dropped and counted, and the client gets
+    nothing of them."""
     t = xny
     echo = Echo(t.y, tmp_path, t.y_addr, (ECHO_PORT, ECHO_PORT + 1))
     d = start_nar(t.n, tmp_path, t.n_private, mode)
@@ -700,6 +742,13 @@ def test_fall_through_domain_frag_and_strangers_behave_as_without_offload(xny, t
     rows = echo.settled()
     assert_target_got(rows[seen:], dom, ECHO_PORT, (t.n_public, c.relay[1]))
     seen = len(rows)
+    # too big for one frame at 1500 bytes MTU, one way or both: X or Y fragment them, or the relayed
+    # reply (+10 bytes of header) would not fit the client-side link
+    big = c.run((t.y_addr, ECHO_PORT), 50, seed=7, sizes=[1455, 3000])
+    assert_intact(big, 50, "near and above the MTU")
+    rows = echo.settled()
+    assert_target_got(rows[seen:], big, ECHO_PORT, (t.n_public, c.relay[1]))
+    seen = len(rows)
     # FRAG != 0, to the installed destination
     c.do(op="raw", hex=(header(t.y_addr, ECHO_PORT, frag=1) + b"fragment").hex(), count=20)
     assert c.do(op="drain", seconds=1.0) == {"got": []}
@@ -709,15 +758,18 @@ def test_fall_through_domain_frag_and_strangers_behave_as_without_offload(xny, t
     assert c.do(op="drain", seconds=1.0) == {"got": []}
     after = c.run((t.y_addr, ECHO_PORT), 20, seed=6)  # and the association still works
     assert_intact(after, 20, "after the strangers")
-    s1 = settled_stats(d, lambda s: s["udp_datagrams_in"] >= s0["udp_datagrams_in"] + 70)
+    s1 = settled_stats(d, lambda s: s["udp_datagrams_in"] >= s0["udp_datagrams_in"] + 120)
     delta = {k: s1[k] - s0[k] for k in ("udp_datagrams_out", "udp_datagrams_in", "udp_fragments_dropped",
-                                         "udp_dropped", "udp_malformed")}
-    assert delta == {"udp_datagrams_out": 70, "udp_datagrams_in": 70, "udp_fragments_dropped": 20,
-                     "udp_dropped": 20, "udp_malformed": 0}, (delta, s1)
+                                         "udp_dropped", "udp_malformed", "bytes_up", "bytes_down")}
+    assert delta == {"udp_datagrams_out": 120, "udp_datagrams_in": 120, "udp_fragments_dropped": 20,
+                     "udp_dropped": 20, "udp_malformed": 0,
+                     "bytes_up": sum(r["bytes_up"] for r in (dom, big, after)),
+                     "bytes_down": sum(r["bytes_down"] for r in (dom, big, after))}, (delta, s1)
     if mode == "off":
         assert {k: s1[k] for k in OFFLOAD_COUNTERS} == dict.fromkeys(OFFLOAD_COUNTERS, 0), s1
-    else:  # the ATYP 3 datagrams went through the relay, not the kernel
-        assert s1["udp_offload_datagrams_out"] - s0["udp_offload_datagrams_out"] <= 20, (s0, s1)
+    else:  # the ATYP 3 and the IP-fragmented datagrams went through the relay, not the kernel
+        fits = sum(1 for size, _ in big["digests"] if size + 10 + 28 <= 1500)
+        assert s1["udp_offload_datagrams_out"] - s0["udp_offload_datagrams_out"] <= 20 + fits, (s0, s1)
     c.do(op="close")
     d.terminate()
 
