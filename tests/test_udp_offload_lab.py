@@ -187,8 +187,9 @@ CLIENT = textwrap.dedent("""
             res["bytes_up"] += len(p)
             res["digests"].append([len(p), hashlib.sha256(p).hexdigest()[:16]])
             want = b"R" + p[::-1]
-            if not wait(c.get("timeout", 2.0)):
+            if not wait(c.get("timeout", 1.0)):
                 res["lost"] += 1
+                res.setdefault("lost_at", []).append(i) if len(res.get("lost_at", [])) < 20 else None
                 streak += 1
                 if streak >= 5:
                     res["gave_up_at"] = i
