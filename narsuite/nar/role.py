@@ -70,6 +70,7 @@ class NarService(service.MultiService):
 
     def stopService(self) -> Any:
         d = super().stopService()
+        self.factory.stop_offload()  # detach the UDP fast path's programs with the service
         if self.handler is not None:
             self.handler.events.stop()  # log what the last interval held
         return d

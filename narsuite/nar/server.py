@@ -82,6 +82,8 @@ from narsuite.nar.records import SESSION_OWNER_PREFIX
 from narsuite.nar.rules import RuleSet
 from narsuite.nar.splice import AVAILABLE as SPLICE_AVAILABLE
 from narsuite.nar.splice import SpliceRelay
+from narsuite.nar.udpoffload import COUNTERS as OFFLOAD_COUNTERS
+from narsuite.nar.udpoffload import UdpOffload
 from narsuite.packet.routing import default_route_source, source_address
 from narsuite.schema import ConfigError
 from narsuite.transports import ITCPStreamTransport
@@ -411,6 +413,39 @@ class _UdpRelay(DatagramProtocol):
         self._client_dest: tuple[str, int] | None = None  # where replies go (its TCP address)
         # raw DST.ADDR+DST.PORT (IPv4) -> destination, for destinations sent to and allowed
         self._allowed_v4: dict[bytes, tuple[str, int]] = {}
+        # IPv4 destinations handed to the kernel fast path (narsuite.nar.udpoffload): the
+        # flow, or None when it was tried and stays in Python
+        self._offloaded: dict[tuple[str, int], Any] = {}
+
+    def stopProtocol(self) -> None:
+        self.end_offload()
+
+    def end_offload(self) -> None:
+        """Take this association's flows out of the kernel: called before its socket closes
+        (a port reused by a later association must never match stale entries)."""
+        flows = [f for f in self._offloaded.values() if f is not None]
+        self._offloaded.clear()
+        if flows:
+            off = self.f.udp_offload()
+            if off is not None:
+                off.remove(flows)
+
+    def _offload(self, dest: tuple[str, int]) -> None:
+        """The first allowed datagram to ``dest`` went through: let the kernel relay the
+        rest of this flow, both ways (when it can; else the flow stays here)."""
+        self._offloaded[dest] = None
+        try:
+            off = self.f.udp_offload()
+            if off is None or self._client_src is None or getattr(self.transport, "socket", None) is None:
+                return
+            here = self.socks.transport.getHost().host
+            if ":" in here or ":" in self._client_src[0]:
+                return
+            rport = self.transport.getHost().port  # type: ignore[union-attr]  # checked above
+            self._offloaded[dest] = off.install(self.socks, self._client_src, (here, rport), dest)
+        except Exception:
+            self.f.count("udp_offload_errors")
+            log.failure("socks udp: offloading a flow failed")
 
     def startProtocol(self) -> None:
         sock = getattr(self.transport, "socket", None)
@@ -545,6 +580,9 @@ class _UdpRelay(DatagramProtocol):
         counters["udp_datagrams_out"] += 1
         counters["bytes_up"] += len(data)
         self._send(data, key)
+        if (key not in self._offloaded and ":" not in ip and self._client_src is not None
+                and len(self._offloaded) < self.MAX_CACHE and key in self.peers):
+            self._offload(key)
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._sendto is None:  # a transport attached without makeConnection (tests)
@@ -827,6 +865,8 @@ class SocksProtocol(Protocol):
             d, self._pending = self._pending, None
             d.cancel()
         self._stop_connecting()
+        if self._udp is not None:
+            self._udp.end_offload()  # before the socket closes
         if self._listening is not None:
             port, self._listening = self._listening, None
             port.stopListening()
@@ -1271,7 +1311,8 @@ class SocksFactory(ServerFactory[SocksProtocol]):
              "udp_datagrams_in", "udp_fragments_dropped", "udp_dropped", "udp_malformed",
              "auth_failures", "rule_blocks", "malformed", "no_acceptable_method",
              "timeouts_negotiation", "timeouts_connect", "timeouts_idle", "bind_unexpected_peer",
-             "nar_sessions", "errors"], 0)
+             "nar_sessions", "errors", *OFFLOAD_COUNTERS], 0)
+        self._offload: UdpOffload | None | bool = False  # False: not made yet (see udp_offload)
         for code in socks.REPLY_NAMES:
             self.counters["reply_" + socks.reply_name(code)] = 0
         if metrics is not None:
@@ -1280,6 +1321,21 @@ class SocksFactory(ServerFactory[SocksProtocol]):
     def stopFactory(self) -> None:
         self.events.stop()
         self.warnings.stop()
+        self.stop_offload()
+
+    def udp_offload(self) -> UdpOffload | None:
+        """The UDP ASSOCIATE kernel fast path of this process, made on first use (the first
+        flow to offload), or None ("off", or the kernel cannot: one log line then)."""
+        if self._offload is False:
+            cfg = self.config
+            self._offload = UdpOffload.create(cfg.udp_offload, self.counters, cfg.udp_offload_max_flows,
+                                              self.reactor)
+        return self._offload if isinstance(self._offload, UdpOffload) else None
+
+    def stop_offload(self) -> None:
+        off, self._offload = self._offload, None  # stopped: not made again
+        if isinstance(off, UdpOffload):
+            off.stop()
 
     def totals(self) -> dict[str, int]:
         """Our counters plus the worker processes' (the same dict when there are none)."""

@@ -1,0 +1,648 @@
+"""The kernel fast path of UDP ASSOCIATE: a tc program relays a flow's datagrams after its first.
+
+Why: per round trip the Python relay does recvfrom+sendto twice, and more than half of
+that cost is the kernel waking the process (docs/bench-socks.md).  Once the first
+datagram of an (association, IPv4 destination) flow has passed :class:`_UdpRelay` and
+its rule check, :class:`UdpOffload` installs two map entries and the tc program on the
+ingress of the interfaces the flow's datagrams arrive on relays the rest itself:
+
+* client -> relay ``[00 00 00 01 DST.ADDR DST.PORT] data`` becomes relay -> DST ``data``
+  (forward map, keyed by client ip/port, relay ip/port, DST ip/port);
+* DST -> relay ``data`` becomes relay -> client ``[00 00 00 01 DST] data`` (reverse map,
+  keyed by DST ip/port and the relay's ip/port towards DST).
+
+The program (:func:`build_program`) strips or prepends the 10-byte header with
+``bpf_skb_adjust_room`` (at the network header), writes new IPv4 and UDP headers (TTL
+64, the IPv4 checksum computed, the UDP checksum updated incrementally: correct for a
+datagram that carries a full checksum; a zero checksum stays zero), and then either
+passes it on up the stack (``TC_ACT_OK``) when DST (or the client) is a local address, the
+socket being found by the new header, or hands it to ``bpf_redirect_neigh`` towards the route's
+interface (the kernel does the FIB and neighbour lookups).  (A redirect to ``lo``'s ingress
+would not do: the kernel takes 127.0.0.0/8 arriving that way for martians.)  Only plain cases
+take it: IPv4 without options, not a fragment, UDP, not GSO, FRAG 0 and ATYP 1, a
+forward payload of 10 bytes or more, a result within the egress MTU.  Everything else,
+and every miss, returns ``TCX_NEXT`` with the packet untouched: the Python path (and any
+other worker's program) sees it.  Nothing is dropped by the program.
+
+A datagram a local sender handed over with ``CHECKSUM_PARTIAL`` (loopback, a veth with
+checksum offload) holds only the pseudo-header sum in its checksum field and has its
+checksum start recorded in the socket buffer, which ``adjust_room`` does not move: such a
+datagram is left to Python (counted per flow as ``slow``) except in the reverse
+direction towards a local client: growing the packet leaves the recorded checksum start
+inside it, and the kernel does not verify a partial checksum it delivers locally.  A
+partial datagram from the client (shrunk, the checksum start would precede the new UDP
+header and the receiver would verify a sum nobody computed), or one for another
+interface (whose device would compute the sum from the stale start), goes to Python.
+A datagram is taken for partial when its checksum field equals its pseudo-header sum
+(a full checksum equal to it, 1 in 65536, then goes to Python too).
+
+One program and two maps per process (``[nar] workers`` > 1: each its own), one tcx link
+per ingress interface; a tcx link detaches when its descriptor closes, so nothing stays
+attached after the process ends however it ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.task import LoopingCall
+
+from narsuite.logs import logger
+from narsuite.packet import bpf
+from narsuite.packet.bpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm
+
+__all__ = ["UdpOffload", "build_program", "FWD_KEY", "FWD_VALUE", "REV_KEY", "REV_VALUE", "RouteInfo",
+           "fwd_key", "rev_key", "COUNTERS"]
+
+log = logger()
+
+#: Counters this module adds to the SOCKS factory's (shown as socks.<name> by narctl nar stats).
+COUNTERS = ("udp_offload_datagrams_out", "udp_offload_datagrams_in", "udp_offload_flows",
+            "udp_offload_full", "udp_offload_errors")
+
+# Map layouts (addresses and ports as they are on the wire, counters native).
+#: client ip, relay ip, client port, relay port, DST ip, DST port, pad
+FWD_KEY = struct.Struct("<4s4s2s2s4s2s2x")
+#: packets, bytes, last seen (ns, CLOCK_MONOTONIC), ifindex, flags, relay ip towards DST, mtu, slow
+FWD_VALUE = struct.Struct("<QQQII4sIQ")
+#: DST ip, relay ip towards DST, DST port, relay port
+REV_KEY = struct.Struct("<4s4s2s2s")
+#: packets, bytes, last seen, ifindex, flags, client ip, mtu, relay ip towards the client, client port, slow
+REV_VALUE = struct.Struct("<QQQII4sI4s2s2xQ")
+FLAG_LOCAL = 1  # a local destination: up the stack (TC_ACT_OK), else bpf_redirect_neigh
+
+ETH_P_IP_LE = 0x0008  # htons(0x0800) as a little-endian u32 load of skb->protocol
+PROTO_PSEUDO = 0x1100  # the pseudo header's zero byte and protocol 17, as a little-endian u16
+
+
+def fwd_key(client: tuple[str, int], relay: tuple[str, int], dest: tuple[str, int]) -> bytes:
+    return FWD_KEY.pack(socket.inet_aton(client[0]), socket.inet_aton(relay[0]), client[1].to_bytes(2, "big"),
+                        relay[1].to_bytes(2, "big"), socket.inet_aton(dest[0]), dest[1].to_bytes(2, "big"))
+
+
+def rev_key(dest: tuple[str, int], relay: tuple[str, int]) -> bytes:
+    return REV_KEY.pack(socket.inet_aton(dest[0]), socket.inet_aton(relay[0]), dest[1].to_bytes(2, "big"),
+                        relay[1].to_bytes(2, "big"))
+
+
+# ---------------------------------------------------------------- the program
+
+# stack slots (offsets from the frame pointer; every access naturally aligned)
+_KEY = -24       # map key (20 bytes)
+_FROM = -64      # old pseudo header (12) + old UDP header, checksum 0 (8) + SOCKS header (10) + pad (2)
+_NEWP = -80      # new pseudo header (12)
+_HDR = -128      # new IPv4 (20) + UDP (8) [+ SOCKS (10) + pad (2)]
+_CSUM = -136     # the old UDP checksum field (u64)
+_TOT = -144      # the old IPv4 total length, host order (u64)
+
+
+def _fold(a: Asm, r: int, tmp: int) -> None:
+    """r = 16-bit ones'-complement fold of the 32-bit sum in r."""
+    a.alu("mov", r, r, reg=True, bits=32)  # zero-extend (csum_diff returns a 32-bit sum in s64)
+    for _ in range(2):
+        a.mov(tmp, r)
+        a.alu("rsh", tmp, 16)
+        a.alu("and", r, 0xFFFF)
+        a.alu("add", r, tmp, reg=True)
+
+
+def _csum_diff(a: Asm, from_off: int | None, from_size: int, to_off: int, to_size: int,
+               seed_reg: int | None) -> None:
+    """r0 = bpf_csum_diff(fp+from_off, from_size, fp+to_off, to_size, seed)."""
+    if seed_reg is not None and seed_reg != R5:
+        a.mov(R5, seed_reg)
+    elif seed_reg is None:
+        a.movi(R5, 0)
+    if from_off is None:
+        a.movi(R1, 0)
+        a.movi(R2, 0)
+    else:
+        a.mov(R1, FP)
+        a.alu("add", R1, from_off)
+        a.movi(R2, from_size)
+    a.mov(R3, FP)
+    a.alu("add", R3, to_off)
+    a.movi(R4, to_size)
+    a.call(bpf.FN_csum_diff)
+
+
+def _copy(a: Asm, size: int, src: int, src_off: int, dst_off: int) -> None:
+    a.ldx(size, R0, src, src_off)
+    a.stx(size, FP, dst_off, R0)
+
+
+def build_program(fwd_fd: int, rev_fd: int, l2: int = 14) -> bytes:
+    """The tc program for an interface whose frames carry ``l2`` bytes before the IPv4
+    header (14: Ethernet and loopback; 0: tun and other raw-IP devices)."""
+    if l2 not in (0, 14):
+        raise ValueError("l2 must be 14 (Ethernet, loopback) or 0 (raw IP)")
+    L = l2
+    a = Asm()
+    a.mov(R6, R1)
+    a.ldx(4, R0, R6, bpf.SKB["protocol"])
+    a.jmp("ne", R0, ETH_P_IP_LE, "next")
+    a.ldx(4, R0, R6, bpf.SKB["pkt_type"])
+    a.jmp("ne", R0, 0, "next")  # PACKET_HOST only
+    a.ldx(4, R0, R6, bpf.SKB["gso_size"])
+    a.jmp("ne", R0, 0, "next")
+    a.ldx(4, R7, R6, bpf.SKB["data"])
+    a.ldx(4, R8, R6, bpf.SKB["data_end"])
+    a.mov(R0, R7)
+    a.alu("add", R0, L + 28)
+    a.jmp("gt", R0, R8, "pull", reg=True)
+
+    a.label("parse")  # r7 = data, at least L+28 bytes linear
+    a.ldx(1, R0, R7, L)
+    a.jmp("ne", R0, 0x45, "next")  # IPv4, no options
+    a.ldx(2, R0, R7, L + 6)
+    a.alu("and", R0, 0xFF3F)  # MF and the fragment offset (network order)
+    a.jmp("ne", R0, 0, "next")
+    a.ldx(1, R0, R7, L + 9)
+    a.jmp("ne", R0, 17, "next")
+    a.ldx(2, R9, R7, L + 2)
+    a.be16(R9)  # total length
+    a.ldx(2, R1, R7, L + 24)
+    a.be16(R1)  # UDP length
+    a.mov(R2, R9)
+    a.alu("sub", R2, 20)
+    a.jmp("ne", R1, R2, "next", reg=True)
+    a.stx(8, FP, _TOT, R9)
+    a.jmp("lt", R1, 18, "reverse")
+    a.mov(R0, R7)
+    a.alu("add", R0, L + 38)
+    a.jmp("gt", R0, R8, "reverse", reg=True)
+    a.ldx(2, R0, R7, L + 28)
+    a.jmp("ne", R0, 0, "reverse")  # RSV
+    a.ldx(2, R0, R7, L + 30)
+    a.jmp("ne", R0, 0x0100, "reverse")  # FRAG 0, ATYP 1
+    _copy(a, 4, R7, L + 12, _KEY)
+    _copy(a, 4, R7, L + 16, _KEY + 4)
+    _copy(a, 2, R7, L + 20, _KEY + 8)
+    _copy(a, 2, R7, L + 22, _KEY + 10)
+    _copy(a, 4, R7, L + 32, _KEY + 12)
+    _copy(a, 2, R7, L + 36, _KEY + 16)
+    a.st(2, FP, _KEY + 18, 0)
+    a.ld_map(R1, fwd_fd)
+    a.mov(R2, FP)
+    a.alu("add", R2, _KEY)
+    a.call(bpf.FN_map_lookup_elem)
+    a.jmp("eq", R0, 0, "reverse")
+    a.mov(R9, R0)
+
+    # ---- forward: client -> relay with the header  ==>  relay -> DST without it
+    a.ldx(8, R1, FP, _TOT)
+    a.alu("sub", R1, 10)
+    a.ldx(4, R2, R9, 36)
+    a.jmp("gt", R1, R2, "fwd_slow", reg=True)
+    _pseudo_and_udp(a, L)
+    _copy(a, 4, R7, L + 28, _FROM + 20)  # the SOCKS header: RSV FRAG ATYP DST.ADDR DST.PORT
+    _copy(a, 4, R7, L + 32, _FROM + 24)
+    _copy(a, 2, R7, L + 36, _FROM + 28)
+    a.st(2, FP, _FROM + 30, 0)
+    _copy_ip(a, L)
+    _copy(a, 2, R7, L + 22, _HDR + 20)  # source port: the relay's
+    _copy(a, 2, R7, L + 36, _HDR + 22)  # destination port: DST.PORT
+    a.ldx(2, R0, R7, L + 24)
+    a.be16(R0)
+    a.alu("sub", R0, 10)
+    a.be16(R0)
+    a.stx(2, FP, _HDR + 24, R0)
+    _copy(a, 4, R7, L + 32, _HDR + 16)  # destination address: DST.ADDR
+    a.ldx(4, R0, R9, 32)
+    a.stx(4, FP, _HDR + 12, R0)  # source: the relay's address towards DST
+    _finish(a, L, udp_len=8, grow=-10, slow="fwd_slow", payload=38, slow_off=40)
+
+    # ---- reverse: DST -> relay  ==>  relay -> client with the header
+    a.label("reverse")
+    _copy(a, 4, R7, L + 12, _KEY)
+    _copy(a, 4, R7, L + 16, _KEY + 4)
+    _copy(a, 4, R7, L + 20, _KEY + 8)  # source and destination ports
+    a.ld_map(R1, rev_fd)
+    a.mov(R2, FP)
+    a.alu("add", R2, _KEY)
+    a.call(bpf.FN_map_lookup_elem)
+    a.jmp("eq", R0, 0, "next")
+    a.mov(R9, R0)
+    a.ldx(8, R1, FP, _TOT)
+    a.alu("add", R1, 10)
+    a.ldx(4, R2, R9, 36)
+    a.jmp("gt", R1, R2, "rev_slow", reg=True)
+    _pseudo_and_udp(a, L)
+    _copy_ip(a, L)
+    a.st(2, FP, _HDR + 28, 0)  # RSV
+    a.st(2, FP, _HDR + 30, 0x0100)  # FRAG 0, ATYP 1
+    _copy(a, 4, R7, L + 12, _HDR + 32)  # DST.ADDR: who sent it
+    _copy(a, 2, R7, L + 20, _HDR + 36)  # DST.PORT
+    a.st(2, FP, _HDR + 38, 0)
+    _copy(a, 2, R7, L + 22, _HDR + 20)  # source port: the relay's
+    a.ldx(2, R0, R9, 44)
+    a.stx(2, FP, _HDR + 22, R0)  # destination: the client's port
+    a.ldx(2, R0, R7, L + 24)
+    a.be16(R0)
+    a.alu("add", R0, 10)
+    a.be16(R0)
+    a.stx(2, FP, _HDR + 24, R0)
+    a.ldx(4, R0, R9, 40)
+    a.stx(4, FP, _HDR + 12, R0)  # source: the address the client sends to
+    a.ldx(4, R0, R9, 32)
+    a.stx(4, FP, _HDR + 16, R0)  # destination: the client
+    _finish(a, L, udp_len=20, grow=10, slow="rev_slow", payload=28, slow_off=48)
+
+    a.label("pull")  # the first L+28 bytes are not linear: pull them, or leave the packet be
+    a.mov(R1, R6)
+    a.movi(R2, L + 28)
+    a.call(bpf.FN_skb_pull_data)
+    a.jmp("ne", R0, 0, "next")
+    a.ldx(4, R7, R6, bpf.SKB["data"])
+    a.ldx(4, R8, R6, bpf.SKB["data_end"])
+    a.mov(R0, R7)
+    a.alu("add", R0, L + 28)
+    a.jmp("gt", R0, R8, "next", reg=True)
+    a.ja("parse")
+
+    for slow, off in (("fwd_slow", 40), ("rev_slow", 48)):
+        a.label(slow)  # an entry's datagram left to Python (too big, or partial checksum)
+        a.movi(R1, 1)
+        a.atomic_add(8, R9, off, R1)
+        a.ja("next")
+    a.label("next")
+    a.ret(bpf.TCX_NEXT)
+    return a.assemble()
+
+
+def _pseudo_and_udp(a: Asm, L: int) -> None:
+    """The old pseudo header and UDP header (checksum zeroed) into _FROM; the old checksum into _CSUM."""
+    _copy(a, 4, R7, L + 12, _FROM)
+    _copy(a, 4, R7, L + 16, _FROM + 4)
+    a.st(2, FP, _FROM + 8, PROTO_PSEUDO)
+    _copy(a, 2, R7, L + 24, _FROM + 10)
+    _copy(a, 4, R7, L + 20, _FROM + 12)
+    _copy(a, 2, R7, L + 24, _FROM + 16)
+    a.st(2, FP, _FROM + 18, 0)
+    a.ldx(2, R0, R7, L + 26)
+    a.stx(8, FP, _CSUM, R0)
+
+
+def _copy_ip(a: Asm, L: int) -> None:
+    for i in range(0, 20, 4):
+        _copy(a, 4, R7, L + i, _HDR + i)
+
+
+def _finish(a: Asm, L: int, *, udp_len: int, grow: int, slow: str, payload: int, slow_off: int) -> None:
+    """Common tail of both directions once _HDR holds the new IPv4 addresses and UDP header
+    (checksum 0) and _FROM the old pseudo+UDP headers: checksums, resize, write, count, redirect.
+    From here on the packet pointers are not used (the helpers below invalidate them)."""
+    d = "f" if grow < 0 else "r"
+    # new IPv4 header: TTL 64, total length, checksum
+    a.st(1, FP, _HDR + 8, 64)
+    a.ldx(8, R0, FP, _TOT)
+    a.alu("add", R0, grow)
+    a.be16(R0)
+    a.stx(2, FP, _HDR + 2, R0)
+    a.st(2, FP, _HDR + 10, 0)
+    a.st(2, FP, _HDR + 26, 0)  # the UDP checksum, until computed
+    _copy(a, 4, FP, _HDR + 12, _NEWP)
+    _copy(a, 4, FP, _HDR + 16, _NEWP + 4)
+    a.st(2, FP, _NEWP + 8, PROTO_PSEUDO)
+    _copy(a, 2, FP, _HDR + 24, _NEWP + 10)
+    _csum_diff(a, None, 0, _HDR, 20, None)
+    _fold(a, R0, R1)
+    a.alu("xor", R0, 0xFFFF)
+    a.stx(2, FP, _HDR + 10, R0)
+    # UDP checksum
+    a.ldx(8, R0, FP, _CSUM)
+    a.jmp("eq", R0, 0, d + "_write")  # none: stays none
+    _csum_diff(a, None, 0, _FROM, 12, None)
+    _fold(a, R0, R1)
+    a.ldx(8, R1, FP, _CSUM)
+    a.jmp("eq", R0, R1, d + "_partial", reg=True)
+    a.ldx(8, R5, FP, _CSUM)
+    a.alu("xor", R5, 0xFFFF)
+    _csum_diff(a, _FROM, 32 if grow < 0 else 20, _NEWP, 12, R5)
+    a.jmp("slt", R0, 0, "next")
+    _csum_diff(a, None, 0, _HDR + 20, udp_len, R0)
+    a.jmp("slt", R0, 0, "next")
+    _fold(a, R0, R1)
+    a.alu("xor", R0, 0xFFFF)
+    a.jmp("ne", R0, 0, d + "_csum")
+    a.movi(R0, 0xFFFF)  # a computed 0 is sent as all ones (RFC 768)
+    a.label(d + "_csum")
+    a.stx(2, FP, _HDR + 26, R0)
+    a.ja(d + "_write")
+    a.label(d + "_partial")  # the pseudo-header sum only: local delivery only
+    if grow < 0:
+        # Shrinking moves the UDP header past the skb's recorded checksum start, after which
+        # the receiver verifies a checksum nobody computed: Python relays these.
+        a.ja(slow)
+    else:
+        a.ldx(4, R0, R9, 28)
+        a.alu("and", R0, FLAG_LOCAL)
+        a.jmp("eq", R0, 0, slow)
+        _csum_diff(a, None, 0, _NEWP, 12, None)
+        _fold(a, R0, R1)
+        a.stx(2, FP, _HDR + 26, R0)
+    a.label(d + "_write")
+    a.mov(R1, R6)
+    a.movi(R2, grow)
+    a.movi(R3, bpf.BPF_ADJ_ROOM_NET)
+    a.movi(R4, 0)
+    a.call(bpf.FN_skb_adjust_room)
+    a.jmp("ne", R0, 0, "next")  # refused: nothing was changed
+    a.mov(R1, R6)
+    a.movi(R2, L)
+    a.mov(R3, FP)
+    a.alu("add", R3, _HDR)
+    a.movi(R4, 28 if grow < 0 else 38)
+    a.movi(R5, bpf.BPF_F_RECOMPUTE_CSUM)
+    a.call(bpf.FN_skb_store_bytes)
+    a.label(d + "_count")
+    a.movi(R1, 1)
+    a.atomic_add(8, R9, 0, R1)
+    a.ldx(8, R1, FP, _TOT)
+    a.alu("sub", R1, payload)
+    a.atomic_add(8, R9, 8, R1)
+    a.call(bpf.FN_ktime_get_ns)
+    a.stx(8, R9, 16, R0)
+    a.ldx(4, R0, R9, 28)
+    a.alu("and", R0, FLAG_LOCAL)
+    a.jmp("eq", R0, 0, d + "_neigh")
+    a.ret(bpf.TC_ACT_OK)  # local: on up the stack, the socket is found by the new header
+    a.label(d + "_neigh")
+    a.ldx(4, R1, R9, 24)
+    a.movi(R2, 0)
+    a.movi(R3, 0)
+    a.movi(R4, 0)
+    a.call(bpf.FN_redirect_neigh)
+    a.exit()
+
+
+# ---------------------------------------------------------------- the controller
+
+#: /sys/class/net/<if>/type values whose frames carry 14 bytes before IPv4, and the raw-IP one.
+ARPHRD_ETHER, ARPHRD_LOOPBACK, ARPHRD_NONE = 1, 772, 65534
+_L2_LEN = {ARPHRD_ETHER: 14, ARPHRD_LOOPBACK: 14, ARPHRD_NONE: 0}
+RTN_LOCAL = 2
+
+
+@attrs.frozen
+class RouteInfo:
+    """Where the kernel sends datagrams for one address: interface, local or not, our source, MTU."""
+
+    ifindex: int
+    local: bool
+    source: str
+    mtu: int
+    l2: int | None  # bytes before IPv4 on that interface; None: a type we do not handle
+
+
+def kernel_route(ip: str, _ipr: list[Any] = []) -> RouteInfo | None:  # noqa: B006 - one IPRoute per process
+    """The route to ``ip`` (RTM_GETROUTE through pyroute2), or None without one."""
+    from pyroute2 import IPRoute
+
+    if not _ipr:
+        _ipr.append(IPRoute())
+    try:
+        msg = _ipr[0].route("get", dst=ip)[0]
+    except Exception:
+        return None
+    oif = msg.get_attr("RTA_OIF")
+    src = msg.get_attr("RTA_PREFSRC")
+    if oif is None:
+        return None
+    try:
+        name = socket.if_indextoname(oif)
+        with open(f"/sys/class/net/{name}/mtu") as f:
+            mtu = int(f.read())
+        with open(f"/sys/class/net/{name}/type") as f:
+            kind = int(f.read())
+    except (OSError, ValueError):
+        return None
+    metrics = msg.get_attr("RTA_METRICS")
+    if metrics is not None:
+        route_mtu = metrics.get_attr("RTAX_MTU")
+        if route_mtu:
+            mtu = min(mtu, route_mtu)
+    if not src:
+        from narsuite.packet.routing import source_address
+
+        src = source_address(ip, "")
+    if not src:
+        return None
+    return RouteInfo(oif, msg["type"] == RTN_LOCAL, src, mtu, _L2_LEN.get(kind))
+
+
+@attrs.define
+class _Flow:
+    """One offloaded (association, destination): its two keys and what was already counted."""
+
+    fwd: bytes
+    rev: bytes
+    owner: Any  # the SOCKS protocol of the association (``_last`` is refreshed from last-seen)
+    seen: list[int] = attrs.Factory(lambda: [0, 0, 0, 0])  # out packets, out bytes, in packets, in bytes
+    last_ns: int = 0
+
+
+class UdpOffload:
+    """Installs and removes flows, owns the program, maps and links, and folds the kernel's
+    counters into the SOCKS factory's (a sweep every ``interval`` seconds).
+
+    Map failures never reach the caller: :meth:`install` returns False (the flow stays
+    on the Python path) and counts ``udp_offload_full`` or ``udp_offload_errors``."""
+
+    def __init__(self, counters: dict[str, int], max_flows: int, reactor: Any, *,
+                 route: Callable[[str], RouteInfo | None] = kernel_route,
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns, interval: float = 1.0) -> None:
+        self.counters = counters
+        for name in COUNTERS:
+            counters.setdefault(name, 0)
+        self.max_flows = max_flows
+        self.reactor = reactor
+        self.route = route
+        self.monotonic_ns = monotonic_ns
+        self.flows: dict[bytes, _Flow] = {}
+        self._routes: dict[str, RouteInfo | None] = {}
+        self._programs: dict[int, bpf.Program] = {}
+        self._links: dict[int, bpf.TcxLink] = {}
+        self._lo = socket.if_nametoindex("lo")
+        self.fwd = bpf.HashMap(FWD_KEY.size, FWD_VALUE.size, max_flows, "nar_udp_fwd")
+        try:
+            self.rev = bpf.HashMap(REV_KEY.size, REV_VALUE.size, max_flows, "nar_udp_rev")
+        except BaseException:
+            self.fwd.close()
+            raise
+        self._sweeps = 0
+        self.loop = LoopingCall(self.sweep)
+        self.loop.clock = reactor
+        self.interval = interval
+
+    @classmethod
+    def create(cls, mode: str, counters: dict[str, int], max_flows: int, reactor: Any,
+               **kw: Any) -> UdpOffload | None:
+        """The controller for ``[nar] udp_offload`` = ``mode``, started; None when "off" or
+        when this kernel cannot (then one log line says why)."""
+        if mode == "off":
+            return None
+        try:
+            self = cls(counters, max_flows, reactor, **kw)
+        except (bpf.BpfError, OSError) as e:
+            log.info("socks udp: kernel offload unavailable ({e}); UDP ASSOCIATE relays in Python", e=e)
+            return None
+        try:
+            # a tcx link on lo and back: kernels before 6.6 have no tcx (EINVAL)
+            self._link(self._lo, 14).close()
+            self._links.pop(self._lo, None)
+        except (bpf.BpfError, OSError) as e:
+            self.stop()
+            log.info("socks udp: kernel offload unavailable ({e}); UDP ASSOCIATE relays in Python",
+                     e=str(e).splitlines()[0])
+            return None
+        self.loop.start(self.interval, now=False)
+        return self
+
+    def _link(self, ifindex: int, l2: int) -> bpf.TcxLink:
+        link = self._links.get(ifindex)
+        if link is None:
+            prog = self._programs.get(l2)
+            if prog is None:
+                prog = bpf.Program(build_program(self.fwd.fd, self.rev.fd, l2), name=f"nar_udp_l2_{l2}")
+                self._programs[l2] = prog
+            link = self._links[ifindex] = bpf.TcxLink(prog, ifindex)
+        return link
+
+    def _route(self, ip: str) -> RouteInfo | None:
+        if ip not in self._routes:
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[ip] = self.route(ip)
+        return self._routes[ip]
+
+    def install(self, owner: Any, client: tuple[str, int], relay: tuple[str, int],
+                dest: tuple[str, int]) -> _Flow | None:
+        """Offload datagrams between ``client`` (its source) and ``dest`` through the relay
+        socket bound to port ``relay[1]`` that the client reaches at ``relay[0]``.  The
+        flow, or None when it stays on the Python path."""
+        if len(self.flows) >= self.max_flows:
+            self.counters["udp_offload_full"] += 1
+            return None
+        if dest == relay or dest == client:
+            return None
+        to_client = self._route(client[0])
+        to_dest = self._route(dest[0])
+        if to_client is None or to_dest is None or to_client.l2 is None or to_dest.l2 is None:
+            return None
+        # a local destination is reached up the stack of the interface the datagram came
+        # in on: 127.0.0.0/8 only from lo (elsewhere the kernel drops it as a martian)
+        if ((to_dest.local and dest[0].startswith("127.") and to_client.ifindex != self._lo)
+                or (to_client.local and client[0].startswith("127.") and to_dest.ifindex != self._lo)):
+            return None
+        try:
+            fk = fwd_key(client, relay, dest)
+            rk = rev_key(dest, (to_dest.source, relay[1]))
+        except (OSError, ValueError, OverflowError):
+            return None
+        if fk in self.flows:
+            return self.flows[fk]
+        try:
+            self._link(to_client.ifindex, to_client.l2)  # client -> relay arrive there
+            self._link(to_dest.ifindex, to_dest.l2)  # DST -> relay arrive there
+            self.rev.update(rk, REV_VALUE.pack(
+                0, 0, 0, to_client.ifindex,
+                FLAG_LOCAL if to_client.local else 0, socket.inet_aton(client[0]), to_client.mtu,
+                socket.inet_aton(relay[0]), client[1].to_bytes(2, "big"), 0))
+            try:
+                self.fwd.update(fk, FWD_VALUE.pack(
+                    0, 0, 0, to_dest.ifindex, FLAG_LOCAL if to_dest.local else 0,
+                    socket.inet_aton(to_dest.source), to_dest.mtu, 0))
+            except BaseException:
+                self.rev.delete(rk)
+                raise
+        except (bpf.BpfError, OSError) as e:
+            if e.errno == errno.E2BIG:
+                self.counters["udp_offload_full"] += 1
+            else:
+                self.counters["udp_offload_errors"] += 1
+                log.debug("socks udp: offloading {client} -> {dest} failed: {e}", client=client, dest=dest, e=e)
+            return None
+        flow = self.flows[fk] = _Flow(fk, rk, owner)
+        self.counters["udp_offload_flows"] += 1
+        return flow
+
+    def remove(self, flows: list[_Flow]) -> None:
+        """Take ``flows`` out of the kernel, counting what they relayed since the last sweep."""
+        for flow in flows:
+            if self.flows.pop(flow.fwd, None) is None:
+                continue
+            try:
+                self._account(flow, self.fwd.lookup(flow.fwd), self.rev.lookup(flow.rev), None)
+                self.fwd.delete(flow.fwd)
+                self.rev.delete(flow.rev)
+            except (bpf.BpfError, OSError) as e:
+                self.counters["udp_offload_errors"] += 1
+                log.debug("socks udp: removing an offloaded flow failed: {e}", e=e)
+
+    def _account(self, flow: _Flow, fv: bytes | None, rv: bytes | None, now: tuple[int, float] | None) -> None:
+        c = self.counters
+        last = 0
+        if fv is not None:
+            packets, nbytes, seen = struct.unpack_from("<QQQ", fv)
+            dp, db = packets - flow.seen[0], nbytes - flow.seen[1]
+            flow.seen[0], flow.seen[1] = packets, nbytes
+            c["udp_datagrams_out"] += dp
+            c["udp_offload_datagrams_out"] += dp
+            c["bytes_up"] += db
+            last = seen
+        if rv is not None:
+            packets, nbytes, seen = struct.unpack_from("<QQQ", rv)
+            dp, db = packets - flow.seen[2], nbytes - flow.seen[3]
+            flow.seen[2], flow.seen[3] = packets, nbytes
+            c["udp_datagrams_in"] += dp
+            c["udp_offload_datagrams_in"] += dp
+            c["bytes_down"] += db
+            last = max(last, seen)
+        if last > flow.last_ns:
+            flow.last_ns = last
+            if now is not None:  # the idle timer sees offloaded datagrams as activity
+                now_ns, now_s = now
+                at = now_s - max(0, now_ns - last) / 1e9
+                owner = flow.owner
+                if at > owner._last:
+                    owner._last = at
+
+    def sweep(self) -> None:
+        """Fold the kernel's per-flow counters into ours; refresh the associations' activity."""
+        if not self.flows:
+            return
+        try:
+            fwd = dict(self.fwd.items())
+            rev = dict(self.rev.items())
+        except (bpf.BpfError, OSError) as e:
+            self.counters["udp_offload_errors"] += 1
+            log.debug("socks udp: reading the offload maps failed: {e}", e=e)
+            return
+        now = (self.monotonic_ns(), self.reactor.seconds())
+        for flow in self.flows.values():
+            self._account(flow, fwd.get(flow.fwd), rev.get(flow.rev), now)
+        self._sweeps += 1
+        if self._sweeps % 30 == 0:
+            self._routes.clear()  # routes change rarely; new flows look again
+
+    def stop(self) -> None:
+        """Count what is left, detach, close every descriptor (idempotent)."""
+        if self.loop.running:
+            self.loop.stop()
+        if not self.fwd.closed:
+            self.remove(list(self.flows.values()))
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        for prog in self._programs.values():
+            prog.close()
+        self._programs.clear()
+        self.fwd.close()
+        self.rev.close()

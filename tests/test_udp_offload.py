@@ -1,0 +1,341 @@
+"""The UDP ASSOCIATE kernel fast path (narsuite.nar.udpoffload, narsuite.packet.bpf).
+
+The program runs in the real kernel through BPF_PROG_TEST_RUN, fed packets built by scapy
+(the independent reference: expected packets are scapy's, checksums scapy's); the
+controller is driven with real maps.  Root and Linux 6.6+ are needed (tcx); without
+them these tests fail under NARSUITE_REQUIRE_LAB=1 and skip otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+
+import pytest
+from scapy.all import IP, UDP, Ether, Raw
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.task import Clock
+
+from narsuite import schema
+from narsuite.nar import socks
+from narsuite.nar import udpoffload as u
+from narsuite.nar.config import NarConfig, Rule
+from narsuite.nar.server import SocksFactory
+from narsuite.packet import bpf
+from narsuite.schema import ConfigError
+
+_WHY = bpf.available() if os.geteuid() == 0 else "not root"
+if _WHY is not None:
+    if os.environ.get("NARSUITE_REQUIRE_LAB"):
+        raise RuntimeError(f"eBPF needed for these tests: {_WHY}")
+    pytest.skip(f"no eBPF here: {_WHY}", allow_module_level=True)
+
+CLIENT = ("10.0.0.2", 40000)
+RELAY = ("10.0.0.1", 50000)  # where the client sends
+RELAY_T = "10.1.0.1"  # the relay's address towards DST
+DEST = ("10.1.0.5", 9999)
+MAC = {"src": "02:00:00:00:00:01", "dst": "00:00:00:00:00:00"}  # test runs take lo's (all-zero) MAC for us
+
+
+def header(ip: str = DEST[0], port: int = DEST[1]) -> bytes:
+    return b"\0\0\0\x01" + socket.inet_aton(ip) + port.to_bytes(2, "big")
+
+
+@pytest.fixture
+def prog():
+    fwd = bpf.HashMap(u.FWD_KEY.size, u.FWD_VALUE.size, 16)
+    rev = bpf.HashMap(u.REV_KEY.size, u.REV_VALUE.size, 16)
+    p = bpf.Program(u.build_program(fwd.fd, rev.fd, 14), name="nar_udp_test")
+    fwd.update(u.fwd_key(CLIENT, RELAY, DEST),
+               u.FWD_VALUE.pack(0, 0, 0, 7, 0, socket.inet_aton(RELAY_T), 1500, 0))
+    rev.update(u.rev_key(DEST, (RELAY_T, RELAY[1])),
+               u.REV_VALUE.pack(0, 0, 0, 8, 0, socket.inet_aton(CLIENT[0]), 1500, socket.inet_aton(RELAY[0]),
+                                CLIENT[1].to_bytes(2, "big"), 0))
+    yield p, fwd, rev
+    p.close()
+    fwd.close()
+    rev.close()
+
+
+def from_client(data: bytes, **ip) -> Ether:
+    return Ether(**MAC) / IP(src=CLIENT[0], dst=RELAY[0], **ip) / UDP(sport=CLIENT[1], dport=RELAY[1]) / Raw(data)
+
+
+def from_dest(data: bytes, **ip) -> Ether:
+    return Ether(**MAC) / IP(src=DEST[0], dst=RELAY_T, **ip) / UDP(sport=DEST[1], dport=RELAY[1]) / Raw(data)
+
+
+def test_forward_strips_the_header_and_readdresses(prog):
+    p, fwd, _ = prog
+    rc, out = p.test_run(bytes(from_client(header() + b"hello world", ttl=7, id=77)))
+    assert rc == bpf.TC_ACT_REDIRECT
+    expected = Ether(**MAC) / IP(src=RELAY_T, dst=DEST[0], ttl=64, id=77) / UDP(sport=RELAY[1], dport=DEST[1]) \
+        / Raw(b"hello world")
+    assert out == bytes(expected)  # scapy computed both checksums of the expected packet
+    packets, nbytes, last = struct.unpack_from("<QQQ", fwd.lookup(u.fwd_key(CLIENT, RELAY, DEST)))
+    assert (packets, nbytes) == (1, 11) and last > 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 1000, 1401])
+def test_forward_checksum_for_every_payload_parity(prog, size):
+    p, _, _ = prog
+    body = os.urandom(size)
+    rc, out = p.test_run(bytes(from_client(header() + body, id=1)))
+    assert rc == bpf.TC_ACT_REDIRECT
+    got = Ether(out)
+    chk = got[UDP].chksum
+    del got[UDP].chksum
+    assert Ether(bytes(got))[UDP].chksum == chk  # scapy's own sum over the rewritten datagram
+    assert bytes(got[UDP].payload) == body
+
+
+def test_reverse_prepends_the_header_and_readdresses(prog):
+    p, _, rev = prog
+    rc, out = p.test_run(bytes(from_dest(b"reply!", ttl=9, id=5)))
+    assert rc == bpf.TC_ACT_REDIRECT
+    expected = Ether(**MAC) / IP(src=RELAY[0], dst=CLIENT[0], ttl=64, id=5) \
+        / UDP(sport=RELAY[1], dport=CLIENT[1]) / Raw(header() + b"reply!")
+    assert out == bytes(expected)
+    packets, nbytes, _ = struct.unpack_from("<QQQ", rev.lookup(u.rev_key(DEST, (RELAY_T, RELAY[1]))))
+    assert (packets, nbytes) == (1, 6)
+
+
+def test_a_datagram_without_checksum_stays_without(prog):
+    p, _, _ = prog
+    pkt = from_dest(b"no checksum")
+    pkt[UDP].chksum = 0
+    rc, out = p.test_run(bytes(pkt))
+    assert rc == bpf.TC_ACT_REDIRECT and Ether(out)[UDP].chksum == 0
+    assert Ether(out)[Raw].load == header() + b"no checksum"
+
+
+def _frag(pkt: Ether) -> Ether:
+    pkt[IP].flags = "MF"
+    return pkt
+
+
+def _offset(pkt: Ether) -> Ether:
+    pkt[IP].frag = 8
+    return pkt
+
+
+FALL_THROUGH = {
+    "fragment (MF)": lambda: _frag(from_client(header() + b"x")),
+    "fragment (offset)": lambda: _offset(from_dest(b"x")),
+    "ATYP 3 (a name)": lambda: from_client(b"\0\0\0\x03\x07example\x00\x35" + b"x"),
+    "ATYP 4 (IPv6)": lambda: from_client(b"\0\0\0\x04" + bytes(16) + b"\x00\x35x"),
+    "FRAG != 0": lambda: from_client(b"\0\0\x01\x01" + header()[4:] + b"x"),
+    "RSV != 0": lambda: from_client(b"\0\x01\0\x01" + header()[4:] + b"x"),
+    "IP options": lambda: Ether(**MAC) / IP(src=CLIENT[0], dst=RELAY[0], options=b"\x01\x01\x01\x00")
+    / UDP(sport=CLIENT[1], dport=RELAY[1]) / Raw(header() + b"x"),
+    "miss (other destination)": lambda: from_client(header("10.1.0.6") + b"x"),
+    "miss (other client port)": lambda: Ether(**MAC) / IP(src=CLIENT[0], dst=RELAY[0])
+    / UDP(sport=CLIENT[1] + 1, dport=RELAY[1]) / Raw(header() + b"x"),
+    "miss (reply from a stranger)": lambda: Ether(**MAC) / IP(src="10.1.0.9", dst=RELAY_T)
+    / UDP(sport=DEST[1], dport=RELAY[1]) / Raw(b"x"),
+    "short SOCKS header": lambda: from_client(header()[:9]),
+    "too big for the client's MTU": lambda: from_dest(b"y" * (1500 - 28 - 9)),
+    "not UDP": lambda: Ether(**MAC) / IP(src=CLIENT[0], dst=RELAY[0], proto=6) / Raw(b"\0" * 40),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALL_THROUGH))
+def test_anything_else_falls_through_untouched(prog, case):
+    p, fwd, rev = prog
+    data = bytes(FALL_THROUGH[case]())
+    rc, out = p.test_run(data)
+    assert rc == bpf.TCX_NEXT and out == data
+    for m in (fwd, rev):
+        assert all(struct.unpack_from("<Q", v)[0] == 0 for _, v in m.items())
+
+
+def test_gso_falls_through(prog):
+    p, _, _ = prog
+    data = bytes(from_client(header() + b"x" * 100))
+    ctx = bytearray(bpf.SKB_SIZE)
+    struct.pack_into("<I", ctx, bpf.SKB["gso_size"], 50)
+    struct.pack_into("<I", ctx, bpf.SKB["gso_segs"], 2)
+    rc, out = p.test_run(data, ctx=bytes(ctx))
+    assert rc == bpf.TCX_NEXT and out == data
+
+
+def test_the_largest_reply_within_the_mtu_is_taken(prog):
+    p, _, _ = prog
+    rc, out = p.test_run(bytes(from_dest(b"y" * (1500 - 28 - 10))))
+    assert rc == bpf.TC_ACT_REDIRECT and len(out) == 14 + 1500
+
+
+def test_verifier_log_in_the_error():
+    a = bpf.Asm()
+    a.ldx(4, bpf.R0, bpf.R1, 1000)
+    a.exit()
+    with pytest.raises(bpf.BpfError) as e:
+        bpf.Program(a.assemble())
+    assert "invalid bpf_context access" in e.value.log
+
+
+def test_assembler_refuses_unknown_labels():
+    a = bpf.Asm()
+    a.ja("nowhere")
+    with pytest.raises(ValueError, match="nowhere"):
+        a.assemble()
+
+
+def test_map_iteration_by_batch_and_by_key():
+    with bpf.HashMap(4, 8, 10000) as m:
+        for i in range(5000):
+            m.update(struct.pack("<I", i), struct.pack("<Q", i * 3))
+        items = m.items(chunk=512)
+        assert sorted(items) == sorted((struct.pack("<I", i), struct.pack("<Q", i * 3)) for i in range(5000))
+        m._batch_ok = False
+        assert sorted(m.items()) == sorted(items)
+        assert m.delete(struct.pack("<I", 1)) and not m.delete(struct.pack("<I", 1))
+
+
+# ---------------------------------------------------------------- the controller
+
+def _route(table):
+    return lambda ip: table.get(ip)
+
+
+LOCAL = u.RouteInfo(1, True, "127.0.0.1", 65536, 14)
+
+
+class Owner:
+    _last = 0.0
+
+
+def _controller(max_flows=8, routes=None, now=None):
+    counters = dict.fromkeys(["udp_datagrams_out", "udp_datagrams_in", "bytes_up", "bytes_down"], 0)
+    clock = Clock()
+    ns = now if now is not None else [10**12]
+    off = u.UdpOffload(counters, max_flows, clock, route=_route(routes or {"127.0.0.1": LOCAL}),
+                       monotonic_ns=lambda: ns[0])
+    return off, counters, clock, ns
+
+
+def test_install_remove_and_sweep_fold_kernel_counters_into_ours():
+    off, c, clock, ns = _controller()
+    try:
+        owner = Owner()
+        flow = off.install(owner, ("127.0.0.1", 1000), ("127.0.0.1", 2000), ("127.0.0.1", 3000))
+        assert flow is not None and c["udp_offload_flows"] == 1 and 1 in off._links
+        v = u.FWD_VALUE.unpack(off.fwd.lookup(flow.fwd))
+        assert v[3:7] == (1, u.FLAG_LOCAL, socket.inet_aton("127.0.0.1"), 65536)
+        r = u.REV_VALUE.unpack(off.rev.lookup(flow.rev))
+        assert r[5] == socket.inet_aton("127.0.0.1") and r[8] == (1000).to_bytes(2, "big")
+        # the kernel relayed 3 datagrams out (30 bytes) and 2 in (8 bytes), the last 2 s ago
+        off.fwd.update(flow.fwd, u.FWD_VALUE.pack(3, 30, ns[0] - 2 * 10**9, *v[3:]))
+        off.rev.update(flow.rev, u.REV_VALUE.pack(2, 8, ns[0] - 5 * 10**9, *r[3:]))
+        clock.advance(100)
+        off.sweep()
+        assert (c["udp_datagrams_out"], c["udp_offload_datagrams_out"], c["bytes_up"]) == (3, 3, 30)
+        assert (c["udp_datagrams_in"], c["udp_offload_datagrams_in"], c["bytes_down"]) == (2, 2, 8)
+        assert owner._last == pytest.approx(98.0)
+        off.sweep()  # deltas only: nothing new
+        assert c["udp_datagrams_out"] == 3
+        off.fwd.update(flow.fwd, u.FWD_VALUE.pack(4, 41, ns[0], *v[3:]))
+        off.remove([flow])  # what the kernel did since the sweep is counted, then gone
+        assert (c["udp_datagrams_out"], c["bytes_up"]) == (4, 41)
+        assert off.fwd.items() == [] and off.rev.items() == [] and not off.flows
+    finally:
+        off.stop()
+    assert off.fwd.closed and off.rev.closed and not off._links
+
+
+def test_full_map_keeps_flows_in_python_and_counts():
+    off, c, _, _ = _controller(max_flows=2)
+    try:
+        for port in (3000, 3001):
+            assert off.install(Owner(), ("127.0.0.1", 1000), ("127.0.0.1", 2000), ("127.0.0.1", port))
+        assert off.install(Owner(), ("127.0.0.1", 1000), ("127.0.0.1", 2000), ("127.0.0.1", 3002)) is None
+        assert c["udp_offload_full"] == 1 and c["udp_offload_flows"] == 2
+    finally:
+        off.stop()
+
+
+def test_unroutable_or_unsupported_stays_in_python():
+    tun = u.RouteInfo(9, False, "10.9.0.1", 1400, None)
+    off, c, _, _ = _controller(routes={"127.0.0.1": LOCAL, "10.9.0.2": tun})
+    try:
+        assert off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("10.9.0.2", 3)) is None
+        assert off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("192.0.2.99", 3)) is None
+        assert off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 2)) is None  # itself
+        assert c["udp_offload_flows"] == 0 and c["udp_offload_errors"] == 0
+    finally:
+        off.stop()
+
+
+def test_a_failing_map_update_is_counted_and_never_raises():
+    off, c, _, _ = _controller()
+    try:
+        off.rev.close()
+        off.rev.fd = 10**6  # a descriptor that is not there: every map call fails
+        assert off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)) is None
+        assert c["udp_offload_errors"] == 1 and off.fwd.items() == []
+        off.rev.fd = -1
+    finally:
+        off.stop()
+
+
+def test_config_keys_are_validated():
+    assert NarConfig().udp_offload == "auto" and NarConfig().udp_offload_max_flows == 65536
+    with pytest.raises(ConfigError, match="nar.udp_offload.*'auto', 'off'"):
+        schema.build(NarConfig, {"udp_offload": "on"}, "nar")
+    with pytest.raises(ConfigError, match="nar.udp_offload_max_flows"):
+        schema.build(NarConfig, {"udp_offload_max_flows": 0}, "nar")
+
+
+def test_off_means_no_program():
+    f = SocksFactory(NarConfig(udp_offload="off"), reactor=Clock())
+    assert f.udp_offload() is None and f._offload is None
+
+
+def test_association_offloads_replies_and_removes_its_flows_when_it_ends():
+    """A real association on a real reactor over lo: the first datagram passes Python and
+    installs the flow; the replies are relayed by the kernel (counted as offloaded, totals
+    exact); closing the TCP connection removes the entries before the socket closes."""
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(5)
+    r = EPollReactor()
+    f = SocksFactory(NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")]), reactor=r)
+    port = r.listenTCP(0, f, interface="127.0.0.1").getHost().port
+    t = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
+    t.start()
+    try:
+        ctrl = socket.create_connection(("127.0.0.1", port), timeout=5)
+        ctrl.sendall(b"\x05\x01\x00")
+        assert ctrl.recv(2) == b"\x05\x00"
+        ctrl.sendall(socks.encode_request(socks.CMD_UDP_ASSOCIATE, "0.0.0.0", 0))
+        rep = ctrl.recv(10)
+        relay = ("127.0.0.1", int.from_bytes(rep[8:10], "big"))
+        cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        cl.bind(("127.0.0.1", 0))
+        cl.settimeout(5)
+        hdr = socks.encode_udp("127.0.0.1", echo.getsockname()[1], b"")
+        for i in range(5):
+            cl.sendto(hdr + b"ping%d" % i, relay)
+            got, src = echo.recvfrom(100)
+            assert got == b"ping%d" % i and src[1] == relay[1]
+            echo.sendto(b"pong%d" % i, src)
+            assert cl.recvfrom(100)[0] == hdr + b"pong%d" % i
+        off = f.udp_offload()
+        assert off is not None and len(off.flows) == 1
+        ctrl.close()
+        for _ in range(100):
+            if not off.flows:
+                break
+            threading.Event().wait(0.05)
+        assert not off.flows and off.fwd.items() == [] and off.rev.items() == []
+    finally:
+        r.callFromThread(r.stop)
+        t.join(10)
+        echo.close()
+    c = f.counters
+    assert c["udp_offload_flows"] == 1
+    assert c["udp_datagrams_in"] == 5 and c["bytes_down"] == 25
+    # loopback datagrams carry partial checksums: the kernel takes the replies, Python the rest
+    assert c["udp_offload_datagrams_in"] == 4 and c["udp_datagrams_out"] == 5
