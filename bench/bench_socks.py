@@ -5,7 +5,7 @@ Run (root, Dante installed: ``apt-get install dante-server``):
     python bench/bench_socks.py [--seconds 4] [--connect-workers 16] [--udp-workers 8] [--streams 1]
                                 [--only dante|narsuite] [--server twistd|script] [--workers 1]
                                 [--reactor default|epoll|narsuite-epoll] [--rounds 1]
-                                [--store memory|sqlite|redis] [--compare-store]
+                                [--store memory|sqlite|redis] [--compare-store] [--no-udp-offload]
 
 ``--rounds N`` measures both servers N times, in alternating order, and reports each
 figure's median and every round's ratios: on this shared 2-core machine Dante's own
@@ -281,13 +281,15 @@ methods = ["none"]
 decision_log_level = "debug"
 workers = {workers}
 splice = {splice}
+udp_offload = "{udp_offload}"
 [[nar.rules]]
 action = "pass"
 """
 
 
 def start_twistd(tmp: Path, workers: int = 1, reactor: str = "default", splice: bool = True,
-                 store: str = "memory", redis_url: str | None = None) -> tuple[subprocess.Popen, int]:
+                 store: str = "memory", redis_url: str | None = None,
+                 udp_offload: bool = True) -> tuple[subprocess.Popen, int]:
     """The nar role as an operator runs it: ``twistd -n narsuite --config ... --role=nar``
     (``--reactor`` only when asked for; by default ``twistd narsuite`` picks the reactor);
     ``store`` is ``[store] backend``, ``redis_url`` the redis-server of ``store = "redis"``."""
@@ -302,6 +304,7 @@ def start_twistd(tmp: Path, workers: int = 1, reactor: str = "default", splice: 
         store_extra = f'[store.redis]\nurl = "{redis_url}"\n[cluster]\nnode_id = "bench"'
     conf.write_text(TWISTD_CONFIG.format(tmp=run, port=port, workers=workers,
                                          splice="true" if splice else "false",
+                                         udp_offload="auto" if udp_offload else "off",
                                          store=store, store_extra=store_extra))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -497,6 +500,8 @@ def main() -> None:
                          "Twisted's epoll reactor, narsuite-epoll the lean one")
     ap.add_argument("--no-splice", action="store_true",
                     help="[nar] splice = false: relay streams through Python (twistd server only)")
+    ap.add_argument("--no-udp-offload", action="store_true",
+                    help="[nar] udp_offload = \"off\": relay UDP ASSOCIATE through Python (twistd server only)")
     ap.add_argument("--store", choices=("memory", "sqlite", "redis"), default="memory",
                     help="the twistd server's [store] backend (redis: a redis-server the bench "
                          "starts on loopback)")
@@ -523,7 +528,8 @@ def main() -> None:
 
     def start_store(store: str):  # type: ignore[no-untyped-def]
         def start(t: Path) -> tuple[subprocess.Popen, int]:
-            return start_twistd(t, args.workers, args.reactor, not args.no_splice, store, redis_url)
+            return start_twistd(t, args.workers, args.reactor, not args.no_splice, store, redis_url,
+                                not args.no_udp_offload)
         return start
 
     if args.server == "twistd":

@@ -100,6 +100,12 @@ _NEWP = -80      # new pseudo header (12)
 _HDR = -128      # new IPv4 (20) + UDP (8) [+ SOCKS (10) + pad (2)]
 _CSUM = -136     # the old UDP checksum field (u64)
 _TOT = -144      # the old IPv4 total length, host order (u64)
+_SUM = -152      # running sum over the payload (u64)
+_BUF = -424      # payload chunk (256 bytes + a zeroed word for a ragged end)
+CHUNK = 256
+#: The largest payload a partial-checksum datagram from the client has summed in the kernel.
+MAX_SUMMED = 64 * CHUNK
+FN_skb_load_bytes = 26
 
 
 def _fold(a: Asm, r: int, tmp: int) -> None:
@@ -289,6 +295,58 @@ def _pseudo_and_udp(a: Asm, L: int) -> None:
     a.stx(8, FP, _CSUM, R0)
 
 
+def _sum_payload(a: Asm, start: int, headers: int, slow: str) -> None:
+    """R5 = the 32-bit ones'-complement sum of the payload (packet offset ``start``, IPv4 total
+    length minus ``headers`` bytes), by chunks through the stack (the payload may be paged);
+    larger than MAX_SUMMED: to ``slow`` (the packet untouched, Python relays it).
+    Unrolled: the verifier follows every chunk, so the chunk count is a constant."""
+    a.ldx(8, R7, FP, _TOT)
+    a.alu("sub", R7, headers)  # bytes left
+    a.jmp("gt", R7, MAX_SUMMED, slow)
+    a.movi(R8, start)  # packet offset
+    a.st(8, FP, _SUM, 0)
+    for _ in range(MAX_SUMMED // CHUNK):
+        a.jmp("eq", R7, 0, "sum_done")
+        a.jmp("le", R7, CHUNK, "sum_tail")
+        a.mov(R1, R6)
+        a.mov(R2, R8)
+        a.mov(R3, FP)
+        a.alu("add", R3, _BUF)
+        a.movi(R4, CHUNK)
+        a.call(FN_skb_load_bytes)
+        a.jmp("ne", R0, 0, "next")
+        a.ldx(8, R5, FP, _SUM)
+        _csum_diff(a, None, 0, _BUF, CHUNK, R5)
+        a.stx(8, FP, _SUM, R0)
+        a.alu("add", R8, CHUNK)
+        a.alu("sub", R7, CHUNK)
+    a.ja("sum_done")
+    a.label("sum_tail")  # 1..CHUNK bytes: zero the word the last bytes end in, then load them
+    a.mov(R1, R7)
+    a.alu("and", R1, 0xFFFC)
+    a.alu("add", R1, FP, reg=True)
+    a.st(4, R1, _BUF, 0)
+    a.mov(R1, R6)
+    a.mov(R2, R8)
+    a.mov(R3, FP)
+    a.alu("add", R3, _BUF)
+    a.mov(R4, R7)
+    a.call(FN_skb_load_bytes)
+    a.jmp("ne", R0, 0, "next")
+    a.ldx(8, R5, FP, _SUM)
+    a.mov(R4, R7)
+    a.alu("add", R4, 3)
+    a.alu("and", R4, 0xFFFC)
+    a.movi(R1, 0)
+    a.movi(R2, 0)
+    a.mov(R3, FP)
+    a.alu("add", R3, _BUF)
+    a.call(bpf.FN_csum_diff)
+    a.stx(8, FP, _SUM, R0)
+    a.label("sum_done")
+    a.ldx(8, R5, FP, _SUM)
+
+
 def _copy_ip(a: Asm, L: int) -> None:
     for i in range(0, 20, 4):
         _copy(a, 4, R7, L + i, _HDR + i)
@@ -336,14 +394,21 @@ def _finish(a: Asm, L: int, *, udp_len: int, grow: int, slow: str, payload: int,
     a.stx(2, FP, _HDR + 26, R0)
     a.ja(d + "_write")
     a.label(d + "_partial")  # the pseudo-header sum only: local delivery only
+    a.ldx(4, R0, R9, 28)
+    a.alu("and", R0, FLAG_LOCAL)
+    a.jmp("eq", R0, 0, slow)
     if grow < 0:
-        # Shrinking moves the UDP header past the skb's recorded checksum start, after which
-        # the receiver verifies a checksum nobody computed: Python relays these.
-        a.ja(slow)
+        # Shrinking moves the UDP header past the skb's recorded checksum start, so the
+        # receiver verifies the checksum: sum the payload here and write a full one.
+        _sum_payload(a, L + 38, payload, slow)
+        _csum_diff(a, None, 0, _NEWP, 12, R5)
+        _csum_diff(a, None, 0, _HDR + 20, udp_len, R0)
+        _fold(a, R0, R1)
+        a.alu("xor", R0, 0xFFFF)
+        a.jmp("ne", R0, 0, d + "_csum")
+        a.movi(R0, 0xFFFF)
+        a.ja(d + "_csum")
     else:
-        a.ldx(4, R0, R9, 28)
-        a.alu("and", R0, FLAG_LOCAL)
-        a.jmp("eq", R0, 0, slow)
         _csum_diff(a, None, 0, _NEWP, 12, None)
         _fold(a, R0, R1)
         a.stx(2, FP, _HDR + 26, R0)
