@@ -161,6 +161,12 @@ def test_gso_falls_through(prog):
     assert rc == bpf.TCX_NEXT and out == data
 
 
+def test_left_to_python_is_counted_per_flow(prog):
+    p, _, rev = prog
+    p.test_run(bytes(from_dest(b"y" * (1500 - 28 - 9))))  # over the client's MTU once the header is on
+    assert u.REV_VALUE.unpack(rev.lookup(u.rev_key(DEST, (RELAY_T, RELAY[1]))))[-1] == 1
+
+
 def test_the_largest_reply_within_the_mtu_is_taken(prog):
     p, _, _ = prog
     rc, out = p.test_run(bytes(from_dest(b"y" * (1500 - 28 - 10))))
@@ -227,16 +233,16 @@ def test_install_remove_and_sweep_fold_kernel_counters_into_ours():
         r = u.REV_VALUE.unpack(off.rev.lookup(flow.rev))
         assert r[5] == socket.inet_aton("127.0.0.1") and r[8] == (1000).to_bytes(2, "big")
         # the kernel relayed 3 datagrams out (30 bytes) and 2 in (8 bytes), the last 2 s ago
-        off.fwd.update(flow.fwd, u.FWD_VALUE.pack(3, 30, ns[0] - 2 * 10**9, *v[3:]))
+        off.fwd.update(flow.fwd, u.FWD_VALUE.pack(3, 30, ns[0] - 2 * 10**9, *v[3:-1], 7))
         off.rev.update(flow.rev, u.REV_VALUE.pack(2, 8, ns[0] - 5 * 10**9, *r[3:]))
         clock.advance(100)
         off.sweep()
         assert (c["udp_datagrams_out"], c["udp_offload_datagrams_out"], c["bytes_up"]) == (3, 3, 30)
         assert (c["udp_datagrams_in"], c["udp_offload_datagrams_in"], c["bytes_down"]) == (2, 2, 8)
-        assert owner._last == pytest.approx(98.0)
+        assert owner._last == pytest.approx(98.0) and c["udp_offload_left_to_python"] == 7
         off.sweep()  # deltas only: nothing new
         assert c["udp_datagrams_out"] == 3
-        off.fwd.update(flow.fwd, u.FWD_VALUE.pack(4, 41, ns[0], *v[3:]))
+        off.fwd.update(flow.fwd, u.FWD_VALUE.pack(4, 41, ns[0], *v[3:-1], 7))
         off.remove([flow])  # what the kernel did since the sweep is counted, then gone
         assert (c["udp_datagrams_out"], c["bytes_up"]) == (4, 41)
         assert off.fwd.items() == [] and off.rev.items() == [] and not off.flows

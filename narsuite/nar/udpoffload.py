@@ -64,7 +64,7 @@ log = logger()
 
 #: Counters this module adds to the SOCKS factory's (shown as socks.<name> by narctl nar stats).
 COUNTERS = ("udp_offload_datagrams_out", "udp_offload_datagrams_in", "udp_offload_flows",
-            "udp_offload_full", "udp_offload_errors")
+            "udp_offload_full", "udp_offload_errors", "udp_offload_left_to_python")
 
 # Map layouts (addresses and ports as they are on the wire, counters native).
 #: client ip, relay ip, client port, relay port, DST ip, DST port, pad
@@ -509,7 +509,8 @@ class _Flow:
     fwd: bytes
     rev: bytes
     owner: Any  # the SOCKS protocol of the association (``_last`` is refreshed from last-seen)
-    seen: list[int] = attrs.Factory(lambda: [0, 0, 0, 0])  # out packets, out bytes, in packets, in bytes
+    # out packets, out bytes, in packets, in bytes, out left to Python, in left to Python
+    seen: list[int] = attrs.Factory(lambda: [0, 0, 0, 0, 0, 0])
     last_ns: int = 0
 
 
@@ -658,6 +659,9 @@ class UdpOffload:
             packets, nbytes, seen = struct.unpack_from("<QQQ", fv)
             dp, db = packets - flow.seen[0], nbytes - flow.seen[1]
             flow.seen[0], flow.seen[1] = packets, nbytes
+            slow = FWD_VALUE.unpack(fv)[-1]
+            c["udp_offload_left_to_python"] += slow - flow.seen[4]
+            flow.seen[4] = slow
             c["udp_datagrams_out"] += dp
             c["udp_offload_datagrams_out"] += dp
             c["bytes_up"] += db
@@ -666,6 +670,9 @@ class UdpOffload:
             packets, nbytes, seen = struct.unpack_from("<QQQ", rv)
             dp, db = packets - flow.seen[2], nbytes - flow.seen[3]
             flow.seen[2], flow.seen[3] = packets, nbytes
+            slow = REV_VALUE.unpack(rv)[-1]
+            c["udp_offload_left_to_python"] += slow - flow.seen[5]
+            flow.seen[5] = slow
             c["udp_datagrams_in"] += dp
             c["udp_offload_datagrams_in"] += dp
             c["bytes_down"] += db
