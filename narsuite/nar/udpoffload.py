@@ -25,16 +25,16 @@ and every miss, returns ``TCX_NEXT`` with the packet untouched: the Python path 
 other worker's program) sees it.  Nothing is dropped by the program.
 
 A datagram a local sender handed over with ``CHECKSUM_PARTIAL`` (loopback, a veth with
-checksum offload) holds only the pseudo-header sum in its checksum field and has its
-checksum start recorded in the socket buffer, which ``adjust_room`` does not move: such a
-datagram is left to Python (counted per flow as ``slow``) except in the reverse
-direction towards a local client: growing the packet leaves the recorded checksum start
-inside it, and the kernel does not verify a partial checksum it delivers locally.  A
-partial datagram from the client (shrunk, the checksum start would precede the new UDP
-header and the receiver would verify a sum nobody computed), or one for another
-interface (whose device would compute the sum from the stale start), goes to Python.
-A datagram is taken for partial when its checksum field equals its pseudo-header sum
-(a full checksum equal to it, 1 in 65536, then goes to Python too).
+checksum offload) holds only the pseudo-header sum in its checksum field, and the socket
+buffer records where the sum is to start; ``adjust_room`` moves the headers but not that
+record.  Such a datagram takes the fast path only when it is delivered locally: the program
+sums its payload (up to ``MAX_SUMMED`` bytes) and writes a full checksum, which the local
+receiver verifies when the stale record says so (after shrinking) and ignores otherwise.
+Towards another interface it goes to Python (counted per flow as ``slow``): the device, or
+any device the same buffer reaches later (a veth does not copy it), would finish the sum at
+the stale place, inside the IPv4 or SOCKS header (a known limit: cilium/ebpf#339).  A
+datagram is taken for partial when its checksum field equals its pseudo-header sum; a full
+checksum equal to it (1 in 65536) is then summed anew or left to Python, never corrupted.
 
 One program and two maps per process (``[nar] workers`` > 1: each its own), one tcx link
 per ingress interface; a tcx link detaches when its descriptor closes, so nothing stays
@@ -103,7 +103,7 @@ _TOT = -144      # the old IPv4 total length, host order (u64)
 _SUM = -152      # running sum over the payload (u64)
 _BUF = -424      # payload chunk (256 bytes + a zeroed word for a ragged end)
 CHUNK = 256
-#: The largest payload a partial-checksum datagram from the client has summed in the kernel.
+#: The largest payload of a partial-checksum datagram summed in the kernel (larger: Python).
 MAX_SUMMED = 64 * CHUNK
 FN_skb_load_bytes = 26
 
@@ -143,11 +143,14 @@ def _copy(a: Asm, size: int, src: int, src_off: int, dst_off: int) -> None:
     a.stx(size, FP, dst_off, R0)
 
 
-def build_program(fwd_fd: int, rev_fd: int, l2: int = 14) -> bytes:
+def build_program(fwd_fd: int, rev_fd: int, l2: int = 14, max_summed: int = MAX_SUMMED) -> bytes:
     """The tc program for an interface whose frames carry ``l2`` bytes before the IPv4
-    header (14: Ethernet and loopback; 0: tun and other raw-IP devices)."""
+    header (14: Ethernet and loopback; 0: tun and other raw-IP devices).  ``max_summed``
+    (a multiple of CHUNK) bounds the payload of partial-checksum datagrams it sums."""
     if l2 not in (0, 14):
         raise ValueError("l2 must be 14 (Ethernet, loopback) or 0 (raw IP)")
+    if max_summed % CHUNK or not 0 < max_summed <= MAX_SUMMED:
+        raise ValueError(f"max_summed must be a multiple of {CHUNK} up to {MAX_SUMMED}")
     L = l2
     a = Asm()
     a.mov(R6, R1)
@@ -222,7 +225,7 @@ def build_program(fwd_fd: int, rev_fd: int, l2: int = 14) -> bytes:
     _copy(a, 4, R7, L + 32, _HDR + 16)  # destination address: DST.ADDR
     a.ldx(4, R0, R9, 32)
     a.stx(4, FP, _HDR + 12, R0)  # source: the relay's address towards DST
-    _finish(a, L, udp_len=8, grow=-10, slow="fwd_slow", payload=38, slow_off=40)
+    _finish(a, L, udp_len=8, grow=-10, slow="fwd_slow", payload=38, max_summed=max_summed)
 
     # ---- reverse: DST -> relay  ==>  relay -> client with the header
     a.label("reverse")
@@ -258,7 +261,7 @@ def build_program(fwd_fd: int, rev_fd: int, l2: int = 14) -> bytes:
     a.stx(4, FP, _HDR + 12, R0)  # source: the address the client sends to
     a.ldx(4, R0, R9, 32)
     a.stx(4, FP, _HDR + 16, R0)  # destination: the client
-    _finish(a, L, udp_len=20, grow=10, slow="rev_slow", payload=28, slow_off=48)
+    _finish(a, L, udp_len=20, grow=10, slow="rev_slow", payload=28, max_summed=max_summed)
 
     a.label("pull")  # the first L+28 bytes are not linear: pull them, or leave the packet be
     a.mov(R1, R6)
@@ -295,19 +298,19 @@ def _pseudo_and_udp(a: Asm, L: int) -> None:
     a.stx(8, FP, _CSUM, R0)
 
 
-def _sum_payload(a: Asm, start: int, headers: int, slow: str) -> None:
+def _sum_payload(a: Asm, start: int, headers: int, slow: str, d: str, max_summed: int) -> None:
     """R5 = the 32-bit ones'-complement sum of the payload (packet offset ``start``, IPv4 total
     length minus ``headers`` bytes), by chunks through the stack (the payload may be paged);
-    larger than MAX_SUMMED: to ``slow`` (the packet untouched, Python relays it).
+    larger than ``max_summed``: to ``slow`` (the packet untouched, Python relays it).
     Unrolled: the verifier follows every chunk, so the chunk count is a constant."""
     a.ldx(8, R7, FP, _TOT)
     a.alu("sub", R7, headers)  # bytes left
-    a.jmp("gt", R7, MAX_SUMMED, slow)
+    a.jmp("gt", R7, max_summed, slow)
     a.movi(R8, start)  # packet offset
     a.st(8, FP, _SUM, 0)
-    for _ in range(MAX_SUMMED // CHUNK):
-        a.jmp("eq", R7, 0, "sum_done")
-        a.jmp("le", R7, CHUNK, "sum_tail")
+    for _ in range(max_summed // CHUNK):
+        a.jmp("eq", R7, 0, d + "_sum_done")
+        a.jmp("le", R7, CHUNK, d + "_sum_tail")
         a.mov(R1, R6)
         a.mov(R2, R8)
         a.mov(R3, FP)
@@ -320,8 +323,8 @@ def _sum_payload(a: Asm, start: int, headers: int, slow: str) -> None:
         a.stx(8, FP, _SUM, R0)
         a.alu("add", R8, CHUNK)
         a.alu("sub", R7, CHUNK)
-    a.ja("sum_done")
-    a.label("sum_tail")  # 1..CHUNK bytes: zero the word the last bytes end in, then load them
+    a.ja(d + "_sum_done")
+    a.label(d + "_sum_tail")  # 1..CHUNK bytes: zero the word the last bytes end in, then load them
     a.mov(R1, R7)
     a.alu("and", R1, 0xFFFC)
     a.alu("add", R1, FP, reg=True)
@@ -343,7 +346,7 @@ def _sum_payload(a: Asm, start: int, headers: int, slow: str) -> None:
     a.alu("add", R3, _BUF)
     a.call(bpf.FN_csum_diff)
     a.stx(8, FP, _SUM, R0)
-    a.label("sum_done")
+    a.label(d + "_sum_done")
     a.ldx(8, R5, FP, _SUM)
 
 
@@ -352,7 +355,7 @@ def _copy_ip(a: Asm, L: int) -> None:
         _copy(a, 4, R7, L + i, _HDR + i)
 
 
-def _finish(a: Asm, L: int, *, udp_len: int, grow: int, slow: str, payload: int, slow_off: int) -> None:
+def _finish(a: Asm, L: int, *, udp_len: int, grow: int, slow: str, payload: int, max_summed: int) -> None:
     """Common tail of both directions once _HDR holds the new IPv4 addresses and UDP header
     (checksum 0) and _FROM the old pseudo+UDP headers: checksums, resize, write, count, redirect.
     From here on the packet pointers are not used (the helpers below invalidate them)."""
@@ -397,21 +400,18 @@ def _finish(a: Asm, L: int, *, udp_len: int, grow: int, slow: str, payload: int,
     a.ldx(4, R0, R9, 28)
     a.alu("and", R0, FLAG_LOCAL)
     a.jmp("eq", R0, 0, slow)
-    if grow < 0:
-        # Shrinking moves the UDP header past the skb's recorded checksum start, so the
-        # receiver verifies the checksum: sum the payload here and write a full one.
-        _sum_payload(a, L + 38, payload, slow)
-        _csum_diff(a, None, 0, _NEWP, 12, R5)
-        _csum_diff(a, None, 0, _HDR + 20, udp_len, R0)
-        _fold(a, R0, R1)
-        a.alu("xor", R0, 0xFFFF)
-        a.jmp("ne", R0, 0, d + "_csum")
-        a.movi(R0, 0xFFFF)
-        a.ja(d + "_csum")
-    else:
-        _csum_diff(a, None, 0, _NEWP, 12, None)
-        _fold(a, R0, R1)
-        a.stx(2, FP, _HDR + 26, R0)
+    # Write a full checksum, summing the payload here: after shrinking, the UDP header lies past
+    # the skb's recorded checksum start and the receiver verifies the sum; after growing it
+    # does not, but a full sum is right either way (also for the rare full checksum that equals
+    # its pseudo-header sum and was taken for partial).
+    _sum_payload(a, L + payload, payload, slow, d, max_summed)
+    _csum_diff(a, None, 0, _NEWP, 12, R5)
+    _csum_diff(a, None, 0, _HDR + 20, udp_len, R0)
+    _fold(a, R0, R1)
+    a.alu("xor", R0, 0xFFFF)
+    a.jmp("ne", R0, 0, d + "_csum")
+    a.movi(R0, 0xFFFF)
+    a.ja(d + "_csum")
     a.label(d + "_write")
     a.mov(R1, R6)
     a.movi(R2, grow)

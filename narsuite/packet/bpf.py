@@ -24,6 +24,7 @@ import os
 import platform
 import struct
 from collections.abc import Iterator
+from typing import Self
 
 __all__ = ["Asm", "BpfError", "BpfUnavailable", "HashMap", "Program", "TcxLink", "bpf", "available",
            "TCX_NEXT", "TC_ACT_OK", "TC_ACT_SHOT", "TC_ACT_REDIRECT", "SKB"]
@@ -253,7 +254,7 @@ class _Fd:
     def closed(self) -> bool:
         return self.fd < 0
 
-    def __enter__(self) -> _Fd:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
