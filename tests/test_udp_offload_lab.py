@@ -36,17 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 
 from narsuite.lab.daemon import NarsuiteDaemon
 from narsuite.lab.pytest_plugin import need_module, need_tools
 from narsuite.nar.auth import hash_password
-from narsuite.nar.config import NarConfig
-
-# Until the engine (branch udpoff) is on this branch the daemon refuses the key: say so, once.
-pytestmark = pytest.mark.skipif("udp_offload" not in attrs.fields_dict(NarConfig),
-                                reason="[nar] udp_offload is not implemented on this branch yet")
 
 #: The role folds the kernel's counters in about once a second.
 SWEEP = 1.0
@@ -422,7 +416,16 @@ def assert_target_got(echo_rows: list[list[Any]], res: dict[str, Any], port: int
     assert {(r[1], r[2]) for r in rows} == {src}, {(r[1], r[2]) for r in rows}
 
 
-def assert_counters(s: dict[str, int], mode: str, res: dict[str, Any], flows: int = 1) -> None:
+class NotOffloaded(AssertionError):
+    """Relayed right, but not by the kernel: the fast path's own promise failed."""
+
+
+def assert_offloaded(s: Counter[str], want: int) -> None:
+    if not (s["udp_offload_datagrams_out"] >= want and s["udp_offload_datagrams_in"] >= want):
+        raise NotOffloaded(f"fewer than {want} datagrams each way went through the kernel: {s}")
+
+
+def assert_counters(s: Counter[str], mode: str, res: dict[str, Any], flows: int = 1) -> None:
     n = res["sent"]
     assert s["udp_datagrams_out"] == n and s["udp_datagrams_in"] == n, s
     assert s["bytes_up"] == res["bytes_up"] and s["bytes_down"] == res["bytes_down"], (s, res["bytes_up"],
@@ -430,7 +433,7 @@ def assert_counters(s: dict[str, int], mode: str, res: dict[str, Any], flows: in
     if mode == "off":
         assert {k: s[k] for k in OFFLOAD_COUNTERS} == dict.fromkeys(OFFLOAD_COUNTERS, 0), s
     else:
-        assert s["udp_offload_datagrams_out"] >= n - FEW and s["udp_offload_datagrams_in"] >= n - FEW, s
+        assert_offloaded(s, n - FEW)
         assert s["udp_offload_flows"] == flows and s["udp_offload_errors"] == 0 and s["udp_offload_full"] == 0, s
 
 
@@ -549,7 +552,16 @@ def assert_clean(rows: list[dict[str, str]], what: str) -> None:
     assert not bad, (what, len(bad), bad[:3])
 
 
-@pytest.mark.parametrize("csum", ["software", "partial"])
+@pytest.mark.parametrize("csum", [
+    "software",
+    # A known limit of the engine (narsuite/nar/udpoffload.py, docs/roles/nar-socks.md): a datagram
+    # that reaches N with CHECKSUM_PARTIAL (a veth peer with checksum offload: a container) and
+    # leaves N through another interface is left to Python, so nothing here is offloaded.  Every
+    # other assertion of the case holds (the relay is right); only NotOffloaded is expected.
+    pytest.param("partial", marks=pytest.mark.xfail(
+        strict=True, raises=NotOffloaded,
+        reason="CHECKSUM_PARTIAL datagrams forwarded to another interface stay in Python")),
+])
 def test_three_namespaces_tshark_and_kernels_accept_every_datagram(xny, tmp_path, csum):
     """Case 2: X -- N -- Y; the relay in N on its own addresses.  Y receives every datagram from N's
     public address and the relay port, intact, with checksums its kernel accepts; X likewise for
@@ -571,9 +583,7 @@ def test_three_namespaces_tshark_and_kernels_accept_every_datagram(xny, tmp_path
     assert_intact(res, N, "round trips")
     s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= N)
     assert_target_got(echo.settled(), res, ECHO_PORT, (t.n_public, c.relay[1]))
-    assert_counters(s, "auto", res)
     progs = attached(t.n, tmp_path, t.n_private_if, t.n_public_if, "lo")
-    assert progs[f"{t.n_private_if}/ingress"] == 1 and progs[f"{t.n_public_if}/ingress"] == 1, progs
     snmp_after = {"x": udp_snmp(t.x), "y": udp_snmp(t.y)}
     for name in ("x", "y"):
         assert snmp_after[name]["InCsumErrors"] == snmp_before[name]["InCsumErrors"], (name, snmp_after)
@@ -593,6 +603,9 @@ def test_three_namespaces_tshark_and_kernels_accept_every_datagram(xny, tmp_path
     hdr = header(t.y_addr, ECHO_PORT).hex()
     assert all(r["data.data"].startswith(hdr) for r in to_x), to_x[:2]
     assert_clean(to_x, "replies N relayed to X")
+    # last: that the kernel did it (the checks above hold for the Python relay too)
+    assert progs[f"{t.n_private_if}/ingress"] == 1 and progs[f"{t.n_public_if}/ingress"] == 1, progs
+    assert_counters(s, "auto", res)
     c.do(op="close")
     d.terminate()
 
@@ -608,6 +621,7 @@ def test_after_the_association_ends_nothing_is_relayed_and_a_new_one_on_the_same
     not send to Y:7777 (a rule): they are dropped -- a stale entry of alice's would relay them --
     while Y:7778 is served, intact and offloaded."""
     t = xny
+    checksums_in_software(t, "software")  # X's and Y's datagrams are offloaded (see case 2)
     relay_port, cport = 40000, 45555
     t.n.run(["sysctl", "-w", f"net.ipv4.ip_local_port_range={relay_port} {relay_port}"])
     echo = Echo(t.y, tmp_path, t.y_addr, (ECHO_PORT, ECHO_PORT + 1))
@@ -677,6 +691,7 @@ def test_kill_9_leaves_no_program_and_a_new_daemon_works(xny, tmp_path):
     them); after kill -9 the kernel lists none, datagrams to the dead relay port reach nobody,
     and a new daemon in the same namespace relays and offloads again."""
     t = xny
+    checksums_in_software(t, "software")
     ifs = (t.n_private_if, t.n_public_if, "lo")
     echo = Echo(t.y, tmp_path, t.y_addr)
     d = start_nar(t.n, tmp_path, t.n_private, "auto")
@@ -729,12 +744,14 @@ def test_fall_through_domain_frag_and_strangers_behave_as_without_offload(xny, t
     from a source the client never sent to (Y:7778) are dropped and counted, and the client gets
     nothing of them."""
     t = xny
+    checksums_in_software(t, "software")
     echo = Echo(t.y, tmp_path, t.y_addr, (ECHO_PORT, ECHO_PORT + 1))
     d = start_nar(t.n, tmp_path, t.n_private, mode)
     c = Client(t.x, tmp_path, t.n_private, t.x_addr)
     warm = c.run((t.y_addr, ECHO_PORT), 100)
     assert_intact(warm, 100, "plain")
     s0 = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 100)
+    assert_counters(s0, mode, warm)  # auto: the flow is in the kernel before what follows
     seen = len(echo.settled())
     # ATYP 3
     dom = c.run((t.y_addr, ECHO_PORT), 50, seed=5, send_header=domain_header(ybox_in_n, ECHO_PORT).hex(),
