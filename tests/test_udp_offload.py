@@ -359,6 +359,27 @@ def test_config_keys_are_validated():
         schema.build(NarConfig, {"udp_offload_max_flows": 0}, "nar")
 
 
+def test_auto_without_bpf_says_why_once_and_relays_in_python(monkeypatch):
+    """An architecture whose bpf(2) number we do not know stands for every "cannot" (EPERM,
+    ENOSYS, an old kernel's EINVAL): one log line with the reason, then the Python path."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen: list[str] = []
+
+    def watch(event):
+        if event.get("log_namespace") == "narsuite.nar.udpoffload":
+            seen.append(formatEvent(event))
+
+    monkeypatch.setattr(bpf.platform, "machine", lambda: "sparc64")
+    globalLogPublisher.addObserver(watch)
+    try:
+        f = SocksFactory(NarConfig(), reactor=Clock())
+        assert f.udp_offload() is None and f.udp_offload() is None
+    finally:
+        globalLogPublisher.removeObserver(watch)
+    assert len(seen) == 1 and "kernel offload unavailable" in seen[0] and "sparc64" in seen[0], seen
+
+
 def test_off_means_no_program():
     f = SocksFactory(NarConfig(udp_offload="off"), reactor=Clock())
     assert f.udp_offload() is None and f._offload is None
