@@ -610,6 +610,63 @@ def test_three_namespaces_tshark_and_kernels_accept_every_datagram(xny, tmp_path
     d.terminate()
 
 
+def test_smaller_mtu_on_the_client_side_leaves_what_does_not_fit_to_python(xny, tmp_path):
+    """Case 2 with MTU 1280 between X and N (1500 towards Y): a reply with its 10 header bytes
+    added must fit the client-side link to be redirected there (a veth drops a frame over its
+    MTU), and X's own datagrams over 1280 bytes arrive at N as IP fragments.  Every round trip
+    is intact; the kernel relays exactly those that fit (a few first ones aside), no more."""
+    t = xny
+    checksums_in_software(t, "software")
+    t.x.ip("link", "set", "dev", t.x_if, "mtu", "1280")
+    t.n.ip("link", "set", "dev", t.n_private_if, "mtu", "1280")
+    echo = Echo(t.y, tmp_path, t.y_addr)
+    d = start_nar(t.n, tmp_path, t.n_private, "auto")
+    c = Client(t.x, tmp_path, t.n_private, t.x_addr)
+    res = c.run((t.y_addr, ECHO_PORT), 1000)
+    assert_intact(res, 1000, "round trips")
+    s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 1000)
+    assert_target_got(echo.settled(), res, ECHO_PORT, (t.n_public, c.relay[1]))
+    assert s["udp_datagrams_out"] == 1000 and s["udp_datagrams_in"] == 1000, s
+    assert s["bytes_up"] == res["bytes_up"] and s["bytes_down"] == res["bytes_down"], s
+    sizes = [size for size, _ in res["digests"]]
+    fits_out = sum(1 for p in sizes if 28 + 10 + p <= 1280)  # X -> N unfragmented
+    fits_in = sum(1 for p in sizes if 28 + 10 + 1 + p <= 1280)  # N -> X reply in one frame
+    assert fits_out - FEW <= s["udp_offload_datagrams_out"] <= fits_out, (fits_out, s)
+    assert fits_in - FEW <= s["udp_offload_datagrams_in"] <= fits_in, (fits_in, s)
+    c.do(op="close")
+    d.terminate()
+
+
+def test_flow_table_bound_and_freed_with_the_association(solo, tmp_path):
+    """``udp_offload_max_flows = 2``: of three destinations two go to the kernel and the third stays
+    in Python (udp_offload_full), all intact; when the association ends its entries go, and the
+    next association's flows fit again."""
+    h = solo
+    ports = (ECHO_PORT, ECHO_PORT + 1, ECHO_PORT + 2)
+    echo = Echo(h, tmp_path, "127.0.0.2", ports)
+    d = start_nar(h, tmp_path, "127.0.0.1", "auto", extra="udp_offload_max_flows = 2\n")
+    c = Client(h, tmp_path, "127.0.0.1", "127.0.0.1")
+    results = [c.run(("127.0.0.2", p), 200, seed=p) for p in ports]
+    for r in results:
+        assert_intact(r, 200, "three destinations")
+    s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 600)
+    rows = echo.settled()
+    for p, r in zip(ports, results):
+        assert_target_got(rows, r, p, ("127.0.0.1", c.relay[1]))
+    assert s["udp_offload_flows"] == 2 and s["udp_offload_full"] >= 1, s
+    assert 400 - 2 * FEW <= s["udp_offload_datagrams_out"] <= 400, s  # the third flow: Python
+    assert s["udp_datagrams_out"] == 600 and s["udp_datagrams_in"] == 600, s
+    c.do(op="close")
+    c2 = Client(h, tmp_path, "127.0.0.1", "127.0.0.1")
+    again = c2.run(("127.0.0.2", ECHO_PORT + 2), 200, seed=9)
+    assert_intact(again, 200, "after the first association ended")
+    s2 = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 800)
+    assert s2["udp_offload_flows"] == 3, s2
+    assert s2["udp_offload_datagrams_out"] - s["udp_offload_datagrams_out"] >= 200 - FEW, (s, s2)
+    c2.do(op="close")
+    d.terminate()
+
+
 # ---------------------------------------------------------------- 3: the association ends
 
 def test_after_the_association_ends_nothing_is_relayed_and_a_new_one_on_the_same_port_is_right(
