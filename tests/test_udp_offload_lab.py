@@ -894,3 +894,33 @@ def test_offloaded_traffic_keeps_the_association_from_idling_out(solo, tmp_path)
         time.sleep(0.2)
     assert stats(d)["timeouts_idle"] == 1
     d.terminate()
+
+
+@pytest.mark.parametrize("where", [
+    # Defect found here (05:40 UTC): the program rewrites the datagram to N's own address as source
+    # and passes it up the stack from lan0, where the kernel drops it ("martian source 192.0.2.1
+    # from 192.0.2.1, on dev lan0"): after the first datagram nothing arrives, yet it is counted
+    # as udp_offload_datagrams_out.  Remove the mark with the fix.
+    pytest.param("public", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="engine: a local destination reached from a non-lo interface is dropped as a martian")),
+    "loopback",
+])
+def test_target_on_the_relay_host(xny, tmp_path, where):
+    """X's association to an echo on N itself, on N's public address or on 127.0.0.1: the forward
+    datagrams arrive on lan0 and must reach a socket of N's own, the replies leave from a local
+    sender.  Every round trip intact, the totals exact (whether or not the kernel relays them)."""
+    t = xny
+    checksums_in_software(t, "software")
+    ip = t.n_public if where == "public" else "127.0.0.1"
+    echo = Echo(t.n, tmp_path, ip)
+    d = start_nar(t.n, tmp_path, t.n_private, "auto")
+    c = Client(t.x, tmp_path, t.n_private, t.x_addr)
+    res = c.run((ip, ECHO_PORT), 500)
+    assert_intact(res, 500, "round trips")
+    s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 500)
+    assert_target_got(echo.settled(), res, ECHO_PORT, (ip, c.relay[1]))
+    assert s["udp_datagrams_out"] == 500 and s["udp_datagrams_in"] == 500, s
+    assert s["bytes_up"] == res["bytes_up"] and s["bytes_down"] == res["bytes_down"], s
+    c.do(op="close")
+    d.terminate()
