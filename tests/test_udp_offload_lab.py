@@ -59,11 +59,14 @@ OFFLOAD_COUNTERS = ("udp_offload_datagrams_out", "udp_offload_datagrams_in", "ud
 ECHO = textwrap.dedent("""
     import hashlib, select, socket, sys
     ip, ports = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
+    nocheck = sys.argv[3:] == ["nocheck"]
     fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
     socks = {}
     for p in ports:
         s = socket.socket(fam, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        if nocheck:  # SO_NO_CHECK: IPv4 UDP without a checksum (0)
+            s.setsockopt(socket.SOL_SOCKET, 11, 1)
         s.bind((ip, p))
         socks[s.fileno()] = (s, p)
     print("READY", flush=True)
@@ -113,6 +116,8 @@ CLIENT = textwrap.dedent("""
         s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
         s.set_proxy(socks.SOCKS5, cfg["proxy"], cfg["port"], username=cfg.get("user"),
                     password=cfg.get("password"))
+        if cfg.get("nocheck"):  # SO_NO_CHECK: IPv4 UDP without a checksum (0)
+            s.setsockopt(socket.SOL_SOCKET, 11, 1)
         s.bind((cfg["bind"], cfg.get("cport", 0)))   # PySocks does the UDP ASSOCIATE here
         ctl = s._proxyconn
         fd = s.fileno()
@@ -282,11 +287,13 @@ def domain_header(name: str, port: int) -> bytes:
 class Echo:
     """The UDP echo on a host; :meth:`log` is every datagram it received, in order."""
 
-    def __init__(self, host: Any, tmp: Path, ip: str, ports: tuple[int, ...] = (ECHO_PORT,)) -> None:
+    def __init__(self, host: Any, tmp: Path, ip: str, ports: tuple[int, ...] = (ECHO_PORT,),
+                 nocheck: bool = False) -> None:
         script = tmp / "echo.py"
         script.write_text(ECHO)
         self.logfile = tmp / f"echo-{host.name}-{ip.replace(':', '_')}.log"
-        self.proc = host.popen([sys.executable, str(script), ip, ",".join(map(str, ports))],
+        self.proc = host.popen([sys.executable, str(script), ip, ",".join(map(str, ports)),
+                                *(["nocheck"] if nocheck else [])],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=open(self.logfile, "w"), text=True)
         assert self.proc.stdout.readline().strip() == "READY", self.logfile.read_text()
@@ -317,11 +324,11 @@ class Client:
     """An association made by PySocks ("pysocks") or by hand ("raw"), driven by JSON commands."""
 
     def __init__(self, host: Any, tmp: Path, proxy: str, bind: str, library: str = "pysocks",
-                 user: str = "alice", password: str = "s3cret", cport: int = 0) -> None:
+                 user: str = "alice", password: str = "s3cret", cport: int = 0, nocheck: bool = False) -> None:
         script = tmp / "client.py"
         script.write_text(CLIENT)
         cfg = {"library": library, "proxy": proxy, "port": 1080, "bind": bind, "cport": cport,
-               "user": user, "password": password}
+               "user": user, "password": password, "nocheck": nocheck}
         self.err = tmp / f"client-{time.monotonic_ns()}.err"
         self.proc = host.popen([sys.executable, str(script), json.dumps(cfg)], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=open(self.err, "w"), text=True)
@@ -554,6 +561,7 @@ def assert_clean(rows: list[dict[str, str]], what: str) -> None:
 
 @pytest.mark.parametrize("csum", [
     "software",
+    "nocheck",  # software, and X's client and Y's echo send without UDP checksums (SO_NO_CHECK)
     # A known limit of the engine (narsuite/nar/udpoffload.py, docs/roles/nar-socks.md): a datagram
     # that reaches N with CHECKSUM_PARTIAL (a veth peer with checksum offload: a container) and
     # leaves N through another interface is left to Python, so nothing here is offloaded.  Every
@@ -568,8 +576,8 @@ def test_three_namespaces_tshark_and_kernels_accept_every_datagram(xny, tmp_path
     the replies; tshark on both ends finds nothing malformed and no bad checksum."""
     need_tools("tshark", "dumpcap")
     t = xny
-    checksums_in_software(t, csum)
-    echo = Echo(t.y, tmp_path, t.y_addr)
+    checksums_in_software(t, "software" if csum == "nocheck" else csum)
+    echo = Echo(t.y, tmp_path, t.y_addr, nocheck=csum == "nocheck")
     d = start_nar(t.n, tmp_path, t.n_private, "auto")
     caps = {}
     for name, host, ifname in (("y", t.y, t.y_if), ("x", t.x, t.x_if)):
@@ -578,7 +586,7 @@ def test_three_namespaces_tshark_and_kernels_accept_every_datagram(xny, tmp_path
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)
     snmp_before = {"x": udp_snmp(t.x), "y": udp_snmp(t.y)}
-    c = Client(t.x, tmp_path, t.n_private, t.x_addr)
+    c = Client(t.x, tmp_path, t.n_private, t.x_addr, nocheck=csum == "nocheck")
     res = c.run((t.y_addr, ECHO_PORT), N)
     assert_intact(res, N, "round trips")
     s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= N)
@@ -603,6 +611,9 @@ def test_three_namespaces_tshark_and_kernels_accept_every_datagram(xny, tmp_path
     hdr = header(t.y_addr, ECHO_PORT).hex()
     assert all(r["data.data"].startswith(hdr) for r in to_x), to_x[:2]
     assert_clean(to_x, "replies N relayed to X")
+    if csum == "nocheck":  # the kernel kept "no checksum" (the relay's own socket sends one)
+        for rows in (to_y, to_x):
+            assert sum(r["udp.checksum.status"] == "3" for r in rows) >= N - FEW, rows[:3]
     # last: that the kernel did it (the checks above hold for the Python relay too)
     assert progs[f"{t.n_private_if}/ingress"] == 1 and progs[f"{t.n_public_if}/ingress"] == 1, progs
     assert_counters(s, "auto", res)
@@ -824,6 +835,12 @@ def test_fall_through_domain_frag_and_strangers_behave_as_without_offload(xny, t
     rows = echo.settled()
     assert_target_got(rows[seen:], big, ECHO_PORT, (t.n_public, c.relay[1]))
     seen = len(rows)
+    # no data at all: the 10-byte header alone (a zero-length datagram to Y, b"R" back)
+    empty = c.run((t.y_addr, ECHO_PORT), 20, seed=8, sizes=[0, 0])
+    assert_intact(empty, 20, "empty")
+    rows = echo.settled()
+    assert_target_got(rows[seen:], empty, ECHO_PORT, (t.n_public, c.relay[1]))
+    seen = len(rows)
     # FRAG != 0, to the installed destination
     c.do(op="raw", hex=(header(t.y_addr, ECHO_PORT, frag=1) + b"fragment").hex(), count=20)
     assert c.do(op="drain", seconds=1.0) == {"got": []}
@@ -833,18 +850,18 @@ def test_fall_through_domain_frag_and_strangers_behave_as_without_offload(xny, t
     assert c.do(op="drain", seconds=1.0) == {"got": []}
     after = c.run((t.y_addr, ECHO_PORT), 20, seed=6)  # and the association still works
     assert_intact(after, 20, "after the strangers")
-    s1 = settled_stats(d, lambda s: s["udp_datagrams_in"] >= s0["udp_datagrams_in"] + 120)
+    s1 = settled_stats(d, lambda s: s["udp_datagrams_in"] >= s0["udp_datagrams_in"] + 140)
     delta = {k: s1[k] - s0[k] for k in ("udp_datagrams_out", "udp_datagrams_in", "udp_fragments_dropped",
                                          "udp_dropped", "udp_malformed", "bytes_up", "bytes_down")}
-    assert delta == {"udp_datagrams_out": 120, "udp_datagrams_in": 120, "udp_fragments_dropped": 20,
+    assert delta == {"udp_datagrams_out": 140, "udp_datagrams_in": 140, "udp_fragments_dropped": 20,
                      "udp_dropped": 20, "udp_malformed": 0,
-                     "bytes_up": sum(r["bytes_up"] for r in (dom, big, after)),
-                     "bytes_down": sum(r["bytes_down"] for r in (dom, big, after))}, (delta, s1)
+                     "bytes_up": sum(r["bytes_up"] for r in (dom, big, empty, after)),
+                     "bytes_down": sum(r["bytes_down"] for r in (dom, big, empty, after))}, (delta, s1)
     if mode == "off":
         assert {k: s1[k] for k in OFFLOAD_COUNTERS} == dict.fromkeys(OFFLOAD_COUNTERS, 0), s1
     else:  # the ATYP 3 and the IP-fragmented datagrams went through the relay, not the kernel
         fits = sum(1 for size, _ in big["digests"] if size + 10 + 28 <= 1500)
-        assert s1["udp_offload_datagrams_out"] - s0["udp_offload_datagrams_out"] <= 20 + fits, (s0, s1)
+        assert s1["udp_offload_datagrams_out"] - s0["udp_offload_datagrams_out"] <= 20 + 20 + fits, (s0, s1)
     c.do(op="close")
     d.terminate()
 
