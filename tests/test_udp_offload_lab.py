@@ -1030,3 +1030,31 @@ def test_uplink_failover_mid_association(lab, tmp_path, mode):
     assert_target_got(rows[200:], after, ECHO_PORT, ("203.0.113.1", c.relay[1]))
     c.do(op="close")
     d.terminate()
+
+
+@pytest.mark.parametrize("where", [
+    # The same defect as test_target_on_the_relay_host[public], the other way: Y's replies are
+    # rewritten to the client's (local) address with a local source and passed up from wan0.
+    pytest.param("private", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="engine: a local client reached from a non-lo interface is dropped as a martian")),
+    "loopback",
+])
+def test_client_on_the_relay_host(xny, tmp_path, where):
+    """A client on N itself (its address on lan0, or 127.0.0.1) to Y: its datagrams reach the
+    relay over lo, Y's replies arrive on wan0 and must reach a socket of N's own.  Every round trip
+    intact, the totals exact (whether or not the kernel relays them)."""
+    t = xny
+    checksums_in_software(t, "software")
+    ip = t.n_private if where == "private" else "127.0.0.1"
+    echo = Echo(t.y, tmp_path, t.y_addr)
+    d = start_nar(t.n, tmp_path, ip, "auto")
+    c = Client(t.n, tmp_path, ip, ip)
+    res = c.run((t.y_addr, ECHO_PORT), 500)
+    assert_intact(res, 500, "round trips")
+    s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 500)
+    assert_target_got(echo.settled(), res, ECHO_PORT, (t.n_public, c.relay[1]))
+    assert s["udp_datagrams_out"] == 500 and s["udp_datagrams_in"] == 500, s
+    assert s["bytes_up"] == res["bytes_up"] and s["bytes_down"] == res["bytes_down"], s
+    c.do(op="close")
+    d.terminate()
