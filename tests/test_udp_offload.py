@@ -3,7 +3,7 @@
 The program runs in the real kernel through BPF_PROG_TEST_RUN, fed packets built by scapy
 (the independent reference: expected packets are scapy's, checksums scapy's); the
 controller is driven with real maps.  Root and Linux 6.6+ are needed (tcx); without
-them these tests fail under NARSUITE_REQUIRE_LAB=1 and skip otherwise.
+them these tests fail under NARSUITE_REQUIRE_LAB=1 and skip otherwise (lab.pytest_plugin.unavailable).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
 
 from narsuite import schema
+from narsuite.lab.pytest_plugin import unavailable
 from narsuite.nar import socks
 from narsuite.nar import udpoffload as u
 from narsuite.nar.config import NarConfig, Rule
@@ -27,10 +28,12 @@ from narsuite.packet import bpf
 from narsuite.schema import ConfigError
 
 _WHY = bpf.available() if os.geteuid() == 0 else "not root"
-if _WHY is not None:
-    if os.environ.get("NARSUITE_REQUIRE_LAB"):
-        raise RuntimeError(f"eBPF needed for these tests: {_WHY}")
-    pytest.skip(f"no eBPF here: {_WHY}", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _need_bpf():
+    if _WHY is not None:
+        unavailable(_WHY, "eBPF")
 
 CLIENT = ("10.0.0.2", 40000)
 RELAY = ("10.0.0.1", 50000)  # where the client sends
@@ -314,6 +317,23 @@ def test_install_remove_and_sweep_fold_kernel_counters_into_ours():
     finally:
         off.stop()
     assert off.fwd.closed and off.rev.closed and not off._links
+
+
+def test_routes_are_looked_up_again_every_30_sweeps_with_or_without_flows():
+    asked = []
+    off, _, _, _ = _controller()
+    off.route = lambda ip: asked.append(ip) or LOCAL
+    try:
+        flow = off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3))
+        off.remove([flow])
+        assert asked == ["127.0.0.1"]
+        for _ in range(29):
+            off.sweep()
+        assert off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 4)) and len(asked) == 1
+        off.sweep()  # the 30th: the cache goes
+        assert off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 5)) and len(asked) == 2
+    finally:
+        off.stop()
 
 
 def test_full_map_keeps_flows_in_python_and_counts():

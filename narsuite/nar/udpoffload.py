@@ -688,6 +688,9 @@ class UdpOffload:
 
     def sweep(self) -> None:
         """Fold the kernel's per-flow counters into ours; refresh the associations' activity."""
+        self._sweeps += 1
+        if self._sweeps % 30 == 0:
+            self._routes.clear()  # routes change rarely; new flows look again
         if not self.flows:
             return
         try:
@@ -700,9 +703,6 @@ class UdpOffload:
         now = (self.monotonic_ns(), self.reactor.seconds())
         for flow in self.flows.values():
             self._account(flow, fwd.get(flow.fwd), rev.get(flow.rev), now)
-        self._sweeps += 1
-        if self._sweeps % 30 == 0:
-            self._routes.clear()  # routes change rarely; new flows look again
 
     def stop(self) -> None:
         """Count what is left, detach, close every descriptor (idempotent)."""
