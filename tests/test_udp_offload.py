@@ -1,9 +1,10 @@
 """The UDP ASSOCIATE kernel fast path (narsuite.nar.udpoffload, narsuite.packet.bpf).
 
 The program runs in the real kernel through BPF_PROG_TEST_RUN, fed packets built by scapy
-(the independent reference: expected packets are scapy's, checksums scapy's); the
-controller is driven with real maps.  Root and Linux 6.6+ are needed (tcx); without
-them these tests fail under NARSUITE_REQUIRE_LAB=1 and skip otherwise (lab.pytest_plugin.unavailable).
+(the independent reference: expected packets are scapy's, checksums scapy's); the controller
+is driven with real maps (and, for route changes, a namespace of the lab).  Root and Linux
+6.6+ are needed (tcx); without them these tests fail under NARSUITE_REQUIRE_LAB=1 and skip
+otherwise (lab.pytest_plugin.unavailable).
 """
 
 from __future__ import annotations
@@ -46,11 +47,62 @@ def header(ip: str = DEST[0], port: int = DEST[1]) -> bytes:
     return b"\0\0\0\x01" + socket.inet_aton(ip) + port.to_bytes(2, "big")
 
 
+class InNetns:
+    """Runs calls in a thread that has entered a namespace: a program run by the kernel
+    (BPF_PROG_TEST_RUN) looks routes up in its caller's namespace."""
+
+    def __init__(self, netns: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, initializer=self._enter, initargs=(netns,))
+
+    @staticmethod
+    def _enter(netns: str) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/var/run/netns/{netns}") as f:
+            if libc.setns(f.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), "setns")
+
+    def __call__(self, fn, *args, **kw):
+        return self.pool.submit(fn, *args, **kw).result(10)
+
+
+class Routed:
+    """The program for the fixture's two flows (X the client on N's eth0, Y = DST on N's eth1)."""
+
+    def __init__(self, fwd, rev, max_summed: int = u.MAX_SUMMED) -> None:
+        self.prog = bpf.Program(u.build_program(fwd.fd, rev.fd, 14, max_summed), name="nar_udp_test")
+
+    def test_run(self, data: bytes, ctx: bytes | None = None):
+        return self.prog.test_run(data, ctx)
+
+    def close(self) -> None:
+        self.prog.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.fixture
+def routed_ns(lab):
+    n, x, y = lab.host("n"), lab.host("x"), lab.host("y")
+    lab.link(n, x, f"{RELAY[0]}/24", f"{CLIENT[0]}/24", "eth0", "eth0")
+    lab.link(n, y, f"{RELAY_T}/24", f"{DEST[0]}/24", "eth1", "eth0")
+    ns = InNetns(n.netns)
+    yield ns, n
+    ns.pool.shutdown()
+
+
 @pytest.fixture
 def prog():
     fwd = bpf.HashMap(u.FWD_KEY.size, u.FWD_VALUE.size, 16)
     rev = bpf.HashMap(u.REV_KEY.size, u.REV_VALUE.size, 16)
-    p = bpf.Program(u.build_program(fwd.fd, rev.fd, 14), name="nar_udp_test")
+    p = Routed(fwd, rev)
     fwd.update(u.fwd_key(CLIENT, RELAY, DEST),
                u.FWD_VALUE.pack(0, 0, 0, 7, 0, socket.inet_aton(RELAY_T), 1500, 0))
     rev.update(u.rev_key(DEST, (RELAY_T, RELAY[1])),
@@ -162,7 +214,7 @@ def test_partial_payload_over_the_summed_limit_is_left_to_python(prog):
     """The limit, with a program built for 512 bytes (test runs cannot carry 16 KiB)."""
     _, fwd, rev = prog
     _local(fwd, rev)
-    with bpf.Program(u.build_program(fwd.fd, rev.fd, 14, max_summed=512)) as p:
+    with Routed(fwd, rev, max_summed=512) as p:
         assert p.test_run(_as_partial(from_client(header() + b"z" * 512)))[0] == bpf.TC_ACT_OK
         data = _as_partial(from_client(header() + b"z" * 513))
         assert p.test_run(data) == (bpf.TCX_NEXT, data)
@@ -334,6 +386,45 @@ def test_routes_are_looked_up_again_every_30_sweeps_with_or_without_flows():
         assert off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 5)) and len(asked) == 2
     finally:
         off.stop()
+
+
+def test_a_route_change_takes_flows_out_and_lets_the_relay_offer_them_again(routed_ns):
+    """rtnetlink reports the change; flows whose routes moved (the uplink down, another source
+    chosen) leave the kernel at once (Python follows the kernel) and their relays are told."""
+    from pyroute2 import IPRoute
+
+    ns, n = routed_ns
+    ipr = [ns(IPRoute)]
+
+    def netlink():
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, 0)
+        s.bind((0, u.RTMGRP_LINK | u.RTMGRP_IPV4_IFADDR | u.RTMGRP_IPV4_ROUTE))
+        return s
+
+    off, c, clock, _ = _controller(routes={})
+    off.route = lambda ip: ns(u.kernel_route, ip, ipr)
+    off._link = lambda ifindex, l2: None  # the namespace's interfaces are not this thread's
+    off.watch_routes(ns(netlink))
+    forgot = []
+    try:
+        flows = [off.install(Owner(), CLIENT, RELAY, DEST, forget=lambda: forgot.append("y")),
+                 off.install(Owner(), CLIENT, RELAY, (RELAY[0][:-1] + "9", 53), forget=lambda: forgot.append("x"))]
+        assert all(flows) and flows[0].routes[1].source == RELAY_T and len(off.fwd.items()) == 2
+        off._watch.doRead()  # whatever setting up said
+        clock.advance(0)
+        assert len(off.flows) == 2 and forgot == []  # nothing changed for them
+        n.ip("addr", "add", "10.1.0.2/24", "dev", "eth1")
+        n.ip("route", "replace", f"{DEST[0]}/32", "dev", "eth1", "src", "10.1.0.2")
+        off._watch.doRead()
+        clock.advance(0)
+        assert forgot == ["y"] and list(off.flows) == [flows[1].fwd] and len(off.rev.items()) == 1
+        n.ip("link", "set", "eth0", "down")  # the client side's link
+        off._watch.doRead()
+        clock.advance(0)
+        assert forgot == ["y", "x"] and not off.flows and off.fwd.items() == [] and off.rev.items() == []
+    finally:
+        off.stop()
+        ipr[0].close()
 
 
 def test_full_map_keeps_flows_in_python_and_counts():

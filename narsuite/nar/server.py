@@ -442,7 +442,8 @@ class _UdpRelay(DatagramProtocol):
             if ":" in here or ":" in self._client_src[0]:
                 return
             rport = self.transport.getHost().port  # type: ignore[union-attr]  # checked above
-            self._offloaded[dest] = off.install(self.socks, self._client_src, (here, rport), dest)
+            self._offloaded[dest] = off.install(self.socks, self._client_src, (here, rport), dest,
+                                                lambda: self._offloaded.pop(dest, None))
         except Exception:
             self.f.count("udp_offload_errors")
             log.failure("socks udp: offloading a flow failed")

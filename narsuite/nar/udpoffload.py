@@ -44,6 +44,7 @@ attached after the process ends however it ends.
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
 import struct
 import time
@@ -453,6 +454,7 @@ def _finish(a: Asm, L: int, *, udp_len: int, grow: int, slow: str, payload: int,
 ARPHRD_ETHER, ARPHRD_LOOPBACK, ARPHRD_NONE = 1, 772, 65534
 _L2_LEN = {ARPHRD_ETHER: 14, ARPHRD_LOOPBACK: 14, ARPHRD_NONE: 0}
 RTN_LOCAL = 2
+SIOCGIFMTU, SIOCGIFHWADDR = 0x8921, 0x8927
 
 
 @attrs.frozen
@@ -481,11 +483,11 @@ def kernel_route(ip: str, _ipr: list[Any] = []) -> RouteInfo | None:  # noqa: B0
     if oif is None:
         return None
     try:
-        name = socket.if_indextoname(oif)
-        with open(f"/sys/class/net/{name}/mtu") as f:
-            mtu = int(f.read())
-        with open(f"/sys/class/net/{name}/type") as f:
-            kind = int(f.read())
+        # ioctls, not /sys: they answer for the caller's network namespace
+        ifr = struct.pack("16s16x", socket.if_indextoname(oif).encode())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            mtu = struct.unpack_from("i", fcntl.ioctl(s, SIOCGIFMTU, ifr), 16)[0]
+            kind = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFHWADDR, ifr), 16)[0]
     except (OSError, ValueError):
         return None
     metrics = msg.get_attr("RTA_METRICS")
@@ -502,13 +504,53 @@ def kernel_route(ip: str, _ipr: list[Any] = []) -> RouteInfo | None:  # noqa: B0
     return RouteInfo(oif, msg["type"] == RTN_LOCAL, src, mtu, _L2_LEN.get(kind))
 
 
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+
+
+class _RouteWatch:
+    """The reactor's reader of an rtnetlink socket: any message means "something changed"."""
+
+    def __init__(self, sock: socket.socket, changed: Callable[[], None]) -> None:
+        self.sock = sock
+        self.changed = changed
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "udp-offload-routes"
+
+    def doRead(self) -> None:
+        got = False
+        while True:
+            try:
+                if not self.sock.recv(65536):
+                    break
+                got = True
+            except BlockingIOError:
+                break
+            except OSError:  # ENOBUFS: events were lost; revalidate anyway
+                got = True
+                break
+        if got:
+            self.changed()
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
 @attrs.define
 class _Flow:
-    """One offloaded (association, destination): its two keys and what was already counted."""
+    """One offloaded (association, destination): its two keys, the routes they were made for,
+    and what was already counted."""
 
     fwd: bytes
     rev: bytes
     owner: Any  # the SOCKS protocol of the association (``_last`` is refreshed from last-seen)
+    client: tuple[str, int]
+    dest: tuple[str, int]
+    routes: tuple[RouteInfo, RouteInfo]  # towards the client, towards DST
+    forget: Callable[[], None] | None  # called when a route change took the flow out
     # out packets, out bytes, in packets, in bytes, out left to Python, in left to Python
     seen: list[int] = attrs.Factory(lambda: [0, 0, 0, 0, 0, 0])
     last_ns: int = 0
@@ -543,6 +585,8 @@ class UdpOffload:
             self.fwd.close()
             raise
         self._sweeps = 0
+        self._watch: _RouteWatch | None = None
+        self._revalidate_pending = False
         self.loop = LoopingCall(self.sweep)
         self.loop.clock = reactor
         self.interval = interval
@@ -568,6 +612,10 @@ class UdpOffload:
             log.info("socks udp: kernel offload unavailable ({e}); UDP ASSOCIATE relays in Python",
                      e=str(e).splitlines()[0])
             return None
+        try:
+            self.watch_routes()
+        except OSError as e:  # no rtnetlink: flows keep the routes they were made for
+            log.info("socks udp: route changes not watched ({e})", e=e)
         self.loop.start(self.interval, now=False)
         return self
 
@@ -589,10 +637,11 @@ class UdpOffload:
         return self._routes[ip]
 
     def install(self, owner: Any, client: tuple[str, int], relay: tuple[str, int],
-                dest: tuple[str, int]) -> _Flow | None:
+                dest: tuple[str, int], forget: Callable[[], None] | None = None) -> _Flow | None:
         """Offload datagrams between ``client`` (its source) and ``dest`` through the relay
         socket bound to port ``relay[1]`` that the client reaches at ``relay[0]``.  The
-        flow, or None when it stays on the Python path."""
+        flow, or None when it stays on the Python path.  ``forget()`` is called if a route
+        change takes the flow out again (the caller may then offer it anew)."""
         if len(self.flows) >= self.max_flows:
             self.counters["udp_offload_full"] += 1
             return None
@@ -602,10 +651,10 @@ class UdpOffload:
         to_dest = self._route(dest[0])
         if to_client is None or to_dest is None or to_client.l2 is None or to_dest.l2 is None:
             return None
-        # a local destination is reached up the stack of the interface the datagram came
-        # in on: 127.0.0.0/8 only from lo (elsewhere the kernel drops it as a martian)
-        if ((to_dest.local and dest[0].startswith("127.") and to_client.ifindex != self._lo)
-                or (to_client.local and client[0].startswith("127.") and to_dest.ifindex != self._lo)):
+        # A local destination (or client) is reached up the stack of the interface the datagram
+        # came in on, with one of our addresses as its source: the kernel takes that for a
+        # martian unless the interface is lo (where the sender's route is still attached).
+        if (to_dest.local or to_client.local) and not (to_dest.ifindex == to_client.ifindex == self._lo):
             return None
         try:
             fk = fwd_key(client, relay, dest)
@@ -635,7 +684,7 @@ class UdpOffload:
                 self.counters["udp_offload_errors"] += 1
                 log.debug("socks udp: offloading {client} -> {dest} failed: {e}", client=client, dest=dest, e=e)
             return None
-        flow = self.flows[fk] = _Flow(fk, rk, owner)
+        flow = self.flows[fk] = _Flow(fk, rk, owner, client, dest, (to_client, to_dest), forget)
         self.counters["udp_offload_flows"] += 1
         return flow
 
@@ -686,6 +735,35 @@ class UdpOffload:
                 if at > owner._last:
                     owner._last = at
 
+    def watch_routes(self, sock: socket.socket | None = None) -> None:
+        """Revalidate the installed flows whenever the kernel reports a link, address or IPv4
+        route change (rtnetlink multicast groups): a flow whose route changed (an uplink down,
+        another source chosen) is taken out at once and goes on in Python, which follows the
+        kernel; its relay may offload it again with the new route.  ``sock``: an rtnetlink
+        socket already bound to the groups (tests make it in another namespace)."""
+        if sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, 0)
+            sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+        self._watch = _RouteWatch(sock, self._changed)
+        if hasattr(self.reactor, "addReader"):
+            self.reactor.addReader(self._watch)
+
+    def _changed(self) -> None:
+        if not self._revalidate_pending:
+            self._revalidate_pending = True
+            self.reactor.callLater(0, self.revalidate)
+
+    def revalidate(self) -> None:
+        """Take out every flow whose routes are no longer what they were installed for."""
+        self._revalidate_pending = False
+        self._routes.clear()
+        gone = [f for f in self.flows.values() if (self._route(f.client[0]), self._route(f.dest[0])) != f.routes]
+        if gone:
+            self.remove(gone)
+            for flow in gone:
+                if flow.forget is not None:
+                    flow.forget()
+
     def sweep(self) -> None:
         """Fold the kernel's per-flow counters into ours; refresh the associations' activity."""
         self._sweeps += 1
@@ -708,6 +786,11 @@ class UdpOffload:
         """Count what is left, detach, close every descriptor (idempotent)."""
         if self.loop.running:
             self.loop.stop()
+        if self._watch is not None:
+            if hasattr(self.reactor, "removeReader"):
+                self.reactor.removeReader(self._watch)
+            self._watch.sock.close()
+            self._watch = None
         if not self.fwd.closed:
             self.remove(list(self.flows.values()))
         for link in self._links.values():
