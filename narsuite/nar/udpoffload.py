@@ -15,11 +15,15 @@ The program (:func:`build_program`) strips or prepends the 10-byte header with
 ``bpf_skb_adjust_room`` (at the network header), writes new IPv4 and UDP headers (TTL
 64, the IPv4 checksum computed, the UDP checksum updated incrementally: correct for a
 datagram that carries a full checksum; a zero checksum stays zero), and then either
-passes it on up the stack (``TC_ACT_OK``) when DST (or the client) is a local address, the
-socket being found by the new header, or hands it to ``bpf_redirect_neigh`` towards the route's
-interface (the kernel does the FIB and neighbour lookups).  (A redirect to ``lo``'s ingress
-would not do: the kernel takes 127.0.0.0/8 arriving that way for martians.)  Only plain cases
-take it: IPv4 without options, not a fragment, UDP, not GSO, FRAG 0 and ATYP 1, a
+passes it on up the stack (``TC_ACT_OK``) when client and DST are both local (on ``lo``, where
+the sender's route is still attached), the socket being found by the new header, or hands it
+to ``bpf_redirect_neigh`` towards the route's interface (the kernel does the FIB and neighbour
+lookups).  A flow with one local end and one remote stays in Python: the rewritten datagram
+would come in from a non-``lo`` interface with one of our addresses as its source, a martian
+(and 127.0.0.0/8 is a martian even through a redirect to ``lo``'s ingress).  Link, address and
+route changes (rtnetlink) make the controller take out the flows whose routes moved.
+
+Only plain cases take the fast path: IPv4 without options, not a fragment, UDP, not GSO, FRAG 0 and ATYP 1, a
 forward payload of 10 bytes or more, a result within the egress MTU.  Everything else,
 and every miss, returns ``TCX_NEXT`` with the packet untouched: the Python path (and any
 other worker's program) sees it.  Nothing is dropped by the program.
