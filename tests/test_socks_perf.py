@@ -407,6 +407,18 @@ def _socks_server_thread(config: NarConfig, path: str = "twisted"):
     return r, f, port, t
 
 
+def _udp_associate(port: int) -> tuple[socket.socket, tuple[str, int]]:
+    """A UDP ASSOCIATE (no auth, DST 0.0.0.0:0) with the server on 127.0.0.1:``port``: the
+    control connection and the relay's address."""
+    ctrl = socket.create_connection(("127.0.0.1", port), timeout=5)
+    ctrl.sendall(b"\x05\x01\x00")
+    assert ctrl.recv(2) == b"\x05\x00"
+    ctrl.sendall(socks.encode_request(socks.CMD_UDP_ASSOCIATE, "0.0.0.0", 0))
+    rep = ctrl.recv(10)
+    assert rep[1] == 0
+    return ctrl, ("127.0.0.1", int.from_bytes(rep[8:10], "big"))
+
+
 def _socks_connect(port: int, host: str, dport: int) -> tuple[socket.socket, int, str, int]:
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.sendall(b"\x05\x01\x00")
@@ -518,13 +530,7 @@ def test_udp_associate_on_a_real_reactor_relays_both_ways_without_truncating(pat
     cfg = NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")])
     r, f, port, t = _socks_server_thread(cfg, path)
     try:
-        ctrl = socket.create_connection(("127.0.0.1", port), timeout=5)
-        ctrl.sendall(b"\x05\x01\x00")
-        assert ctrl.recv(2) == b"\x05\x00"
-        ctrl.sendall(socks.encode_request(socks.CMD_UDP_ASSOCIATE, "0.0.0.0", 0))
-        rep = ctrl.recv(10)
-        assert rep[1] == 0
-        relay = ("127.0.0.1", int.from_bytes(rep[8:10], "big"))
+        ctrl, relay = _udp_associate(port)
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         u.bind(("127.0.0.1", 0))

@@ -16,7 +16,6 @@ import threading
 
 import pytest
 from scapy.all import IP, UDP, Ether, Raw
-from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
 
 from narsuite import schema
@@ -27,6 +26,7 @@ from narsuite.nar.config import NarConfig, Rule
 from narsuite.nar.server import SocksFactory
 from narsuite.packet import bpf
 from narsuite.schema import ConfigError
+from tests.test_socks_perf import _socks_server_thread, _udp_associate
 
 _WHY = bpf.available() if os.geteuid() == 0 else "not root"
 
@@ -496,26 +496,20 @@ def test_off_means_no_program():
     assert f.udp_offload() is None and f._offload is None
 
 
+@pytest.mark.parametrize("path", ["twisted", "lean"])
 @pytest.mark.parametrize("size", [5, 999, 4000])
-def test_association_offloads_both_ways_and_removes_its_flows_when_it_ends(size):
-    """A real association on a real reactor over lo: the first datagram passes Python and
-    installs the flow; the rest are relayed by the kernel both ways (counted as offloaded,
-    totals exact); closing the TCP connection removes the entries before the socket closes."""
+def test_association_offloads_both_ways_and_removes_its_flows_when_it_ends(size, path):
+    """A real association on a real reactor over lo (Twisted's and narsuite's): the first
+    datagram passes Python and installs the flow; the rest are relayed by the kernel both ways
+    (counted as offloaded, totals exact); closing the TCP connection removes the entries before
+    the socket closes."""
     echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     echo.bind(("127.0.0.1", 0))
     echo.settimeout(5)
-    r = EPollReactor()
-    f = SocksFactory(NarConfig(listen="127.0.0.1", methods=["none"], rules=[Rule(action="pass")]), reactor=r)
-    port = r.listenTCP(0, f, interface="127.0.0.1").getHost().port
-    t = threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True)
-    t.start()
+    r, f, port, t = _socks_server_thread(NarConfig(listen="127.0.0.1", methods=["none"],
+                                                   rules=[Rule(action="pass")]), path)
     try:
-        ctrl = socket.create_connection(("127.0.0.1", port), timeout=5)
-        ctrl.sendall(b"\x05\x01\x00")
-        assert ctrl.recv(2) == b"\x05\x00"
-        ctrl.sendall(socks.encode_request(socks.CMD_UDP_ASSOCIATE, "0.0.0.0", 0))
-        rep = ctrl.recv(10)
-        relay = ("127.0.0.1", int.from_bytes(rep[8:10], "big"))
+        ctrl, relay = _udp_associate(port)
         cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         cl.bind(("127.0.0.1", 0))
         cl.settimeout(5)
