@@ -450,6 +450,22 @@ def test_unroutable_or_unsupported_stays_in_python():
         off.stop()
 
 
+def test_one_end_local_the_other_not_stays_in_python():
+    """The rewritten datagram would enter from eth0 with one of our addresses as its source:
+    a martian.  (Until aa6ba5f only 127.0.0.0/8 was refused: N's public address was lost.)"""
+    eth = u.RouteInfo(5, False, "10.0.0.1", 1500, 14)
+    public = u.RouteInfo(1, True, "192.0.2.2", 65536, 14)  # N's own address: through lo
+    off, c, _, _ = _controller(routes={"10.0.0.2": eth, "192.0.2.2": public, "127.0.0.1": LOCAL})
+    try:
+        assert off.install(Owner(), ("10.0.0.2", 1), ("10.0.0.1", 2), ("192.0.2.2", 3)) is None
+        assert off.install(Owner(), ("10.0.0.2", 1), ("10.0.0.1", 2), ("127.0.0.1", 3)) is None
+        assert off.install(Owner(), ("192.0.2.2", 1), ("10.0.0.1", 2), ("10.0.0.2", 3)) is None
+        assert off.install(Owner(), ("127.0.0.1", 1), ("127.0.0.1", 2), ("192.0.2.2", 3)) is not None
+        assert c["udp_offload_flows"] == 1
+    finally:
+        off.stop()
+
+
 def test_a_failing_map_update_is_counted_and_never_raises():
     off, c, _, _ = _controller()
     try:
