@@ -2,7 +2,7 @@
 
 The program runs in the real kernel through BPF_PROG_TEST_RUN, fed packets built by scapy
 (the independent reference: expected packets are scapy's, checksums scapy's); the controller
-is driven with real maps (and, for route changes, a namespace of the lab).  Root and Linux
+is driven with real maps; both run in a namespace of the lab where routes matter.  Root and Linux
 6.6+ are needed (tcx); without them these tests fail under NARSUITE_REQUIRE_LAB=1 and skip
 otherwise (lab.pytest_plugin.unavailable).
 """
@@ -70,13 +70,15 @@ class InNetns:
 
 
 class Routed:
-    """The program for the fixture's two flows (X the client on N's eth0, Y = DST on N's eth1)."""
+    """The program for the fixture's two flows, run in namespace N (the kernel asks N's routes):
+    X (the client, 10.0.0.2) on N's eth0 (10.0.0.1), Y (DST, 10.1.0.5) on N's eth1 (10.1.0.1)."""
 
-    def __init__(self, fwd, rev, max_summed: int = u.MAX_SUMMED) -> None:
+    def __init__(self, ns: InNetns, fwd, rev, max_summed: int = u.MAX_SUMMED) -> None:
+        self.ns = ns
         self.prog = bpf.Program(u.build_program(fwd.fd, rev.fd, 14, max_summed), name="nar_udp_test")
 
     def test_run(self, data: bytes, ctx: bytes | None = None):
-        return self.prog.test_run(data, ctx)
+        return self.ns(self.prog.test_run, data, ctx)
 
     def close(self) -> None:
         self.prog.close()
@@ -99,14 +101,16 @@ def routed_ns(lab):
 
 
 @pytest.fixture
-def prog():
+def prog(routed_ns):
+    ns, _ = routed_ns
+    to_x, to_y = ns(socket.if_nametoindex, "eth0"), ns(socket.if_nametoindex, "eth1")
     fwd = bpf.HashMap(u.FWD_KEY.size, u.FWD_VALUE.size, 16)
     rev = bpf.HashMap(u.REV_KEY.size, u.REV_VALUE.size, 16)
-    p = Routed(fwd, rev)
+    p = Routed(ns, fwd, rev)
     fwd.update(u.fwd_key(CLIENT, RELAY, DEST),
-               u.FWD_VALUE.pack(0, 0, 0, 7, 0, socket.inet_aton(RELAY_T), 1500, 0))
+               u.FWD_VALUE.pack(0, 0, 0, to_y, 0, socket.inet_aton(RELAY_T), 1500, 0))
     rev.update(u.rev_key(DEST, (RELAY_T, RELAY[1])),
-               u.REV_VALUE.pack(0, 0, 0, 8, 0, socket.inet_aton(CLIENT[0]), 1500, socket.inet_aton(RELAY[0]),
+               u.REV_VALUE.pack(0, 0, 0, to_x, 0, socket.inet_aton(CLIENT[0]), 1500, socket.inet_aton(RELAY[0]),
                                 CLIENT[1].to_bytes(2, "big"), 0))
     yield p, fwd, rev
     p.close()
@@ -212,9 +216,9 @@ def test_partial_checksums_are_left_to_python_unless_delivered_locally(prog):
 
 def test_partial_payload_over_the_summed_limit_is_left_to_python(prog):
     """The limit, with a program built for 512 bytes (test runs cannot carry 16 KiB)."""
-    _, fwd, rev = prog
+    p0, fwd, rev = prog
     _local(fwd, rev)
-    with Routed(fwd, rev, max_summed=512) as p:
+    with Routed(p0.ns, fwd, rev, max_summed=512) as p:
         assert p.test_run(_as_partial(from_client(header() + b"z" * 512)))[0] == bpf.TC_ACT_OK
         data = _as_partial(from_client(header() + b"z" * 513))
         assert p.test_run(data) == (bpf.TCX_NEXT, data)
@@ -285,6 +289,26 @@ def test_left_to_python_is_counted_per_flow(prog):
     p, _, rev = prog
     p.test_run(bytes(from_dest(b"y" * (1500 - 28 - 9))))  # over the client's MTU once the header is on
     assert u.REV_VALUE.unpack(rev.lookup(u.rev_key(DEST, (RELAY_T, RELAY[1]))))[-1] == 1
+
+
+def test_where_the_host_forwards_the_kernel_checks_each_datagrams_route(prog, routed_ns):
+    """With forwarding on (bpf_fib_lookup answers only then), a route gone or now picking
+    another source sends the flow's datagrams to Python at once, untouched, counted."""
+    p, fwd, rev = prog
+    _, n = routed_ns
+    n.sysctl(**{"net.ipv4.conf.all.forwarding": 1})
+    data, reply = bytes(from_client(header() + b"x")), bytes(from_dest(b"y"))
+    assert p.test_run(data)[0] == p.test_run(reply)[0] == bpf.TC_ACT_REDIRECT
+    n.ip("addr", "add", "10.1.0.2/24", "dev", "eth1")
+    n.ip("route", "replace", f"{DEST[0]}/32", "dev", "eth1", "src", "10.1.0.2")
+    assert p.test_run(data) == (bpf.TCX_NEXT, data)  # another source now
+    n.ip("route", "del", f"{DEST[0]}/32")
+    assert p.test_run(data)[0] == bpf.TC_ACT_REDIRECT  # back
+    n.ip("link", "set", "eth1", "down")
+    assert p.test_run(data) == (bpf.TCX_NEXT, data)  # no route through eth1
+    n.ip("link", "set", "eth0", "down")
+    assert p.test_run(reply) == (bpf.TCX_NEXT, reply)
+    assert u.FWD_VALUE.unpack(fwd.items()[0][1])[-1] == 2 and u.REV_VALUE.unpack(rev.items()[0][1])[-1] == 1
 
 
 def test_the_largest_reply_within_the_mtu_is_taken(prog):

@@ -430,6 +430,12 @@ class _UdpRelay(DatagramProtocol):
             if off is not None:
                 off.remove(flows)
 
+    def _forget_offload(self, dest: tuple[str, int]) -> None:
+        """A route change took ``dest``'s flow out of the kernel: its next datagram goes through
+        ``_out`` again (not the shortcut of ``datagramReceived``), which offers it anew."""
+        self._offloaded.pop(dest, None)
+        self._allowed_v4.pop(socket.inet_aton(dest[0]) + dest[1].to_bytes(2, "big"), None)
+
     def _offload(self, dest: tuple[str, int]) -> None:
         """The first allowed datagram to ``dest`` went through: let the kernel relay the
         rest of this flow, both ways (when it can; else the flow stays here)."""
@@ -443,7 +449,7 @@ class _UdpRelay(DatagramProtocol):
                 return
             rport = self.transport.getHost().port  # type: ignore[union-attr]  # checked above
             self._offloaded[dest] = off.install(self.socks, self._client_src, (here, rport), dest,
-                                                lambda: self._offloaded.pop(dest, None))
+                                                lambda: self._forget_offload(dest))
         except Exception:
             self.f.count("udp_offload_errors")
             log.failure("socks udp: offloading a flow failed")

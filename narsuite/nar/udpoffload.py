@@ -21,7 +21,9 @@ to ``bpf_redirect_neigh`` towards the route's interface (the kernel does the FIB
 lookups).  A flow with one local end and one remote stays in Python: the rewritten datagram
 would come in from a non-``lo`` interface with one of our addresses as its source, a martian
 (and 127.0.0.0/8 is a martian even through a redirect to ``lo``'s ingress).  Link, address and
-route changes (rtnetlink) make the controller take out the flows whose routes moved.
+route changes (rtnetlink) make the controller take out the flows whose routes moved; where
+IPv4 forwarding is on, the program also asks ``bpf_fib_lookup`` per datagram (restricted to the
+flow's interface, with the source the route picks) and leaves a moved one to Python.
 
 Only plain cases take the fast path: IPv4 without options, not a fragment, UDP, not GSO, FRAG 0 and ATYP 1, a
 forward payload of 10 bytes or more, a result within the egress MTU.  Everything else,
@@ -107,6 +109,13 @@ _CSUM = -136     # the old UDP checksum field (u64)
 _TOT = -144      # the old IPv4 total length, host order (u64)
 _SUM = -152      # running sum over the payload (u64)
 _BUF = -424      # payload chunk (256 bytes + a zeroed word for a ragged end)
+_FIB = -488      # struct bpf_fib_lookup (64 bytes)
+FN_fib_lookup = 69
+AF_INET = 2
+#: bpf_fib_lookup flags: an output lookup restricted to the flow's interface, the neighbour
+#: left to bpf_redirect_neigh, the source address the route picks filled in
+FIB_FLAGS = (1 << 1) | (1 << 2) | (1 << 4)  # BPF_FIB_LOOKUP_OUTPUT | SKIP_NEIGH | SRC
+FIB_FWD_DISABLED = 5  # BPF_FIB_LKUP_RET_FWD_DISABLED: no answer on a host that does not forward
 CHUNK = 256
 #: The largest payload of a partial-checksum datagram summed in the kernel (larger: Python).
 MAX_SUMMED = 64 * CHUNK
@@ -381,6 +390,34 @@ def _finish(a: Asm, L: int, *, udp_len: int, grow: int, slow: str, payload: int,
     _fold(a, R0, R1)
     a.alu("xor", R0, 0xFFFF)
     a.stx(2, FP, _HDR + 10, R0)
+    # Not local: is the route still there, through that interface, with that source?  The
+    # kernel answers only where IPv4 forwarding is on for the interface (bpf_fib_lookup's
+    # rule); elsewhere the controller's rtnetlink watch is all (a few ms behind the change).
+    a.ldx(4, R0, R9, 28)
+    a.alu("and", R0, FLAG_LOCAL)
+    a.jmp("ne", R0, 0, d + "_routed")
+    for off in range(0, 64, 8):
+        a.st(8, FP, _FIB + off, 0)
+    a.st(1, FP, _FIB, AF_INET)
+    a.st(1, FP, _FIB + 1, 17)
+    a.ldx(8, R0, FP, _TOT)
+    a.alu("add", R0, grow)
+    a.stx(2, FP, _FIB + 6, R0)  # tot_len (host order): the route's MTU is checked too
+    a.ldx(4, R0, R9, 24)
+    a.stx(4, FP, _FIB + 8, R0)  # the flow's interface: the lookup may only use it
+    _copy(a, 4, FP, _HDR + 16, _FIB + 32)
+    a.mov(R1, R6)
+    a.mov(R2, FP)
+    a.alu("add", R2, _FIB)
+    a.movi(R3, 64)
+    a.movi(R4, FIB_FLAGS)
+    a.call(FN_fib_lookup)
+    a.jmp("eq", R0, FIB_FWD_DISABLED, d + "_routed")
+    a.jmp("ne", R0, 0, slow)  # no route through it any more, or over its MTU: Python
+    a.ldx(4, R0, FP, _FIB + 16)
+    a.ldx(4, R1, FP, _HDR + 12)
+    a.jmp("ne", R0, R1, slow, reg=True)  # the route now picks another source: Python
+    a.label(d + "_routed")
     # UDP checksum
     a.ldx(8, R0, FP, _CSUM)
     a.jmp("eq", R0, 0, d + "_write")  # none: stays none
