@@ -581,3 +581,48 @@ def test_association_offloads_both_ways_and_removes_its_flows_when_it_ends(size,
     # echo's socket received them, so its kernel verified those sums)
     assert c["udp_offload_datagrams_in"] == 4 and c["udp_offload_datagrams_out"] == 4
     assert c["udp_datagrams_out"] == 5 and c["bytes_up"] == 5 * size
+
+
+def test_a_flow_taken_out_by_a_route_change_is_installed_again_by_its_next_datagram():
+    """What revalidate does to a flow (out of the kernel, its relay told): the next datagram goes
+    through the relay's general path again, which installs the flow anew."""
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(5)
+    r, f, port, t = _socks_server_thread(NarConfig(listen="127.0.0.1", methods=["none"],
+                                                   rules=[Rule(action="pass")]), "twisted")
+    try:
+        ctrl, relay = _udp_associate(port)
+        cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        cl.bind(("127.0.0.1", 0))
+        cl.settimeout(5)
+        hdr = socks.encode_udp("127.0.0.1", echo.getsockname()[1], b"")
+
+        def round_trip(i: int) -> None:
+            cl.sendto(hdr + b"ping%d" % i, relay)
+            got, src = echo.recvfrom(100)
+            assert got == b"ping%d" % i
+            echo.sendto(b"pong%d" % i, src)
+            assert cl.recvfrom(100)[0] == hdr + b"pong%d" % i
+
+        round_trip(0)
+        off = f.udp_offload()
+        assert off is not None and len(off.flows) == 1
+        flow = next(iter(off.flows.values()))
+        done = threading.Event()
+
+        def take_out():
+            off.remove([flow])
+            flow.forget()
+            done.set()
+
+        r.callFromThread(take_out)
+        assert done.wait(5) and not off.flows
+        for i in range(1, 4):
+            round_trip(i)
+        assert len(off.flows) == 1 and f.counters["udp_offload_flows"] == 2
+        ctrl.close()
+    finally:
+        r.callFromThread(r.stop)
+        t.join(10)
+        echo.close()
