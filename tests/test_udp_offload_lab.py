@@ -914,13 +914,10 @@ def test_offloaded_traffic_keeps_the_association_from_idling_out(solo, tmp_path)
 
 
 @pytest.mark.parametrize("where", [
-    # Defect found here (05:40 UTC): the program rewrites the datagram to N's own address as source
-    # and passes it up the stack from lan0, where the kernel drops it ("martian source 192.0.2.1
-    # from 192.0.2.1, on dev lan0"): after the first datagram nothing arrives, yet it is counted
-    # as udp_offload_datagrams_out.  Remove the mark with the fix.
-    pytest.param("public", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="engine: a local destination reached from a non-lo interface is dropped as a martian")),
+    # Regression (found here, fixed in aa6ba5f): the program used to rewrite the datagram to N's
+    # own address as source and pass it up the stack from lan0, where the kernel dropped it as a
+    # martian ("martian source 192.0.2.1 from 192.0.2.1, on dev lan0") after counting it offloaded.
+    "public",
     "loopback",
 ])
 def test_target_on_the_relay_host(xny, tmp_path, where):
@@ -1033,11 +1030,9 @@ def test_uplink_failover_mid_association(lab, tmp_path, mode):
 
 
 @pytest.mark.parametrize("where", [
-    # The same defect as test_target_on_the_relay_host[public], the other way: Y's replies are
-    # rewritten to the client's (local) address with a local source and passed up from wan0.
-    pytest.param("private", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="engine: a local client reached from a non-lo interface is dropped as a martian")),
+    # Regression (fixed in aa6ba5f), the other way round: Y's replies were rewritten to the
+    # client's (local) address with a local source and passed up from wan0: martians.
+    "private",
     "loopback",
 ])
 def test_client_on_the_relay_host(xny, tmp_path, where):
