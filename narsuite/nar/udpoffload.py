@@ -61,7 +61,7 @@ import attrs
 from twisted.internet.task import LoopingCall
 
 from narsuite.logs import logger
-from narsuite.packet import bpf
+from narsuite.packet import bpf, rtnl
 from narsuite.packet.bpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm
 
 __all__ = ["UdpOffload", "build_program", "FWD_KEY", "FWD_VALUE", "REV_KEY", "REV_VALUE", "RouteInfo",
@@ -509,20 +509,21 @@ class RouteInfo:
     l2: int | None  # bytes before IPv4 on that interface; None: a type we do not handle
 
 
-def kernel_route(ip: str, _ipr: list[Any] = []) -> RouteInfo | None:  # noqa: B006 - one IPRoute per process
-    """The route to ``ip`` (RTM_GETROUTE through pyroute2), or None without one."""
-    from pyroute2 import IPRoute
+#: The process's rtnetlink socket for route lookups, opened on first use (in the network
+#: namespace of that caller) and kept.
+_ROUTES = rtnl.RouteSocket(timeout=1.0)
 
-    if not _ipr:
-        _ipr.append(IPRoute())
+
+def kernel_route(ip: str, routes: rtnl.RouteSocket | None = None) -> RouteInfo | None:
+    """The route to ``ip`` (RTM_GETROUTE, built with struct: narsuite.packet.rtnl), or None
+    without one.  ``routes``: the rtnetlink socket to ask (tests: one in a lab namespace)."""
     try:
-        msg = _ipr[0].route("get", dst=ip)[0]
-    except Exception:
+        got = (routes or _ROUTES).get(ip)
+    except (OSError, ValueError):
         return None
-    oif = msg.get_attr("RTA_OIF")
-    src = msg.get_attr("RTA_PREFSRC")
-    if oif is None:
+    if got is None or got.oif is None:
         return None
+    oif = got.oif
     try:
         # ioctls, not /sys: they answer for the caller's network namespace
         ifr = struct.pack("16s16x", socket.if_indextoname(oif).encode())
@@ -531,18 +532,16 @@ def kernel_route(ip: str, _ipr: list[Any] = []) -> RouteInfo | None:  # noqa: B0
             kind = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFHWADDR, ifr), 16)[0]
     except (OSError, ValueError):
         return None
-    metrics = msg.get_attr("RTA_METRICS")
-    if metrics is not None:
-        route_mtu = metrics.get_attr("RTAX_MTU")
-        if route_mtu:
-            mtu = min(mtu, route_mtu)
+    if got.mtu:
+        mtu = min(mtu, got.mtu)
+    src = got.prefsrc
     if not src:
         from narsuite.packet.routing import source_address
 
         src = source_address(ip, "")
     if not src:
         return None
-    return RouteInfo(oif, msg["type"] == RTN_LOCAL, src, mtu, _L2_LEN.get(kind))
+    return RouteInfo(oif, got.type == RTN_LOCAL, src, mtu, _L2_LEN.get(kind))
 
 
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
