@@ -115,14 +115,19 @@ class NarConfig:
     splice: bool = setting(True, doc="Relay a TCP stream with splice(2) (no copy through "
                                      "user space) once it has carried 256 KiB (Linux).")
     udp_offload: str = setting("auto", check=one_of("auto", "off"),
-                               doc="UDP ASSOCIATE: after the first datagram of an (association, IPv4 "
-                                   "destination) flow, relay the rest in the kernel (a tc program; "
+                               doc="UDP ASSOCIATE: after the 4th datagram (either way) of an (association, "
+                                   "IPv4 destination) flow, relay the rest in the kernel (a tc program; "
                                    "Linux 6.6+, root). auto: when the kernel can, else Python (one "
                                    "log line says why); off: always Python (the host firewall then "
                                    "sees every datagram).")
     udp_offload_max_flows: int = setting(65536, check=in_range(1, 1 << 22),
                                          doc="Offloaded flows per process; more stay in Python "
                                              "(counted as udp_offload_full).")
+    udp_offload_rate: int = setting(2000, check=in_range(1, 10**6),
+                                    doc="Flows offloaded per second per process at most (each costs "
+                                        "two route lookups and two map updates on the reactor); "
+                                        "more stay in Python for now and are offered again after "
+                                        "their next few datagrams (counted as udp_offload_deferred).")
     max_connections: int = setting(10000, check=in_range(1, 10**6))
     workers: int = setting(1, check=in_range(0, 256),
                            doc="SOCKS reactor processes on the port (SO_REUSEPORT), the main one "

@@ -83,7 +83,7 @@ from narsuite.nar.rules import RuleSet
 from narsuite.nar.splice import AVAILABLE as SPLICE_AVAILABLE
 from narsuite.nar.splice import SpliceRelay
 from narsuite.nar.udpoffload import COUNTERS as OFFLOAD_COUNTERS
-from narsuite.nar.udpoffload import UdpOffload
+from narsuite.nar.udpoffload import DEFERRED, UdpOffload
 from narsuite.packet.routing import default_route_source, source_address
 from narsuite.schema import ConfigError
 from narsuite.transports import ITCPStreamTransport
@@ -395,6 +395,10 @@ class _UdpRelay(DatagramProtocol):
     """
 
     MAX_CACHE = 4096
+    #: The datagram of an (association, IPv4 destination) flow, counted both ways through this
+    #: relay, on which the flow is offered to the kernel fast path: a query and its answer (DNS)
+    #: or a reply that never comes stays here and never costs a route lookup or a map entry.
+    OFFLOAD_AFTER = 4
 
     def __init__(self, socks_proto: SocksProtocol, client_ip: str, client_port: int) -> None:
         self.socks = socks_proto
@@ -416,6 +420,9 @@ class _UdpRelay(DatagramProtocol):
         # IPv4 destinations handed to the kernel fast path (narsuite.nar.udpoffload): the
         # flow, or None when it was tried and stays in Python
         self._offloaded: dict[tuple[str, int], Any] = {}
+        # IPv4 destinations that may be offloaded, not yet: datagrams seen both ways (oldest
+        # first; at most MAX_CACHE, the least recently seen forgotten first)
+        self._counting: dict[tuple[str, int], int] = {}
 
     def stopProtocol(self) -> None:
         self.end_offload()
@@ -425,6 +432,7 @@ class _UdpRelay(DatagramProtocol):
         (a port reused by a later association must never match stale entries)."""
         flows = [f for f in self._offloaded.values() if f is not None]
         self._offloaded.clear()
+        self._counting.clear()
         if flows:
             off = self.f.udp_offload()
             if off is not None:
@@ -432,13 +440,41 @@ class _UdpRelay(DatagramProtocol):
 
     def _forget_offload(self, dest: tuple[str, int]) -> None:
         """A route change took ``dest``'s flow out of the kernel: its next datagram goes through
-        ``_out`` again (not the shortcut of ``datagramReceived``), which offers it anew."""
+        ``_out`` again (not the shortcut of ``datagramReceived``), which offers it anew (it was a
+        flow already: it does not count up to OFFLOAD_AFTER again)."""
         self._offloaded.pop(dest, None)
         self._allowed_v4.pop(socket.inet_aton(dest[0]) + dest[1].to_bytes(2, "big"), None)
+        self._count(dest, self.OFFLOAD_AFTER - 1)
+
+    def _count(self, dest: tuple[str, int], n: int) -> None:
+        """Remember ``n`` datagrams of ``dest``'s flow (moved to the newest end), forgetting
+        the least recently seen flow when MAX_CACHE are counted (a spray of one-shot
+        destinations only ever costs this dict)."""
+        counting = self._counting
+        if len(counting) >= self.MAX_CACHE and dest not in counting:
+            del counting[next(iter(counting))]
+        counting[dest] = n
+
+    def _seen(self, dest: tuple[str, int]) -> None:
+        """One more datagram of a counted flow passed (either way): its OFFLOAD_AFTER-th offers
+        it to the kernel.  Offered, it leaves the count (offloaded, or settled in Python: the
+        client's datagrams then take ``datagramReceived``'s shortcut); deferred by the
+        kernel's install rate, it counts again from 0 and is offered again later."""
+        n = self._counting.pop(dest, 0) + 1
+        if n < self.OFFLOAD_AFTER:
+            self._count(dest, n)
+            return
+        self._offload(dest)
+        if dest in self._offloaded:
+            if len(self._allowed_v4) < self.MAX_CACHE:
+                self._allowed_v4[socket.inet_aton(dest[0]) + dest[1].to_bytes(2, "big")] = dest
+        else:
+            self._count(dest, 0)
 
     def _offload(self, dest: tuple[str, int]) -> None:
-        """The first allowed datagram to ``dest`` went through: let the kernel relay the
-        rest of this flow, both ways (when it can; else the flow stays here)."""
+        """``dest``'s flow is a flow (OFFLOAD_AFTER datagrams went through): let the kernel
+        relay the rest of it, both ways (when it can; else the flow stays here).  Deferred
+        (over the process's install rate): ``dest`` is left out of ``_offloaded``."""
         self._offloaded[dest] = None
         try:
             off = self.f.udp_offload()
@@ -448,8 +484,12 @@ class _UdpRelay(DatagramProtocol):
             if ":" in here or ":" in self._client_src[0]:
                 return
             rport = self.transport.getHost().port  # type: ignore[union-attr]  # checked above
-            self._offloaded[dest] = off.install(self.socks, self._client_src, (here, rport), dest,
-                                                lambda: self._forget_offload(dest))
+            flow = off.install(self.socks, self._client_src, (here, rport), dest,
+                               lambda: self._forget_offload(dest))
+            if flow is DEFERRED:
+                del self._offloaded[dest]
+            else:
+                self._offloaded[dest] = flow
         except Exception:
             self.f.count("udp_offload_errors")
             log.failure("socks udp: offloading a flow failed")
@@ -485,6 +525,8 @@ class _UdpRelay(DatagramProtocol):
                 counters = self.f.counters
                 counters["udp_datagrams_in"] += 1
                 counters["bytes_down"] += len(data)
+                if self._counting and addr in self._counting:
+                    self._seen(addr)  # before the send: the client's answer finds the flow installed
                 self._send(header + data, self._client_dest)
                 return
             self._other(data, addr)
@@ -581,15 +623,17 @@ class _UdpRelay(DatagramProtocol):
             return
         if key not in self.peers and len(self.peers) < self.MAX_CACHE:
             self.peers[key] = socks.encode_udp(ip, port, b"")
-        if ":" not in ip and key in self.peers and len(self._allowed_v4) < self.MAX_CACHE:
+        # a flow the kernel may take: counted here (not given the shortcut) until it is offered
+        counting = (key not in self._offloaded and ":" not in ip and self._client_src is not None
+                    and len(self._offloaded) < self.MAX_CACHE and key in self.peers and self.f.may_offload())
+        if ":" not in ip and key in self.peers and not counting and len(self._allowed_v4) < self.MAX_CACHE:
             self._allowed_v4[socket.inet_aton(ip) + port.to_bytes(2, "big")] = key
         counters = self.f.counters
         counters["udp_datagrams_out"] += 1
         counters["bytes_up"] += len(data)
+        if counting:
+            self._seen(key)  # before the send: the destination's answer finds the flow installed
         self._send(data, key)
-        if (key not in self._offloaded and ":" not in ip and self._client_src is not None
-                and len(self._offloaded) < self.MAX_CACHE and key in self.peers):
-            self._offload(key)
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._sendto is None:  # a transport attached without makeConnection (tests)
@@ -1330,13 +1374,19 @@ class SocksFactory(ServerFactory[SocksProtocol]):
         self.warnings.stop()
         self.stop_offload()
 
+    def may_offload(self) -> bool:
+        """Whether flows are worth counting for the UDP fast path: not "off", not found
+        unavailable or stopped (made or not: making it waits for a flow's OFFLOAD_AFTER-th
+        datagram)."""
+        return self._offload is not None and self.config.udp_offload != "off"
+
     def udp_offload(self) -> UdpOffload | None:
         """The UDP ASSOCIATE kernel fast path of this process, made on first use (the first
         flow to offload), or None ("off", or the kernel cannot: one log line then)."""
         if self._offload is False:
             cfg = self.config
             self._offload = UdpOffload.create(cfg.udp_offload, self.counters, cfg.udp_offload_max_flows,
-                                              self.reactor)
+                                              self.reactor, installs_per_second=cfg.udp_offload_rate)
         return self._offload if isinstance(self._offload, UdpOffload) else None
 
     def stop_offload(self) -> None:

@@ -55,7 +55,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, Literal
 
 import attrs
 from twisted.internet.task import LoopingCall
@@ -63,15 +63,19 @@ from twisted.internet.task import LoopingCall
 from narsuite.logs import logger
 from narsuite.packet import bpf, rtnl
 from narsuite.packet.bpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm
+from narsuite.ratelimit import TokenBucket
 
-__all__ = ["UdpOffload", "build_program", "FWD_KEY", "FWD_VALUE", "REV_KEY", "REV_VALUE", "RouteInfo",
+__all__ = ["UdpOffload", "DEFERRED", "build_program", "FWD_KEY", "FWD_VALUE", "REV_KEY", "REV_VALUE", "RouteInfo",
            "fwd_key", "rev_key", "COUNTERS"]
 
 log = logger()
 
 #: Counters this module adds to the SOCKS factory's (shown as socks.<name> by narctl nar stats).
 COUNTERS = ("udp_offload_datagrams_out", "udp_offload_datagrams_in", "udp_offload_flows",
-            "udp_offload_full", "udp_offload_errors", "udp_offload_left_to_python")
+            "udp_offload_full", "udp_offload_errors", "udp_offload_left_to_python", "udp_offload_deferred")
+
+#: What :meth:`UdpOffload.install` returns for a flow over the install rate: not now, ask again later.
+DEFERRED: Final = "deferred"
 
 # Map layouts (addresses and ports as they are on the wire, counters native).
 #: client ip, relay ip, client port, relay port, DST ip, DST port, pad
@@ -600,12 +604,18 @@ class UdpOffload:
     """Installs and removes flows, owns the program, maps and links, and folds the kernel's
     counters into the SOCKS factory's (a sweep every ``interval`` seconds).
 
-    Map failures never reach the caller: :meth:`install` returns False (the flow stays
-    on the Python path) and counts ``udp_offload_full`` or ``udp_offload_errors``."""
+    Map failures never reach the caller: :meth:`install` returns None (the flow stays
+    on the Python path) and counts ``udp_offload_full`` or ``udp_offload_errors``.
+
+    The work is bounded: at most ``installs_per_second`` installs (route lookups, map
+    updates, maybe a link) per second and process, as many at once; over that
+    :meth:`install` returns :data:`DEFERRED` (counted ``udp_offload_deferred``) and the
+    flow stays in Python until its relay asks again."""
 
     def __init__(self, counters: dict[str, int], max_flows: int, reactor: Any, *,
                  route: Callable[[str], RouteInfo | None] = kernel_route,
-                 monotonic_ns: Callable[[], int] = time.monotonic_ns, interval: float = 1.0) -> None:
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns, interval: float = 1.0,
+                 installs_per_second: float = 2000) -> None:
         self.counters = counters
         for name in COUNTERS:
             counters.setdefault(name, 0)
@@ -613,6 +623,7 @@ class UdpOffload:
         self.reactor = reactor
         self.route = route
         self.monotonic_ns = monotonic_ns
+        self.installs = TokenBucket(installs_per_second, installs_per_second, reactor)
         self.flows: dict[bytes, _Flow] = {}
         self._routes: dict[str, RouteInfo | None] = {}
         self._programs: dict[int, bpf.Program] = {}
@@ -677,16 +688,27 @@ class UdpOffload:
         return self._routes[ip]
 
     def install(self, owner: Any, client: tuple[str, int], relay: tuple[str, int],
-                dest: tuple[str, int], forget: Callable[[], None] | None = None) -> _Flow | None:
+                dest: tuple[str, int], forget: Callable[[], None] | None = None
+                ) -> _Flow | Literal["deferred"] | None:
         """Offload datagrams between ``client`` (its source) and ``dest`` through the relay
         socket bound to port ``relay[1]`` that the client reaches at ``relay[0]``.  The
-        flow, or None when it stays on the Python path.  ``forget()`` is called if a route
-        change takes the flow out again (the caller may then offer it anew)."""
+        flow, None when it stays on the Python path, or :data:`DEFERRED` over the install
+        rate.  ``forget()`` is called if a route change takes the flow out again (the caller
+        may then offer it anew)."""
         if len(self.flows) >= self.max_flows:
             self.counters["udp_offload_full"] += 1
             return None
         if dest == relay or dest == client:
             return None
+        try:
+            fk = fwd_key(client, relay, dest)
+        except (OSError, ValueError, OverflowError):
+            return None
+        if fk in self.flows:
+            return self.flows[fk]
+        if not self.installs.take():
+            self.counters["udp_offload_deferred"] += 1
+            return DEFERRED
         to_client = self._route(client[0])
         to_dest = self._route(dest[0])
         if to_client is None or to_dest is None or to_client.l2 is None or to_dest.l2 is None:
@@ -697,12 +719,9 @@ class UdpOffload:
         if (to_dest.local or to_client.local) and not (to_dest.ifindex == to_client.ifindex == self._lo):
             return None
         try:
-            fk = fwd_key(client, relay, dest)
             rk = rev_key(dest, (to_dest.source, relay[1]))
         except (OSError, ValueError, OverflowError):
             return None
-        if fk in self.flows:
-            return self.flows[fk]
         try:
             self._link(to_client.ifindex, to_client.l2)  # client -> relay arrive there
             self._link(to_dest.ifindex, to_dest.l2)  # DST -> relay arrive there
