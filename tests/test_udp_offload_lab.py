@@ -1057,3 +1057,36 @@ def test_client_on_the_relay_host(xny, tmp_path, where):
     assert s["bytes_up"] == res["bytes_up"] and s["bytes_down"] == res["bytes_down"], s
     c.do(op="close")
     d.terminate()
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_offloaded_datagrams_pass_by_the_relay_hosts_netfilter(xny, tmp_path, mode):
+    """What docs/roles/nar-socks.md tells operators ("Firewall"): after the first datagram of a
+    flow the offloaded ones do not pass N's netfilter hooks -- an nftables counter on N's output
+    to Y sees only the Python relay's few; with udp_offload = "off" it sees every one."""
+    t = xny
+    checksums_in_software(t, "software")
+    t.n.nft(textwrap.dedent(f"""
+        table inet ulab {{
+            chain out {{
+                type filter hook output priority 0; policy accept;
+                ip daddr {t.y_addr} udp dport {ECHO_PORT} counter
+            }}
+        }}
+        """))
+    Echo(t.y, tmp_path, t.y_addr)
+    d = start_nar(t.n, tmp_path, t.n_private, mode)
+    c = Client(t.x, tmp_path, t.n_private, t.x_addr)
+    res = c.run((t.y_addr, ECHO_PORT), 300)
+    assert_intact(res, 300, "round trips")
+    s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 300)
+    assert_counters(s, mode, res)
+    ruleset = json.loads(t.n.run(["nft", "-j", "list", "table", "inet", "ulab"]).stdout)
+    seen = next(e["counter"]["packets"] for item in ruleset["nftables"] if "rule" in item
+                for e in item["rule"]["expr"] if "counter" in e)
+    if mode == "off":
+        assert seen == 300, seen
+    else:
+        assert seen == 300 - s["udp_offload_datagrams_out"] and seen <= FEW, (seen, s)
+    c.do(op="close")
+    d.terminate()
