@@ -92,7 +92,7 @@ ECHO = textwrap.dedent("""
 # The client: one association, driven by JSON lines on stdin, one JSON answer line per command.
 #   {"op": "info"}                                   relay address, own address
 #   {"op": "run", "dst": [ip, port], "n": N, "seed": S, "interval": 0, "sizes": [1, 1400],
-#    "send_header": hex|None, "expect_header": hex|None}
+#    "send_header": hex|None, "expect_header": hex|None, "dsts": [[ip, port], ...]|None}
 #       lockstep round trips with random payloads (the smallest and largest size first, then
 #       random sizes in between); with
 #       send_header the datagram is sent raw with that header, else by the library; each reply is
@@ -165,13 +165,15 @@ CLIENT = textwrap.dedent("""
         return bool(select.select([fd], [], [], seconds)[0])
 
     def run(c):
-        dst = c["dst"]
+        dsts = c.get("dsts") or [c["dst"]]
         rng = random.Random(c["seed"])
         send_hdr = bytes.fromhex(c["send_header"]) if c.get("send_header") else None
-        exp_hdr = bytes.fromhex(c["expect_header"]) if c.get("expect_header") else header(*dst)
+        exp_given = bytes.fromhex(c["expect_header"]) if c.get("expect_header") else None
         res = {"sent": 0, "ok": 0, "lost": 0, "bad": [], "digests": [], "bytes_up": 0, "bytes_down": 0}
         streak = 0
         for i in range(c["n"]):
+            dst = dsts[i % len(dsts)]
+            exp_hdr = exp_given or header(*dst)
             lo, hi = c.get("sizes", (1, 1400))
             size = (lo, hi)[i] if i < 2 else rng.randint(lo, hi)
             p = rng.randbytes(size)
@@ -617,6 +619,29 @@ def test_three_namespaces_tshark_and_kernels_accept_every_datagram(xny, tmp_path
     # last: that the kernel did it (the checks above hold for the Python relay too)
     assert progs[f"{t.n_private_if}/ingress"] == 1 and progs[f"{t.n_public_if}/ingress"] == 1, progs
     assert_counters(s, "auto", res)
+    c.do(op="close")
+    d.terminate()
+
+
+def test_fifty_flows_of_one_association_interleaved(solo, tmp_path):
+    """One association to 50 destinations (ports of the echo), datagram i to destination i % 50:
+    50 flows in the kernel at once, each relayed after its first datagram, each counted; every
+    datagram intact and delivered to its own destination in order."""
+    h = solo
+    ports = tuple(range(ECHO_PORT, ECHO_PORT + 50))
+    echo = Echo(h, tmp_path, "127.0.0.2", ports)
+    d = start_nar(h, tmp_path, "127.0.0.1", "auto")
+    c = Client(h, tmp_path, "127.0.0.1", "127.0.0.1")
+    res = c.do(op="run", dsts=[["127.0.0.2", p] for p in ports], n=1500, seed=50)
+    assert_intact(res, 1500, "interleaved round trips")
+    s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 1500)
+    rows = echo.settled()
+    for k, p in enumerate(ports):
+        assert_target_got(rows, {"digests": res["digests"][k::50]}, p, ("127.0.0.1", c.relay[1]))
+    assert s["udp_datagrams_out"] == 1500 and s["udp_datagrams_in"] == 1500, s
+    assert s["bytes_up"] == res["bytes_up"] and s["bytes_down"] == res["bytes_down"], s
+    assert s["udp_offload_flows"] == 50 and s["udp_offload_errors"] == 0 and s["udp_offload_full"] == 0, s
+    assert_offloaded(s, 1500 - 50 * 2)  # the first datagram of each flow, and one more at most
     c.do(op="close")
     d.terminate()
 
