@@ -832,3 +832,20 @@ def test_udp_offload_rate_is_validated_and_reaches_the_controller():
         assert off is not None and off.installs.rate == 7 and "udp_offload_deferred" in f.counters
     finally:
         f.stop_offload()
+
+
+def test_deferred_installs_are_shown_by_narctl_nar_stats():
+    from types import SimpleNamespace
+
+    from narsuite.nar.role import _stats
+
+    f, _, relay, _, off, _ = _relay(rate=1)
+    try:
+        for dest in (("192.0.2.10", 7), ("192.0.2.11", 7)):
+            for _ in range(4):
+                relay.datagramReceived(socks.encode_udp(*dest, b"x"), CL)
+        svc = SimpleNamespace(factory=f, workers=None, handler=None, dataplane=None)
+        rows = dict(_stats(SimpleNamespace(namespace={"nar": {"service": svc}})).rows)
+        assert rows["socks.udp_offload_deferred"] == 1 and rows["socks.udp_offload_flows"] == 1
+    finally:
+        off.stop()
