@@ -1,9 +1,12 @@
-"""The kernel fast path of UDP ASSOCIATE: a tc program relays a flow's datagrams after its first.
+"""The kernel fast path of UDP ASSOCIATE: a tc program relays a flow's datagrams after its first few.
 
 Why: per round trip the Python relay does recvfrom+sendto twice, and more than half of
 that cost is the kernel waking the process (docs/bench-socks.md).  Once the first
-datagram of an (association, IPv4 destination) flow has passed :class:`_UdpRelay` and
-its rule check, :class:`UdpOffload` installs two map entries and the tc program on the
+datagrams of an (association, IPv4 destination) flow have passed :class:`_UdpRelay` and
+its rule check (``_UdpRelay.OFFLOAD_AFTER``, 4, counted both ways: a one-shot datagram or a
+query and its answer is not worth two route lookups and two map updates on the reactor),
+:class:`UdpOffload` installs two map entries (at most ``installs_per_second``; over it the
+flow is deferred) and the tc program on the
 ingress of the interfaces the flow's datagrams arrive on relays the rest itself:
 
 * client -> relay ``[00 00 00 01 DST.ADDR DST.PORT] data`` becomes relay -> DST ``data``
