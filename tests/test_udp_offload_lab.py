@@ -645,7 +645,7 @@ def test_fifty_flows_of_one_association_interleaved(solo, tmp_path):
     assert s["udp_datagrams_out"] == 1500 and s["udp_datagrams_in"] == 1500, s
     assert s["bytes_up"] == res["bytes_up"] and s["bytes_down"] == res["bytes_down"], s
     assert s["udp_offload_flows"] == 50 and s["udp_offload_errors"] == 0 and s["udp_offload_full"] == 0, s
-    assert_offloaded(s, 1500 - 50 * 2)  # the first datagram of each flow, and one more at most
+    assert_offloaded(s, 1500 - 50 * 4)  # the first few datagrams of each flow go through Python
     c.do(op="close")
     d.terminate()
 
