@@ -18,7 +18,6 @@ APT_PACKAGES=(
   ca-certificates   # pip over HTTPS
   iproute2          # ip netns / veth / routes: the network lab and TUN routes
   nftables          # NAT in the lab; the roles' packet steering
-  ethtool           # the UDP offload lab turns veth checksum offload off (tests/test_udp_offload_lab.py)
   conntrack         # inspecting the lab NAT's UDP mappings
   openssh-client    # ssh + ssh-keygen: manhole tests log in for real
   openssl           # the openssl command: certificate tests check our PKI with it

@@ -10,7 +10,7 @@ address and port) and what the client got back (the whole datagram, SOCKS header
 Topologies: one namespace on loopback (client, daemon and echo on ``lo``: the relay's program on
 ``lo``'s ingress), and X -- N -- Y over veth (narsuite.lab.topologies.nar_topology: the relay in N
 on its own addresses, the target remote), where tshark on both ends dissects the relayed datagrams
-with checksum validation, the receivers' kernels verify the checksums (``ethtool -K tx off`` on
+with checksum validation, the receivers' kernels verify the checksums (tx checksum offload off on
 the senders: no CHECKSUM_PARTIAL shortcut) and ``/proc/net/snmp`` InCsumErrors must not move.
 
 Whether a program of ours is attached is asked of the kernel itself (BPF_PROG_QUERY for
@@ -461,6 +461,25 @@ def xny(nar_topo):
     return nar_topo
 
 
+#: Turns tx checksum offload off on the interfaces named in argv (what ``ethtool -K IF tx off``
+#: does, by the legacy SIOCETHTOOL/ETHTOOL_STXCSUM ioctl): run inside a namespace, it needs no
+#: tool beyond the interpreter.
+_TX_CSUM_OFF = """
+import array, fcntl, socket, struct, sys
+for name in sys.argv[1:]:
+    value = array.array("I", [0x17, 0])  # struct ethtool_value {cmd = ETHTOOL_STXCSUM, data = 0}
+    ifreq = struct.pack("16sP", name.encode(), value.buffer_info()[0])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, 0x8946, ifreq)  # SIOCETHTOOL
+"""
+
+
+def tx_checksum_off(host: Any, *ifnames: str) -> None:
+    """Packets sent on ``ifnames`` of ``host`` carry checksums computed in software (no
+    CHECKSUM_PARTIAL), so receivers verify real sums."""
+    host.run([sys.executable, "-c", _TX_CSUM_OFF, *ifnames])
+
+
 def checksums_in_software(t: Any, where: str) -> None:
     """Turn off veth tx checksum offload so packets carry real checksums and receivers verify them.
 
@@ -468,12 +487,11 @@ def checksums_in_software(t: Any, where: str) -> None:
     what X and Y send reaches N as CHECKSUM_PARTIAL (a containerised peer), and N's egress must
     compute the checksum from the skb's csum_start/csum_offset as a NIC would.
     """
-    need_tools("ethtool")
     ends = [(t.n, t.n_private_if), (t.n, t.n_public_if)]
     if where == "software":
         ends += [(t.x, t.x_if), (t.y, t.y_if)]
     for host, ifname in ends:
-        host.run(["ethtool", "-K", ifname, "tx", "off"])
+        tx_checksum_off(host, ifname)
 
 
 # ---------------------------------------------------------------- 1 and 6: loopback, one namespace
@@ -990,7 +1008,6 @@ def test_target_behind_a_router(lab, tmp_path):
     """X -- N -- R -- Y: N reaches Y through a gateway, so the offloaded datagram's next hop is R
     (the kernel's FIB and neighbour lookup), not Y; R forwards both ways.  Intact, offloaded."""
     need_module("socks")
-    need_tools("ethtool")
     x, n, r, y = lab.host("x"), lab.host("n", forwarding=True), lab.host("r", forwarding=True), lab.host("y")
     lab.link(x, n, "10.0.0.10/24", "10.0.0.1/24", a_if="eth0", b_if="lan0")
     lab.link(n, r, "192.0.2.1/24", "192.0.2.254/24", a_if="wan0", b_if="eth0")
@@ -999,7 +1016,7 @@ def test_target_behind_a_router(lab, tmp_path):
     n.route("198.51.100.0/24", "192.0.2.254")
     y.default_route("198.51.100.1")
     for host, ifname in ((x, "eth0"), (n, "lan0"), (n, "wan0"), (r, "eth0"), (r, "eth1"), (y, "eth0")):
-        host.run(["ethtool", "-K", ifname, "tx", "off"])
+        tx_checksum_off(host, ifname)
     echo = Echo(y, tmp_path, "198.51.100.10")
     d = start_nar(n, tmp_path, "10.0.0.1", "auto")
     c = Client(x, tmp_path, "10.0.0.1", "10.0.0.10")
@@ -1027,7 +1044,6 @@ def test_uplink_failover_mid_association(lab, tmp_path, mode, forwarding):
     route to wan1 (its source address changes with it, Y answers there); the association must go
     on working the same with the offload on."""
     need_module("socks")
-    need_tools("ethtool")
     x, n, y = lab.host("x"), lab.host("n", forwarding=forwarding), lab.host("y")
     lab.link(x, n, "10.0.0.10/24", "10.0.0.1/24", a_if="eth0", b_if="lan0")
     lab.link(n, y, "192.0.2.1/24", "192.0.2.10/24", a_if="wan0", b_if="eth0")
@@ -1037,7 +1053,7 @@ def test_uplink_failover_mid_association(lab, tmp_path, mode, forwarding):
     n.ip("route", "add", "198.51.100.10/32", "via", "192.0.2.10", "dev", "wan0", "metric", "10")
     n.ip("route", "add", "198.51.100.10/32", "via", "203.0.113.10", "dev", "wan1", "metric", "100")
     for host, ifname in ((x, "eth0"), (n, "lan0"), (n, "wan0"), (n, "wan1"), (y, "eth0"), (y, "eth1")):
-        host.run(["ethtool", "-K", ifname, "tx", "off"])
+        tx_checksum_off(host, ifname)
     echo = Echo(y, tmp_path, "198.51.100.10")
     d = start_nar(n, tmp_path, "10.0.0.1", mode)
     c = Client(x, tmp_path, "10.0.0.1", "10.0.0.10")
