@@ -9,10 +9,13 @@ otherwise (lab.pytest_plugin.unavailable).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from scapy.all import IP, UDP, Ether, Raw
@@ -615,14 +618,12 @@ def test_off_means_no_program():
     assert f.udp_offload() is None and f._offload is None
 
 
-@pytest.mark.parametrize("path", ["twisted", "lean"])
-@pytest.mark.parametrize("size", [5, 999, 4000])
-def test_association_offloads_both_ways_and_removes_its_flows_when_it_ends(size, path):
-    """A real association on a real reactor over lo (Twisted's and narsuite's): the first
-    datagrams pass Python and the 4th of them, either way (the second reply), installs the
-    flow; the rest are relayed by the kernel both ways
-    (counted as offloaded, totals exact); closing the TCP connection removes the entries before
-    the socket closes."""
+@contextlib.contextmanager
+def _live_association(path: str) -> Iterator[tuple[Any, Any, socket.socket, Any, socket.socket,
+                                                  socket.socket, bytes]]:
+    """A SOCKS server on its own reactor thread (``path``: "twisted" or "lean") with one UDP
+    association from a client socket on lo to a UDP echo socket there:
+    (reactor, factory, control connection, relay address, client, echo, the echo's header)."""
     echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     echo.bind(("127.0.0.1", 0))
     echo.settimeout(5)
@@ -633,7 +634,22 @@ def test_association_offloads_both_ways_and_removes_its_flows_when_it_ends(size,
         cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         cl.bind(("127.0.0.1", 0))
         cl.settimeout(5)
-        hdr = socks.encode_udp("127.0.0.1", echo.getsockname()[1], b"")
+        yield r, f, ctrl, relay, cl, echo, socks.encode_udp("127.0.0.1", echo.getsockname()[1], b"")
+    finally:
+        r.callFromThread(r.stop)
+        t.join(10)
+        echo.close()
+
+
+@pytest.mark.parametrize("path", ["twisted", "lean"])
+@pytest.mark.parametrize("size", [5, 999, 4000])
+def test_association_offloads_both_ways_and_removes_its_flows_when_it_ends(size, path):
+    """A real association on a real reactor over lo (Twisted's and narsuite's): the first
+    datagrams pass Python and the 4th of them, either way (the second reply), installs the
+    flow; the rest are relayed by the kernel both ways
+    (counted as offloaded, totals exact); closing the TCP connection removes the entries before
+    the socket closes."""
+    with _live_association(path) as (r, f, ctrl, relay, cl, echo, hdr):
         for i in range(5):
             ping, pong = b"%d" % i + os.urandom(size - 1), b"%d" % i + os.urandom(size - 1)
             cl.sendto(hdr + ping, relay)
@@ -649,10 +665,6 @@ def test_association_offloads_both_ways_and_removes_its_flows_when_it_ends(size,
                 break
             threading.Event().wait(0.05)
         assert not off.flows and off.fwd.items() == [] and off.rev.items() == []
-    finally:
-        r.callFromThread(r.stop)
-        t.join(10)
-        echo.close()
     c = f.counters
     assert c["udp_offload_flows"] == 1
     assert c["udp_datagrams_in"] == 5 and c["bytes_down"] == 5 * size
@@ -666,17 +678,7 @@ def test_association_offloads_both_ways_and_removes_its_flows_when_it_ends(size,
 def test_a_flow_taken_out_by_a_route_change_is_installed_again_by_its_next_datagram():
     """What revalidate does to a flow (out of the kernel, its relay told): the next datagram goes
     through the relay's general path again, which installs the flow anew."""
-    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    echo.bind(("127.0.0.1", 0))
-    echo.settimeout(5)
-    r, f, port, t = _socks_server_thread(NarConfig(listen="127.0.0.1", methods=["none"],
-                                                   rules=[Rule(action="pass")]), "twisted")
-    try:
-        ctrl, relay = _udp_associate(port)
-        cl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        cl.bind(("127.0.0.1", 0))
-        cl.settimeout(5)
-        hdr = socks.encode_udp("127.0.0.1", echo.getsockname()[1], b"")
+    with _live_association("twisted") as (r, f, ctrl, relay, cl, echo, hdr):
 
         def round_trip(i: int) -> None:
             cl.sendto(hdr + b"ping%d" % i, relay)
@@ -703,10 +705,6 @@ def test_a_flow_taken_out_by_a_route_change_is_installed_again_by_its_next_datag
             round_trip(i)
         assert len(off.flows) == 1 and f.counters["udp_offload_flows"] == 2
         ctrl.close()
-    finally:
-        r.callFromThread(r.stop)
-        t.join(10)
-        echo.close()
 
 
 # ------------------------------------------- only flows, at a bounded rate (over fakes)

@@ -89,6 +89,9 @@ FWD_VALUE = struct.Struct("<QQQII4sIQ")
 REV_KEY = struct.Struct("<4s4s2s2s")
 #: packets, bytes, last seen, ifindex, flags, client ip, mtu, relay ip towards the client, client port, slow
 REV_VALUE = struct.Struct("<QQQII4sI4s2s2xQ")
+#: the counters each direction's kernel figures are folded into (datagrams, offloaded, bytes)
+_OUT = ("udp_datagrams_out", "udp_offload_datagrams_out", "bytes_up")
+_IN = ("udp_datagrams_in", "udp_offload_datagrams_in", "bytes_down")
 FLAG_LOCAL = 1  # a local destination: up the stack (TC_ACT_OK), else bpf_redirect_neigh
 
 ETH_P_IP_LE = 0x0008  # htons(0x0800) as a little-endian u32 load of skb->protocol
@@ -218,19 +221,10 @@ def build_program(fwd_fd: int, rev_fd: int, l2: int = 14, max_summed: int = MAX_
     _copy(a, 4, R7, L + 32, _KEY + 12)
     _copy(a, 2, R7, L + 36, _KEY + 16)
     a.st(2, FP, _KEY + 18, 0)
-    a.ld_map(R1, fwd_fd)
-    a.mov(R2, FP)
-    a.alu("add", R2, _KEY)
-    a.call(bpf.FN_map_lookup_elem)
-    a.jmp("eq", R0, 0, "reverse")
-    a.mov(R9, R0)
+    _lookup(a, fwd_fd, "reverse")
 
     # ---- forward: client -> relay with the header  ==>  relay -> DST without it
-    a.ldx(8, R1, FP, _TOT)
-    a.alu("sub", R1, 10)
-    a.ldx(4, R2, R9, 36)
-    a.jmp("gt", R1, R2, "fwd_slow", reg=True)
-    _pseudo_and_udp(a, L)
+    _fits_and_headers(a, L, -10, "fwd_slow")
     _copy(a, 4, R7, L + 28, _FROM + 20)  # the SOCKS header: RSV FRAG ATYP DST.ADDR DST.PORT
     _copy(a, 4, R7, L + 32, _FROM + 24)
     _copy(a, 2, R7, L + 36, _FROM + 28)
@@ -253,17 +247,8 @@ def build_program(fwd_fd: int, rev_fd: int, l2: int = 14, max_summed: int = MAX_
     _copy(a, 4, R7, L + 12, _KEY)
     _copy(a, 4, R7, L + 16, _KEY + 4)
     _copy(a, 4, R7, L + 20, _KEY + 8)  # source and destination ports
-    a.ld_map(R1, rev_fd)
-    a.mov(R2, FP)
-    a.alu("add", R2, _KEY)
-    a.call(bpf.FN_map_lookup_elem)
-    a.jmp("eq", R0, 0, "next")
-    a.mov(R9, R0)
-    a.ldx(8, R1, FP, _TOT)
-    a.alu("add", R1, 10)
-    a.ldx(4, R2, R9, 36)
-    a.jmp("gt", R1, R2, "rev_slow", reg=True)
-    _pseudo_and_udp(a, L)
+    _lookup(a, rev_fd, "next")
+    _fits_and_headers(a, L, 10, "rev_slow")
     _copy_ip(a, L)
     a.st(2, FP, _HDR + 28, 0)  # RSV
     a.st(2, FP, _HDR + 30, 0x0100)  # FRAG 0, ATYP 1
@@ -304,6 +289,27 @@ def build_program(fwd_fd: int, rev_fd: int, l2: int = 14, max_summed: int = MAX_
     a.label("next")
     a.ret(bpf.TCX_NEXT)
     return a.assemble()
+
+
+def _lookup(a: Asm, map_fd: int, miss: str) -> None:
+    """R9 = the map's value for the key at _KEY; jump to ``miss`` without one."""
+    a.ld_map(R1, map_fd)
+    a.mov(R2, FP)
+    a.alu("add", R2, _KEY)
+    a.call(bpf.FN_map_lookup_elem)
+    a.jmp("eq", R0, 0, miss)
+    a.mov(R9, R0)
+
+
+def _fits_and_headers(a: Asm, L: int, grow: int, slow: str) -> None:
+    """To ``slow`` when the rewritten datagram (old total length + ``grow``) exceeds the MTU
+    in the value (R9, offset 36, both directions' layouts); else save the old pseudo and
+    UDP headers (:func:`_pseudo_and_udp`)."""
+    a.ldx(8, R1, FP, _TOT)
+    a.alu("add", R1, grow)
+    a.ldx(4, R2, R9, 36)
+    a.jmp("gt", R1, R2, slow, reg=True)
+    _pseudo_and_udp(a, L)
 
 
 def _pseudo_and_udp(a: Asm, L: int) -> None:
@@ -763,31 +769,29 @@ class UdpOffload:
                 self.counters["udp_offload_errors"] += 1
                 log.debug("socks udp: removing an offloaded flow failed: {e}", e=e)
 
-    def _account(self, flow: _Flow, fv: bytes | None, rv: bytes | None, now: tuple[int, float] | None) -> None:
+    def _fold(self, flow: _Flow, value: bytes, layout: struct.Struct, at: tuple[int, int, int],
+              names: tuple[str, str, str]) -> int:
+        """Add what the kernel counted in one direction since the last fold (``at``: the
+        packets, bytes and left-to-Python slots of ``flow.seen``; ``names``: the datagram,
+        offloaded-datagram and byte counters); the direction's last-seen time."""
+        packets, nbytes, seen = struct.unpack_from("<QQQ", value)
+        slow = layout.unpack(value)[-1]
+        p, b, s = at
+        dp, db, ds = packets - flow.seen[p], nbytes - flow.seen[b], slow - flow.seen[s]
+        flow.seen[p], flow.seen[b], flow.seen[s] = packets, nbytes, slow
         c = self.counters
+        c["udp_offload_left_to_python"] += ds
+        c[names[0]] += dp
+        c[names[1]] += dp
+        c[names[2]] += db
+        return int(seen)
+
+    def _account(self, flow: _Flow, fv: bytes | None, rv: bytes | None, now: tuple[int, float] | None) -> None:
         last = 0
         if fv is not None:
-            packets, nbytes, seen = struct.unpack_from("<QQQ", fv)
-            dp, db = packets - flow.seen[0], nbytes - flow.seen[1]
-            flow.seen[0], flow.seen[1] = packets, nbytes
-            slow = FWD_VALUE.unpack(fv)[-1]
-            c["udp_offload_left_to_python"] += slow - flow.seen[4]
-            flow.seen[4] = slow
-            c["udp_datagrams_out"] += dp
-            c["udp_offload_datagrams_out"] += dp
-            c["bytes_up"] += db
-            last = seen
+            last = self._fold(flow, fv, FWD_VALUE, (0, 1, 4), _OUT)
         if rv is not None:
-            packets, nbytes, seen = struct.unpack_from("<QQQ", rv)
-            dp, db = packets - flow.seen[2], nbytes - flow.seen[3]
-            flow.seen[2], flow.seen[3] = packets, nbytes
-            slow = REV_VALUE.unpack(rv)[-1]
-            c["udp_offload_left_to_python"] += slow - flow.seen[5]
-            flow.seen[5] = slow
-            c["udp_datagrams_in"] += dp
-            c["udp_offload_datagrams_in"] += dp
-            c["bytes_down"] += db
-            last = max(last, seen)
+            last = max(last, self._fold(flow, rv, REV_VALUE, (2, 3, 5), _IN))
         if last > flow.last_ns:
             flow.last_ns = last
             if now is not None:  # the idle timer sees offloaded datagrams as activity
