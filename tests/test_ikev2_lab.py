@@ -211,9 +211,12 @@ def test_d_the_gateway_rekeys_the_child_at_its_own_lifetime(need_strongswan, ra_
     t = ra_topo
     g = gateway(t, tmp_path, v2_policy(esp_lifetime="30", rekey_jitter="0.0"))
     cap = Capture(t.g, "wan0", tmp_path / "d-ours.pcap")
+    # rand_time = 0: strongSwan's default is life_time - rekey_time (1 h here), and it draws
+    # each SA's rekey from [rekey_time - rand_time, rekey_time] -- with kernel-libipsec it
+    # came out at 28 s in about one run in eight, so the client rekeyed first
     c = client(t, t.r1, tmp_path, "r1", esp_proposals=esp,
                connection_extra="    rekey_time = 4h\n    reauth_time = 0\n",
-               child_extra="        rekey_time = 1h\n        life_time = 2h\n")
+               child_extra="        rekey_time = 1h\n        life_time = 2h\n        rand_time = 0\n")
     up(c)
     (csa,) = c.list_sas()
     (old_child,) = csa.children
@@ -241,6 +244,125 @@ def test_d_the_gateway_rekeys_the_child_at_its_own_lifetime(need_strongswan, ra_
     stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
     assert stats.get("v2 rekey_sent", 0) >= 1 and stats.get("v2 child_rekeyed", 0) >= 1, stats
     assert stats.get("v2 rekey_failed", 0) == 0, stats
+    assert ping(t.r1, t.h_addr)
+    cap.check()
+    c.stop()
+    g.terminate()
+
+
+# ------------------------------------------------------------------------------------- (d) lost answers, collision
+#: G's IKE messages to the client (UDP from 4500 with the non-ESP marker, RFC 3948 §2.2) are
+#: dropped; ESP is not
+_IKE_OUT_DROP = ("table inet rekeycoll {\n chain out {\n  type filter hook output priority 0;\n"
+                 '  oifname "wan0" udp sport 4500 @th,64,32 0 counter drop\n }\n}\n')
+
+
+def test_d_a_lost_answer_to_the_clients_rekey_costs_no_traffic(need_strongswan, ra_topo, tmp_path):
+    """(d) The client rekeys its CHILD SA and our answer is lost (G's IKE messages dropped
+    for 1.5 s): strongSwan installs the new pair only when its resend (4 s later) gets our
+    answer again.  Meanwhile our traffic stays on the old SA -- the new one goes into use when
+    the client deletes the old -- so the pings across it all come back."""
+    import threading
+
+    t = ra_topo
+    g = gateway(t, tmp_path, v2_policy())
+    cap = Capture(t.g, "wan0", tmp_path / "lost.pcap")
+    c = client(t, t.r1, tmp_path, "r1", esp_proposals="aes128gcm16-ecp256")
+    up(c)
+    (csa,) = c.list_sas()
+    (old_child,) = csa.children
+    result: dict[str, str] = {}
+
+    def pings() -> None:  # 4 per second for 12 s
+        out = t.r1.run(["ping", "-c", "48", "-i", "0.25", "-W", "1", t.h_addr], check=False, timeout=60)
+        result["ping"] = out.stdout
+
+    th = threading.Thread(target=pings)
+    th.start()
+    time.sleep(2.0)
+    t.g.run(["nft", "-f", "-"], input=_IKE_OUT_DROP)
+    c.swanctl("--rekey", "--child", "net")
+    time.sleep(1.5)
+    dropped = t.g.run(["nft", "list", "chain", "inet", "rekeycoll", "out"]).stdout
+    t.g.run(["nft", "delete", "table", "inet", "rekeycoll"])
+    assert int(re.search(r"packets (\d+)", dropped).group(1)) >= 1, dropped  # our answer
+    new = c.wait_sa(lambda sa: sa.established and len(sa.children) == 1 and sa.children[0].state == "INSTALLED"
+                    and sa.children[0].spi_in != old_child.spi_in, timeout=15)
+    th.join(60)
+    assert "retransmit 1 of request" in c.log_text()
+    received = int(re.search(r"(\d+) received", result["ping"]).group(1))
+    assert received >= 47, result["ping"]
+    (cur,) = new.children
+    spis = {(r["dir"], int(r["spi"], 16)) for r in esp_sas(g)}
+    assert spis == {("in", cur.spi_out), ("out", cur.spi_in)}, (spis, cur)
+    cap.check()
+    c.stop()
+    g.terminate()
+
+
+def test_d_simultaneous_child_rekey_with_strongswan(need_strongswan, ra_topo, tmp_path):
+    """(d) A CHILD SA rekey collision (RFC 7296 §2.8.1) against strongSwan: we rekey at 30 s,
+    the client at 32 s (rand_time 0).  Our request and our answers to the client are dropped
+    from 28 s to 33.5 s, so each side's CREATE_CHILD_SA is under way when the other's arrives;
+    the retransmits then complete both exchanges.  Both sides settle the collision the same
+    way (the new SA of the exchange with the lowest nonce is redundant, deleted by its
+    creator; the winner deletes the old pair): strongSwan's "collision won" is our "lost" and
+    the other way round (its "rekey/delete collision" when our Delete of the old pair overtook
+    our answer to its rekey is our "won"), one CHILD SA remains with the same SPIs on both sides, and the pings
+    across the collision lose at most one in flight."""
+    import threading
+
+    t = ra_topo
+    g = gateway(t, tmp_path, v2_policy(esp_lifetime="30", rekey_jitter="0.0"))
+    cap = Capture(t.g, "wan0", tmp_path / "coll.pcap")
+    c = client(t, t.r1, tmp_path, "r1", esp_proposals="aes128gcm16-ecp256",
+               connection_extra="    rekey_time = 4h\n    reauth_time = 0\n",
+               child_extra="        rekey_time = 32s\n        life_time = 2h\n        rand_time = 0\n")
+    up(c)
+    t0 = time.monotonic()
+    (csa,) = c.list_sas()
+    (old_child,) = csa.children
+    result: dict[str, str] = {}
+
+    def pings() -> None:  # 4 per second for 50 s, across the collision
+        out = t.r1.run(["ping", "-c", "200", "-i", "0.25", "-W", "1", t.h_addr], check=False, timeout=90)
+        result["ping"] = out.stdout
+
+    th = threading.Thread(target=pings)
+    th.start()
+    time.sleep(max(0.0, t0 + 28.0 - time.monotonic()))
+    t.g.run(["nft", "-f", "-"], input=_IKE_OUT_DROP)
+    time.sleep(max(0.0, t0 + 33.5 - time.monotonic()))
+    dropped = t.g.run(["nft", "list", "chain", "inet", "rekeycoll", "out"]).stdout
+    t.g.run(["nft", "delete", "table", "inet", "rekeycoll"])
+    # ours was dropped (30 s), and our answer to the client's (32 s)
+    assert int(re.search(r"packets (\d+)", dropped).group(1)) >= 2, dropped
+
+    def settled(sa) -> bool:
+        return (sa.established and len(sa.children) == 1 and sa.children[0].state == "INSTALLED"
+                and sa.children[0].spi_in != old_child.spi_in)
+    new = c.wait_sa(settled, timeout=30)
+    th.join(90)
+    time.sleep(2.0)  # the loser's Delete of its redundant SA, answered
+    (new,) = [sa for sa in c.list_sas() if settled(sa)]
+    (cur,) = new.children
+    assert (new.spi_i, new.spi_r) == (csa.spi_i, csa.spi_r)  # the same IKE SA
+    log = c.log_text()
+    # strongSwan's verdict: "won"; "lost"; or, when our Delete of the old pair (we won) came
+    # before our answer to its request, "rekey/delete collision, deleting redundant child"
+    verdicts = {"CHILD_SA rekey collision won": "lost", "CHILD_SA rekey collision lost": "won",
+                "CHILD_SA rekey/delete collision, deleting redundant child": "won"}
+    (ours,) = [v for k, v in verdicts.items() if k in log] or [log[-4000:]]
+    stats = {r["counter"]: int(r["value"]) for r in g.rows("ike", "stats")}
+    assert stats.get(f"v2 rekey_collision_{ours}", 0) == 1, (ours, stats)
+    assert stats.get("v2 rekey_collision_won", 0) + stats.get("v2 rekey_collision_lost", 0) == 1, stats
+    assert stats.get("v2 rekey_failed", 0) == 0, stats
+    spis = {(r["dir"], int(r["spi"], 16)) for r in esp_sas(g)}
+    assert spis == {("in", cur.spi_out), ("out", cur.spi_in)}, (spis, cur)
+    (isa,) = ike_sas(g)
+    assert int(isa["children"]) == 1, isa
+    received = int(re.search(r"(\d+) received", result["ping"]).group(1))
+    assert received >= 196, result["ping"]
     assert ping(t.r1, t.h_addr)
     cap.check()
     c.stop()

@@ -224,8 +224,48 @@ def test_collision_our_new_sa_is_redundant_and_we_delete_it():
     assert h.store.holds("spi", ours_spi) is None
     children = h.engine.sas[i.spi_r].children
     assert old in children and ours_spi not in {c.spi_in for c in children}
-    (out,) = [s for s in h.store.records(sadb.SA_KIND.name) if s.direction == "out"]
-    assert out.spi == _int(i.my_rekey[0])  # the client's new pair B carries our traffic
+    # the client's new pair B carries our traffic once the client deleted the old pair
+    # (before, the client may not have our answer to its rekey, so B's inbound side)
+    assert sas(h)["out"] == {old.spi_out}
+    _client_deletes(h, i, old)
+    assert sas(h) == {"in": {_int(b_spi)}, "out": {_int(i.my_rekey[0])}}
+
+
+def _client_deletes(h: Harness, i: P.Initiator, child) -> None:
+    mid, i.mid = i.mid, i.mid + 1
+    pump(h, i, i._send(C.INFORMATIONAL, [wire.Delete(C.PROTO_ESP, (child.spi_out.to_bytes(4, "big"),))], mid,
+                       response=False))
+
+
+def test_answering_the_clients_rekey_we_send_on_the_old_sa_until_the_client_deletes_it():
+    """§2.8: the client installs the new pair when our answer reaches it, and the answer
+    may be lost (the client then resends its request).  Until the client's Delete of the
+    old pair shows it has the answer, our traffic stays on the old outbound SA; the new
+    inbound SA is there at once (strongSwan does the same as responder)."""
+    h, i = make(rekey=False)
+    (old,) = h.engine.sas[i.spi_r].children
+    h.clock.advance(5.0)
+    pump(h, i, i.rekey_child())
+    (_, new) = h.engine.sas[i.spi_r].children
+    assert new.spi_out == _int(i.my_rekey[0])
+    assert sas(h) == {"in": {old.spi_in, new.spi_in}, "out": {old.spi_out}}
+    _client_deletes(h, i, old)
+    assert h.engine.sas[i.spi_r].children == [new]
+    assert sas(h) == {"in": {new.spi_in}, "out": {new.spi_out}}
+
+
+def test_without_the_clients_delete_the_new_outbound_sa_follows_the_old_pairs_expiry():
+    h, i = make(rekey=False)
+    (old,) = h.engine.sas[i.spi_r].children
+    h.clock.advance(5.0)
+    pump(h, i, i.rekey_child())
+    (_, new) = h.engine.sas[i.spi_r].children
+    advance(h, i, LIFE + grace(LIFE) - 5.0 - 0.5, answer=False)
+    assert sas(h)["out"] == {old.spi_out}
+    sent = advance(h, i, 1.0, answer=False)  # the old pair's hard lifetime: our Delete for it
+    assert len(sent) == 1
+    assert sas(h) == {"in": {new.spi_in}, "out": {new.spi_out}}
+    assert h.engine.sas[i.spi_r].children == [new]
 
 
 def test_a_client_rekey_of_a_child_we_are_deleting_gets_temporary_failure():

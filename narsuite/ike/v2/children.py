@@ -176,15 +176,20 @@ class Children:
                           name=sa.name, why=why)
             raise IKEv2Error(C.TS_UNACCEPTABLE, why)
         e.store_write(store.put(peer, owner=owner), sa, "the ESP peer record")
-        old_out = store.lookup(SA_KIND.name, "out_peer", name)
-        if old_out is not None:
-            e.store_write(store.delete(SA_KIND.name, (old_out.direction, old_out.spi, old_out.peer)), sa,
-                          "replacing the outbound SA")
         e.store_write(store.put(sa_in, ttl=hard + 5.0, owner=owner), sa, "the inbound ESP SA")
-        e.store_write(store.put(sa_out, ttl=hard + 5.0, owner=owner), sa, "the outbound ESP SA")
         child = ChildV2(name, spi_in, spi_out, e.now() + life, choice, ", ".join(_networks(remote[0])),
                         ", ".join(n for r in local for n in _networks(r)), remote=remote, local=local,
                         nonces=(ni, nr))
+        if replaces is not None and ours is None:
+            # §2.8: we answer the client's rekey.  Until its Delete of the old pair shows it
+            # has our answer (or the old pair expires), we keep sending on the old SA, as
+            # strongSwan does as responder: the answer may be lost, the client then has no
+            # inbound SA for the new one until its resend gets our answer again
+            child.pending_out = (sa_out, e.now() + hard + 5.0)
+        else:
+            self._send_on(sa, sa_out, hard + 5.0, owner)
+        if replaces is not None:
+            replaces.successor = child
         child.timer = e.clock.callLater(hard, self._expired, sa, child)
         e.rekey.schedule(sa, child)
         sa.children.append(child)
@@ -199,6 +204,16 @@ class Children:
             e.publish(sa)
         return [wire.SA((choice.proposal(spi_in.to_bytes(4, "big")),)), wire.TSi(tuple(map(_ts, remote))),
                 wire.TSr(tuple(map(_ts, local)))]
+
+    def _send_on(self, sa: IkeSAv2, sa_out: SA, ttl: float, owner: str) -> None:
+        """Make ``sa_out`` the peer's outbound SA (the esp role sends on the one it finds)."""
+        e = self.engine
+        store = e.store
+        old_out = store.lookup(SA_KIND.name, "out_peer", sa_out.peer)
+        if old_out is not None:
+            e.store_write(store.delete(SA_KIND.name, (old_out.direction, old_out.spi, old_out.peer)), sa,
+                          "replacing the outbound SA")
+        e.store_write(store.put(sa_out, ttl=ttl, owner=owner), sa, "the outbound ESP SA")
 
     @staticmethod
     def log_fields(sa: IkeSAv2, child: ChildV2) -> dict[str, str]:
@@ -232,6 +247,12 @@ class Children:
         if store.get(SA_KIND.name, ("out", child.spi_out, child.peer)) is not None:
             e.store_write(store.delete(SA_KIND.name, ("out", child.spi_out, child.peer)), sa, "removing an ESP SA")
         e.store_write(store.release("spi", child.spi_in), sa, "releasing an SPI")
+        succ = child.successor
+        if succ is not None and succ.pending_out is not None and succ in sa.children:
+            # the pair it replaced is gone: the client has the new one (see install)
+            sa_out, until = succ.pending_out
+            succ.pending_out = None
+            self._send_on(sa, sa_out, max(1.0, until - e.now()), f"ike:child:{succ.peer}")
         if not store.lookup_all(SA_KIND.name, "peer", child.peer):
             e.store_write(store.delete(PEER.name, child.peer), sa, "removing the ESP peer")
         e.count("child_deleted")

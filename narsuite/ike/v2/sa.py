@@ -42,6 +42,12 @@ class ChildV2:
     #: the client rekeyed it while ours was outstanding: the child that made (§2.8.1)
     collided: ChildV2 | None = None
     deleting: bool = False  # our Delete for it is on its way
+    #: we answered the client's rekey: the new outbound SA and the time its record ends, kept
+    #: back until the replaced pair goes (the client installs its inbound SA when our answer
+    #: reaches it, and the answer may be lost until the client resends its request)
+    pending_out: tuple[Any, float] | None = attrs.field(default=None, repr=False)
+    #: the pair that replaced this one; its kept-back outbound SA is written when this one goes
+    successor: ChildV2 | None = attrs.field(default=None, repr=False)
 
     @property
     def description(self) -> str:
