@@ -536,6 +536,51 @@ def test_udp_associate_relay():
     assert udp.stopped
 
 
+def _udp_association(**kw):
+    f, reactor = make(**kw)
+    p, tr = open_conn(f)
+    p.dataReceived(b"\x05\x01\x00" + b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+    udp = reactor.udp[-1]
+    return f, udp, udp.proto
+
+
+def test_udp_relay_past_max_cache_destinations_every_answer_reaches_the_client():
+    """A client that talks to more destinations than the relay's cache holds (a DHT node, a DNS
+    crawler) over one association: MAX_CACHE + 500 destinations, each answering its request,
+    and one long-lived peer the client keeps talking to (through the relay's shortcut) all the
+    while.  Every answer reaches the client; the state stays bounded; evictions are counted.
+    (Until 2026-12 the cache stopped taking destinations once full: the 500 answers were dropped.)"""
+    f, udp, relay = _udp_association(udp_offload="off")
+    cl = ("10.0.0.10", 5555)
+    old = ("192.0.2.1", 4000)
+    n = relay.MAX_CACHE + 500
+    relay.datagramReceived(socks.encode_udp(*old, b"hello"), cl)
+    relay.datagramReceived(b"hi", old)
+    for i in range(n):
+        dest = (f"10.{1 + i // 250 // 250}.{i // 250 % 250}.{i % 250 + 1}", 6881)
+        relay.datagramReceived(socks.encode_udp(*dest, b"q%d" % i), cl)
+        assert udp.sent[-1] == (b"q%d" % i, dest)
+        relay.datagramReceived(b"a%d" % i, dest)
+        assert udp.sent[-1] == (socks.encode_udp(*dest, b"a%d" % i), cl), i
+        if i % 1000 == 0:
+            relay.datagramReceived(socks.encode_udp(*old, b"still there?"), cl)
+            relay.datagramReceived(b"yes", old)
+            assert udp.sent[-1] == (socks.encode_udp(*old, b"yes"), cl), i
+    assert f.counters["udp_dropped"] == 0
+    assert f.counters["udp_datagrams_in"] == f.counters["udp_datagrams_out"] == n + 1 + 5
+    assert len(relay.peers) == relay.MAX_CACHE and old in relay.peers
+    assert f.counters["udp_peers_evicted"] == n + 1 - relay.MAX_CACHE
+    assert set(relay._allowed_v4.values()) <= set(relay.peers) and set(relay.decisions) <= set(relay.peers)
+    # the least recently used was forgotten: its late answer is dropped, counted
+    sent = len(udp.sent)
+    relay.datagramReceived(b"late", ("10.1.0.1", 6881))
+    assert f.counters["udp_dropped"] == 1 and len(udp.sent) == sent
+    # ... and the client sending to it again makes it a destination again
+    relay.datagramReceived(socks.encode_udp("10.1.0.1", 6881, b"again"), cl)
+    relay.datagramReceived(b"back", ("10.1.0.1", 6881))
+    assert udp.sent[-1] == (socks.encode_udp("10.1.0.1", 6881, b"back"), cl)
+
+
 def test_udp_idle_timeout_closes_association():
     f, reactor = make(udp_idle_timeout=5.0)
     p, tr = open_conn(f)

@@ -785,17 +785,22 @@ def test_a_spray_of_10000_destinations_costs_no_route_lookup_and_bounded_state()
         one = (time.perf_counter() - t) / len(dests) * 1e6
         assert len(udp.sent) == 10_000 and asked == [] and off.fwd.items() == [] and not off.flows
         assert len(relay._counting) <= relay.MAX_CACHE and f.counters["udp_offload_deferred"] == 0
+        assert f.counters["udp_peers_evicted"] == 10_000 - relay.MAX_CACHE
         t = time.perf_counter()
-        for d in dests:
-            for _ in range(3):
+        for d in dests:  # the one-shot datagrams were long forgotten (LRU): 4 anew
+            for _ in range(4):
                 relay.datagramReceived(socks.encode_udp(*d, b"x"), CL)
-        four = (time.perf_counter() - t) / len(dests) / 3 * 1e6
+        four = (time.perf_counter() - t) / len(dests) / 4 * 1e6
         print(f"spray: {one:.1f} us per one-shot datagram, {four:.1f} us per datagram of 4-datagram flows")
-        # the relay's peers (MAX_CACHE) bound what may be offered; the bucket what is installed
-        assert f.counters["udp_offload_flows"] == len(off.flows) == 2000
+        # the bucket bounds what is installed; the rest is offered once and deferred
+        assert f.counters["udp_offload_flows"] == 2000
+        # idle flows were taken out of the kernel as the relay forgot their destinations
+        held = {fl.fwd for fl in relay._offloaded.values() if fl is not None}
+        assert set(off.flows) == held and len(off.fwd.items()) == len(held) < 2000
         assert len(asked) == 2000 + 1  # each destination once, the client once (cached)
-        assert f.counters["udp_offload_deferred"] <= relay.MAX_CACHE - 2000
+        assert f.counters["udp_offload_deferred"] == 10_000 - 2000
         assert len(relay._counting) <= relay.MAX_CACHE and len(relay._offloaded) <= relay.MAX_CACHE
+        assert len(relay.peers) == relay.MAX_CACHE
     finally:
         off.stop()
 
@@ -845,5 +850,42 @@ def test_deferred_installs_are_shown_by_narctl_nar_stats():
         svc = SimpleNamespace(factory=f, workers=None, handler=None, dataplane=None)
         rows = dict(_stats(SimpleNamespace(namespace={"nar": {"service": svc}})).rows)
         assert rows["socks.udp_offload_deferred"] == 1 and rows["socks.udp_offload_flows"] == 1
+    finally:
+        off.stop()
+
+
+def test_the_relay_forgets_an_idle_offloaded_destination_only_after_taking_it_out_of_the_kernel():
+    """Past MAX_CACHE destinations the relay forgets the least recently used one.  A destination
+    whose flow is in the kernel is not seen by the relay: it asks the kernel's counters; a flow
+    the kernel still relays stays (in the kernel and in the relay), an idle one is removed from
+    the maps before the relay forgets it (no entry left that the relay no longer knows of)."""
+    f, _, relay, udp, off, _ = _relay()
+    relay.MAX_CACHE = 8
+    busy, idle = ("192.0.2.10", 7), ("192.0.2.11", 7)
+    try:
+        for dest in (busy, idle):
+            for _ in range(4):
+                relay.datagramReceived(socks.encode_udp(*dest, b"x"), CL)
+        assert len(off.flows) == 2
+        fk = relay._offloaded[busy].fwd
+
+        def kernel_relays_one():  # what the program does per datagram: the packet count moves
+            v = list(u.FWD_VALUE.unpack(off.fwd.lookup(fk)))
+            v[0] += 1
+            off.fwd.update(fk, u.FWD_VALUE.pack(*v))
+
+        for i in range(30):
+            kernel_relays_one()
+            relay.datagramReceived(socks.encode_udp(f"198.51.100.{i}", 53, b"q"), CL)
+        assert busy in relay.peers and idle not in relay.peers and len(relay.peers) == 8
+        assert list(off.flows) == [fk] and [k for k, _ in off.fwd.items()] == [fk]
+        assert len(off.rev.items()) == 1 and idle not in relay._offloaded and idle not in relay.decisions
+        assert f.counters["udp_peers_evicted"] == 2 + 30 - 8
+        assert 0 < f.counters["udp_offload_datagrams_out"] < 30  # folded when the relay asked
+        off.sweep()
+        assert f.counters["udp_offload_datagrams_out"] == 30  # and nothing counted twice
+        n = len(udp.sent)
+        relay.datagramReceived(b"late", idle)
+        assert len(udp.sent) == n and f.counters["udp_dropped"] == 1
     finally:
         off.stop()

@@ -668,6 +668,60 @@ def test_fifty_flows_of_one_association_interleaved(solo, tmp_path):
     d.terminate()
 
 
+#: A UDP echo on thousands of ports (epoll: select stops at descriptor 1024), answering as ECHO
+#: does; prints READY once bound, logs nothing.
+MANY_ECHO = textwrap.dedent("""
+    import resource, select, socket, sys
+    ip, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count + 64, count + 64))
+    ep, socks = select.epoll(), {}
+    for p in range(first, first + count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((ip, p))
+        s.setblocking(False)
+        socks[s.fileno()] = s
+        ep.register(s.fileno(), select.EPOLLIN)
+    print("READY", flush=True)
+    while True:
+        for fd, _ in ep.poll():
+            s = socks[fd]
+            try:
+                data, addr = s.recvfrom(65535)
+            except BlockingIOError:
+                continue
+            s.sendto(b"R" + data[::-1], addr)
+""")
+
+
+def test_one_association_past_the_relays_destination_cache_gets_every_answer(solo, tmp_path):
+    """A PySocks client talking to more destinations over one association than the relay keeps
+    (MAX_CACHE = 4096; here 4596 ports of the echo, one round trip each, as a DHT node or a DNS
+    crawler would): every answer reaches the client, the relay forgets the least recently used
+    destinations (socks.udp_peers_evicted) and drops nothing.  Until 2026-12 the relay stopped
+    taking destinations once 4096 were known: the answers of the last 500 were dropped."""
+    h = solo
+    count, first = 4096 + 500, 20000
+    script = tmp_path / "many_echo.py"
+    script.write_text(MANY_ECHO)
+    echo = h.popen([sys.executable, str(script), "127.0.0.2", str(first), str(count)],
+                   stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout.readline().strip() == "READY"
+        d = start_nar(h, tmp_path, "127.0.0.1", "auto")
+        c = Client(h, tmp_path, "127.0.0.1", "127.0.0.1")
+        res = c.do(op="run", dsts=[["127.0.0.2", p] for p in range(first, first + count)], n=count,
+                   seed=7, sizes=[1, 200])
+        assert_intact(res, count, "one round trip to each of 4596 destinations")
+        s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= count)
+        assert s["udp_datagrams_out"] == count and s["udp_datagrams_in"] == count, s
+        assert s["udp_peers_evicted"] == count - 4096 and s["udp_dropped"] == 0, s
+        c.do(op="close")
+        d.terminate()
+    finally:
+        echo.kill()
+        echo.wait()
+
+
 def test_smaller_mtu_on_the_client_side_leaves_what_does_not_fit_to_python(xny, tmp_path):
     """Case 2 with MTU 1280 between X and N (1500 towards Y): a reply with its 10 header bytes
     added must fit the client-side link to be redirected there (a veth drops a frame over its

@@ -423,6 +423,8 @@ class _UdpRelay(DatagramProtocol):
         # IPv4 destinations that may be offloaded, not yet: datagrams seen both ways (oldest
         # first; at most MAX_CACHE, the least recently seen forgotten first)
         self._counting: dict[tuple[str, int], int] = {}
+        # offloaded destinations -> the kernel's datagram count when _evict last looked
+        self._marks: dict[tuple[str, int], int] = {}
 
     def stopProtocol(self) -> None:
         self.end_offload()
@@ -433,6 +435,7 @@ class _UdpRelay(DatagramProtocol):
         flows = [f for f in self._offloaded.values() if f is not None]
         self._offloaded.clear()
         self._counting.clear()
+        self._marks.clear()
         if flows:
             off = self.f.udp_offload()
             if off is not None:
@@ -443,6 +446,7 @@ class _UdpRelay(DatagramProtocol):
         ``_out`` again (not the shortcut of ``datagramReceived``), which offers it anew (it was a
         flow already: it does not count up to OFFLOAD_AFTER again)."""
         self._offloaded.pop(dest, None)
+        self._marks.pop(dest, None)
         self._allowed_v4.pop(socket.inet_aton(dest[0]) + dest[1].to_bytes(2, "big"), None)
         self._count(dest, self.OFFLOAD_AFTER - 1)
 
@@ -621,12 +625,20 @@ class _UdpRelay(DatagramProtocol):
         if not allowed:
             self.f.count("udp_dropped")
             return
-        if key not in self.peers and len(self.peers) < self.MAX_CACHE:
-            self.peers[key] = socks.encode_udp(ip, port, b"")
+        peers = self.peers
+        again = key in peers
+        if again:
+            peers[key] = peers.pop(key)  # the newest end: recently sent to
+        else:
+            if len(peers) >= self.MAX_CACHE:
+                self._evict()
+            peers[key] = socks.encode_udp(ip, port, b"")
         # a flow the kernel may take: counted here (not given the shortcut) until it is offered
         counting = (key not in self._offloaded and ":" not in ip and self._client_src is not None
-                    and len(self._offloaded) < self.MAX_CACHE and key in self.peers and self.f.may_offload())
-        if ":" not in ip and key in self.peers and not counting and len(self._allowed_v4) < self.MAX_CACHE:
+                    and len(self._offloaded) < self.MAX_CACHE and self.f.may_offload())
+        # the shortcut from the second datagram on (so a one-shot destination never has it, and
+        # having it tells _evict the destination was sent to again: see there)
+        if again and ":" not in ip and not counting and len(self._allowed_v4) < self.MAX_CACHE:
             self._allowed_v4[socket.inet_aton(ip) + port.to_bytes(2, "big")] = key
         counters = self.f.counters
         counters["udp_datagrams_out"] += 1
@@ -634,6 +646,63 @@ class _UdpRelay(DatagramProtocol):
         if counting:
             self._seen(key)  # before the send: the destination's answer finds the flow installed
         self._send(data, key)
+
+    def _evict(self) -> None:
+        """Make room in ``peers`` (full: MAX_CACHE destinations) for a new destination by
+        forgetting the least recently used one, and everything kept about it (its rule
+        decision, fast-path entry, count, kernel flow), so a client talking to more peers than
+        that over one association keeps getting their answers.
+
+        ``peers`` is ordered by the last datagram the client sent through ``_out``; the
+        per-datagram shortcuts (``_allowed_v4`` hits, replies) do not reorder it, which keeps them
+        as cheap as they were.  So an entry's use there is seen the way the CLOCK algorithm sees a
+        reference bit: a destination gets the shortcut on its second datagram (``_out``), and an
+        oldest entry that has it gets a second chance -- it loses the shortcut and goes to the
+        newest end; if the client sends to it again, that datagram takes ``_out`` (one slow-path
+        datagram per cycle of the cache), which moves it to the newest end and gives the shortcut
+        back; if not, it is evicted when it is oldest again (approximate LRU: an idle entry that
+        had the shortcut lives at most two cycles).  An oldest entry whose flow is in the kernel (the
+        relay sees none of its datagrams) is asked of the kernel: if its counters moved since
+        the last look it stays (newest end), else it is taken out of the kernel, then evicted.
+        Entries that take ``_out`` for every datagram (counted flows, IPv6, names) are already
+        in LRU order."""
+        peers = self.peers
+        allowed = self._allowed_v4
+        offloaded = self._offloaded
+        marks = self._marks
+        for _ in range(len(peers)):
+            dest = next(iter(peers))
+            flow = offloaded.get(dest)
+            if flow is not None:
+                off = self.f.udp_offload()
+                seen = off.activity(flow) if off is not None else None
+                if seen is not None and marks.get(dest) != seen:
+                    marks[dest] = seen
+                    peers[dest] = peers.pop(dest)
+                    continue
+            elif ":" not in dest[0]:
+                raw = socket.inet_aton(dest[0]) + dest[1].to_bytes(2, "big")
+                if allowed.pop(raw, None) is not None:
+                    peers[dest] = peers.pop(dest)
+                    continue
+            break
+        self._forget(next(iter(peers)))
+
+    def _forget(self, dest: tuple[str, int]) -> None:
+        """Forget ``dest`` (its flow taken out of the kernel first): its replies are dropped from
+        now on, its next datagram from the client is a new destination's."""
+        self.f.counters["udp_peers_evicted"] += 1
+        del self.peers[dest]
+        self.decisions.pop(dest, None)
+        self._counting.pop(dest, None)
+        self._marks.pop(dest, None)
+        flow = self._offloaded.pop(dest, None)
+        if ":" not in dest[0]:
+            self._allowed_v4.pop(socket.inet_aton(dest[0]) + dest[1].to_bytes(2, "big"), None)
+        if flow is not None:
+            off = self.f.udp_offload()
+            if off is not None:
+                off.remove([flow])
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._sendto is None:  # a transport attached without makeConnection (tests)
@@ -1362,7 +1431,7 @@ class SocksFactory(ServerFactory[SocksProtocol]):
              "udp_datagrams_in", "udp_fragments_dropped", "udp_dropped", "udp_malformed",
              "auth_failures", "rule_blocks", "malformed", "no_acceptable_method",
              "timeouts_negotiation", "timeouts_connect", "timeouts_idle", "bind_unexpected_peer",
-             "nar_sessions", "errors", *OFFLOAD_COUNTERS], 0)
+             "nar_sessions", "udp_peers_evicted", "errors", *OFFLOAD_COUNTERS], 0)
         self._offload: UdpOffload | None | bool = False  # False: not made yet (see udp_offload)
         for code in socks.REPLY_NAMES:
             self.counters["reply_" + socks.reply_name(code)] = 0

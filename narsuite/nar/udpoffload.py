@@ -769,6 +769,21 @@ class UdpOffload:
                 self.counters["udp_offload_errors"] += 1
                 log.debug("socks udp: removing an offloaded flow failed: {e}", e=e)
 
+    def activity(self, flow: _Flow) -> int | None:
+        """The datagrams the kernel relayed for ``flow`` in both directions so far (read from
+        the maps now, and folded into the counters), None when it is no longer installed or
+        the maps cannot be read.  Its relay asks when it must decide whether the flow is idle."""
+        if self.flows.get(flow.fwd) is not flow:
+            return None
+        try:
+            fv, rv = self.fwd.lookup(flow.fwd), self.rev.lookup(flow.rev)
+        except (bpf.BpfError, OSError) as e:
+            self.counters["udp_offload_errors"] += 1
+            log.debug("socks udp: reading an offloaded flow failed: {e}", e=e)
+            return None
+        self._account(flow, fv, rv, (self.monotonic_ns(), self.reactor.seconds()))
+        return sum(flow.seen[i] for i in (0, 2, 4, 5))
+
     def _fold(self, flow: _Flow, value: bytes, layout: struct.Struct, at: tuple[int, int, int],
               names: tuple[str, str, str]) -> int:
         """Add what the kernel counted in one direction since the last fold (``at``: the
