@@ -889,3 +889,60 @@ def test_the_relay_forgets_an_idle_offloaded_destination_only_after_taking_it_ou
         assert len(udp.sent) == n and f.counters["udp_dropped"] == 1
     finally:
         off.stop()
+
+
+class Turns(Clock):
+    """A Clock whose :meth:`turn` runs only the calls due when it starts, as one reactor
+    iteration does (``Clock.advance`` also runs the ``callLater(0)`` calls they make)."""
+
+    def turn(self) -> None:
+        due = [c for c in self.calls if c.getTime() <= self.seconds()]
+        for c in due:
+            self.calls.remove(c)
+            c.called = True
+            c.func(*c.args, **c.kw)
+
+
+def test_revalidation_is_spread_over_reactor_turns_and_a_change_during_a_pass_restarts_it():
+    """After a route change the installed flows are checked a bounded batch per reactor turn (not
+    all in one: at 65,536 flows that held the reactor about a second), each address asked of the
+    kernel once per pass.  A change reported during a pass restarts it: a flow whose route moved
+    after it was checked (and one not checked yet) is still taken out, its relay told."""
+    table: dict[str, u.RouteInfo] = {}
+    asked: list[str] = []
+    off, _, clock, _ = _controller(max_flows=2048)
+    off.route = lambda ip: asked.append(ip) or table.get(ip, LOCAL)
+    off._link = lambda ifindex, l2: None
+    off.reactor = clock = Turns()
+    off.revalidate_batch, off.revalidate_seconds = 100, 60.0  # the batch bounds each turn here
+    client = ("127.0.0.1", 1000)
+    dests = [(f"127.1.{i // 250}.{i % 250 + 1}", 53) for i in range(1000)]
+    forgot: list[int] = []
+    try:
+        flows = [off.install(Owner(), client, ("127.0.0.1", 2000), d, forget=lambda i=i: forgot.append(i))
+                 for i, d in enumerate(dests)]
+        assert all(flows) and len(off.flows) == 1000
+        asked.clear()
+        off._changed()  # rtnetlink said something changed: nothing did for these flows
+        clock.turn()
+        assert len(asked) == 1 + 100 and len(clock.getDelayedCalls()) == 1  # this turn's batch; the next
+        for _ in range(3):
+            clock.turn()
+        assert len(asked) == 1 + 400 and len(off.flows) == 1000
+        # mid-pass: the route of a flow already checked moves, and of one not checked yet
+        moved = u.RouteInfo(1, True, "127.0.0.9", 65536, 14)
+        table[dests[10][0]] = table[dests[700][0]] = moved
+        off._changed()
+        asked.clear()
+        turns = 0
+        while off._pass:
+            clock.turn()
+            turns += 1
+        assert turns == 10
+        assert sorted(forgot) == [10, 700] and len(off.flows) == 998
+        assert flows[10].fwd not in off.flows and flows[700].fwd not in off.flows
+        assert len(off.fwd.items()) == len(off.rev.items()) == 998
+        # the restarted pass asked every address once: the client's and each destination's
+        assert sorted(asked) == sorted({"127.0.0.1", *(d[0] for d in dests)})
+    finally:
+        off.stop()

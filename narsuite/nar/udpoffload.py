@@ -624,7 +624,8 @@ class UdpOffload:
     def __init__(self, counters: dict[str, int], max_flows: int, reactor: Any, *,
                  route: Callable[[str], RouteInfo | None] = kernel_route,
                  monotonic_ns: Callable[[], int] = time.monotonic_ns, interval: float = 1.0,
-                 installs_per_second: float = 2000) -> None:
+                 installs_per_second: float = 2000, revalidate_batch: int = 8192,
+                 revalidate_seconds: float = 0.004) -> None:
         self.counters = counters
         for name in COUNTERS:
             counters.setdefault(name, 0)
@@ -646,7 +647,13 @@ class UdpOffload:
             raise
         self._sweeps = 0
         self._watch: _RouteWatch | None = None
-        self._revalidate_pending = False
+        # the revalidation pass under way: the flows to check, how far it got, its next turn
+        self._pass: list[_Flow] = []
+        self._pass_at = 0
+        self._pass_call: Any = None
+        self._pass_routes: dict[str, RouteInfo | None] = {}
+        self.revalidate_batch = revalidate_batch
+        self.revalidate_seconds = revalidate_seconds
         self.loop = LoopingCall(self.sweep)
         self.loop.clock = reactor
         self.interval = interval
@@ -830,20 +837,64 @@ class UdpOffload:
             self.reactor.addReader(self._watch)
 
     def _changed(self) -> None:
-        if not self._revalidate_pending:
-            self._revalidate_pending = True
-            self.reactor.callLater(0, self.revalidate)
+        """The kernel reported a change: (re)start a revalidation pass (:meth:`revalidate`)."""
+        self.revalidate()
 
     def revalidate(self) -> None:
-        """Take out every flow whose routes are no longer what they were installed for."""
-        self._revalidate_pending = False
+        """Take out every flow whose routes are no longer what they were installed for.
+
+        A pass checks the flows installed when it (re)started, in slices of at most
+        ``revalidate_batch`` flows and ``revalidate_seconds`` per reactor turn (at 65,536 flows
+        one go held the reactor for over a second: docs/benchmarks.md,
+        bench/bench_revalidate.py).  Each address is asked of the kernel once per pass
+        (``_pass_routes``, unbounded for the pass: at most two addresses per flow).  A change
+        reported during a pass restarts it from the first flow with every route forgotten:
+        flows already checked were checked against routes that may have moved since, so none
+        is skipped and none is judged by a stale route.  Flows installed during a pass were
+        made with routes looked up after the change that started it (``_routes`` is cleared
+        with it) and need no check; flows removed meanwhile are skipped."""
         self._routes.clear()
-        gone = [f for f in self.flows.values() if (self._route(f.client[0]), self._route(f.dest[0])) != f.routes]
-        if gone:
-            self.remove(gone)
-            for flow in gone:
-                if flow.forget is not None:
-                    flow.forget()
+        self._pass_routes.clear()
+        self._pass = list(self.flows.values())
+        self._pass_at = 0
+        if self._pass_call is None or not self._pass_call.active():
+            self._pass_call = self.reactor.callLater(0, self._revalidate_slice)
+
+    def _revalidate_slice(self) -> None:
+        """One reactor turn's share of the pass: a bounded batch, then the next turn."""
+        self._pass_call = None
+        flows, at = self._pass, self._pass_at
+        end = min(len(flows), at + self.revalidate_batch)
+        deadline = time.perf_counter() + self.revalidate_seconds
+        current = self.flows
+        route = self._pass_route
+        while at < end:
+            f = flows[at]
+            at += 1
+            if current.get(f.fwd) is f and (route(f.client[0]), route(f.dest[0])) != f.routes:
+                self.remove([f])  # here, not after the loop: the slice's time covers it
+                if f.forget is not None:
+                    f.forget()
+                if self._pass is not flows:  # restarted by what forget() did: that pass goes on
+                    return
+            if not at & 15 and time.perf_counter() > deadline:
+                break
+        self._pass_at = at
+        if self._pass_at < len(self._pass):
+            self._pass_call = self.reactor.callLater(0, self._revalidate_slice)
+        else:
+            self._pass = []
+            self._pass_routes.clear()
+
+    def _pass_route(self, ip: str) -> RouteInfo | None:
+        """The route to ``ip`` for this revalidation pass: asked of the kernel once per pass."""
+        routes = self._pass_routes
+        if ip in routes:
+            return routes[ip]
+        got = routes[ip] = self.route(ip)
+        if len(self._routes) < 4096:
+            self._routes[ip] = got  # fresh: new flows may use it too
+        return got
 
     def sweep(self) -> None:
         """Fold the kernel's per-flow counters into ours; refresh the associations' activity."""
@@ -867,6 +918,10 @@ class UdpOffload:
         """Count what is left, detach, close every descriptor (idempotent)."""
         if self.loop.running:
             self.loop.stop()
+        if self._pass_call is not None and self._pass_call.active():
+            self._pass_call.cancel()
+        self._pass_call = None
+        self._pass = []
         if self._watch is not None:
             if hasattr(self.reactor, "removeReader"):
                 self.reactor.removeReader(self._watch)
