@@ -946,3 +946,61 @@ def test_revalidation_is_spread_over_reactor_turns_and_a_change_during_a_pass_re
         assert sorted(asked) == sorted({"127.0.0.1", *(d[0] for d in dests)})
     finally:
         off.stop()
+
+
+def test_rtm_dellink_names_the_deleted_interface(routed_ns):
+    """The kernel's own RTM_DELLINK (a veth deleted in a lab namespace) is found among the other
+    messages of the datagrams it sends; nothing else reads as a deletion."""
+    ns, n = routed_ns
+
+    def netlink():
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, 0)
+        s.bind((0, u.RTMGRP_LINK | u.RTMGRP_IPV4_IFADDR | u.RTMGRP_IPV4_ROUTE))
+        return s
+
+    s = ns(netlink)
+    try:
+        eth1 = ns(socket.if_nametoindex, "eth1")
+        got: list[tuple[list[int], bool]] = []
+        watch = u._RouteWatch(s, lambda deleted, lost: got.append((deleted, lost)))
+        n.ip("addr", "add", "10.9.0.1/24", "dev", "eth0")  # a change, not a deletion
+        watch.doRead()
+        assert got == [([], False)]
+        n.ip("link", "del", "eth1")
+        watch.doRead()
+        assert got[1] == ([eth1], False)
+    finally:
+        s.close()
+    assert u.deleted_links(b"") == [] and u.deleted_links(b"\x08\x00\x00\x00\x11\x00") == []
+
+
+def test_a_deleted_interface_drops_its_link_and_takes_out_the_flows_through_it():
+    """link_gone(ifindex): the link on it is closed and leaves the table (a new interface gets a
+    fresh one), the flows arriving or leaving through it leave the kernel at once, their relays
+    told; flows elsewhere stay."""
+    a = u.RouteInfo(7, False, "10.0.0.1", 1500, 14)
+    b = u.RouteInfo(8, False, "10.1.0.1", 1500, 14)
+    off, c, _, _ = _controller(routes={"10.0.0.2": a, "10.1.0.5": b, "10.0.0.3": a, "10.0.0.4": a})
+
+    class Link:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    made: dict[int, Link] = {}
+    off._link = lambda ifindex, l2: off._links.setdefault(ifindex, made.setdefault(ifindex, Link()))
+    forgot: list[str] = []
+    try:
+        via_b = off.install(Owner(), ("10.0.0.2", 1), ("10.0.0.1", 2), ("10.1.0.5", 3), lambda: forgot.append("b"))
+        only_a = off.install(Owner(), ("10.0.0.2", 1), ("10.0.0.1", 2), ("10.0.0.3", 3), lambda: forgot.append("a"))
+        assert via_b and only_a and sorted(off._links) == [7, 8]
+        assert off.state() == {"installed": 2, "links": 2, "link.7": 1, "link.8": 1}
+        off._changed([8])
+        assert made[8].closed and not made[7].closed and sorted(off._links) == [7]
+        assert forgot == ["b"] and list(off.flows) == [only_a.fwd] and len(off.fwd.items()) == 1
+        assert c["udp_offload_links_gone"] == 1 and off.state() == {"installed": 1, "links": 1, "link.7": 1}
+        off._changed([8])  # reported twice: nothing more
+        assert c["udp_offload_links_gone"] == 1 and forgot == ["b"]
+    finally:
+        off.stop()

@@ -1189,3 +1189,83 @@ def test_offloaded_datagrams_pass_by_the_relay_hosts_netfilter(xny, tmp_path, mo
         assert seen == 300 - s["udp_offload_datagrams_out"] and seen <= FEW, (seen, s)
     c.do(op="close")
     d.terminate()
+
+
+def offload_state(d: NarsuiteDaemon) -> dict[str, int]:
+    """The udp_offload.* rows of ``narctl nar stats``: what the controller holds now."""
+    return {r["counter"].removeprefix("udp_offload."): int(r["value"]) for r in d.rows("nar", "stats")
+            if r["counter"].startswith("udp_offload.")}
+
+
+def tcx_links_held(d: NarsuiteDaemon) -> int:
+    """The tcx link descriptors the daemon's process holds, as the kernel lists them
+    (/proc/PID/fdinfo: ``link_type: tcx``)."""
+    assert d.proc is not None
+    n = 0
+    for fd in Path(f"/proc/{d.proc.pid}/fdinfo").iterdir():
+        try:
+            info = fd.read_text()
+        except OSError:
+            continue
+        n += "link_type:\ttcx" in info
+    return n
+
+
+def test_a_deleted_interface_leaves_no_link_nor_flow_and_a_new_one_of_its_name_is_relayed_again(xny, tmp_path):
+    """A flow X -> N -> Y offloaded (tcx links on both of N's veths), then N's veth towards Y is
+    deleted: the controller drops its link (closes the descriptor: the kernel no longer lists it
+    among the daemon's) and takes the flow out at once.  A veth of the same name made again (a new
+    interface index) gets a fresh link, and the association goes on, relayed by the kernel again.
+    (Until 2026-12 the deleted interface's link stayed in the table, and its descriptor open, until
+    the process ended.)"""
+    t = xny
+    checksums_in_software(t, "software")
+    echo = Echo(t.y, tmp_path, t.y_addr)
+    d = start_nar(t.n, tmp_path, t.n_private, "auto")
+    c = Client(t.x, tmp_path, t.n_private, t.x_addr)
+    dst = (t.y_addr, ECHO_PORT)
+    before = c.run(dst, 200)
+    assert_intact(before, 200, "before the veth goes")
+    s = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 200)
+    assert_offloaded(s, 200 - FEW)
+    held = offload_state(d)
+    old_index = int(t.n.run(["cat", f"/sys/class/net/{t.n_public_if}/ifindex"]).stdout)
+    assert held["installed"] == 1 and held["links"] == 2 and held[f"link.{old_index}"] == 1, held
+    assert tcx_links_held(d) == 2
+    progs = attached(t.n, tmp_path, t.n_private_if, t.n_public_if)
+    assert progs[f"{t.n_private_if}/ingress"] == 1 and progs[f"{t.n_public_if}/ingress"] == 1, progs
+
+    t.n.ip("link", "del", t.n_public_if)  # both ends go
+    deadline = time.monotonic() + 5
+    while offload_state(d).get("installed", 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    held = offload_state(d)
+    assert held.get("installed", 0) == 0 and held["links"] == 1 and f"link.{old_index}" not in held, held
+    assert tcx_links_held(d) == 1 and stats(d)["udp_offload_links_gone"] == 1
+
+    t.n.ip("link", "add", t.n_public_if, "type", "veth", "peer", "name", t.y_if, "netns", t.y.netns)
+    t.n.ip("addr", "add", f"{t.n_public}/24", "dev", t.n_public_if)
+    t.y.ip("addr", "add", f"{t.y_addr}/24", "dev", t.y_if)
+    t.n.ip("link", "set", t.n_public_if, "up")
+    t.y.ip("link", "set", t.y_if, "up")
+    tx_checksum_off(t.n, t.n_public_if)
+    tx_checksum_off(t.y, t.y_if)
+    new_index = int(t.n.run(["cat", f"/sys/class/net/{t.n_public_if}/ifindex"]).stdout)
+    assert new_index != old_index
+    deadline = time.monotonic() + 5  # a new veth may drop the first packets (platform-facts.md)
+    while not t.n.ping(t.y_addr, timeout=0.5) and time.monotonic() < deadline:
+        pass
+    after = c.run(dst, 200, seed=2)
+    assert_intact(after, 200, "over the veth made again")
+    s2 = settled_stats(d, lambda s: s["udp_datagrams_in"] >= 400)
+    assert s2["udp_offload_flows"] == 2, s2
+    assert s2["udp_offload_datagrams_out"] - s["udp_offload_datagrams_out"] >= 200 - FEW, (s, s2)
+    held = offload_state(d)
+    assert held["installed"] == 1 and held["links"] == 2 and held[f"link.{new_index}"] == 1, held
+    assert tcx_links_held(d) == 2
+    assert attached(t.n, tmp_path, t.n_public_if)[f"{t.n_public_if}/ingress"] == 1
+    rows = echo.settled()
+    assert_target_got(rows, {"digests": before["digests"] + after["digests"]}, ECHO_PORT,
+                      (t.n_public, c.relay[1]))
+    c.do(op="close")
+    d.terminate()

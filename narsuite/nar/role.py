@@ -110,6 +110,7 @@ def _mappings(daemon: Any) -> Table:
 def _stats(daemon: Any) -> Table:
     svc = _svc(daemon)
     rows = [(f"socks.{k}", v) for k, v in sorted(svc.factory.totals().items()) if v]
+    rows += [(f"udp_offload.{k}", v) for k, v in svc.factory.offload_state().items()]
     if svc.workers is not None:
         w = svc.workers
         rows += [("workers.processes", 1 + len(w.procs)), ("workers.restarts", w.restarts),

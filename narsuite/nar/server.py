@@ -1458,6 +1458,10 @@ class SocksFactory(ServerFactory[SocksProtocol]):
                                               self.reactor, installs_per_second=cfg.udp_offload_rate)
         return self._offload if isinstance(self._offload, UdpOffload) else None
 
+    def offload_state(self) -> dict[str, int]:
+        """The kernel fast path's current state (:meth:`UdpOffload.state`), {} when it was not made."""
+        return self._offload.state() if isinstance(self._offload, UdpOffload) else {}
+
     def stop_offload(self) -> None:
         off, self._offload = self._offload, None  # stopped: not made again
         if isinstance(off, UdpOffload):

@@ -57,7 +57,7 @@ import fcntl
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, Literal
 
 import attrs
@@ -75,7 +75,8 @@ log = logger()
 
 #: Counters this module adds to the SOCKS factory's (shown as socks.<name> by narctl nar stats).
 COUNTERS = ("udp_offload_datagrams_out", "udp_offload_datagrams_in", "udp_offload_flows",
-            "udp_offload_full", "udp_offload_errors", "udp_offload_left_to_python", "udp_offload_deferred")
+            "udp_offload_full", "udp_offload_errors", "udp_offload_left_to_python", "udp_offload_deferred",
+            "udp_offload_links_gone")
 
 #: What :meth:`UdpOffload.install` returns for a flow over the install rate: not now, ask again later.
 DEFERRED: Final = "deferred"
@@ -560,10 +561,32 @@ def kernel_route(ip: str, routes: rtnl.RouteSocket | None = None) -> RouteInfo |
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 
 
-class _RouteWatch:
-    """The reactor's reader of an rtnetlink socket: any message means "something changed"."""
+RTM_DELLINK = 17
+_NLMSGHDR = struct.Struct("=IHHII")
+_IFINFOMSG = struct.Struct("=BxHiII")
 
-    def __init__(self, sock: socket.socket, changed: Callable[[], None]) -> None:
+
+def deleted_links(buf: bytes) -> list[int]:
+    """The interface indexes of the RTM_DELLINK messages in one rtnetlink datagram (a pure
+    function: the rest of the messages only mean "something changed")."""
+    out = []
+    at = 0
+    while at + _NLMSGHDR.size <= len(buf):
+        length, kind = _NLMSGHDR.unpack_from(buf, at)[:2]
+        if length < _NLMSGHDR.size:
+            break
+        if kind == RTM_DELLINK and length >= _NLMSGHDR.size + _IFINFOMSG.size:
+            out.append(_IFINFOMSG.unpack_from(buf, at + _NLMSGHDR.size)[2])
+        at += (length + 3) & ~3
+    return out
+
+
+class _RouteWatch:
+    """The reactor's reader of an rtnetlink socket: any message means "something changed";
+    an RTM_DELLINK also names the interface that went (``changed(deleted, lost)``; ``lost``:
+    the socket overflowed, so some may have gone unreported)."""
+
+    def __init__(self, sock: socket.socket, changed: Callable[[list[int], bool], None]) -> None:
         self.sock = sock
         self.changed = changed
 
@@ -574,19 +597,22 @@ class _RouteWatch:
         return "udp-offload-routes"
 
     def doRead(self) -> None:
-        got = False
+        got = lost = False
+        deleted: list[int] = []
         while True:
             try:
-                if not self.sock.recv(65536):
+                buf = self.sock.recv(65536)
+                if not buf:
                     break
                 got = True
+                deleted += deleted_links(buf)
             except BlockingIOError:
                 break
             except OSError:  # ENOBUFS: events were lost; revalidate anyway
-                got = True
+                got = lost = True
                 break
         if got:
-            self.changed()
+            self.changed(deleted, lost)
 
     def connectionLost(self, reason: Any) -> None:
         pass
@@ -836,9 +862,46 @@ class UdpOffload:
         if hasattr(self.reactor, "addReader"):
             self.reactor.addReader(self._watch)
 
-    def _changed(self) -> None:
-        """The kernel reported a change: (re)start a revalidation pass (:meth:`revalidate`)."""
+    def _changed(self, deleted: Iterable[int] = (), lost: bool = False) -> None:
+        """The kernel reported a change: drop what hangs on deleted interfaces (all of ours that
+        no longer exist when events were ``lost``), then (re)start a revalidation pass."""
+        gone = set(deleted)
+        if lost:
+            for ifindex in list(self._links):
+                try:
+                    socket.if_indextoname(ifindex)
+                except OSError:
+                    gone.add(ifindex)
+        for ifindex in gone:
+            self.link_gone(ifindex)
         self.revalidate()
+
+    def state(self) -> dict[str, int]:
+        """What the controller holds now (``narctl nar stats`` shows it as udp_offload.<name>):
+        the flows installed and the tcx links, with the interfaces they are on."""
+        out = {"installed": len(self.flows), "links": len(self._links)}
+        for ifindex in self._links:
+            out[f"link.{ifindex}"] = 1
+        return out
+
+    def link_gone(self, ifindex: int) -> None:
+        """Interface ``ifindex`` was deleted: close our tcx link on it (the kernel detached it,
+        but the descriptor and our table would hold it until the process ends; a new interface,
+        even of the same name, gets a fresh link) and take out the flows that arrive or leave
+        through it at once (their relays told), without waiting for the revalidation pass."""
+        link = self._links.pop(ifindex, None)
+        if link is not None:
+            self.counters["udp_offload_links_gone"] += 1
+            try:
+                link.close()
+            except OSError as e:
+                log.debug("socks udp: closing the tcx link of a deleted interface failed: {e}", e=e)
+        flows = [f for f in self.flows.values() if ifindex in (f.routes[0].ifindex, f.routes[1].ifindex)]
+        if flows:
+            self.remove(flows)
+            for flow in flows:
+                if flow.forget is not None:
+                    flow.forget()
 
     def revalidate(self) -> None:
         """Take out every flow whose routes are no longer what they were installed for.
