@@ -903,11 +903,9 @@ class Turns(Clock):
             c.func(*c.args, **c.kw)
 
 
-def test_revalidation_is_spread_over_reactor_turns_and_a_change_during_a_pass_restarts_it():
-    """After a route change the installed flows are checked a bounded batch per reactor turn (not
-    all in one: at 65,536 flows that held the reactor about a second), each address asked of the
-    kernel once per pass.  A change reported during a pass restarts it: a flow whose route moved
-    after it was checked (and one not checked yet) is still taken out, its relay told."""
+def _revalidating(n: int):
+    """A controller with ``n`` installed flows (fake routes from ``table``, LOCAL otherwise),
+    a reactor whose turns the test runs, 100 flows per turn."""
     table: dict[str, u.RouteInfo] = {}
     asked: list[str] = []
     off, _, clock, _ = _controller(max_flows=2048)
@@ -916,13 +914,26 @@ def test_revalidation_is_spread_over_reactor_turns_and_a_change_during_a_pass_re
     off.reactor = clock = Turns()
     off.revalidate_batch, off.revalidate_seconds = 100, 60.0  # the batch bounds each turn here
     client = ("127.0.0.1", 1000)
-    dests = [(f"127.1.{i // 250}.{i % 250 + 1}", 53) for i in range(1000)]
+    dests = [(f"127.1.{i // 250}.{i % 250 + 1}", 53) for i in range(n)]
     forgot: list[int] = []
+    flows = [off.install(Owner(), client, ("127.0.0.1", 2000), d, forget=lambda i=i: forgot.append(i))
+             for i, d in enumerate(dests)]
+    assert all(flows) and len(off.flows) == n
+    asked.clear()
+    return off, clock, table, asked, dests, flows, forgot
+
+
+MOVED = u.RouteInfo(1, True, "127.0.0.9", 65536, 14)
+
+
+def test_revalidation_is_spread_over_reactor_turns_and_a_change_during_a_pass_is_caught():
+    """After a route change the installed flows are checked a bounded batch per reactor turn (not
+    all in one: at 65,536 flows that held the reactor about a second), each address asked of the
+    kernel once per pass.  A change reported during a pass: the flows not checked yet are
+    checked against fresh routes, those already checked get a second pass -- a flow whose route
+    moved after it was checked (and one not checked yet) is still taken out, its relay told."""
+    off, clock, table, asked, dests, flows, forgot = _revalidating(1000)
     try:
-        flows = [off.install(Owner(), client, ("127.0.0.1", 2000), d, forget=lambda i=i: forgot.append(i))
-                 for i, d in enumerate(dests)]
-        assert all(flows) and len(off.flows) == 1000
-        asked.clear()
         off._changed()  # rtnetlink said something changed: nothing did for these flows
         clock.turn()
         assert len(asked) == 1 + 100 and len(clock.getDelayedCalls()) == 1  # this turn's batch; the next
@@ -930,20 +941,40 @@ def test_revalidation_is_spread_over_reactor_turns_and_a_change_during_a_pass_re
             clock.turn()
         assert len(asked) == 1 + 400 and len(off.flows) == 1000
         # mid-pass: the route of a flow already checked moves, and of one not checked yet
-        moved = u.RouteInfo(1, True, "127.0.0.9", 65536, 14)
-        table[dests[10][0]] = table[dests[700][0]] = moved
+        table[dests[10][0]] = table[dests[700][0]] = MOVED
         off._changed()
         asked.clear()
         turns = 0
         while off._pass:
             clock.turn()
             turns += 1
-        assert turns == 10
+            if turns == 6:  # the rest of the first pass, with fresh routes
+                assert forgot == [700] and sorted(set(asked)) == sorted({"127.0.0.1", *(d[0] for d in dests[400:])})
+        assert turns == 6 + 10  # then a second pass over the 999 left
         assert sorted(forgot) == [10, 700] and len(off.flows) == 998
         assert flows[10].fwd not in off.flows and flows[700].fwd not in off.flows
         assert len(off.fwd.items()) == len(off.rev.items()) == 998
-        # the restarted pass asked every address once: the client's and each destination's
-        assert sorted(asked) == sorted({"127.0.0.1", *(d[0] for d in dests)})
+        # each pass asked each address once: the second one every address but 700's
+        assert len(asked) == (1 + 600) + (1 + 999)
+    finally:
+        off.stop()
+
+
+def test_routes_changing_all_the_time_do_not_starve_the_flows_at_the_end_of_a_pass():
+    """A flapping uplink or a router's churn: rtnetlink reports a change every reactor turn.
+    The pass goes on from where it is (restarting from the first flow would never reach the
+    last ones), so a flow at the end whose route moved is taken out within two passes."""
+    off, clock, table, asked, dests, flows, forgot = _revalidating(1000)
+    try:
+        table[dests[999][0]] = MOVED
+        off._changed()
+        turns = 0
+        while not forgot and turns < 20:
+            clock.turn()
+            turns += 1
+            off._changed()  # another change, every turn
+        assert forgot == [999] and turns <= 10, turns
+        assert flows[999].fwd not in off.flows and len(off.flows) == 999
     finally:
         off.stop()
 

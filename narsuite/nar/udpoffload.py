@@ -677,6 +677,7 @@ class UdpOffload:
         self._pass: list[_Flow] = []
         self._pass_at = 0
         self._pass_call: Any = None
+        self._again = False  # a change came during the pass: another pass follows it
         self._pass_routes: dict[str, RouteInfo | None] = {}
         self.revalidate_batch = revalidate_batch
         self.revalidate_seconds = revalidate_seconds
@@ -906,20 +907,27 @@ class UdpOffload:
     def revalidate(self) -> None:
         """Take out every flow whose routes are no longer what they were installed for.
 
-        A pass checks the flows installed when it (re)started, in slices of at most
+        A pass checks the flows installed when it started, in slices of at most
         ``revalidate_batch`` flows and ``revalidate_seconds`` per reactor turn (at 65,536 flows
         one go held the reactor for over a second: docs/benchmarks.md,
         bench/bench_revalidate.py).  Each address is asked of the kernel once per pass
-        (``_pass_routes``, unbounded for the pass: at most two addresses per flow).  A change
-        reported during a pass restarts it from the first flow with every route forgotten:
-        flows already checked were checked against routes that may have moved since, so none
-        is skipped and none is judged by a stale route.  Flows installed during a pass were
-        made with routes looked up after the change that started it (``_routes`` is cleared
-        with it) and need no check; flows removed meanwhile are skipped."""
+        (``_pass_routes``, unbounded for the pass: at most two addresses per flow).
+
+        A change reported during a pass forgets every route: the flows after the pass's
+        cursor are then checked against fresh ones, and the flows before it, checked against
+        routes that may have moved since, get another pass once this one ends.  So every flow
+        is checked after each change, and routes that keep changing (a flapping uplink, a
+        router's churn) cannot starve the flows at the end of the list, as restarting from the
+        first flow would.  Flows installed during a pass were made with routes looked up after
+        the change that started it (``_routes`` is cleared with it); flows removed meanwhile
+        are skipped."""
         self._routes.clear()
         self._pass_routes.clear()
-        self._pass = list(self.flows.values())
-        self._pass_at = 0
+        if self._pass_at < len(self._pass):
+            self._again = True
+        else:
+            self._pass = list(self.flows.values())
+            self._pass_at = 0
         if self._pass_call is None or not self._pass_call.active():
             self._pass_call = self.reactor.callLater(0, self._revalidate_slice)
 
@@ -938,15 +946,20 @@ class UdpOffload:
                 self.remove([f])  # here, not after the loop: the slice's time covers it
                 if f.forget is not None:
                     f.forget()
-                if self._pass is not flows:  # restarted by what forget() did: that pass goes on
+                if self._pass is not flows:  # stopped by what forget() did
                     return
             if not at & 15 and time.perf_counter() > deadline:
                 break
         self._pass_at = at
+        if at >= len(flows) and self._again:
+            self._again = False
+            self._pass_routes.clear()
+            self._pass, self._pass_at = list(self.flows.values()), 0
         if self._pass_at < len(self._pass):
             self._pass_call = self.reactor.callLater(0, self._revalidate_slice)
         else:
             self._pass = []
+            self._pass_at = 0
             self._pass_routes.clear()
 
     def _pass_route(self, ip: str) -> RouteInfo | None:
@@ -984,7 +997,7 @@ class UdpOffload:
         if self._pass_call is not None and self._pass_call.active():
             self._pass_call.cancel()
         self._pass_call = None
-        self._pass = []
+        self._pass, self._pass_at, self._again = [], 0, False
         if self._watch is not None:
             if hasattr(self.reactor, "removeReader"):
                 self.reactor.removeReader(self._watch)
