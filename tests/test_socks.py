@@ -581,6 +581,25 @@ def test_udp_relay_past_max_cache_destinations_every_answer_reaches_the_client()
     assert udp.sent[-1] == (socks.encode_udp("10.1.0.1", 6881, b"back"), cl)
 
 
+def test_udp_relay_eviction_walks_a_bounded_part_of_a_cache_in_use():
+    """Every one of MAX_CACHE destinations has been sent to twice (each holds the shortcut, the
+    relay's sign of use): a new destination then costs at most EVICT_SCAN second chances, not a
+    walk of the whole cache on the shared reactor -- and the one forgotten is the oldest left."""
+    f, udp, relay = _udp_association(udp_offload="off")
+    cl = ("10.0.0.10", 5555)
+    dests = [(f"10.{1 + i // 250 // 250}.{i // 250 % 250}.{i % 250 + 1}", 6881) for i in range(relay.MAX_CACHE)]
+    for _ in range(2):
+        for d in dests:
+            relay.datagramReceived(socks.encode_udp(*d, b"q"), cl)
+    assert len(relay._allowed_v4) == relay.MAX_CACHE
+    relay.datagramReceived(socks.encode_udp("192.0.2.7", 53, b"new"), cl)
+    # EVICT_SCAN second chances taken (shortcuts dropped), then the next oldest forgotten
+    assert len(relay._allowed_v4) == relay.MAX_CACHE - relay.EVICT_SCAN - 1
+    assert f.counters["udp_peers_evicted"] == 1
+    assert dests[relay.EVICT_SCAN] not in relay.peers and all(d in relay.peers for d in dests[:relay.EVICT_SCAN])
+    assert len(relay.peers) == relay.MAX_CACHE and ("192.0.2.7", 53) in relay.peers
+
+
 def test_udp_idle_timeout_closes_association():
     f, reactor = make(udp_idle_timeout=5.0)
     p, tr = open_conn(f)

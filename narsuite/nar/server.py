@@ -395,6 +395,11 @@ class _UdpRelay(DatagramProtocol):
     """
 
     MAX_CACHE = 4096
+    #: entries ``_evict`` looks at (second chances) before it forgets the oldest left anyway:
+    #: a client keeping all MAX_CACHE destinations busy would otherwise make each new
+    #: destination cost a walk of the whole cache (a kernel lookup per offloaded flow) on the
+    #: reactor every other client shares
+    EVICT_SCAN = 64
     #: The datagram of an (association, IPv4 destination) flow, counted both ways through this
     #: relay, on which the flow is offered to the kernel fast path: a query and its answer (DNS)
     #: or a reply that never comes stays here and never costs a route lookup or a map entry.
@@ -665,12 +670,14 @@ class _UdpRelay(DatagramProtocol):
         relay sees none of its datagrams) is asked of the kernel: if its counters moved since
         the last look it stays (newest end), else it is taken out of the kernel, then evicted.
         Entries that take ``_out`` for every datagram (counted flows, IPv6, names) are already
-        in LRU order."""
+        in LRU order.  At most EVICT_SCAN entries get a second chance per eviction; then the
+        oldest left is forgotten even if it was in use (more busy destinations than the cache
+        holds: some of their answers are lost until the client sends to them again)."""
         peers = self.peers
         allowed = self._allowed_v4
         offloaded = self._offloaded
         marks = self._marks
-        for _ in range(len(peers)):
+        for _ in range(min(len(peers), self.EVICT_SCAN)):
             dest = next(iter(peers))
             flow = offloaded.get(dest)
             if flow is not None:
