@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +49,26 @@ def ike_sas(g: NarsuiteDaemon) -> list[dict]:
 
 def esp_sas(g: NarsuiteDaemon) -> list[dict]:
     return g.rows("esp", "sas")
+
+
+class Pings:
+    """``ping`` from ``host`` to ``addr`` in a thread while the test goes on (rekeys under
+    traffic); ``received()`` waits for it and says how many answers came back."""
+
+    def __init__(self, host, addr: str, count: int, interval: float, timeout: float) -> None:
+        self.out, self.timeout = "", timeout
+        argv = ["ping", "-c", str(count), "-i", str(interval), "-W", "1", addr]
+        self._th = threading.Thread(target=self._run, args=(host, argv))
+        self._th.start()
+
+    def _run(self, host, argv: list[str]) -> None:
+        self.out = host.run(argv, check=False, timeout=self.timeout).stdout
+
+    def received(self) -> int:
+        self._th.join(self.timeout + 5)
+        m = re.search(r"(\d+) received", self.out)
+        assert m is not None, self.out
+        return int(m.group(1))
 
 
 # ------------------------------------------------------------------------------------- (a)
@@ -155,8 +176,6 @@ def test_d_child_and_ike_rekey_while_traffic_flows(need_strongswan, ra_topo, tmp
     """(d) A CHILD SA rekey (with PFS) and an IKE SA rekey, started by the client while a
     TCP transfer runs through the tunnel: the transfer completes, the new SPIs are the
     ones in use, the old ones are gone on both sides, one IKE SA remains."""
-    import threading
-
     t = ra_topo
     g = gateway(t, tmp_path, v2_policy())
     cap = Capture(t.g, "wan0", tmp_path / "d.pcap")
@@ -164,14 +183,8 @@ def test_d_child_and_ike_rekey_while_traffic_flows(need_strongswan, ra_topo, tmp
     up(c)
     (csa,) = c.list_sas()
     (old_child,) = csa.children
-    result: dict[str, str] = {}
-
-    def pings() -> None:  # 80 echo requests over ~4 s: before, during and after both rekeys
-        out = t.r1.run(["ping", "-c", "80", "-i", "0.05", "-W", "1", t.h_addr], check=False, timeout=60)
-        result["ping"] = out.stdout
-
-    th = threading.Thread(target=pings)
-    th.start()
+    # 80 echo requests over ~4 s: before, during and after both rekeys
+    pings = Pings(t.r1, t.h_addr, 80, 0.05, timeout=60)
     time.sleep(0.8)
     c.swanctl("--rekey", "--child", "net")
     new = c.wait_sa(lambda sa: sa.established and any(ch.spi_in != old_child.spi_in and ch.state == "INSTALLED"
@@ -181,9 +194,8 @@ def test_d_child_and_ike_rekey_while_traffic_flows(need_strongswan, ra_topo, tmp
     assert new_child.dh_group == "ECP_256"
     c.swanctl("--rekey", "--ike", "home")
     rekeyed = c.wait_sa(lambda sa: sa.established and sa.spi_r != csa.spi_r, timeout=15)
-    th.join(60)
-    received = int(re.search(r"(\d+) received", result["ping"]).group(1))
-    assert received >= 76, result["ping"]  # a rekey may cost a packet in flight, not the tunnel
+    received = pings.received()
+    assert received >= 76, pings.out  # a rekey may cost a packet in flight, not the tunnel
     assert tcp_transfer(t.h, t.r1, t.h_addr, size=TRANSFER) == TRANSFER
     assert ping(t.r1, t.h_addr)
     (isa,) = ike_sas(g)
@@ -206,8 +218,6 @@ def test_d_the_gateway_rekeys_the_child_at_its_own_lifetime(need_strongswan, ra_
     proposal without -- then a Delete of the old pair).  Pings flow across it; strongSwan lists
     the new CHILD SA with the SPIs we hold and no other; the IKE SA is the same one (no
     reauthentication, no new IKE_SA_INIT)."""
-    import threading
-
     t = ra_topo
     g = gateway(t, tmp_path, v2_policy(esp_lifetime="30", rekey_jitter="0.0"))
     cap = Capture(t.g, "wan0", tmp_path / "d-ours.pcap")
@@ -220,19 +230,12 @@ def test_d_the_gateway_rekeys_the_child_at_its_own_lifetime(need_strongswan, ra_
     up(c)
     (csa,) = c.list_sas()
     (old_child,) = csa.children
-    result: dict[str, str] = {}
-
-    def pings() -> None:  # 4 per second for 40 s: before, across and after our rekey at 30 s
-        out = t.r1.run(["ping", "-c", "160", "-i", "0.25", "-W", "1", t.h_addr], check=False, timeout=90)
-        result["ping"] = out.stdout
-
-    th = threading.Thread(target=pings)
-    th.start()
+    # 4 per second for 40 s: before, across and after our rekey at 30 s
+    pings = Pings(t.r1, t.h_addr, 160, 0.25, timeout=90)
     new = c.wait_sa(lambda sa: sa.established and len(sa.children) == 1 and sa.children[0].spi_in != old_child.spi_in
                     and sa.children[0].state == "INSTALLED", timeout=50)
-    th.join(90)
-    received = int(re.search(r"(\d+) received", result["ping"]).group(1))
-    assert received >= 156, result["ping"]  # a rekey may cost a packet in flight, not the tunnel
+    received = pings.received()
+    assert received >= 156, pings.out  # a rekey may cost a packet in flight, not the tunnel
     (cur,) = new.children
     assert cur.dh_group == ("ECP_256" if esp.endswith("ecp256") else "")
     assert (new.spi_i, new.spi_r) == (csa.spi_i, csa.spi_r)  # the same IKE SA: no reauthentication
@@ -262,8 +265,6 @@ def test_d_a_lost_answer_to_the_clients_rekey_costs_no_traffic(need_strongswan, 
     for 1.5 s): strongSwan installs the new pair only when its resend (4 s later) gets our
     answer again.  Meanwhile our traffic stays on the old SA -- the new one goes into use when
     the client deletes the old -- so the pings across it all come back."""
-    import threading
-
     t = ra_topo
     g = gateway(t, tmp_path, v2_policy())
     cap = Capture(t.g, "wan0", tmp_path / "lost.pcap")
@@ -271,14 +272,7 @@ def test_d_a_lost_answer_to_the_clients_rekey_costs_no_traffic(need_strongswan, 
     up(c)
     (csa,) = c.list_sas()
     (old_child,) = csa.children
-    result: dict[str, str] = {}
-
-    def pings() -> None:  # 4 per second for 12 s
-        out = t.r1.run(["ping", "-c", "48", "-i", "0.25", "-W", "1", t.h_addr], check=False, timeout=60)
-        result["ping"] = out.stdout
-
-    th = threading.Thread(target=pings)
-    th.start()
+    pings = Pings(t.r1, t.h_addr, 48, 0.25, timeout=60)  # 4 per second for 12 s
     time.sleep(2.0)
     t.g.run(["nft", "-f", "-"], input=_IKE_OUT_DROP)
     c.swanctl("--rekey", "--child", "net")
@@ -288,10 +282,9 @@ def test_d_a_lost_answer_to_the_clients_rekey_costs_no_traffic(need_strongswan, 
     assert int(re.search(r"packets (\d+)", dropped).group(1)) >= 1, dropped  # our answer
     new = c.wait_sa(lambda sa: sa.established and len(sa.children) == 1 and sa.children[0].state == "INSTALLED"
                     and sa.children[0].spi_in != old_child.spi_in, timeout=15)
-    th.join(60)
     assert "retransmit 1 of request" in c.log_text()
-    received = int(re.search(r"(\d+) received", result["ping"]).group(1))
-    assert received >= 47, result["ping"]
+    received = pings.received()
+    assert received >= 47, pings.out
     (cur,) = new.children
     spis = {(r["dir"], int(r["spi"], 16)) for r in esp_sas(g)}
     assert spis == {("in", cur.spi_out), ("out", cur.spi_in)}, (spis, cur)
@@ -310,8 +303,6 @@ def test_d_simultaneous_child_rekey_with_strongswan(need_strongswan, ra_topo, tm
     the other way round (its "rekey/delete collision" when our Delete of the old pair overtook
     our answer to its rekey is our "won"), one CHILD SA remains with the same SPIs on both sides, and the pings
     across the collision lose at most one in flight."""
-    import threading
-
     t = ra_topo
     g = gateway(t, tmp_path, v2_policy(esp_lifetime="30", rekey_jitter="0.0"))
     cap = Capture(t.g, "wan0", tmp_path / "coll.pcap")
@@ -322,14 +313,7 @@ def test_d_simultaneous_child_rekey_with_strongswan(need_strongswan, ra_topo, tm
     t0 = time.monotonic()
     (csa,) = c.list_sas()
     (old_child,) = csa.children
-    result: dict[str, str] = {}
-
-    def pings() -> None:  # 4 per second for 50 s, across the collision
-        out = t.r1.run(["ping", "-c", "200", "-i", "0.25", "-W", "1", t.h_addr], check=False, timeout=90)
-        result["ping"] = out.stdout
-
-    th = threading.Thread(target=pings)
-    th.start()
+    pings = Pings(t.r1, t.h_addr, 200, 0.25, timeout=90)  # 4 per second for 50 s, across the collision
     time.sleep(max(0.0, t0 + 28.0 - time.monotonic()))
     t.g.run(["nft", "-f", "-"], input=_IKE_OUT_DROP)
     time.sleep(max(0.0, t0 + 33.5 - time.monotonic()))
@@ -342,7 +326,7 @@ def test_d_simultaneous_child_rekey_with_strongswan(need_strongswan, ra_topo, tm
         return (sa.established and len(sa.children) == 1 and sa.children[0].state == "INSTALLED"
                 and sa.children[0].spi_in != old_child.spi_in)
     new = c.wait_sa(settled, timeout=30)
-    th.join(90)
+    received = pings.received()
     time.sleep(2.0)  # the loser's Delete of its redundant SA, answered
     (new,) = [sa for sa in c.list_sas() if settled(sa)]
     (cur,) = new.children
@@ -361,8 +345,7 @@ def test_d_simultaneous_child_rekey_with_strongswan(need_strongswan, ra_topo, tm
     assert spis == {("in", cur.spi_out), ("out", cur.spi_in)}, (spis, cur)
     (isa,) = ike_sas(g)
     assert int(isa["children"]) == 1, isa
-    received = int(re.search(r"(\d+) received", result["ping"]).group(1))
-    assert received >= 196, result["ping"]
+    assert received >= 196, pings.out
     assert ping(t.r1, t.h_addr)
     cap.check()
     c.stop()
