@@ -80,7 +80,8 @@ class Routed:
         self.ns = ns
         self.prog = bpf.Program(u.build_program(fwd.fd, rev.fd, 14, max_summed), name="nar_udp_test")
 
-    def test_run(self, data: bytes, ctx: bytes | None = None):
+    def run(self, data: bytes, ctx: bytes | None = None):
+        """BPF_PROG_TEST_RUN in N: (return code, the packet as the program left it)."""
         return self.ns(self.prog.test_run, data, ctx)
 
     def close(self) -> None:
@@ -131,7 +132,7 @@ def from_dest(data: bytes, **ip) -> Ether:
 
 def test_forward_strips_the_header_and_readdresses(prog):
     p, fwd, _ = prog
-    rc, out = p.test_run(bytes(from_client(header() + b"hello world", ttl=7, id=77)))
+    rc, out = p.run(bytes(from_client(header() + b"hello world", ttl=7, id=77)))
     assert rc == bpf.TC_ACT_REDIRECT
     expected = Ether(**MAC) / IP(src=RELAY_T, dst=DEST[0], ttl=64, id=77) / UDP(sport=RELAY[1], dport=DEST[1]) \
         / Raw(b"hello world")
@@ -144,7 +145,7 @@ def test_forward_strips_the_header_and_readdresses(prog):
 def test_forward_checksum_for_every_payload_parity(prog, size):
     p, _, _ = prog
     body = os.urandom(size)
-    rc, out = p.test_run(bytes(from_client(header() + body, id=1)))
+    rc, out = p.run(bytes(from_client(header() + body, id=1)))
     assert rc == bpf.TC_ACT_REDIRECT
     got = Ether(out)
     chk = got[UDP].chksum
@@ -155,7 +156,7 @@ def test_forward_checksum_for_every_payload_parity(prog, size):
 
 def test_reverse_prepends_the_header_and_readdresses(prog):
     p, _, rev = prog
-    rc, out = p.test_run(bytes(from_dest(b"reply!", ttl=9, id=5)))
+    rc, out = p.run(bytes(from_dest(b"reply!", ttl=9, id=5)))
     assert rc == bpf.TC_ACT_REDIRECT
     expected = Ether(**MAC) / IP(src=RELAY[0], dst=CLIENT[0], ttl=64, id=5) \
         / UDP(sport=RELAY[1], dport=CLIENT[1]) / Raw(header() + b"reply!")
@@ -198,11 +199,11 @@ def test_partial_checksums_delivered_locally_get_full_ones(prog, size):
     p, fwd, rev = prog
     _local(fwd, rev)
     body = os.urandom(size)
-    rc, out = p.test_run(_as_partial(from_client(header() + body, id=3)))
+    rc, out = p.run(_as_partial(from_client(header() + body, id=3)))
     assert rc == bpf.TC_ACT_OK
     assert out == bytes(Ether(**MAC) / IP(src=RELAY_T, dst=DEST[0], ttl=64, id=3)
                         / UDP(sport=RELAY[1], dport=DEST[1]) / Raw(body))
-    rc, out = p.test_run(_as_partial(from_dest(body, id=4)))
+    rc, out = p.run(_as_partial(from_dest(body, id=4)))
     assert rc == bpf.TC_ACT_OK
     assert out == bytes(Ether(**MAC) / IP(src=RELAY[0], dst=CLIENT[0], ttl=64, id=4)
                         / UDP(sport=RELAY[1], dport=CLIENT[1]) / Raw(header() + body))
@@ -212,7 +213,7 @@ def test_partial_checksums_are_left_to_python_unless_delivered_locally(prog):
     p, fwd, rev = prog
     for pkt in (from_client(header() + b"x" * 100), from_dest(b"y" * 100)):
         data = _as_partial(pkt)
-        rc, out = p.test_run(data)
+        rc, out = p.run(data)
         assert rc == bpf.TCX_NEXT and out == data
     assert u.FWD_VALUE.unpack(fwd.items()[0][1])[-1] == 1 and u.REV_VALUE.unpack(rev.items()[0][1])[-1] == 1
 
@@ -222,18 +223,18 @@ def test_partial_payload_over_the_summed_limit_is_left_to_python(prog):
     p0, fwd, rev = prog
     _local(fwd, rev)
     with Routed(p0.ns, fwd, rev, max_summed=512) as p:
-        assert p.test_run(_as_partial(from_client(header() + b"z" * 512)))[0] == bpf.TC_ACT_OK
+        assert p.run(_as_partial(from_client(header() + b"z" * 512)))[0] == bpf.TC_ACT_OK
         data = _as_partial(from_client(header() + b"z" * 513))
-        assert p.test_run(data) == (bpf.TCX_NEXT, data)
+        assert p.run(data) == (bpf.TCX_NEXT, data)
         data = _as_partial(from_dest(b"z" * 513))
-        assert p.test_run(data) == (bpf.TCX_NEXT, data)
+        assert p.run(data) == (bpf.TCX_NEXT, data)
 
 
 def test_a_datagram_without_checksum_stays_without(prog):
     p, _, _ = prog
     pkt = from_dest(b"no checksum")
     pkt[UDP].chksum = 0
-    rc, out = p.test_run(bytes(pkt))
+    rc, out = p.run(bytes(pkt))
     assert rc == bpf.TC_ACT_REDIRECT and Ether(out)[UDP].chksum == 0
     assert Ether(out)[Raw].load == header() + b"no checksum"
 
@@ -272,7 +273,7 @@ FALL_THROUGH = {
 def test_anything_else_falls_through_untouched(prog, case):
     p, fwd, rev = prog
     data = bytes(FALL_THROUGH[case]())
-    rc, out = p.test_run(data)
+    rc, out = p.run(data)
     assert rc == bpf.TCX_NEXT and out == data
     for m in (fwd, rev):
         assert all(struct.unpack_from("<Q", v)[0] == 0 for _, v in m.items())
@@ -284,13 +285,13 @@ def test_gso_falls_through(prog):
     ctx = bytearray(bpf.SKB_SIZE)
     struct.pack_into("<I", ctx, bpf.SKB["gso_size"], 50)
     struct.pack_into("<I", ctx, bpf.SKB["gso_segs"], 2)
-    rc, out = p.test_run(data, ctx=bytes(ctx))
+    rc, out = p.run(data, ctx=bytes(ctx))
     assert rc == bpf.TCX_NEXT and out == data
 
 
 def test_left_to_python_is_counted_per_flow(prog):
     p, _, rev = prog
-    p.test_run(bytes(from_dest(b"y" * (1500 - 28 - 9))))  # over the client's MTU once the header is on
+    p.run(bytes(from_dest(b"y" * (1500 - 28 - 9))))  # over the client's MTU once the header is on
     assert u.REV_VALUE.unpack(rev.lookup(u.rev_key(DEST, (RELAY_T, RELAY[1]))))[-1] == 1
 
 
@@ -301,22 +302,22 @@ def test_where_the_host_forwards_the_kernel_checks_each_datagrams_route(prog, ro
     _, n = routed_ns
     n.sysctl(**{"net.ipv4.conf.all.forwarding": 1})
     data, reply = bytes(from_client(header() + b"x")), bytes(from_dest(b"y"))
-    assert p.test_run(data)[0] == p.test_run(reply)[0] == bpf.TC_ACT_REDIRECT
+    assert p.run(data)[0] == p.run(reply)[0] == bpf.TC_ACT_REDIRECT
     n.ip("addr", "add", "10.1.0.2/24", "dev", "eth1")
     n.ip("route", "replace", f"{DEST[0]}/32", "dev", "eth1", "src", "10.1.0.2")
-    assert p.test_run(data) == (bpf.TCX_NEXT, data)  # another source now
+    assert p.run(data) == (bpf.TCX_NEXT, data)  # another source now
     n.ip("route", "del", f"{DEST[0]}/32")
-    assert p.test_run(data)[0] == bpf.TC_ACT_REDIRECT  # back
+    assert p.run(data)[0] == bpf.TC_ACT_REDIRECT  # back
     n.ip("link", "set", "eth1", "down")
-    assert p.test_run(data) == (bpf.TCX_NEXT, data)  # no route through eth1
+    assert p.run(data) == (bpf.TCX_NEXT, data)  # no route through eth1
     n.ip("link", "set", "eth0", "down")
-    assert p.test_run(reply) == (bpf.TCX_NEXT, reply)
+    assert p.run(reply) == (bpf.TCX_NEXT, reply)
     assert u.FWD_VALUE.unpack(fwd.items()[0][1])[-1] == 2 and u.REV_VALUE.unpack(rev.items()[0][1])[-1] == 1
 
 
 def test_the_largest_reply_within_the_mtu_is_taken(prog):
     p, _, _ = prog
-    rc, out = p.test_run(bytes(from_dest(b"y" * (1500 - 28 - 10))))
+    rc, out = p.run(bytes(from_dest(b"y" * (1500 - 28 - 10))))
     assert rc == bpf.TC_ACT_REDIRECT and len(out) == 14 + 1500
 
 
